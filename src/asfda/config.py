@@ -1,0 +1,136 @@
+"""Typed run configuration: dataclasses read from YAML, overridden by CLI flags; unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from asfda.errors import AsfdaError
+from asfda.training.trainer import TrainConfig
+
+__all__ = ["RunConfig", "SemiConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_config"]
+
+
+@dataclass
+class SemiConfig:
+    """Selective semi-supervision (reliable unlabeled volumes with masked pseudo-labels)."""
+
+    enabled: bool = False
+    confident_fraction: float = 0.5
+    close_fraction: float = 0.5
+    prob_threshold: float = 0.9
+
+
+@dataclass
+class RunConfig:
+    """One simulation: which model, which data, which strategies, how many labels, how to train."""
+
+    model: str = ""
+    pool: str = ""
+    test: str | None = None  # a separate labelled test dataset; None: a seeded split of the pool
+    test_fraction: float = 0.25
+    strategies: list[str] = field(default_factory=lambda: ["asfda", "random"])
+    budget: int = 2  # volumes labelled per round
+    rounds: int = 3
+    seeds: list[int] = field(default_factory=lambda: [0])
+    alpha: float = 0.5  # weight of DKD against ASD
+    temperature0: float = 1.0
+    grow_voxels: int = 2
+    class_map: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+    cache_dir: str = ".cache"
+    out_dir: str = "runs/simulate"
+    device: str = "auto"
+    threads: int = 0  # 0: torch default
+    progress: bool = True
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Builds dataclass ``cls`` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise AsfdaError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise AsfdaError(f"unknown key {key!r} in {where}{hint}; valid keys: {sorted(names)}")
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            kwargs[key] = config_from_dict(hint_t, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint_t, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise AsfdaError(f"{where} may not be null")
+    if hint is bool or text == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise AsfdaError(f"{where} must be true or false, got {value!r}")
+    if hint is int or text == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise AsfdaError(f"{where} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise AsfdaError(f"{where} must be an integer, got {value!r}") from None
+    if hint is float or text == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise AsfdaError(f"{where} must be a number, got {value!r}") from None
+    if text.startswith("list[int]"):
+        items = value.split(",") if isinstance(value, str) else value
+        return [_coerce(v, int, where) for v in items]
+    if text.startswith("list[str]"):
+        items = value.split(",") if isinstance(value, str) else value
+        return [str(v).strip() for v in items]
+    if "tuple[int, int, int]" in text:
+        items = value.split(",") if isinstance(value, str) else value
+        if len(items) != 3:
+            raise AsfdaError(f"{where} must have 3 integers, got {value!r}")
+        return tuple(_coerce(v, int, where) for v in items)
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Reads a YAML config (optional) then applies dotted overrides like ``{"train.steps": 50}``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise AsfdaError("config file not found", p)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise AsfdaError(f"invalid YAML ({exc})", p) from None
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return config_from_dict(RunConfig, data)

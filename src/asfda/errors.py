@@ -1,0 +1,29 @@
+"""One exception type for everything a user can get wrong; the CLI prints it on one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["AsfdaError"]
+
+
+class AsfdaError(Exception):
+    """A problem the user can fix: which file, what is wrong, what to do.
+
+    Args:
+        problem: what is wrong, in plain words.
+        path: the file or folder concerned (optional).
+        fix: what the user should do about it (optional).
+    """
+
+    def __init__(self, problem: str, path: str | Path | None = None, fix: str | None = None) -> None:
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        self.fix = fix
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        parts = [f"{self.path}: {self.problem}" if self.path else self.problem]
+        if self.fix:
+            parts.append(f"fix: {self.fix}")
+        return " -- ".join(parts)

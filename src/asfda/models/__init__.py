@@ -1,0 +1,23 @@
+"""Pretrained models: loading (bundle, checkpoint + network config, TorchScript), class mapping,
+preprocessing from what the model declares, and its inverse."""
+
+from __future__ import annotations
+
+from asfda.models.classmap import ClassMap, ClassMappedNetwork, build_class_map, parse_class_map_override
+from asfda.models.loading import LoadedModel, load_model, save_bundle, state_dict_hash
+from asfda.models.preprocessing import Preprocessing, PreparedVolume, prepare_case, resample_to_native
+
+__all__ = [
+    "ClassMap",
+    "ClassMappedNetwork",
+    "LoadedModel",
+    "PreparedVolume",
+    "Preprocessing",
+    "build_class_map",
+    "load_model",
+    "parse_class_map_override",
+    "prepare_case",
+    "resample_to_native",
+    "save_bundle",
+    "state_dict_hash",
+]

@@ -1,0 +1,131 @@
+"""Matching a model's output channels to a dataset's labels by name.
+
+Source classes the target does not have fold into background by log-sum-exp of their logits, so the
+target-class probabilities stay a proper distribution. A target class the model does not know gets a
+new, trainable output channel (a 1x1x1 convolution over the source logits, started at a low logit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from asfda.errors import AsfdaError
+
+__all__ = ["ClassMap", "ClassMappedNetwork", "build_class_map", "parse_class_map_override"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """For each target class (index = target label value), the source channel it reads, or None (new).
+
+    ``background_sources`` are the source channels folded into target background (source background
+    and every unmatched source class).
+    """
+
+    target_names: tuple[str, ...]
+    source_names: tuple[str, ...]
+    source_index: tuple[int | None, ...]
+    background_sources: tuple[int, ...]
+
+    @property
+    def is_identity(self) -> bool:
+        return (len(self.target_names) == len(self.source_names)
+                and self.source_index == tuple(range(len(self.source_names))))
+
+    @property
+    def new_classes(self) -> list[str]:
+        return [n for n, s in zip(self.target_names, self.source_index) if s is None]
+
+    def to_dict(self) -> dict:
+        return {t: (None if s is None else self.source_names[s]) for t, s in zip(self.target_names, self.source_index)}
+
+
+def parse_class_map_override(text: str | None) -> dict[str, str]:
+    """Parses ``"target=source,target2=source2"`` into a dict."""
+    if not text:
+        return {}
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise AsfdaError(f"class-map entry {item!r} is not target=source", fix="write e.g. liver=liver,kidney_right=rk")
+        t, s = (x.strip() for x in item.split("=", 1))
+        out[t] = s
+    return out
+
+
+def build_class_map(source_names: list[str], target_names: list[str], override: dict[str, str] | None = None,
+                    *, background: str = "background") -> ClassMap:
+    """Builds the name match; the target's index 0 must be background."""
+    override = dict(override or {})
+    if target_names[0] != background:
+        raise AsfdaError(f"target label 0 is {target_names[0]!r}, expected {background!r}",
+                         fix="make label value 0 the background")
+    norm = {_norm(n): i for i, n in enumerate(source_names)}
+    bad = [s for s in override.values() if _norm(s) not in norm]
+    if bad:
+        raise AsfdaError(f"class-map names {bad} are not model classes; the model has {list(source_names)}",
+                         fix="use the model's channel names on the right of '='")
+    unknown_targets = [t for t in override if t not in target_names]
+    if unknown_targets:
+        raise AsfdaError(f"class-map targets {unknown_targets} are not dataset labels {list(target_names)}")
+    src_bg = norm.get(_norm(background), 0)
+    index: list[int | None] = [src_bg]
+    for name in target_names[1:]:
+        key = _norm(override.get(name, name))
+        index.append(norm.get(key))
+    matched = [i for i in index[1:] if i is not None]
+    if not matched:
+        raise AsfdaError(f"no dataset label {list(target_names[1:])} matches a model class {list(source_names)}",
+                         fix="pass --class-map target=source,... to match them by hand")
+    if len(set(matched)) != len(matched):
+        raise AsfdaError("two dataset labels map to the same model class", fix="check --class-map")
+    new = [n for n, i in zip(target_names, index) if i is None]
+    if new:
+        log.warning("dataset classes %s are unknown to the model: they get new output channels trained from scratch", new)
+    folded = tuple(i for i in range(len(source_names)) if i not in set(index))
+    return ClassMap(tuple(target_names), tuple(source_names), tuple(index), (src_bg, *folded))
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+class ClassMappedNetwork(nn.Module):
+    """Wraps a source network so that it outputs target-class logits ``[B, C_target, ...]``."""
+
+    def __init__(self, network: nn.Module, class_map: ClassMap, activation: str = "softmax") -> None:
+        super().__init__()
+        self.network = network
+        self.class_map = class_map
+        self.activation = activation
+        n_new = len(class_map.new_classes)
+        self.new_head = None
+        if n_new:
+            self.new_head = nn.Conv3d(len(class_map.source_names), n_new, kernel_size=1)
+            nn.init.zeros_(self.new_head.weight)
+            nn.init.constant_(self.new_head.bias, -math.log(100.0))
+        self.register_buffer("_bg", torch.tensor(class_map.background_sources, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.network(x)
+        if self.class_map.is_identity:
+            return z
+        parts = []
+        new_logits = self.new_head(z) if self.new_head is not None else None
+        k = 0
+        for t, s in enumerate(self.class_map.source_index):
+            if t == 0:
+                parts.append(torch.logsumexp(z.index_select(1, self._bg), dim=1, keepdim=True))
+            elif s is None:
+                parts.append(new_logits[:, k : k + 1])
+                k += 1
+            else:
+                parts.append(z[:, s : s + 1])
+        return torch.cat(parts, dim=1)

@@ -1,0 +1,171 @@
+"""Preprocessing as the model declares it, applied identically to image and label, and its inverse.
+
+A bundle's ``preprocessing`` Compose is read with MONAI's ConfigParser; from it we keep the
+orientation (``Orientationd``), the spacing (``Spacingd``) and every other transform as an
+image-only intensity step. Loading is ours (validated, see `asfda.io.nifti`), and the label follows the
+image through orientation and spacing with nearest-neighbour interpolation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, SpatialResample, Spacing
+
+from asfda.errors import AsfdaError
+from asfda.io.atomic import atomic_write
+from asfda.io.datasets import Case
+from asfda.io.nifti import read_nifti
+
+__all__ = ["Preprocessing", "PreparedVolume", "prepare_case", "resample_to_native"]
+
+_SKIPPED = {"LoadImaged", "LoadImage", "EnsureChannelFirstd", "EnsureChannelFirst", "EnsureTyped", "EnsureType",
+            "ToTensord", "ToTensor", "CastToTyped"}
+
+
+@dataclass
+class Preprocessing:
+    """What a model expects of its input grid and intensities.
+
+    Attributes:
+        axcodes: orientation code such as ``"RAS"``, or None to keep the file's.
+        pixdim_mm: target voxel spacing, or None to keep the file's.
+        intensity: image-only transforms, called on ``{image_key: tensor[1, X, Y, Z]}``.
+        image_key: the key the intensity transforms read.
+        description: a JSON-able summary, used for cache keys and run records.
+    """
+
+    axcodes: str | None = "RAS"
+    pixdim_mm: tuple[float, float, float] | None = None
+    intensity: list[Callable] = field(default_factory=list)
+    image_key: str = "image"
+    description: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_compose(cls, compose: object, image_key: str = "image", raw_config: object = None) -> Preprocessing:
+        """Reads a (parsed) MONAI Compose of dictionary transforms."""
+        transforms = list(getattr(compose, "transforms", compose or []))
+        axcodes, pixdim, intensity, names = None, None, [], []
+        for t in transforms:
+            name = type(t).__name__
+            names.append(name)
+            if name in _SKIPPED:
+                continue
+            if name in ("Orientationd", "Orientation"):
+                ornt = t.ornt_transform if hasattr(t, "ornt_transform") else t
+                axcodes = ornt.axcodes
+            elif name in ("Spacingd", "Spacing"):
+                sp = t.spacing_transform if hasattr(t, "spacing_transform") else t
+                pixdim = tuple(float(p) for p in np.atleast_1d(sp.pixdim))
+            else:
+                intensity.append(t)
+        desc = {"axcodes": axcodes, "pixdim_mm": pixdim, "transforms": names, "config": raw_config}
+        return cls(axcodes, pixdim, intensity, image_key, desc)
+
+    def cache_key(self) -> str:
+        return hashlib.sha256(json.dumps(self.description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def __call__(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        """Image ``[X, Y, Z]`` (+ label) on the native grid -> model grid tensors and the model-grid affine."""
+        img = MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], affine=torch.as_tensor(affine))
+        lab = None
+        if label is not None:
+            lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None], affine=torch.as_tensor(affine))
+        if self.axcodes:
+            orient = Orientation(axcodes=self.axcodes, labels=None)  # RAS space of the MetaTensor
+            img = orient(img)
+            lab = orient(lab) if lab is not None else None
+        if self.pixdim_mm:
+            img = Spacing(pixdim=self.pixdim_mm, mode="bilinear")(img)
+            lab = Spacing(pixdim=self.pixdim_mm, mode="nearest")(lab) if lab is not None else None
+        grid_affine = np.asarray(img.affine, dtype=np.float64)
+        data = {self.image_key: img}
+        for t in self.intensity:
+            data = t(data)
+        out = data[self.image_key]
+        out_t = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+        lab_t = None
+        if lab is not None:
+            lab_t = lab.as_tensor()[0].round().to(torch.uint8)
+        return out_t.float().contiguous(), lab_t, grid_affine
+
+
+@dataclass
+class PreparedVolume:
+    """One case on the model's grid: image ``[1, X, Y, Z]`` float32, label ``[X, Y, Z]`` uint8 or None."""
+
+    case_id: str
+    image: torch.Tensor
+    label: torch.Tensor | None
+    affine: np.ndarray
+    native_affine: np.ndarray
+    native_shape: tuple[int, int, int]
+
+
+def prepare_case(case: Case, prep: Preprocessing, *, with_label: bool = True, cache_dir: str | Path | None = None,
+                 n_labels: int | None = None) -> PreparedVolume:
+    """Reads and preprocesses one case, through an on-disk cache keyed by file stamps and preprocessing."""
+    with_label = with_label and case.label_path is not None
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / "prepared" / prep.cache_key() / f"{case.case_id}-{_stamp(case, with_label)}.npz"
+        if cache_path.exists():
+            try:
+                with np.load(cache_path) as z:
+                    label = torch.from_numpy(z["label"]) if "label" in z else None
+                    return PreparedVolume(case.case_id, torch.from_numpy(z["image"]), label, z["affine"],
+                                          z["native_affine"], tuple(int(s) for s in z["native_shape"]))
+            except Exception:  # a damaged cache entry is recomputed
+                cache_path.unlink(missing_ok=True)
+    image, affine = read_nifti(case.image_path)
+    label = None
+    if with_label:
+        label_arr, _ = read_nifti(case.label_path, dtype=np.float32)
+        _check_label_values(label_arr, case.label_path, n_labels)
+        label = label_arr
+    img_t, lab_t, grid_affine = prep(image, affine, label)
+    vol = PreparedVolume(case.case_id, img_t, lab_t, grid_affine, affine, tuple(image.shape))
+    if cache_path is not None:
+        arrays = {"image": vol.image.numpy(), "affine": vol.affine, "native_affine": vol.native_affine,
+                  "native_shape": np.asarray(vol.native_shape)}
+        if vol.label is not None:
+            arrays["label"] = vol.label.numpy()
+        atomic_write(cache_path, lambda p: np.savez(open(p, "wb"), **arrays))
+    return vol
+
+
+def _check_label_values(label: np.ndarray, path: Path | None, n_labels: int | None) -> None:
+    if not np.all(label == np.round(label)):
+        raise AsfdaError("label has non-integer values", path, "save labels as integers")
+    if n_labels is not None:
+        bad = np.setdiff1d(np.unique(label).astype(np.int64), np.arange(n_labels))
+        if bad.size:
+            raise AsfdaError(f"label values {bad.tolist()} are not in dataset.json (0..{n_labels - 1})", path,
+                             "fix the label or dataset.json's 'labels'")
+
+
+def _stamp(case: Case, with_label: bool) -> str:
+    parts = []
+    for p in (case.image_path, case.label_path if with_label else None):
+        if p is not None:
+            st = Path(p).stat()
+            parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def resample_to_native(volume: torch.Tensor, grid_affine: np.ndarray, native_affine: np.ndarray,
+                       native_shape: tuple[int, int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Puts a model-grid tensor ``[C, X, Y, Z]`` back on the input image grid (the inverse of orientation +
+    spacing in one resampling). Use ``mode="bilinear"`` for probabilities/logits, ``"nearest"`` for labels."""
+    src = MetaTensor(volume.float(), affine=torch.as_tensor(grid_affine))
+    out = SpatialResample(mode=mode, padding_mode="border")(src, dst_affine=torch.as_tensor(native_affine),
+                                                           spatial_size=tuple(native_shape))
+    return out.as_tensor() if isinstance(out, MetaTensor) else out

@@ -1,0 +1,36 @@
+"""Dice-vs-number-labelled learning curves (mean and spread over seeds) as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from asfda.io.atomic import atomic_write
+
+__all__ = ["plot_learning_curves"]
+
+
+def plot_learning_curves(rows: list[dict], path: str | Path, title: str = "Dice vs number of labelled volumes") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name in sorted({r["strategy"] for r in rows}):
+        mine = [r for r in rows if r["strategy"] == name]
+        counts = sorted({r["n_labelled"] for r in mine})
+        mean = np.array([np.nanmean([r["dice_mean"] for r in mine if r["n_labelled"] == n]) for n in counts])
+        std = np.array([np.nanstd([r["dice_mean"] for r in mine if r["n_labelled"] == n]) for n in counts])
+        ax.plot(counts, mean, marker="o", label=name)
+        ax.fill_between(counts, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("labelled target volumes")
+    ax.set_ylabel("mean Dice (test set)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,224 @@
+"""Simulated active adaptation: every strategy x seed through the same rounds, labels from the dataset.
+
+Resumable: each (strategy, seed) run keeps ``state.json`` (pool state + finished rounds) and the
+weights after its last finished round, both written atomically; a restarted run skips finished rounds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asfda.config import RunConfig, config_to_dict
+from asfda.errors import AsfdaError
+from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
+from asfda.io.datasets import Case
+from asfda.loop import Adapter, PoolState, mean_of
+from asfda.models import load_model, parse_class_map_override
+from asfda.selection import get_strategy
+
+__all__ = ["SimulationResult", "area_under_curve", "run_simulation", "split_pool"]
+
+
+@dataclass
+class SimulationResult:
+    out_dir: Path
+    rows: list[dict]  # one per (strategy, seed, n_labelled)
+    summary: dict[str, dict]
+
+
+def split_pool(ids: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded pool/test split; at least one test case and two pool cases."""
+    if not 0.0 < test_fraction < 1.0:
+        raise AsfdaError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    ids = sorted(ids)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    n_test = min(len(ids) - 2, max(1, int(round(test_fraction * len(ids)))))
+    if n_test < 1:
+        raise AsfdaError(f"{len(ids)} cases are too few to split into a pool and a test set")
+    test = sorted(ids[i] for i in perm[:n_test])
+    pool = sorted(ids[i] for i in perm[n_test:])
+    return pool, test
+
+
+def area_under_curve(n_labelled: list[float], dice: list[float]) -> float:
+    """Trapezoid area under Dice vs number labelled, divided by the n range (a mean Dice level)."""
+    x, y = np.asarray(n_labelled, float), np.asarray(dice, float)
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    if len(x) < 2 or x[-1] == x[0]:
+        return float(y.mean()) if len(y) else math.nan
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / (x[-1] - x[0]))
+
+
+def _versions() -> dict:
+    import monai
+
+    from asfda import __version__
+
+    return {"asfda": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "machine": f"{platform.machine()} {platform.system()}",
+            "cpu_threads": torch.get_num_threads()}
+
+
+def run_simulation(cfg: RunConfig) -> SimulationResult:
+    """Runs every strategy with the same seeds, splits, budgets and recipe; writes results under ``out_dir``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in cfg.strategies:
+        get_strategy(name)  # fail early on a typo
+    if cfg.budget <= 0:
+        raise AsfdaError(f"budget must be >= 1, got {cfg.budget}")
+    pretrained = load_model(cfg.model)
+    pool_ds = load_dataset(cfg.pool, require_labels=True)
+    test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None
+    if test_ds is not None:
+        overlap = set(pool_ds.by_id()) & set(test_ds.by_id())
+        if overlap:
+            raise AsfdaError(f"case ids {sorted(overlap)[:5]} are in both the pool and the test set", cfg.test)
+    adapter = Adapter(pretrained, pool_ds.class_names, class_map_override=parse_class_map_override(cfg.class_map),
+                      cache_dir=cfg.cache_dir, device=cfg.device, progress=cfg.progress)
+    pretrained_state = adapter.current_state()
+    atomic_write_json(out / "run.json", {
+        "config": config_to_dict(cfg), "versions": _versions(), "model_weights_sha256_16": pretrained.weights_hash,
+        "class_map": adapter.class_map.to_dict(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    rows: list[dict] = []
+    for seed in cfg.seeds:
+        if test_ds is None:
+            pool_ids, test_ids = split_pool(list(pool_ds.by_id()), cfg.test_fraction, seed)
+            test_cases = [pool_ds.by_id()[i] for i in test_ids]
+        else:
+            pool_ids = sorted(pool_ds.by_id())
+            test_cases = list(test_ds.cases)
+        need = cfg.budget * cfg.rounds
+        if need > len(pool_ids):
+            raise AsfdaError(f"budget x rounds = {need} exceeds the pool of {len(pool_ids)} volumes",
+                             fix="lower --budget or --rounds")
+        pool_cases = [pool_ds.by_id()[i] for i in pool_ids]
+        zero = _zero_shot(adapter, test_cases, out / f"zero_shot_seed{seed}.json")
+        for name in cfg.strategies:
+            adapter.load_current_state(pretrained_state)
+            adapter.is_adapted = False
+            rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, pretrained_state)
+    summary = summarise(rows)
+    write_results(out, rows, summary)
+    return SimulationResult(out, rows, summary)
+
+
+def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path) -> list[dict]:
+    if path.exists():
+        return json.loads(path.read_text())["per_case"]
+    per_case = adapter.evaluate(test_cases, pretrained=True)
+    atomic_write_json(path, {"per_case": per_case})
+    return per_case
+
+
+def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: list[Case], test: list[Case],
+                  zero: list[dict], pretrained_state: dict) -> list[dict]:
+    from safetensors.torch import load_file, save_file
+
+    run_dir = Path(cfg.out_dir) / name / f"seed{seed}"
+    state_path, weights_path = run_dir / "state.json", run_dir / "weights.safetensors"
+    strategy = get_strategy(name, **({"alpha": cfg.alpha} if name == "asfda" else {}))
+    state = PoolState()
+    rounds: list[dict] = []
+    if state_path.exists():  # resume
+        saved = json.loads(state_path.read_text())
+        state.load_state_dict(saved["pool_state"])
+        rounds = saved["rounds"]
+        if rounds:
+            adapter.load_current_state(load_file(str(weights_path)))
+    by_id = {c.case_id: c for c in pool}
+    base = {"strategy": name, "seed": seed}
+    rows = [{**base, "round": -1, "n_labelled": 0, "dice_mean": mean_of(zero, "dice_mean"),
+             **{k: mean_of(zero, k) for k in zero[0] if k.startswith("dice_")}}]
+    for r in range(len(rounds), cfg.rounds):
+        t0 = time.perf_counter()
+        labelled = [by_id[i] for i in state.labelled_ids()]
+        temp, lab_emb = adapter.fit_temperature(labelled, cfg.temperature0, seed * 1000 + r)
+        unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
+        scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, cfg.grow_voxels)
+        query = strategy.select(scores, cfg.budget, seed * 1000 + r)
+        t_score = time.perf_counter() - t0
+        state.add(query.ids, r)
+        t1 = time.perf_counter()
+        train_cfg = _round_train_config(cfg, seed, r)
+        hist = adapter.finetune([by_id[i] for i in state.labelled_ids()], train_cfg,
+                                desc=f"{name} seed{seed} round{r}")
+        t_train = time.perf_counter() - t1
+        per_case = adapter.evaluate(test)
+        record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
+                  "query_scores": query.scores, "query_components": query.components,
+                  "temperature": temp.temperature, "ece_before": temp.ece_before, "ece_after": temp.ece_after,
+                  "seconds_score": round(t_score, 2), "seconds_train": round(t_train, 2),
+                  "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,
+                  "dice_mean": mean_of(per_case, "dice_mean")}
+        rounds.append(record)
+        atomic_write(weights_path, lambda p: save_file(adapter.current_state(), str(p)))
+        atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds})
+    for rec in rounds:
+        pc = rec["per_case"]
+        rows.append({**base, "round": rec["round"], "n_labelled": rec["n_labelled"], "dice_mean": rec["dice_mean"],
+                     **{k: mean_of(pc, k) for k in pc[0] if k.startswith("dice_") and k != "dice_mean"},
+                     "queried": " ".join(rec["queried"])})
+    return rows
+
+
+def _round_train_config(cfg: RunConfig, seed: int, r: int):
+    import dataclasses
+
+    return dataclasses.replace(cfg.train, seed=seed * 1000 + r)
+
+
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Per strategy: mean Dice per labelled count (over seeds) and the area under the curve."""
+    out: dict[str, dict] = {}
+    for name in sorted({r["strategy"] for r in rows}):
+        mine = [r for r in rows if r["strategy"] == name]
+        counts = sorted({r["n_labelled"] for r in mine})
+        curve = {n: float(np.nanmean([r["dice_mean"] for r in mine if r["n_labelled"] == n])) for n in counts}
+        spread = {n: float(np.nanstd([r["dice_mean"] for r in mine if r["n_labelled"] == n])) for n in counts}
+        seeds = sorted({r["seed"] for r in mine})
+        aucs = [area_under_curve([r["n_labelled"] for r in mine if r["seed"] == s],
+                                 [r["dice_mean"] for r in mine if r["seed"] == s]) for s in seeds]
+        out[name] = {"curve": curve, "std": spread, "auc": float(np.mean(aucs)), "auc_per_seed": aucs}
+    return out
+
+
+def results_table(summary: dict[str, dict]) -> str:
+    """A markdown table: strategy x number labelled (mean Dice over seeds), plus AUC."""
+    counts = sorted({n for s in summary.values() for n in s["curve"]})
+    head = "| strategy | " + " | ".join(f"n={n}" for n in counts) + " | AUC |"
+    lines = [head, "|" + "---|" * (len(counts) + 2)]
+    for name, s in summary.items():
+        cells = [f"{s['curve'][n]:.3f}" if n in s["curve"] else "" for n in counts]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['auc']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, rows: list[dict], summary: dict) -> None:
+    from asfda.report.curves import plot_learning_curves
+
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_json(out / "results.json", {"rows": rows, "summary": summary})
+    atomic_write_text(out / "results.md", results_table(summary) + "\n")
+    plot_learning_curves(rows, out / "learning_curve.png")

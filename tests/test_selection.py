@@ -1,0 +1,333 @@
+"""Tests for the batch pickers (rank normalisation, k-center greedy, greedy diverse pick) and the
+query-strategy contract shared by every strategy in `STRATEGIES`.
+
+Cosine distances between unit vectors at angles a, b are ``1 - cos(a - b)``:
+1-cos 20 = 0.060307, 1-cos 70 = 0.657980, 1-cos 80 = 0.826352, 1-cos 89 = 0.982548,
+1-cos 90 = 1, 1-cos 160 = 1.939693, 1-cos 179 = 1.999848, 1-cos 180 = 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asfda.errors import AsfdaError
+from asfda.selection import (
+    STRATEGIES,
+    PoolScores,
+    get_strategy,
+    greedy_diverse_pick,
+    k_center_greedy,
+    rank_normalise,
+)
+from asfda.selection.strategies import ASFDAStrategy
+
+ALL_STRATEGIES = sorted(STRATEGIES)
+NON_RANDOM = [s for s in ALL_STRATEGIES if s != "random"]
+
+
+def _circle(*degrees: float) -> np.ndarray:
+    """Unit vectors in 2-D at the given angles, ``[N, 2]``."""
+    r = np.radians(np.asarray(degrees, dtype=np.float64))
+    return np.stack([np.cos(r), np.sin(r)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- rank_normalise
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([3.0, 1.0, 2.0], [1.0, 1 / 3, 2 / 3]),  # ranks 3,1,2 over n=3
+        ([1.0, 2.0, 2.0, 5.0], [0.25, 0.625, 0.625, 1.0]),  # tie of ranks 2,3 -> 2.5; /4
+        ([7.0, 7.0, 7.0], [2 / 3, 2 / 3, 2 / 3]),  # all tied: mean rank 2, /3
+        ([0.0, 0.0, 1.0, 1.0], [0.375, 0.375, 0.875, 0.875]),  # ranks (1+2)/2 = 1.5, (3+4)/2 = 3.5; /4
+        ([-1.0], [1.0]),  # single value: the largest -> 1
+        ([], []),
+    ],
+)
+def test_rank_normalise_hand_values(values: list[float], expected: list[float]) -> None:
+    out = rank_normalise(np.asarray(values))
+    assert out.shape == (len(values),)
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- k-center greedy
+def test_k_center_greedy_unit_circle_order() -> None:
+    # points at 0, 20, 90, 180, 250 degrees; first pick = index 0 (0 deg)
+    # dmin from 0: [-, 0.060, 1, 2, 1.342] -> 180 (idx 3)
+    # after 180: 20 -> min(0.060, 1.940) = 0.060; 90 -> 1; 250 -> min(1.342, 0.658) = 0.658 -> 90 (idx 2)
+    # after 90: 20 -> 0.060; 250 -> min(0.658, 1-cos160 = 1.940) = 0.658 -> 250 (idx 4), then 20 (idx 1)
+    emb = _circle(0, 20, 90, 180, 250)
+    assert k_center_greedy(emb, 5, first=0) == [0, 3, 2, 4, 1]
+    assert k_center_greedy(emb, 3, first=0) == [0, 3, 2]
+    # scale does not matter (cosine)
+    assert k_center_greedy(emb * np.array([[1.0], [5.0], [0.1], [3.0], [2.0]]), 5, first=0) == [0, 3, 2, 4, 1]
+
+
+def test_k_center_greedy_with_anchors_farthest_first() -> None:
+    # anchor at 0 deg; pool at 20, 90, 180, 250: dmin [0.060, 1, 2, 1.342] -> 180 (idx 2) first,
+    # then 90 (idx 1, dmin 1 vs 250's 0.658), then 250 (idx 3), then 20 (idx 0). `first` is ignored.
+    emb = _circle(20, 90, 180, 250)
+    anchors = _circle(0)
+    assert k_center_greedy(emb, 4, anchors=anchors, first=0) == [2, 1, 3, 0]
+    assert k_center_greedy(emb, 1, anchors=anchors, first=3) == [2]
+
+
+@pytest.mark.parametrize("budget", [0, -1])
+def test_k_center_greedy_nonpositive_budget(budget: int) -> None:
+    assert k_center_greedy(_circle(0, 90), budget) == []
+    assert k_center_greedy(_circle(0, 90), budget, anchors=_circle(45)) == []
+
+
+def test_k_center_greedy_budget_above_pool_returns_all_unique() -> None:
+    picked = k_center_greedy(_circle(0, 90, 180), 10, first=1)
+    assert sorted(picked) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- greedy diverse
+def test_greedy_diverse_pick_equal_scores_spreads_over_clusters() -> None:
+    # clusters: {0, 5, 10 deg} (idx 0-2), {80, 90 deg} (idx 3-4), {180 deg} (idx 5); all scores 1, no anchors
+    # pick 1: nothing to compare against -> factor 1 everywhere -> tie -> lowest index 0 (0 deg), value 1
+    # pick 2: distance to 0 deg: 5 -> 0.003805, 10 -> 0.015192, 80 -> 0.826352, 90 -> 1, 180 -> 2 -> idx 5, value 2
+    # pick 3: 80 -> min(0.826352, 1-cos 100 = 1.173648) = 0.826352; 90 -> min(1, 1) = 1;
+    #         5 -> min(0.003805, 1-cos 175 = 1.996195) = 0.003805 -> idx 4 (90 deg), value 1
+    emb = _circle(0, 5, 10, 80, 90, 180)
+    picked, values, dists = greedy_diverse_pick(np.ones(6), emb, 3)
+    assert picked == [0, 5, 4]
+    np.testing.assert_allclose(dists, [1.0, 2.0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(values, dists, atol=1e-12)  # score 1 -> value = distance
+    clusters = {0: "a", 1: "a", 2: "a", 3: "b", 4: "b", 5: "c"}
+    assert {clusters[i] for i in picked} == {"a", "b", "c"}
+
+
+def test_greedy_diverse_pick_avoids_near_duplicate_of_anchor() -> None:
+    # pool: idx0 at 1 deg (score 1.0), idx1 at 90 deg (0.9), idx2 at 180 deg (0.5); anchor at 0 deg
+    # with anchor: dmin [0.000152, 1, 2] -> values [0.000152, 0.9, 1.0] -> idx2 (1.0);
+    #   then idx1: dmin min(1, 1-cos 90 = 1) = 1 -> 0.9 beats idx0 0.000152 -> [2, 1], dists [2, 1]
+    # no anchor: all dmin 1 -> idx0 (1.0); then idx1 0.9*0.982548 = 0.884293, idx2 0.5*1.999848 = 0.999924 -> [0, 2]
+    emb = _circle(1, 90, 180)
+    scores = np.array([1.0, 0.9, 0.5])
+    picked, values, dists = greedy_diverse_pick(scores, emb, 2, anchors=_circle(0))
+    assert picked == [2, 1]
+    np.testing.assert_allclose(dists, [2.0, 1.0], atol=1e-9)
+    np.testing.assert_allclose(values, [1.0, 0.9], atol=1e-9)
+
+    picked, values, dists = greedy_diverse_pick(scores, emb, 2)
+    assert picked == [0, 2]
+    np.testing.assert_allclose(dists, [1.0, 1.999848], atol=1e-6)
+    np.testing.assert_allclose(values, [1.0, 0.999924], atol=1e-6)
+
+
+@pytest.mark.parametrize("n_anchors", [0, 1, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_diverse_pick_min_distances_match_brute_force(n_anchors: int, seed: int) -> None:
+    # reference: distance to the nearest of (anchors + earlier picks), recomputed from scratch; with no
+    # anchors the first pick has no reference and reports 1.0. Distances above 1 (cos < 0) must survive.
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(12, 5))
+    anchors = rng.normal(size=(n_anchors, 5)) if n_anchors else None
+    scores = rng.random(12)
+    picked, values, dists = greedy_diverse_pick(scores, emb, 6, anchors=anchors)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    unit_a = anchors / np.linalg.norm(anchors, axis=1, keepdims=True) if n_anchors else np.zeros((0, 5))
+    for k, i in enumerate(picked):
+        ref = np.vstack([unit_a, unit[picked[:k]]])
+        expected = float(np.min(1.0 - ref @ unit[i])) if len(ref) else 1.0
+        # the pick maximises score * distance among the points not yet picked
+        others = [j for j in range(12) if j not in picked[:k]]
+        best = max(scores[j] * (float(np.min(1.0 - ref @ unit[j])) if len(ref) else 1.0) for j in others)
+        assert values[k] == pytest.approx(best, abs=1e-9)
+        assert dists[k] == pytest.approx(expected, abs=1e-9)
+        assert values[k] == pytest.approx(scores[i] * expected, abs=1e-9)
+    assert len(set(picked)) == 6
+
+
+def test_greedy_diverse_pick_budget_above_pool() -> None:
+    picked, _, _ = greedy_diverse_pick(np.ones(3), _circle(0, 90, 180), 10)
+    assert sorted(picked) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- strategy contract
+def _pool(n: int, seed: int = 0, dim: int = 4, n_labelled: int = 3, ties: bool = False, zero: bool = False
+          ) -> PoolScores:
+    """A synthetic pool with every metric a strategy may read."""
+    rng = np.random.default_rng(seed)
+    metrics = {m: rng.random(n) for m in ("asd", "enpy", "kd", "confidence")}
+    if ties:  # coarse values -> many exact ties
+        metrics = {k: np.round(v, 1) for k, v in metrics.items()}
+    if zero:  # an all-background prediction: every metric 0
+        metrics = {k: np.zeros(n) for k in metrics}
+    return PoolScores(
+        ids=[f"case{i:03d}" for i in range(n)],
+        metrics=metrics,
+        embeddings=rng.normal(size=(n, dim)),
+        labelled_embeddings=rng.normal(size=(n_labelled, dim)) if n_labelled else np.zeros((0, 0)),
+        embeddings0=rng.normal(size=(n, dim)),
+        round_index=1,
+    )
+
+
+def _permuted(pool: PoolScores, perm: np.ndarray) -> PoolScores:
+    return PoolScores(
+        ids=[pool.ids[i] for i in perm],
+        metrics={k: np.asarray(v)[perm] for k, v in pool.metrics.items()},
+        embeddings=np.asarray(pool.embeddings)[perm],
+        labelled_embeddings=pool.labelled_embeddings,
+        embeddings0=None if pool.embeddings0 is None else np.asarray(pool.embeddings0)[perm],
+        round_index=pool.round_index,
+    )
+
+
+def _assert_valid(query, pool: PoolScores, budget: int) -> None:
+    assert len(query.ids) == budget
+    assert len(set(query.ids)) == budget
+    assert set(query.ids) <= set(pool.ids)
+    assert len(query.scores) == budget
+    assert all(math.isfinite(s) for s in query.scores)
+    for comp in query.components.values():
+        assert all(math.isfinite(v) for v in comp.values())
+
+
+pool_sizes = st.integers(min_value=1, max_value=12)
+
+
+@pytest.mark.parametrize("name", ALL_STRATEGIES)
+class TestStrategyContract:
+    @settings(max_examples=30, deadline=None)
+    @given(data=st.data(), n=pool_sizes, seed=st.integers(0, 2**31 - 1), pool_seed=st.integers(0, 1000),
+           ties=st.booleans(), n_labelled=st.integers(0, 3))
+    def test_budget_unique_and_subset(self, name: str, data: st.DataObject, n: int, seed: int, pool_seed: int,
+                                      ties: bool, n_labelled: int) -> None:
+        budget = data.draw(st.integers(1, n), label="budget")
+        pool = _pool(n, pool_seed, ties=ties, n_labelled=n_labelled)
+        query = get_strategy(name).select(pool, budget, seed)
+        assert query.strategy == name
+        _assert_valid(query, pool, budget)
+
+    @settings(max_examples=30, deadline=None)
+    @given(data=st.data(), n=pool_sizes, seed=st.integers(0, 2**31 - 1), pool_seed=st.integers(0, 1000),
+           ties=st.booleans())
+    def test_deterministic_per_seed(self, name: str, data: st.DataObject, n: int, seed: int, pool_seed: int,
+                                    ties: bool) -> None:
+        budget = data.draw(st.integers(1, n), label="budget")
+        pool = _pool(n, pool_seed, ties=ties)
+        first = get_strategy(name).select(pool, budget, seed)
+        second = get_strategy(name).select(pool, budget, seed)
+        assert first.ids == second.ids
+        assert first.scores == second.scores
+
+    @settings(max_examples=30, deadline=None)
+    @given(data=st.data(), n=pool_sizes, seed=st.integers(0, 2**31 - 1), pool_seed=st.integers(0, 1000),
+           ties=st.booleans())
+    def test_invariant_to_pool_order(self, name: str, data: st.DataObject, n: int, seed: int, pool_seed: int,
+                                     ties: bool) -> None:
+        budget = data.draw(st.integers(1, n), label="budget")
+        perm = np.asarray(data.draw(st.permutations(range(n)), label="perm"), dtype=np.int64)
+        pool = _pool(n, pool_seed, ties=ties)
+        base = get_strategy(name).select(pool, budget, seed)
+        shuffled = get_strategy(name).select(_permuted(pool, perm), budget, seed)
+        # same chosen set (and, since strategies work in a canonical id order, the same pick order);
+        # for `random` this holds too: same seed + same set of ids -> same canonical draw
+        assert set(shuffled.ids) == set(base.ids)
+        assert shuffled.ids == base.ids
+
+    @pytest.mark.parametrize("n_labelled", [0, 3])
+    @pytest.mark.parametrize("zero_embeddings", [False, True])
+    def test_all_zero_metrics(self, name: str, n_labelled: int, zero_embeddings: bool) -> None:
+        pool = _pool(8, 1, zero=True, n_labelled=n_labelled)
+        if zero_embeddings:
+            pool.embeddings = np.zeros_like(pool.embeddings)
+            pool.embeddings0 = np.zeros_like(pool.embeddings0)
+        query = get_strategy(name).select(pool, 4, 0)
+        _assert_valid(query, pool, 4)
+
+    def test_round0_pool_without_kd(self, name: str) -> None:
+        pool = _pool(6, 2, n_labelled=0)
+        del pool.metrics["kd"]
+        pool.embeddings0 = None
+        pool.round_index = 0
+        _assert_valid(get_strategy(name).select(pool, 3, 0), pool, 3)
+
+    @pytest.mark.parametrize("budget", [0, -1, 7, 100])
+    def test_bad_budget_raises(self, name: str, budget: int) -> None:
+        pool = _pool(6)
+        with pytest.raises(AsfdaError, match="budget"):
+            get_strategy(name).select(pool, budget, 0)
+
+    def test_full_pool_budget(self, name: str) -> None:
+        pool = _pool(6)
+        query = get_strategy(name).select(pool, 6, 0)
+        assert sorted(query.ids) == sorted(pool.ids)
+
+    def test_name_lookup_is_case_and_space_insensitive(self, name: str) -> None:
+        assert get_strategy(f"  {name.upper()} ").name == name
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [("asfd", "asfda"), ("coreset_", "coreset"), ("randm", "random"), ("enp", "enpy")],
+)
+def test_unknown_strategy_suggests_close_name(typo: str, suggestion: str) -> None:
+    with pytest.raises(AsfdaError, match=f"did you mean '{suggestion}'"):
+        get_strategy(typo)
+
+
+def test_unknown_strategy_far_name_lists_choices() -> None:
+    with pytest.raises(AsfdaError, match="choose from") as info:
+        get_strategy("bald-mc-dropout-xyz")
+    assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_asfda_alpha_out_of_range(alpha: float) -> None:
+    with pytest.raises(ValueError):
+        ASFDAStrategy(alpha=alpha)
+
+
+def test_asfda_components_and_feature_gap_fallback() -> None:
+    pool = _pool(8, 3)
+    q = get_strategy("asfda").select(pool, 3, 0)
+    assert all({"asd", "kd", "rank_score", "min_distance"} <= set(c) for c in q.components.values())
+    del pool.metrics["kd"]
+    q0 = get_strategy("asfda").select(pool, 3, 0)
+    assert all("feature_gap" in c and "kd" not in c for c in q0.components.values())
+
+
+def test_topk_strategies_pick_highest_metric() -> None:
+    pool = _pool(10, 4)
+    for name in ("enpy", "asd"):
+        q = get_strategy(name).select(pool, 3, 0)
+        order = np.argsort(-pool.metrics[name])[:3]
+        assert q.ids == [pool.ids[i] for i in order]
+
+
+# ---------------------------------------------------------------------------------------------- sub-populations
+def _clustered_pool(seed: int) -> tuple[PoolScores, dict[str, int]]:
+    """Three clusters (40 / 6 / 4 volumes) along orthogonal directions e0, e1, e2 in 8-D (noise 0.05).
+
+    ENPY is highest everywhere in the big cluster (0.8..1.0 vs 0.1..0.5 elsewhere); ASD follows ENPY
+    (plus small noise); KD is random.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = (40, 6, 4)
+    cluster = np.repeat(np.arange(3), sizes)
+    emb = np.eye(8)[cluster] + 0.05 * rng.normal(size=(50, 8))
+    enpy = np.where(cluster == 0, rng.uniform(0.8, 1.0, 50), rng.uniform(0.1, 0.5, 50))
+    asd = enpy + 0.02 * rng.normal(size=50)
+    kd = rng.random(50)
+    ids = [f"v{i:02d}" for i in rng.permutation(50)]  # cluster membership is not visible in the id order
+    pool = PoolScores(ids, {"enpy": enpy, "asd": asd, "kd": kd, "confidence": 1 - enpy}, emb,
+                      np.zeros((0, 8)), emb.copy(), round_index=1)
+    return pool, dict(zip(ids, cluster.tolist()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_asfda_covers_subpopulations_enpy_does_not(seed: int) -> None:
+    pool, cluster_of = _clustered_pool(seed)
+    enpy_pick = get_strategy("enpy").select(pool, 3, seed)
+    asfda_pick = get_strategy("asfda").select(pool, 3, seed)
+    assert {cluster_of[i] for i in enpy_pick.ids} == {0}  # uncertainty top-k: all in the big cluster
+    assert len({cluster_of[i] for i in asfda_pick.ids}) >= 2  # score x diversity leaves it

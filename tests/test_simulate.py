@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asfda.config import RunConfig
+from asfda.loop import Adapter, PoolState
+from asfda.simulate import area_under_curve, run_simulation, split_pool
+from asfda.training import TrainConfig
+from conftest import write_nnunet
+
+
+def _cfg(tmp_path: Path, bundle: Path, data: Path, out: str = "run") -> RunConfig:
+    return RunConfig(model=str(bundle), pool=str(data), test_fraction=0.3, strategies=["asfda", "random"],
+                     budget=1, rounds=2, seeds=[0], train=TrainConfig(steps=3, batch_size=1),
+                     cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / out), progress=False)
+
+
+def test_split_is_seeded_and_disjoint() -> None:
+    ids = [f"c{i}" for i in range(10)]
+    pool, test = split_pool(ids, 0.3, seed=1)
+    assert set(pool) | set(test) == set(ids) and not set(pool) & set(test)
+    assert (pool, test) == split_pool(list(reversed(ids)), 0.3, seed=1)
+    assert len(test) == 3
+
+
+def test_area_under_curve_is_mean_level() -> None:
+    assert area_under_curve([0, 2, 4], [0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert area_under_curve([0, 1, 2], [0.0, 0.5, 1.0]) == pytest.approx(0.5)
+
+
+def test_pool_state_round_trip_and_no_double_labelling() -> None:
+    s = PoolState()
+    s.add(["b", "a"], 0)
+    t = PoolState()
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert t.labelled_ids() == ["a", "b"]
+    assert t.unlabelled(["a", "b", "c"]) == ["c"]
+    with pytest.raises(ValueError):
+        t.add(["a"], 1)
+
+
+def test_simulation_end_to_end_writes_results(tmp_path: Path, tiny_bundle: Path) -> None:
+    data = write_nnunet(tmp_path / "ds", n=7)
+    res = run_simulation(_cfg(tmp_path, tiny_bundle, data))
+    for name in ("results.csv", "results.json", "results.md", "learning_curve.png", "run.json"):
+        assert (res.out_dir / name).exists(), name
+    counts = sorted({(r["strategy"], r["n_labelled"]) for r in res.rows})
+    assert counts == [("asfda", 0), ("asfda", 1), ("asfda", 2), ("random", 0), ("random", 1), ("random", 2)]
+    run = json.loads((res.out_dir / "run.json").read_text())
+    assert run["model_weights_sha256_16"] and run["versions"]["torch"] and run["config"]["budget"] == 1
+    state = json.loads((res.out_dir / "asfda" / "seed0" / "state.json").read_text())
+    queried = [i for r in state["rounds"] for i in r["queried"]]
+    assert len(queried) == len(set(queried)) == 2
+    assert all("asd" in c for r in state["rounds"] for c in r["query_components"].values())
+
+
+def test_interrupted_simulation_resumes_without_redoing_rounds(tmp_path: Path, tiny_bundle: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_nnunet(tmp_path / "ds", n=7)
+    reference = run_simulation(_cfg(tmp_path, tiny_bundle, data, out="ref"))
+
+    calls = {"n": 0}
+    real = Adapter.finetune
+
+    def crash_in_round_1(self, labelled, cfg, pseudo=None, desc=""):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-round")
+        return real(self, labelled, cfg, pseudo, desc)
+
+    monkeypatch.setattr(Adapter, "finetune", crash_in_round_1)
+    cfg = _cfg(tmp_path, tiny_bundle, data, out="resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run_simulation(cfg)
+    state = json.loads((tmp_path / "resumed" / "asfda" / "seed0" / "state.json").read_text())
+    assert len(state["rounds"]) == 1
+    calls["n"] = 10  # no more crashes
+    resumed = run_simulation(cfg)
+    assert calls["n"] == 10 + 1 + 2  # asfda's round 1 only, then random's two rounds
+    key = lambda rows: sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
+    assert key(resumed.rows) == key(reference.rows)

@@ -93,7 +93,7 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = generate_benchmark(Path(tmp) / "phantom", seed=args.seed, n_source=24, n_target=16)
+        paths = generate_benchmark(Path(tmp) / "phantom", seed=args.seed, n_source=64, n_target=16)
         # an untrained bundle first, so that training goes through the same loader users get
         atomic_write_json(out / "configs" / "inference.json", INFERENCE)
         atomic_write_json(out / "configs" / "metadata.json", metadata({}))
@@ -106,7 +106,7 @@ def main() -> None:
         model = load_model(out)
         src = load_dataset(paths["source"], require_labels=True)
         tgt = load_dataset(paths["target"], require_labels=True)
-        train_cases, val_cases = list(src.cases[:20]), list(src.cases[20:])
+        train_cases, val_cases = list(src.cases[:56]), list(src.cases[56:])
         adapter = Adapter(model, src.class_names, cache_dir=str(Path(tmp) / "cache"))
         t0 = time.perf_counter()
         cfg = TrainConfig(steps=args.steps, batch_size=2, lr=3e-3, seed=0, fg_oversample=0.5)
@@ -127,7 +127,7 @@ def main() -> None:
         save_bundle(model, out)
         (out / "models" / "model.pt").unlink()  # safetensors only: smaller package, no pickle at all
         readme = ["# asfda phantom UNet", "", metadata({})["description"], "",
-                  "Measured when trained (source validation = 4 held-out source phantoms; target = 16 target-domain "
+                  "Measured when trained (source validation = 8 held-out source phantoms; target = 16 target-domain "
                   "phantoms, zero-shot):", "", "```json", json.dumps(figures, indent=2), "```", ""]
         atomic_write_text(out / "docs" / "README.md", "\n".join(readme))
     print(json.dumps(figures, indent=2))

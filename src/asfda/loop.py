@@ -20,14 +20,8 @@ from asfda.io.datasets import Case
 from asfda.io.nifti import read_nifti
 from asfda.models import ClassMappedNetwork, LoadedModel, PreparedVolume, build_class_map, prepare_case
 from asfda.models.preprocessing import resample_to_native
-from asfda.scoring import (
-    anatomical_segmentation_difficulty,
-    expected_calibration_error,
-    fit_temperature,
-    foreground_confidence,
-    foreground_kl_divergence,
-    mean_entropy,
-)
+from asfda.scoring import expected_calibration_error, fit_temperature
+from asfda.scoring.pool import score_volumes
 from asfda.scoring.temperature import sample_voxels
 from asfda.selection import PoolScores
 from asfda.training import TrainConfig, TrainVolume, finetune
@@ -136,30 +130,12 @@ class Adapter:
 
     def score_pool(self, cases: list[Case], temperature: float, *, grow_voxels: int = 2,
                    divergence: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-        """Streams the unlabeled pool: per-volume metrics, current embeddings, pretrained embeddings.
-
-        One forward pass of the current model per volume, plus one of the frozen pretrained model once
-        the current model has been adapted (and ``divergence`` is wanted). Logits are dropped at once.
-        """
-        names = ["asd", "enpy", "confidence"] + (["kd"] if divergence and self.is_adapted else [])
-        metrics: dict[str, list[float]] = {n: [] for n in names}
-        embs, embs0 = [], []
-        for case in self._bar(cases, "score pool"):
-            vol = self.prepare(case, with_label=False)
-            logits, emb = self.engine_current.run(vol.image)
-            prob = torch.softmax(logits / temperature, 0)
-            metrics["asd"].append(anatomical_segmentation_difficulty(prob, grow_voxels))
-            metrics["enpy"].append(mean_entropy(prob))
-            metrics["confidence"].append(foreground_confidence(prob))
-            embs.append(emb.numpy())
-            if self.is_adapted and divergence:
-                logits0, emb0 = self.engine_frozen.run(vol.image)
-                metrics["kd"].append(foreground_kl_divergence(prob, torch.softmax(logits0 / temperature, 0)))
-                embs0.append(emb0.numpy())
-            del logits, prob
-        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in metrics.items()}
-        e = np.stack(embs) if embs else np.zeros((0, 0))
-        return arrays, e, (np.stack(embs0) if embs0 else None)
+        """Streams the unlabeled pool through `asfda.scoring.pool.score_volumes` (see there)."""
+        volumes = (self.prepare(c, with_label=False) for c in cases)
+        frozen = self.engine_frozen if (divergence and self.is_adapted) else None
+        return score_volumes(volumes, self.engine_current, temperature, frozen=frozen, grow_voxels=grow_voxels,
+                             progress=lambda it: tqdm(it, total=len(cases), desc="score pool",
+                                                      disable=not self.progress, leave=False, dynamic_ncols=True))
 
     def pool_scores(self, cases: list[Case], labelled: list[Case], temperature: float, round_index: int,
                     labelled_embeddings: np.ndarray, grow_voxels: int = 2) -> PoolScores:

@@ -51,7 +51,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
+_CT_WINDOW = (-160.0, 240.0)  # HU window the CT-like source is saved in
 """Bump whenever the generated data changes; invalidates cached benchmarks."""
 
 LABELS: dict[str, int] = {
@@ -161,9 +162,11 @@ class _Protocol:
 
 _CT = _Protocol(
     name="ct", modality="CT",
-    values={"air": -1000, "fat": -100, "muscle": 40, "bone": 700, "disc": 90,
-            "vessel": 160, "liver": 60, "spleen": 50, "cortex": 150, "medulla": 30,
-            "lesion_dark": 5, "lesion_bright": 120},
+    # portal-venous contrast CT; saved clipped to an abdominal window (see _CT_WINDOW), as the
+    # 8-bit windowed CT that real abdominal models are often trained on
+    values={"air": -1000, "fat": -100, "muscle": 45, "bone": 700, "disc": 90,
+            "vessel": 180, "liver": 130, "spleen": 100, "cortex": 200, "medulla": 150,
+            "lesion_dark": 40, "lesion_bright": 170},
     texture=4.0, jitter=5.0, blur_mm=2.5, noise=12.0, bias=0.0, rician=False,
     integer=False,
 )
@@ -508,6 +511,8 @@ def _form_image(rng: np.random.Generator, grid: _Grid, protocol: _Protocol,
         image = image + noise[0]
     if protocol.integer:
         image = np.clip(np.rint(image), 0, np.iinfo(np.int16).max)
+    else:
+        image = np.clip(image, *_CT_WINDOW)
     return image.astype(np.float32)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from asfda.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "phantom", "simulate", "evaluate"]
+SUBCOMMANDS = ["demo", "phantom", "simulate", "evaluate", "predict", "score", "query"]
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:

@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
 from asfda.scoring import (
+    ScoringNeeds,
     anatomical_segmentation_difficulty,
+    badge_embedding,
+    bald,
     cosine_distance,
     expected_calibration_error,
     fit_temperature,
     foreground_confidence,
     foreground_kl_divergence,
+    gaussian_kl,
     grow_mask,
+    mc_entropy,
+    mc_scores_from_moments,
     mean_entropy,
+    normalisation_stat_divergence,
+    tta_variance,
     voxel_entropy,
 )
 
@@ -363,3 +373,307 @@ def test_ece_calibrated_near_zero_and_overconfident_larger() -> None:
 def test_input_validation_raises_value_error(call) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+# ---------------------------------------------------------------------------------------------- MC dropout: entropy, BALD
+def _stack(*passes: list[tuple[float, ...]]) -> torch.Tensor:
+    """``[K, C, N, 1, 1]`` from K passes, each a list of per-voxel distributions."""
+    return torch.stack([_prob(p) for p in passes])
+
+
+@pytest.mark.parametrize(
+    ("passes", "mc_ent", "mi"),
+    [
+        # passes disagree completely: mean (0.5, 0.5) -> H = 1; each pass one-hot -> mean H 0; MI = 1 - 0
+        ([[(1.0, 0.0)], [(0.0, 1.0)]], 1.0, 1.0),
+        # passes agree on (0.5, 0.5): H(mean) = 1, mean H = 1 -> MI 0 (aleatoric, not epistemic)
+        ([[(0.5, 0.5)], [(0.5, 0.5)]], 1.0, 0.0),
+        # (0.25, 0.75) and (0.75, 0.25): mean (0.5, 0.5) -> 1; mean H = 0.811278 -> MI = 0.188722
+        ([[(0.25, 0.75)], [(0.75, 0.25)]], 1.0, 1.0 - H_QUARTER),
+        # the two voxels above in one volume: whole-volume means (1 + 1)/2 = 1 and (1 + 0)/2 = 0.5
+        ([[(1.0, 0.0), (0.5, 0.5)], [(0.0, 1.0), (0.5, 0.5)]], 1.0, 0.5),
+        # C=3, identical passes (0.1, 0.8, 0.1): MC entropy = H_181 = 0.581672, MI 0
+        ([[(0.1, 0.8, 0.1)], [(0.1, 0.8, 0.1)], [(0.1, 0.8, 0.1)]], H_181, 0.0),
+        # one-hot and agreeing: everything 0
+        ([[(0.0, 1.0)], [(0.0, 1.0)]], 0.0, 0.0),
+    ],
+)
+def test_mc_entropy_and_bald_hand_values(passes: list, mc_ent: float, mi: float) -> None:
+    probs = _stack(*passes)
+    assert mc_entropy(probs) == pytest.approx(mc_ent, abs=1e-6)
+    assert bald(probs) == pytest.approx(mi, abs=1e-6)
+    # the streaming form the scoring stage uses gives the same numbers
+    streamed = mc_scores_from_moments(probs.mean(0), torch.stack([voxel_entropy(p) for p in probs]).mean(0))
+    assert streamed == pytest.approx((mc_ent, mi), abs=1e-6)
+
+
+def test_bald_is_nonnegative_and_at_most_mc_entropy() -> None:
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(5, 4, 3, 3, 3, generator=g) * 2, 1)
+    assert 0.0 <= bald(probs) <= mc_entropy(probs) <= 1.0
+
+
+def test_mc_functions_reject_a_single_volume() -> None:
+    with pytest.raises(ValueError, match="stack"):
+        bald(torch.rand(2))
+
+
+# ---------------------------------------------------------------------------------------------- TTA variance
+@pytest.mark.parametrize(
+    ("passes", "expected"),
+    [
+        # fg class 1: 0.5, 0.1 -> mean 0.3, population variance (0.2^2 + 0.2^2)/2 = 0.04;
+        # fg class 2: 0.0, 0.4 -> 0.04; background is ignored; mean over the 2 classes = 0.04
+        ([[(0.5, 0.5, 0.0)], [(0.5, 0.1, 0.4)]], 0.04),
+        # add an agreeing voxel (variance 0): whole-volume mean (0.04 + 0) / 2 = 0.02
+        ([[(0.5, 0.5, 0.0), (0.2, 0.3, 0.5)], [(0.5, 0.1, 0.4), (0.2, 0.3, 0.5)]], 0.02),
+        # K=4, class 1: 0, 0, 1, 1 -> mean 0.5, variance 0.25; class 2 always 0 -> (0.25 + 0)/2 = 0.125
+        ([[(1.0, 0.0, 0.0)], [(1.0, 0.0, 0.0)], [(0.0, 1.0, 0.0)], [(0.0, 1.0, 0.0)]], 0.125),
+        ([[(0.3, 0.7)], [(0.3, 0.7)]], 0.0),  # full agreement
+    ],
+)
+def test_tta_variance_hand_values(passes: list, expected: float) -> None:
+    assert tta_variance(_stack(*passes)) == pytest.approx(expected, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- BADGE embedding
+def test_badge_embedding_hand_value_over_predicted_foreground() -> None:
+    # C=2: v0 (0.2, 0.8) -> pred 1, p - y = (0.2, -0.2); v1 (0.4, 0.6) -> pred 1, (0.4, -0.4);
+    # v2 (0.9, 0.1) -> background, left out. g = mean = (0.3, -0.3); h = (1, 2)
+    # -> [g0 * h, g1 * h] = [0.3, 0.6, -0.3, -0.6]
+    prob = _prob([(0.2, 0.8), (0.4, 0.6), (0.9, 0.1)])
+    out = badge_embedding(prob, torch.tensor([1.0, 2.0]))
+    assert out.shape == (4,)
+    assert torch.allclose(out, torch.tensor([0.3, 0.6, -0.3, -0.6], dtype=torch.float64), atol=1e-12)
+
+
+def test_badge_embedding_all_background_uses_every_voxel() -> None:
+    # v0 (0.9, 0.1) -> (-0.1, 0.1); v1 (0.7, 0.3) -> (-0.3, 0.3); g = (-0.2, 0.2); h = (1, 2)
+    prob = _prob([(0.9, 0.1), (0.7, 0.3)])
+    out = badge_embedding(prob, torch.tensor([1.0, 2.0]))
+    assert torch.allclose(out, torch.tensor([-0.2, -0.4, 0.2, 0.4], dtype=torch.float64), atol=1e-12)
+
+
+def test_badge_embedding_confident_prediction_is_zero_and_c3_layout() -> None:
+    assert torch.count_nonzero(badge_embedding(_prob([(0.0, 1.0, 0.0)]), torch.ones(5))) == 0
+    # C=3, one fg voxel (0.1, 0.8, 0.1): g = (0.1, -0.2, 0.1); h = (2,) -> [0.2, -0.4, 0.2]
+    out = badge_embedding(_prob([(0.1, 0.8, 0.1)]), torch.tensor([2.0]))
+    assert torch.allclose(out, torch.tensor([0.2, -0.4, 0.2], dtype=torch.float64), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- BN statistics gap
+@pytest.mark.parametrize(
+    ("m1", "v1", "m0", "v0", "expected"),
+    [
+        (1.0, 4.0, 0.0, 1.0, 1.306853),  # 0.5 (ln(1/4) + (4 + 1)/1 - 1) = 0.5 (-1.386294 + 4)
+        (0.0, 1.0, 1.0, 4.0, 0.443147),  # 0.5 (ln 4 + (1 + 1)/4 - 1) = 0.5 (1.386294 - 0.5)
+        (2.0, 3.0, 2.0, 3.0, 0.0),
+        (0.0, 1.0, 2.0, 1.0, 2.0),  # 0.5 (0 + (1 + 4) - 1)
+    ],
+)
+def test_gaussian_kl_hand_values(m1: float, v1: float, m0: float, v0: float, expected: float) -> None:
+    t = lambda v: torch.tensor([v])  # noqa: E731
+    assert float(gaussian_kl(t(m1), t(v1), t(m0), t(v0))) == pytest.approx(expected, abs=1e-6)
+
+
+def test_normalisation_stat_divergence_layers_count_equally() -> None:
+    # layer A, 2 channels: KLs 1.306853 and 0 -> 0.653426; layer B, 1 channel: 0.443147
+    # -> (0.653426 + 0.443147) / 2 = 0.548287 (channel-weighted would be 1.75 / 3 = 0.583333)
+    a = (torch.tensor([1.0, 0.0]), torch.tensor([4.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+    b = (torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([4.0]))
+    assert normalisation_stat_divergence([a, b]) == pytest.approx(0.548287, abs=1e-6)
+    with pytest.raises(ValueError):
+        normalisation_stat_divergence([])
+
+
+# ---------------------------------------------------------------------------------------------- needs
+def test_scoring_needs_validation_and_union() -> None:
+    with pytest.raises(ValueError, match="unknown metrics"):
+        ScoringNeeds(metrics={"entropy_typo"})
+    with pytest.raises(ValueError, match="mc_dropout"):
+        ScoringNeeds(metrics={"bald"})
+    with pytest.raises(ValueError, match="axis 0"):
+        ScoringNeeds(tta_flips=((0,),))
+    with pytest.raises(ValueError, match="at least 2"):
+        ScoringNeeds(metrics={"tta_variance"}, tta_flips=((),))
+    a = ScoringNeeds(metrics={"bald"}, mc_dropout=5, tta_flips=((), (2, 1)))
+    b = ScoringNeeds(metrics={"mc_entropy"}, mc_dropout=3, tta_flips=((1, 2), (1,)), feature_stats=True)
+    u = a | b
+    assert u.metrics == {"bald", "mc_entropy"} and u.mc_dropout == 5 and u.feature_stats
+    assert u.tta_flips == ((), (1, 2), (1,))  # normalised and de-duplicated, first-seen order
+
+
+# ---------------------------------------------------------------------------------------------- the scoring stage
+from types import SimpleNamespace  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from asfda.engine import InferenceEngine  # noqa: E402
+from asfda.errors import AsfdaError  # noqa: E402
+from asfda.scoring.pool import score_volumes  # noqa: E402
+
+
+class _FakeEngine:
+    """Records every call; logits depend on the image (not flip-symmetric) and, with mc_dropout, on the
+    global torch RNG (which the scoring stage seeds per volume and pass)."""
+
+    def __init__(self, n_classes: int = 3) -> None:
+        self.network = nn.Identity()
+        self.device = torch.device("cpu")
+        self.calls: list[tuple[torch.Tensor, bool]] = []
+        self.c = n_classes
+
+    def run(self, image: torch.Tensor, *, mc_dropout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append((image.clone(), mc_dropout))
+        x = image[0]
+        ramp = torch.arange(x.numel(), dtype=torch.float32).reshape(x.shape) / x.numel()
+        logits = torch.stack([-x, x + ramp, 0.5 * x * ramp][: self.c]) * 4
+        if mc_dropout:
+            logits = logits + torch.randn(logits.shape)
+        return logits, torch.stack([x.mean(), x.std(), ramp.mean()])
+
+
+def _volumes(n: int = 3, shape=(4, 5, 3)) -> list[SimpleNamespace]:
+    g = torch.Generator().manual_seed(7)
+    return [SimpleNamespace(case_id=f"v{i}", image=torch.randn(1, *shape, generator=g)) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("needs", "extra_calls", "metrics"),
+    [
+        (None, 0, {"asd", "enpy", "confidence"}),
+        (ScoringNeeds(metrics={"enpy"}), 0, {"asd", "enpy", "confidence"}),
+        (ScoringNeeds(metrics={"bald"}, mc_dropout=5), 5, {"asd", "enpy", "confidence", "mc_entropy", "bald"}),
+        (ScoringNeeds(metrics={"tta_variance"}, tta_flips=((), (1,), (2,), (1, 2))), 3,
+         {"asd", "enpy", "confidence", "tta_variance"}),
+        (ScoringNeeds(metrics={"bald", "tta_variance"}, mc_dropout=2, tta_flips=((), (2,))), 2 + 1,
+         {"asd", "enpy", "confidence", "mc_entropy", "bald", "tta_variance"}),
+        (ScoringNeeds(vectors={"badge"}), 0, {"asd", "enpy", "confidence"}),
+        (ScoringNeeds(feature_stats=True), 0, {"asd", "enpy", "confidence"}),  # no BatchNorm here
+    ],
+)
+def test_score_volumes_runs_only_the_passes_the_needs_declare(needs, extra_calls: int, metrics: set) -> None:
+    eng = _FakeEngine()
+    out = score_volumes(_volumes(), eng, 1.0, needs=needs)
+    assert len(eng.calls) == 3 * (1 + extra_calls)
+    assert set(out.metrics) == metrics
+    assert out.ids == ["v0", "v1", "v2"]
+    assert out.info["forward_passes_per_volume"] == 1 + extra_calls
+    assert out.info["divergence_available"] == "feature_gap"
+    assert all(len(v) == 3 for v in out.metrics.values())
+    if needs is not None and needs.head_gradient:
+        assert out.vectors["badge"].shape == (3, 3 * 3)  # C=3 x D=3
+    else:
+        assert out.vectors == {}
+    metrics_, emb, emb0 = out  # still unpacks like the old 3-tuple
+    assert emb.shape == (3, 3) and emb0 is None
+
+
+def test_score_volumes_frozen_adds_kd_from_one_more_pass() -> None:
+    cur, frz = _FakeEngine(), _FakeEngine()
+    out = score_volumes(_volumes(2), cur, 1.0, frozen=frz, needs=ScoringNeeds(feature_stats=True))
+    assert len(frz.calls) == 2 and "kd" in out.metrics and out.embeddings0.shape == (2, 3)
+    assert np.allclose(out.metrics["kd"], 0.0)  # same fake model -> KL 0
+    assert out.info["divergence_available"] == "kd"
+
+
+def test_score_volumes_mc_passes_are_seeded_order_free_and_match_the_pure_functions() -> None:
+    needs = ScoringNeeds(metrics={"bald"}, mc_dropout=4)
+    vols = _volumes(3)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = score_volumes(vols, _FakeEngine(), 1.5, needs=needs, seed=11)
+    assert torch.equal(torch.rand(1), before)  # the global RNG is untouched
+    b = score_volumes(vols[::-1], _FakeEngine(), 1.5, needs=needs, seed=11)
+    c = score_volumes(vols, _FakeEngine(), 1.5, needs=needs, seed=12)
+    for m in ("bald", "mc_entropy"):
+        assert np.allclose(a.metrics[m], b.metrics[m][::-1], atol=1e-12)
+        assert not np.allclose(a.metrics[m], c.metrics[m])
+    # re-run the stage's seeded stochastic passes of volume 0 by hand and use the stacked pure functions
+    from asfda.scoring.pool import _seeded, _volume_seed
+
+    stacked = []
+    for k in range(4):
+        with _seeded(_volume_seed(11, "v0", k), torch.device("cpu")):
+            logits, _ = _FakeEngine().run(vols[0].image, mc_dropout=True)
+        stacked.append(torch.softmax(logits / 1.5, 0))
+    probs = torch.stack(stacked)
+    assert a.metrics["bald"][0] == pytest.approx(bald(probs), abs=1e-6)
+    assert a.metrics["mc_entropy"][0] == pytest.approx(mc_entropy(probs), abs=1e-6)
+
+
+def test_score_volumes_tta_flips_axes_1_2_only_and_flips_logits_back() -> None:
+    eng = _FakeEngine()
+    flips = ((), (1,), (2,), (1, 2))
+    vol = _volumes(1)[0]
+    out = score_volumes([vol], eng, 2.0, needs=ScoringNeeds(metrics={"tta_variance"}, tta_flips=flips))
+    images = [img for img, _ in eng.calls]
+    # main pass, then y-flip, z-flip, yz-flip of the [1, X, Y, Z] image (tensor dims 2, 3); never x (dim 1)
+    assert torch.equal(images[0], vol.image)
+    assert torch.equal(images[1], torch.flip(vol.image, [2]))
+    assert torch.equal(images[2], torch.flip(vol.image, [3]))
+    assert torch.equal(images[3], torch.flip(vol.image, [2, 3]))
+    # expected: each flipped prediction mapped back to the original grid, then the pure function
+    ref = _FakeEngine()
+    probs = []
+    for f in flips:
+        dims = [a + 1 for a in f]
+        logits, _ = ref.run(torch.flip(vol.image, dims) if dims else vol.image)
+        probs.append(torch.softmax((torch.flip(logits, dims) if dims else logits) / 2.0, 0))
+    assert out.metrics["tta_variance"][0] == pytest.approx(tta_variance(torch.stack(probs)), rel=1e-5)
+
+
+def test_score_volumes_badge_vector_matches_pure_function() -> None:
+    vol = _volumes(1)[0]
+    out = score_volumes([vol], _FakeEngine(), 0.7, needs=ScoringNeeds(vectors={"badge"}))
+    logits, emb = _FakeEngine().run(vol.image)
+    expected = badge_embedding(torch.softmax(logits / 0.7, 0), emb)
+    assert np.allclose(out.vectors["badge"][0], expected.numpy(), atol=1e-6)
+
+
+def test_mc_dropout_without_dropout_layers_names_the_tta_alternative() -> None:
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.Conv3d(4, 2, 1))
+    eng = InferenceEngine(net, (4, 4, 4), device=torch.device("cpu"), embedding_layer="output")
+    with pytest.raises(AsfdaError, match="tta"):
+        score_volumes(_volumes(1, (4, 4, 4)), eng, 1.0, needs=ScoringNeeds(metrics={"bald"}, mc_dropout=5))
+
+
+def _bn_network() -> nn.Module:
+    """BatchNorm first (input = the image, 1 channel) with stored source statistics mean 0, var 1."""
+    net = nn.Sequential(nn.BatchNorm3d(1, eps=1e-5), nn.Conv3d(1, 2, 1))
+    with torch.no_grad():
+        net[0].running_mean.fill_(0.0)
+        net[0].running_var.fill_(1.0)
+    return net.eval()
+
+
+def test_batchnorm_statistics_gap_on_a_tiny_network() -> None:
+    # image values alternate -1 and 3: channel mean 1, population variance 4 (one window = the whole image)
+    image = torch.tensor([-1.0, 3.0]).repeat(16).reshape(1, 4, 4, 2)
+    vol = SimpleNamespace(case_id="bn0", image=image)
+    eng = InferenceEngine(_bn_network(), (4, 4, 2), device=torch.device("cpu"), embedding_layer="output")
+    out = score_volumes([vol], eng, 1.0, needs=ScoringNeeds(feature_stats=True))
+    # KL(N(1, 4 + eps) || N(0, 1 + eps)) = 0.5 (ln(1/4) + 5 - 1) = 1.306853 (eps 1e-5 moves it < 1e-4)
+    assert out.metrics["bn_kl"][0] == pytest.approx(1.306853, abs=1e-4)
+    assert out.info["divergence_available"] == "bn_kl" and out.info["batchnorm_layers"] == 1
+    # a volume with the source statistics scores lower; not asked for -> not computed
+    same = SimpleNamespace(case_id="bn1", image=torch.tensor([-1.0, 1.0]).repeat(16).reshape(1, 4, 4, 2))
+    assert score_volumes([same], eng, 1.0, needs=ScoringNeeds(feature_stats=True)).metrics["bn_kl"][0] < 1e-4
+    assert "bn_kl" not in score_volumes([vol], eng, 1.0).metrics
+    # once adapted (the frozen engine is given), kd is the divergence and bn_kl is not computed
+    adapted = score_volumes([vol], eng, 1.0, frozen=eng, needs=ScoringNeeds(feature_stats=True))
+    assert "bn_kl" not in adapted.metrics and "kd" in adapted.metrics
+
+
+def test_batchnorm_gap_reaches_the_asfda_query_components() -> None:
+    from asfda.selection import PoolScores, get_strategy
+
+    eng = InferenceEngine(_bn_network(), (4, 4, 2), device=torch.device("cpu"), embedding_layer="output")
+    g = torch.Generator().manual_seed(0)
+    vols = [SimpleNamespace(case_id=f"c{i}", image=torch.randn(1, 4, 4, 2, generator=g) * (1 + i)) for i in range(4)]
+    strategy = get_strategy("asfda")
+    out = score_volumes(vols, eng, 1.0, needs=strategy.needs)
+    pool = PoolScores(out.ids, out.metrics, out.embeddings, vectors=out.vectors)
+    q = strategy.select(pool, 2, 0)
+    assert all("bn_kl" in c and "feature_gap" not in c for c in q.components.values())

@@ -19,9 +19,12 @@ from asfda.errors import AsfdaError
 from asfda.selection import (
     STRATEGIES,
     PoolScores,
+    ScoringNeeds,
     get_strategy,
     greedy_diverse_pick,
     k_center_greedy,
+    kmeans_pp_pick,
+    needs_of,
     rank_normalise,
 )
 from asfda.selection.strategies import ASFDAStrategy
@@ -155,11 +158,14 @@ def _pool(n: int, seed: int = 0, dim: int = 4, n_labelled: int = 3, ties: bool =
           ) -> PoolScores:
     """A synthetic pool with every metric a strategy may read."""
     rng = np.random.default_rng(seed)
-    metrics = {m: rng.random(n) for m in ("asd", "enpy", "kd", "confidence")}
+    metrics = {m: rng.random(n) for m in ("asd", "enpy", "kd", "confidence", "mc_entropy", "bald", "tta_variance")}
+    badge = rng.normal(size=(n, 3 * dim))  # C = 3 classes x D
     if ties:  # coarse values -> many exact ties
         metrics = {k: np.round(v, 1) for k, v in metrics.items()}
-    if zero:  # an all-background prediction: every metric 0
+        badge = np.round(badge)
+    if zero:  # an all-background prediction: every metric 0, and no head gradient
         metrics = {k: np.zeros(n) for k in metrics}
+        badge = np.zeros_like(badge)
     return PoolScores(
         ids=[f"case{i:03d}" for i in range(n)],
         metrics=metrics,
@@ -167,6 +173,7 @@ def _pool(n: int, seed: int = 0, dim: int = 4, n_labelled: int = 3, ties: bool =
         labelled_embeddings=rng.normal(size=(n_labelled, dim)) if n_labelled else np.zeros((0, 0)),
         embeddings0=rng.normal(size=(n, dim)),
         round_index=1,
+        vectors={"badge": badge},
     )
 
 
@@ -178,6 +185,7 @@ def _permuted(pool: PoolScores, perm: np.ndarray) -> PoolScores:
         labelled_embeddings=pool.labelled_embeddings,
         embeddings0=None if pool.embeddings0 is None else np.asarray(pool.embeddings0)[perm],
         round_index=pool.round_index,
+        vectors={k: np.asarray(v)[perm] for k, v in pool.vectors.items()},
     )
 
 
@@ -298,10 +306,12 @@ def test_asfda_components_and_feature_gap_fallback() -> None:
 
 def test_topk_strategies_pick_highest_metric() -> None:
     pool = _pool(10, 4)
-    for name in ("enpy", "asd"):
+    for name, metric in (("enpy", "enpy"), ("asd", "asd"), ("mc_entropy", "mc_entropy"), ("bald", "bald"),
+                         ("tta", "tta_variance")):
         q = get_strategy(name).select(pool, 3, 0)
-        order = np.argsort(-pool.metrics[name])[:3]
+        order = np.argsort(-pool.metrics[metric])[:3]
         assert q.ids == [pool.ids[i] for i in order]
+        assert all(set(c) == {metric} for c in q.components.values())
 
 
 # ---------------------------------------------------------------------------------------------- sub-populations
@@ -331,3 +341,105 @@ def test_asfda_covers_subpopulations_enpy_does_not(seed: int) -> None:
     asfda_pick = get_strategy("asfda").select(pool, 3, seed)
     assert {cluster_of[i] for i in enpy_pick.ids} == {0}  # uncertainty top-k: all in the big cluster
     assert len({cluster_of[i] for i in asfda_pick.ids}) >= 2  # score x diversity leaves it
+
+
+# ---------------------------------------------------------------------------------------------- k-means++ (BADGE)
+def test_kmeans_pp_first_is_largest_norm_then_d2_sampling() -> None:
+    # points on a line at 1, 2, 5: first = idx2 (|5| largest, reports 5^2 = 25);
+    # squared distances to it: idx0 (1-5)^2 = 16, idx1 (2-5)^2 = 9 -> P(idx0) = 16/25 = 0.64, P(idx1) = 0.36;
+    # after idx0: idx1's d2 = min(9, (2-1)^2 = 1) = 1 -> the third pick is idx1 with weight 1;
+    # after idx1: idx0's d2 = min(16, 1) = 1 -> the third pick is idx0 with weight 1.
+    x = np.array([[1.0, 0.0], [2.0, 0.0], [5.0, 0.0]])
+    second = []
+    for seed in range(2000):
+        picked, d2 = kmeans_pp_pick(x, 3, np.random.default_rng(seed))
+        assert picked[0] == 2 and d2[0] == pytest.approx(25.0)
+        assert sorted(picked) == [0, 1, 2]
+        assert d2[1] == pytest.approx({0: 16.0, 1: 9.0}[picked[1]])
+        assert d2[2] == pytest.approx(1.0)
+        second.append(picked[1])
+    # binomial(2000, 0.64): sd = sqrt(0.64 * 0.36 / 2000) = 0.0107; allow ~4 sd
+    assert np.mean(np.asarray(second) == 0) == pytest.approx(0.64, abs=0.045)
+
+
+def test_kmeans_pp_seeded_distinct_and_budget() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6))
+    a = kmeans_pp_pick(x, 7, np.random.default_rng(3))
+    b = kmeans_pp_pick(x, 7, np.random.default_rng(3))
+    assert a == b  # same seed, same picks
+    assert len(a[0]) == 7 and len(set(a[0])) == 7
+    assert kmeans_pp_pick(x, 0, np.random.default_rng(0)) == ([], [])
+    assert sorted(kmeans_pp_pick(x[:4], 10, np.random.default_rng(0))[0]) == [0, 1, 2, 3]
+
+
+def test_kmeans_pp_duplicates_and_zero_vectors_stay_distinct() -> None:
+    # idx0 and idx2 are identical, idx1 and idx3 are zero: after idx0 (largest norm, lowest index on the tie
+    # with idx2) every squared distance but idx1's / idx3's is 0 -> idx1 or idx3 (equal weight 1);
+    # then only zeros remain -> uniform over the unpicked, never a repeat
+    x = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    for seed in range(20):
+        picked, d2 = kmeans_pp_pick(x, 4, np.random.default_rng(seed))
+        assert picked[0] == 0 and picked[1] in (1, 3)
+        assert d2[:2] == [1.0, 1.0] and d2[2:] == [0.0, 0.0]
+        assert sorted(picked) == [0, 1, 2, 3]
+    picked, _ = kmeans_pp_pick(np.zeros((5, 3)), 5, np.random.default_rng(1))
+    assert sorted(picked) == [0, 1, 2, 3, 4]
+
+
+def test_badge_strategy_picks_largest_gradient_first_and_reports_components() -> None:
+    pool = _pool(9, 5)
+    pool.vectors["badge"][4] *= 100.0  # by far the largest gradient embedding
+    q = get_strategy("badge").select(pool, 4, 0)
+    assert q.ids[0] == pool.ids[4]
+    assert len(set(q.ids)) == 4
+    for i in q.ids:
+        assert set(q.components[i]) == {"gradient_norm", "sq_distance_at_pick"}
+    norm = float(np.linalg.norm(pool.vectors["badge"][4]))
+    assert q.components[pool.ids[4]]["gradient_norm"] == pytest.approx(norm)
+    assert q.scores[0] == pytest.approx(norm**2)
+
+
+# ---------------------------------------------------------------------------------------------- needs
+def test_strategies_declare_what_the_scoring_stage_computes() -> None:
+    assert get_strategy("random").needs == ScoringNeeds()
+    assert get_strategy("coreset").needs == ScoringNeeds()
+    assert get_strategy("enpy").needs.metrics == {"enpy"}
+    assert get_strategy("asfda").needs.metrics == {"asd"} and get_strategy("asfda").needs.feature_stats
+    for name in ("mc_entropy", "bald"):
+        assert get_strategy(name).needs.mc_dropout == 5  # MONAI Label's default number of passes
+        assert get_strategy(name).needs.tta_flips == ()
+    tta = get_strategy("tta").needs
+    assert tta.metrics == {"tta_variance"} and tta.mc_dropout == 0
+    assert all(0 not in f for f in tta.tta_flips)  # never left-right
+    assert tta.tta_flips[0] == ()  # the identity reuses the main pass
+    assert get_strategy("badge").needs.head_gradient
+    union = needs_of(["asfda", "bald", "tta", "badge", "random"])
+    assert union.metrics == {"asd", "bald", "tta_variance"}
+    assert union.vectors == {"badge"} and union.mc_dropout == 5 and union.feature_stats
+    assert union.tta_flips == tta.tta_flips
+
+
+def test_missing_metric_or_vector_is_a_clear_error() -> None:
+    pool = _pool(6)
+    del pool.metrics["bald"]
+    with pytest.raises(ValueError, match="needs"):
+        get_strategy("bald").select(pool, 2, 0)
+    pool.vectors = {}
+    with pytest.raises(ValueError, match="vector badge"):
+        get_strategy("badge").select(pool, 2, 0)
+
+
+def test_asfda_divergence_preference_kd_then_bn_kl_then_feature_gap() -> None:
+    pool = _pool(8, 6, n_labelled=0)
+    pool.metrics["bn_kl"] = np.random.default_rng(1).random(8)
+    comps = get_strategy("asfda").select(pool, 3, 0).components.values()
+    assert all("kd" in c and "bn_kl" not in c for c in comps)  # adapted model: kd wins
+    del pool.metrics["kd"]
+    q = get_strategy("asfda").select(pool, 3, 0)
+    assert all("bn_kl" in c and "feature_gap" not in c for c in q.components.values())  # round 0 with BatchNorm
+    # with nothing labelled the first pick's diversity factor is 1, so it is the argmax of
+    # 0.5 rank(bn_kl) + 0.5 rank(asd)
+    name, cols = ASFDAStrategy().pool_components(pool)
+    assert name == "bn_kl"
+    assert q.ids[0] == pool.ids[int(np.argmax(cols["rank_score"]))]

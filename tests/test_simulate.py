@@ -82,3 +82,20 @@ def test_interrupted_simulation_resumes_without_redoing_rounds(tmp_path: Path, t
     assert calls["n"] == 10 + 1 + 2  # asfda's round 1 only, then random's two rounds
     key = lambda rows: sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
     assert key(resumed.rows) == key(reference.rows)
+
+
+@pytest.mark.parametrize("pseudo_from", ["previous", "warmup"])
+def test_semi_supervised_rounds_record_reliable_volumes(tmp_path: Path, tiny_bundle: Path, pseudo_from: str) -> None:
+    from asfda.config import SemiConfig
+
+    data = write_nnunet(tmp_path / "ds", n=8)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.strategies = ["asfda"]
+    cfg.semi = SemiConfig(enabled=True, confident_fraction=1.0, close_fraction=1.0, prob_threshold=0.0,
+                          pseudo_from=pseudo_from)
+    run_simulation(cfg)
+    state = json.loads((tmp_path / "run" / "asfda" / "seed0" / "state.json").read_text())
+    for rec in state["rounds"]:
+        labelled_so_far = {i for r in state["rounds"][: rec["round"] + 1] for i in r["queried"]}
+        assert rec["reliable"], "every unlabeled volume is reliable at fraction 1.0"
+        assert not set(rec["reliable"]) & labelled_so_far

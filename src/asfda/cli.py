@@ -60,6 +60,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--out", default="runs/evaluate", help="folder for per_case.csv and summary.json")
     _add_common(p)
+
+    p = sub.add_parser("predict", help="segment every image of a folder; label maps on each image's own grid")
+    p.add_argument("--model", required=True, help="bundle folder, checkpoint or TorchScript file")
+    p.add_argument("--model-config", help="network config for a bare checkpoint (preprocessing, class names "
+                   "for a TorchScript file)")
+    p.add_argument("--images", required=True, help="nnU-Net raw dataset (values from its dataset.json) or a folder "
+                   "of NIfTI images (the model's class indices, named in OUT/labels.json); labels not needed")
+    p.add_argument("--out", required=True, help="folder for CASE.nii.gz label maps (cases already done are skipped)")
+    p.add_argument("--class-map", help="target=source,... overrides of the name match")
+    p.add_argument("--tta", action="store_true", help="average over flips along the model grid's A-P and S-I "
+                   "axes (3 passes; never left-right)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs are up to date")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_common(p)
+
+    p = sub.add_parser("score", help="score every case of a pool with the zero-shot model (per-case CSV of "
+                       "every metric and component, embeddings .npy beside it)")
+    p.add_argument("--model", required=True, help="bundle folder, checkpoint or TorchScript file")
+    p.add_argument("--model-config", help="network config for a bare checkpoint")
+    p.add_argument("--data", required=True, help="the pool (nnU-Net raw or NIfTI folder; labels not needed)")
+    p.add_argument("--out", default="scores.csv", help="per-case CSV (default: scores.csv); OUT-stem.embeddings.npy "
+                   "and OUT-stem.json are written beside it")
+    p.add_argument("--strategies", help="comma-separated strategies whose needs decide the passes (default: all; "
+                   "MC-dropout ones are skipped for a network without dropout)")
+    p.add_argument("--temperature", type=float, default=1.0, help="T of softmax(z / T) (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes")
+    p.add_argument("--class-map", help="target=source,... overrides of the name match")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_common(p)
+
+    p = sub.add_parser("query", help="pick the next batch of cases to annotate (prints ids and score components)")
+    p.add_argument("--model", required=True, help="bundle folder, checkpoint or TorchScript file")
+    p.add_argument("--model-config", help="network config for a bare checkpoint")
+    p.add_argument("--data", required=True, help="the pool (nnU-Net raw or NIfTI folder; labels not needed)")
+    p.add_argument("--strategy", default="asfda", help="strategy name (default: asfda)")
+    p.add_argument("--budget", type=int, required=True, help="number of cases to pick")
+    p.add_argument("--labelled", help="ids already labelled: text file (one per line), JSON list, or a previous "
+                   "query.json (its labelled + ids)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, help="T of softmax(z / T) (default: fitted on the labelled cases "
+                   "that have label files, else 1.0)")
+    p.add_argument("--alpha", type=float, default=0.5, help="asfda: weight of the divergence rank vs ASD")
+    p.add_argument("--out", default="query.json", help="JSON with the chosen ids and components (default: query.json)")
+    p.add_argument("--class-map", help="target=source,... overrides of the name match")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_common(p)
     return parser
 
 
@@ -120,6 +166,24 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         evaluate_model(args.model, args.data, args.out, model_config=args.model_config, class_map=args.class_map,
                        progress=progress)
+    elif args.command == "predict":
+        from asfda.predict import predict_model
+
+        predict_model(args.model, args.images, args.out, model_config=args.model_config, class_map=args.class_map,
+                      tta=args.tta, overwrite=args.overwrite, device=args.device, progress=progress)
+    elif args.command == "score":
+        from asfda.query import score_dataset
+
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
+        score_dataset(args.model, args.data, args.out, strategies=strategies, temperature=args.temperature,
+                      seed=args.seed, model_config=args.model_config, class_map=args.class_map, device=args.device,
+                      progress=progress)
+    elif args.command == "query":
+        from asfda.query import query_dataset
+
+        query_dataset(args.model, args.data, args.strategy, args.budget, args.out, labelled=args.labelled,
+                      seed=args.seed, temperature=args.temperature, alpha=args.alpha, model_config=args.model_config,
+                      class_map=args.class_map, device=args.device, progress=progress)
     return 0
 
 

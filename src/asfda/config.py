@@ -25,6 +25,14 @@ class SemiConfig:
     confident_fraction: float = 0.5
     close_fraction: float = 0.5
     prob_threshold: float = 0.9
+    # "previous": pseudo-labels and reliability from the model as the round starts (METHOD.md's text);
+    # "warmup": first train on the labelled volumes alone for warmup_fraction of the steps, then take
+    # reliability and pseudo-labels from that model (round 0 otherwise pseudo-labels with the zero-shot model)
+    pseudo_from: str = "warmup"
+    warmup_fraction: float = 0.5
+
+
+PSEUDO_SOURCES = ("previous", "warmup")
 
 
 @dataclass
@@ -133,4 +141,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return config_from_dict(RunConfig, data)
+    cfg = config_from_dict(RunConfig, data)
+    if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
+        raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}")
+    return cfg

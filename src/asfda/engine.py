@@ -3,12 +3,19 @@ the pooled bottleneck embedding (a forward hook), streaming over a pool.
 
 The network given here is expected to output *target-class* logits (wrap a source network in
 `asfda.models.ClassMappedNetwork`). Hot loops take plain tensors, never MetaTensors.
+
+Test-time augmentation (``run(image, tta=True)``) averages the logits of ``1 + len(tta_axes)``
+sliding-window passes: the image as is, and the image flipped along each axis of ``tta_axes`` alone
+(each output flipped back). The default axes are the model grid's axes 1 and 2 (anterior-posterior
+and superior-inferior in RAS); axis 0 (left-right) is never flipped by default because left and
+right organs are different labels.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +24,17 @@ from torch import nn
 
 from asfda.errors import AsfdaError
 
-__all__ = ["InferenceEngine", "VolumeOutput", "find_embedding_layer", "select_device"]
+__all__ = ["DEFAULT_TTA_AXES", "OUTPUT_EMBEDDING", "InferenceEngine", "VolumeOutput", "find_embedding_layer",
+           "select_device"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTA_AXES: tuple[int, ...] = (1, 2)
+"""Model-grid spatial axes flipped by TTA: anterior-posterior and superior-inferior in RAS, never left-right."""
+
+OUTPUT_EMBEDDING = "output"
+"""``embedding_layer`` value meaning "no hook: the embedding is the network output (logits) averaged over the
+volume". Used for networks whose inner modules cannot be hooked (TorchScript)."""
 
 
 def select_device(requested: str | None = None) -> torch.device:
@@ -36,9 +53,20 @@ class VolumeOutput:
     embedding: torch.Tensor
 
 
+def _network_device(network: nn.Module) -> torch.device:
+    try:
+        return next(network.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def find_embedding_layer(network: nn.Module, roi_size: tuple[int, ...], in_channels: int = 1) -> str:
     """Name of the module whose output is the bottleneck: the last module to finish its forward among
-    those with the smallest spatial output (for MONAI's UNet, the deepest skip connection)."""
+    those with the smallest spatial output (for MONAI's UNet, the deepest skip connection).
+
+    Returns `OUTPUT_EMBEDDING` (with a warning) when no inner module can be hooked, as in TorchScript
+    networks, or when no module outputs a feature map smaller than the input window.
+    """
     outputs: list[tuple[str, int]] = []
     hooks = []
     for name, module in network.named_modules():
@@ -49,18 +77,38 @@ def find_embedding_layer(network: nn.Module, roi_size: tuple[int, ...], in_chann
             if isinstance(out, torch.Tensor) and out.ndim == 5:
                 outputs.append((name, int(out.shape[2:].numel())))
 
-        hooks.append(module.register_forward_hook(hook))
+        try:
+            hooks.append(module.register_forward_hook(hook))
+        except RuntimeError:  # ScriptModules refuse hooks
+            continue
     try:
         with torch.inference_mode():
-            network(torch.zeros(1, in_channels, *roi_size))
+            network(torch.zeros(1, in_channels, *roi_size, device=_network_device(network)))
     finally:
         for h in hooks:
             h.remove()
-    if not outputs:
+    window = int(torch.Size(roi_size).numel())
+    smallest = min((n for _, n in outputs), default=window)
+    if smallest >= window:
+        if _has_torchscript(network):
+            log.warning("TorchScript network: its bottleneck cannot be hooked, so the volume embedding is the "
+                        "volume-averaged output logits")
+            return OUTPUT_EMBEDDING
         raise AsfdaError("cannot find a 3D feature map inside the network to use as embedding",
-                         fix="set the model's embedding layer by name (asfda_embedding_layer in the config)")
-    smallest = min(n for _, n in outputs)
+                         fix="set the model's embedding layer by name (asfda_embedding_layer in the config), "
+                             f"or {OUTPUT_EMBEDDING!r} for the volume-averaged logits")
     return [name for name, n in outputs if n == smallest][-1]
+
+
+def _has_torchscript(network: nn.Module) -> bool:
+    return any(isinstance(m, torch.jit.ScriptModule) for m in network.modules())
+
+
+def _check_axes(axes: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(int(a) for a in axes)
+    if any(a not in (0, 1, 2) for a in out) or len(set(out)) != len(out):
+        raise ValueError(f"tta_axes must be distinct spatial axes among 0, 1, 2; got {tuple(axes)!r}")
+    return out
 
 
 class InferenceEngine:
@@ -69,24 +117,36 @@ class InferenceEngine:
     Args:
         network: module returning target-class logits ``[B, C, ...]``.
         roi_size, sw_batch_size, overlap: sliding-window settings.
-        embedding_layer: dotted module name of the bottleneck inside ``network`` (found if None).
+        embedding_layer: dotted module name of the bottleneck inside ``network`` (found if None);
+            `OUTPUT_EMBEDDING` for the volume-averaged logits instead of a hook.
         device: where to compute (see `select_device`).
+        tta_axes: model-grid spatial axes (0, 1, 2) flipped by ``run(..., tta=True)``, each alone;
+            default `DEFAULT_TTA_AXES` (never the left-right axis 0). ``()`` makes TTA a single pass.
     """
 
     def __init__(self, network: nn.Module, roi_size: tuple[int, int, int], *, sw_batch_size: int = 4,
-                 overlap: float = 0.25, embedding_layer: str | None = None, device: torch.device | None = None) -> None:
+                 overlap: float = 0.25, embedding_layer: str | None = None, device: torch.device | None = None,
+                 tta_axes: Sequence[int] = DEFAULT_TTA_AXES) -> None:
         self.network = network
         self.roi_size = tuple(roi_size)
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
         self.device = device or select_device()
+        self.tta_axes = _check_axes(tta_axes)
         self.embedding_layer = embedding_layer or find_embedding_layer(network, self.roi_size)
-        modules = dict(network.named_modules())
-        if self.embedding_layer not in modules:
-            raise AsfdaError(f"embedding layer {self.embedding_layer!r} is not a module of the network")
-        self._module = modules[self.embedding_layer]
+        self._module: nn.Module | None = None
+        if self.embedding_layer != OUTPUT_EMBEDDING:
+            modules = dict(network.named_modules())
+            if self.embedding_layer not in modules:
+                raise AsfdaError(f"embedding layer {self.embedding_layer!r} is not a module of the network")
+            self._module = modules[self.embedding_layer]
         self._sum: torch.Tensor | None = None
         self._count = 0
+
+    @property
+    def n_passes(self) -> int:
+        """Sliding-window passes of ``run(..., tta=True)``: the identity plus one per flipped axis."""
+        return 1 + len(self.tta_axes)
 
     def _hook(self, module: nn.Module, inp: object, out: torch.Tensor) -> None:
         pooled = out.detach().float().flatten(2).mean(dim=2).sum(dim=0)  # [D]
@@ -96,14 +156,27 @@ class InferenceEngine:
     @contextlib.contextmanager
     def _capturing(self) -> Iterator[None]:
         self._sum, self._count = None, 0
+        if self._module is None:
+            yield
+            return
         handle = self._module.register_forward_hook(self._hook)
         try:
             yield
         finally:
             handle.remove()
 
-    def run(self, image: torch.Tensor, *, mc_dropout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One volume ``[1, X, Y, Z]`` -> (logits ``[C, X, Y, Z]``, embedding ``[D]``), on the CPU."""
+    def _window(self, x: torch.Tensor) -> torch.Tensor:
+        out = sliding_window_inference(x, self.roi_size, self.sw_batch_size, self.network, overlap=self.overlap,
+                                       mode="constant")
+        return out.as_tensor() if hasattr(out, "as_tensor") else out
+
+    def run(self, image: torch.Tensor, *, mc_dropout: bool = False, tta: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One volume ``[1, X, Y, Z]`` -> (logits ``[C, X, Y, Z]``, embedding ``[D]``), on the CPU.
+
+        With ``tta`` the logits are the mean over `n_passes` passes (identity and one flip per axis of
+        ``tta_axes``, flipped back); the embedding always comes from the un-flipped pass.
+        """
         x = image.as_tensor() if hasattr(image, "as_tensor") else image
         x = x.to(self.device, non_blocking=True)[None]
         was_training = self.network.training
@@ -111,19 +184,26 @@ class InferenceEngine:
         if mc_dropout:
             _enable_dropout(self.network)
         try:
-            with torch.inference_mode(), self._capturing():
-                logits = sliding_window_inference(x, self.roi_size, self.sw_batch_size, self.network,
-                                                  overlap=self.overlap, mode="constant")
-                embedding = self._sum / max(self._count, 1)
+            with torch.inference_mode():
+                with self._capturing():
+                    logits = self._window(x)
+                    embedding = None if self._module is None else self._sum / max(self._count, 1)
+                if embedding is None:
+                    embedding = logits[0].float().flatten(1).mean(dim=1)
+                if tta and self.tta_axes:
+                    logits = logits.float()
+                    for axis in self.tta_axes:
+                        dims = (axis + 2,)
+                        logits += self._window(x.flip(dims)).flip(dims)
+                    logits /= self.n_passes
         finally:
             self.network.train(was_training)
-        logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
         return logits[0].float().cpu(), embedding.cpu()
 
-    def stream(self, volumes: Iterator) -> Iterator[VolumeOutput]:
+    def stream(self, volumes: Iterator, *, tta: bool = False) -> Iterator[VolumeOutput]:
         """Yields one `VolumeOutput` per prepared volume (objects with ``case_id`` and ``image``)."""
         for vol in volumes:
-            logits, emb = self.run(vol.image)
+            logits, emb = self.run(vol.image, tta=tta)
             yield VolumeOutput(vol.case_id, logits, emb)
 
 

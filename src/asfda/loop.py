@@ -7,6 +7,7 @@ inference engines and the prepared-volume cache. `PoolState` records who was lab
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from asfda.config import SemiConfig
 from asfda.engine import InferenceEngine, select_device
 from asfda.evaluation import compute_dice, per_class_scores
 from asfda.io.datasets import Case
@@ -21,12 +23,13 @@ from asfda.io.nifti import read_nifti
 from asfda.models import ClassMappedNetwork, LoadedModel, PreparedVolume, build_class_map, prepare_case
 from asfda.models.preprocessing import resample_to_native
 from asfda.scoring import expected_calibration_error, fit_temperature
-from asfda.scoring.pool import score_volumes
+from asfda.scoring.needs import ScoringNeeds
+from asfda.scoring.pool import ScoredPool, score_volumes
 from asfda.scoring.temperature import sample_voxels
 from asfda.selection import PoolScores
-from asfda.training import TrainConfig, TrainVolume, finetune
+from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, select_reliable
 
-__all__ = ["Adapter", "PoolState", "RoundTemperature"]
+__all__ = ["Adapter", "PoolState", "RoundTemperature", "reliable_from_scores"]
 
 
 @dataclass
@@ -128,31 +131,96 @@ class Adapter:
         after = expected_calibration_error(torch.softmax(z / t, 1), y)
         return RoundTemperature(t, before, after), np.stack(embs)
 
-    def score_pool(self, cases: list[Case], temperature: float, *, grow_voxels: int = 2,
-                   divergence: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
-        """Streams the unlabeled pool through `asfda.scoring.pool.score_volumes` (see there)."""
+    def score_pool(self, cases: list[Case], temperature: float, *, grow_voxels: int = 2, divergence: bool = True,
+                   needs: ScoringNeeds | None = None, seed: int = 0) -> ScoredPool:
+        """Streams the unlabeled pool through `asfda.scoring.pool.score_volumes` (see there); ``needs``
+        (a strategy's ``needs``, or `asfda.selection.needs_of` of several) decides the extra passes.
+        The result also unpacks as ``metrics, embeddings, embeddings0``."""
         volumes = (self.prepare(c, with_label=False) for c in cases)
         frozen = self.engine_frozen if (divergence and self.is_adapted) else None
         return score_volumes(volumes, self.engine_current, temperature, frozen=frozen, grow_voxels=grow_voxels,
+                             needs=needs, seed=seed,
                              progress=lambda it: tqdm(it, total=len(cases), desc="score pool",
                                                       disable=not self.progress, leave=False, dynamic_ncols=True))
 
     def pool_scores(self, cases: list[Case], labelled: list[Case], temperature: float, round_index: int,
-                    labelled_embeddings: np.ndarray, grow_voxels: int = 2) -> PoolScores:
-        metrics, emb, emb0 = self.score_pool(cases, temperature, grow_voxels=grow_voxels)
-        return PoolScores([c.case_id for c in cases], metrics, emb, labelled_embeddings, emb0, round_index)
+                    labelled_embeddings: np.ndarray, grow_voxels: int = 2, *, needs: ScoringNeeds | None = None,
+                    seed: int = 0) -> PoolScores:
+        """`PoolScores` of the unlabeled ``cases``; pass ``needs=strategy.needs`` so that strategies reading
+        MC-dropout, TTA or BADGE numbers get them (the default computes only the one-pass metrics)."""
+        scored = self.score_pool(cases, temperature, grow_voxels=grow_voxels, needs=needs, seed=seed)
+        return PoolScores([c.case_id for c in cases], scored.metrics, scored.embeddings, labelled_embeddings,
+                          scored.embeddings0, round_index, scored.vectors)
 
     # -- training ---------------------------------------------------------------------------------
+    def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float) -> list[TrainVolume]:
+        """Masked pseudo-labels of the current model for ``cases`` (one forward pass each)."""
+        out = []
+        for case in self._bar(cases, "pseudo-label"):
+            vol = self.prepare(case, with_label=False)
+            logits, _ = self.engine_current.run(vol.image)
+            label, mask = pseudo_label(logits, temperature, threshold)
+            out.append(TrainVolume(vol.image, label.long(), mask))
+        return out
+
+    def encoder_parameters(self) -> list[str]:
+        """Names of the current network's parameters that run up to the embedding (bottleneck) layer."""
+        finished: list[str] = []
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: finished.append(n))
+                 for n, m in self.current.named_modules() if n]
+        try:
+            with torch.inference_mode():
+                self.current(torch.zeros(1, 1, *self.pretrained.roi_size, device=self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        cut = finished.index(self.engine_current.embedding_layer)
+        encoder_modules = set(finished[: cut + 1])
+        return [n for n, _ in self.current.named_parameters() if n.rsplit(".", 1)[0] in encoder_modules]
+
     def finetune(self, labelled: list[Case], cfg: TrainConfig, pseudo: list[TrainVolume] | None = None,
                  desc: str = "fine-tune") -> dict[str, list[float]]:
         vols = []
         for case in labelled:
             v = self.prepare(case)
             vols.append(TrainVolume(v.image, v.label.long()))
-        hist = finetune(self.current, vols, cfg, patch_size=self.pretrained.roi_size, pseudo=pseudo,
-                        device=self.device, progress=self.progress, desc=desc)
+        frozen_names = set(self.encoder_parameters()) if cfg.freeze_encoder else set()
+        for n, p in self.current.named_parameters():
+            p.requires_grad_(n not in frozen_names)
+        try:
+            hist = finetune(self.current, vols, cfg, patch_size=self.pretrained.roi_size, pseudo=pseudo,
+                            device=self.device, progress=self.progress, desc=desc)
+        finally:
+            for p in self.current.parameters():
+                p.requires_grad_(True)
         self.is_adapted = True
         return hist
+
+    def train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
+                    temperature: float, scores: PoolScores | None = None, queried: list[str] | None = None,
+                    desc: str = "fine-tune") -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+        """One round of fine-tuning: supervised, or selective semi-supervised when ``semi.enabled``.
+
+        Returns the loss history and the reliable volumes used (id -> confidence, distance).
+        """
+        if not semi.enabled or not unlabelled:
+            return self.finetune(labelled, train, desc=desc), {}
+        if semi.pseudo_from == "previous" and scores is not None:
+            reliable = reliable_from_scores(scores, queried or [], semi.confident_fraction, semi.close_fraction)
+            pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
+                                         semi.prob_threshold)
+            return self.finetune(labelled, train, pseudo=pseudo or None, desc=desc), reliable
+        warm = max(1, int(round(train.steps * semi.warmup_fraction)))
+        hist = self.finetune(labelled, dataclasses.replace(train, steps=warm), desc=f"{desc} (labelled)")
+        metrics, emb, _ = self.score_pool(unlabelled, temperature, divergence=False)
+        lab_emb = np.stack([self.engine_current.run(self.prepare(c, with_label=False).image)[1].numpy()
+                            for c in labelled])
+        fresh = PoolScores([c.case_id for c in unlabelled], metrics, emb, lab_emb, None, 0)
+        reliable = reliable_from_scores(fresh, [], semi.confident_fraction, semi.close_fraction)
+        pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature, semi.prob_threshold)
+        rest = dataclasses.replace(train, steps=max(1, train.steps - warm), seed=train.seed + 7919, warmup_fraction=0.0)
+        hist2 = self.finetune(labelled, rest, pseudo=pseudo or None, desc=f"{desc} (+pseudo)")
+        return {k: hist[k] + hist2[k] for k in hist}, reliable
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, cases: list[Case], *, pretrained: bool = False) -> list[dict]:
@@ -169,6 +237,35 @@ class Adapter:
             row = {"case_id": case.case_id, **per_class_scores(dice, self.target_names)}
             rows.append(row)
         return rows
+
+
+def reliable_from_scores(scores: PoolScores, queried: list[str], confident_fraction: float,
+                         close_fraction: float) -> dict[str, dict[str, float]]:
+    """The reliable unlabeled volumes after a query, from this round's pool scores (no extra pass).
+
+    Confidence is the scoring stage's ``confidence`` (computed with the round's T); distance is the min
+    cosine distance of a volume's embedding to the labelled set including the volumes just queried.
+    Returns ``{id: {"confidence": c, "distance": d}}`` for the kept volumes.
+    """
+    import torch as _torch
+
+    from asfda.scoring.metrics import cosine_distance
+
+    index = {i: k for k, i in enumerate(scores.ids)}
+    queried_set = set(queried)
+    remaining = [i for i in scores.ids if i not in queried_set]
+    if not remaining:
+        return {}
+    emb = np.asarray(scores.embeddings)
+    anchors = [emb[[index[i] for i in queried]]] if queried else []
+    if scores.labelled_embeddings is not None and np.asarray(scores.labelled_embeddings).size:
+        anchors.append(np.asarray(scores.labelled_embeddings))
+    rows = [index[i] for i in remaining]
+    conf = np.asarray(scores.metrics["confidence"])[rows]
+    dist = cosine_distance(_torch.as_tensor(emb[rows]), _torch.as_tensor(np.concatenate(anchors))).min(1).values.numpy()
+    keep = select_reliable(remaining, conf, dist, confident_fraction=confident_fraction, close_fraction=close_fraction)
+    pos = {i: k for k, i in enumerate(remaining)}
+    return {i: {"confidence": float(conf[pos[i]]), "distance": float(dist[pos[i]])} for i in keep}
 
 
 def mean_of(rows: list[dict], key: str) -> float:

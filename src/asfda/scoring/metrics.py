@@ -11,11 +11,18 @@ import torch.nn.functional as F
 
 __all__ = [
     "anatomical_segmentation_difficulty",
+    "badge_embedding",
+    "bald",
     "cosine_distance",
     "foreground_confidence",
     "foreground_kl_divergence",
+    "gaussian_kl",
     "grow_mask",
+    "mc_entropy",
+    "mc_scores_from_moments",
     "mean_entropy",
+    "normalisation_stat_divergence",
+    "tta_variance",
     "voxel_entropy",
 ]
 
@@ -97,3 +104,102 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = F.normalize(a.double(), dim=1)
     b = F.normalize(b.double(), dim=1)
     return (1.0 - a @ b.T).clamp_min(0.0)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def mc_scores_from_moments(mean_prob: torch.Tensor, mean_voxel_entropy: torch.Tensor) -> tuple[float, float]:
+    """(MC entropy, BALD) from the mean of K stochastic predictions ``[C, ...]`` and the mean over the K
+    passes of their normalised voxel entropies ``[...]`` (what a streaming pass accumulates).
+
+    MC entropy = whole-volume mean of ``H(mean_k p_k) / log C``; BALD = whole-volume mean of the mutual
+    information ``H(mean_k p_k) - mean_k H(p_k)``, also divided by ``log C`` (so both lie in [0, 1]).
+    """
+    h_mean = voxel_entropy(mean_prob)
+    if h_mean.shape != mean_voxel_entropy.shape:
+        raise ValueError(f"mean_prob {tuple(mean_prob.shape)} and entropy map {tuple(mean_voxel_entropy.shape)} "
+                         "do not match")
+    # the mutual information is >= 0 exactly (Jensen); clamp only floating-point noise
+    mi = (h_mean - mean_voxel_entropy).clamp_min(0.0)
+    return float(h_mean.mean()), float(mi.mean())
+
+
+def _check_stack(probs: torch.Tensor, name: str, min_k: int = 1) -> None:
+    if probs.ndim < 3 or probs.shape[0] < min_k:
+        raise ValueError(f"{name} needs a stack [K >= {min_k}, C, ...] of predictions, got shape {tuple(probs.shape)}")
+
+
+def mc_entropy(probs: torch.Tensor) -> float:
+    """MC-dropout predictive entropy: whole-volume mean of ``H(mean_k p_k) / log C`` for ``probs [K, C, ...]``."""
+    _check_stack(probs, "mc_entropy")
+    return mc_scores_from_moments(probs.mean(0), voxel_entropy(probs.movedim(0, 1)).mean(0))[0]
+
+
+def bald(probs: torch.Tensor) -> float:
+    """BALD (Houlsby et al. 2011): whole-volume mean mutual information between the prediction and the
+    dropout mask, ``H(mean_k p_k) - mean_k H(p_k)``, divided by ``log C``; ``probs [K, C, ...]``."""
+    _check_stack(probs, "bald")
+    return mc_scores_from_moments(probs.mean(0), voxel_entropy(probs.movedim(0, 1)).mean(0))[1]
+
+
+def tta_variance(probs: torch.Tensor) -> float:
+    """TTA variance: for test-time-augmented predictions ``probs [K, C, ...]`` (each mapped back to the
+    original grid), the population variance over the K predictions of each *foreground* class
+    probability (channels 1..C-1), averaged over those classes and over every voxel of the volume.
+
+    A whole-volume mean, like ENPY (not restricted to the predicted anatomy); 0 when all K agree.
+    """
+    _check_stack(probs, "tta_variance", min_k=1)
+    if probs.shape[1] < 2:
+        raise ValueError(f"tta_variance needs >= 2 classes, got shape {tuple(probs.shape)}")
+    fg = probs[:, 1:].double()
+    return float(fg.var(dim=0, unbiased=False).mean())
+
+
+def badge_embedding(prob: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """A per-volume BADGE gradient embedding ``[C * D]`` for a segmentation network (an approximation).
+
+    BADGE (Ash et al. 2020) embeds a sample by the gradient of the cross-entropy loss, with the model's
+    own argmax as the label, w.r.t. the last layer's weights: ``(p - onehot(argmax p)) (x) features``.
+    For a 3D segmentation network the last layer is a per-voxel 1x1 convolution, so the exact gradient is
+    ``sum_v (p_v - y_v) (x) f_v`` over voxels v with the penultimate feature map f_v, which the engine
+    does not keep. The approximation used here replaces every f_v by the volume's pooled bottleneck
+    embedding h and averages instead of summing:
+    ``g_c = mean over predicted-foreground voxels of (p_cv - y_cv)`` (all voxels when nothing is predicted
+    as foreground), and the embedding is the outer product ``g (x) h`` flattened class by class, i.e.
+    ``[g_0 * h, g_1 * h, ..., g_{C-1} * h]``. Its norm grows with the uncertainty inside the predicted
+    anatomy; its direction mixes which classes are uncertain with what the volume looks like.
+
+    Args:
+        prob: ``[C, X, Y, Z]`` class probabilities; embedding: ``[D]`` pooled bottleneck features.
+    """
+    if embedding.ndim != 1:
+        raise ValueError(f"embedding must be [D], got shape {tuple(embedding.shape)}")
+    c = prob.shape[0]
+    flat = prob.reshape(c, -1).double()
+    pred = flat.argmax(0)
+    resid = flat - F.one_hot(pred, c).T.double()
+    fg = pred > 0
+    g = resid[:, fg].mean(1) if bool(fg.any()) else resid.mean(1)
+    return (g[:, None] * embedding.double()[None, :]).reshape(-1)
+
+
+def gaussian_kl(mean1: torch.Tensor, var1: torch.Tensor, mean0: torch.Tensor, var0: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``KL(N(mean1, var1) || N(mean0, var0))`` of univariate Gaussians:
+    ``0.5 * (log(var0 / var1) + (var1 + (mean1 - mean0)^2) / var0 - 1)``."""
+    var1 = var1.double().clamp_min(_EPS)
+    var0 = var0.double().clamp_min(_EPS)
+    return 0.5 * (torch.log(var0 / var1) + (var1 + (mean1.double() - mean0.double()) ** 2) / var0 - 1.0)
+
+
+def normalisation_stat_divergence(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+                                  ) -> float:
+    """The round-0 feature-statistics gap of DKD: for each normalisation layer, the mean over channels of
+    ``KL(N(volume mean, volume var) || N(running mean, running var))`` (the source statistics a BatchNorm
+    layer stores), then the mean over layers (each layer counts equally).
+
+    Args:
+        layers: per layer ``(mean, var, running_mean, running_var)``, each ``[channels]``.
+    """
+    if not layers:
+        raise ValueError("normalisation_stat_divergence needs at least one layer")
+    return float(torch.stack([gaussian_kl(m, v, rm, rv).mean() for m, v, rm, rv in layers]).mean())

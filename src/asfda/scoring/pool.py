@@ -1,58 +1,231 @@
 """The scoring stage: stream the unlabeled pool through the engines, keep a few numbers per volume.
 
-One forward pass of the current model per volume, plus one of the frozen pretrained model once the
-current model has been adapted (for the knowledge divergence). Logits never outlive their volume.
+What runs per volume is driven by the `ScoringNeeds` of the requested strategies:
+
+- always one forward pass of the current model (``asd``, ``enpy``, ``confidence``, the embedding; the
+  BADGE head-gradient vector when asked for; the BatchNorm statistics gap ``bn_kl`` when asked for,
+  the model has BatchNorm running statistics and has not been adapted yet — hooks on the same pass);
+- one pass of the frozen pretrained model once the current model has been adapted (``kd``);
+- exactly ``needs.mc_dropout`` stochastic dropout passes for ``mc_entropy`` / ``bald``;
+- one pass per non-identity flip of ``needs.tta_flips`` for ``tta_variance`` (model-grid axes 1 and 2
+  only; logits are flipped back before they are compared).
+
+Logits never outlive their volume: the MC and TTA passes are folded into running moments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from asfda.engine import InferenceEngine
 from asfda.scoring.metrics import (
     anatomical_segmentation_difficulty,
+    badge_embedding,
     foreground_confidence,
     foreground_kl_divergence,
+    mc_scores_from_moments,
     mean_entropy,
+    normalisation_stat_divergence,
+    voxel_entropy,
 )
+from asfda.scoring.needs import MC_METRICS, ScoringNeeds
 
-__all__ = ["PoolMetrics", "score_volumes"]
+__all__ = ["PoolMetrics", "ScoredPool", "batchnorm_layers", "score_volumes"]
 
 PoolMetrics = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]
 
 
+@dataclass
+class ScoredPool:
+    """What the scoring stage returns (rows in the order the volumes came).
+
+    Attributes:
+        ids: case ids (``vol.case_id``; the stream index as text when a volume has none).
+        metrics: metric name -> ``[N]``.
+        embeddings: ``[N, D]`` pooled bottleneck embeddings of the current model.
+        embeddings0: ``[N, D]`` of the frozen model, or None when it was not run.
+        vectors: vector name -> ``[N, K]`` (``badge``).
+        info: how the numbers were made: temperature, passes, which divergence was available.
+
+    Unpacks like the former 3-tuple: ``metrics, emb, emb0 = score_volumes(...)``.
+    """
+
+    ids: list[str]
+    metrics: dict[str, np.ndarray]
+    embeddings: np.ndarray
+    embeddings0: np.ndarray | None
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator:
+        return iter((self.metrics, self.embeddings, self.embeddings0))
+
+
+def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers that store source running statistics (InstanceNorm and stat-less BN excluded)."""
+    return [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
+
+
+class _ChannelStats:
+    """Accumulates per-channel sum / sum of squares / count of each BN layer's *input* over one pass."""
+
+    def __init__(self, layers: list[nn.modules.batchnorm._BatchNorm]) -> None:
+        self.layers = layers
+        self.sums: list[torch.Tensor | None] = [None] * len(layers)
+        self.sqs: list[torch.Tensor | None] = [None] * len(layers)
+        self.counts = [0] * len(layers)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, i: int) -> Callable:
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().double().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+            s, q = x.sum(1), (x * x).sum(1)
+            self.sums[i] = s if self.sums[i] is None else self.sums[i] + s
+            self.sqs[i] = q if self.sqs[i] is None else self.sqs[i] + q
+            self.counts[i] += x.shape[1]
+
+        return hook
+
+    def divergence(self) -> float:
+        stats = []
+        for layer, s, q, n in zip(self.layers, self.sums, self.sqs, self.counts):
+            if s is None or n == 0:
+                continue
+            mean = (s / n).cpu()
+            var = (q.cpu() / n - mean * mean).clamp_min(0.0)
+            eps = float(layer.eps)  # as the layer itself normalises: var + eps
+            stats.append((mean, var + eps, layer.running_mean.detach().double().cpu(),
+                          layer.running_var.detach().double().cpu() + eps))
+        return normalisation_stat_divergence(stats) if stats else 0.0
+
+
+def _volume_seed(seed: int, case_id: str, k: int) -> int:
+    """Seed of stochastic pass k of one volume: independent of the pool's order."""
+    seq = np.random.SeedSequence([seed & 0xFFFFFFFF, zlib.crc32(case_id.encode()), k])
+    return int(seq.generate_state(1, dtype=np.uint64)[0] & 0x7FFFFFFFFFFFFFFF)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _mc_scores(engine: InferenceEngine, image: torch.Tensor, temperature: float, passes: int, seed: int,
+               case_id: str) -> tuple[float, float]:
+    prob_sum = ent_sum = None
+    for k in range(passes):
+        with _seeded(_volume_seed(seed, case_id, k), engine.device):
+            logits, _ = engine.run(image, mc_dropout=True)
+        p = torch.softmax(logits / temperature, 0)
+        h = voxel_entropy(p)
+        prob_sum = p if prob_sum is None else prob_sum + p
+        ent_sum = h if ent_sum is None else ent_sum + h
+        del logits
+    return mc_scores_from_moments(prob_sum / passes, ent_sum / passes)
+
+
+def _tta_variance(engine: InferenceEngine, image: torch.Tensor, prob: torch.Tensor, temperature: float,
+                  flips: tuple[tuple[int, ...], ...]) -> float:
+    """Welford over the flips of the foreground-class probabilities; identity reuses ``prob``."""
+    mean = m2 = None
+    for k, flip in enumerate(flips):
+        if flip:
+            x = image.as_tensor() if hasattr(image, "as_tensor") else image
+            dims = [a + 1 for a in flip]  # image [1, X, Y, Z] and logits [C, X, Y, Z]: axis a -> dim a + 1
+            logits, _ = engine.run(torch.flip(x, dims))
+            p = torch.softmax(torch.flip(logits, dims) / temperature, 0)[1:]
+            del logits
+        else:
+            p = prob[1:]
+        if mean is None:
+            mean, m2 = p.clone(), torch.zeros_like(p)
+        else:
+            delta = p - mean
+            mean += delta / (k + 1)
+            m2 += delta * (p - mean)
+    return float((m2 / len(flips)).double().mean())
+
+
 def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: float, *,
-                  frozen: InferenceEngine | None = None, grow_voxels: int = 2,
-                  progress: Callable[[Iterable], Iterable] = lambda x: x) -> PoolMetrics:
-    """Per-volume metrics for prepared volumes (objects with ``image``).
+                  frozen: InferenceEngine | None = None, grow_voxels: int = 2, needs: ScoringNeeds | None = None,
+                  seed: int = 0, progress: Callable[[Iterable], Iterable] = lambda x: x) -> ScoredPool:
+    """Per-volume metrics for prepared volumes (objects with ``image`` and ideally ``case_id``).
 
     Args:
         volumes: prepared volumes, consumed one at a time.
         current: engine of the model being adapted.
-        temperature: T of this round; probabilities are ``softmax(z / T)``.
+        temperature: T of this round; probabilities are ``softmax(z / T)`` in every pass.
         frozen: engine of the pretrained model; when given, ``kd`` = KL(p_t || p_0) and the pretrained
             embeddings are returned too.
+        needs: what the requested strategies read (None: only the base metrics of the one pass).
+        seed: seeds the stochastic (MC dropout) passes, per volume and pass; the global RNG is untouched.
 
-    Returns:
-        (metric name -> ``[N]`` array, current embeddings ``[N, D]``, pretrained embeddings or None).
+    Raises:
+        AsfdaError: MC dropout was asked for and the network has no dropout layer.
     """
+    needs = needs or ScoringNeeds()
+    mc_passes = needs.mc_dropout if (needs.metrics & MC_METRICS or needs.mc_dropout) else 0
+    flips = needs.tta_flips if ("tta_variance" in needs.metrics or len(needs.tta_flips) > 1) else ()
+    bn = batchnorm_layers(current.network) if (needs.feature_stats and frozen is None) else []
     names = ["asd", "enpy", "confidence"] + (["kd"] if frozen is not None else [])
+    names += (["mc_entropy", "bald"] if mc_passes else []) + (["tta_variance"] if len(flips) > 1 else [])
+    names += ["bn_kl"] if bn else []
     metrics: dict[str, list[float]] = {n: [] for n in names}
-    embs, embs0 = [], []
-    for vol in progress(volumes):
-        logits, emb = current.run(vol.image)
+    badge: list[np.ndarray] = []
+    ids, embs, embs0 = [], [], []
+    for index, vol in enumerate(progress(volumes)):
+        case_id = str(getattr(vol, "case_id", index))
+        ids.append(case_id)
+        stats = _ChannelStats(bn)
+        with stats.capturing():
+            logits, emb = current.run(vol.image)
         prob = torch.softmax(logits / temperature, 0)
+        del logits
         metrics["asd"].append(anatomical_segmentation_difficulty(prob, grow_voxels))
         metrics["enpy"].append(mean_entropy(prob))
         metrics["confidence"].append(foreground_confidence(prob))
         embs.append(emb.numpy())
+        if bn:
+            metrics["bn_kl"].append(stats.divergence())
+        if needs.head_gradient:
+            badge.append(badge_embedding(prob, emb).numpy())
         if frozen is not None:
             logits0, emb0 = frozen.run(vol.image)
             metrics["kd"].append(foreground_kl_divergence(prob, torch.softmax(logits0 / temperature, 0)))
             embs0.append(emb0.numpy())
-        del logits, prob
+            del logits0
+        if mc_passes:
+            mc_ent, mi = _mc_scores(current, vol.image, temperature, mc_passes, seed, case_id)
+            metrics["mc_entropy"].append(mc_ent)
+            metrics["bald"].append(mi)
+        if len(flips) > 1:
+            metrics["tta_variance"].append(_tta_variance(current, vol.image, prob, temperature, flips))
+        del prob
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in metrics.items()}
-    return arrays, (np.stack(embs) if embs else np.zeros((0, 0))), (np.stack(embs0) if embs0 else None)
+    vectors = {"badge": np.stack(badge) if badge else np.zeros((0, 0))} if needs.head_gradient else {}
+    divergence = "kd" if frozen is not None else ("bn_kl" if bn else "feature_gap")
+    info = {"temperature": float(temperature), "mc_dropout_passes": mc_passes,
+            "tta_flips": [list(f) for f in flips] if len(flips) > 1 else [], "batchnorm_layers": len(bn),
+            "divergence_available": divergence, "forward_passes_per_volume":
+                1 + (frozen is not None) + mc_passes + sum(1 for f in flips if f) * (len(flips) > 1)}
+    return ScoredPool(ids, arrays, np.stack(embs) if embs else np.zeros((0, 0)),
+                      np.stack(embs0) if embs0 else None, vectors, info)

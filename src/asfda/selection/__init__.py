@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, rank_normalise
-from asfda.selection.strategies import STRATEGIES, PoolScores, Query, get_strategy
+from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise
+from asfda.selection.strategies import STRATEGIES, PoolScores, Query, ScoringNeeds, get_strategy, needs_of
 
-__all__ = ["STRATEGIES", "PoolScores", "Query", "get_strategy", "greedy_diverse_pick", "k_center_greedy", "rank_normalise"]
+__all__ = ["STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "get_strategy", "greedy_diverse_pick",
+           "k_center_greedy", "kmeans_pp_pick", "needs_of", "rank_normalise"]

@@ -1,13 +1,13 @@
-"""Batch pickers on embeddings: greedy score x diversity, k-center greedy, and rank normalisation."""
+"""Batch pickers on embeddings: greedy score x diversity, k-center greedy, k-means++ seeding and rank
+normalisation."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from asfda.scoring.metrics import cosine_distance
-
-__all__ = ["greedy_diverse_pick", "k_center_greedy", "rank_normalise"]
+__all__ = ["greedy_diverse_pick", "k_center_greedy", "kmeans_pp_pick", "rank_normalise"]
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
@@ -20,15 +20,30 @@ def rank_normalise(values: np.ndarray) -> np.ndarray:
     return rankdata(values, method="average") / values.size
 
 
-def _min_distance(emb: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
-    if anchors is None or anchors.shape[0] == 0:
-        return torch.ones(emb.shape[0], dtype=torch.float64)
-    return cosine_distance(emb, anchors).min(dim=1).values
+def _unit_rows(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length once (a zero row stays zero: cosine 0 to everything, distance 1)."""
+    return F.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float64), dim=1)
+
+
+def _distance_to(unit: torch.Tensor, i: int) -> torch.Tensor:
+    """Cosine distance ``1 - cos`` of every row of ``unit`` to row ``i`` (one mat-vec)."""
+    return (1.0 - unit @ unit[i]).clamp_min(0.0)
+
+
+def _min_distance(unit: torch.Tensor, anchors: np.ndarray | None) -> torch.Tensor | None:
+    """Min cosine distance of each row to the anchors, or None when there are no anchors."""
+    if anchors is None or len(anchors) == 0:
+        return None
+    ua = _unit_rows(anchors)
+    return (1.0 - unit @ ua.T).clamp_min(0.0).min(dim=1).values
 
 
 def greedy_diverse_pick(scores: np.ndarray, embeddings: np.ndarray, budget: int,
                         anchors: np.ndarray | None = None) -> tuple[list[int], list[float], list[float]]:
     """Repeatedly takes the index maximising ``score * min cosine distance to anchors and picks so far``.
+
+    Embeddings are normalised once; each pick then costs one matrix-vector product (incremental min),
+    so 20 picks from 10,000 volumes with 50 anchors take well under a second on one CPU core.
 
     Args:
         scores: ``[N]`` non-negative, higher = more wanted.
@@ -39,22 +54,24 @@ def greedy_diverse_pick(scores: np.ndarray, embeddings: np.ndarray, budget: int,
         With no anchors the first pick has nothing to compare against and reports distance 1.0.
         Ties go to the lowest index (callers shuffle with their seed beforehand if they want).
     """
-    emb = torch.as_tensor(np.asarray(embeddings), dtype=torch.float64)
+    unit = _unit_rows(embeddings)
     s = torch.as_tensor(np.asarray(scores), dtype=torch.float64)
-    anchor_t = None if anchors is None or len(anchors) == 0 else torch.as_tensor(np.asarray(anchors), dtype=torch.float64)
     # with no anchors, 1.0 is only a neutral factor for the first pick; it must not cap later distances
-    dmin = _min_distance(emb, anchor_t)
-    have_reference = anchor_t is not None
+    dmin = _min_distance(unit, anchors)
+    have_reference = dmin is not None
+    if dmin is None:
+        dmin = torch.ones(len(s), dtype=torch.float64)
+    neg_inf = torch.tensor(-np.inf, dtype=torch.float64)
     available = torch.ones(len(s), dtype=torch.bool)
     picked, values, dists = [], [], []
     for _ in range(min(budget, len(s))):
-        combined = torch.where(available, s * dmin, torch.tensor(-np.inf, dtype=torch.float64))
+        combined = torch.where(available, s * dmin, neg_inf)
         i = int(torch.argmax(combined))
         picked.append(i)
         values.append(float(combined[i]))
         dists.append(float(dmin[i]))
         available[i] = False
-        d_new = cosine_distance(emb, emb[i : i + 1])[:, 0]
+        d_new = _distance_to(unit, i)
         dmin = torch.minimum(dmin, d_new) if have_reference else d_new
         have_reference = True
     return picked, values, dists
@@ -66,20 +83,63 @@ def k_center_greedy(embeddings: np.ndarray, budget: int, anchors: np.ndarray | N
 
     With no anchors the first pick is ``first`` (callers pass a seeded index).
     """
-    emb = torch.as_tensor(np.asarray(embeddings), dtype=torch.float64)
-    n = emb.shape[0]
+    unit = _unit_rows(embeddings)
+    n = unit.shape[0]
     picked: list[int] = []
-    if anchors is None or len(anchors) == 0:
-        if n == 0 or budget <= 0:
-            return []
+    if n == 0 or budget <= 0:
+        return []
+    dmin = _min_distance(unit, anchors)
+    if dmin is None:
         picked.append(first)
-        dmin = cosine_distance(emb, emb[first : first + 1])[:, 0]
-    else:
-        dmin = _min_distance(emb, torch.as_tensor(np.asarray(anchors), dtype=torch.float64))
+        dmin = _distance_to(unit, first)
     while len(picked) < min(budget, n):
         d = dmin.clone()
         d[picked] = -1.0
         i = int(torch.argmax(d))
         picked.append(i)
-        dmin = torch.minimum(dmin, cosine_distance(emb, emb[i : i + 1])[:, 0])
+        dmin = torch.minimum(dmin, _distance_to(unit, i))
     return picked
+
+
+def kmeans_pp_pick(vectors: np.ndarray, budget: int, rng: np.random.Generator) -> tuple[list[int], list[float]]:
+    """k-means++ seeding as BADGE uses it (Ash et al. 2020, ``init_centers``): the first center is the
+    vector with the largest Euclidean norm (lowest index on ties), each next one is drawn with
+    probability proportional to its squared Euclidean distance to the nearest center so far.
+
+    A picked vector (and any exact duplicate of one) has weight 0, so picks are distinct; when every
+    remaining weight is 0 (all duplicates), the next pick is uniform over the unpicked vectors.
+
+    Returns:
+        (picked indices, their squared distance to the nearest earlier center at pick time; the
+        first pick reports its squared norm).
+    """
+    x = torch.as_tensor(np.asarray(vectors), dtype=torch.float64)
+    n = x.shape[0]
+    if n == 0 or budget <= 0:
+        return [], []
+    if x.ndim != 2:
+        raise ValueError(f"vectors must be [N, K], got shape {tuple(x.shape)}")
+    sq_norm = (x * x).sum(1)
+    first = int(torch.argmax(sq_norm))
+    picked, d2_at_pick = [first], [float(sq_norm[first])]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    is_picked = np.zeros(n, dtype=bool)
+    is_picked[first] = True
+    while len(picked) < min(budget, n):
+        w = d2.numpy().copy()
+        w[is_picked] = 0.0
+        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+        total = float(w.sum())
+        if total > 0:
+            cum = np.cumsum(w)
+            i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+            i = min(i, n - 1)
+            if w[i] <= 0:  # float edge at the very end of the cumulative sum
+                i = int(np.flatnonzero(w > 0)[-1])
+        else:
+            i = int(rng.choice(np.flatnonzero(~is_picked)))
+        picked.append(i)
+        d2_at_pick.append(float(w[i]))
+        is_picked[i] = True
+        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    return picked, d2_at_pick

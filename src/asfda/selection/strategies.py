@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from asfda.errors import AsfdaError
-from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, rank_normalise
+from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
+from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise
 
-__all__ = ["STRATEGIES", "PoolScores", "Query", "Strategy", "get_strategy"]
+__all__ = ["STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "Strategy", "get_strategy", "needs_of"]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PoolScores:
         labelled_embeddings: ``[L, D]`` of the labelled volumes, current model.
         embeddings0: ``[N, D]`` from the frozen pretrained model (None when identical to ``embeddings``).
         round_index: 0 for the first query.
+        vectors: vector name -> ``[N, K]`` per-volume vectors (``badge``: head-gradient embeddings).
     """
 
     ids: list[str]
@@ -36,6 +38,7 @@ class PoolScores:
     labelled_embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     embeddings0: np.ndarray | None = None
     round_index: int = 0
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,10 +52,11 @@ class Query:
 
 
 class Strategy:
-    """Base: subclasses set ``name``, ``needs`` (metric names) and implement `_select`."""
+    """Base: subclasses set ``name``, ``needs`` (a `ScoringNeeds`: the metrics / vectors they read and the
+    extra passes behind them, which drive the scoring stage) and implement `_select`."""
 
     name = "base"
-    needs: frozenset[str] = frozenset()
+    needs: ScoringNeeds = ScoringNeeds()
 
     def select(self, pool: PoolScores, budget: int, seed: int) -> Query:
         if not isinstance(budget, int) or budget <= 0:
@@ -60,14 +64,17 @@ class Strategy:
         if budget > len(pool.ids):
             raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool.ids)} volumes)",
                              fix="lower the budget or add volumes to the pool")
-        missing = [m for m in self.needs if m not in pool.metrics]
+        missing = sorted(m for m in self.needs.metrics if m not in pool.metrics)
+        missing += sorted(f"vector {v}" for v in self.needs.vectors if v not in pool.vectors)
         if missing:
-            raise ValueError(f"strategy {self.name!r} needs metrics {missing}, pool has {sorted(pool.metrics)}")
+            raise ValueError(f"strategy {self.name!r} needs {missing}, pool has metrics {sorted(pool.metrics)} and "
+                             f"vectors {sorted(pool.vectors)}; score the pool with needs=strategy.needs")
         # canonical order: results do not depend on the order the pool was listed in
         order = np.argsort(np.asarray(pool.ids, dtype=object).astype(str), kind="stable")
         canon = PoolScores([pool.ids[i] for i in order], {k: np.asarray(v)[order] for k, v in pool.metrics.items()},
                            np.asarray(pool.embeddings)[order], pool.labelled_embeddings,
-                           None if pool.embeddings0 is None else np.asarray(pool.embeddings0)[order], pool.round_index)
+                           None if pool.embeddings0 is None else np.asarray(pool.embeddings0)[order], pool.round_index,
+                           {k: np.asarray(v)[order] for k, v in pool.vectors.items()})
         return self._select(canon, budget, np.random.default_rng(seed))
 
     def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
@@ -96,11 +103,56 @@ class TopKStrategy(Strategy):
 
 
 class EntropyStrategy(TopKStrategy):
-    name, metric, needs = "enpy", "enpy", frozenset({"enpy"})
+    """ENPY: whole-volume mean entropy, top-k."""
+
+    name, metric, needs = "enpy", "enpy", ScoringNeeds(metrics={"enpy"})
 
 
 class ASDStrategy(TopKStrategy):
-    name, metric, needs = "asd", "asd", frozenset({"asd"})
+    """ASD alone (entropy inside the predicted anatomy), top-k; an ablation of asfda."""
+
+    name, metric, needs = "asd", "asd", ScoringNeeds(metrics={"asd"})
+
+
+class MCEntropyStrategy(TopKStrategy):
+    """MC-dropout epistemic entropy (MONAI Label's default): whole-volume mean entropy of the mean of
+    5 stochastic dropout passes, top-k. Networks without dropout raise an error naming ``tta``."""
+
+    name, metric = "mc_entropy", "mc_entropy"
+    needs = ScoringNeeds(metrics={"mc_entropy"}, mc_dropout=DEFAULT_MC_PASSES)
+
+
+class BALDStrategy(TopKStrategy):
+    """BALD: whole-volume mean mutual information (entropy of the mean minus mean entropy) over 5
+    stochastic dropout passes, top-k."""
+
+    name, metric = "bald", "bald"
+    needs = ScoringNeeds(metrics={"bald"}, mc_dropout=DEFAULT_MC_PASSES)
+
+
+class TTAStrategy(TopKStrategy):
+    """TTA variance: whole-volume mean variance of the foreground-class probabilities over the identity
+    and the flips of model-grid axes 1 and 2 (never left-right), top-k. Works without dropout."""
+
+    name, metric = "tta", "tta_variance"
+    needs = ScoringNeeds(metrics={"tta_variance"}, tta_flips=DEFAULT_TTA_FLIPS)
+
+
+class BADGEStrategy(Strategy):
+    """BADGE-style: k-means++ seeding (seeded) on per-volume head-gradient embeddings computed with the
+    model's own argmax as pseudo-label (see `asfda.scoring.metrics.badge_embedding` for the
+    approximation). Only the unlabeled pool is clustered, as in BADGE."""
+
+    name = "badge"
+    needs = ScoringNeeds(vectors={"badge"})
+
+    def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
+        g = np.asarray(pool.vectors["badge"], dtype=np.float64)
+        idx, d2 = kmeans_pp_pick(g, budget, rng)
+        norms = np.linalg.norm(g, axis=1) if g.size else np.zeros(len(pool.ids))
+        comps = {pool.ids[i]: {"gradient_norm": float(norms[i]), "sq_distance_at_pick": float(d)}
+                 for i, d in zip(idx, d2)}
+        return Query(self.name, [pool.ids[i] for i in idx], [float(d) for d in d2], comps)
 
 
 class CoresetStrategy(Strategy):
@@ -115,32 +167,47 @@ class CoresetStrategy(Strategy):
 class ASFDAStrategy(Strategy):
     """The method: rank-combined knowledge divergence (DKD) and ASD, then the greedy diverse pick.
 
-    ``kd`` (KL of the adapted vs the pretrained model) is used when the scoring stage provides it;
-    in round 0 (adapted = pretrained) it falls back to the cosine distance of the pretrained
-    embedding to the mean pool embedding (atypical, source-dissimilar volumes first).
+    The knowledge divergence is, in order of preference, and named as such in the query components:
+    ``kd`` (KL of the adapted vs the pretrained model, once the model has been adapted); at round 0
+    ``bn_kl`` (Gaussian KL of the volume's channel statistics at the BatchNorm layers vs their stored
+    source running statistics, when the model has them); otherwise ``feature_gap`` (cosine distance of
+    the pretrained embedding to the mean pool embedding: atypical, source-dissimilar volumes first).
     """
 
     name = "asfda"
-    needs = frozenset({"asd"})
+    needs = ScoringNeeds(metrics={"asd"}, feature_stats=True)
 
     def __init__(self, alpha: float = 0.5) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
 
-    def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
+    def pool_components(self, pool: PoolScores) -> tuple[str, dict[str, np.ndarray]]:
+        """For every pool volume (in the pool's order): the divergence used and its value, ASD, their
+        percentile ranks and the combined score before the diversity factor.
+
+        Returns:
+            (name of the divergence used: ``kd``, ``bn_kl`` or ``feature_gap``; column name -> ``[N]``).
+        """
         asd = np.asarray(pool.metrics["asd"], dtype=np.float64)
         if "kd" in pool.metrics:
             kd, kd_name = np.asarray(pool.metrics["kd"], dtype=np.float64), "kd"
+        elif "bn_kl" in pool.metrics:
+            kd, kd_name = np.asarray(pool.metrics["bn_kl"], dtype=np.float64), "bn_kl"
         else:
             emb0 = np.asarray(pool.embeddings0 if pool.embeddings0 is not None else pool.embeddings, dtype=np.float64)
             kd, kd_name = _cosine_to_mean(emb0), "feature_gap"
-        combined = self.alpha * rank_normalise(kd) + (1 - self.alpha) * rank_normalise(asd)
+        r_kd, r_asd = rank_normalise(kd), rank_normalise(asd)
+        return kd_name, {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
+                         "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
+
+    def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
+        kd_name, cols = self.pool_components(pool)
         # seeded jitter far below one rank step breaks exact ties reproducibly
-        combined = combined + rng.random(len(combined)) * 1e-9
+        combined = cols["rank_score"] + rng.random(len(pool.ids)) * 1e-9
         idx, values, dists = greedy_diverse_pick(combined, pool.embeddings, budget, pool.labelled_embeddings)
-        comps = {pool.ids[i]: {"asd": float(asd[i]), kd_name: float(kd[i]), "rank_score": float(combined[i]),
-                               "min_distance": d} for i, d in zip(idx, dists)}
+        comps = {pool.ids[i]: {"asd": float(cols["asd"][i]), kd_name: float(cols[kd_name][i]),
+                               "rank_score": float(combined[i]), "min_distance": d} for i, d in zip(idx, dists)}
         return Query(self.name, [pool.ids[i] for i in idx], values, comps)
 
 
@@ -153,8 +220,14 @@ def _cosine_to_mean(emb: np.ndarray) -> np.ndarray:
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (RandomStrategy, EntropyStrategy, ASDStrategy, CoresetStrategy, ASFDAStrategy)
+    s.name: s for s in (RandomStrategy, EntropyStrategy, ASDStrategy, CoresetStrategy, ASFDAStrategy,
+                        MCEntropyStrategy, BALDStrategy, TTAStrategy, BADGEStrategy)
 }
+
+
+def needs_of(names: list[str] | tuple[str, ...]) -> ScoringNeeds:
+    """The union of what the named strategies need from the scoring stage (unknown names raise)."""
+    return ScoringNeeds.union([get_strategy(n).needs for n in names])
 
 
 def get_strategy(name: str, **kwargs: object) -> Strategy:

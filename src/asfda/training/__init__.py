@@ -6,3 +6,7 @@ from asfda.training.losses import masked_dice_ce
 from asfda.training.trainer import TrainConfig, TrainVolume, finetune
 
 __all__ = ["TrainConfig", "TrainVolume", "finetune", "masked_dice_ce"]
+
+from asfda.training.reliable import pseudo_label, select_reliable  # noqa: E402
+
+__all__ += ["pseudo_label", "select_reliable"]

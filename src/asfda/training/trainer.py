@@ -32,6 +32,7 @@ class TrainConfig:
     lambda_u: float = 1.0
     rampup_fraction: float = 0.3
     augment: bool = True
+    freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
     seed: int = 0
 
 

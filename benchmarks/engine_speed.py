@@ -1,0 +1,149 @@
+"""Speed of `asfda.engine.InferenceEngine.run` (logits + embedding in one pass) against a bare MONAI
+`sliding_window_inference` loop: same network, same preprocessed volumes, same sliding-window settings,
+both under `torch.inference_mode()` with the logits brought back to the CPU.
+
+Preprocessing is done once, before any timing. Each method is warmed up once on the first volume,
+then the two are timed ``--repeats`` times each over all volumes, interleaved volume by volume (the
+order alternating), so that a slow spell of a shared machine hits both. The goal is engine / bare <= 1.2
+(best repeat of each).
+
+    python benchmarks/engine_speed.py                      # ../shared CT UNet on 4 CHAOS T2 volumes
+    python benchmarks/engine_speed.py --phantom            # shipped phantom model on generated phantoms
+    python benchmarks/engine_speed.py --out benchmarks/results/engine_speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from asfda.engine import InferenceEngine, select_device
+from asfda.io import load_dataset
+from asfda.models import load_model, prepare_case
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "ct_abdomen_unet"),
+                    help="model bundle (default: ../shared/models/ct_abdomen_unet)")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mr_chaos_t2"),
+                    help="dataset whose first --n images are used (default: ../shared/data/mr_chaos_t2)")
+    ap.add_argument("--phantom", action="store_true",
+                    help="use the shipped phantom model on generated phantoms (no shared data needed)")
+    ap.add_argument("--phantom-dir", default=str(REPO / ".cache" / "phantom_bench"),
+                    help="where --phantom generates its data")
+    ap.add_argument("--n", type=int, default=4, help="number of volumes (default 4)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repeats of each method (default 2)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    ap.add_argument("--out", help="also write the results as markdown to this file")
+    args = ap.parse_args(argv)
+
+    if args.phantom:
+        from asfda.demo import phantom_model_path
+        from asfda.phantom import generate_benchmark
+
+        model_path = phantom_model_path()
+        data_path = generate_benchmark(args.phantom_dir, n_source=1, n_target=max(args.n, 1))["target"]
+    else:
+        model_path, data_path = Path(args.model), Path(args.data)
+        if not model_path.exists() or not data_path.exists():
+            print(f"shared model or data not found ({model_path}, {data_path}); use --phantom", file=sys.stderr)
+            return 2
+    device = select_device(args.device)
+    loaded = load_model(model_path)
+    cases = list(load_dataset(data_path).cases)[: args.n]
+    t0 = time.perf_counter()
+    images = [prepare_case(c, loaded.preprocessing, with_label=False).image for c in cases]
+    prep_s = time.perf_counter() - t0
+    network = loaded.network.to(device).eval()
+    roi, swb, overlap = loaded.roi_size, loaded.sw_batch_size, loaded.overlap
+    engine = InferenceEngine(network, roi, sw_batch_size=swb, overlap=overlap,
+                             embedding_layer=loaded.embedding_layer, device=device)
+
+    def run_engine(image: torch.Tensor) -> None:
+        engine.run(image)
+
+    def run_bare(image: torch.Tensor) -> None:
+        with torch.inference_mode():
+            out = sliding_window_inference(image.to(device)[None], roi, swb, network, overlap=overlap,
+                                           mode="constant")
+            out[0].float().cpu()
+
+    methods = {"engine": run_engine, "bare": run_bare}
+    for fn in methods.values():  # warm-up
+        fn(images[0])
+    _sync(device)
+    times: dict[str, list[float]] = {k: [0.0] * args.repeats for k in methods}
+    order = list(methods)
+    for r in range(args.repeats):
+        for i, image in enumerate(images):  # interleaved per volume, alternating which method goes first
+            for name in (order if (r * len(images) + i) % 2 == 0 else order[::-1]):
+                _sync(device)
+                t = time.perf_counter()
+                methods[name](image)
+                _sync(device)
+                times[name][r] += time.perf_counter() - t
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[r]:.2f} s" for k, v in times.items()),
+              file=sys.stderr, flush=True)
+
+    best = {k: min(v) for k, v in times.items()}
+    ratio = best["engine"] / best["bare"]
+    shapes = sorted({tuple(im.shape[1:]) for im in images})
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{_cpu_model()}, {torch.get_num_threads()} torch threads")
+    lines = [
+        f"- command: `python {shlex.join(['benchmarks/engine_speed.py', *(argv if argv is not None else sys.argv[1:])])}`",
+        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
+        f"- device: {device.type} ({dev_name}); torch {torch.__version__}",
+        f"- model: {model_path} ({type(network).__name__}, {len(loaded.class_names)} classes, roi {list(roi)}, "
+        f"sw_batch_size {swb}, overlap {overlap}); embedding layer `{engine.embedding_layer}`",
+        f"- data: {len(images)} volumes of {data_path}, model-grid shapes {shapes} "
+        f"(preprocessing {prep_s:.1f} s, not timed)",
+        f"- protocol: 1 warm-up run per method, then {args.repeats} timed repeats over all volumes, interleaved "
+        "volume by volume (order alternating)",
+        "",
+        "| method | time per repeat (s) | best (s) | volumes / s (best) |",
+        "|---|---|---|---|",
+    ]
+    for name in methods:
+        lines.append(f"| {'InferenceEngine.run (logits + embedding)' if name == 'engine' else 'bare sliding_window_inference'}"
+                     f" | {', '.join(f'{t:.2f}' for t in times[name])} | {best[name]:.2f} | "
+                     f"{len(images) / best[name]:.3f} |")
+    lines += ["", f"**engine / bare time ratio: {ratio:.3f}** (goal <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'})"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("# Engine speed\n\n" + text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""`asfda score` and `asfda query`: the Active Test-Time Sample Query on a real pool, outside a simulation.
+
+- `score_dataset`: stream a pool through the (zero-shot) model once, computing what the requested
+  strategies need; write a per-case CSV with every metric and score component, the embeddings as
+  ``.npy`` beside it (rows in the CSV's order) and a JSON sidecar saying how the numbers were made.
+- `query_dataset`: pick the next batch of ``budget`` volumes to annotate with one strategy, given the
+  ids labelled so far; write ``query.json`` and print the chosen ids with their score components.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from asfda.errors import AsfdaError
+from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
+from asfda.models import load_model, parse_class_map_override
+from asfda.scoring.needs import MC_METRICS
+from asfda.selection import STRATEGIES, PoolScores, Query, get_strategy, needs_of
+from asfda.selection.strategies import ASFDAStrategy
+
+__all__ = ["has_dropout", "query_dataset", "read_ids_file", "score_dataset"]
+
+_METRIC_ORDER = ["asd", "enpy", "confidence", "kd", "bn_kl", "mc_entropy", "bald", "tta_variance"]
+
+
+def has_dropout(network: nn.Module) -> bool:
+    """Whether MC dropout can run: some dropout layer with p > 0."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in network.modules())
+
+
+def read_ids_file(path: str | Path) -> list[str]:
+    """Case ids from a text file (one per line; blank lines and ``#`` comments ignored), a JSON list, or a
+    ``query.json`` written by `query_dataset` (its ``ids`` plus its ``labelled``, so rounds chain)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AsfdaError("labelled-ids file not found", p, "pass a text file with one case id per line")
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise AsfdaError(f"not valid JSON ({exc.msg}, line {exc.lineno})", p) from exc
+        if isinstance(data, dict) and "ids" in data:
+            ids = [*data.get("labelled", []), *data["ids"]]
+        elif isinstance(data, list):
+            ids = data
+        else:
+            raise AsfdaError("a JSON ids file must be a list of ids or a query.json with 'ids'", p)
+        ids = [str(i) for i in ids]
+    else:
+        ids = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        ids = [i for i in ids if i]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise AsfdaError(f"case ids listed twice: {dup[:5]}", p)
+    return ids
+
+
+def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, class_map: str | None,
+             cache_dir: str | None, device: str, progress: bool):
+    from asfda.loop import Adapter
+
+    loaded = load_model(model, config=model_config)
+    ds = load_dataset(data)
+    if not ds.cases:
+        raise AsfdaError("the dataset has no cases", data)
+    adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
+                      cache_dir=cache_dir, device=device, progress=progress)
+    return loaded, ds, adapter
+
+
+def _check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise AsfdaError(f"temperature must be a positive number, got {temperature!r}", fix="pass e.g. --temperature 1.0")
+    return t
+
+
+def _sidecar(out: Path, suffix: str) -> Path:
+    return out.with_name(out.stem + suffix)
+
+
+def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strategies: list[str] | None = None,
+                  temperature: float = 1.0, seed: int = 0, model_config: str | None = None,
+                  class_map: str | None = None, cache_dir: str | None = ".cache", device: str = "auto",
+                  progress: bool = True) -> dict:
+    """Scores every case of ``data`` with the zero-shot ``model`` for the given strategies.
+
+    Writes ``out`` (CSV: ``case_id``, every metric, asfda's components when asfda is asked for, the BADGE
+    gradient norm when badge is), ``<stem>.embeddings.npy`` ``[N, D]`` (rows in the CSV's order),
+    ``<stem>.badge.npy`` when badge is asked for, and ``<stem>.json`` (ids, temperature, passes, needs).
+
+    Args:
+        strategies: strategy names whose needs decide the passes; None = every strategy, except the
+            MC-dropout ones when the network has no dropout (asked for by name, they raise instead).
+        temperature: T for ``softmax(z / T)`` (no labelled volumes here to fit it on).
+        seed: seeds the MC-dropout passes.
+    """
+    t = _check_temperature(temperature)
+    out = Path(out)
+    names = [get_strategy(n).name for n in strategies] if strategies else None
+    loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
+                                   cache_dir=cache_dir, device=device, progress=progress)
+    skipped: list[str] = []
+    if names is None:
+        names = sorted(STRATEGIES)
+        if not has_dropout(adapter.current):
+            skipped = [n for n in names if get_strategy(n).needs.metrics & MC_METRICS]
+            names = [n for n in names if n not in skipped]
+    needs = needs_of(names)
+    cases = list(ds.cases)
+    scored = adapter.score_pool(cases, t, needs=needs, seed=seed)
+    ids = [c.case_id for c in cases]
+    columns: dict[str, np.ndarray] = {m: scored.metrics[m] for m in _METRIC_ORDER if m in scored.metrics}
+    columns.update({m: v for m, v in scored.metrics.items() if m not in columns})
+    divergence = None
+    if "asfda" in names:
+        pool = PoolScores(ids, scored.metrics, scored.embeddings, embeddings0=scored.embeddings0,
+                          vectors=scored.vectors)
+        divergence, comps = ASFDAStrategy().pool_components(pool)
+        columns.update({f"asfda_{k}": v for k, v in comps.items() if k not in columns})
+    if "badge" in scored.vectors:
+        columns["badge_gradient_norm"] = np.linalg.norm(scored.vectors["badge"], axis=1)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case_id", *columns])
+    for i, cid in enumerate(ids):
+        w.writerow([cid, *(f"{float(v[i]):.8g}" for v in columns.values())])
+    atomic_write_text(out, buf.getvalue())
+    emb_path = _sidecar(out, ".embeddings.npy")
+    _save_npy(emb_path, scored.embeddings)
+    files = {"csv": str(out), "embeddings": str(emb_path)}
+    if "badge" in scored.vectors:
+        badge_path = _sidecar(out, ".badge.npy")
+        _save_npy(badge_path, scored.vectors["badge"])
+        files["badge"] = str(badge_path)
+    meta = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
+            "class_map": adapter.class_map.to_dict(), "strategies": names, "skipped_strategies": skipped,
+            "needs": needs.describe(), "scoring": scored.info, "asfda_divergence": divergence, "seed": seed,
+            "ids": ids, "columns": list(columns), "files": files}
+    meta_path = _sidecar(out, ".json")
+    atomic_write_json(meta_path, meta)
+    if skipped:
+        print(f"note: the network has no dropout, so {skipped} were skipped (use 'tta' for a stochastic-free "
+              "uncertainty)")
+    print(f"scored {len(ids)} cases for {names} ({scored.info['forward_passes_per_volume']} forward passes per "
+          f"volume, T={t:g}); per case: {out}; embeddings: {emb_path}; how: {meta_path}")
+    return meta
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare temp name
+            np.save(f, np.asarray(array))
+
+    atomic_write(path, write)
+
+
+def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: int, out: str | Path, *,
+                  labelled: str | Path | list[str] | None = None, seed: int = 0, temperature: float | None = None,
+                  alpha: float = 0.5, model_config: str | None = None, class_map: str | None = None,
+                  cache_dir: str | None = ".cache", device: str = "auto", progress: bool = True) -> Query:
+    """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``.
+
+    Args:
+        labelled: ids already labelled (an ids file, see `read_ids_file`, or a list); they leave the pool
+            and anchor the diversity term.
+        temperature: T; None = fit it on the labelled cases when they all have label files (dynamic
+            temperature scaling), else 1.0.
+        alpha: asfda's weight of the divergence rank against the ASD rank.
+
+    Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
+    and prints the chosen ids with their components.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
+    strat = get_strategy(strategy, **({"alpha": alpha} if strategy.strip().lower() == "asfda" else {}))
+    labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
+    loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
+                                   cache_dir=cache_dir, device=device, progress=progress)
+    by_id = ds.by_id()
+    unknown = [i for i in labelled_ids if i not in by_id]
+    if unknown:
+        raise AsfdaError(f"{len(unknown)} labelled ids are not in the dataset, e.g. {unknown[:3]}",
+                         None if labelled is None or isinstance(labelled, list) else labelled,
+                         "list case ids as the dataset names them")
+    lab_cases = [by_id[i] for i in labelled_ids]
+    pool_cases = [by_id[i] for i in sorted(by_id) if i not in set(labelled_ids)]
+    if budget > len(pool_cases):
+        raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool_cases)} volumes)",
+                         fix="lower the budget or add volumes to the pool")
+    ece_before = ece_after = None
+    if temperature is None and lab_cases and all(c.label_path is not None for c in lab_cases):
+        rt, lab_emb = adapter.fit_temperature(lab_cases, 1.0, seed)
+        t, ece_before, ece_after, t_source = rt.temperature, rt.ece_before, rt.ece_after, "fitted"
+    else:
+        t = _check_temperature(1.0 if temperature is None else temperature)
+        t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
+        lab_emb = (np.stack([adapter.engine_current.run(adapter.prepare(c, with_label=False).image)[1].numpy()
+                             for c in lab_cases]) if lab_cases else np.zeros((0, 0)))
+    scored = adapter.score_pool(pool_cases, t, needs=strat.needs, seed=seed)
+    pool = PoolScores([c.case_id for c in pool_cases], scored.metrics, scored.embeddings, lab_emb,
+                      scored.embeddings0, 1 if lab_cases else 0, scored.vectors)
+    query = strat.select(pool, budget, seed)
+    record = {"strategy": query.strategy, "budget": budget, "seed": seed, "ids": query.ids,
+              "scores": query.scores, "components": query.components, "labelled": labelled_ids,
+              "pool_size": len(pool_cases), "temperature": t, "temperature_source": t_source,
+              "ece_before": ece_before, "ece_after": ece_after, "model": str(model), "data": str(data),
+              "model_weights_sha256_16": loaded.weights_hash, "needs": strat.needs.describe(),
+              "scoring": scored.info}
+    atomic_write_json(Path(out), record)
+    print(format_query(query))
+    print(f"T={t:.3g} ({t_source}); pool {len(pool_cases)}, labelled {len(lab_cases)}; written: {out}")
+    return query
+
+
+def format_query(query: Query) -> str:
+    """The chosen ids, in pick order, with their score and components (one line each)."""
+    lines = [f"{query.strategy}: {len(query.ids)} case(s) to annotate next"]
+    for rank, (cid, score) in enumerate(zip(query.ids, query.scores), 1):
+        comps = ", ".join(f"{k}={v:.4g}" for k, v in query.components.get(cid, {}).items())
+        lines.append(f"{rank:3d}. {cid}  score={score:.4g}" + (f"  ({comps})" if comps else ""))
+    return "\n".join(lines)

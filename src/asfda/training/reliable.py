@@ -1,0 +1,54 @@
+"""Selective semi-supervision: which unlabeled volumes are reliable, and their masked pseudo-labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["pseudo_label", "select_reliable"]
+
+
+def select_reliable(ids: list[str], confidence: np.ndarray, distance: np.ndarray, *,
+                    confident_fraction: float = 0.5, close_fraction: float = 0.5) -> list[str]:
+    """Keeps the volumes that are both among the most confident and among the closest to the labelled set.
+
+    Args:
+        ids: unlabeled case ids ``[N]``.
+        confidence: ``[N]`` mean max-probability over predicted foreground (higher = more confident).
+        distance: ``[N]`` min cosine distance to the labelled embeddings (lower = closer).
+        confident_fraction, close_fraction: fractions kept by each criterion (rounded up, at least one
+            volume each when ``N > 0`` and the fraction is > 0).
+
+    Returns:
+        the ids in both sets, sorted by id. Ties at a cut-off are broken by id, so the rule is
+        deterministic and independent of the pool's order.
+    """
+    for name, frac in (("confident_fraction", confident_fraction), ("close_fraction", close_fraction)):
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {frac}")
+    n = len(ids)
+    if n == 0 or confident_fraction == 0 or close_fraction == 0:
+        return []
+    confidence = np.asarray(confidence, dtype=np.float64)
+    distance = np.asarray(distance, dtype=np.float64)
+    if confidence.shape != (n,) or distance.shape != (n,):
+        raise ValueError(f"confidence {confidence.shape} and distance {distance.shape} must both be ({n},)")
+    names = np.asarray(ids, dtype=object).astype(str)
+    k_conf = max(1, int(np.ceil(confident_fraction * n)))
+    k_close = max(1, int(np.ceil(close_fraction * n)))
+    by_conf = np.lexsort((names, -confidence))[:k_conf]
+    by_close = np.lexsort((names, distance))[:k_close]
+    keep = set(by_conf.tolist()) & set(by_close.tolist())
+    return sorted(ids[i] for i in keep)
+
+
+def pseudo_label(logits: torch.Tensor, temperature: float = 1.0, threshold: float = 0.9
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax pseudo-label ``[X, Y, Z]`` and the mask of voxels with max probability >= ``threshold``.
+
+    Args:
+        logits: ``[C, X, Y, Z]`` (e.g. averaged over flips).
+    """
+    prob = torch.softmax(logits / temperature, 0)
+    conf, label = prob.max(0)
+    return label.to(torch.uint8), conf >= threshold

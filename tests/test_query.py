@@ -1,0 +1,155 @@
+"""`asfda score` / `asfda query` (asfda.query) on tiny synthetic data, and every strategy end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asfda.cli import main
+from asfda.errors import AsfdaError
+from asfda.query import query_dataset, read_ids_file, score_dataset
+from asfda.selection import STRATEGIES
+from conftest import TINY_NET, write_bundle, write_nnunet
+
+N_CASES = 5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("query")
+    return {"data": write_nnunet(root / "ds", n=N_CASES), "model": write_bundle(root / "bundle"),
+            "model_nodrop": write_bundle(root / "bundle_nodrop", net=dict(TINY_NET, dropout=0.0)), "root": root}
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_score_all_strategies_writes_every_metric_component_and_embeddings(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    meta = score_dataset(tiny["model"], tiny["data"], out, cache_dir=None, progress=False)
+    rows = _rows(out)
+    assert [r["case_id"] for r in rows] == [f"case{i:02d}" for i in range(N_CASES)]
+    cols = set(rows[0])
+    assert {"asd", "enpy", "confidence", "mc_entropy", "bald", "tta_variance"} <= cols
+    # asfda at round 0 on an InstanceNorm network: the cosine feature gap, with its ranks and combined score
+    assert {"asfda_feature_gap", "asfda_rank_feature_gap", "asfda_rank_asd", "asfda_rank_score"} <= cols
+    assert "badge_gradient_norm" in cols and "kd" not in cols and "bn_kl" not in cols
+    for r in rows:
+        assert all(np.isfinite(float(r[c])) for c in cols - {"case_id"})
+        assert 0.0 <= float(r["bald"]) <= float(r["mc_entropy"]) + 1e-9
+    emb = np.load(tmp_path / "scores.embeddings.npy")
+    badge = np.load(tmp_path / "scores.badge.npy")
+    assert emb.shape[0] == N_CASES and badge.shape == (N_CASES, 3 * emb.shape[1])  # C=3 classes x D
+    side = json.loads((tmp_path / "scores.json").read_text())
+    assert side["ids"] == [r["case_id"] for r in rows]
+    assert side["scoring"]["mc_dropout_passes"] == 5
+    assert side["scoring"]["forward_passes_per_volume"] == 1 + 5 + 2  # one pass, 5 MC, 2 flips
+    assert side["asfda_divergence"] == "feature_gap" and meta["skipped_strategies"] == []
+
+
+def test_score_runs_only_what_the_named_strategies_need(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "s.csv"
+    meta = score_dataset(tiny["model"], tiny["data"], out, strategies=["enpy"], cache_dir=None, progress=False)
+    assert set(_rows(out)[0]) == {"case_id", "asd", "enpy", "confidence"}
+    assert meta["scoring"]["forward_passes_per_volume"] == 1
+    assert not (tmp_path / "s.badge.npy").exists()
+
+
+def test_score_without_dropout_skips_mc_by_default_and_names_tta_when_asked(tiny: dict, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    meta = score_dataset(tiny["model_nodrop"], tiny["data"], tmp_path / "a.csv", cache_dir=None, progress=False)
+    assert set(meta["skipped_strategies"]) == {"bald", "mc_entropy"}
+    assert "tta" in capsys.readouterr().out
+    with pytest.raises(AsfdaError, match="tta"):
+        score_dataset(tiny["model_nodrop"], tiny["data"], tmp_path / "b.csv", strategies=["bald"], cache_dir=None,
+                      progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_query_every_strategy_end_to_end(tiny: dict, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "q.json"
+    q = query_dataset(tiny["model"], tiny["data"], name, 2, out, labelled=["case01"], seed=3, temperature=1.0,
+                      cache_dir=None, progress=False)
+    assert len(q.ids) == 2 and len(set(q.ids)) == 2 and "case01" not in q.ids
+    rec = json.loads(out.read_text())
+    assert rec["ids"] == q.ids and rec["strategy"] == name and rec["labelled"] == ["case01"]
+    assert rec["pool_size"] == N_CASES - 1
+    assert set(rec["components"]) == set(q.ids)
+    assert rec["scoring"]["mc_dropout_passes"] == (5 if name in ("bald", "mc_entropy") else 0)
+    assert len(rec["scoring"]["tta_flips"]) == (3 if name == "tta" else 0)
+    again = query_dataset(tiny["model"], tiny["data"], name, 2, tmp_path / "q2.json", labelled=["case01"], seed=3,
+                          temperature=1.0, cache_dir=None, progress=False)
+    assert again.ids == q.ids  # deterministic per seed (MC passes included)
+
+
+def test_query_fits_temperature_on_labelled_cases_and_chains_rounds(tiny: dict, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    first = tmp_path / "round0.json"
+    q0 = query_dataset(tiny["model"], tiny["data"], "asfda", 2, first, cache_dir=None, progress=False)
+    rec0 = json.loads(first.read_text())
+    assert rec0["temperature"] == 1.0 and rec0["ece_before"] is None  # nothing labelled: T0
+    assert all("feature_gap" in c and "min_distance" in c for c in rec0["components"].values())
+    printed = capsys.readouterr().out
+    assert all(i in printed for i in q0.ids) and "feature_gap=" in printed
+    # the previous query.json as the labelled file: its ids are labelled now (the dataset has their labels)
+    second = tmp_path / "round1.json"
+    q1 = query_dataset(tiny["model"], tiny["data"], "asfda", 2, second, labelled=first, cache_dir=None,
+                       progress=False)
+    rec1 = json.loads(second.read_text())
+    assert not set(q1.ids) & set(q0.ids) and rec1["labelled"] == q0.ids
+    assert rec1["temperature_source"] == "fitted" and rec1["temperature"] > 0
+    assert rec1["ece_before"] is not None and rec1["ece_after"] is not None
+    assert read_ids_file(second) == [*q0.ids, *q1.ids]
+
+
+def test_read_ids_file_formats_and_errors(tmp_path: Path) -> None:
+    txt = tmp_path / "ids.txt"
+    txt.write_text("case00\n\n# a comment\ncase03  # trailing comment\n")
+    assert read_ids_file(txt) == ["case00", "case03"]
+    js = tmp_path / "ids.json"
+    js.write_text(json.dumps(["a", "b"]))
+    assert read_ids_file(js) == ["a", "b"]
+    txt.write_text("a\na\n")
+    with pytest.raises(AsfdaError, match="twice"):
+        read_ids_file(txt)
+    with pytest.raises(AsfdaError, match="not found"):
+        read_ids_file(tmp_path / "nope.txt")
+
+
+def test_query_errors_unknown_labelled_id_and_budget_above_pool(tiny: dict, tmp_path: Path) -> None:
+    with pytest.raises(AsfdaError, match="not in the dataset"):
+        query_dataset(tiny["model"], tiny["data"], "random", 1, tmp_path / "q.json", labelled=["nope"],
+                      cache_dir=None, progress=False)
+    with pytest.raises(AsfdaError, match="larger than the unlabeled pool"):
+        query_dataset(tiny["model"], tiny["data"], "random", N_CASES, tmp_path / "q.json", labelled=["case00"],
+                      cache_dir=None, progress=False)
+    with pytest.raises(AsfdaError, match="unknown strategy"):
+        query_dataset(tiny["model"], tiny["data"], "bald_typo_xyz", 1, tmp_path / "q.json", cache_dir=None,
+                      progress=False)
+
+
+def test_cli_score_and_query(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the CLI's prepared-volume cache goes to ./.cache
+    ids = tmp_path / "labelled.txt"
+    ids.write_text("case02\n")
+    rc = main(["query", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--strategy", "coreset",
+               "--budget", "2", "--labelled", str(ids), "--seed", "1", "--out", str(tmp_path / "q.json"),
+               "--no-progress"])
+    assert rc == 0
+    rec = json.loads((tmp_path / "q.json").read_text())
+    out = capsys.readouterr().out
+    assert len(rec["ids"]) == 2 and all(i in out for i in rec["ids"]) and "case02" not in rec["ids"]
+    rc = main(["score", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--strategies", "asfda,tta",
+               "--out", str(tmp_path / "sc.csv"), "--no-progress"])
+    assert rc == 0 and len(_rows(tmp_path / "sc.csv")) == N_CASES
+    rc = main(["score", "--model", str(tiny["model_nodrop"]), "--data", str(tiny["data"]), "--strategies", "bald",
+               "--out", str(tmp_path / "x.csv"), "--no-progress"])
+    assert rc == 2
+    assert "tta" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from asfda.phantom import generate_benchmark
 
         model_path = phantom_model_path()
-        data_path = generate_benchmark(args.phantom_dir, n_source=1, n_target=max(args.n, 1))["target"]
+        n_target = max(args.n, 1)
+        data_path = generate_benchmark(Path(args.phantom_dir) / f"n{n_target}", n_source=1, n_target=n_target)["target"]
     else:
         model_path, data_path = Path(args.model), Path(args.data)
         if not model_path.exists() or not data_path.exists():
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{_cpu_model()}, {torch.get_num_threads()} torch threads")
     lines = [
-        f"- command: `python {shlex.join(['benchmarks/engine_speed.py', *(argv if argv is not None else sys.argv[1:])])}`",
+        f"- command: `python {shlex.join(['benchmarks/engine_speed.py', *(sys.argv[1:] if argv is None else argv)])}`",
         f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
         f"- device: {device.type} ({dev_name}); torch {torch.__version__}",
         f"- model: {model_path} ({type(network).__name__}, {len(loaded.class_names)} classes, roi {list(roi)}, "
@@ -132,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "| method | time per repeat (s) | best (s) | volumes / s (best) |",
         "|---|---|---|---|",
     ]
+    labels = {"engine": "InferenceEngine.run (logits + embedding)", "bare": "bare sliding_window_inference"}
     for name in methods:
-        lines.append(f"| {'InferenceEngine.run (logits + embedding)' if name == 'engine' else 'bare sliding_window_inference'}"
-                     f" | {', '.join(f'{t:.2f}' for t in times[name])} | {best[name]:.2f} | "
+        lines.append(f"| {labels[name]} | {', '.join(f'{t:.2f}' for t in times[name])} | {best[name]:.2f} | "
                      f"{len(images) / best[name]:.3f} |")
     lines += ["", f"**engine / bare time ratio: {ratio:.3f}** (goal <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'})"]
     text = "\n".join(lines)

@@ -90,3 +90,12 @@ def tiny_dataset(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_bundle(tmp_path: Path) -> Path:
     return write_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test tensors run faster on one thread, and two test processes never oversubscribe 2 cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from asfda.cli import main
 from asfda.errors import AsfdaError
@@ -16,6 +17,16 @@ from asfda.selection import STRATEGIES
 from conftest import TINY_NET, write_bundle, write_nnunet
 
 N_CASES = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny volumes: intra-op threads only add synchronisation (on a busy 2-core machine a 2-thread
+    forward pass of the tiny UNet took ~0.9 s against ~3 ms with one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +164,39 @@ def test_cli_score_and_query(tiny: dict, tmp_path: Path, capsys: pytest.CaptureF
                "--out", str(tmp_path / "x.csv"), "--no-progress"])
     assert rc == 2
     assert "tta" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- phantom coverage
+PHANTOM_SEEDS = (0, 1, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "does not hold on the current phantom model: n_target=30, budget 5, whole pool, data seeds 0/1/2 -> asfda "
+    "covers 4/3/2 subgroups, ENPY 2/3/3 (seed 2: fewer). The zero-shot bottleneck embeddings hardly separate "
+    "the subgroups (mean cosine distance within ~ between groups, ~0.01), so the diversity term cannot target "
+    "them; see benchmarks/results/phantom_coverage.md"))
+def test_phantom_asfda_batch_covers_at_least_as_many_subgroups_as_enpy(tmp_path_factory: pytest.TempPathFactory
+                                                                      ) -> None:
+    """~50 s (three 30-case pools generated and scored zero-shot with the shipped phantom model)."""
+    from asfda.demo import phantom_model_path
+    from asfda.io import load_dataset
+    from asfda.loop import Adapter
+    from asfda.models import load_model
+    from asfda.phantom import generate_benchmark
+    from asfda.selection import get_strategy, needs_of
+
+    covered = []
+    for data_seed in PHANTOM_SEEDS:
+        root = tmp_path_factory.mktemp(f"phantom{data_seed}")
+        paths = generate_benchmark(root / "data", seed=data_seed, n_source=1, n_target=30)
+        subgroup = {k: v["subgroup"] for k, v in json.loads((paths["target"] / "phantom_meta.json").read_text()).items()}
+        ds = load_dataset(paths["target"])
+        adapter = Adapter(load_model(phantom_model_path()), ds.class_names, cache_dir=None, device="cpu",
+                          progress=False)
+        pool = adapter.pool_scores(list(ds.cases), [], 1.0, 0, np.zeros((0, 0)), needs=needs_of(["asfda", "enpy"]))
+        a = get_strategy("asfda").select(pool, 5, 0)
+        e = get_strategy("enpy").select(pool, 5, 0)
+        covered.append((len({subgroup[i] for i in a.ids}), len({subgroup[i] for i in e.ids})))
+    assert all(a >= e for a, e in covered), covered
+    assert np.mean([a for a, _ in covered]) > np.mean([e for _, e in covered]), covered

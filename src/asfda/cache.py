@@ -60,7 +60,8 @@ class EngineOutputCache:
 
     def path(self, key: str) -> Path:
         if not key or _SAFE.search(key) or key.startswith("."):
-            raise ValueError(f"cache key must be a non-empty file-name-safe string (see EngineOutputCache.key), got {key!r}")
+            raise ValueError("cache key must be a non-empty file-name-safe string (see EngineOutputCache.key), "
+                             f"got {key!r}")
         return self.cache_dir / f"{key}.npz"
 
     def get(self, key: str) -> dict[str, np.ndarray] | None:

@@ -25,6 +25,7 @@ class SemiConfig:
     confident_fraction: float = 0.5
     close_fraction: float = 0.5
     prob_threshold: float = 0.9
+    flip_average: bool = False  # pseudo-labels from logits averaged over flips (never left-right)
     # "previous": pseudo-labels and reliability from the model as the round starts (METHOD.md's text);
     # "warmup": first train on the labelled volumes alone for warmup_fraction of the steps, then take
     # reliability and pseudo-labels from that model (round 0 otherwise pseudo-labels with the zero-shot model)

@@ -153,12 +153,14 @@ class Adapter:
                           scored.embeddings0, round_index, scored.vectors)
 
     # -- training ---------------------------------------------------------------------------------
-    def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float) -> list[TrainVolume]:
-        """Masked pseudo-labels of the current model for ``cases`` (one forward pass each)."""
+    def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float, flip_average: bool = False
+                       ) -> list[TrainVolume]:
+        """Masked pseudo-labels of the current model for ``cases`` (one forward pass each, or the engine's
+        flip passes with ``flip_average``)."""
         out = []
         for case in self._bar(cases, "pseudo-label"):
             vol = self.prepare(case, with_label=False)
-            logits, _ = self.engine_current.run(vol.image)
+            logits, _ = self.engine_current.run(vol.image, tta=flip_average)
             label, mask = pseudo_label(logits, temperature, threshold)
             out.append(TrainVolume(vol.image, label.long(), mask))
         return out
@@ -208,7 +210,7 @@ class Adapter:
         if semi.pseudo_from == "previous" and scores is not None:
             reliable = reliable_from_scores(scores, queried or [], semi.confident_fraction, semi.close_fraction)
             pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
-                                         semi.prob_threshold)
+                                         semi.prob_threshold, semi.flip_average)
             return self.finetune(labelled, train, pseudo=pseudo or None, desc=desc), reliable
         warm = max(1, int(round(train.steps * semi.warmup_fraction)))
         hist = self.finetune(labelled, dataclasses.replace(train, steps=warm), desc=f"{desc} (labelled)")
@@ -217,7 +219,8 @@ class Adapter:
                             for c in labelled])
         fresh = PoolScores([c.case_id for c in unlabelled], metrics, emb, lab_emb, None, 0)
         reliable = reliable_from_scores(fresh, [], semi.confident_fraction, semi.close_fraction)
-        pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature, semi.prob_threshold)
+        pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
+                                     semi.prob_threshold, semi.flip_average)
         rest = dataclasses.replace(train, steps=max(1, train.steps - warm), seed=train.seed + 7919, warmup_fraction=0.0)
         hist2 = self.finetune(labelled, rest, pseudo=pseudo or None, desc=f"{desc} (+pseudo)")
         return {k: hist[k] + hist2[k] for k in hist}, reliable

@@ -95,6 +95,10 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
         "config": config_to_dict(cfg), "versions": _versions(), "model_weights_sha256_16": pretrained.weights_hash,
         "class_map": adapter.class_map.to_dict(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     rows: list[dict] = []
+    from tqdm.auto import tqdm
+
+    overall = tqdm(total=len(cfg.seeds) * len(cfg.strategies) * cfg.rounds, desc="rounds", unit="round",
+                   disable=not cfg.progress, dynamic_ncols=True)
     for seed in cfg.seeds:
         if test_ds is None:
             pool_ids, test_ids = split_pool(list(pool_ds.by_id()), cfg.test_fraction, seed)
@@ -111,7 +115,8 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
         for name in cfg.strategies:
             adapter.load_current_state(pretrained_state)
             adapter.is_adapted = False
-            rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, pretrained_state)
+            rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, pretrained_state, overall)
+    overall.close()
     summary = summarise(rows)
     write_results(out, rows, summary)
     return SimulationResult(out, rows, summary)
@@ -126,11 +131,11 @@ def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path) -> list[dic
 
 
 def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: list[Case], test: list[Case],
-                  zero: list[dict], pretrained_state: dict) -> list[dict]:
+                  zero: list[dict], pretrained_state: dict, overall=None) -> list[dict]:
     from safetensors.torch import load_file, save_file
 
     run_dir = Path(cfg.out_dir) / name / f"seed{seed}"
-    state_path, weights_path = run_dir / "state.json", run_dir / "weights.safetensors"
+    state_path = run_dir / "state.json"
     strategy = get_strategy(name, **({"alpha": cfg.alpha} if name == "asfda" else {}))
     state = PoolState()
     rounds: list[dict] = []
@@ -138,18 +143,21 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         saved = json.loads(state_path.read_text())
         state.load_state_dict(saved["pool_state"])
         rounds = saved["rounds"]
-        if rounds:
-            adapter.load_current_state(load_file(str(weights_path)))
+        if rounds:  # the weights file named by the state: written before the state, so always complete
+            adapter.load_current_state(load_file(str(run_dir / saved["weights"])))
     by_id = {c.case_id: c for c in pool}
     base = {"strategy": name, "seed": seed}
     rows = [{**base, "round": -1, "n_labelled": 0, "dice_mean": mean_of(zero, "dice_mean"),
              **{k: mean_of(zero, k) for k in zero[0] if k.startswith("dice_")}}]
+    if overall is not None and rounds:
+        overall.update(len(rounds))  # finished before a restart
     for r in range(len(rounds), cfg.rounds):
         t0 = time.perf_counter()
         labelled = [by_id[i] for i in state.labelled_ids()]
         temp, lab_emb = adapter.fit_temperature(labelled, cfg.temperature0, seed * 1000 + r)
         unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
-        scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, cfg.grow_voxels)
+        scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, cfg.grow_voxels,
+                                     needs=strategy.needs, seed=seed * 1000 + r)
         query = strategy.select(scores, cfg.budget, seed * 1000 + r)
         t_score = time.perf_counter() - t0
         state.add(query.ids, r)
@@ -162,13 +170,23 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         per_case = adapter.evaluate(test)
         record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
                   "query_scores": query.scores, "query_components": query.components,
-                  "reliable": reliable, "temperature": temp.temperature, "ece_before": temp.ece_before, "ece_after": temp.ece_after,
+                  "reliable": reliable, "temperature": temp.temperature, "ece_before": temp.ece_before,
+                  "ece_after": temp.ece_after,
                   "seconds_score": round(t_score, 2), "seconds_train": round(t_train, 2),
                   "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,
                   "dice_mean": mean_of(per_case, "dice_mean")}
         rounds.append(record)
-        atomic_write(weights_path, lambda p: save_file(adapter.current_state(), str(p)))
-        atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds})
+        # weights first (a new file per round), then the state that names them: a kill between the two
+        # leaves the previous state pointing at the previous round's weights
+        weights_name = f"weights_round{r}.safetensors"
+        atomic_write(run_dir / weights_name, lambda p: save_file(adapter.current_state(), str(p)))
+        atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds, "weights": weights_name})
+        for old in run_dir.glob("weights_round*.safetensors"):
+            if old.name != weights_name:
+                old.unlink(missing_ok=True)
+        if overall is not None:
+            overall.update(1)
+            overall.set_postfix(strategy=name, seed=seed, dice=f"{record['dice_mean']:.3f}")
     for rec in rounds:
         pc = rec["per_case"]
         rows.append({**base, "round": rec["round"], "n_labelled": rec["n_labelled"], "dice_mean": rec["dice_mean"],

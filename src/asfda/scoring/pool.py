@@ -35,7 +35,7 @@ from asfda.scoring.metrics import (
     normalisation_stat_divergence,
     voxel_entropy,
 )
-from asfda.scoring.needs import MC_METRICS, ScoringNeeds
+from asfda.scoring.needs import ScoringNeeds
 
 __all__ = ["PoolMetrics", "ScoredPool", "batchnorm_layers", "score_volumes"]
 
@@ -183,7 +183,7 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
         AsfdaError: MC dropout was asked for and the network has no dropout layer.
     """
     needs = needs or ScoringNeeds()
-    mc_passes = needs.mc_dropout if (needs.metrics & MC_METRICS or needs.mc_dropout) else 0
+    mc_passes = needs.mc_dropout  # >= 2 whenever mc_entropy / bald are asked for (ScoringNeeds checks)
     flips = needs.tta_flips if ("tta_variance" in needs.metrics or len(needs.tta_flips) > 1) else ()
     bn = batchnorm_layers(current.network) if (needs.feature_stats and frozen is None) else []
     names = ["asd", "enpy", "confidence"] + (["kd"] if frozen is not None else [])

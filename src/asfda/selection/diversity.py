@@ -122,7 +122,14 @@ def kmeans_pp_pick(vectors: np.ndarray, budget: int, rng: np.random.Generator) -
     sq_norm = (x * x).sum(1)
     first = int(torch.argmax(sq_norm))
     picked, d2_at_pick = [first], [float(sq_norm[first])]
-    d2 = ((x - x[first]) ** 2).sum(1)
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one mat-vec per pick, no [N, K] temporary
+    tiny = 1e-12 * max(float(sq_norm.max()), 1e-300)  # cancellation noise of exact duplicates -> 0
+
+    def sq_dist(i: int) -> torch.Tensor:
+        d = (sq_norm - 2.0 * (x @ x[i]) + sq_norm[i]).clamp_min(0.0)
+        return torch.where(d <= tiny, torch.zeros_like(d), d)
+
+    d2 = sq_dist(first)
     is_picked = np.zeros(n, dtype=bool)
     is_picked[first] = True
     while len(picked) < min(budget, n):
@@ -141,5 +148,5 @@ def kmeans_pp_pick(vectors: np.ndarray, budget: int, rng: np.random.Generator) -
         picked.append(i)
         d2_at_pick.append(float(w[i]))
         is_picked[i] = True
-        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+        d2 = torch.minimum(d2, sq_dist(i))
     return picked, d2_at_pick

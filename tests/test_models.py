@@ -163,3 +163,32 @@ def test_inverse_puts_prediction_back_on_the_input_grid(tmp_path: Path, tiny_bun
     original = np.asarray(nib.load(str(case.label_path)).dataobj)
     agree = (back.argmax(0).numpy() == original).mean()
     assert agree > 0.95
+
+
+@pytest.mark.parametrize("evil", ["expression", "target"])
+def test_config_code_is_refused_and_never_run(tmp_path: Path, evil: str) -> None:
+    import json
+
+    marker = tmp_path / "pwned.txt"
+    b = write_bundle(tmp_path / "b")
+    cfg = json.loads((b / "configs" / "inference.json").read_text())
+    if evil == "expression":
+        cfg["network_def"]["channels"] = f"$__import__('pathlib').Path({str(marker)!r}).write_text('x') and [4, 8, 16]"
+    else:
+        cfg["network_def"] = {"_target_": "pathlib.Path.write_text", "self": str(marker), "data": "x"}
+    (b / "configs" / "inference.json").write_text(json.dumps(cfg))
+    with pytest.raises(AsfdaError, match="would run code"):
+        load_model(b)
+    assert not marker.exists()
+
+
+def test_real_model_zoo_config_shape_loads_safely(tiny_bundle: Path) -> None:
+    """A model-zoo inference.json has $-expressions outside network_def/preprocessing: those are never parsed."""
+    import json
+
+    cfg = json.loads((tiny_bundle / "configs" / "inference.json").read_text())
+    cfg["imports"] = ["$import os"]
+    cfg["device"] = "$torch.device('cpu')"
+    cfg["network"] = "$@network_def.to(@device)"
+    (tiny_bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
+    assert load_model(tiny_bundle).class_names[0] == "background"

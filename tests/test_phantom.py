@@ -327,3 +327,12 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict, name: str) -> None:
 def test_make_case_rejects_bad_arguments(domain: str, subgroup: str) -> None:
     with pytest.raises(ValueError):
         make_case(np.random.default_rng(0), domain, subgroup)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_phantom_benchmark(tmp_path: Path) -> None:
+    precious = tmp_path / "my_data"
+    precious.mkdir()
+    (precious / "scan.nii.gz").write_bytes(b"patient data")
+    with pytest.raises(ValueError, match="not a phantom benchmark"):
+        generate_benchmark(precious, seed=0, n_source=1, n_target=1, overwrite=True)
+    assert (precious / "scan.nii.gz").read_bytes() == b"patient data"

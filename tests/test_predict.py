@@ -179,3 +179,14 @@ def test_predict_cli_reports_bad_input_in_one_line(tmp_path: Path, tiny_bundle: 
     assert main(["predict", "--model", str(tiny_bundle), "--images", str(tmp_path / "empty"),
                  "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "no .nii" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["labelsTr", "imagesTr"])
+def test_predict_never_writes_into_input_folders(tmp_path: Path, tiny_bundle: Path, where: str) -> None:
+    from asfda.errors import AsfdaError
+
+    data = write_nnunet(tmp_path / "ds", n=1)
+    before = {p: p.read_bytes() for p in (data / where).iterdir()}
+    with pytest.raises(AsfdaError, match="overwrite"):
+        predict_model(tiny_bundle, data, data / where, progress=False)
+    assert {p: p.read_bytes() for p in (data / where).iterdir()} == before

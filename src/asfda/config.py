@@ -143,6 +143,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     cfg = config_from_dict(RunConfig, data)
+    checks = [("train.steps", cfg.train.steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
+              ("train.lr", cfg.train.lr > 0), ("budget", cfg.budget >= 1), ("rounds", cfg.rounds >= 1),
+              ("test_fraction", 0 < cfg.test_fraction < 1), ("alpha", 0 <= cfg.alpha <= 1),
+              ("temperature0", cfg.temperature0 > 0), ("seeds", len(cfg.seeds) >= 1)]
+    bad = [name for name, ok in checks if not ok]
+    if bad:
+        raise AsfdaError(f"out-of-range config values: {', '.join(f'{b}' for b in bad)}",
+                         path, "steps, batch_size, budget and rounds >= 1; lr and temperature0 > 0; "
+                         "test_fraction in (0, 1); alpha in [0, 1]")
     if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
         raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}")
     return cfg

@@ -39,6 +39,9 @@ volume". Used for networks whose inner modules cannot be hooked (TorchScript).""
 
 def select_device(requested: str | None = None) -> torch.device:
     """The one place the compute device is chosen (``"auto"``: CUDA when available, else CPU)."""
+    if requested not in (None, "auto", "cpu") and str(requested).startswith("cuda") and not torch.cuda.is_available():
+        raise AsfdaError(f"device {requested!r} was asked for, but CUDA is not available here",
+                         fix="use --device cpu or auto")
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)

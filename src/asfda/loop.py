@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,12 +18,20 @@ import torch
 from tqdm.auto import tqdm
 
 from asfda.config import SemiConfig
-from asfda.engine import InferenceEngine, select_device
+from asfda.cache import EngineOutputCache
+from asfda.engine import OUTPUT_EMBEDDING, InferenceEngine, select_device
+from asfda.errors import AsfdaError
 from asfda.evaluation import compute_dice, per_class_scores
 from asfda.io.datasets import Case
 from asfda.io.nifti import read_nifti
-from asfda.models import ClassMappedNetwork, LoadedModel, PreparedVolume, build_class_map, prepare_case
-from asfda.models.preprocessing import resample_to_native
+from asfda.models import (
+    ClassMappedNetwork,
+    LoadedModel,
+    PreparedVolume,
+    build_class_map,
+    prepare_case,
+    state_dict_hash,
+)
 from asfda.scoring import expected_calibration_error, fit_temperature
 from asfda.scoring.needs import ScoringNeeds
 from asfda.scoring.pool import ScoredPool, score_volumes
@@ -77,6 +87,9 @@ class Adapter:
 
     def __init__(self, pretrained: LoadedModel, target_names: list[str], *, class_map_override: dict | None = None,
                  cache_dir: str | None = None, device: str = "auto", progress: bool = True) -> None:
+        if pretrained.activation != "softmax":
+            raise AsfdaError(f"adaptation supports single-label (softmax) models; this model is {pretrained.activation}",
+                             pretrained.source, "use `asfda predict` for multi-label models")
         self.pretrained = pretrained
         self.target_names = list(target_names)
         self.class_map = build_class_map(pretrained.class_names, self.target_names, class_map_override)
@@ -88,8 +101,10 @@ class Adapter:
             p.requires_grad_(False)
         self.current = ClassMappedNetwork(copy.deepcopy(pretrained.network), self.class_map).to(self.device).eval()
         kw = dict(sw_batch_size=pretrained.sw_batch_size, overlap=pretrained.overlap, device=self.device)
-        self.engine_frozen = InferenceEngine(self.frozen, pretrained.roi_size, embedding_layer=pretrained.embedding_layer
-                                             and f"network.{pretrained.embedding_layer}", **kw)
+        layer = pretrained.embedding_layer
+        if layer and layer != OUTPUT_EMBEDDING:
+            layer = f"network.{layer}"
+        self.engine_frozen = InferenceEngine(self.frozen, pretrained.roi_size, embedding_layer=layer, **kw)
         self.engine_current = InferenceEngine(self.current, pretrained.roi_size,
                                               embedding_layer=self.engine_frozen.embedding_layer, **kw)
         self.is_adapted = False
@@ -137,9 +152,19 @@ class Adapter:
         (a strategy's ``needs``, or `asfda.selection.needs_of` of several) decides the extra passes.
         The result also unpacks as ``metrics, embeddings, embeddings0``."""
         volumes = (self.prepare(c, with_label=False) for c in cases)
-        frozen = self.engine_frozen if (divergence and self.is_adapted) else None
+        wants_kd = needs is None or getattr(needs, "divergence", False)
+        frozen = self.engine_frozen if (divergence and wants_kd and self.is_adapted) else None
+        cache = key_fn = None
+        if self.cache_dir is not None:
+            cache = EngineOutputCache(Path(self.cache_dir) / "scores")
+            current_hash = state_dict_hash(self.current.state_dict())
+            extra = json.dumps([frozen is not None and self.pretrained.weights_hash, float(temperature),
+                                repr(needs), grow_voxels, seed])
+            prep_key = self.pretrained.preprocessing.cache_key()
+            stamps = {c.case_id: f"{c.image_path}:{c.image_path.stat().st_mtime_ns}" for c in cases}
+            key_fn = lambda cid: cache.key(cid, current_hash, prep_key, False, extra + stamps.get(cid, ""))  # noqa: E731
         return score_volumes(volumes, self.engine_current, temperature, frozen=frozen, grow_voxels=grow_voxels,
-                             needs=needs, seed=seed,
+                             needs=needs, seed=seed, cache=cache, cache_key=key_fn,
                              progress=lambda it: tqdm(it, total=len(cases), desc="score pool",
                                                       disable=not self.progress, leave=False, dynamic_ncols=True))
 
@@ -176,6 +201,9 @@ class Adapter:
         finally:
             for h in hooks:
                 h.remove()
+        if self.engine_current.embedding_layer not in finished:
+            raise AsfdaError("cannot tell the encoder from the decoder of this network (no hookable bottleneck)",
+                             self.pretrained.source, "train the whole network (train.freeze_encoder: false)")
         cut = finished.index(self.engine_current.embedding_layer)
         encoder_modules = set(finished[: cut + 1])
         return [n for n, _ in self.current.named_parameters() if n.rsplit(".", 1)[0] in encoder_modules]
@@ -227,16 +255,18 @@ class Adapter:
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, cases: list[Case], *, pretrained: bool = False) -> list[dict]:
-        """Per-case Dice on each case's native grid (prediction resampled back, then argmax)."""
+        """Per-case Dice on each case's native grid (probabilities resampled back one class at a time, then argmax)."""
+        from asfda.predict import label_map_on_native_grid
         engine = self.engine_frozen if pretrained else self.engine_current
         rows = []
         n = len(self.target_names)
         for case in self._bar(cases, "evaluate"):
             vol = self.prepare(case, with_label=False)
             logits, _ = engine.run(vol.image)
-            prob = resample_to_native(torch.softmax(logits, 0), vol.affine, vol.native_affine, vol.native_shape)
+            fg = tuple(range(1, n))
+            pred = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape)
             label, _ = read_nifti(case.label_path)
-            dice = compute_dice(prob.argmax(0), torch.from_numpy(label).round().long(), n)
+            dice = compute_dice(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(label).round().long(), n)
             row = {"case_id": case.case_id, **per_class_scores(dice, self.target_names)}
             rows.append(row)
         return rows

@@ -701,6 +701,9 @@ def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Atomically move the finished ``tmp`` tree to ``out_dir``."""
     trash = None
     if overwrite and out_dir.exists():
+        if any(out_dir.iterdir()) and not (out_dir / "phantom_meta.json").exists():
+            raise PhantomError(f"{out_dir} is not a phantom benchmark folder; refusing to replace it with "
+                               "overwrite=True (choose an empty or new folder)")
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, trash / out_dir.name)
     os.replace(tmp, out_dir)  # succeeds if out_dir is absent or an empty folder

@@ -49,8 +49,9 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     for case in adapter._bar(list(ds.cases), "evaluate"):
         vol = adapter.prepare(case, with_label=False)
         logits, _ = adapter.engine_current.run(vol.image)
-        prob = resample_to_native(torch.softmax(logits, 0), vol.affine, vol.native_affine, vol.native_shape)
-        pred = prob.argmax(0)
+        fg = tuple(range(1, len(names)))
+        pred = torch.from_numpy(label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine,
+                                                         vol.native_shape).astype(np.int64))
         label = torch.from_numpy(read_nifti(case.label_path)[0]).round().long()
         dice = compute_dice(pred, label, len(names))
         hd = compute_hd95(pred, label, len(names), case.spacing_mm)
@@ -219,6 +220,15 @@ def _up_to_date(out_path: Path, sidecar: Path, image_path: Path, settings: dict)
     return isinstance(recorded, dict) and recorded.get("settings") == settings
 
 
+def _refuse_input_folders(out: Path, ds) -> None:
+    """Exported files never overwrite input data: refuse an output folder that holds inputs."""
+    target = out.resolve()
+    inputs = {p.resolve().parent for c in ds.cases for p in (c.image_path, c.label_path) if p is not None}
+    if target in inputs or any(target == Path(ds.root).resolve() / sub for sub in ("imagesTr", "labelsTr", "imagesTs")):
+        raise AsfdaError("the output folder holds input images or labels, which predictions would overwrite", out,
+                         "choose another --out folder")
+
+
 def predict_model(model: str | Path, images: str | Path, out: str | Path, *, model_config: str | None = None,
                   class_map: str | None = None, tta: bool = False, overwrite: bool = False, device: str = "auto",
                   progress: bool = True) -> dict:
@@ -272,6 +282,7 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
                 "preprocessing": loaded.preprocessing.cache_key(), "roi_size": list(loaded.roi_size),
                 "overlap": loaded.overlap, "tta": bool(tta), "tta_axes": list(engine.tta_axes) if tta else []}
     out = Path(out)
+    _refuse_input_folders(out, ds)
     if _read_json(out / LABELS_FILE) != classes.labels:
         atomic_write_json(out / LABELS_FILE, classes.labels)
     written, skipped = [], []

@@ -85,6 +85,9 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     pool_ds = load_dataset(cfg.pool, require_labels=True)
     test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None
     if test_ds is not None:
+        if test_ds.labels != pool_ds.labels:
+            raise AsfdaError(f"test labels {test_ds.labels} differ from the pool's {pool_ds.labels}",
+                             Path(cfg.test) / "dataset.json", "use the same label names and values in both")
         overlap = set(pool_ds.by_id()) & set(test_ds.by_id())
         if overlap:
             raise AsfdaError(f"case ids {sorted(overlap)[:5]} are in both the pool and the test set", cfg.test)
@@ -123,10 +126,13 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
 
 
 def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path) -> list[dict]:
+    key = {"model": adapter.pretrained.weights_hash, "test": [c.case_id for c in test_cases]}
     if path.exists():
-        return json.loads(path.read_text())["per_case"]
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["per_case"]
     per_case = adapter.evaluate(test_cases, pretrained=True)
-    atomic_write_json(path, {"per_case": per_case})
+    atomic_write_json(path, {"key": key, "per_case": per_case})
     return per_case
 
 
@@ -139,8 +145,12 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     strategy = get_strategy(name, **({"alpha": cfg.alpha} if name == "asfda" else {}))
     state = PoolState()
     rounds: list[dict] = []
+    fingerprint = _fingerprint(cfg, adapter, name, seed, pool, test)
     if state_path.exists():  # resume
         saved = json.loads(state_path.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise AsfdaError("this results folder holds a run with other settings (config, model, pool or test set)",
+                             state_path.parent, "use another --out folder, or delete it to start again")
         state.load_state_dict(saved["pool_state"])
         rounds = saved["rounds"]
         if rounds:  # the weights file named by the state: written before the state, so always complete
@@ -180,7 +190,8 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         # leaves the previous state pointing at the previous round's weights
         weights_name = f"weights_round{r}.safetensors"
         atomic_write(run_dir / weights_name, lambda p: save_file(adapter.current_state(), str(p)))
-        atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds, "weights": weights_name})
+        atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds, "weights": weights_name,
+                                       "fingerprint": fingerprint})
         for old in run_dir.glob("weights_round*.safetensors"):
             if old.name != weights_name:
                 old.unlink(missing_ok=True)
@@ -193,6 +204,18 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
                      **{k: mean_of(pc, k) for k in pc[0] if k.startswith("dice_") and k != "dice_mean"},
                      "queried": " ".join(rec["queried"])})
     return rows
+
+
+def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: list[Case], test: list[Case]) -> str:
+    """What a finished round depends on; a resumed run must match it."""
+    import hashlib
+
+    keep = config_to_dict(cfg)
+    for key in ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds"):
+        keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
+    blob = json.dumps({"cfg": keep, "model": adapter.pretrained.weights_hash, "strategy": name, "seed": seed,
+                       "pool": [c.case_id for c in pool], "test": [c.case_id for c in test]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _round_train_config(cfg: RunConfig, seed: int, r: int):

@@ -115,6 +115,9 @@ class ClassMappedNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.network(x)
+        if z.shape[1] != len(self.class_map.source_names):
+            raise AsfdaError(f"the network outputs {z.shape[1]} channels but its metadata names "
+                             f"{len(self.class_map.source_names)} classes", fix="make channel_def match out_channels")
         if self.class_map.is_identity:
             return z
         parts = []

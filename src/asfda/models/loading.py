@@ -144,8 +144,53 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-def _parse(cfg: dict, key: str, path: Path) -> object:
+_SAFE_TARGET_PREFIXES = ("monai.", "torch.nn.")
+
+
+def _safe_subconfig(cfg: dict, key: str, path: Path | None) -> dict:
+    """The part of ``cfg`` needed to build ``cfg[key]``, refusing anything that would run code.
+
+    MONAI's ConfigParser evaluates ``$`` expressions and instantiates any ``_target_``; a model's config
+    is data from a file, so only literal arguments, ``@`` references to literal values, and
+    ``_target_`` names inside MONAI or ``torch.nn`` are allowed (``allow_code=True`` lifts this).
+    """
+    out: dict = {key: cfg[key]}
+
+    def refuse(what: str) -> None:
+        raise AsfdaError(f"'{key}' in the model config contains {what}, which would run code when loaded", path,
+                         "if you trust the file, load it with load_model(..., allow_code=True), "
+                         "or rewrite it with literal values")
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "_target_":
+                    if not isinstance(v, str) or not (v.isidentifier() or v.startswith(_SAFE_TARGET_PREFIXES)):
+                        refuse(f"_target_ {v!r} (outside monai / torch.nn)")
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str):
+            if node.startswith(("$", "%")):
+                refuse(f"the expression {node[:60]!r}")
+            if node.startswith("@"):
+                ref = node[1:].split("::")[0].split("#")[0]
+                if ref not in cfg:
+                    refuse(f"a reference {node!r} to a missing key")
+                if ref not in out:
+                    out[ref] = cfg[ref]
+                    walk(cfg[ref])
+
+    walk(cfg[key])
+    return out
+
+
+def _parse(cfg: dict, key: str, path: Path | None, allow_code: bool = False) -> object:
     from monai.bundle import ConfigParser
+
+    if not allow_code:
+        cfg = _safe_subconfig(cfg, key, path)
 
     import warnings
 
@@ -160,8 +205,12 @@ def _parse(cfg: dict, key: str, path: Path) -> object:
 
 
 def load_model(source: str | Path, *, config: str | Path | None = None, strict: bool = True,
-               embedding_layer: str | None = None) -> LoadedModel:
-    """Loads a bundle folder, a checkpoint + network config, or a TorchScript file."""
+               embedding_layer: str | None = None, allow_code: bool = False) -> LoadedModel:
+    """Loads a bundle folder, a checkpoint + network config, or a TorchScript file.
+
+    ``allow_code`` lets the config's ``$`` expressions and arbitrary ``_target_`` run (MONAI's full
+    ConfigParser semantics); by default only MONAI / torch.nn classes with literal arguments are built.
+    """
     source = Path(source)
     if not source.exists():
         raise AsfdaError("model not found", source, "give a bundle folder, a checkpoint with --model-config, or a .ts file")
@@ -194,7 +243,7 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     else:
         if "network_def" not in cfg:
             raise AsfdaError("config has no 'network_def'", cfg_path, "add the network definition (MONAI bundle syntax)")
-        network = _parse(cfg, "network_def", cfg_path)
+        network = _parse(cfg, "network_def", cfg_path, allow_code)
         if not isinstance(network, nn.Module):
             raise AsfdaError("'network_def' did not build a torch module", cfg_path)
         state = load_state_dict_file(weights)
@@ -202,7 +251,8 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     network.eval()
     image_key = cfg.get("image_key", "image") if isinstance(cfg.get("image_key", "image"), str) else "image"
     if "preprocessing" in cfg:
-        prep = Preprocessing.from_compose(_parse(cfg, "preprocessing", cfg_path), image_key, cfg["preprocessing"])
+        prep = Preprocessing.from_compose(_parse(cfg, "preprocessing", cfg_path, allow_code), image_key,
+                                          cfg["preprocessing"])
     else:
         prep = Preprocessing(axcodes=None, pixdim_mm=None, description={"config": None})
     roi, swb, overlap = (96, 96, 96), 4, 0.25

@@ -90,6 +90,11 @@ class Preprocessing:
         data = {self.image_key: img}
         for t in self.intensity:
             data = t(data)
+            if tuple(data[self.image_key].shape) != tuple(img.shape):
+                raise AsfdaError(f"the model's preprocessing step {type(t).__name__} changes the image grid "
+                                 f"{tuple(img.shape)} -> {tuple(data[self.image_key].shape)}; asfda applies only "
+                                 "orientation and spacing to images and labels alike",
+                                 fix="remove cropping/resizing/padding steps from the bundle's preprocessing")
         out = data[self.image_key]
         out_t = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
         lab_t = None

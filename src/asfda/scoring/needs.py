@@ -46,6 +46,7 @@ class ScoringNeeds:
         mc_dropout: number of stochastic dropout passes (required >= 2 by ``mc_entropy`` / ``bald``).
         tta_flips: the flips, as tuples of model-grid axes in {1, 2}, of the test-time-augmentation passes;
             ``()`` is the identity (it reuses the main pass). Required (>= 2 flips) by ``tta_variance``.
+        divergence: compute ``kd`` with the frozen pretrained model once the model has been adapted.
         feature_stats: compute the round-0 normalisation-statistics gap (``bn_kl``) when the model has
             BatchNorm layers with running statistics; silently absent otherwise.
     """
@@ -55,6 +56,7 @@ class ScoringNeeds:
     mc_dropout: int = 0
     tta_flips: tuple[tuple[int, ...], ...] = ()
     feature_stats: bool = False
+    divergence: bool = False  # read kd (one more forward pass of the frozen pretrained model per volume)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", frozenset(self.metrics))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from asfda.cache import EngineOutputCache
 from asfda.engine import InferenceEngine
 from asfda.scoring.metrics import (
     anatomical_segmentation_difficulty,
@@ -167,7 +168,9 @@ def _tta_variance(engine: InferenceEngine, image: torch.Tensor, prob: torch.Tens
 
 def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: float, *,
                   frozen: InferenceEngine | None = None, grow_voxels: int = 2, needs: ScoringNeeds | None = None,
-                  seed: int = 0, progress: Callable[[Iterable], Iterable] = lambda x: x) -> ScoredPool:
+                  seed: int = 0, progress: Callable[[Iterable], Iterable] = lambda x: x,
+                  cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None
+                  ) -> ScoredPool:
     """Per-volume metrics for prepared volumes (objects with ``image`` and ideally ``case_id``).
 
     Args:
@@ -178,6 +181,9 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
             embeddings are returned too.
         needs: what the requested strategies read (None: only the base metrics of the one pass).
         seed: seeds the stochastic (MC dropout) passes, per volume and pass; the global RNG is untouched.
+        cache, cache_key: when given, each volume's numbers and embeddings are stored under
+            ``cache_key(case_id)`` and read back on a re-run instead of recomputed (the key must cover
+            everything they depend on: weights of both models, preprocessing, T, needs, seed).
 
     Raises:
         AsfdaError: MC dropout was asked for and the network has no dropout layer.
@@ -192,8 +198,25 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
     metrics: dict[str, list[float]] = {n: [] for n in names}
     badge: list[np.ndarray] = []
     ids, embs, embs0 = [], [], []
+    def record(case_id: str, values: dict[str, np.ndarray]) -> None:
+        ids.append(case_id)
+        for name in names:
+            metrics[name].append(float(values[f"m_{name}"]))
+        embs.append(values["emb"])
+        if frozen is not None:
+            embs0.append(values["emb0"])
+        if needs.head_gradient:
+            badge.append(values["badge"])
+
     for index, vol in enumerate(progress(volumes)):
         case_id = str(getattr(vol, "case_id", index))
+        key = cache_key(case_id) if (cache is not None and cache_key is not None) else None
+        hit = cache.get(key) if key is not None else None
+        if hit is not None and all(f"m_{n}" in hit for n in names):
+            record(case_id, hit)
+            continue
+        before = {n: len(metrics[n]) for n in names}
+        n_emb, n_emb0, n_badge = len(embs), len(embs0), len(badge)
         ids.append(case_id)
         stats = _ChannelStats(bn)
         with stats.capturing():
@@ -220,6 +243,14 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
         if len(flips) > 1:
             metrics["tta_variance"].append(_tta_variance(current, vol.image, prob, temperature, flips))
         del prob
+        if key is not None:
+            entry = {f"m_{n}": np.float64(metrics[n][before[n]]) for n in names}
+            entry["emb"] = embs[n_emb]
+            if frozen is not None:
+                entry["emb0"] = embs0[n_emb0]
+            if needs.head_gradient:
+                entry["badge"] = badge[n_badge]
+            cache.put(key, entry)
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in metrics.items()}
     vectors = {"badge": np.stack(badge) if badge else np.zeros((0, 0))} if needs.head_gradient else {}
     divergence = "kd" if frozen is not None else ("bn_kl" if bn else "feature_gap")

@@ -175,7 +175,7 @@ class ASFDAStrategy(Strategy):
     """
 
     name = "asfda"
-    needs = ScoringNeeds(metrics={"asd"}, feature_stats=True)
+    needs = ScoringNeeds(metrics={"asd"}, feature_stats=True, divergence=True)
 
     def __init__(self, alpha: float = 0.5) -> None:
         if not 0.0 <= alpha <= 1.0:

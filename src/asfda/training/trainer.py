@@ -113,6 +113,9 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     history: dict[str, list[float]] = {"loss": [], "loss_l": [], "loss_u": []}
     network.train()
+    for m in network.modules():  # a frozen BatchNorm keeps its running statistics too
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters(False)):
+            m.eval()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         imgs, labs, masks = [], [], []

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asfda.io import load_dataset
+from asfda.loop import Adapter
+from asfda.models import load_model
+from asfda.selection import get_strategy
+
+
+def test_pool_scores_are_cached_per_weights_and_reused(tmp_path: Path, tiny_bundle: Path, tiny_dataset: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = load_dataset(tiny_dataset)
+    adapter = Adapter(load_model(tiny_bundle), ds.class_names, cache_dir=str(tmp_path / "cache"), progress=False)
+    cases = list(ds.cases)
+    needs = get_strategy("asfda").needs
+    first = adapter.score_pool(cases, 1.0, needs=needs)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cached volume was recomputed")
+
+    monkeypatch.setattr(adapter.engine_current, "run", no_forward)
+    again = adapter.score_pool(cases, 1.0, needs=needs)
+    assert again.ids == first.ids
+    for name in first.metrics:
+        np.testing.assert_allclose(again.metrics[name], first.metrics[name])
+    np.testing.assert_allclose(again.embeddings, first.embeddings)
+    with pytest.raises(AssertionError, match="recomputed"):  # another temperature is another key
+        adapter.score_pool(cases, 2.0, needs=needs)
+
+
+def test_adapted_model_is_not_served_stale_scores(tmp_path: Path, tiny_bundle: Path, tiny_dataset: Path) -> None:
+    from asfda.training import TrainConfig
+
+    ds = load_dataset(tiny_dataset, require_labels=True)
+    adapter = Adapter(load_model(tiny_bundle), ds.class_names, cache_dir=str(tmp_path / "cache"), progress=False)
+    cases = list(ds.cases)
+    before = adapter.score_pool(cases, 1.0)
+    adapter.finetune(cases[:1], TrainConfig(steps=2, batch_size=1, lr=1e-2))
+    after = adapter.score_pool(cases, 1.0)
+    assert "kd" in after.metrics and "kd" not in before.metrics
+    assert not np.allclose(after.embeddings, before.embeddings)
+
+
+def test_sigmoid_models_are_refused_for_adaptation(tiny_bundle: Path, tiny_dataset: Path) -> None:
+    from asfda.errors import AsfdaError
+
+    model = load_model(tiny_bundle)
+    model.activation = "sigmoid"
+    with pytest.raises(AsfdaError, match="softmax"):
+        Adapter(model, load_dataset(tiny_dataset).class_names)

@@ -25,7 +25,7 @@ def demo_config(out_dir: str | Path, data_dir: str | Path, seed: int = 0) -> Run
     return RunConfig(
         model=str(phantom_model_path()), pool=str(Path(data_dir) / "target"), test_fraction=0.25,
         strategies=["asfda", "random"], budget=2, rounds=3, seeds=[seed],
-        train=TrainConfig(steps=40, batch_size=2, lr=1e-3), cache_dir=str(Path(data_dir) / "cache"),
+        train=TrainConfig(steps=60, batch_size=2, lr=1e-3), cache_dir=str(Path(data_dir) / "cache"),
         out_dir=str(out_dir))
 
 

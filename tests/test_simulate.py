@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from asfda.config import RunConfig
 from asfda.loop import Adapter, PoolState
@@ -55,6 +56,17 @@ def test_simulation_end_to_end_writes_results(tmp_path: Path, tiny_bundle: Path)
     queried = [i for r in state["rounds"] for i in r["queried"]]
     assert len(queried) == len(set(queried)) == 2
     assert all("asd" in c for r in state["rounds"] for c in r["query_components"].values())
+    # the adapted model is a bundle that asfda (and MONAI) load as is, with the last round's weights
+    from safetensors.torch import load_file
+
+    from asfda.models import load_model
+
+    bundle = load_model(res.out_dir / "asfda" / "seed0" / "bundle")
+    last = load_file(str(res.out_dir / "asfda" / "seed0" / state["weights"]))
+    own = bundle.network.state_dict()
+    assert all(torch.equal(own[k], last[f"network.{k}"]) for k in own)
+    meta = json.loads((res.out_dir / "asfda" / "seed0" / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["asfda"]["rounds"] == 2 and len(meta["asfda"]["labelled"]) == 2
 
 
 def test_interrupted_simulation_resumes_without_redoing_rounds(tmp_path: Path, tiny_bundle: Path,

@@ -122,6 +122,21 @@ class Adapter:
         self.current.load_state_dict(state)
         self.is_adapted = True
 
+    def export_bundle(self, out_dir: str | Path, extra_metadata: dict | None = None) -> Path:
+        """Writes the adapted model as a MONAI bundle (configs of the source bundle, new weights in
+        ``models/model.pt`` and ``models/model.safetensors``) that ``python -m monai.bundle run`` and
+        ``asfda predict`` run as is. Its output channels are the source model's; the name match to the
+        target labels is recorded under ``asfda`` in the metadata."""
+        from asfda.models import save_bundle
+
+        if self.current.new_head is not None:
+            raise AsfdaError("the adapted model has output channels the source network lacks; it cannot be "
+                             "written as the source bundle", self.pretrained.source)
+        adapted = self.pretrained.copy()
+        adapted.network.load_state_dict(self.current.network.state_dict())
+        meta = {"class_map": self.class_map.to_dict(), "target_classes": self.target_names, **(extra_metadata or {})}
+        return save_bundle(adapted, out_dir, extra_metadata=meta)
+
     def current_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.current.state_dict().items()}
 

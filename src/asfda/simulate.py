@@ -198,12 +198,23 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         if overall is not None:
             overall.update(1)
             overall.set_postfix(strategy=name, seed=seed, dice=f"{record['dice_mean']:.3f}")
+    if rounds and _bundle_rounds(run_dir) != len(rounds):  # the adapted model, as a MONAI bundle
+        adapter.export_bundle(run_dir / "bundle", {"strategy": name, "seed": seed, "rounds": len(rounds),
+                                                   "labelled": state.labelled_ids()})
     for rec in rounds:
         pc = rec["per_case"]
         rows.append({**base, "round": rec["round"], "n_labelled": rec["n_labelled"], "dice_mean": rec["dice_mean"],
                      **{k: mean_of(pc, k) for k in pc[0] if k.startswith("dice_") and k != "dice_mean"},
                      "queried": " ".join(rec["queried"])})
     return rows
+
+
+def _bundle_rounds(run_dir: Path) -> int:
+    """How many rounds the exported bundle of a run has seen (0: none exported)."""
+    meta = run_dir / "bundle" / "configs" / "metadata.json"
+    if not meta.exists():
+        return 0
+    return int(json.loads(meta.read_text()).get("asfda", {}).get("rounds", 0))
 
 
 def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: list[Case], test: list[Case]) -> str:

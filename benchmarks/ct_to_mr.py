@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO.parent / "shared/models/ct_abdomen_unet"))
     ap.add_argument("--data", default=str(REPO.parent / "shared/data/mr_chaos_t2"))
     ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round")
-    ap.add_argument("--semi", choices=["on", "off"], default="on")
+    ap.add_argument("--semi", choices=["on", "off"], default="off", help="selective semi-supervision (default "
+                    "off, as in RunConfig: see results/semi_ablation)")
+    ap.add_argument("--seeds", help="comma-separated seeds (overrides the profile's)")
     ap.add_argument("--test-fraction", type=float, default=0.3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
     cfg = RunConfig(model=args.model, pool=args.data, test_fraction=args.test_fraction,
                     train=TrainConfig(steps=args.steps, batch_size=2), semi=SemiConfig(enabled=args.semi == "on"),
                     cache_dir=str(REPO / ".cache"), out_dir=str(out), progress=sys.stderr.isatty(),
-                    **PROFILES[args.profile])
+                    **{**PROFILES[args.profile],
+                       **({"seeds": [int(x) for x in args.seeds.split(",")]} if args.seeds else {})})
     t0 = time.perf_counter()
     result = run_simulation(cfg)
     minutes = (time.perf_counter() - t0) / 60

@@ -202,7 +202,7 @@ class Adapter:
             vol = self.prepare(case, with_label=False)
             logits, _ = self.engine_current.run(vol.image, tta=flip_average)
             label, mask = pseudo_label(logits, temperature, threshold)
-            out.append(TrainVolume(vol.image, label.long(), mask))
+            out.append(TrainVolume(vol.image, label, mask))  # uint8: cast per patch
         return out
 
     def encoder_parameters(self) -> list[str]:
@@ -228,7 +228,7 @@ class Adapter:
         vols = []
         for case in labelled:
             v = self.prepare(case)
-            vols.append(TrainVolume(v.image, v.label.long()))
+            vols.append(TrainVolume(v.image, v.label))  # uint8: cast per patch
         frozen_names = set(self.encoder_parameters()) if cfg.freeze_encoder else set()
         for n, p in self.current.named_parameters():
             p.requires_grad_(n not in frozen_names)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from asfda.config import RunConfig, SemiConfig
 from asfda.io import atomic_write_text
 from asfda.simulate import results_table, run_simulation
 from asfda.training import TrainConfig
+from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {
@@ -56,11 +56,10 @@ def main() -> None:
     t0 = time.perf_counter()
     result = run_simulation(cfg)
     minutes = (time.perf_counter() - t0) / 60
-    cpu = subprocess.run(["bash", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout
     text = "\n".join([
         f"# CT -> MR adaptation ({args.profile} profile)", "",
         f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {cpu.strip()}, {torch.get_num_threads()} torch threads  ",
+        f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
         f"Config: {dataclasses.asdict(cfg)}", "",
         "Mean Dice on the held-out test split (mean over seeds; n=0 is zero-shot):", "",

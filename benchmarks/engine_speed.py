@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,19 +27,10 @@ from monai.inferers import sliding_window_inference
 from asfda.engine import InferenceEngine, select_device
 from asfda.io import load_dataset
 from asfda.models import load_model, prepare_case
+from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _sync(device: torch.device) -> None:
@@ -118,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = best["engine"] / best["bare"]
     shapes = sorted({tuple(im.shape[1:]) for im in images})
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{_cpu_model()}, {torch.get_num_threads()} torch threads")
+        f"{cpu_model()}, {torch.get_num_threads()} torch threads")
     lines = [
         f"- command: `python {shlex.join(['benchmarks/engine_speed.py', *(sys.argv[1:] if argv is None else argv)])}`",
         f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}",

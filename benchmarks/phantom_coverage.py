@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -35,6 +33,7 @@ from asfda.loop import Adapter
 from asfda.models import load_model
 from asfda.phantom import generate_benchmark
 from asfda.selection import PoolScores, get_strategy, needs_of
+from _machine import cpu_model
 
 BASE_STRATEGIES = ["asfda", "enpy", "asd", "coreset", "badge", "random"]  # one forward pass each
 MC_STRATEGIES = ["mc_entropy", "bald"]
@@ -96,12 +95,8 @@ def embedding_separation(pool: PoolScores, subgroup: dict[str, str]) -> tuple[fl
 
 
 def _machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except StopIteration:
-        model = platform.processor() or platform.machine()
-    return f"{model}, {torch.get_num_threads()} torch thread(s) (machine: 2 cores shared with other jobs)"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch thread(s) (machine: 2 cores shared with other jobs)"
+
 
 
 def _run_one(args: argparse.Namespace, data_seed: int, strategies: list[str]) -> tuple[list[str], dict]:

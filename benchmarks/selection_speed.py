@@ -9,8 +9,6 @@ the greedy pick before its embeddings were normalised once (for reference).
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -21,6 +19,7 @@ import torch
 
 from asfda.scoring.metrics import cosine_distance
 from asfda.selection import PoolScores, get_strategy, greedy_diverse_pick
+from _machine import cpu_model
 
 
 def greedy_before(scores: np.ndarray, embeddings: np.ndarray, budget: int, anchors: np.ndarray) -> list[int]:
@@ -48,11 +47,6 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
         times.append(time.perf_counter() - t)
     return float(times[0]), float(np.median(times[1:])), out
 
-
-def _cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                platform.processor() or platform.machine())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S')}",
-        f"- machine: {_cpu()}, 2 cores shared with other jobs; torch {torch.__version__}, "
+        f"- machine: {cpu_model()}, 2 cores shared with other jobs; torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op thread(s)",
         f"- pool: {n} random embeddings, D = {d}, {args.anchors} labelled anchors, batch {args.budget}; "
         f"BADGE vectors C x D = {args.classes} x {d}; the first call, then the median of {args.repeats} more "

@@ -11,10 +11,7 @@ and evaluated on the held-out test split at each image's native grid.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,17 +26,14 @@ from asfda.loop import Adapter, mean_of
 from asfda.models import load_model
 from asfda.simulate import split_pool
 from asfda.training import TrainConfig
+from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    try:
-        model = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                     .stdout.splitlines() if ln.startswith("Model name"))
-    except Exception:
-        model = platform.processor() or platform.machine()
-    return f"{model}, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads"
+
 
 
 def main() -> None:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from asfda.models import load_model
 from asfda.training import TrainVolume
 from asfda.training.losses import masked_dice_ce
 from asfda.training.trainer import _augment, sample_patch
+from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,7 @@ def main() -> None:
         if step:  # the first step warms up
             t_data += t1 - t0
             t_compute += t2 - t1
-    cpu = subprocess.run(["bash", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True)
-    print(f"date {datetime.now(timezone.utc).isoformat(timespec='minutes')}; machine {cpu.stdout.strip()}, "
+    print(f"date {datetime.now(timezone.utc).isoformat(timespec='minutes')}; machine {cpu_model()}, "
           f"{torch.get_num_threads()} torch threads; patch {model.roi_size}, batch {args.batch_size}")
     print(f"per step: data {t_data / args.steps:.3f} s, forward+backward+step {t_compute / args.steps:.3f} s, "
           f"total {(t_data + t_compute) / args.steps:.3f} s")

@@ -1,0 +1,16 @@
+"""The one place benchmark scripts read the machine they ran on (recorded next to every figure)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name, or what ``platform`` knows when lscpu is missing."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name:")),
+                platform.processor() or platform.machine())

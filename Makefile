@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch is pinned here: a looser spec pulls several GB of CUDA packages.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test setup setup-test clean
+.PHONY: demo test test-slow setup setup-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: setup
 
 test: setup-test
 	$(PY) -m pytest
+
+test-slow: setup-test
+	$(PY) -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -171,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         f"- pools: phantom target, n_target={args.n_target}, data seeds {args.data_seeds}; 5 subgroups "
         "(common 60%, rare_protocol 15%, enlarged_liver 10%, missing_kidney 8%, lesions 7%)",
         "- model: shipped phantom UNet (`asfda.demo.phantom_model_path()`), zero-shot, T = 1, scored with "
-        "`Adapter.pool_scores`; asfda's divergence at round 0 is `feature_gap` (InstanceNorm network, no "
-        "BatchNorm statistics)",
+        "`Adapter.pool_scores`; asfda's divergence at round 0 is `norm_kl` (InstanceNorm network: Gaussian KL of "
+        "each volume's channel statistics at the normalisation layers against the whole pool's; sub-pools reuse "
+        "the whole-pool values)",
+        *(["- before `norm_kl` (2026-11-25 22:00, same command): asfda used the cosine `feature_gap` and covered "
+           "1.80 / 2.73 / 3.53 subgroups at b=3/5/8 (ENPY 1.80 / 2.13 / 2.53), and only `common` on data seed 1"]
+          if args.n_target == 120 else []),
         f"- seeds: a seeded {args.subpool:.0%} sub-pool per seed {args.seeds}, the same seed for the selection; "
         "[whole pool] uses selection seed 0",
         "",

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import nibabel as nib
@@ -99,3 +103,44 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    kill_at, what = int(sys.argv[1]), sys.argv[2]
+    calls = {"n": 0}
+    def bomb():
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if what == "step":  # in the middle of a round of fine-tuning
+        orig = torch.optim.AdamW.step
+        def step(self, *a, **k):
+            bomb()
+            return orig(self, *a, **k)
+        torch.optim.AdamW.step = step
+    else:  # right after the n-th file written atomically (before the state that names it)
+        import asfda.io.atomic as atomic
+        orig_write = atomic.atomic_write
+        def write(path, fn):
+            out = orig_write(path, fn)
+            if not str(path).endswith(("project.json", ".bak")):
+                bomb()
+            return out
+        atomic.atomic_write = write
+        import asfda.project as project
+        project.atomic_write = write
+    from asfda.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def run_cli_killed(kill_at: int, what: str, *args: str) -> int:
+    """Runs ``asfda ARGS --no-progress`` in a subprocess that SIGKILLs itself at the ``kill_at``-th optimiser
+    step (``what="step"``: in the middle of a round of fine-tuning) or right after the ``kill_at``-th file
+    written atomically by asfda.project (``what="write"``: before the state naming it). Returns the exit code."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", _KILLER, str(kill_at), what, *args, "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=300).returncode

@@ -499,7 +499,8 @@ def test_scoring_needs_validation_and_union() -> None:
     a = ScoringNeeds(metrics={"bald"}, mc_dropout=5, tta_flips=((), (2, 1)))
     b = ScoringNeeds(metrics={"mc_entropy"}, mc_dropout=3, tta_flips=((1, 2), (1,)), feature_stats=True)
     u = a | b
-    assert u.metrics == {"bald", "mc_entropy"} and u.mc_dropout == 5 and u.feature_stats
+    assert u.metrics == {"bald", "mc_entropy"} and u.mc_dropout == 5 and u.feature_stats and not u.divergence
+    assert (a | ScoringNeeds(divergence=True)).divergence and (ScoringNeeds(divergence=True) | a).divergence
     assert u.tta_flips == ((), (1, 2), (1,))  # normalised and de-duplicated, first-seen order
 
 
@@ -677,3 +678,64 @@ def test_batchnorm_gap_reaches_the_asfda_query_components() -> None:
     pool = PoolScores(out.ids, out.metrics, out.embeddings, vectors=out.vectors)
     q = strategy.select(pool, 2, 0)
     assert all("bn_kl" in c and "feature_gap" not in c for c in q.components.values())
+
+
+# ------------------------------------------------------------------ round-0 gap of InstanceNorm networks
+def test_pool_normalisation_divergence_hand_computed() -> None:
+    from asfda.scoring import pool_normalisation_divergence
+
+    # layer 1, one channel: volume means 0 and 2, variances 1 and 1 -> pool reference mean 1,
+    # var = mean(1 + 0, 1 + 4) - 1 = 2; KL(N(0, 1) || N(1, 2)) = 0.5 (ln 2 + (1 + 1) / 2 - 1) = 0.5 ln 2,
+    # the same for N(2, 1) by symmetry
+    m1, v1 = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]])
+    out = pool_normalisation_divergence([m1], [v1])
+    assert out.tolist() == pytest.approx([0.5 * math.log(2)] * 2)
+    # layer 2 where both volumes equal the reference: KL 0, and layers count equally -> half
+    m2, v2 = torch.zeros(2, 3), torch.ones(2, 3)
+    assert pool_normalisation_divergence([m1, m2], [v1, v2]).tolist() == pytest.approx([0.25 * math.log(2)] * 2)
+    # an atypical volume scores highest
+    m3 = torch.tensor([[0.0], [0.1], [-0.1], [3.0]])
+    out = pool_normalisation_divergence([m3], [torch.ones(4, 1)])
+    assert int(torch.argmax(out)) == 3
+    with pytest.raises(ValueError):
+        pool_normalisation_divergence([], [])
+
+
+def test_norm_kl_from_stats_layout() -> None:
+    from asfda.scoring.pool import norm_kl_from_stats
+
+    # per layer: means then variances; layer 1 (1 channel) as above, layer 2 (2 channels) at the reference
+    stats = np.array([[0.0, 1.0, 5.0, 5.0, 1.0, 1.0], [2.0, 1.0, 5.0, 5.0, 1.0, 1.0]])
+    assert norm_kl_from_stats(stats, [1, 2]).tolist() == pytest.approx([0.25 * math.log(2)] * 2)
+    with pytest.raises(ValueError, match="columns"):
+        norm_kl_from_stats(stats, [1, 1])
+
+
+def _instance_norm_network() -> nn.Module:
+    """InstanceNorm on the input image (1 channel, no running statistics), then a 1x1 conv to 2 classes."""
+    return nn.Sequential(nn.InstanceNorm3d(1), nn.Conv3d(1, 2, 1)).eval()
+
+
+def test_instance_norm_gap_is_computed_on_the_one_pass_and_cached(tmp_path) -> None:
+    from asfda.cache import EngineOutputCache
+
+    eng = InferenceEngine(_instance_norm_network(), (4, 4, 2), device=torch.device("cpu"), embedding_layer="output")
+    # image values alternate m - 1 and m + 1: channel mean m, variance 1 (one window = the whole image)
+    vols = [SimpleNamespace(case_id=f"in{i}", image=(torch.tensor([-1.0, 1.0]).repeat(16) + m).reshape(1, 4, 4, 2))
+            for i, m in enumerate([0.0, 2.0])]
+    needs = ScoringNeeds(feature_stats=True)
+    cache = EngineOutputCache(tmp_path / "scores")
+    key = lambda cid: cache.key(cid, "w", "p", False, "x")  # noqa: E731
+    out = score_volumes(vols, eng, 1.0, needs=needs, cache=cache, cache_key=key)
+    assert out.metrics["norm_kl"].tolist() == pytest.approx([0.5 * math.log(2)] * 2, abs=1e-6)
+    assert out.vectors["norm_stats"].shape == (2, 2)
+    assert out.info["divergence_available"] == "norm_kl" and out.info["instance_norm_layers"] == 1
+    calls = []
+    eng.network.register_forward_hook(lambda *a: calls.append(1))
+    again = score_volumes(vols, eng, 1.0, needs=needs, cache=cache, cache_key=key)
+    assert calls == []  # both volumes came from the cache, statistics included
+    assert np.array_equal(again.metrics["norm_kl"], out.metrics["norm_kl"])
+    # not asked for -> not computed; once adapted (frozen engine given) kd replaces it
+    assert "norm_kl" not in score_volumes(vols, eng, 1.0).metrics
+    adapted = score_volumes(vols, eng, 1.0, frozen=eng, needs=needs)
+    assert "norm_kl" not in adapted.metrics and "kd" in adapted.metrics

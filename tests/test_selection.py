@@ -417,6 +417,8 @@ def test_strategies_declare_what_the_scoring_stage_computes() -> None:
     union = needs_of(["asfda", "bald", "tta", "badge", "random"])
     assert union.metrics == {"asd", "bald", "tta_variance"}
     assert union.vectors == {"badge"} and union.mc_dropout == 5 and union.feature_stats
+    assert union.divergence  # asfda's kd survives the union (it once did not)
+    assert needs_of(["asfda"]).divergence and not needs_of(["enpy", "random"]).divergence
     assert union.tta_flips == tta.tta_flips
 
 
@@ -430,7 +432,7 @@ def test_missing_metric_or_vector_is_a_clear_error() -> None:
         get_strategy("badge").select(pool, 2, 0)
 
 
-def test_asfda_divergence_preference_kd_then_bn_kl_then_feature_gap() -> None:
+def test_asfda_divergence_preference_kd_then_bn_kl_then_norm_kl_then_feature_gap() -> None:
     pool = _pool(8, 6, n_labelled=0)
     pool.metrics["bn_kl"] = np.random.default_rng(1).random(8)
     comps = get_strategy("asfda").select(pool, 3, 0).components.values()
@@ -443,3 +445,11 @@ def test_asfda_divergence_preference_kd_then_bn_kl_then_feature_gap() -> None:
     name, cols = ASFDAStrategy().pool_components(pool)
     assert name == "bn_kl"
     assert q.ids[0] == pool.ids[int(np.argmax(cols["rank_score"]))]
+    # InstanceNorm network at round 0: the pool-referenced norm_kl, then the cosine feature gap
+    pool.metrics["norm_kl"] = np.random.default_rng(2).random(8)
+    assert ASFDAStrategy().pool_components(pool)[0] == "bn_kl"
+    del pool.metrics["bn_kl"]
+    name, cols = ASFDAStrategy().pool_components(pool)
+    assert name == "norm_kl" and np.array_equal(cols["norm_kl"], pool.metrics["norm_kl"])
+    del pool.metrics["norm_kl"]
+    assert ASFDAStrategy().pool_components(pool)[0] == "feature_gap"

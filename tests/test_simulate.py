@@ -46,10 +46,19 @@ def test_pool_state_round_trip_and_no_double_labelling() -> None:
 def test_simulation_end_to_end_writes_results(tmp_path: Path, tiny_bundle: Path) -> None:
     data = write_nnunet(tmp_path / "ds", n=7)
     res = run_simulation(_cfg(tmp_path, tiny_bundle, data))
-    for name in ("results.csv", "results.json", "results.md", "learning_curve.png", "run.json"):
+    for name in ("results.csv", "results.json", "results.md", "learning_curve.png", "run.json", "report.html"):
         assert (res.out_dir / name).exists(), name
     counts = sorted({(r["strategy"], r["n_labelled"]) for r in res.rows})
-    assert counts == [("asfda", 0), ("asfda", 1), ("asfda", 2), ("random", 0), ("random", 1), ("random", 2)]
+    assert counts == [("asfda", 0), ("asfda", 1), ("asfda", 2), ("random", 0), ("random", 1), ("random", 2),
+                      ("upper_bound", 5)]  # 7 cases, 2 in the test split: the upper bound labels all 5 of the pool
+    ub = next(r for r in res.rows if r["strategy"] == "upper_bound")
+    assert ub["steps"] == 3 * 2 and 0.0 <= ub["dice_mean"] <= 1.0
+    assert res.summary["upper_bound"]["dice"] == pytest.approx(ub["dice_mean"])
+    of = res.summary["asfda"]["of_upper"][2]
+    last = next(r for r in res.rows if r["strategy"] == "asfda" and r["n_labelled"] == 2)
+    assert of == pytest.approx(last["dice_mean"] / ub["dice_mean"])
+    table = (res.out_dir / "results.md").read_text()
+    assert "% of upper bound" in table and "Upper bound (fine-tuned on all 5 pool volumes" in table
     run = json.loads((res.out_dir / "run.json").read_text())
     assert run["model_weights_sha256_16"] and run["versions"]["torch"] and run["config"]["budget"] == 1
     state = json.loads((res.out_dir / "asfda" / "seed0" / "state.json").read_text())
@@ -67,6 +76,15 @@ def test_simulation_end_to_end_writes_results(tmp_path: Path, tiny_bundle: Path)
     assert all(torch.equal(own[k], last[f"network.{k}"]) for k in own)
     meta = json.loads((res.out_dir / "asfda" / "seed0" / "bundle" / "configs" / "metadata.json").read_text())
     assert meta["asfda"]["rounds"] == 2 and len(meta["asfda"]["labelled"]) == 2
+    # the HTML report: self-contained (images inlined), every section, previews of the queried volumes
+    page = (res.out_dir / "report.html").read_text()
+    for words in ("Learning curves", "Results", "Rounds", "What was queried and why", "before (zero-shot)",
+                  "Upper bound"):
+        assert words in page, words
+    assert page.count("data:image/png;base64,") == 1 + 4  # the curve, 2 queried volumes x 2 strategies
+    assert "src=\"http" not in page and "<link" not in page
+    assert all(i in page for i in queried)
+    assert len(list((res.out_dir / "previews").rglob("*.png"))) == 4
 
 
 def test_interrupted_simulation_resumes_without_redoing_rounds(tmp_path: Path, tiny_bundle: Path,
@@ -91,7 +109,7 @@ def test_interrupted_simulation_resumes_without_redoing_rounds(tmp_path: Path, t
     assert len(state["rounds"]) == 1
     calls["n"] = 10  # no more crashes
     resumed = run_simulation(cfg)
-    assert calls["n"] == 10 + 1 + 2  # asfda's round 1 only, then random's two rounds
+    assert calls["n"] == 10 + 1 + 2 + 1  # asfda's round 1 only, random's two rounds, the upper bound
     key = lambda rows: sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
     assert key(resumed.rows) == key(reference.rows)
 
@@ -111,3 +129,29 @@ def test_semi_supervised_rounds_record_reliable_volumes(tmp_path: Path, tiny_bun
         labelled_so_far = {i for r in state["rounds"][: rec["round"] + 1] for i in r["queried"]}
         assert rec["reliable"], "every unlabeled volume is reliable at fraction 1.0"
         assert not set(rec["reliable"]) & labelled_so_far
+
+
+def test_simulation_killed_with_sigkill_mid_round_resumes_to_the_same_results(tmp_path: Path, tiny_bundle: Path
+                                                                              ) -> None:
+    import signal
+
+    import yaml
+
+    from conftest import run_cli_killed
+
+    data = write_nnunet(tmp_path / "ds", n=7)
+    reference = run_simulation(_cfg(tmp_path, tiny_bundle, data, out="ref"))
+    cfg = {"model": str(tiny_bundle), "pool": str(data), "test_fraction": 0.3, "strategies": ["asfda", "random"],
+           "budget": 1, "rounds": 2, "seeds": [0], "train": {"steps": 3, "batch_size": 1},
+           "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "killed")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    # optimiser step 5 = the 2nd of 3 steps of asfda's round 1 (steps 1-3 were round 0)
+    assert run_cli_killed(5, "step", "simulate", "--config", str(tmp_path / "cfg.yaml")) == -signal.SIGKILL
+    state = json.loads((tmp_path / "killed" / "asfda" / "seed0" / "state.json").read_text())
+    assert [r["round"] for r in state["rounds"]] == [0]  # round 0 kept, round 1 not half-recorded
+    assert (tmp_path / "killed" / "asfda" / "seed0" / state["weights"]).exists()
+    resumed = run_simulation(_cfg(tmp_path, tiny_bundle, data, out="killed"))
+    key = lambda rows: sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)  # noqa: E731
+    assert key(resumed.rows) == key(reference.rows)
+    again = json.loads((tmp_path / "killed" / "asfda" / "seed0" / "state.json").read_text())
+    assert again["rounds"][0] == state["rounds"][0]  # the finished round was not redone

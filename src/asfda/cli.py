@@ -106,6 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     _add_common(p)
+
+    # -- the annotation workflow (asfda.project) ---------------------------------------------------
+    p = sub.add_parser("init", help="create an annotation project: pretrained model + unlabeled pool")
+    p.add_argument("out", help="project folder to create")
+    p.add_argument("--model", required=True, help="bundle folder, checkpoint or TorchScript file")
+    p.add_argument("--pool", required=True, help="the unlabeled pool (nnU-Net raw or NIfTI folder)")
+    p.add_argument("--labels", help="JSON of label name -> value for a plain NIfTI folder (default: the model's "
+                   "classes; nnU-Net pools use their dataset.json)")
+    p.add_argument("--strategy", default="asfda", help="query strategy (default: asfda)")
+    p.add_argument("--budget", type=int, default=2, help="cases to annotate per round (default: 2)")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round (default: 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-map", help="target=source,... overrides of the name match")
+    p.add_argument("--allow-empty-labels", action="store_true", help="accept label maps with no foreground")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_common(p)
+    project_commands = [
+        ("next", "score the pool and export the next cases to annotate",
+         [("--force", "replace a pending query whose labels are not all in")]),
+        ("ingest", "check annotators' label files against their images and keep the good ones", []),
+        ("finetune", "fine-tune on every label so far (one round)",
+         [("--force", "train a round even without new labels")]),
+        ("status", "where an annotation project stands and what to do next",
+         [("--json", "print the summary as JSON")]),
+    ]
+    for name, text, flags in project_commands:
+        p = sub.add_parser(name, help=text)
+        if name == "ingest":
+            p.add_argument("labels", help="folder of CASE.nii.gz label maps")
+        p.add_argument("project", nargs="?", default=".", help="project folder (default: .)")
+        for flag, flag_help in flags:
+            p.add_argument(flag, action="store_true", help=flag_help)
+        _add_common(p)
     return parser
 
 
@@ -184,6 +217,63 @@ def _dispatch(args: argparse.Namespace) -> int:
         query_dataset(args.model, args.data, args.strategy, args.budget, args.out, labelled=args.labelled,
                       seed=args.seed, temperature=args.temperature, alpha=args.alpha, model_config=args.model_config,
                       class_map=args.class_map, device=args.device, progress=progress)
+    elif args.command in ("init", "next", "ingest", "finetune", "status"):
+        return _project_command(args, progress)
+    return 0
+
+
+def _project_command(args: argparse.Namespace, progress: bool) -> int:
+    import json
+
+    from asfda import project as prj
+
+    if args.command == "init":
+        from asfda.training import TrainConfig
+
+        settings = prj.ProjectSettings(strategy=args.strategy, budget=args.budget, seed=args.seed,
+                                       class_map=args.class_map, allow_empty_labels=args.allow_empty_labels,
+                                       device=args.device, train=TrainConfig(steps=args.steps))
+        p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels)
+        print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
+        print(f"next: asfda next {p.root}")
+    elif args.command == "next":
+        q = prj.next_query(args.project, progress=progress, force=args.force)
+        root = prj.Project(args.project).root
+        print(f"round {q['round']}: annotate these {len(q['ids'])} cases ({q['strategy']}, T={q['temperature']:.3g}):")
+        for cid in q["ids"]:
+            comps = ", ".join(f"{k}={v:.3g}" for k, v in q["components"].get(cid, {}).items())
+            print(f"  {cid}  {comps}")
+        print(f"images, previews and instructions: {root / q['folder']}")
+        print(f"then: asfda ingest LABELS_DIR {root}")
+    elif args.command == "ingest":
+        res = prj.ingest_labels(args.project, args.labels)
+        for cid in res["accepted"]:
+            print(f"accepted: {cid}" + (" (replaces the earlier label)" if cid in res["replaced"] else ""))
+        for bad in res["refused"]:
+            print(f"refused: {bad['file']}: {bad['reason']}", file=sys.stderr)
+        status = prj.project_status(args.project)
+        print(f"{status['labelled']} labelled in all; next: {status['next']}")
+        return 1 if res["refused"] else 0
+    elif args.command == "finetune":
+        rec = prj.finetune_project(args.project, progress=progress, force=args.force)
+        root = prj.Project(args.project).root
+        print(f"round {rec['round']} fine-tuned on {len(rec['labelled_ids'])} labelled cases in {rec['seconds']:.0f} s "
+              f"(final loss {rec['loss_final']:.3f}); adapted model: {root / 'model'}")
+        print(f"next: asfda next {root}")
+    elif args.command == "status":
+        st = prj.project_status(args.project)
+        if args.json:
+            print(json.dumps(st, indent=2))
+        else:
+            print(f"project {st['project']}: {st['rounds_finished']} round(s) fine-tuned, {st['labelled']} of "
+                  f"{st['pool_cases']} pool cases labelled")
+            if st["pending_query"]:
+                q = st["pending_query"]
+                print(f"pending query (round {q['round']}): {', '.join(q['ids'])}; missing labels: "
+                      f"{', '.join(q['missing_labels']) or 'none'}")
+            if st["labelled_not_trained"]:
+                print(f"labelled, not yet trained on: {', '.join(st['labelled_not_trained'])}")
+            print(f"next: {st['next']}")
     return 0
 
 

@@ -54,6 +54,12 @@ class RunConfig:
     class_map: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    # the full-supervision upper bound: fine-tune the pretrained model on the whole pool, every case labelled,
+    # for upper_bound_steps (0: train.steps x rounds, the steps a strategy's model has seen at its last round)
+    upper_bound: bool = True
+    upper_bound_steps: int = 0
+    report: bool = True  # report.html: curves, tables, queries and why, overlay previews
+    previews: int = 4  # overlay previews per strategy in the report (first seed's queried volumes)
     cache_dir: str = ".cache"
     out_dir: str = "runs/simulate"
     device: str = "auto"
@@ -146,7 +152,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     checks = [("train.steps", cfg.train.steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
               ("train.lr", cfg.train.lr > 0), ("budget", cfg.budget >= 1), ("rounds", cfg.rounds >= 1),
               ("test_fraction", 0 < cfg.test_fraction < 1), ("alpha", 0 <= cfg.alpha <= 1),
-              ("temperature0", cfg.temperature0 > 0), ("seeds", len(cfg.seeds) >= 1)]
+              ("temperature0", cfg.temperature0 > 0), ("seeds", len(cfg.seeds) >= 1),
+              ("upper_bound_steps", cfg.upper_bound_steps >= 0), ("previews", cfg.previews >= 0)]
     bad = [name for name, ok in checks if not ok]
     if bad:
         raise AsfdaError(f"out-of-range config values: {', '.join(f'{b}' for b in bad)}",

@@ -1,4 +1,5 @@
-"""`asfda demo`: the whole loop on the embedded phantom benchmark, asfda against random, one seed."""
+"""`asfda demo`: the whole loop on the embedded phantom benchmark, asfda against random, one seed, with the
+zero-shot lower bound, the full-pool upper bound and the HTML report."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = ".cache/p
     print("Mean Dice on the held-out target test split vs number of labelled target volumes")
     print("(n=0 is the zero-shot pretrained model; AUC = area under the curve / n range):")
     print(results_table(result.summary))
-    print(f"\nResults: {Path(out_dir).resolve()} (results.md, results.csv, results.json, learning_curve.png, "
+    print(f"\nReport: {(Path(out_dir) / 'report.html').resolve()}")
+    print(f"Results: {Path(out_dir).resolve()} (results.md, results.csv, results.json, learning_curve.png, "
           f"run.json); wall time {time.perf_counter() - t0:.0f} s")
     return result

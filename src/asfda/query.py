@@ -27,7 +27,7 @@ from asfda.selection.strategies import ASFDAStrategy
 
 __all__ = ["has_dropout", "query_dataset", "read_ids_file", "score_dataset"]
 
-_METRIC_ORDER = ["asd", "enpy", "confidence", "kd", "bn_kl", "mc_entropy", "bald", "tta_variance"]
+_METRIC_ORDER = ["asd", "enpy", "confidence", "kd", "bn_kl", "norm_kl", "mc_entropy", "bald", "tta_variance"]
 
 
 def has_dropout(network: nn.Module) -> bool:

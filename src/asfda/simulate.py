@@ -119,10 +119,49 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
             adapter.load_current_state(pretrained_state)
             adapter.is_adapted = False
             rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, pretrained_state, overall)
+        if cfg.upper_bound:
+            adapter.load_current_state(pretrained_state)
+            rows.append(_upper_bound(adapter, cfg, seed, pool_cases, test_cases))
+        adapter.load_current_state(pretrained_state)
+        adapter.is_adapted = False
     overall.close()
     summary = summarise(rows)
     write_results(out, rows, summary)
+    if cfg.report:
+        from asfda.report.html import write_run_report
+
+        write_run_report(out, adapter, pool_ds, cfg, summary, rows)
     return SimulationResult(out, rows, summary)
+
+
+UPPER_BOUND = "upper_bound"
+"""The strategy name of the full-supervision upper bound's rows (every pool case labelled)."""
+
+
+def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], test: list[Case]) -> dict:
+    """Fine-tunes the pretrained model on the whole pool (all labelled) and evaluates it; cached per seed."""
+    import dataclasses
+
+    steps = cfg.upper_bound_steps or cfg.train.steps * cfg.rounds
+    train = dataclasses.replace(cfg.train, steps=steps, seed=seed * 1000 + 999)
+    path = Path(cfg.out_dir) / UPPER_BOUND / f"seed{seed}.json"
+    key = {"model": adapter.pretrained.weights_hash, "pool": [c.case_id for c in pool],
+           "test": [c.case_id for c in test], "train": config_to_dict(train)}
+    per_case = None
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            per_case, seconds = saved["per_case"], saved["seconds_train"]
+    if per_case is None:
+        t0 = time.perf_counter()
+        adapter.finetune(pool, train, desc=f"upper bound seed{seed} ({len(pool)} labelled)")
+        seconds = round(time.perf_counter() - t0, 2)
+        per_case = adapter.evaluate(test)
+        atomic_write_json(path, {"key": key, "per_case": per_case, "seconds_train": seconds, "steps": steps})
+    return {"strategy": UPPER_BOUND, "seed": seed, "round": -1, "n_labelled": len(pool),
+            "dice_mean": mean_of(per_case, "dice_mean"),
+            **{k: mean_of(per_case, k) for k in per_case[0] if k.startswith("dice_") and k != "dice_mean"},
+            "steps": steps}
 
 
 def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path) -> list[dict]:
@@ -222,7 +261,8 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
     import hashlib
 
     keep = config_to_dict(cfg)
-    for key in ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds"):
+    for key in ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds",
+                "upper_bound", "upper_bound_steps", "report", "previews"):
         keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
     blob = json.dumps({"cfg": keep, "model": adapter.pretrained.weights_hash, "strategy": name, "seed": seed,
                        "pool": [c.case_id for c in pool], "test": [c.case_id for c in test]}, sort_keys=True)
@@ -236,9 +276,11 @@ def _round_train_config(cfg: RunConfig, seed: int, r: int):
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
-    """Per strategy: mean Dice per labelled count (over seeds) and the area under the curve."""
+    """Per strategy: mean Dice per labelled count (over seeds), its spread, the area under the curve and, when
+    the upper bound was run, each count's Dice as a fraction of the upper bound's (same seed's, averaged)."""
     out: dict[str, dict] = {}
-    for name in sorted({r["strategy"] for r in rows}):
+    upper = {r["seed"]: r["dice_mean"] for r in rows if r["strategy"] == UPPER_BOUND}
+    for name in sorted({r["strategy"] for r in rows} - {UPPER_BOUND}):
         mine = [r for r in rows if r["strategy"] == name]
         counts = sorted({r["n_labelled"] for r in mine})
         curve = {n: float(np.nanmean([r["dice_mean"] for r in mine if r["n_labelled"] == n])) for n in counts}
@@ -247,17 +289,39 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         aucs = [area_under_curve([r["n_labelled"] for r in mine if r["seed"] == s],
                                  [r["dice_mean"] for r in mine if r["seed"] == s]) for s in seeds]
         out[name] = {"curve": curve, "std": spread, "auc": float(np.mean(aucs)), "auc_per_seed": aucs}
+        if upper:
+            out[name]["of_upper"] = {n: float(np.nanmean([r["dice_mean"] / upper[r["seed"]] for r in mine
+                                                          if r["n_labelled"] == n and r["seed"] in upper]))
+                                     for n in counts}
+    if upper:
+        vals = list(upper.values())
+        n_pool = next(r["n_labelled"] for r in rows if r["strategy"] == UPPER_BOUND)
+        out[UPPER_BOUND] = {"dice": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": upper,
+                            "n_labelled": n_pool}
     return out
 
 
 def results_table(summary: dict[str, dict]) -> str:
-    """A markdown table: strategy x number labelled (mean Dice over seeds), plus AUC."""
-    counts = sorted({n for s in summary.values() for n in s["curve"]})
-    head = "| strategy | " + " | ".join(f"n={n}" for n in counts) + " | AUC |"
-    lines = [head, "|" + "---|" * (len(counts) + 2)]
-    for name, s in summary.items():
-        cells = [f"{s['curve'][n]:.3f}" if n in s["curve"] else "" for n in counts]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['auc']:.3f} |")
+    """A markdown table: strategy x number labelled (mean Dice over seeds, +- std when several seeds), AUC,
+    and the last count's % of the upper bound; then the upper bound's line."""
+    curves = {k: v for k, v in summary.items() if k != UPPER_BOUND}
+    upper = summary.get(UPPER_BOUND)
+    counts = sorted({n for s in curves.values() for n in s["curve"]})
+    several = any(len(s["auc_per_seed"]) > 1 for s in curves.values())
+    head = "| strategy | " + " | ".join(f"n={n}" for n in counts) + " | AUC |" + (" % of upper bound |" if upper else "")
+    lines = [head, "|" + "---|" * (len(counts) + 2 + bool(upper))]
+    for name, s in curves.items():
+        cells = [(f"{s['curve'][n]:.3f}" + (f" ± {s['std'][n]:.3f}" if several else "")) if n in s["curve"] else ""
+                 for n in counts]
+        line = f"| {name} | " + " | ".join(cells) + f" | {s['auc']:.3f} |"
+        if upper:
+            last = max(s["of_upper"])
+            line += f" {100 * s['of_upper'][last]:.0f}% (n={last}) |"
+        lines.append(line)
+    if upper:
+        lines.append("")
+        lines.append(f"Upper bound (fine-tuned on all {upper['n_labelled']} pool volumes, labelled): "
+                     f"{upper['dice']:.3f}" + (f" ± {upper['std']:.3f}" if len(upper["per_seed"]) > 1 else "") + ".")
     return "\n".join(lines)
 
 

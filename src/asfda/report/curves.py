@@ -1,4 +1,5 @@
-"""Dice-vs-number-labelled learning curves (mean and spread over seeds) as a PNG."""
+"""Dice-vs-number-labelled learning curves (mean and +-1 std band over seeds) as a PNG, with the upper
+bound (whole pool labelled) as a dashed line when the run has one."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ def plot_learning_curves(rows: list[dict], path: str | Path, title: str = "Dice 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name in sorted({r["strategy"] for r in rows}):
+    upper = [r["dice_mean"] for r in rows if r["strategy"] == "upper_bound"]
+    for name in sorted({r["strategy"] for r in rows} - {"upper_bound"}):
         mine = [r for r in rows if r["strategy"] == name]
         counts = sorted({r["n_labelled"] for r in mine})
         mean = np.array([np.nanmean([r["dice_mean"] for r in mine if r["n_labelled"] == n]) for n in counts])
         std = np.array([np.nanstd([r["dice_mean"] for r in mine if r["n_labelled"] == n]) for n in counts])
         ax.plot(counts, mean, marker="o", label=name)
         ax.fill_between(counts, mean - std, mean + std, alpha=0.2)
+    if upper:
+        n_pool = next(r["n_labelled"] for r in rows if r["strategy"] == "upper_bound")
+        ax.axhline(float(np.nanmean(upper)), color="0.3", linestyle="--", linewidth=1,
+                   label=f"upper bound (all {n_pool} labelled)")
     ax.set_xlabel("labelled target volumes")
     ax.set_ylabel("mean Dice (test set)")
     ax.set_title(title)

@@ -15,6 +15,7 @@ from asfda.scoring.metrics import (
     mc_scores_from_moments,
     mean_entropy,
     normalisation_stat_divergence,
+    pool_normalisation_divergence,
     tta_variance,
     voxel_entropy,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "mc_scores_from_moments",
     "mean_entropy",
     "normalisation_stat_divergence",
+    "pool_normalisation_divergence",
     "tta_variance",
     "voxel_entropy",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "mc_scores_from_moments",
     "mean_entropy",
     "normalisation_stat_divergence",
+    "pool_normalisation_divergence",
     "tta_variance",
     "voxel_entropy",
 ]
@@ -203,3 +204,31 @@ def normalisation_stat_divergence(layers: list[tuple[torch.Tensor, torch.Tensor,
     if not layers:
         raise ValueError("normalisation_stat_divergence needs at least one layer")
     return float(torch.stack([gaussian_kl(m, v, rm, rv).mean() for m, v, rm, rv in layers]).mean())
+
+
+def pool_normalisation_divergence(means: list[torch.Tensor], variances: list[torch.Tensor]) -> torch.Tensor:
+    """The round-0 feature-statistics gap for networks whose normalisation layers store no source
+    statistics (InstanceNorm, GroupNorm): the same per-layer Gaussian KL as `normalisation_stat_divergence`,
+    with the *pool's* statistics as the reference instead of the absent running statistics.
+
+    For each layer l, the reference of channel c is the Gaussian with the moments of the pool mixture,
+    ``mean0 = mean_n(mean[n, c])`` and ``var0 = mean_n(var[n, c] + mean[n, c]^2) - mean0^2``; each volume gets
+    the mean over channels of ``KL(N(mean[n], var[n]) || N(mean0, var0))``, then the mean over layers.
+    Atypical volumes (far from the pool's usual feature statistics) score highest.
+
+    Args:
+        means, variances: per layer ``[N, channels]``: each volume's per-channel mean and variance of the
+            layer's input.
+
+    Returns:
+        ``[N]`` float64.
+    """
+    if not means or len(means) != len(variances):
+        raise ValueError("pool_normalisation_divergence needs the same number (>= 1) of mean and variance layers")
+    per_layer = []
+    for m, v in zip(means, variances):
+        m, v = m.double(), v.double().clamp_min(_EPS)
+        m0 = m.mean(0, keepdim=True)
+        v0 = ((v + m * m).mean(0, keepdim=True) - m0 * m0).clamp_min(_EPS)
+        per_layer.append(gaussian_kl(m, v, m0, v0).mean(1))
+    return torch.stack(per_layer).mean(0)

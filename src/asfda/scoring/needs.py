@@ -23,7 +23,7 @@ BASE_METRICS = frozenset({"asd", "enpy", "confidence", "kd"})
 
 MC_METRICS = frozenset({"mc_entropy", "bald"})
 TTA_METRICS = frozenset({"tta_variance"})
-FEATURE_STAT_METRICS = frozenset({"bn_kl"})
+FEATURE_STAT_METRICS = frozenset({"bn_kl", "norm_kl"})
 KNOWN_METRICS = BASE_METRICS | MC_METRICS | TTA_METRICS | FEATURE_STAT_METRICS
 KNOWN_VECTORS = frozenset({"badge"})
 
@@ -47,8 +47,9 @@ class ScoringNeeds:
         tta_flips: the flips, as tuples of model-grid axes in {1, 2}, of the test-time-augmentation passes;
             ``()`` is the identity (it reuses the main pass). Required (>= 2 flips) by ``tta_variance``.
         divergence: compute ``kd`` with the frozen pretrained model once the model has been adapted.
-        feature_stats: compute the round-0 normalisation-statistics gap (``bn_kl``) when the model has
-            BatchNorm layers with running statistics; silently absent otherwise.
+        feature_stats: compute the round-0 normalisation-statistics gap: ``bn_kl`` when the model has
+            BatchNorm layers with running statistics, else ``norm_kl`` (against the pool's own statistics)
+            when it has InstanceNorm / GroupNorm layers; silently absent otherwise.
     """
 
     metrics: frozenset[str] = field(default_factory=frozenset)
@@ -87,7 +88,7 @@ class ScoringNeeds:
     def __or__(self, other: ScoringNeeds) -> ScoringNeeds:
         return ScoringNeeds(self.metrics | other.metrics, self.vectors | other.vectors,
                             max(self.mc_dropout, other.mc_dropout), self.tta_flips + other.tta_flips,
-                            self.feature_stats or other.feature_stats)
+                            self.feature_stats or other.feature_stats, self.divergence or other.divergence)
 
     @staticmethod
     def union(needs: list[ScoringNeeds] | tuple[ScoringNeeds, ...]) -> ScoringNeeds:
@@ -99,4 +100,5 @@ class ScoringNeeds:
     def describe(self) -> dict:
         """A JSON-friendly summary (for run records and CLI output)."""
         return {"metrics": sorted(self.metrics), "vectors": sorted(self.vectors), "mc_dropout": self.mc_dropout,
-                "tta_flips": [list(f) for f in self.tta_flips], "feature_stats": self.feature_stats}
+                "tta_flips": [list(f) for f in self.tta_flips], "feature_stats": self.feature_stats,
+                "divergence": self.divergence}

@@ -3,8 +3,11 @@
 What runs per volume is driven by the `ScoringNeeds` of the requested strategies:
 
 - always one forward pass of the current model (``asd``, ``enpy``, ``confidence``, the embedding; the
-  BADGE head-gradient vector when asked for; the BatchNorm statistics gap ``bn_kl`` when asked for,
-  the model has BatchNorm running statistics and has not been adapted yet — hooks on the same pass);
+  BADGE head-gradient vector when asked for; when the round-0 feature-statistics gap is asked for and
+  the model has not been adapted yet, hooks on the same pass read the channel statistics at the
+  normalisation layers: ``bn_kl`` against stored BatchNorm running statistics, otherwise ``norm_kl``
+  against the pool's own statistics for InstanceNorm / GroupNorm networks, computed once the pool has
+  been streamed from the per-volume ``norm_stats`` vectors);
 - one pass of the frozen pretrained model once the current model has been adapted (``kd``);
 - exactly ``needs.mc_dropout`` stochastic dropout passes for ``mc_entropy`` / ``bald``;
 - one pass per non-identity flip of ``needs.tta_flips`` for ``tta_variance`` (model-grid axes 1 and 2
@@ -34,11 +37,13 @@ from asfda.scoring.metrics import (
     mc_scores_from_moments,
     mean_entropy,
     normalisation_stat_divergence,
+    pool_normalisation_divergence,
     voxel_entropy,
 )
 from asfda.scoring.needs import ScoringNeeds
 
-__all__ = ["PoolMetrics", "ScoredPool", "batchnorm_layers", "score_volumes"]
+__all__ = ["PoolMetrics", "ScoredPool", "batchnorm_layers", "instance_norm_layers", "norm_kl_from_stats",
+           "score_volumes"]
 
 PoolMetrics = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]
 
@@ -75,6 +80,32 @@ def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm
             and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
 
 
+def instance_norm_layers(network: nn.Module) -> list[nn.Module]:
+    """Normalisation layers without stored source statistics (InstanceNorm without running statistics,
+    GroupNorm), in module order: their inputs' channel statistics describe the volume's "style"."""
+    out = []
+    for m in network.modules():
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.running_mean is None:
+            out.append(m)
+        elif isinstance(m, nn.GroupNorm):
+            out.append(m)
+    return out
+
+
+def norm_kl_from_stats(stats: np.ndarray, channels: list[int]) -> np.ndarray:
+    """``norm_kl`` of every volume from the ``norm_stats`` vectors ``[N, 2 * sum(channels)]`` (per layer, the
+    channel means then the channel variances), see `asfda.scoring.metrics.pool_normalisation_divergence`."""
+    stats = torch.as_tensor(np.asarray(stats), dtype=torch.float64)
+    means, variances, at = [], [], 0
+    for c in channels:
+        means.append(stats[:, at:at + c])
+        variances.append(stats[:, at + c:at + 2 * c])
+        at += 2 * c
+    if at != stats.shape[1]:
+        raise ValueError(f"norm_stats has {stats.shape[1]} columns, the layers {channels} need {at}")
+    return pool_normalisation_divergence(means, variances).numpy()
+
+
 class _ChannelStats:
     """Accumulates per-channel sum / sum of squares / count of each BN layer's *input* over one pass."""
 
@@ -102,6 +133,20 @@ class _ChannelStats:
             self.counts[i] += x.shape[1]
 
         return hook
+
+    def moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: the input's per-channel (mean, variance) over the pass (float64, CPU)."""
+        out = []
+        for s, q, n in zip(self.sums, self.sqs, self.counts):
+            if s is None or n == 0:
+                raise RuntimeError("a normalisation layer saw no input during the pass")
+            mean = (s / n).cpu()
+            out.append((mean, (q.cpu() / n - mean * mean).clamp_min(0.0)))
+        return out
+
+    def vector(self) -> np.ndarray:
+        """The ``norm_stats`` vector: per layer, the channel means then the channel variances (float32)."""
+        return torch.cat([torch.cat([m, v]) for m, v in self.moments()]).float().numpy()
 
     def divergence(self) -> float:
         stats = []
@@ -192,11 +237,13 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
     mc_passes = needs.mc_dropout  # >= 2 whenever mc_entropy / bald are asked for (ScoringNeeds checks)
     flips = needs.tta_flips if ("tta_variance" in needs.metrics or len(needs.tta_flips) > 1) else ()
     bn = batchnorm_layers(current.network) if (needs.feature_stats and frozen is None) else []
+    inorm = instance_norm_layers(current.network) if (needs.feature_stats and frozen is None and not bn) else []
     names = ["asd", "enpy", "confidence"] + (["kd"] if frozen is not None else [])
     names += (["mc_entropy", "bald"] if mc_passes else []) + (["tta_variance"] if len(flips) > 1 else [])
     names += ["bn_kl"] if bn else []
     metrics: dict[str, list[float]] = {n: [] for n in names}
     badge: list[np.ndarray] = []
+    norm_stats: list[np.ndarray] = []
     ids, embs, embs0 = [], [], []
     def record(case_id: str, values: dict[str, np.ndarray]) -> None:
         ids.append(case_id)
@@ -207,18 +254,20 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
             embs0.append(values["emb0"])
         if needs.head_gradient:
             badge.append(values["badge"])
+        if inorm:
+            norm_stats.append(values["norm_stats"])
 
     for index, vol in enumerate(progress(volumes)):
         case_id = str(getattr(vol, "case_id", index))
         key = cache_key(case_id) if (cache is not None and cache_key is not None) else None
         hit = cache.get(key) if key is not None else None
-        if hit is not None and all(f"m_{n}" in hit for n in names):
+        if hit is not None and all(f"m_{n}" in hit for n in names) and (not inorm or "norm_stats" in hit):
             record(case_id, hit)
             continue
         before = {n: len(metrics[n]) for n in names}
         n_emb, n_emb0, n_badge = len(embs), len(embs0), len(badge)
         ids.append(case_id)
-        stats = _ChannelStats(bn)
+        stats = _ChannelStats(bn or inorm)
         with stats.capturing():
             logits, emb = current.run(vol.image)
         prob = torch.softmax(logits / temperature, 0)
@@ -229,6 +278,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
         embs.append(emb.numpy())
         if bn:
             metrics["bn_kl"].append(stats.divergence())
+        if inorm:
+            norm_stats.append(stats.vector())
         if needs.head_gradient:
             badge.append(badge_embedding(prob, emb).numpy())
         if frozen is not None:
@@ -250,12 +301,20 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
                 entry["emb0"] = embs0[n_emb0]
             if needs.head_gradient:
                 entry["badge"] = badge[n_badge]
+            if inorm:
+                entry["norm_stats"] = norm_stats[-1]
             cache.put(key, entry)
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in metrics.items()}
     vectors = {"badge": np.stack(badge) if badge else np.zeros((0, 0))} if needs.head_gradient else {}
-    divergence = "kd" if frozen is not None else ("bn_kl" if bn else "feature_gap")
+    if inorm and norm_stats:
+        # pool-referenced: needs every volume's statistics (a sharded run computes it after gathering)
+        vectors["norm_stats"] = np.stack(norm_stats)
+        arrays["norm_kl"] = norm_kl_from_stats(vectors["norm_stats"], [int(m.num_features if hasattr(
+            m, "num_features") else m.num_channels) for m in inorm])
+    divergence = "kd" if frozen is not None else ("bn_kl" if bn else ("norm_kl" if inorm else "feature_gap"))
     info = {"temperature": float(temperature), "mc_dropout_passes": mc_passes,
             "tta_flips": [list(f) for f in flips] if len(flips) > 1 else [], "batchnorm_layers": len(bn),
+            "instance_norm_layers": len(inorm),
             "divergence_available": divergence, "forward_passes_per_volume":
                 1 + (frozen is not None) + mc_passes + sum(1 for f in flips if f) * (len(flips) > 1)}
     return ScoredPool(ids, arrays, np.stack(embs) if embs else np.zeros((0, 0)),

@@ -170,8 +170,10 @@ class ASFDAStrategy(Strategy):
     The knowledge divergence is, in order of preference, and named as such in the query components:
     ``kd`` (KL of the adapted vs the pretrained model, once the model has been adapted); at round 0
     ``bn_kl`` (Gaussian KL of the volume's channel statistics at the BatchNorm layers vs their stored
-    source running statistics, when the model has them); otherwise ``feature_gap`` (cosine distance of
-    the pretrained embedding to the mean pool embedding: atypical, source-dissimilar volumes first).
+    source running statistics, when the model has them); ``norm_kl`` (the same KL at InstanceNorm /
+    GroupNorm layers, which store no source statistics, against the pool's own statistics: atypical
+    volumes first); otherwise ``feature_gap`` (cosine distance of the pretrained embedding to the mean
+    pool embedding).
     """
 
     name = "asfda"
@@ -187,13 +189,15 @@ class ASFDAStrategy(Strategy):
         percentile ranks and the combined score before the diversity factor.
 
         Returns:
-            (name of the divergence used: ``kd``, ``bn_kl`` or ``feature_gap``; column name -> ``[N]``).
+            (name of the divergence used: ``kd``, ``bn_kl``, ``norm_kl`` or ``feature_gap``; column name -> ``[N]``).
         """
         asd = np.asarray(pool.metrics["asd"], dtype=np.float64)
         if "kd" in pool.metrics:
             kd, kd_name = np.asarray(pool.metrics["kd"], dtype=np.float64), "kd"
         elif "bn_kl" in pool.metrics:
             kd, kd_name = np.asarray(pool.metrics["bn_kl"], dtype=np.float64), "bn_kl"
+        elif "norm_kl" in pool.metrics:
+            kd, kd_name = np.asarray(pool.metrics["norm_kl"], dtype=np.float64), "norm_kl"
         else:
             emb0 = np.asarray(pool.embeddings0 if pool.embeddings0 is not None else pool.embeddings, dtype=np.float64)
             kd, kd_name = _cosine_to_mean(emb0), "feature_gap"

@@ -1,0 +1,415 @@
+"""The annotate-and-resume workflow of a hospital team: a project folder that asfda and the annotators share.
+
+    asfda init --model M --pool P OUT   # once: the pretrained model, the unlabeled pool, the settings
+    asfda next OUT                      # score + query; OUT/annotate/roundR/ holds what to label
+    asfda ingest LABELS_DIR OUT         # check each label against its image; keep the good ones
+    asfda finetune OUT                  # one round of fine-tuning on every label so far
+    asfda status OUT                    # where the project stands and what to do next
+
+Everything the project knows is in ``OUT/project.json`` (human-readable, rewritten atomically after each
+step that changes it). Files are written before the state that names them, so after ``kill -9`` at any
+point the project is at the last completed step: an accepted label is never lost (its file is kept before
+it is recorded, and a re-run of ``ingest`` records it), and a round of fine-tuning is either finished
+(weights, bundle and state) or redone from the previous round's weights. A lock file stops two asfda
+processes from working on one project at once; the operating system releases it when a process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from asfda.config import SemiConfig, config_from_dict, config_to_dict
+from asfda.errors import AsfdaError
+from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
+from asfda.io.datasets import Case, Dataset
+from asfda.io.labels import check_label, label_case_id, label_files
+from asfda.training import TrainConfig
+
+__all__ = ["PROJECT_FILE", "Project", "ProjectSettings", "finetune_project", "ingest_labels", "init_project",
+           "next_query", "project_lock", "project_status"]
+
+PROJECT_FILE = "project.json"
+LOCK_FILE = ".asfda.lock"
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class ProjectSettings:
+    """What `asfda init` fixes for the life of a project (edit ``project.json`` to change it)."""
+
+    strategy: str = "asfda"
+    budget: int = 2
+    seed: int = 0
+    alpha: float = 0.5
+    temperature0: float = 1.0
+    grow_voxels: int = 2
+    class_map: str | None = None
+    allow_empty_labels: bool = False
+    device: str = "auto"
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=200))
+    semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def project_lock(root: str | Path, command: str) -> Iterator[None]:
+    """Exclusive lock on a project folder for the duration of one command (POSIX ``flock``: the kernel
+    drops it when the process exits, even after ``kill -9``, so a crash never leaves a stale lock)."""
+    import fcntl
+
+    path = Path(root) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(path).read_text(errors="replace").strip() or "another process"
+            raise AsfdaError(f"another asfda process is working on this project ({holder})", root,
+                             "wait for it to finish, then run the command again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, `asfda {command}` since {_now()}".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+class Project:
+    """A project folder and its state (``project.json``); see the module docstring for the layout."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        path = self.root / PROJECT_FILE
+        if not path.is_file():
+            raise AsfdaError("not an asfda project (no project.json)", self.root,
+                             "create one with `asfda init --model M --pool P FOLDER`")
+        try:
+            self.state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise AsfdaError(f"project.json is not valid JSON ({exc.msg}, line {exc.lineno})", path,
+                             "fix the edit, or restore it from project.json.bak") from None
+        if self.state.get("format") != FORMAT:
+            raise AsfdaError(f"project format {self.state.get('format')!r} is not {FORMAT}", path)
+        self.settings: ProjectSettings = config_from_dict(ProjectSettings, self.state["settings"], "project.json settings")
+
+    # -- state ------------------------------------------------------------------------------------
+    def save(self, event: str | None = None) -> None:
+        if event:
+            self.state.setdefault("events", []).append({"time": _now(), "event": event})
+        path = self.root / PROJECT_FILE
+        if path.exists():  # the previous state stays readable beside it (a hand edit gone wrong)
+            atomic_write(path.with_suffix(".json.bak"), lambda p: shutil.copyfile(path, p))
+        atomic_write_json(path, self.state)
+
+    def dataset(self) -> Dataset:
+        ds = load_dataset(self.state["pool"])
+        labels = self.state["labels"]
+        if ds.labels != labels and (Path(self.state["pool"]) / "dataset.json").exists():
+            raise AsfdaError(f"the pool's labels {ds.labels} changed since init ({labels})",
+                             Path(self.state["pool"]) / "dataset.json")
+        return Dataset(ds.root, labels, ds.cases)
+
+    def labelled_cases(self, ds: Dataset) -> list[Case]:
+        """Pool cases with an ingested label, the label file being the project's copy."""
+        by_id = ds.by_id()
+        out = []
+        for cid, rec in sorted(self.state["labelled"].items(), key=lambda kv: (kv[1]["ingested"], kv[0])):
+            if cid not in by_id:
+                raise AsfdaError(f"labelled case {cid!r} is no longer in the pool", self.state["pool"],
+                                 "put its image back, or remove it from project.json 'labelled'")
+            out.append(dataclasses.replace(by_id[cid], label_path=self.root / rec["file"]))
+        return out
+
+    @property
+    def round(self) -> int:
+        return len(self.state["rounds"])
+
+    def adapter(self, progress: bool):
+        from asfda.loop import Adapter
+        from asfda.models import load_model, parse_class_map_override
+
+        model = load_model(self.state["model"])
+        if model.weights_hash != self.state["model_sha256_16"]:
+            raise AsfdaError("the pretrained model's weights changed since `asfda init`", self.state["model"],
+                             "point project.json 'model' back at the original weights, or start a new project")
+        adapter = Adapter(model, self.dataset().class_names,
+                          class_map_override=parse_class_map_override(self.settings.class_map),
+                          cache_dir=str(self.root / "cache"), device=self.settings.device, progress=progress)
+        if self.state.get("weights"):
+            from safetensors.torch import load_file
+
+            adapter.load_current_state(load_file(str(self.root / self.state["weights"])))
+        return adapter
+
+
+# ---------------------------------------------------------------------------------------------- init
+def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettings | None = None,
+                 labels_json: str | None = None) -> Project:
+    """Creates a project folder: checks that the model loads and maps onto the pool's labels."""
+    from asfda.models import load_model
+    from asfda.models.classmap import build_class_map
+    from asfda.models import parse_class_map_override
+    from asfda.selection import get_strategy
+
+    settings = settings or ProjectSettings()
+    root = Path(out).resolve()
+    if (root / PROJECT_FILE).exists():
+        raise AsfdaError("a project already exists here", root, "use `asfda status` on it, or choose another folder")
+    get_strategy(settings.strategy)
+    if settings.budget < 1:
+        raise AsfdaError(f"budget must be >= 1, got {settings.budget}", fix="pass --budget 1 or more")
+    loaded = load_model(model)
+    ds = load_dataset(pool)
+    if labels_json:
+        from asfda.io.datasets import parse_labels
+
+        labels = parse_labels(json.loads(Path(labels_json).read_text()), Path(labels_json))
+    elif (Path(pool) / "dataset.json").exists():
+        labels = ds.labels
+    else:  # a plain folder: the model's own classes
+        labels = {name: i for i, name in enumerate(loaded.class_names)}
+    names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    cmap = build_class_map(loaded.class_names, names, parse_class_map_override(settings.class_map))
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("labels", "annotate", "weights"):
+        (root / sub).mkdir(exist_ok=True)
+    project_state = {
+        "format": FORMAT, "created": _now(),
+        "model": str(Path(model).resolve()), "model_sha256_16": loaded.weights_hash,
+        "pool": str(Path(pool).resolve()), "pool_cases": len(ds.cases), "labels": labels,
+        "class_map": cmap.to_dict(), "settings": config_to_dict(settings),
+        "query": None, "labelled": {}, "rounds": [], "weights": None, "events": [],
+    }
+    with project_lock(root, "init"):
+        atomic_write_json(root / PROJECT_FILE, project_state)
+        project = Project(root)
+        project.save(f"created: model {project_state['model']}, pool of {len(ds.cases)} cases")
+    return project
+
+
+# ---------------------------------------------------------------------------------------------- next
+def next_query(root: str | Path, *, progress: bool = True, force: bool = False) -> dict:
+    """Scores the unlabeled pool with the current model and picks the next batch to annotate.
+
+    Writes ``annotate/roundR/``: ``cases.txt`` (ids), ``images/`` (links to the pool images),
+    ``previews/CASE.png`` (image and current prediction), ``query.json`` (scores and why) and
+    ``README.txt``. A pending query whose labels are not all in is shown again, not replaced (``force``
+    replaces it).
+    """
+    project = Project(root)
+    with project_lock(project.root, "next"):
+        pending = project.state.get("query")
+        if pending and not force:
+            missing = [i for i in pending["ids"] if i not in project.state["labelled"]]
+            if missing:
+                return pending
+            raise AsfdaError(f"every case of round {pending['round']}'s query is labelled, and that round is not "
+                             "fine-tuned yet", project.root, "run `asfda finetune` first")
+        return _new_query(project, progress)
+
+
+def _new_query(project: Project, progress: bool) -> dict:
+    from asfda.selection import get_strategy
+
+    s = project.settings
+    r = project.round
+    ds = project.dataset()
+    adapter = project.adapter(progress)
+    labelled = project.labelled_cases(ds)
+    unlabelled = [c for c in ds.cases if c.case_id not in project.state["labelled"]]
+    if len(unlabelled) < s.budget:
+        raise AsfdaError(f"only {len(unlabelled)} unlabeled cases are left, fewer than the budget {s.budget}",
+                         project.root, "lower settings.budget in project.json, or add cases to the pool")
+    t0 = time.perf_counter()
+    temp, lab_emb = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
+    strategy = get_strategy(s.strategy, **({"alpha": s.alpha} if s.strategy == "asfda" else {}))
+    scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, s.grow_voxels,
+                                 needs=strategy.needs, seed=s.seed * 1000 + r)
+    query = strategy.select(scores, s.budget, s.seed * 1000 + r)
+    folder = project.root / "annotate" / f"round{r}"
+    by_id = ds.by_id()
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for cid in query.ids:
+        src = by_id[cid].image_path
+        link = images / src.name
+        if not link.exists():
+            try:
+                os.symlink(src, link)
+            except OSError:  # file systems without symlinks
+                atomic_write(link, lambda p, src=src: shutil.copyfile(src, p))
+    _write_previews(adapter, [by_id[i] for i in query.ids], folder / "previews", ds.class_names)
+    record = {"round": r, "strategy": query.strategy, "ids": query.ids, "scores": query.scores,
+              "components": query.components, "temperature": temp.temperature, "ece_before": temp.ece_before,
+              "ece_after": temp.ece_after, "seconds": round(time.perf_counter() - t0, 2),
+              "folder": str(folder.relative_to(project.root)), "created": _now()}
+    atomic_write_json(folder / "query.json", record)
+    atomic_write_text(folder / "cases.txt", "\n".join(query.ids) + "\n")
+    values = ", ".join(f"{v} = {n}" for n, v in sorted(project.state["labels"].items(), key=lambda kv: kv[1]))
+    atomic_write_text(folder / "README.txt", (
+        f"Round {r}: please annotate these {len(query.ids)} cases (ids in cases.txt, images in images/).\n"
+        f"Save each label map on its image's grid as CASE.nii.gz with the values {values}.\n"
+        f"Then: asfda ingest LABELS_FOLDER {project.root}\n"))
+    project.state["query"] = record
+    project.save(f"round {r}: queried {', '.join(query.ids)}")
+    return record
+
+
+def _write_previews(adapter, cases: list[Case], folder: Path, class_names: list[str]) -> None:
+    from asfda.report.previews import preview_png
+
+    for case in cases:
+        vol = adapter.prepare(case, with_label=False)
+        logits, _ = adapter.engine_current.run(vol.image)
+        pred = logits.argmax(0).numpy().astype(np.uint8)
+        preview_png(vol.image[0].numpy(), {"current prediction": pred}, folder / f"{case.case_id}.png",
+                    title=case.case_id, class_names=class_names)
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+def ingest_labels(root: str | Path, labels_dir: str | Path) -> dict:
+    """Checks each label file of ``labels_dir`` against its pool image and keeps the good ones.
+
+    Each accepted file is copied to ``labels/`` (atomically) before the state records it. Returns
+    ``{"accepted": [ids], "refused": [{"file", "reason"}], "replaced": [ids]}``.
+    """
+    project = Project(root)
+    accepted, refused, replaced = [], [], []
+    with project_lock(project.root, "ingest"):
+        ds = project.dataset()
+        by_id = ds.by_id()
+        allowed = set(project.state["labels"].values())
+        seen: set[str] = set()
+        for path in label_files(labels_dir):
+            cid = label_case_id(path)
+            if cid in seen:
+                refused.append({"file": str(path), "reason": f"a second label file for case {cid!r}"})
+                continue
+            seen.add(cid)
+            if cid not in by_id:
+                refused.append({"file": str(path), "reason": f"{cid!r} is not a case of the pool"})
+                continue
+            problem = check_label(path, by_id[cid], allowed, allow_empty=project.settings.allow_empty_labels)
+            if problem:
+                refused.append({"file": str(path), "reason": problem})
+                continue
+            digest = _sha256(path)
+            old = project.state["labelled"].get(cid)
+            if old and old["sha256"] == digest:
+                continue  # already in: ingesting a folder twice changes nothing
+            suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+            dest = project.root / "labels" / f"{cid}{suffix}"
+            atomic_write(dest, lambda p, path=path: shutil.copyfile(path, p))
+            if old:
+                replaced.append(cid)
+                if old["file"] != str(dest.relative_to(project.root)):
+                    (project.root / old["file"]).unlink(missing_ok=True)
+            project.state["labelled"][cid] = {"file": str(dest.relative_to(project.root)), "sha256": digest,
+                                              "ingested": _now(), "source": str(path.resolve()),
+                                              "query_round": _query_round(project, cid)}
+            project.save(f"label {'replaced' if old else 'ingested'}: {cid}")
+            accepted.append(cid)
+    return {"accepted": accepted, "refused": refused, "replaced": replaced}
+
+
+def _query_round(project: Project, cid: str) -> int | None:
+    q = project.state.get("query")
+    return q["round"] if q and cid in q["ids"] else None
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+def finetune_project(root: str | Path, *, progress: bool = True, force: bool = False) -> dict:
+    """One round of fine-tuning on every ingested label; writes ``weights/roundR.safetensors``, the adapted
+    model as a MONAI bundle in ``model/``, then the state. Refuses a round without new labels (``force``)."""
+    from safetensors.torch import save_file
+
+    project = Project(root)
+    with project_lock(project.root, "finetune"):
+        s = project.settings
+        r = project.round
+        ds = project.dataset()
+        labelled = project.labelled_cases(ds)
+        if not labelled:
+            raise AsfdaError("no labels yet", project.root, "run `asfda next`, annotate, then `asfda ingest`")
+        trained = set(project.state["rounds"][-1]["labelled_ids"]) if project.state["rounds"] else set()
+        current = {c.case_id: project.state["labelled"][c.case_id]["sha256"] for c in labelled}
+        before = project.state["rounds"][-1].get("label_sha256", {}) if project.state["rounds"] else {}
+        if not force and current == before:
+            raise AsfdaError(f"no new or changed labels since round {r - 1}", project.root,
+                             "run `asfda next` and annotate its cases (or pass --force to train again)")
+        adapter = project.adapter(progress)
+        t0 = time.perf_counter()
+        temp, _ = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
+        unlabelled = [c for c in ds.cases if c.case_id not in current]
+        train = dataclasses.replace(s.train, seed=s.seed * 1000 + r)
+        hist, reliable = adapter.train_round(labelled, unlabelled, train, s.semi, temp.temperature,
+                                             desc=f"round {r}")
+        weights = f"weights/round{r}.safetensors"
+        atomic_write(project.root / weights, lambda p: save_file(adapter.current_state(), str(p)))
+        adapter.export_bundle(project.root / "model", {"project": str(project.root), "round": r,
+                                                       "labelled": sorted(current)})
+        record = {"round": r, "labelled_ids": sorted(current), "label_sha256": current,
+                  "new_ids": sorted(set(current) - trained), "temperature": temp.temperature,
+                  "ece_before": temp.ece_before, "ece_after": temp.ece_after, "steps": train.steps,
+                  "loss_final": float(np.mean(hist["loss"][-10:])), "reliable": reliable, "weights": weights,
+                  "seconds": round(time.perf_counter() - t0, 2), "finished": _now()}
+        project.state["rounds"].append(record)
+        project.state["weights"] = weights
+        q = project.state.get("query")
+        if q is not None:
+            q_missing = [i for i in q["ids"] if i not in current]
+            project.state["query"] = None  # answered (unlabelled picks go back to the pool)
+            if q_missing:
+                record["query_unanswered"] = q_missing
+        project.save(f"round {r} fine-tuned on {len(current)} labelled cases")
+        for old in (project.root / "weights").glob("round*.safetensors"):
+            if old.name != Path(weights).name and old.name != f"round{r - 1}.safetensors":
+                old.unlink(missing_ok=True)  # keep the last two rounds
+        return record
+
+
+# ---------------------------------------------------------------------------------------------- status
+def project_status(root: str | Path) -> dict:
+    """A summary of the project (read-only, no lock needed: the state file is replaced atomically)."""
+    project = Project(root)
+    st = project.state
+    q = st.get("query")
+    labelled = st["labelled"]
+    trained = set(st["rounds"][-1]["labelled_ids"]) if st["rounds"] else set()
+    out = {"project": str(project.root), "model": st["model"], "pool": st["pool"], "pool_cases": st["pool_cases"],
+           "rounds_finished": len(st["rounds"]), "labelled": len(labelled),
+           "labelled_not_trained": sorted(set(labelled) - trained), "pending_query": None}
+    if q:
+        out["pending_query"] = {"round": q["round"], "ids": q["ids"], "folder": q["folder"],
+                                "missing_labels": [i for i in q["ids"] if i not in labelled]}
+    if st["rounds"]:
+        last = st["rounds"][-1]
+        out["last_round"] = {k: last[k] for k in ("round", "seconds", "loss_final", "temperature", "finished")}
+    if q and out["pending_query"]["missing_labels"]:
+        out["next"] = f"annotate {q['folder']}, then `asfda ingest LABELS_DIR {project.root}`"
+    elif out["labelled_not_trained"]:
+        out["next"] = f"`asfda finetune {project.root}`"
+    else:
+        out["next"] = f"`asfda next {project.root}`"
+    return out

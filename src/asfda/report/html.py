@@ -1,0 +1,181 @@
+"""One self-contained HTML report per simulation run (``report.html``: images inlined, no external files):
+the learning curves, the results table, the per-round table of every strategy and seed, what was queried
+and why (score components), and overlay previews of queried volumes (image, label, prediction before and
+after adaptation)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from asfda.io.atomic import atomic_write_text
+
+__all__ = ["write_run_report"]
+
+_CSS = """
+body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; line-height: 1.4; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th { background: #f1f3f5; } td.l, th.l { text-align: left; }
+.meta td { text-align: left; } .small { color: #666; font-size: .85em; }
+img { max-width: 100%; border: 1px solid #ddd; }
+figure { display: inline-block; margin: .4em; vertical-align: top; }
+figcaption { font-size: .85em; color: #444; max-width: 820px; }
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
+    def cell(v: object, i: int, tag: str) -> str:
+        cls = ' class="l"' if i < left else ""
+        if isinstance(v, float):
+            v = "" if np.isnan(v) else f"{v:.3f}"
+        return f"<{tag}{cls}>{html.escape(str(v))}</{tag}>"
+
+    head = "<tr>" + "".join(cell(h, i, "th") for i, h in enumerate(header)) + "</tr>"
+    body = "".join("<tr>" + "".join(cell(v, i, "td") for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _results_section(summary: dict) -> str:
+    from asfda.simulate import UPPER_BOUND
+
+    curves = {k: v for k, v in summary.items() if k != UPPER_BOUND}
+    counts = sorted({n for s in curves.values() for n in s["curve"]})
+    upper = summary.get(UPPER_BOUND)
+    header = ["strategy", *[f"n={n}" for n in counts], "AUC"] + (["% of upper bound (last n)"] if upper else [])
+    rows = []
+    several = any(len(s["auc_per_seed"]) > 1 for s in curves.values())
+    for name, s in curves.items():
+        cells = [(f"{s['curve'][n]:.3f}" + (f" ± {s['std'][n]:.3f}" if several else "")) if n in s["curve"] else ""
+                 for n in counts]
+        row = [name, *cells, s["auc"]]
+        if upper:
+            last = max(s["of_upper"])
+            row.append(f"{100 * s['of_upper'][last]:.0f}%")
+        rows.append(row)
+    text = _table(header, rows)
+    text += ('<p class="small">Mean Dice on the held-out test cases' + (" ± std over seeds" if several else "")
+             + "; n = labelled target volumes (n=0: the zero-shot pretrained model); AUC = area under Dice vs n "
+             "divided by the n range.</p>")
+    if upper:
+        spread = f" ± {upper['std']:.3f}" if len(upper["per_seed"]) > 1 else ""
+        text += (f"<p>Upper bound (fine-tuned on all {upper['n_labelled']} pool volumes, labelled): "
+                 f"<b>{upper['dice']:.3f}</b>{spread}.</p>")
+    return text
+
+
+def _rounds_section(out: Path, strategies: list[str], seeds: list[int]) -> tuple[str, dict]:
+    parts, states = [], {}
+    for name in strategies:
+        for seed in seeds:
+            path = out / name / f"seed{seed}" / "state.json"
+            if not path.exists():
+                continue
+            state = json.loads(path.read_text())
+            states[(name, seed)] = state
+            rows = [[r["round"], r["n_labelled"], r["dice_mean"], r["temperature"],
+                     "" if r["ece_before"] is None else r["ece_before"], "" if r["ece_after"] is None else r["ece_after"],
+                     r["seconds_score"], r["seconds_train"], " ".join(r["queried"])] for r in state["rounds"]]
+            parts.append(f"<h3>{html.escape(name)}, seed {seed}</h3>")
+            parts.append(_table(["round", "labelled", "Dice", "T", "ECE before", "ECE after", "score s", "train s",
+                                 "queried"], rows))
+    return "".join(parts), states
+
+
+def _why_section(states: dict, seed: int) -> str:
+    parts = []
+    for (name, s), state in states.items():
+        if s != seed:
+            continue
+        rows = []
+        for r in state["rounds"]:
+            for cid in r["queried"]:
+                comps = r["query_components"].get(cid, {})
+                rows.append([r["round"], cid, ", ".join(f"{k}={v:.4g}" for k, v in comps.items()) or "(random)"])
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        parts.append(_table(["round", "case", "score components at the pick"], rows, left=3))
+    return "".join(parts)
+
+
+def _previews(out: Path, adapter, pool_ds, states: dict, seed: int, per_strategy: int) -> str:
+    """Overlay PNGs (written under previews/, reused when up to date) of the first queried volumes."""
+    from safetensors.torch import load_file
+
+    from asfda.report.previews import preview_png
+
+    if per_strategy <= 0:
+        return ""
+    by_id = pool_ds.by_id()
+    before_state = adapter.current_state()
+    parts = []
+    try:
+        for (name, s), state in states.items():
+            if s != seed or not state["rounds"]:
+                continue
+            ids = [i for r in state["rounds"] for i in r["queried"]][:per_strategy]
+            weights = out / name / f"seed{seed}" / state["weights"]
+            tag = f"r{len(state['rounds'])}"
+            figs = []
+            loaded = False
+            for cid in ids:
+                png = out / "previews" / name / f"seed{seed}" / f"{cid}-{tag}.png"
+                if not png.exists():
+                    vol = adapter.prepare(by_id[cid])
+                    if not loaded:
+                        adapter.load_current_state(load_file(str(weights)))
+                        loaded = True
+                    before = adapter.engine_frozen.run(vol.image)[0].argmax(0).numpy().astype(np.uint8)
+                    after = adapter.engine_current.run(vol.image)[0].argmax(0).numpy().astype(np.uint8)
+                    label = None if vol.label is None else vol.label.numpy()
+                    preview_png(vol.image[0].numpy(), {"label": label, "before (zero-shot)": before,
+                                                       f"after ({name}, {len(state['rounds'])} rounds)": after},
+                                png, title=f"{cid} (queried by {name})", class_names=pool_ds.class_names)
+                round_of = next(r["round"] for r in state["rounds"] if cid in r["queried"])
+                figs.append(f"<figure>{_img(png, cid)}<figcaption>{html.escape(cid)}: queried by {html.escape(name)} "
+                            f"in round {round_of}. Columns: image, label, before (zero-shot), after adaptation; model grid, "
+                            "radiological view (R on the left)</figcaption></figure>")
+            parts.append(f"<h3>{html.escape(name)}</h3>" + "".join(figs))
+    finally:
+        adapter.load_current_state(before_state)
+    return "".join(parts)
+
+
+def write_run_report(out: str | Path, adapter, pool_ds, cfg, summary: dict, rows: list[dict]) -> Path:
+    """Writes ``out/report.html`` from what the run wrote (``run.json``, per-run ``state.json``, the curve)."""
+    out = Path(out)
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    seeds = list(cfg.seeds)
+    rounds_html, states = _rounds_section(out, list(cfg.strategies), seeds)
+    meta_rows = [["model", cfg.model], ["model weights sha256/16", run.get("model_weights_sha256_16", "")],
+                 ["pool", cfg.pool], ["test", cfg.test or f"seeded {cfg.test_fraction:.0%} split of the pool"],
+                 ["strategies", ", ".join(cfg.strategies)], ["budget x rounds", f"{cfg.budget} x {cfg.rounds}"],
+                 ["seeds", ", ".join(map(str, seeds))], ["steps per round", cfg.train.steps],
+                 ["semi-supervision", "on" if cfg.semi.enabled else "off"], ["started", run.get("started", "")],
+                 ["versions", ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())]]
+    body = [
+        "<h1>asfda simulation report</h1>",
+        "<table class=\"meta\">" + "".join(f"<tr><th class=\"l\">{html.escape(str(k))}</th><td>{html.escape(str(v))}"
+                                         f"</td></tr>" for k, v in meta_rows) + "</table>",
+        "<h2>Learning curves</h2>",
+        _img(out / "learning_curve.png", "learning curves") if (out / "learning_curve.png").exists() else "",
+        "<h2>Results</h2>", _results_section(summary),
+        "<h2>Rounds</h2>", rounds_html,
+        f"<h2>What was queried and why (seed {seeds[0]})</h2>", _why_section(states, seeds[0]),
+        f"<h2>Queried volumes: label, prediction before and after adaptation (seed {seeds[0]})</h2>",
+        _previews(out, adapter, pool_ds, states, seeds[0], cfg.previews),
+        '<p class="small">Written by asfda; per-case numbers are in results.csv and each run\'s state.json.</p>',
+    ]
+    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>asfda report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    return atomic_write_text(out / "report.html", page)

@@ -1,0 +1,95 @@
+"""Reports: overlay previews, learning curves, and the HTML report as rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asfda.config import RunConfig
+from asfda.report.curves import plot_learning_curves
+from asfda.report.previews import preview_png, slice_through_most_foreground
+from asfda.simulate import run_simulation
+from asfda.training import TrainConfig
+from conftest import write_bundle, write_nnunet
+
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def _png(path: Path) -> np.ndarray:
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(str(path))
+
+
+def test_slice_through_most_foreground() -> None:
+    lab = np.zeros((4, 5, 6), np.uint8)
+    lab[1, 2, 4] = 1
+    lab[2, 2, 4] = 2
+    lab[0, 0, 1] = 1
+    assert slice_through_most_foreground(lab, 2, 6) == 4
+    assert slice_through_most_foreground(lab, 1, 5) == 2
+    assert slice_through_most_foreground(None, 2, 6) == 3
+    assert slice_through_most_foreground(np.zeros((4, 5, 6)), 0, 4) == 2
+
+
+def test_preview_png_overlays_in_radiological_view(tmp_path: Path) -> None:
+    image = np.zeros((20, 10, 8), np.float32)
+    image[:10] = 1.0  # the patient's left half (low x in RAS) bright
+    label = np.zeros((20, 10, 8), np.uint8)
+    label[14:18, 3:7, 2:6] = 1  # a class-1 blob on the patient's right (high x)
+    path = preview_png(image, {"label": label, "missing": None}, tmp_path / "p.png", title="t",
+                       class_names=["background", "liver"])
+    rgb = _png(path)[..., :3]
+    assert rgb.shape[0] > 100 and rgb.shape[1] > 200
+    red = (rgb[..., 0] - rgb[..., 1] > 0.3) & (rgb[..., 0] - rgb[..., 2] > 0.3)
+    assert red.sum() > 20  # the overlay is drawn
+    # radiological view: in the label panel the blob (patient's right) is in the left half of the panel
+    cols = np.nonzero(red[: rgb.shape[0] // 2].any(axis=0))[0]
+    width = rgb.shape[1]
+    panel = (width // 3, 2 * width // 3)  # columns: image, label, missing
+    inside = cols[(cols > panel[0]) & (cols < panel[1])]
+    assert inside.size and inside.mean() < (panel[0] + panel[1]) / 2
+
+
+def test_learning_curves_with_spread_and_upper_bound(tmp_path: Path) -> None:
+    rows = [{"strategy": s, "seed": k, "n_labelled": n, "dice_mean": 0.2 + 0.1 * n + 0.01 * k}
+            for s in ("asfda", "random") for k in (0, 1) for n in (0, 1, 2)]
+    rows += [{"strategy": "upper_bound", "seed": k, "n_labelled": 9, "dice_mean": 0.8} for k in (0, 1)]
+    path = plot_learning_curves(rows, tmp_path / "c.png")
+    assert _png(path).shape[0] > 300
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    cfg = RunConfig(model=str(write_bundle(root / "bundle")), pool=str(write_nnunet(root / "ds", n=7)),
+                    test_fraction=0.3, strategies=["asfda", "random"], budget=1, rounds=2, seeds=[0, 1],
+                    train=TrainConfig(steps=3, batch_size=1), cache_dir=str(root / "cache"),
+                    out_dir=str(root / "run"), progress=False)
+    return run_simulation(cfg).out_dir
+
+
+def test_report_html_is_self_contained_with_spread_over_seeds(run_dir: Path) -> None:
+    page = (run_dir / "report.html").read_text()
+    assert "±" in page  # two seeds: mean ± std
+    assert "seed 1" in page and "% of upper bound" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package `chromium`) is not installed")
+def test_report_html_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1200,3000", f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.exists(), proc.stderr[-2000:]
+    rgb = _png(shot)[..., :3]
+    assert rgb.shape[:2] == (3000, 1200)
+    # text and tables are grey; coloured pixels mean the inlined curve and overlay images were decoded
+    colourful = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
+    assert colourful.sum() > 2000, colourful.sum()
+    assert (rgb < 0.2).all(axis=-1).sum() > 500  # and there is text

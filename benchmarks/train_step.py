@@ -1,7 +1,11 @@
 """Fine-tuning step time on the real pair, split into data (patch sampling + augmentation) and compute.
 
     .venv/bin/python benchmarks/train_step.py [--model ../shared/models/ct_abdomen_unet]
-        [--data ../shared/data/mr_chaos_t2] [--steps 10] [--batch-size 2]
+        [--data ../shared/data/mr_chaos_t2] [--steps 10] [--batch-size 2] [--variants fp32,bf16,channels_last]
+
+Variants (timed in interleaved blocks of one step each, after one warm-up step each): ``fp32`` (the default
+trainer), ``bf16`` (forward and loss under ``torch.autocast("cpu", torch.bfloat16)``; weights, gradients and
+the optimiser stay fp32), ``channels_last`` (``torch.channels_last_3d`` memory format for weights and patches).
 """
 
 from __future__ import annotations
@@ -31,38 +35,52 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared/data/mr_chaos_t2"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--variants", default="fp32", help="comma-separated: fp32, bf16, channels_last")
     args = ap.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     model = load_model(args.model)
     ds = load_dataset(args.data, require_labels=True)
     adapter = Adapter(model, ds.class_names, cache_dir=str(REPO / ".cache"), progress=False)
     vols = [adapter.prepare(c) for c in ds.cases[:2]]
     train = [TrainVolume(v.image, v.label.long()) for v in vols]
-    net = adapter.current.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    import copy
+
+    nets = {v: copy.deepcopy(adapter.current).train() for v in variants}
+    for v, net in nets.items():
+        if v == "channels_last":
+            net.to(memory_format=torch.channels_last_3d)
+    opts = {v: torch.optim.AdamW(nets[v].parameters(), lr=1e-4) for v in variants}
     rng = np.random.default_rng(0)
-    t_data = t_compute = 0.0
+    t_data = {v: 0.0 for v in variants}
+    t_compute = {v: 0.0 for v in variants}
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
-        xs, ys, ms = [], [], []
-        for _ in range(args.batch_size):
-            x, y, m = sample_patch(train[int(rng.integers(len(train)))], model.roi_size, rng, 0.67)
-            xs.append(_augment(x, rng))
-            ys.append(y)
-            ms.append(m)
-        x, y, m = torch.stack(xs), torch.stack(ys), torch.stack(ms)
-        t1 = time.perf_counter()
-        loss = masked_dice_ce(net(x), y, m)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        t2 = time.perf_counter()
-        if step:  # the first step warms up
-            t_data += t1 - t0
-            t_compute += t2 - t1
+        for k, v in enumerate(variants if step % 2 == 0 else variants[::-1]):
+            t0 = time.perf_counter()
+            xs, ys, ms = [], [], []
+            for _ in range(args.batch_size):
+                x, y, m = sample_patch(train[int(rng.integers(len(train)))], model.roi_size, rng, 0.67)
+                xs.append(_augment(x, rng))
+                ys.append(y)
+                ms.append(m)
+            x, y, m = torch.stack(xs), torch.stack(ys), torch.stack(ms)
+            if v == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            t1 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=v == "bf16"):
+                loss = masked_dice_ce(nets[v](x).float(), y, m)
+            opts[v].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[v].step()
+            t2 = time.perf_counter()
+            if step:  # the first step of each variant warms up
+                t_data[v] += t1 - t0
+                t_compute[v] += t2 - t1
     print(f"date {datetime.now(timezone.utc).isoformat(timespec='minutes')}; machine {cpu_model()}, "
-          f"{torch.get_num_threads()} torch threads; patch {model.roi_size}, batch {args.batch_size}")
-    print(f"per step: data {t_data / args.steps:.3f} s, forward+backward+step {t_compute / args.steps:.3f} s, "
-          f"total {(t_data + t_compute) / args.steps:.3f} s")
+          f"{torch.get_num_threads()} torch threads; patch {model.roi_size}, batch {args.batch_size}, "
+          f"{args.steps} timed steps per variant")
+    for v in variants:
+        print(f"{v}: per step: data {t_data[v] / args.steps:.3f} s, forward+backward+step "
+              f"{t_compute[v] / args.steps:.3f} s, total {(t_data[v] + t_compute[v]) / args.steps:.3f} s")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import pytest
 
 from asfda.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "phantom", "simulate", "evaluate", "predict", "score", "query"]
+SUBCOMMANDS = ["demo", "phantom", "simulate", "evaluate", "predict", "score", "query", "init", "next", "ingest",
+               "finetune", "status"]
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:

@@ -226,3 +226,16 @@ def test_kill_9_mid_finetune_and_mid_ingest_loses_nothing(pool: dict, tmp_path: 
     assert len(Project(proj).state["rounds"]) == 1
     finetune_project(proj, progress=False)
     assert [r["round"] for r in Project(proj).state["rounds"]] == [0, 1]
+
+
+def test_plain_folder_pool_uses_the_labels_json_or_the_model_classes(pool: dict, tmp_path: Path) -> None:
+    images = pool["pool"] / "imagesTr"  # a plain folder of CASE_0000.nii.gz images, no dataset.json
+    p = init_project(tmp_path / "a", str(pool["model"]), str(images), _settings())
+    assert p.state["labels"] == {"background": 0, "liver": 1, "spleen": 2}  # the model's classes
+    (tmp_path / "labels.json").write_text(json.dumps({"background": 0, "liver": 1}))
+    p = init_project(tmp_path / "b", str(pool["model"]), str(images), _settings(), labels_json=str(tmp_path / "labels.json"))
+    assert p.state["labels"] == {"background": 0, "liver": 1}
+    q = next_query(p.root, progress=False)
+    # a label with the spleen value is refused here: only background and liver are label values
+    res = ingest_labels(p.root, _answer(pool["truth"], q["ids"], tmp_path / "ann"))
+    assert res["accepted"] == [] and all("values [2]" in r["reason"] for r in res["refused"])

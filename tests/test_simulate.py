@@ -46,8 +46,17 @@ def test_pool_state_round_trip_and_no_double_labelling() -> None:
 def test_simulation_end_to_end_writes_results(tmp_path: Path, tiny_bundle: Path) -> None:
     data = write_nnunet(tmp_path / "ds", n=7)
     res = run_simulation(_cfg(tmp_path, tiny_bundle, data))
-    for name in ("results.csv", "results.json", "results.md", "learning_curve.png", "run.json", "report.html"):
+    for name in ("results.csv", "results.json", "results.md", "learning_curve.png", "run.json", "report.html",
+                 "per_case.csv"):
         assert (res.out_dir / name).exists(), name
+    import csv
+
+    with open(res.out_dir / "per_case.csv", newline="") as f:
+        per_case = list(csv.DictReader(f))
+    # 2 test cases x (zero-shot + 2 strategies x 2 rounds + upper bound)
+    assert len(per_case) == 2 * (1 + 2 * 2 + 1)
+    assert {r["strategy"] for r in per_case} == {"zero_shot", "asfda", "random", "upper_bound"}
+    assert all(r["case_id"] and 0.0 <= float(r["dice_mean"]) <= 1.0 for r in per_case)
     counts = sorted({(r["strategy"], r["n_labelled"]) for r in res.rows})
     assert counts == [("asfda", 0), ("asfda", 1), ("asfda", 2), ("random", 0), ("random", 1), ("random", 2),
                       ("upper_bound", 5)]  # 7 cases, 2 in the test split: the upper bound labels all 5 of the pool

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import pytest
 import torch
 
 from asfda.training import TrainConfig, TrainVolume, finetune, masked_dice_ce
@@ -78,3 +82,20 @@ def test_pseudo_labels_enter_after_rampup() -> None:
     cfg = TrainConfig(steps=6, batch_size=1, seed=0, rampup_fraction=0.5, lambda_u=1.0)
     h = finetune(_tiny_net(), vols, cfg, patch_size=(8, 8, 8), pseudo=pseudo, progress=False)
     assert h["loss_u"][0] == 0.0 and h["loss_u"][-1] > 0.0
+
+
+def test_bf16_precision_trains_deterministically_and_fp32_weights_stay_fp32() -> None:
+    cfg = TrainConfig(steps=15, batch_size=2, lr=1e-2, seed=7, precision="bf16")
+    a, b = _tiny_net(), _tiny_net()
+    ha = finetune(a, _vols(), cfg, patch_size=(8, 8, 8), progress=False)
+    finetune(b, _vols(), cfg, patch_size=(8, 8, 8), progress=False)
+    assert all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(v.dtype == torch.float32 for v in a.state_dict().values() if v.is_floating_point())
+    assert all(math.isfinite(x) for x in ha["loss"]) and sum(ha["loss"][-3:]) < sum(ha["loss"][:3])
+    # and it differs from fp32 (the autocast is really on)
+    c = _tiny_net()
+    finetune(c, _vols(), dataclasses.replace(cfg, precision="fp32"), patch_size=(8, 8, 8), progress=False)
+    assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
+    with pytest.raises(ValueError, match="precision"):
+        finetune(_tiny_net(), _vols(), dataclasses.replace(cfg, precision="fp16"), patch_size=(8, 8, 8),
+                 progress=False)

@@ -159,6 +159,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         raise AsfdaError(f"out-of-range config values: {', '.join(f'{b}' for b in bad)}",
                          path, "steps, batch_size, budget and rounds >= 1; lr and temperature0 > 0; "
                          "test_fraction in (0, 1); alpha in [0, 1]")
+    from asfda.training.trainer import PRECISIONS
+
+    if cfg.train.precision not in PRECISIONS:
+        raise AsfdaError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}", path)
     if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
         raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}")
     return cfg

@@ -30,23 +30,56 @@ def demo_config(out_dir: str | Path, data_dir: str | Path, seed: int = 0) -> Run
         out_dir=str(out_dir))
 
 
+def annotation_round(project_dir: Path, pool: Path, seed: int, progress: bool, steps: int = 60) -> dict:
+    """One round of the hospital workflow on a demo project (re-running it continues where it stopped)."""
+    import shutil
+
+    from asfda.project import (ProjectSettings, finetune_project, ingest_labels, init_project, next_query,
+                               project_status)
+
+    if not (project_dir / "project.json").exists():
+        init_project(project_dir, str(phantom_model_path()), str(pool),
+                     ProjectSettings(budget=2, seed=seed, train=TrainConfig(steps=steps, batch_size=2)))
+    st = project_status(project_dir)
+    if st["rounds_finished"] == 0:
+        query = next_query(project_dir, progress=progress)
+        answers = project_dir.parent / "annotator" / f"round{query['round']}"
+        answers.mkdir(parents=True, exist_ok=True)
+        for cid in query["ids"]:  # the "annotator": the dataset's own label files
+            shutil.copyfile(pool / "labelsTr" / f"{cid}.nii.gz", answers / f"{cid}.nii.gz")
+        print(f"  asfda next   -> annotate {', '.join(query['ids'])} ({project_dir / query['folder']})")
+        res = ingest_labels(project_dir, answers)
+        print(f"  asfda ingest -> accepted {', '.join(res['accepted']) or 'none new'}; refused {len(res['refused'])}")
+        rec = finetune_project(project_dir, progress=progress)
+        print(f"  asfda finetune -> round {rec['round']} on {len(rec['labelled_ids'])} labels in {rec['seconds']:.0f} s; "
+              f"adapted bundle {project_dir / 'model'}")
+    st = project_status(project_dir)
+    print(f"  asfda status -> {st['rounds_finished']} round(s), {st['labelled']} of {st['pool_cases']} labelled; "
+          f"next: {st['next']}")
+    return st
+
+
 def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = ".cache/phantom", seed: int = 0,
              progress: bool = True) -> SimulationResult:
     from asfda.phantom import generate_benchmark
 
     t0 = time.perf_counter()
-    print(f"[1/2] phantom benchmark (two domains) in {data_dir} ...", flush=True)
+    print(f"[1/3] phantom benchmark (two domains) in {data_dir} ...", flush=True)
     generate_benchmark(data_dir, seed=seed)
     cfg = demo_config(out_dir, data_dir, seed)
     cfg.progress = progress
-    print(f"[2/2] adapting the shipped phantom model: strategies {cfg.strategies}, {cfg.rounds} rounds of "
-          f"{cfg.budget} labels, seed {seed} ...", flush=True)
+    print(f"[2/3] simulation: adapting the shipped phantom model with strategies {cfg.strategies}, {cfg.rounds} "
+          f"rounds of {cfg.budget} labels, seed {seed}, plus the zero-shot and full-pool bounds ...", flush=True)
     result = run_simulation(cfg)
     print()
     print("Mean Dice on the held-out target test split vs number of labelled target volumes")
     print("(n=0 is the zero-shot pretrained model; AUC = area under the curve / n range):")
     print(results_table(result.summary))
     print(f"\nReport: {(Path(out_dir) / 'report.html').resolve()}")
-    print(f"Results: {Path(out_dir).resolve()} (results.md, results.csv, results.json, learning_curve.png, "
-          f"run.json); wall time {time.perf_counter() - t0:.0f} s")
+    print("\n[3/3] the annotation workflow on the same pool (asfda init / next / ingest / finetune / status), one "
+          "round; the phantom's own labels stand in for the annotator ...", flush=True)
+    annotation_round(Path(out_dir) / "project", Path(data_dir) / "target", seed, progress, cfg.train.steps)
+    print(f"\nResults: {Path(out_dir).resolve()} (report.html, results.md, results.csv, per_case.csv, results.json, "
+          f"learning_curve.png, run.json; project/ is the annotation project); wall time "
+          f"{time.perf_counter() - t0:.0f} s")
     return result

@@ -127,6 +127,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     overall.close()
     summary = summarise(rows)
     write_results(out, rows, summary)
+    write_per_case(out, cfg)
     if cfg.report:
         from asfda.report.html import write_run_report
 
@@ -325,9 +326,30 @@ def results_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, rows: list[dict], summary: dict) -> None:
-    from asfda.report.curves import plot_learning_curves
+def per_case_rows(out: Path, cfg: RunConfig) -> list[dict]:
+    """Every test case's Dice (mean and per class) for every evaluated model of the run: zero-shot, each
+    strategy x seed x round, the upper bound; read back from what the run wrote."""
+    rows: list[dict] = []
+    for seed in cfg.seeds:
+        zero = out / f"zero_shot_seed{seed}.json"
+        if zero.exists():
+            rows += [{"strategy": "zero_shot", "seed": seed, "round": -1, "n_labelled": 0, **pc}
+                     for pc in json.loads(zero.read_text())["per_case"]]
+        for name in cfg.strategies:
+            state = out / name / f"seed{seed}" / "state.json"
+            if state.exists():
+                for rec in json.loads(state.read_text())["rounds"]:
+                    rows += [{"strategy": name, "seed": seed, "round": rec["round"], "n_labelled": rec["n_labelled"],
+                              **pc} for pc in rec["per_case"]]
+        upper = out / UPPER_BOUND / f"seed{seed}.json"
+        if cfg.upper_bound and upper.exists():
+            n_pool = len(json.loads(upper.read_text())["key"]["pool"])
+            rows += [{"strategy": UPPER_BOUND, "seed": seed, "round": -1, "n_labelled": n_pool, **pc}
+                     for pc in json.loads(upper.read_text())["per_case"]]
+    return rows
 
+
+def _csv_text(rows: list[dict]) -> str:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -335,7 +357,18 @@ def write_results(out: Path, rows: list[dict], summary: dict) -> None:
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
+    return buf.getvalue()
+
+
+def write_per_case(out: Path, cfg: RunConfig) -> None:
+    """``per_case.csv``: see `per_case_rows`."""
+    atomic_write_text(out / "per_case.csv", _csv_text(per_case_rows(out, cfg)))
+
+
+def write_results(out: Path, rows: list[dict], summary: dict) -> None:
+    from asfda.report.curves import plot_learning_curves
+
+    atomic_write_text(out / "results.csv", _csv_text(rows))
     atomic_write_json(out / "results.json", {"rows": rows, "summary": summary})
     atomic_write_text(out / "results.md", results_table(summary) + "\n")
     plot_learning_curves(rows, out / "learning_curve.png")

@@ -6,6 +6,7 @@ from in-memory volumes is cheaper than inter-process transfer).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -33,8 +34,13 @@ class TrainConfig:
     rampup_fraction: float = 0.3
     augment: bool = True
     freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
+    # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
+    # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
+    precision: str = "fp32"
     seed: int = 0
 
+
+PRECISIONS = ("fp32", "bf16")
 
 @dataclass
 class TrainVolume:
@@ -102,6 +108,15 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
     if not labelled:
         raise ValueError("finetune needs at least one labelled volume")
     device = device or torch.device("cpu")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+               else contextlib.nullcontext())
+        with ctx:
+            return network(x).float()
+
     pseudo = pseudo or []
     patch = tuple(cfg.patch_size or patch_size)
     rng = np.random.default_rng(cfg.seed)
@@ -126,7 +141,7 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
             labs.append(y)
             masks.append(m)
         x = torch.stack(imgs).to(device)
-        loss_l = masked_dice_ce(network(x), torch.stack(labs).to(device), torch.stack(masks).to(device))
+        loss_l = masked_dice_ce(forward(x), torch.stack(labs).to(device), torch.stack(masks).to(device))
         loss_u = torch.zeros((), device=device)
         lam = 0.0
         if pseudo and cfg.lambda_u > 0:
@@ -136,7 +151,7 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
                 vol = pseudo[int(rng.integers(len(pseudo)))]
                 xu, yu, mu = sample_patch(vol, patch, rng, cfg.fg_oversample)
                 xu = _augment(xu, rng) if cfg.augment else xu
-                loss_u = masked_dice_ce(network(xu[None].to(device)), yu[None].to(device), mu[None].to(device))
+                loss_u = masked_dice_ce(forward(xu[None].to(device)), yu[None].to(device), mu[None].to(device))
         loss = loss_l + lam * loss_u
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,37 @@
+"""`asfda demo` end to end, shrunk (a small phantom pool, a few steps): simulation, bounds, report, project."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+import asfda.demo as demo
+import asfda.phantom as phantom
+
+
+def test_demo_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(phantom, "generate_benchmark", partial(phantom.generate_benchmark, n_source=1, n_target=12))
+    real_config = demo.demo_config
+
+    def small(out_dir, data_dir, seed=0):
+        cfg = real_config(out_dir, data_dir, seed)
+        return dataclasses.replace(cfg, budget=1, rounds=2, train=dataclasses.replace(cfg.train, steps=3), previews=1)
+
+    monkeypatch.setattr(demo, "demo_config", small)
+    out = tmp_path / "demo"
+    result = demo.run_demo(out, tmp_path / "data", progress=False)
+    printed = capsys.readouterr().out
+    assert "| asfda |" in printed and "| random |" in printed and "Upper bound" in printed
+    assert "[3/3]" in printed and "asfda ingest -> accepted" in printed and "wall time" in printed
+    assert (out / "report.html").exists() and (out / "per_case.csv").exists()
+    assert {r["strategy"] for r in result.rows} == {"asfda", "random", "upper_bound"}
+    state = json.loads((out / "project" / "project.json").read_text())
+    assert len(state["rounds"]) == 1 and len(state["labelled"]) == 2
+    # running the demo again reuses everything (finished rounds, the project round)
+    demo.run_demo(out, tmp_path / "data", progress=False)
+    assert len(json.loads((out / "project" / "project.json").read_text())["rounds"]) == 1

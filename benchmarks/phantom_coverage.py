@@ -32,10 +32,16 @@ from asfda.io import load_dataset
 from asfda.loop import Adapter
 from asfda.models import load_model
 from asfda.phantom import generate_benchmark
-from asfda.selection import PoolScores, get_strategy, needs_of
+from asfda.selection import PoolScores, build_strategy, needs_of
 from _machine import cpu_model
 
-BASE_STRATEGIES = ["asfda", "enpy", "asd", "coreset", "badge", "random"]  # one forward pass each
+# one forward pass each; "asfda[norm_kl]" is asfda with round0_gap="norm_kl" (the default is feature_gap)
+BASE_STRATEGIES = ["asfda", "asfda[norm_kl]", "enpy", "asd", "coreset", "badge", "random"]
+
+
+def strategy_of(label: str):
+    name, _, gap = label.partition("[")
+    return build_strategy(name, round0_gap=gap.rstrip("]") or "feature_gap")
 MC_STRATEGIES = ["mc_entropy", "bald"]
 
 
@@ -58,7 +64,7 @@ def score_phantom_pool(data_dir: Path, n_target: int, data_seed: int, strategies
     adapter = Adapter(load_model(phantom_model_path()), ds.class_names, cache_dir=str(Path(data_dir) / "cache"),
                       device="cpu", progress=progress)
     t1 = time.perf_counter()
-    pool = adapter.pool_scores(list(ds.cases), [], 1.0, 0, np.zeros((0, 0)), needs=needs_of(strategies), seed=0)
+    pool = adapter.pool_scores(list(ds.cases), [], 1.0, 0, np.zeros((0, 0)), needs=needs_of([s.partition("[")[0] for s in strategies]), seed=0)
     return pool, subgroup, {"generate_s": t_gen, "score_s": time.perf_counter() - t1}
 
 
@@ -74,7 +80,7 @@ def coverage_table(pool: PoolScores, subgroup: dict[str, str], strategies: list[
             keep = sorted(np.random.default_rng(1000 + seed).permutation(n)[: int(round(subpool * n))].tolist())
             sub, sel_seed = subset(pool, keep), seed
         for name in strategies:
-            strat = get_strategy(name)
+            strat = strategy_of(name)
             for b in budgets:
                 q = strat.select(sub, b, sel_seed)
                 groups = [subgroup[i] for i in q.ids]
@@ -171,12 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- pools: phantom target, n_target={args.n_target}, data seeds {args.data_seeds}; 5 subgroups "
         "(common 60%, rare_protocol 15%, enlarged_liver 10%, missing_kidney 8%, lesions 7%)",
         "- model: shipped phantom UNet (`asfda.demo.phantom_model_path()`), zero-shot, T = 1, scored with "
-        "`Adapter.pool_scores`; asfda's divergence at round 0 is `norm_kl` (InstanceNorm network: Gaussian KL of "
-        "each volume's channel statistics at the normalisation layers against the whole pool's; sub-pools reuse "
-        "the whole-pool values)",
-        *(["- before `norm_kl` (2026-11-25 22:00, same command): asfda used the cosine `feature_gap` and covered "
-           "1.80 / 2.73 / 3.53 subgroups at b=3/5/8 (ENPY 1.80 / 2.13 / 2.53), and only `common` on data seed 1"]
-          if args.n_target == 120 else []),
+        "`Adapter.pool_scores`. InstanceNorm network, so asfda's round-0 divergence is `feature_gap` (cosine "
+        "distance of the embedding to the pool mean, METHOD.md's fallback, the default); `asfda[norm_kl]` uses "
+        "`round0_gap=norm_kl` instead (Gaussian KL of each volume's channel statistics at the normalisation layers "
+        "against the whole pool's; sub-pools reuse the whole-pool values)",
         f"- seeds: a seeded {args.subpool:.0%} sub-pool per seed {args.seeds}, the same seed for the selection; "
         "[whole pool] uses selection seed 0",
         "",

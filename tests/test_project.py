@@ -59,7 +59,7 @@ def test_full_workflow_two_rounds(pool: dict, tmp_path: Path, capsys: pytest.Cap
     assert all((folder / "previews" / f"{i}.png").stat().st_size > 1000 for i in q["ids"])
     assert "asfda ingest" in (folder / "README.txt").read_text()
     out = capsys.readouterr().out
-    assert all(i in out for i in q["ids"]) and "norm_kl=" in out  # why each case was picked
+    assert all(i in out for i in q["ids"]) and "feature_gap=" in out  # why each case was picked
     # asking again before the labels are in shows the same query
     assert next_query(proj, progress=False)["ids"] == q["ids"]
     status = project_status(proj)

@@ -445,11 +445,17 @@ def test_asfda_divergence_preference_kd_then_bn_kl_then_norm_kl_then_feature_gap
     name, cols = ASFDAStrategy().pool_components(pool)
     assert name == "bn_kl"
     assert q.ids[0] == pool.ids[int(np.argmax(cols["rank_score"]))]
-    # InstanceNorm network at round 0: the pool-referenced norm_kl, then the cosine feature gap
+    # InstanceNorm network at round 0: the cosine feature gap (METHOD.md), or norm_kl when asked for
     pool.metrics["norm_kl"] = np.random.default_rng(2).random(8)
-    assert ASFDAStrategy().pool_components(pool)[0] == "bn_kl"
+    assert ASFDAStrategy(round0_gap="norm_kl").pool_components(pool)[0] == "bn_kl"
     del pool.metrics["bn_kl"]
-    name, cols = ASFDAStrategy().pool_components(pool)
+    assert ASFDAStrategy().pool_components(pool)[0] == "feature_gap"
+    name, cols = ASFDAStrategy(round0_gap="norm_kl").pool_components(pool)
     assert name == "norm_kl" and np.array_equal(cols["norm_kl"], pool.metrics["norm_kl"])
     del pool.metrics["norm_kl"]
-    assert ASFDAStrategy().pool_components(pool)[0] == "feature_gap"
+    assert ASFDAStrategy(round0_gap="norm_kl").pool_components(pool)[0] == "feature_gap"  # not computed: fallback
+    with pytest.raises(AsfdaError, match="round0_gap"):
+        ASFDAStrategy(round0_gap="typo")
+    from asfda.selection import build_strategy
+
+    assert build_strategy("asfda", 0.3, "norm_kl").round0_gap == "norm_kl" and build_strategy("ENPY").name == "enpy"

@@ -49,6 +49,7 @@ class RunConfig:
     rounds: int = 3
     seeds: list[int] = field(default_factory=lambda: [0])
     alpha: float = 0.5  # weight of DKD against ASD
+    round0_gap: str = "feature_gap"  # asfda at round 0 without BatchNorm statistics: "feature_gap" or "norm_kl"
     temperature0: float = 1.0
     grow_voxels: int = 2
     class_map: str | None = None
@@ -163,6 +164,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
     if cfg.train.precision not in PRECISIONS:
         raise AsfdaError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}", path)
+    from asfda.selection import ROUND0_GAPS
+
+    if cfg.round0_gap not in ROUND0_GAPS:
+        raise AsfdaError(f"round0_gap must be one of {list(ROUND0_GAPS)}, got {cfg.round0_gap!r}", path)
     if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
         raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}")
     return cfg

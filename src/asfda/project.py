@@ -52,6 +52,7 @@ class ProjectSettings:
     budget: int = 2
     seed: int = 0
     alpha: float = 0.5
+    round0_gap: str = "feature_gap"
     temperature0: float = 1.0
     grow_voxels: int = 2
     class_map: str | None = None
@@ -170,13 +171,13 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     from asfda.models import load_model
     from asfda.models.classmap import build_class_map
     from asfda.models import parse_class_map_override
-    from asfda.selection import get_strategy
+    from asfda.selection import build_strategy
 
     settings = settings or ProjectSettings()
     root = Path(out).resolve()
     if (root / PROJECT_FILE).exists():
         raise AsfdaError("a project already exists here", root, "use `asfda status` on it, or choose another folder")
-    get_strategy(settings.strategy)
+    build_strategy(settings.strategy, settings.alpha, settings.round0_gap)
     if settings.budget < 1:
         raise AsfdaError(f"budget must be >= 1, got {settings.budget}", fix="pass --budget 1 or more")
     loaded = load_model(model)
@@ -230,7 +231,7 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False) 
 
 
 def _new_query(project: Project, progress: bool) -> dict:
-    from asfda.selection import get_strategy
+    from asfda.selection import build_strategy
 
     s = project.settings
     r = project.round
@@ -243,7 +244,7 @@ def _new_query(project: Project, progress: bool) -> dict:
                          project.root, "lower settings.budget in project.json, or add cases to the pool")
     t0 = time.perf_counter()
     temp, lab_emb = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
-    strategy = get_strategy(s.strategy, **({"alpha": s.alpha} if s.strategy == "asfda" else {}))
+    strategy = build_strategy(s.strategy, s.alpha, s.round0_gap)
     scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, s.grow_voxels,
                                  needs=strategy.needs, seed=s.seed * 1000 + r)
     query = strategy.select(scores, s.budget, s.seed * 1000 + r)

@@ -22,7 +22,7 @@ from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.models import load_model, parse_class_map_override
 from asfda.scoring.needs import MC_METRICS
-from asfda.selection import STRATEGIES, PoolScores, Query, get_strategy, needs_of
+from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
 from asfda.selection.strategies import ASFDAStrategy
 
 __all__ = ["has_dropout", "query_dataset", "read_ids_file", "score_dataset"]
@@ -165,7 +165,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: int, out: str | Path, *,
                   labelled: str | Path | list[str] | None = None, seed: int = 0, temperature: float | None = None,
-                  alpha: float = 0.5, model_config: str | None = None, class_map: str | None = None,
+                  alpha: float = 0.5, round0_gap: str = "feature_gap", model_config: str | None = None, class_map: str | None = None,
                   cache_dir: str | None = ".cache", device: str = "auto", progress: bool = True) -> Query:
     """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``.
 
@@ -175,13 +175,14 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         temperature: T; None = fit it on the labelled cases when they all have label files (dynamic
             temperature scaling), else 1.0.
         alpha: asfda's weight of the divergence rank against the ASD rank.
+        round0_gap: asfda's round-0 divergence without BatchNorm statistics (``feature_gap`` or ``norm_kl``).
 
     Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
     and prints the chosen ids with their components.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
-    strat = get_strategy(strategy, **({"alpha": alpha} if strategy.strip().lower() == "asfda" else {}))
+    strat = build_strategy(strategy, alpha, round0_gap)
     labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                    cache_dir=cache_dir, device=device, progress=progress)

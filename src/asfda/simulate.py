@@ -25,7 +25,7 @@ from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_da
 from asfda.io.datasets import Case
 from asfda.loop import Adapter, PoolState, mean_of
 from asfda.models import load_model, parse_class_map_override
-from asfda.selection import get_strategy
+from asfda.selection import build_strategy, get_strategy
 
 __all__ = ["SimulationResult", "area_under_curve", "run_simulation", "split_pool"]
 
@@ -182,7 +182,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
 
     run_dir = Path(cfg.out_dir) / name / f"seed{seed}"
     state_path = run_dir / "state.json"
-    strategy = get_strategy(name, **({"alpha": cfg.alpha} if name == "asfda" else {}))
+    strategy = build_strategy(name, cfg.alpha, cfg.round0_gap)
     state = PoolState()
     rounds: list[dict] = []
     fingerprint = _fingerprint(cfg, adapter, name, seed, pool, test)

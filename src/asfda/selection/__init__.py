@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise
-from asfda.selection.strategies import STRATEGIES, PoolScores, Query, ScoringNeeds, get_strategy, needs_of
+from asfda.selection.strategies import (
+    ROUND0_GAPS,
+    STRATEGIES,
+    PoolScores,
+    Query,
+    ScoringNeeds,
+    build_strategy,
+    get_strategy,
+    needs_of,
+)
 
-__all__ = ["STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "get_strategy", "greedy_diverse_pick",
+__all__ = ["ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "build_strategy", "get_strategy",
+           "greedy_diverse_pick",
            "k_center_greedy", "kmeans_pp_pick", "needs_of", "rank_normalise"]

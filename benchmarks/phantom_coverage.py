@@ -32,7 +32,7 @@ from asfda.io import load_dataset
 from asfda.loop import Adapter
 from asfda.models import load_model
 from asfda.phantom import generate_benchmark
-from asfda.selection import PoolScores, build_strategy, needs_of
+from asfda.selection import PoolScores, ScoringNeeds, build_strategy
 from _machine import cpu_model
 
 # one forward pass each; "asfda[norm_kl]" is asfda with round0_gap="norm_kl" (the default is feature_gap)
@@ -64,7 +64,7 @@ def score_phantom_pool(data_dir: Path, n_target: int, data_seed: int, strategies
     adapter = Adapter(load_model(phantom_model_path()), ds.class_names, cache_dir=str(Path(data_dir) / "cache"),
                       device="cpu", progress=progress)
     t1 = time.perf_counter()
-    pool = adapter.pool_scores(list(ds.cases), [], 1.0, 0, np.zeros((0, 0)), needs=needs_of([s.partition("[")[0] for s in strategies]), seed=0)
+    pool = adapter.pool_scores(list(ds.cases), [], 1.0, 0, np.zeros((0, 0)), needs=ScoringNeeds.union([strategy_of(s).needs for s in strategies]), seed=0)
     return pool, subgroup, {"generate_s": t_gen, "score_s": time.perf_counter() - t1}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shlex
 import subprocess
 import sys
@@ -63,6 +62,7 @@ def scoring_part(args) -> list[str]:
     vols = [adapter.prepare(c, with_label=False) for c in list(ds.cases)[: args.n]]
     prep = time.perf_counter() - t0
     needs = get_strategy("asfda").needs
+    needs_norm = get_strategy("asfda", round0_gap="norm_kl").needs
     roi, swb, overlap = loaded.roi_size, loaded.sw_batch_size, loaded.overlap
 
     def bare(nets):
@@ -73,13 +73,18 @@ def scoring_part(args) -> list[str]:
                         sliding_window_inference(v.image[None], roi, swb, net, overlap=overlap, mode="constant")
         return run
 
-    def scoring(frozen):
-        return lambda batch: score_volumes(batch, adapter.engine_current, 1.0, frozen=frozen, needs=needs)
+    def scoring(frozen, what=needs):
+        return lambda batch: score_volumes(batch, adapter.engine_current, 1.0, frozen=frozen, needs=what)
 
     rows = []
     print("scoring, round 0 (one pass):", file=sys.stderr)
     best0 = _best_interleaved({"scoring": scoring(None), "bare": bare([adapter.current])}, vols, args.repeats)
-    rows.append(("round 0: pretrained model, norm_kl hooks", 1, best0))
+    rows.append(("round 0: pretrained model (asfda's default, feature gap)", 1, best0))
+    print("scoring, round 0 with round0_gap=norm_kl (statistics hooks on every normalisation layer):",
+          file=sys.stderr)
+    best0n = _best_interleaved({"scoring": scoring(None, needs_norm), "bare": bare([adapter.current])}, vols,
+                               args.repeats)
+    rows.append(("round 0 with `round0_gap: norm_kl` (normalisation-statistics hooks)", 1, best0n))
     print("scoring, later round (adapted + frozen: two passes):", file=sys.stderr)
     best1 = _best_interleaved({"scoring": scoring(adapter.engine_frozen), "bare": bare([adapter.current, adapter.frozen])},
                               vols, args.repeats)
@@ -108,13 +113,23 @@ def _memory_child(n: int, pool: str) -> None:
     torch.set_num_threads(1)
     ds = load_dataset(pool)
     adapter = Adapter(load_model(phantom_model_path()), ds.class_names, cache_dir=None, device="cpu", progress=False)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _vm_hwm_mb()
+    # the peak-RSS mark restarts here (Linux /proc/PID/clear_refs "5"), so the peak below is the scoring's;
+    # ru_maxrss cannot be used: it keeps the parent's peak across fork + exec
+    Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
     scored = adapter.score_pool(list(ds.cases)[:n], 1.0, needs=get_strategy("asfda").needs)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"n": n, "scored": len(scored.ids), "peak_mb": peak / 1024, "before_scoring_mb": base / 1024,
+    print(json.dumps({"n": n, "scored": len(scored.ids), "peak_mb": _vm_hwm_mb(), "before_scoring_mb": base,
                       "seconds": seconds}))
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak resident set (VmHWM), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def memory_part(args) -> list[str]:
@@ -132,8 +147,10 @@ def memory_part(args) -> list[str]:
     out = ["## 2. Peak memory: scoring a pool of " + " vs ".join(str(n) for n in args.pool_sizes) +
            " volumes (goal: ratio < 1.2)", "",
            f"- phantom target pool ({pool}), shipped phantom model, asfda's round-0 needs, no caches (each volume "
-           "read, preprocessed and scored once); each size in a fresh process, 1 torch thread; peak = `ru_maxrss`", "",
-           "| pool volumes | peak resident MB | of which before scoring | scoring s | s / volume |", "|---|---|---|---|---|"]
+           "read, preprocessed and scored once); each size in a fresh process, 1 torch thread; peak resident set "
+           "(VmHWM) after loading the model, then its peak while scoring (the mark reset in between)", "",
+           "| pool volumes | peak while scoring, MB | peak after loading, MB | scoring s | s / volume |",
+           "|---|---|---|---|---|"]
     for r in results:
         out.append(f"| {r['n']} | {r['peak_mb']:.0f} | {r['before_scoring_mb']:.0f} | {r['seconds']:.1f} | "
                    f"{r['seconds'] / r['n']:.3f} |")
@@ -171,7 +188,9 @@ def main() -> None:
     if "memory" in parts:
         body += memory_part(args)
     if "train" in parts:
-        body += _quoted("3. Fine-tuning step time", [sys.executable, "benchmarks/train_step.py"])
+        body += _quoted("3. Fine-tuning step time (profile of the slowest stage: fp32 vs bf16 autocast vs channels-last)",
+                        [sys.executable, "benchmarks/train_step.py", "--steps", "8", "--variants",
+                         "fp32,bf16,channels_last"])
     if "selection" in parts:
         body += _quoted("4. Selection time", [sys.executable, "benchmarks/selection_speed.py", "--out", "/dev/null"])
     head = ["# Speed and memory", "",

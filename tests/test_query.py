@@ -183,8 +183,9 @@ def phantom_pools(tmp_path_factory: pytest.TempPathFactory) -> list:
     from asfda.loop import Adapter
     from asfda.models import load_model
     from asfda.phantom import generate_benchmark
-    from asfda.selection import needs_of
+    from asfda.selection import build_strategy
 
+    needs = build_strategy("asfda", round0_gap="norm_kl").needs | build_strategy("enpy").needs
     pools = []
     for data_seed in PHANTOM_SEEDS:
         root = tmp_path_factory.mktemp(f"phantom{data_seed}")
@@ -195,7 +196,7 @@ def phantom_pools(tmp_path_factory: pytest.TempPathFactory) -> list:
         adapter = Adapter(load_model(phantom_model_path()), ds.class_names, cache_dir=None, device="cpu",
                           progress=False)
         pools.append((adapter.pool_scores(list(ds.cases), [], 1.0, 0, np.zeros((0, 0)),
-                                          needs=needs_of(["asfda", "enpy"])), subgroup))
+                                          needs=needs), subgroup))
     return pools
 
 

@@ -501,6 +501,7 @@ def test_scoring_needs_validation_and_union() -> None:
     u = a | b
     assert u.metrics == {"bald", "mc_entropy"} and u.mc_dropout == 5 and u.feature_stats and not u.divergence
     assert (a | ScoringNeeds(divergence=True)).divergence and (ScoringNeeds(divergence=True) | a).divergence
+    assert (a | ScoringNeeds(norm_stats=True)).norm_stats and not u.norm_stats
     assert u.tta_flips == ((), (1, 2), (1,))  # normalised and de-duplicated, first-seen order
 
 
@@ -723,7 +724,7 @@ def test_instance_norm_gap_is_computed_on_the_one_pass_and_cached(tmp_path) -> N
     # image values alternate m - 1 and m + 1: channel mean m, variance 1 (one window = the whole image)
     vols = [SimpleNamespace(case_id=f"in{i}", image=(torch.tensor([-1.0, 1.0]).repeat(16) + m).reshape(1, 4, 4, 2))
             for i, m in enumerate([0.0, 2.0])]
-    needs = ScoringNeeds(feature_stats=True)
+    needs = ScoringNeeds(feature_stats=True, norm_stats=True)
     cache = EngineOutputCache(tmp_path / "scores")
     key = lambda cid: cache.key(cid, "w", "p", False, "x")  # noqa: E731
     out = score_volumes(vols, eng, 1.0, needs=needs, cache=cache, cache_key=key)
@@ -735,7 +736,31 @@ def test_instance_norm_gap_is_computed_on_the_one_pass_and_cached(tmp_path) -> N
     again = score_volumes(vols, eng, 1.0, needs=needs, cache=cache, cache_key=key)
     assert calls == []  # both volumes came from the cache, statistics included
     assert np.array_equal(again.metrics["norm_kl"], out.metrics["norm_kl"])
-    # not asked for -> not computed; once adapted (frozen engine given) kd replaces it
+    # not asked for -> not computed (asfda's default needs do not ask); once adapted kd replaces it
     assert "norm_kl" not in score_volumes(vols, eng, 1.0).metrics
+    assert "norm_kl" not in score_volumes(vols, eng, 1.0, needs=ScoringNeeds(feature_stats=True)).metrics
     adapted = score_volumes(vols, eng, 1.0, frozen=eng, needs=needs)
     assert "norm_kl" not in adapted.metrics and "kd" in adapted.metrics
+
+
+def test_grow_mask_separable_equals_cubic_dilation_and_asd_box_crop_changes_nothing() -> None:
+    import torch.nn.functional as F
+
+    from asfda.scoring.metrics import anatomical_segmentation_difficulty, grow_mask, voxel_entropy
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(9, 11, 7, generator=g) > 0.93
+    for v in (1, 2):
+        cubic = F.max_pool3d(mask[None, None].float(), kernel_size=2 * v + 1, stride=1, padding=v)[0, 0] > 0
+        assert torch.equal(grow_mask(mask, v), cubic)
+    prob = torch.softmax(torch.randn(3, 12, 10, 8, generator=g) * 2, 0)
+    ent, pred = voxel_entropy(prob), prob.argmax(0)
+    # reference: the whole-volume dilation, no crop
+    ref = []
+    for c in (1, 2):
+        region = pred == c
+        full = F.max_pool3d(region[None, None].float(), kernel_size=5, stride=1, padding=2)[0, 0] > 0
+        ref.append(ent[full].mean())
+    expected = float(torch.stack(ref).mean())
+    assert anatomical_segmentation_difficulty(prob, 2) == pytest.approx(expected, rel=1e-6)
+    assert anatomical_segmentation_difficulty(prob, 2, entropy=ent, argmax=pred) == pytest.approx(expected, rel=1e-6)

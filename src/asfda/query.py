@@ -21,7 +21,7 @@ from torch import nn
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.models import load_model, parse_class_map_override
-from asfda.scoring.needs import MC_METRICS
+from asfda.scoring.needs import MC_METRICS, ScoringNeeds
 from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
 from asfda.selection.strategies import ASFDAStrategy
 
@@ -114,7 +114,7 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         if not has_dropout(adapter.current):
             skipped = [n for n in names if get_strategy(n).needs.metrics & MC_METRICS]
             names = [n for n in names if n not in skipped]
-    needs = needs_of(names)
+    needs = needs_of(names) | ScoringNeeds(norm_stats="asfda" in names)  # asfda: both round-0 gaps as columns
     cases = list(ds.cases)
     scored = adapter.score_pool(cases, t, needs=needs, seed=seed)
     ids = [c.case_id for c in cases]

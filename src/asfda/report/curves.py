@@ -31,6 +31,9 @@ def plot_learning_curves(rows: list[dict], path: str | Path, title: str = "Dice 
         n_pool = next(r["n_labelled"] for r in rows if r["strategy"] == "upper_bound")
         ax.axhline(float(np.nanmean(upper)), color="0.3", linestyle="--", linewidth=1,
                    label=f"upper bound (all {n_pool} labelled)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("labelled target volumes")
     ax.set_ylabel("mean Dice (test set)")
     ax.set_title(title)

@@ -47,9 +47,11 @@ class ScoringNeeds:
         tta_flips: the flips, as tuples of model-grid axes in {1, 2}, of the test-time-augmentation passes;
             ``()`` is the identity (it reuses the main pass). Required (>= 2 flips) by ``tta_variance``.
         divergence: compute ``kd`` with the frozen pretrained model once the model has been adapted.
-        feature_stats: compute the round-0 normalisation-statistics gap: ``bn_kl`` when the model has
-            BatchNorm layers with running statistics, else ``norm_kl`` (against the pool's own statistics)
-            when it has InstanceNorm / GroupNorm layers; silently absent otherwise.
+        feature_stats: compute the round-0 BatchNorm-statistics gap ``bn_kl`` when the model has BatchNorm
+            layers with running statistics; silently absent otherwise.
+        norm_stats: without such layers, compute ``norm_kl`` (the same gap at InstanceNorm / GroupNorm layers,
+            against the pool's own statistics) at round 0: hooks on every normalisation layer of the pass,
+            so only when a strategy reads it (asfda with ``round0_gap="norm_kl"``, ``asfda score``).
     """
 
     metrics: frozenset[str] = field(default_factory=frozenset)
@@ -58,6 +60,7 @@ class ScoringNeeds:
     tta_flips: tuple[tuple[int, ...], ...] = ()
     feature_stats: bool = False
     divergence: bool = False  # read kd (one more forward pass of the frozen pretrained model per volume)
+    norm_stats: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", frozenset(self.metrics))
@@ -88,7 +91,8 @@ class ScoringNeeds:
     def __or__(self, other: ScoringNeeds) -> ScoringNeeds:
         return ScoringNeeds(self.metrics | other.metrics, self.vectors | other.vectors,
                             max(self.mc_dropout, other.mc_dropout), self.tta_flips + other.tta_flips,
-                            self.feature_stats or other.feature_stats, self.divergence or other.divergence)
+                            self.feature_stats or other.feature_stats, self.divergence or other.divergence,
+                            self.norm_stats or other.norm_stats)
 
     @staticmethod
     def union(needs: list[ScoringNeeds] | tuple[ScoringNeeds, ...]) -> ScoringNeeds:
@@ -101,4 +105,4 @@ class ScoringNeeds:
         """A JSON-friendly summary (for run records and CLI output)."""
         return {"metrics": sorted(self.metrics), "vectors": sorted(self.vectors), "mc_dropout": self.mc_dropout,
                 "tta_flips": [list(f) for f in self.tta_flips], "feature_stats": self.feature_stats,
-                "divergence": self.divergence}
+                "divergence": self.divergence, "norm_stats": self.norm_stats}

@@ -126,11 +126,15 @@ class _ChannelStats:
 
     def _hook(self, i: int) -> Callable:
         def hook(module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0].detach().double().transpose(0, 1).reshape(inputs[0].shape[1], -1)
-            s, q = x.sum(1), (x * x).sum(1)
+            x = inputs[0].detach()
+            dims = (0, *range(2, x.ndim))
+            n = x.numel() // x.shape[1]
+            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)  # one pass, no copy of the window
+            mean = mean.double()
+            s, q = mean * n, (var.double() + mean * mean) * n
             self.sums[i] = s if self.sums[i] is None else self.sums[i] + s
             self.sqs[i] = q if self.sqs[i] is None else self.sqs[i] + q
-            self.counts[i] += x.shape[1]
+            self.counts[i] += n
 
         return hook
 
@@ -237,7 +241,7 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
     mc_passes = needs.mc_dropout  # >= 2 whenever mc_entropy / bald are asked for (ScoringNeeds checks)
     flips = needs.tta_flips if ("tta_variance" in needs.metrics or len(needs.tta_flips) > 1) else ()
     bn = batchnorm_layers(current.network) if (needs.feature_stats and frozen is None) else []
-    inorm = instance_norm_layers(current.network) if (needs.feature_stats and frozen is None and not bn) else []
+    inorm = instance_norm_layers(current.network) if (needs.norm_stats and frozen is None and not bn) else []
     names = ["asd", "enpy", "confidence"] + (["kd"] if frozen is not None else [])
     names += (["mc_entropy", "bald"] if mc_passes else []) + (["tta_variance"] if len(flips) > 1 else [])
     names += ["bn_kl"] if bn else []
@@ -272,9 +276,11 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
             logits, emb = current.run(vol.image)
         prob = torch.softmax(logits / temperature, 0)
         del logits
-        metrics["asd"].append(anatomical_segmentation_difficulty(prob, grow_voxels))
-        metrics["enpy"].append(mean_entropy(prob))
+        ent, pred = voxel_entropy(prob), prob.argmax(0)  # shared by the metrics below
+        metrics["asd"].append(anatomical_segmentation_difficulty(prob, grow_voxels, entropy=ent, argmax=pred))
+        metrics["enpy"].append(mean_entropy(prob, entropy=ent))
         metrics["confidence"].append(foreground_confidence(prob))
+        del ent
         embs.append(emb.numpy())
         if bn:
             metrics["bn_kl"].append(stats.divergence())
@@ -284,7 +290,9 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
             badge.append(badge_embedding(prob, emb).numpy())
         if frozen is not None:
             logits0, emb0 = frozen.run(vol.image)
-            metrics["kd"].append(foreground_kl_divergence(prob, torch.softmax(logits0 / temperature, 0)))
+            prob0 = torch.softmax(logits0 / temperature, 0)
+            metrics["kd"].append(foreground_kl_divergence(prob, prob0, argmax_t=pred))
+            del prob0
             embs0.append(emb0.numpy())
             del logits0
         if mc_passes:

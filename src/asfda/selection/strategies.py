@@ -195,6 +195,8 @@ class ASFDAStrategy(Strategy):
             raise AsfdaError(f"round0_gap must be one of {list(ROUND0_GAPS)}, got {round0_gap!r}")
         self.alpha = alpha
         self.round0_gap = round0_gap
+        if round0_gap == "norm_kl":  # the statistics hooks run only when they are read
+            self.needs = ScoringNeeds(metrics={"asd"}, feature_stats=True, divergence=True, norm_stats=True)
 
     def pool_components(self, pool: PoolScores) -> tuple[str, dict[str, np.ndarray]]:
         """For every pool volume (in the pool's order): the divergence used and its value, ASD, their

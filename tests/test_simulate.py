@@ -164,3 +164,16 @@ def test_simulation_killed_with_sigkill_mid_round_resumes_to_the_same_results(tm
     assert key(resumed.rows) == key(reference.rows)
     again = json.loads((tmp_path / "killed" / "asfda" / "seed0" / "state.json").read_text())
     assert again["rounds"][0] == state["rounds"][0]  # the finished round was not redone
+
+
+def test_cli_simulate_overrides_upper_bound(tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture) -> None:
+    from asfda.cli import main
+
+    data = write_nnunet(tmp_path / "ds", n=6)
+    args = ["simulate", "--model", str(tiny_bundle), "--pool", str(data), "--strategies", "random", "--budget", "1",
+            "--rounds", "1", "--steps", "2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--no-upper-bound"]) == 0
+    assert "Upper bound" not in capsys.readouterr().out and not (tmp_path / "a" / "upper_bound").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--upper-bound-steps", "3"]) == 0
+    assert "Upper bound (fine-tuned on all" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "upper_bound" / "seed0.json").read_text())["steps"] == 3

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--steps", type=int, help="fine-tuning steps per round")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
+    p.add_argument("--no-upper-bound", action="store_true", help="skip the full-pool upper bound")
+    p.add_argument("--upper-bound-steps", type=int, help="steps of the upper bound (default: steps x rounds)")
     p.add_argument("--out", help="results folder")
     _add_common(p)
 
@@ -191,7 +193,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, {
             "model": args.model, "pool": args.pool, "test": args.test, "strategies": args.strategies,
             "budget": args.budget, "rounds": args.rounds, "seeds": args.seeds, "train.steps": args.steps,
-            "class_map": args.class_map, "out_dir": args.out, "progress": progress})
+            "class_map": args.class_map, "out_dir": args.out, "progress": progress,
+            "upper_bound": False if args.no_upper_bound else None, "upper_bound_steps": args.upper_bound_steps})
         if not cfg.model or not cfg.pool:
             raise AsfdaError("simulate needs a model and a pool", fix="pass --model and --pool, or set them in --config")
         result = run_simulation(cfg)

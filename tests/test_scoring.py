@@ -764,3 +764,10 @@ def test_grow_mask_separable_equals_cubic_dilation_and_asd_box_crop_changes_noth
     expected = float(torch.stack(ref).mean())
     assert anatomical_segmentation_difficulty(prob, 2) == pytest.approx(expected, rel=1e-6)
     assert anatomical_segmentation_difficulty(prob, 2, entropy=ent, argmax=pred) == pytest.approx(expected, rel=1e-6)
+
+
+def test_release_freed_memory_is_safe_to_call() -> None:
+    from asfda.memory import release_freed_memory
+
+    release_freed_memory()
+    release_freed_memory()

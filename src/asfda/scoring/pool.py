@@ -29,6 +29,7 @@ from torch import nn
 
 from asfda.cache import EngineOutputCache
 from asfda.engine import InferenceEngine
+from asfda.memory import release_freed_memory
 from asfda.scoring.metrics import (
     anatomical_segmentation_difficulty,
     badge_embedding,
@@ -301,7 +302,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
             metrics["bald"].append(mi)
         if len(flips) > 1:
             metrics["tta_variance"].append(_tta_variance(current, vol.image, prob, temperature, flips))
-        del prob
+        del prob, pred
+        release_freed_memory()  # the pool is streamed: keep the resident set flat (see asfda.memory)
         if key is not None:
             entry = {f"m_{n}": np.float64(metrics[n][before[n]]) for n in names}
             entry["emb"] = embs[n_emb]

@@ -168,9 +168,8 @@ class Project:
 def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettings | None = None,
                  labels_json: str | None = None) -> Project:
     """Creates a project folder: checks that the model loads and maps onto the pool's labels."""
-    from asfda.models import load_model
+    from asfda.models import load_model, parse_class_map_override
     from asfda.models.classmap import build_class_map
-    from asfda.models import parse_class_map_override
     from asfda.selection import build_strategy
 
     settings = settings or ProjectSettings()

@@ -7,7 +7,7 @@ and the components that explain each pick.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -196,7 +196,7 @@ class ASFDAStrategy(Strategy):
         self.alpha = alpha
         self.round0_gap = round0_gap
         if round0_gap == "norm_kl":  # the statistics hooks run only when they are read
-            self.needs = ScoringNeeds(metrics={"asd"}, feature_stats=True, divergence=True, norm_stats=True)
+            self.needs = replace(ASFDAStrategy.needs, norm_stats=True)
 
     def pool_components(self, pool: PoolScores) -> tuple[str, dict[str, np.ndarray]]:
         """For every pool volume (in the pool's order): the divergence used and its value, ASD, their

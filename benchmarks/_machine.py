@@ -14,3 +14,18 @@ def cpu_model() -> str:
         out = ""
     return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name:")),
                 platform.processor() or platform.machine())
+
+
+def code_version() -> str:
+    """The git commit the benchmark ran from (``+dirty`` with uncommitted changes), or "unknown"."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")

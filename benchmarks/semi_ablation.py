@@ -75,10 +75,10 @@ def main() -> None:
             adapter.load_current_state(start)
             adapter.is_adapted = False
             train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                freeze_encoder=args.freeze_encoder)
+                                freeze_encoder=args.freeze_encoder, guard=False)
             t0 = time.perf_counter()
-            hist, reliable = adapter.train_round(labelled, unlabelled, train, semis[variant], 1.0, None, [],
-                                                 desc=f"{variant} k={k}")
+            reliable = adapter.train_round(labelled, unlabelled, train, semis[variant], 1.0, None, [],
+                                           desc=f"{variant} k={k}").reliable
             seconds = time.perf_counter() - t0
             per_case = adapter.evaluate(test)
             row = {"variant": variant, "n_labelled": k, "labelled": [c.case_id for c in labelled],

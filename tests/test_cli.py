@@ -57,3 +57,14 @@ def test_unknown_config_key_is_rejected(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["simulate", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "budgte" in err and "budget" in err
+
+
+def test_guard_settings_reach_the_run_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from asfda.config import load_config
+
+    assert load_config(None, {"train.guard": False}).train.guard is False
+    assert load_config(None, {}).train.guard is True  # on by default
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: m\npool: p\ntrain:\n  guard_volumes: 0\n")
+    assert main(["simulate", "--config", str(cfg)]) == 2
+    assert "train.guard_volumes" in capsys.readouterr().err

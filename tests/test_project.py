@@ -47,7 +47,7 @@ def _answer(truth: Path, ids: list[str], out: Path) -> Path:
 def test_full_workflow_two_rounds(pool: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     proj = tmp_path / "proj"
     assert main(["init", str(proj), "--model", str(pool["model"]), "--pool", str(pool["pool"]), "--budget", "2",
-                 "--steps", "4", "--device", "cpu", "--no-progress"]) == 0
+                 "--steps", "4", "--device", "cpu", "--no-progress", "--no-guard"]) == 0
     state = json.loads((proj / "project.json").read_text())
     assert state["pool_cases"] == N_POOL and state["labels"] == {"background": 0, "liver": 1, "spleen": 2}
     assert main(["next", str(proj), "--no-progress"]) == 0
@@ -68,8 +68,10 @@ def test_full_workflow_two_rounds(pool: dict, tmp_path: Path, capsys: pytest.Cap
     assert main(["ingest", str(_answer(pool["truth"], q["ids"], tmp_path / "ann0")), str(proj), "--no-progress"]) == 0
     assert sorted(Project(proj).state["labelled"]) == sorted(q["ids"])
     assert "finetune" in project_status(proj)["next"]
+    capsys.readouterr()
     assert main(["finetune", str(proj), "--no-progress"]) == 0
     st = Project(proj).state
+    assert st["rounds"][0]["guard"] is None and "guard" not in capsys.readouterr().out  # --no-guard
     assert st["query"] is None and len(st["rounds"]) == 1 and st["weights"] == "weights/round0.safetensors"
     assert (proj / "model" / "models" / "model.pt").exists()
     meta = json.loads((proj / "model" / "configs" / "metadata.json").read_text())
@@ -88,6 +90,23 @@ def test_full_workflow_two_rounds(pool: dict, tmp_path: Path, capsys: pytest.Cap
     assert main(["status", str(proj), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["rounds_finished"] == 2 and st["labelled"] == 4 and "next" in st["next"]
+
+
+def test_finetune_runs_the_guard_and_the_next_query_follows_its_decision(pool: dict, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), ProjectSettings(budget=2, train=TrainConfig(steps=4)))
+    q = next_query(proj, progress=False)
+    ingest_labels(proj, _answer(pool["truth"], q["ids"], tmp_path / "ann0"))
+    capsys.readouterr()
+    assert main(["finetune", str(proj), "--no-progress"]) == 0
+    guard = Project(proj).state["rounds"][0]["guard"]
+    assert guard["cases"] and not set(guard["cases"]) & set(q["ids"])  # unlabeled pool cases only
+    assert 0 <= guard["plausibility_adapted"] <= 1 and 0 <= guard["plausibility_pretrained"] <= 1
+    assert ("discarded" in capsys.readouterr().out) is guard["reverted"]
+    q1 = next_query(proj, progress=False)
+    # weights the guard discarded leave the pretrained model: the round-0 gap, not f_t || f_0 divergence
+    assert all(("kd" in c) is (not guard["reverted"]) for c in q1["components"].values())
 
 
 def test_status_json_and_text(pool: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

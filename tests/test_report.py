@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,8 @@ def test_report_html_is_self_contained_with_spread_over_seeds(run_dir: Path) -> 
     page = (run_dir / "report.html").read_text()
     assert "±" in page  # two seeds: mean ± std
     assert "seed 1" in page and "% of upper bound" in page
+    assert "guard (plausibility adapted / pretrained)" in page
+    assert re.search(r"(kept|DISCARDED) \(\d\.\d{3} / \d\.\d{3}\)", page)  # the guard's verdict per round
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
 

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="fine-tuning steps per round")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--no-upper-bound", action="store_true", help="skip the full-pool upper bound")
+    p.add_argument("--no-guard", action="store_true", help="keep every round's weights (no non-regression guard)")
     p.add_argument("--upper-bound-steps", type=int, help="steps of the upper bound (default: steps x rounds)")
     p.add_argument("--out", help="results folder")
     _add_common(p)
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--allow-empty-labels", action="store_true", help="accept label maps with no foreground")
+    p.add_argument("--no-guard", action="store_true", help="keep every round's weights, even when the adapted "
+                   "model's organs are more fragmented than the pretrained model's")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     _add_common(p)
     project_commands = [
@@ -194,7 +197,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             "model": args.model, "pool": args.pool, "test": args.test, "strategies": args.strategies,
             "budget": args.budget, "rounds": args.rounds, "seeds": args.seeds, "train.steps": args.steps,
             "class_map": args.class_map, "out_dir": args.out, "progress": progress,
-            "upper_bound": False if args.no_upper_bound else None, "upper_bound_steps": args.upper_bound_steps})
+            "upper_bound": False if args.no_upper_bound else None,
+            "train.guard": False if args.no_guard else None, "upper_bound_steps": args.upper_bound_steps})
         if not cfg.model or not cfg.pool:
             raise AsfdaError("simulate needs a model and a pool", fix="pass --model and --pool, or set them in --config")
         result = run_simulation(cfg)
@@ -238,7 +242,7 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
 
         settings = prj.ProjectSettings(strategy=args.strategy, budget=args.budget, seed=args.seed,
                                        class_map=args.class_map, allow_empty_labels=args.allow_empty_labels,
-                                       device=args.device, train=TrainConfig(steps=args.steps))
+                                       device=args.device, train=TrainConfig(steps=args.steps, guard=not args.no_guard))
         p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels)
         print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
         print(f"next: asfda next {p.root}")
@@ -265,6 +269,10 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
         root = prj.Project(args.project).root
         print(f"round {rec['round']} fine-tuned on {len(rec['labelled_ids'])} labelled cases in {rec['seconds']:.0f} s "
               f"(final loss {rec['loss_final']:.3f}); adapted model: {root / 'model'}")
+        if rec.get("guard"):
+            from asfda.training.guard import GuardResult
+
+            print(GuardResult(**rec["guard"]).message())
         print(f"next: asfda next {root}")
     elif args.command == "status":
         st = prj.project_status(args.project)

@@ -151,7 +151,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         node[parts[-1]] = value
     cfg = config_from_dict(RunConfig, data)
     checks = [("train.steps", cfg.train.steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
-              ("train.lr", cfg.train.lr > 0), ("budget", cfg.budget >= 1), ("rounds", cfg.rounds >= 1),
+              ("train.lr", cfg.train.lr > 0), ("train.guard_volumes", cfg.train.guard_volumes >= 1), ("budget", cfg.budget >= 1), ("rounds", cfg.rounds >= 1),
               ("test_fraction", 0 < cfg.test_fraction < 1), ("alpha", 0 <= cfg.alpha <= 1),
               ("temperature0", cfg.temperature0 > 0), ("seeds", len(cfg.seeds) >= 1),
               ("upper_bound_steps", cfg.upper_bound_steps >= 0), ("previews", cfg.previews >= 0)]

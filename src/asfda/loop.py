@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -38,8 +39,11 @@ from asfda.scoring.pool import ScoredPool, score_volumes
 from asfda.scoring.temperature import sample_voxels
 from asfda.selection import PoolScores
 from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, select_reliable
+from asfda.training.guard import GuardResult, anatomical_plausibility, discards, guard_sample
 
-__all__ = ["Adapter", "PoolState", "RoundTemperature", "reliable_from_scores"]
+__all__ = ["Adapter", "PoolState", "RoundTemperature", "RoundTraining", "reliable_from_scores"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +76,16 @@ class RoundTemperature:
     temperature: float
     ece_before: float | None
     ece_after: float | None
+
+
+@dataclass
+class RoundTraining:
+    """What a round's fine-tuning gives: the loss history, the reliable unlabeled volumes used (id ->
+    confidence, distance) and the guard's decision (None when the guard did not run)."""
+
+    history: dict[str, list[float]]
+    reliable: dict[str, dict[str, float]]
+    guard: GuardResult | None = None
 
 
 class Adapter:
@@ -108,6 +122,7 @@ class Adapter:
         self.engine_current = InferenceEngine(self.current, pretrained.roi_size,
                                               embedding_layer=self.engine_frozen.embedding_layer, **kw)
         self.is_adapted = False
+        self._plausibility0: dict[str, float] = {}
 
     # -- data -------------------------------------------------------------------------------------
     def prepare(self, case: Case, with_label: bool = True) -> PreparedVolume:
@@ -119,8 +134,12 @@ class Adapter:
 
     # -- weights ----------------------------------------------------------------------------------
     def load_current_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads weights into the adapted model; it counts as adapted when they differ from the pretrained
+        weights (a round the guard discarded leaves the pretrained weights, and round-0 fallbacks apply)."""
         self.current.load_state_dict(state)
-        self.is_adapted = True
+        frozen = self.frozen.state_dict()
+        self.is_adapted = any(k not in frozen or not torch.equal(v.to(frozen[k].device), frozen[k])
+                              for k, v in state.items())
 
     def export_bundle(self, out_dir: str | Path, extra_metadata: dict | None = None) -> Path:
         """Writes the adapted model as a MONAI bundle (configs of the source bundle, new weights in
@@ -243,11 +262,51 @@ class Adapter:
 
     def train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
                     temperature: float, scores: PoolScores | None = None, queried: list[str] | None = None,
-                    desc: str = "fine-tune") -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
-        """One round of fine-tuning: supervised, or selective semi-supervised when ``semi.enabled``.
-
-        Returns the loss history and the reliable volumes used (id -> confidence, distance).
+                    desc: str = "fine-tune") -> RoundTraining:
+        """One round of fine-tuning (supervised, or selective semi-supervised when ``semi.enabled``), then
+        the non-regression guard (`asfda.training.guard`) when ``train.guard`` and unlabeled volumes exist:
+        if the new weights are anatomically less plausible than the pretrained model on a seeded sample of
+        the unlabeled volumes, the round's weights are discarded (the model is the one the round started from).
         """
+        guard_cases = []
+        if train.guard and unlabelled:
+            keep = set(guard_sample([c.case_id for c in unlabelled], train.guard_volumes, train.seed))
+            guard_cases = [c for c in unlabelled if c.case_id in keep]
+            start_state, start_adapted = self.current_state(), self.is_adapted
+            reference = self.plausibility(guard_cases, pretrained=True)
+        hist, reliable = self._train_round(labelled, unlabelled, train, semi, temperature, scores, queried, desc)
+        guard = None
+        if guard_cases:
+            adapted = self.plausibility(guard_cases)
+            guard = GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted))
+            if guard.reverted:
+                self.load_current_state(start_state)
+                self.is_adapted = start_adapted
+            log.info(guard.message())
+        return RoundTraining(hist, reliable, guard)
+
+    def plausibility(self, cases: list[Case], *, pretrained: bool = False) -> float:
+        """`anatomical_plausibility` of the current (or pretrained) model's label maps on ``cases``, one
+        forward pass each; the pretrained model's per-case values are kept (its weights never change)."""
+        n = len(self.target_names)
+        values = []
+        for case in self._bar(cases, "guard"):
+            if pretrained and case.case_id in self._plausibility0:
+                values.append(self._plausibility0[case.case_id])
+                continue
+            engine = self.engine_frozen if pretrained else self.engine_current
+            logits, _ = engine.run(self.prepare(case, with_label=False).image)
+            v = anatomical_plausibility([logits.argmax(0)], n)
+            if pretrained:
+                self._plausibility0[case.case_id] = v
+            values.append(v)
+        return float(np.mean(values)) if values else float("nan")
+
+    def _train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
+                     temperature: float, scores: PoolScores | None, queried: list[str] | None, desc: str
+                     ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+        """The fine-tuning of `train_round`: the loss history and the reliable volumes used (id -> confidence,
+        distance)."""
         if not semi.enabled or not unlabelled:
             return self.finetune(labelled, train, desc=desc), {}
         if semi.pseudo_from == "previous" and scores is not None:

@@ -363,8 +363,8 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
         temp, _ = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
         unlabelled = [c for c in ds.cases if c.case_id not in current]
         train = dataclasses.replace(s.train, seed=s.seed * 1000 + r)
-        hist, reliable = adapter.train_round(labelled, unlabelled, train, s.semi, temp.temperature,
-                                             desc=f"round {r}")
+        result = adapter.train_round(labelled, unlabelled, train, s.semi, temp.temperature, desc=f"round {r}")
+        hist, reliable = result.history, result.reliable
         weights = f"weights/round{r}.safetensors"
         atomic_write(project.root / weights, lambda p: save_file(adapter.current_state(), str(p)))
         adapter.export_bundle(project.root / "model", {"project": str(project.root), "round": r,
@@ -372,7 +372,8 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
         record = {"round": r, "labelled_ids": sorted(current), "label_sha256": current,
                   "new_ids": sorted(set(current) - trained), "temperature": temp.temperature,
                   "ece_before": temp.ece_before, "ece_after": temp.ece_after, "steps": train.steps,
-                  "loss_final": float(np.mean(hist["loss"][-10:])), "reliable": reliable, "weights": weights,
+                  "loss_final": float(np.mean(hist["loss"][-10:])), "reliable": reliable,
+                  "guard": result.guard.to_dict() if result.guard else None, "weights": weights,
                   "seconds": round(time.perf_counter() - t0, 2), "finished": _now()}
         project.state["rounds"].append(record)
         project.state["weights"] = weights

@@ -212,15 +212,17 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         t_score = time.perf_counter() - t0
         state.add(query.ids, r)
         t1 = time.perf_counter()
-        hist, reliable = adapter.train_round(
+        trained = adapter.train_round(
             [by_id[i] for i in state.labelled_ids()], [by_id[i] for i in state.unlabelled(sorted(by_id))],
             _round_train_config(cfg, seed, r), cfg.semi, temp.temperature, scores, query.ids,
             desc=f"{name} seed{seed} round{r}")
+        hist, reliable = trained.history, trained.reliable
         t_train = time.perf_counter() - t1
         per_case = adapter.evaluate(test)
         record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
                   "query_scores": query.scores, "query_components": query.components,
-                  "reliable": reliable, "temperature": temp.temperature, "ece_before": temp.ece_before,
+                  "reliable": reliable, "guard": trained.guard.to_dict() if trained.guard else None,
+                  "temperature": temp.temperature, "ece_before": temp.ece_before,
                   "ece_after": temp.ece_after,
                   "seconds_score": round(t_score, 2), "seconds_train": round(t_train, 2),
                   "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,

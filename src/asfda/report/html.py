@@ -75,6 +75,13 @@ def _results_section(summary: dict) -> str:
     return text
 
 
+def _guard_cell(guard: dict | None) -> str:
+    if not guard:
+        return "off"
+    verdict = "DISCARDED" if guard["reverted"] else "kept"
+    return f"{verdict} ({guard['plausibility_adapted']:.3f} / {guard['plausibility_pretrained']:.3f})"
+
+
 def _rounds_section(out: Path, strategies: list[str], seeds: list[int]) -> tuple[str, dict]:
     parts, states = [], {}
     for name in strategies:
@@ -86,10 +93,11 @@ def _rounds_section(out: Path, strategies: list[str], seeds: list[int]) -> tuple
             states[(name, seed)] = state
             rows = [[r["round"], r["n_labelled"], r["dice_mean"], r["temperature"],
                      "" if r["ece_before"] is None else r["ece_before"], "" if r["ece_after"] is None else r["ece_after"],
-                     r["seconds_score"], r["seconds_train"], " ".join(r["queried"])] for r in state["rounds"]]
+                     r["seconds_score"], r["seconds_train"], _guard_cell(r.get("guard")), " ".join(r["queried"])]
+                    for r in state["rounds"]]
             parts.append(f"<h3>{html.escape(name)}, seed {seed}</h3>")
             parts.append(_table(["round", "labelled", "Dice", "T", "ECE before", "ECE after", "score s", "train s",
-                                 "queried"], rows))
+                                 "guard (plausibility adapted / pretrained)", "queried"], rows))
     return "".join(parts), states
 
 

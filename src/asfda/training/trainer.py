@@ -37,6 +37,10 @@ class TrainConfig:
     # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
     # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
     precision: str = "fp32"
+    # keep a round's weights only if the adapted model's organs on up to guard_volumes unlabeled volumes are
+    # at least as connected as the pretrained model's (asfda.training.guard); otherwise revert the round
+    guard: bool = True
+    guard_volumes: int = 8
     seed: int = 0
 
 

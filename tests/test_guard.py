@@ -1,0 +1,121 @@
+"""The fine-tuning guard: the plausibility metric on hand-made label maps, and the keep/revert decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asfda.config import SemiConfig
+from asfda.io import load_dataset
+from asfda.loop import Adapter
+from asfda.models import load_model
+from asfda.training import TrainConfig
+from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample, largest_component_fractions
+
+
+def test_largest_component_fractions_by_hand() -> None:
+    lab = np.zeros((10, 10, 10), dtype=np.int64)
+    lab[0:2, 0:2, 0:2] = 1  # 8 voxels
+    lab[6:8, 6:7, 6:7] = 1  # 2 voxels, apart: class 1 is 8 / 10 in its largest component
+    lab[4, 4, 4] = 2
+    lab[5, 5, 5] = 2  # touches (4,4,4) only by a corner: one 26-connected component
+    # class 3 absent -> 0
+    assert largest_component_fractions(lab, 4) == pytest.approx([0.8, 1.0, 0.0])
+    assert largest_component_fractions(torch.from_numpy(lab), 4) == pytest.approx([0.8, 1.0, 0.0])
+
+
+def test_anatomical_plausibility_averages_classes_and_volumes() -> None:
+    a = np.zeros((6, 6, 6), dtype=np.int64)
+    a[0:3, 0:3, 0:3] = 1  # class 1 whole: 1.0; class 2 absent: 0.0 -> 0.5
+    b = np.zeros((6, 6, 6), dtype=np.int64)
+    b[0, 0, 0] = b[5, 5, 5] = 1  # two single voxels: 0.5
+    b[2:4, 2:4, 2:4] = 2  # 1.0 -> 0.75
+    assert anatomical_plausibility([a, b], 3) == pytest.approx((0.5 + 0.75) / 2)
+    assert np.isnan(anatomical_plausibility([], 3))
+    with pytest.raises(ValueError, match="3D"):
+        largest_component_fractions(np.zeros((4, 4)), 3)
+
+
+def test_guard_sample_is_seeded_sized_and_order_free() -> None:
+    ids = [f"c{i:02d}" for i in range(20)]
+    s = guard_sample(ids, 8, seed=3)
+    assert len(s) == 8 and set(s) <= set(ids)
+    assert guard_sample(list(reversed(ids)), 8, seed=3) == s
+    assert guard_sample(ids, 8, seed=4) != s
+    assert guard_sample(ids[:5], 8, seed=3) == sorted(ids[:5])
+
+
+def _adapter(tiny_bundle: Path, tiny_dataset: Path) -> tuple[Adapter, list]:
+    ds = load_dataset(tiny_dataset)
+    return Adapter(load_model(tiny_bundle), ds.class_names, progress=False), list(ds.cases)
+
+
+def _shift_weights(adapter: Adapter) -> None:
+    with torch.no_grad():
+        for p in adapter.current.parameters():
+            p.add_(0.5)
+    adapter.is_adapted = True
+
+
+@pytest.mark.parametrize("adapted_better", [False, True])
+def test_train_round_reverts_a_less_plausible_model_and_keeps_a_better_one(
+        tiny_bundle: Path, tiny_dataset: Path, monkeypatch, adapted_better: bool) -> None:
+    adapter, cases = _adapter(tiny_bundle, tiny_dataset)
+    start = adapter.current_state()
+
+    def fake_train(self, *a, **k):
+        _shift_weights(self)
+        return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}
+
+    def fake_plausibility(self, cases, *, pretrained=False):
+        assert [c.case_id for c in cases] == [c.case_id for c in unlabelled]
+        return 0.7 if pretrained else (0.9 if adapted_better else 0.6)
+
+    monkeypatch.setattr(Adapter, "_train_round", fake_train)
+    monkeypatch.setattr(Adapter, "plausibility", fake_plausibility)
+    labelled, unlabelled = cases[:1], cases[1:]
+    out = adapter.train_round(labelled, unlabelled, TrainConfig(steps=1), SemiConfig(), 1.0)
+    assert isinstance(out.guard, GuardResult)
+    assert out.guard.reverted is (not adapted_better)
+    assert out.guard.plausibility_pretrained == 0.7
+    same = all(torch.equal(start[k], v) for k, v in adapter.current_state().items())
+    assert same is (not adapted_better)
+    assert adapter.is_adapted is adapted_better  # a reverted round 0 is the pretrained model again
+    assert ("discarded" in out.guard.message()) is (not adapted_better)
+
+
+def test_guard_off_or_without_unlabeled_volumes_does_not_run(tiny_bundle: Path, tiny_dataset: Path, monkeypatch) -> None:
+    adapter, cases = _adapter(tiny_bundle, tiny_dataset)
+    calls = []
+    monkeypatch.setattr(Adapter, "plausibility", lambda self, *a, **k: calls.append(1) or 0.0)
+    out = adapter.train_round(cases[:1], cases[1:], TrainConfig(steps=1, guard=False), SemiConfig(), 1.0)
+    assert out.guard is None
+    out = adapter.train_round(cases, [], TrainConfig(steps=1), SemiConfig(), 1.0)
+    assert out.guard is None and not calls
+
+
+def test_plausibility_runs_the_models_and_caches_the_pretrained_values(tiny_bundle: Path, tiny_dataset: Path,
+                                                                        monkeypatch) -> None:
+    adapter, cases = _adapter(tiny_bundle, tiny_dataset)
+    p0 = adapter.plausibility(cases, pretrained=True)
+    assert 0.0 <= p0 <= 1.0
+    assert adapter.plausibility(cases) == pytest.approx(p0)  # not adapted yet: the same network
+    monkeypatch.setattr(adapter.engine_frozen, "run", lambda *a, **k: pytest.fail("pretrained values not cached"))
+    assert adapter.plausibility(cases, pretrained=True) == p0
+
+
+def test_loading_the_pretrained_weights_is_not_an_adapted_model(tiny_bundle: Path, tiny_dataset: Path) -> None:
+    """A resumed run whose last round the guard discarded holds the pretrained weights: asfda's round-0
+    fallback (no f_t vs f_0 divergence yet) must apply to it as it did before the restart."""
+    adapter, _ = _adapter(tiny_bundle, tiny_dataset)
+    start = adapter.current_state()
+    adapter.load_current_state(start)
+    assert adapter.is_adapted is False
+    _shift_weights(adapter)
+    moved = adapter.current_state()
+    adapter.load_current_state(start)
+    adapter.load_current_state(moved)
+    assert adapter.is_adapted is True

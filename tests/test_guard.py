@@ -119,3 +119,24 @@ def test_loading_the_pretrained_weights_is_not_an_adapted_model(tiny_bundle: Pat
     adapter.load_current_state(start)
     adapter.load_current_state(moved)
     assert adapter.is_adapted is True
+
+
+def test_plausibility_over_chosen_classes() -> None:
+    lab = np.zeros((8, 8, 8), dtype=np.int64)
+    lab[0:2, 0:2, 0:2] = 1  # 1.0
+    lab[5, 5, 5] = lab[7, 7, 7] = 2  # 0.5; class 3 absent: 0.0
+    assert anatomical_plausibility([lab], 4) == pytest.approx(0.5)
+    assert anatomical_plausibility([lab], 4, classes=[1, 2]) == pytest.approx(0.75)
+    assert np.isnan(anatomical_plausibility([lab], 4, classes=[]))
+
+
+def test_guard_leaves_out_new_target_classes(tmp_path: Path) -> None:
+    """A target class the pretrained model lacks (a new output channel) is never predicted by it: counting it
+    would favour any adapted model that predicts it at all."""
+    from conftest import write_bundle, write_nnunet
+
+    bundle = write_bundle(tmp_path / "b", class_names=("background", "liver"))
+    ds = load_dataset(write_nnunet(tmp_path / "ds", n=3, labels={"background": 0, "liver": 1, "spleen": 2}))
+    adapter = Adapter(load_model(bundle), ds.class_names, progress=False)
+    assert adapter.class_map.new_classes == ["spleen"]
+    assert adapter._guard_classes() == [1]

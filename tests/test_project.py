@@ -258,3 +258,13 @@ def test_plain_folder_pool_uses_the_labels_json_or_the_model_classes(pool: dict,
     # a label with the spleen value is refused here: only background and liver are label values
     res = ingest_labels(p.root, _answer(pool["truth"], q["ids"], tmp_path / "ann"))
     assert res["accepted"] == [] and all("values [2]" in r["reason"] for r in res["refused"])
+
+
+def test_project_json_with_a_bad_guard_setting_is_refused(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    state = json.loads((proj / "project.json").read_text())
+    state["settings"]["train"]["guard_volumes"] = 0
+    (proj / "project.json").write_text(json.dumps(state))
+    with pytest.raises(AsfdaError, match="guard_volumes"):
+        Project(proj)

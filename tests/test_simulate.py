@@ -177,3 +177,48 @@ def test_cli_simulate_overrides_upper_bound(tmp_path: Path, tiny_bundle: Path, c
     assert main([*args, "--out", str(tmp_path / "b"), "--upper-bound-steps", "3"]) == 0
     assert "Upper bound (fine-tuned on all" in capsys.readouterr().out
     assert json.loads((tmp_path / "b" / "upper_bound" / "seed0.json").read_text())["steps"] == 3
+
+
+def test_rounds_the_guard_discards_keep_the_pretrained_model_through_a_resume(tmp_path: Path, tiny_bundle: Path,
+                                                                              monkeypatch) -> None:
+    """Every round discarded: each round ends with the pretrained weights and zero-shot Dice, the exported
+    bundle says so, and a second run resumes (nothing retrained) to the same rows."""
+    import asfda.loop
+
+    monkeypatch.setattr(asfda.loop, "discards", lambda p0, p1: True)
+    data = write_nnunet(tmp_path / "ds", n=7)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.upper_bound = False
+    res = run_simulation(cfg)
+    zero = next(r["dice_mean"] for r in res.rows if r["round"] == -1)
+    for name in ("asfda", "random"):
+        state = json.loads((res.out_dir / name / "seed0" / "state.json").read_text())
+        assert [r["guard"]["reverted"] for r in state["rounds"]] == [True, True]
+        assert all(r["dice_mean"] == pytest.approx(zero) for r in state["rounds"])
+        meta = json.loads((res.out_dir / name / "seed0" / "bundle" / "configs" / "metadata.json").read_text())
+        assert meta["asfda"]["rounds_discarded_by_guard"] == [0, 1]
+    asfda_round1 = json.loads((res.out_dir / "asfda" / "seed0" / "state.json").read_text())["rounds"][1]
+    assert all("kd" not in c for c in asfda_round1["query_components"].values())  # never adapted: round-0 gap
+
+    monkeypatch.setattr(Adapter, "finetune", lambda *a, **k: pytest.fail("a finished round was trained again"))
+    again = run_simulation(cfg)
+    assert again.rows == res.rows
+
+
+def test_simulate_no_guard_flag_turns_the_guard_off(tmp_path: Path, monkeypatch) -> None:
+    import asfda.simulate
+    from asfda.cli import main
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run(cfg):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(asfda.simulate, "run_simulation", fake_run)
+    with pytest.raises(Stop):
+        main(["simulate", "--model", "m", "--pool", "p", "--no-guard", "--out", str(tmp_path / "o")])
+    assert seen["cfg"].train.guard is False

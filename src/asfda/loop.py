@@ -282,7 +282,7 @@ class Adapter:
             if guard.reverted:
                 self.load_current_state(start_state)
                 self.is_adapted = start_adapted
-            log.info(guard.message())
+            (log.warning if guard.reverted else log.info)(guard.message())
         return RoundTraining(hist, reliable, guard)
 
     def plausibility(self, cases: list[Case], *, pretrained: bool = False) -> float:
@@ -296,11 +296,17 @@ class Adapter:
                 continue
             engine = self.engine_frozen if pretrained else self.engine_current
             logits, _ = engine.run(self.prepare(case, with_label=False).image)
-            v = anatomical_plausibility([logits.argmax(0)], n)
+            v = anatomical_plausibility([logits.argmax(0)], n, self._guard_classes())
             if pretrained:
                 self._plausibility0[case.case_id] = v
             values.append(v)
         return float(np.mean(values)) if values else float("nan")
+
+    def _guard_classes(self) -> list[int]:
+        """The target classes the guard compares: those the pretrained model can predict (a new class, which
+        it never predicts, would otherwise count for any adapted model)."""
+        new = set(self.class_map.new_classes)
+        return [i for i, name in enumerate(self.target_names) if i > 0 and name not in new]
 
     def _train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
                      temperature: float, scores: PoolScores | None, queried: list[str] | None, desc: str

@@ -113,6 +113,7 @@ class Project:
         if self.state.get("format") != FORMAT:
             raise AsfdaError(f"project format {self.state.get('format')!r} is not {FORMAT}", path)
         self.settings: ProjectSettings = config_from_dict(ProjectSettings, self.state["settings"], "project.json settings")
+        _check_settings(self.settings, path)
 
     # -- state ------------------------------------------------------------------------------------
     def save(self, event: str | None = None) -> None:
@@ -164,6 +165,16 @@ class Project:
         return adapter
 
 
+def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
+    if settings.budget < 1:
+        raise AsfdaError(f"budget must be >= 1, got {settings.budget}", path,
+                         "set settings.budget to 1 or more" if path else "pass --budget 1 or more")
+    if settings.train.guard_volumes < 1:
+        raise AsfdaError(f"train.guard_volumes must be >= 1, got {settings.train.guard_volumes}", path,
+                         "set settings.train.guard_volumes to 1 or more (settings.train.guard: false turns the "
+                         "guard off)")
+
+
 # ---------------------------------------------------------------------------------------------- init
 def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettings | None = None,
                  labels_json: str | None = None) -> Project:
@@ -177,8 +188,7 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     if (root / PROJECT_FILE).exists():
         raise AsfdaError("a project already exists here", root, "use `asfda status` on it, or choose another folder")
     build_strategy(settings.strategy, settings.alpha, settings.round0_gap)
-    if settings.budget < 1:
-        raise AsfdaError(f"budget must be >= 1, got {settings.budget}", fix="pass --budget 1 or more")
+    _check_settings(settings)
     loaded = load_model(model)
     ds = load_dataset(pool)
     if labels_json:
@@ -367,8 +377,9 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
         hist, reliable = result.history, result.reliable
         weights = f"weights/round{r}.safetensors"
         atomic_write(project.root / weights, lambda p: save_file(adapter.current_state(), str(p)))
-        adapter.export_bundle(project.root / "model", {"project": str(project.root), "round": r,
-                                                       "labelled": sorted(current)})
+        adapter.export_bundle(project.root / "model", {
+            "project": str(project.root), "round": r, "labelled": sorted(current),
+            "guard": result.guard.to_dict() if result.guard else None})  # guard["reverted"]: weights as before r
         record = {"round": r, "labelled_ids": sorted(current), "label_sha256": current,
                   "new_ids": sorted(set(current) - trained), "temperature": temp.temperature,
                   "ece_before": temp.ece_before, "ece_after": temp.ece_after, "steps": train.steps,

@@ -147,7 +147,8 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
     train = dataclasses.replace(cfg.train, steps=steps, seed=seed * 1000 + 999)
     path = Path(cfg.out_dir) / UPPER_BOUND / f"seed{seed}.json"
     key = {"model": adapter.pretrained.weights_hash, "pool": [c.case_id for c in pool],
-           "test": [c.case_id for c in test], "train": config_to_dict(train)}
+           "test": [c.case_id for c in test],
+           "train": {k: v for k, v in config_to_dict(train).items() if k not in ("guard", "guard_volumes")}}
     per_case = None
     if path.exists():
         saved = json.loads(path.read_text())
@@ -241,8 +242,9 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
             overall.update(1)
             overall.set_postfix(strategy=name, seed=seed, dice=f"{record['dice_mean']:.3f}")
     if rounds and _bundle_rounds(run_dir) != len(rounds):  # the adapted model, as a MONAI bundle
-        adapter.export_bundle(run_dir / "bundle", {"strategy": name, "seed": seed, "rounds": len(rounds),
-                                                   "labelled": state.labelled_ids()})
+        adapter.export_bundle(run_dir / "bundle", {
+            "strategy": name, "seed": seed, "rounds": len(rounds), "labelled": state.labelled_ids(),
+            "rounds_discarded_by_guard": [r["round"] for r in rounds if (r.get("guard") or {}).get("reverted")]})
     for rec in rounds:
         pc = rec["per_case"]
         rows.append({**base, "round": rec["round"], "n_labelled": rec["n_labelled"], "dice_mean": rec["dice_mean"],

@@ -28,7 +28,10 @@ __all__ = ["GuardResult", "anatomical_plausibility", "discards", "guard_sample",
 
 def largest_component_fractions(label_map: torch.Tensor | np.ndarray, n_classes: int) -> np.ndarray:
     """For each foreground class 1..n_classes-1 of a 3D label map, the fraction of its voxels in its largest
-    26-connected component; 0 where the class is absent. Returns ``[n_classes - 1]`` floats in [0, 1]."""
+    26-connected component; 0 where the class is absent. Returns ``[n_classes - 1]`` floats in [0, 1].
+
+    Known blind spot: a class predicted as one tiny blob scores 1. The guard compares two models on the same
+    volumes, and an organ the model stops predicting scores 0 (absence counts against the model)."""
     lab = label_map.cpu().numpy() if isinstance(label_map, torch.Tensor) else np.asarray(label_map)
     if lab.ndim != 3:
         raise ValueError(f"expected a 3D label map, got shape {lab.shape}")
@@ -45,11 +48,16 @@ def largest_component_fractions(label_map: torch.Tensor | np.ndarray, n_classes:
     return out
 
 
-def anatomical_plausibility(label_maps: list[torch.Tensor | np.ndarray], n_classes: int) -> float:
-    """Mean over volumes and foreground classes of `largest_component_fractions` (NaN for no volume)."""
+def anatomical_plausibility(label_maps: list[torch.Tensor | np.ndarray], n_classes: int,
+                            classes: list[int] | None = None) -> float:
+    """Mean over volumes and foreground classes (all, or the label values in ``classes``) of
+    `largest_component_fractions` (NaN for no volume or no class)."""
     if not label_maps:
         return float("nan")
-    return float(np.mean([largest_component_fractions(m, n_classes) for m in label_maps]))
+    keep = np.arange(n_classes - 1) if classes is None else np.asarray(classes, dtype=np.int64) - 1
+    if keep.size == 0:
+        return float("nan")
+    return float(np.mean([largest_component_fractions(m, n_classes)[keep] for m in label_maps]))
 
 
 def discards(plausibility_pretrained: float, plausibility_adapted: float) -> bool:

@@ -222,3 +222,21 @@ def test_simulate_no_guard_flag_turns_the_guard_off(tmp_path: Path, monkeypatch)
     with pytest.raises(Stop):
         main(["simulate", "--model", "m", "--pool", "p", "--no-guard", "--out", str(tmp_path / "o")])
     assert seen["cfg"].train.guard is False
+
+
+def test_a_run_copied_without_its_weights_keeps_finished_rows_and_refuses_to_go_on(tmp_path: Path,
+                                                                                   tiny_bundle: Path) -> None:
+    """Benchmark weights are not committed: a finished run from a clean clone still reports its rows; an
+    unfinished one says which file is missing instead of crashing on it."""
+    from asfda.errors import AsfdaError
+
+    data = write_nnunet(tmp_path / "ds", n=7)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.upper_bound = False
+    res = run_simulation(cfg)
+    for w in res.out_dir.glob("*/seed0/weights_round*.safetensors"):
+        w.unlink()
+    assert run_simulation(cfg).rows == res.rows
+    cfg.rounds = 3
+    with pytest.raises(AsfdaError, match="weights of round 1 are missing"):
+        run_simulation(cfg)

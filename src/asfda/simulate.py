@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import platform
 import time
@@ -26,6 +27,8 @@ from asfda.io.datasets import Case
 from asfda.loop import Adapter, PoolState, mean_of
 from asfda.models import load_model, parse_class_map_override
 from asfda.selection import build_strategy, get_strategy
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SimulationResult", "area_under_curve", "run_simulation", "split_pool"]
 
@@ -194,8 +197,15 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
                              state_path.parent, "use another --out folder, or delete it to start again")
         state.load_state_dict(saved["pool_state"])
         rounds = saved["rounds"]
-        if rounds:  # the weights file named by the state: written before the state, so always complete
-            adapter.load_current_state(load_file(str(run_dir / saved["weights"])))
+        weights = run_dir / saved.get("weights", "")
+        if rounds and weights.is_file():  # written before the state that names it, so always complete
+            adapter.load_current_state(load_file(str(weights)))
+        elif rounds and len(rounds) < cfg.rounds:
+            raise AsfdaError(f"the weights of round {len(rounds) - 1} are missing, so the run cannot go on",
+                             weights, f"restore the file, or delete {run_dir} to run this strategy and seed again")
+        elif rounds:  # a finished run copied without its weights (they are not committed): rows only
+            log.warning("%s: finished rounds kept, but their weights %s are missing; no bundle is exported",
+                        run_dir, weights.name)
     by_id = {c.case_id: c for c in pool}
     base = {"strategy": name, "seed": seed}
     rows = [{**base, "round": -1, "n_labelled": 0, "dice_mean": mean_of(zero, "dice_mean"),
@@ -241,7 +251,8 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         if overall is not None:
             overall.update(1)
             overall.set_postfix(strategy=name, seed=seed, dice=f"{record['dice_mean']:.3f}")
-    if rounds and _bundle_rounds(run_dir) != len(rounds):  # the adapted model, as a MONAI bundle
+    if rounds and _bundle_rounds(run_dir) != len(rounds) \
+            and (run_dir / f"weights_round{len(rounds) - 1}.safetensors").is_file():  # the adapted model, as a bundle
         adapter.export_bundle(run_dir / "bundle", {
             "strategy": name, "seed": seed, "rounds": len(rounds), "labelled": state.labelled_ids(),
             "rounds_discarded_by_guard": [r["round"] for r in rounds if (r.get("guard") or {}).get("reverted")]})

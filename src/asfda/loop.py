@@ -272,7 +272,7 @@ class Adapter:
         if train.guard and unlabelled:
             keep = set(guard_sample([c.case_id for c in unlabelled], train.guard_volumes, train.seed))
             guard_cases = [c for c in unlabelled if c.case_id in keep]
-            start_state, start_adapted = self.current_state(), self.is_adapted
+            start_state = self.current_state()
             reference = self.plausibility(guard_cases, pretrained=True)
         hist, reliable = self._train_round(labelled, unlabelled, train, semi, temperature, scores, queried, desc)
         guard = None
@@ -280,8 +280,7 @@ class Adapter:
             adapted = self.plausibility(guard_cases)
             guard = GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted))
             if guard.reverted:
-                self.load_current_state(start_state)
-                self.is_adapted = start_adapted
+                self.load_current_state(start_state)  # is_adapted follows the weights
             (log.warning if guard.reverted else log.info)(guard.message())
         return RoundTraining(hist, reliable, guard)
 

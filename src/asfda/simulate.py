@@ -120,13 +120,11 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
         zero = _zero_shot(adapter, test_cases, out / f"zero_shot_seed{seed}.json")
         for name in cfg.strategies:
             adapter.load_current_state(pretrained_state)
-            adapter.is_adapted = False
             rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, pretrained_state, overall)
         if cfg.upper_bound:
             adapter.load_current_state(pretrained_state)
             rows.append(_upper_bound(adapter, cfg, seed, pool_cases, test_cases))
         adapter.load_current_state(pretrained_state)
-        adapter.is_adapted = False
     overall.close()
     summary = summarise(rows)
     write_results(out, rows, summary)

@@ -16,6 +16,16 @@ def cpu_model() -> str:
                 platform.processor() or platform.machine())
 
 
+def machine() -> str:
+    """The CPU and, when torch sees CUDA (so the benchmark computes there), the GPU: the line a figure cites."""
+    import torch
+
+    cpu = f"{cpu_model()}, {torch.get_num_threads()} torch threads"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} GPU (torch {torch.__version__}); CPU {cpu}"
+    return f"{cpu} (torch {torch.__version__}, no GPU)"
+
+
 def code_version() -> str:
     """The git commit the benchmark ran from (``+dirty`` with uncommitted changes), or "unknown"."""
     from pathlib import Path

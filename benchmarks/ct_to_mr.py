@@ -19,13 +19,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from asfda.config import RunConfig, SemiConfig
 from asfda.io import atomic_write_text
 from asfda.simulate import results_table, run_simulation
 from asfda.training import TrainConfig
-from _machine import code_version, cpu_model
+from _machine import code_version, machine
+from ct_to_mr_analysis import analyse
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = {
@@ -62,17 +62,23 @@ def main() -> None:
     t0 = time.perf_counter()
     result = run_simulation(cfg)
     minutes = (time.perf_counter() - t0) / 60
+    # a run resumed on another machine (a GPU, say) keeps its earlier parts: provenance.md, written by whoever
+    # moved them, says where each part ran; this invocation's own line is the Machine line below
+    provenance = out / "provenance.md"
     text = "\n".join([
         f"# CT -> MR adaptation ({args.profile} profile)", "",
         f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads  ",
+        f"Machine: {machine()}  ",
         f"Code: asfda commit {version}  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
         f"Config: {dataclasses.asdict(cfg)}", "",
         "Mean Dice on the held-out test split (mean over seeds; n=0 is zero-shot):", "",
         results_table(result.summary), "", "![learning curve](learning_curve.png)", "",
-        "The full report (rounds, what was queried and why, overlay previews) is `report.html` here.", ""])
+        "The full report (rounds, what was queried and why, overlay previews) is `report.html` here; the targets, "
+        "per-class and per-case Dice, score components and cost per round are in `ANALYSIS.md`.", "",
+        *([provenance.read_text()] if provenance.exists() else [])])
     atomic_write_text(out / "README.md", text)
+    atomic_write_text(out / "ANALYSIS.md", analyse(out.resolve()))
     print(text)
 
 

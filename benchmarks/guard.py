@@ -19,7 +19,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from asfda.config import SemiConfig
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
@@ -28,7 +27,7 @@ from asfda.models import load_model
 from asfda.simulate import split_pool
 from asfda.training import TrainConfig
 from asfda.training.guard import discards, guard_sample
-from _machine import code_version, cpu_model
+from _machine import code_version, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +78,7 @@ def main() -> None:
                      "seconds_train": round(seconds_train, 1), "seconds_guard": round(seconds_guard, 1)})
         print(json.dumps(rows[-1]), flush=True)
         atomic_write_json(out / "results.json", {"args": vars(args), "zero_shot": zero, "rows": rows})
-    meta = {"command": "python " + " ".join(sys.argv), "code": code_version(), "machine": f"{cpu_model()}, {torch.get_num_threads()} torch threads",
+    meta = {"command": "python " + " ".join(sys.argv), "code": code_version(), "machine": machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
             "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)}
     atomic_write_json(out / "results.json", {"args": vars(args), "meta": meta, "zero_shot": zero, "rows": rows})

@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from asfda.config import RunConfig
 from asfda.demo import phantom_model_path
@@ -28,7 +27,7 @@ from asfda.io import atomic_write_text
 from asfda.phantom import generate_benchmark
 from asfda.simulate import results_table, run_simulation
 from asfda.training import TrainConfig
-from _machine import cpu_model
+from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +89,7 @@ def main() -> None:
     text = "\n".join([
         "# Phantom adaptation on a large heterogeneous target pool", "",
         f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads  ",
+        f"Machine: {machine()}  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
         f"Pool: phantom target, {args.n_target} volumes (data seed {args.data_seed}; "
         + ", ".join(f"{g} {k}" for g, k in counts.most_common()) + f"), seeded {args.test_fraction:.0%} test split "

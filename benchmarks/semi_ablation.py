@@ -26,13 +26,9 @@ from asfda.loop import Adapter, mean_of
 from asfda.models import load_model
 from asfda.simulate import split_pool
 from asfda.training import TrainConfig
-from _machine import cpu_model
+from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    return f"{cpu_model()}, {torch.get_num_threads()} torch threads"
 
 
 

@@ -155,3 +155,9 @@ def test_cache_refuses_logits_and_bad_keys(tmp_path: Path) -> None:
         cache.get("../escape")
     with pytest.raises(ValueError, match="at least one"):
         cache.put("a", {})
+
+
+def test_describe_device_names_what_computed() -> None:
+    from asfda.engine import describe_device
+
+    assert describe_device(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"

@@ -74,6 +74,7 @@ def test_simulation_end_to_end_writes_results(tmp_path: Path, tiny_bundle: Path)
     queried = [i for r in state["rounds"] for i in r["queried"]]
     assert len(queried) == len(set(queried)) == 2
     assert all("asd" in c for r in state["rounds"] for c in r["query_components"].values())
+    assert all(r["device"] == f"cpu ({torch.get_num_threads()} threads)" for r in state["rounds"])  # what ran it
     # the adapted model is a bundle that asfda (and MONAI) load as is, with the last round's weights
     from safetensors.torch import load_file
 
@@ -240,3 +241,48 @@ def test_a_run_copied_without_its_weights_keeps_finished_rows_and_refuses_to_go_
     cfg.rounds = 3
     with pytest.raises(AsfdaError, match="weights of round 1 are missing"):
         run_simulation(cfg)
+
+
+def test_random_without_semi_supervision_runs_no_scoring_pass(tmp_path: Path, tiny_bundle: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random reads only the pool's ids: no pass over the pool or the labelled volumes, and the picks are those of
+    the strategy on the sorted unlabeled ids with the round's seed."""
+    import numpy as np
+
+    from asfda.config import SemiConfig
+    from asfda.selection import PoolScores, build_strategy
+
+    data = write_nnunet(tmp_path / "ds", n=7)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.strategies, cfg.upper_bound = ["random"], False
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("random scored the pool")
+
+    with monkeypatch.context() as m:
+        m.setattr(Adapter, "pool_scores", no_pass)
+        m.setattr(Adapter, "fit_temperature", no_pass)
+        res = run_simulation(cfg)
+    state = json.loads((res.out_dir / "random" / "seed0" / "state.json").read_text())
+    from asfda.io import load_dataset
+
+    pool, _ = split_pool(list(load_dataset(data).by_id()), cfg.test_fraction, 0)
+    labelled: list[str] = []
+    for rec in state["rounds"]:
+        left = sorted(i for i in pool if i not in labelled)
+        expect = build_strategy("random").select(PoolScores(left, {}, np.zeros((len(left), 0))), 1, rec["round"])
+        assert rec["queried"] == expect.ids
+        labelled += rec["queried"]
+        assert rec["temperature"] == cfg.temperature0 and rec["ece_before"] is None
+    # with selective semi-supervision the round needs the pool's scores, so it scores
+    calls = {"n": 0}
+    real = Adapter.pool_scores
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Adapter, "pool_scores", counted)
+    cfg.semi, cfg.out_dir = SemiConfig(enabled=True), str(tmp_path / "semi")
+    run_simulation(cfg)
+    assert calls["n"] == cfg.rounds

@@ -25,7 +25,7 @@ from torch import nn
 from asfda.errors import AsfdaError
 
 __all__ = ["DEFAULT_TTA_AXES", "OUTPUT_EMBEDDING", "InferenceEngine", "VolumeOutput", "find_embedding_layer",
-           "select_device"]
+           "describe_device", "select_device"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ def select_device(requested: str | None = None) -> torch.device:
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def describe_device(device: torch.device) -> str:
+    """What computed a result, for its record: the GPU's name, or ``cpu`` and the torch thread count."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 @dataclass

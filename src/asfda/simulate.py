@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from asfda.config import RunConfig, config_to_dict
+from asfda.engine import describe_device
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case
-from asfda.loop import Adapter, PoolState, mean_of
+from asfda.loop import Adapter, PoolState, RoundTemperature, mean_of
 from asfda.models import load_model, parse_class_map_override
-from asfda.selection import build_strategy, get_strategy
+from asfda.selection import PoolScores, build_strategy, get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +214,14 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     for r in range(len(rounds), cfg.rounds):
         t0 = time.perf_counter()
         labelled = [by_id[i] for i in state.labelled_ids()]
-        temp, lab_emb = adapter.fit_temperature(labelled, cfg.temperature0, seed * 1000 + r)
         unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
-        scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, cfg.grow_voxels,
-                                     needs=strategy.needs, seed=seed * 1000 + r)
+        if strategy.reads_pool or cfg.semi.enabled:
+            temp, lab_emb = adapter.fit_temperature(labelled, cfg.temperature0, seed * 1000 + r)
+            scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, cfg.grow_voxels,
+                                         needs=strategy.needs, seed=seed * 1000 + r)
+        else:  # random without semi-supervision reads nothing of the pool: no forward pass at all
+            temp = RoundTemperature(cfg.temperature0, None, None)
+            scores = PoolScores([c.case_id for c in unlabelled], {}, np.zeros((len(unlabelled), 0)), round_index=r)
         query = strategy.select(scores, cfg.budget, seed * 1000 + r)
         t_score = time.perf_counter() - t0
         state.add(query.ids, r)
@@ -234,6 +239,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
                   "temperature": temp.temperature, "ece_before": temp.ece_before,
                   "ece_after": temp.ece_after,
                   "seconds_score": round(t_score, 2), "seconds_train": round(t_train, 2),
+                  "device": describe_device(adapter.device),
                   "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,
                   "dice_mean": mean_of(per_case, "dice_mean")}
         rounds.append(record)

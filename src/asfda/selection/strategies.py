@@ -58,6 +58,8 @@ class Strategy:
 
     name = "base"
     needs: ScoringNeeds = ScoringNeeds()
+    reads_pool = True
+    """False for a strategy that looks at the pool's ids alone (random): callers may skip the scoring pass."""
 
     def select(self, pool: PoolScores, budget: int, seed: int) -> Query:
         if not isinstance(budget, int) or budget <= 0:
@@ -84,6 +86,7 @@ class Strategy:
 
 class RandomStrategy(Strategy):
     name = "random"
+    reads_pool = False
 
     def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
         idx = rng.permutation(len(pool.ids))[:budget]

@@ -286,3 +286,48 @@ def test_random_without_semi_supervision_runs_no_scoring_pass(tmp_path: Path, ti
     cfg.semi, cfg.out_dir = SemiConfig(enabled=True), str(tmp_path / "semi")
     run_simulation(cfg)
     assert calls["n"] == cfg.rounds
+
+
+def test_a_run_moved_to_another_folder_resumes_and_old_fingerprints_are_accepted(
+        tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint names the model and data by content (weights hash, preprocessing, case ids), not by path: a
+    run whose data and model moved (another machine, say) resumes without training; a state written with the
+    older path-based fingerprint resumes too; other settings are still refused."""
+    import shutil
+
+    from asfda.errors import AsfdaError
+
+    data = write_nnunet(tmp_path / "ds", n=7)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.upper_bound = False
+    first = run_simulation(cfg)
+    moved_data, moved_model = shutil.move(str(data), tmp_path / "elsewhere_ds"), shutil.copytree(tiny_bundle,
+                                                                                                  tmp_path / "m2")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished round was trained again")
+
+    monkeypatch.setattr(Adapter, "finetune", no_training)
+    cfg.pool, cfg.model = str(moved_data), str(moved_model)
+    again = run_simulation(cfg)
+    key = lambda rows: sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
+    assert key(again.rows) == key(first.rows)
+
+    # a state written before (path-based fingerprint) is accepted
+    from asfda import simulate
+
+    state_path = tmp_path / "run" / "asfda" / "seed0" / "state.json"
+    state = json.loads(state_path.read_text())
+    real = simulate._fingerprint
+    state["fingerprint"] = "0123456789abcdef"
+    state_path.write_text(json.dumps(state))
+    monkeypatch.setattr(simulate, "_fingerprint", lambda *a, legacy=False, **k: "0123456789abcdef" if legacy
+                        else real(*a, **k))
+    assert key(run_simulation(cfg).rows) == key(first.rows)
+    monkeypatch.setattr(simulate, "_fingerprint", real)
+    with pytest.raises(AsfdaError, match="other settings"):
+        run_simulation(cfg)  # a made-up fingerprint matches neither
+    state_path.unlink()
+    cfg.strategies, cfg.train = ["random"], TrainConfig(steps=4, batch_size=1)
+    with pytest.raises(AsfdaError, match="other settings"):
+        run_simulation(cfg)  # other training settings are refused

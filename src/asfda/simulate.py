@@ -189,9 +189,10 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     state = PoolState()
     rounds: list[dict] = []
     fingerprint = _fingerprint(cfg, adapter, name, seed, pool, test)
+    accepted = {fingerprint, _fingerprint(cfg, adapter, name, seed, pool, test, legacy=True)}
     if state_path.exists():  # resume
         saved = json.loads(state_path.read_text())
-        if saved.get("fingerprint") != fingerprint:
+        if saved.get("fingerprint") not in accepted:
             raise AsfdaError("this results folder holds a run with other settings (config, model, pool or test set)",
                              state_path.parent, "use another --out folder, or delete it to start again")
         state.load_state_dict(saved["pool_state"])
@@ -276,16 +277,24 @@ def _bundle_rounds(run_dir: Path) -> int:
     return int(json.loads(meta.read_text()).get("asfda", {}).get("rounds", 0))
 
 
-def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: list[Case], test: list[Case]) -> str:
-    """What a finished round depends on; a resumed run must match it."""
+def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: list[Case], test: list[Case],
+                 legacy: bool = False) -> str:
+    """What a finished round depends on; a resumed run must match it.
+
+    The model and data enter by content (weights hash, the model's preprocessing key, case ids), not by path, so a
+    run moved to another folder or machine resumes. ``legacy=True`` gives the fingerprint of runs written before
+    that (with the paths in it), which a resume still accepts.
+    """
     import hashlib
 
     keep = config_to_dict(cfg)
     for key in ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds",
-                "upper_bound", "upper_bound_steps", "report", "previews"):
+                "upper_bound", "upper_bound_steps", "report", "previews") + (() if legacy else ("model", "pool", "test")):
         keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
+    content = {} if legacy else {"preprocessing": adapter.pretrained.preprocessing.cache_key()}
     blob = json.dumps({"cfg": keep, "model": adapter.pretrained.weights_hash, "strategy": name, "seed": seed,
-                       "pool": [c.case_id for c in pool], "test": [c.case_id for c in test]}, sort_keys=True)
+                       "pool": [c.case_id for c in pool], "test": [c.case_id for c in test], **content},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -189,10 +189,10 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     state = PoolState()
     rounds: list[dict] = []
     fingerprint = _fingerprint(cfg, adapter, name, seed, pool, test)
-    accepted = {fingerprint, _fingerprint(cfg, adapter, name, seed, pool, test, legacy=True)}
     if state_path.exists():  # resume
         saved = json.loads(state_path.read_text())
-        if saved.get("fingerprint") not in accepted:
+        legacy = _fingerprint(cfg, adapter, name, seed, pool, test, legacy=True)  # written before paths left it
+        if saved.get("fingerprint") not in (fingerprint, legacy):
             raise AsfdaError("this results folder holds a run with other settings (config, model, pool or test set)",
                              state_path.parent, "use another --out folder, or delete it to start again")
         state.load_state_dict(saved["pool_state"])
@@ -289,7 +289,8 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
 
     keep = config_to_dict(cfg)
     for key in ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds",
-                "upper_bound", "upper_bound_steps", "report", "previews") + (() if legacy else ("model", "pool", "test")):
+                "upper_bound", "upper_bound_steps", "report", "previews",
+                *(() if legacy else ("model", "pool", "test"))):
         keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
     content = {} if legacy else {"preprocessing": adapter.pretrained.preprocessing.cache_key()}
     blob = json.dumps({"cfg": keep, "model": adapter.pretrained.weights_hash, "strategy": name, "seed": seed,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from asfda.config import RunConfig, SemiConfig
 from asfda.io import atomic_write_text
+from asfda.selection import DEFAULT_DIVERSITY, DIVERSITY_SPACES
 from asfda.simulate import results_table, run_simulation
 from asfda.training import TrainConfig
 from _machine import code_version, machine
@@ -49,6 +50,9 @@ def main() -> None:
                     help="training precision (bf16: autocast, ~1.7x faster steps on CPUs with bf16 instructions; "
                          "see results/speed.md and results/guard)")
     ap.add_argument("--seeds", help="comma-separated seeds (overrides the profile's)")
+    ap.add_argument("--diversity", choices=list(DIVERSITY_SPACES), default=DEFAULT_DIVERSITY,
+                    help=f"asfda's diversity space (default: {DEFAULT_DIVERSITY}, the package default); another value "
+                         "needs another --out (the other strategies' finished runs can be copied there and resume)")
     ap.add_argument("--test-fraction", type=float, default=0.3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -56,6 +60,7 @@ def main() -> None:
     cfg = RunConfig(model=args.model, pool=args.data, test_fraction=args.test_fraction,
                     train=TrainConfig(steps=args.steps, batch_size=2, precision=args.precision), semi=SemiConfig(enabled=args.semi == "on"),
                     cache_dir=str(REPO / ".cache"), out_dir=str(out), progress=sys.stderr.isatty(),
+                    diversity=args.diversity,
                     **{**PROFILES[args.profile],
                        **({"seeds": [int(x) for x in args.seeds.split(",")]} if args.seeds else {})})
     version = code_version()  # before the run: the code that produced the numbers

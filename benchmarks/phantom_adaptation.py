@@ -25,6 +25,7 @@ from asfda.config import RunConfig
 from asfda.demo import phantom_model_path
 from asfda.io import atomic_write_text
 from asfda.phantom import generate_benchmark
+from asfda.selection import DEFAULT_DIVERSITY, DIVERSITY_SPACES
 from asfda.simulate import results_table, run_simulation
 from asfda.training import TrainConfig
 from _machine import machine
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--diversity", choices=list(DIVERSITY_SPACES), default=DEFAULT_DIVERSITY,
+                    help=f"asfda's diversity space (default: {DEFAULT_DIVERSITY}, the package default)")
     ap.add_argument("--test-fraction", type=float, default=0.2)
     ap.add_argument("--data", default=str(REPO / ".cache" / "bench_phantom_adaptation"))
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/phantom_adaptation"))
@@ -80,7 +83,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     cfg = RunConfig(model=str(phantom_model_path()), pool=str(paths["target"]), test_fraction=args.test_fraction,
-                    strategies=strategies, budget=args.budget, rounds=args.rounds, seeds=seeds,
+                    strategies=strategies, budget=args.budget, rounds=args.rounds, seeds=seeds, diversity=args.diversity,
                     train=TrainConfig(steps=args.steps, batch_size=2), upper_bound=True, previews=2,
                     cache_dir=str(Path(args.data) / "cache"), out_dir=str(out), progress=sys.stderr.isatty())
     result = run_simulation(cfg)
@@ -93,7 +96,8 @@ def main() -> None:
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
         f"Pool: phantom target, {args.n_target} volumes (data seed {args.data_seed}; "
         + ", ".join(f"{g} {k}" for g, k in counts.most_common()) + f"), seeded {args.test_fraction:.0%} test split "
-        f"per seed; shipped phantom model; {args.budget} labels x {args.rounds} rounds, {args.steps} steps per round", "",
+        f"per seed; shipped phantom model; {args.budget} labels x {args.rounds} rounds, {args.steps} steps per round; "
+        f"asfda's diversity space: {args.diversity}; fine-tuning guard on", "",
         "Mean Dice on the held-out test split (mean ± std over seeds; n=0 is zero-shot):", "",
         results_table(result.summary), "",
         "Distinct sub-populations (of 5) among the labelled volumes after each round (mean over seeds):", "",

@@ -70,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         labelled_embeddings=rng.normal(size=(args.anchors, d)),
         embeddings0=None,
         round_index=1,
-        vectors={"badge": rng.normal(size=(n, args.classes * d)) * rng.random((n, 1))},
+        vectors={"badge": rng.normal(size=(n, args.classes * d)) * rng.random((n, 1)),
+                 "anatomy": rng.random((n, args.classes - 1))},
+        labelled_vectors={"anatomy": rng.random((args.anchors, args.classes - 1))},
     )
     rows = []
-    for name in ("asfda", "coreset", "badge", "enpy", "random"):
-        strat = get_strategy(name)
+    for name in ("asfda", "asfda[anatomy]", "coreset", "badge", "enpy", "random"):
+        strat = (get_strategy("asfda", diversity="anatomy") if name == "asfda[anatomy]"
+                 else get_strategy(name))
         first, med, q = timed(lambda: strat.select(pool, args.budget, 0), args.repeats)
         assert len(set(q.ids)) == args.budget
         rows.append((f"`{name}` strategy (`select`, whole query)", first, med))
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.repeats)
     rows.append(("greedy pick as before (re-normalise all rows every pick)", first, med))
     assert new == old, "the faster greedy pick must pick the same volumes"
-    asfda_first, asfda_s = rows[0][1], rows[0][2]
+    asfda_first, asfda_s = max(rows[0][1], rows[1][1]), max(rows[0][2], rows[1][2])  # either diversity space
     lines = [
         "# Selection speed",
         "",
@@ -95,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {cpu_model()}, 2 cores shared with other jobs; torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op thread(s)",
         f"- pool: {n} random embeddings, D = {d}, {args.anchors} labelled anchors, batch {args.budget}; "
-        f"BADGE vectors C x D = {args.classes} x {d}; the first call, then the median of {args.repeats} more "
+        f"BADGE vectors C x D = {args.classes} x {d}; anatomy vectors C - 1 = {args.classes - 1} (`asfda[anatomy]`'s "
+        "diversity space; asfda's default picks on the D-dimensional embeddings); the first call, then the "
+        f"median of {args.repeats} more "
         "(the first pays lazy imports such as scipy.stats for the rank normalisation)",
         "",
         "| what | first call s | median s |",
         "|---|---|---|",
         *[f"| {what} | {f:.3f} | {m:.3f} |" for what, f, m in rows],
         "",
-        f"asfda query of {args.budget} from {n}: {asfda_s:.3f} s (first call {asfda_first:.3f} s) -> target < 1 s: "
+        f"asfda query of {args.budget} from {n} (the slower of its two diversity spaces): {asfda_s:.3f} s (first call {asfda_first:.3f} s) -> target < 1 s: "
         f"{'met' if max(asfda_s, asfda_first) < 1.0 else 'NOT met'}. The faster greedy pick chooses the same "
         "volumes as before.",
     ]

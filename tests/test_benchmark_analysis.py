@@ -57,3 +57,18 @@ def test_a_missed_target_says_missed(tmp_path: Path) -> None:
     assert "(not: badge): **missed**" in text
     assert "= 78% of the upper bound" in text and "**missed** (>= 95%)" in text
     assert "**met**" not in text
+
+
+def test_compare_runs_reads_two_folders_per_seed(tmp_path: Path) -> None:
+    from compare_runs import compare
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, dice in ((a, [0.6, 0.8]), (b, [0.5, 0.7])):
+        folder.mkdir()
+        _write(folder, 0, 0.4, None, {"asfda": dice})
+    _write(a, 1, 0.4, None, {"asfda": [0.9]})  # seed 1 only in one folder: left out
+    text = compare(a, b, ("emb", "anat"), "asfda")
+    # AUC over n = 0, 1, 2: (0.4 + 2 * 0.6 + 0.8) / 4 = 0.6 and (0.4 + 1.0 + 0.7) / 4 = 0.525
+    assert "| 0 | emb | 0.400; vasfda0 0.600, vasfda1 0.800 | 0.600 |" in text
+    assert "| 0 | anat | 0.400; vasfda0 0.500, vasfda1 0.700 | 0.525 |" in text
+    assert "| 1 |" not in text and "difference -0.075" in text

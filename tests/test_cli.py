@@ -29,6 +29,14 @@ def test_every_subcommand_has_help(name: str, capsys: pytest.CaptureFixture) -> 
     assert "usage:" in capsys.readouterr().out
 
 
+def test_query_help_names_the_package_default_diversity(capsys: pytest.CaptureFixture) -> None:
+    from asfda.selection import DEFAULT_DIVERSITY
+
+    with pytest.raises(SystemExit):
+        main(["query", "--help"])
+    assert f"(default: {DEFAULT_DIVERSITY})" in " ".join(capsys.readouterr().out.split())
+
+
 def test_parser_knows_every_subcommand() -> None:
     parser = build_parser()
     actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]

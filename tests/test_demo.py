@@ -35,3 +35,14 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     # running the demo again reuses everything (finished rounds, the project round)
     demo.run_demo(out, tmp_path / "data", progress=False)
     assert len(json.loads((out / "project" / "project.json").read_text())["rounds"]) == 1
+    # a demo folder left by other settings (another asfda version) is moved aside, not lost, and the demo starts again
+    state_path = out / "asfda" / "seed0" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["fingerprint"] = "0123456789abcdef"
+    state_path.write_text(json.dumps(state))
+    capsys.readouterr()
+    demo.run_demo(out, tmp_path / "data", progress=False)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("demo.before-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "asfda" / "seed0" / "state.json").read_text()) == state
+    assert "moved it to" in capsys.readouterr().out
+    assert json.loads(state_path.read_text())["fingerprint"] != state["fingerprint"]

@@ -52,3 +52,22 @@ def test_sigmoid_models_are_refused_for_adaptation(tiny_bundle: Path, tiny_datas
     model.activation = "sigmoid"
     with pytest.raises(AsfdaError, match="softmax"):
         Adapter(model, load_dataset(tiny_dataset).class_names)
+
+
+def test_labelled_anchors_match_the_pool_vectors_of_the_same_volumes(tmp_path: Path, tiny_bundle: Path,
+                                                                     tiny_dataset: Path) -> None:
+    """The labelled volumes' anatomy anchors (from the temperature fit's pass, at the fitted T; or from their own
+    pass when T is given) equal what the scoring stage computes for the same volumes at that T."""
+    ds = load_dataset(tiny_dataset, require_labels=True)
+    adapter = Adapter(load_model(tiny_bundle), ds.class_names, cache_dir=None, progress=False)
+    cases = list(ds.cases)
+    temp, anchors = adapter.fit_temperature(cases[:2], 1.0, seed=0)  # tiny volumes: every voxel is sampled
+    scored = adapter.score_pool(cases[:2], temp.temperature, needs=get_strategy("asfda", diversity="anatomy").needs)
+    np.testing.assert_allclose(anchors.vectors["anatomy"], scored.vectors["anatomy"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(anchors.embeddings, scored.embeddings, rtol=1e-5, atol=1e-6)
+    given = adapter.anchors(cases[:2], 0.5)
+    np.testing.assert_allclose(given.vectors["anatomy"],
+                               adapter.score_pool(cases[:2], 0.5, needs=get_strategy("asfda", diversity="anatomy").needs).vectors["anatomy"],
+                               rtol=1e-5, atol=1e-7)
+    assert adapter.fit_temperature([], 1.0, 0)[1].embeddings.shape == (0, 0)
+    assert adapter.anchors([], 1.0).vectors == {}

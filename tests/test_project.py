@@ -268,3 +268,39 @@ def test_project_json_with_a_bad_guard_setting_is_refused(pool: dict, tmp_path: 
     (proj / "project.json").write_text(json.dumps(state))
     with pytest.raises(AsfdaError, match="guard_volumes"):
         Project(proj)
+
+
+def test_project_json_with_a_bad_diversity_setting_is_refused(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    state = json.loads((proj / "project.json").read_text())
+    assert state["settings"]["diversity"] == "embedding"
+    state["settings"]["diversity"] = "pixels"
+    (proj / "project.json").write_text(json.dumps(state))
+    with pytest.raises(AsfdaError, match="diversity"):
+        Project(proj)
+
+
+def test_next_with_random_runs_no_scoring_pass(pool: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asfda.loop import Adapter
+
+    def boom(*args, **kwargs):
+        raise AssertionError("random scored the pool")
+
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings(strategy="random"))
+    monkeypatch.setattr(Adapter, "score_pool", boom)
+    monkeypatch.setattr(Adapter, "fit_temperature", boom)
+    record = next_query(proj, progress=False)
+    assert len(record["ids"]) == 2 and record["strategy"] == "random"
+
+
+def test_a_project_from_before_the_diversity_setting_keeps_the_embedding_space(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    state = json.loads((proj / "project.json").read_text())
+    del state["settings"]["diversity"]
+    (proj / "project.json").write_text(json.dumps(state))
+    assert Project(proj).settings.diversity == "embedding"
+    record = next_query(proj, progress=False)
+    assert record["strategy_settings"] == {"alpha": 0.5, "round0_gap": "feature_gap", "diversity": "embedding"}

@@ -16,6 +16,7 @@ import torch
 from asfda.scoring import (
     ScoringNeeds,
     anatomical_segmentation_difficulty,
+    anatomy_composition,
     badge_embedding,
     bald,
     cosine_distance,
@@ -632,6 +633,44 @@ def test_score_volumes_badge_vector_matches_pure_function() -> None:
     logits, emb = _FakeEngine().run(vol.image)
     expected = badge_embedding(torch.softmax(logits / 0.7, 0), emb)
     assert np.allclose(out.vectors["badge"][0], expected.numpy(), atol=1e-6)
+
+
+def test_anatomy_composition_hand_values_and_direction() -> None:
+    # 4 voxels, 3 classes: foreground fractions are the per-class means of p_1 and p_2
+    prob = torch.tensor([[1.0, 0.5, 0.0, 0.2],
+                         [0.0, 0.5, 1.0, 0.0],
+                         [0.0, 0.0, 0.0, 0.8]]).reshape(3, 2, 2, 1)
+    assert anatomy_composition(prob).tolist() == pytest.approx([1.5 / 4, 0.8 / 4])
+    assert anatomy_composition(prob).dtype == torch.float64
+    # same organs in a field of view with twice the background: same direction, cosine distance 0
+    wider = torch.cat([prob, torch.tensor([1.0, 0.0, 0.0]).reshape(3, 1, 1, 1).expand(3, 2, 2, 1)], dim=3)
+    d = cosine_distance(anatomy_composition(prob)[None], anatomy_composition(wider)[None])
+    assert float(d) == pytest.approx(0.0, abs=1e-12)
+    # a missing class 2 ("kidney") is far from the same anatomy with it
+    no2 = prob.clone()
+    no2[0] += no2[2]
+    no2[2] = 0
+    assert float(cosine_distance(anatomy_composition(prob)[None], anatomy_composition(no2)[None])) > 0.1
+    with pytest.raises(ValueError):
+        anatomy_composition(torch.ones(1, 2, 2))
+
+
+def test_score_volumes_anatomy_vector_only_when_asked_and_cached(tmp_path) -> None:
+    from asfda.cache import EngineOutputCache
+
+    vols = _volumes(2)
+    assert "anatomy" not in score_volumes(vols, _FakeEngine(), 0.7).vectors
+    cache = EngineOutputCache(tmp_path / "scores")
+    key = lambda cid: cache.key(cid, "w", "p", False, "x")  # noqa: E731
+    eng = _FakeEngine()
+    out = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors={"anatomy"}), cache=cache, cache_key=key)
+    assert len(eng.calls) == 2  # no pass of its own
+    for i, vol in enumerate(vols):
+        logits, _ = _FakeEngine().run(vol.image)
+        expected = anatomy_composition(torch.softmax(logits / 0.7, 0))
+        assert np.allclose(out.vectors["anatomy"][i], expected.numpy(), atol=1e-7)
+    again = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors={"anatomy"}), cache=cache, cache_key=key)
+    assert len(eng.calls) == 2 and np.array_equal(again.vectors["anatomy"], out.vectors["anatomy"])
 
 
 def test_mc_dropout_without_dropout_layers_names_the_tta_alternative() -> None:

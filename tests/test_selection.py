@@ -57,6 +57,15 @@ def test_rank_normalise_hand_values(values: list[float], expected: list[float]) 
     np.testing.assert_allclose(out, expected, atol=1e-12)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([-2.0, -0.5, 0.0, 0.25, 1.0, 3.0]) | st.floats(-1e6, 1e6), min_size=1, max_size=40))
+def test_rank_normalise_equals_scipy_average_ranks(values: list[float]) -> None:
+    from scipy.stats import rankdata
+
+    v = np.asarray(values)
+    np.testing.assert_allclose(rank_normalise(v), rankdata(v, method="average") / v.size, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------- k-center greedy
 def test_k_center_greedy_unit_circle_order() -> None:
     # points at 0, 20, 90, 180, 250 degrees; first pick = index 0 (0 deg)
@@ -163,9 +172,11 @@ def _pool(n: int, seed: int = 0, dim: int = 4, n_labelled: int = 3, ties: bool =
     if ties:  # coarse values -> many exact ties
         metrics = {k: np.round(v, 1) for k, v in metrics.items()}
         badge = np.round(badge)
-    if zero:  # an all-background prediction: every metric 0, and no head gradient
+    anatomy = rng.random((n, 3))  # foreground fractions of C = 3 + 1 classes
+    if zero:  # an all-background prediction: every metric 0, no head gradient, no foreground
         metrics = {k: np.zeros(n) for k in metrics}
         badge = np.zeros_like(badge)
+        anatomy = np.zeros_like(anatomy)
     return PoolScores(
         ids=[f"case{i:03d}" for i in range(n)],
         metrics=metrics,
@@ -173,7 +184,8 @@ def _pool(n: int, seed: int = 0, dim: int = 4, n_labelled: int = 3, ties: bool =
         labelled_embeddings=rng.normal(size=(n_labelled, dim)) if n_labelled else np.zeros((0, 0)),
         embeddings0=rng.normal(size=(n, dim)),
         round_index=1,
-        vectors={"badge": badge},
+        vectors={"badge": badge, "anatomy": anatomy},
+        labelled_vectors={"anatomy": rng.random((n_labelled, 3))} if n_labelled else {},
     )
 
 
@@ -186,6 +198,7 @@ def _permuted(pool: PoolScores, perm: np.ndarray) -> PoolScores:
         embeddings0=None if pool.embeddings0 is None else np.asarray(pool.embeddings0)[perm],
         round_index=pool.round_index,
         vectors={k: np.asarray(v)[perm] for k, v in pool.vectors.items()},
+        labelled_vectors=pool.labelled_vectors,
     )
 
 
@@ -330,15 +343,16 @@ def _clustered_pool(seed: int) -> tuple[PoolScores, dict[str, int]]:
     kd = rng.random(50)
     ids = [f"v{i:02d}" for i in rng.permutation(50)]  # cluster membership is not visible in the id order
     pool = PoolScores(ids, {"enpy": enpy, "asd": asd, "kd": kd, "confidence": 1 - enpy}, emb,
-                      np.zeros((0, 8)), emb.copy(), round_index=1)
+                      np.zeros((0, 8)), emb.copy(), round_index=1, vectors={"anatomy": np.abs(emb)})
     return pool, dict(zip(ids, cluster.tolist()))
 
 
+@pytest.mark.parametrize("diversity", ["anatomy", "embedding"])
 @pytest.mark.parametrize("seed", range(5))
-def test_asfda_covers_subpopulations_enpy_does_not(seed: int) -> None:
+def test_asfda_covers_subpopulations_enpy_does_not(seed: int, diversity: str) -> None:
     pool, cluster_of = _clustered_pool(seed)
     enpy_pick = get_strategy("enpy").select(pool, 3, seed)
-    asfda_pick = get_strategy("asfda").select(pool, 3, seed)
+    asfda_pick = ASFDAStrategy(diversity=diversity).select(pool, 3, seed)
     assert {cluster_of[i] for i in enpy_pick.ids} == {0}  # uncertainty top-k: all in the big cluster
     assert len({cluster_of[i] for i in asfda_pick.ids}) >= 2  # score x diversity leaves it
 
@@ -398,6 +412,37 @@ def test_badge_strategy_picks_largest_gradient_first_and_reports_components() ->
     norm = float(np.linalg.norm(pool.vectors["badge"][4]))
     assert q.components[pool.ids[4]]["gradient_norm"] == pytest.approx(norm)
     assert q.scores[0] == pytest.approx(norm**2)
+
+
+def test_asfda_diversity_space_is_the_embedding_by_default_or_the_anatomy() -> None:
+    """Two views that disagree: the embeddings put v0 and v1 together, the anatomy puts v0 and v2 together.
+    Equal scores, budget 2: the second pick is the one farthest from the first in the chosen space."""
+    scores = {"asd": np.array([1.0, 0.5, 0.5]), "kd": np.array([1.0, 0.5, 0.5])}
+    emb = np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]])
+    anatomy = np.array([[0.04, 0.01], [0.01, 0.04], [0.04, 0.0101]])
+    pool = PoolScores(["v0", "v1", "v2"], scores, emb, vectors={"anatomy": anatomy})
+    assert ASFDAStrategy().select(pool, 2, 0).ids == ["v0", "v2"]  # default: the embedding (METHOD.md)
+    assert ASFDAStrategy(diversity="anatomy").select(pool, 2, 0).ids == ["v0", "v1"]
+    # no diversity term: the top-k of the combined rank score (v1 and v2 tie; the seeded jitter decides)
+    none = ASFDAStrategy(diversity="none").select(pool, 3, 0)
+    assert none.ids[0] == "v0" and sorted(none.ids) == ["v0", "v1", "v2"]
+    assert ASFDAStrategy(diversity="none").needs.vectors == frozenset()
+    # a labelled volume anchors the anatomy space too: v0's twin v2 is already covered by the anchor
+    pool.labelled_embeddings = np.array([[0.0, 1.0]])
+    pool.labelled_vectors = {"anatomy": np.array([[0.04, 0.0100]])}
+    assert ASFDAStrategy(diversity="anatomy").select(pool, 1, 0).ids == ["v1"]
+    pool.labelled_vectors = {}
+    with pytest.raises(ValueError, match="anatomy"):
+        ASFDAStrategy(diversity="anatomy").select(pool, 1, 0)
+    with pytest.raises(AsfdaError, match="diversity"):
+        ASFDAStrategy(diversity="typo")
+    # one foreground class: a 1-entry composition has no direction to compare, so the embedding is used
+    one = PoolScores(["v0", "v1", "v2"], scores, emb, vectors={"anatomy": anatomy[:, :1]})
+    assert ASFDAStrategy(diversity="anatomy").select(one, 2, 0).ids == ["v0", "v2"]
+    from asfda.selection import build_strategy
+
+    assert build_strategy("asfda").needs.vectors == frozenset()
+    assert build_strategy("asfda", diversity="anatomy").needs.vectors == {"anatomy"}
 
 
 # ---------------------------------------------------------------------------------------------- needs

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from asfda.config import RunConfig
+from asfda.io import load_dataset
 from asfda.loop import Adapter, PoolState
+from asfda.models import load_model
 from asfda.simulate import area_under_curve, run_simulation, split_pool
 from asfda.training import TrainConfig
 from conftest import write_nnunet
@@ -331,3 +334,41 @@ def test_a_run_moved_to_another_folder_resumes_and_old_fingerprints_are_accepted
     cfg.strategies, cfg.train = ["random"], TrainConfig(steps=4, batch_size=1)
     with pytest.raises(AsfdaError, match="other settings"):
         run_simulation(cfg)  # other training settings are refused
+
+
+def test_asfda_runs_from_before_the_diversity_setting_resume_only_in_the_embedding_space(
+        tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs written before ``diversity`` existed picked in the embedding space, and their fingerprint had no such
+    key: ``diversity: embedding`` (and any value, for strategies that do not read it) gives the same fingerprint,
+    so they resume; the new default refuses them with a message that names the setting."""
+    from asfda import simulate
+    from asfda.errors import RunSettingsChanged
+
+    data = write_nnunet(tmp_path / "ds", n=7)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.upper_bound, cfg.rounds = False, 1
+    adapter = Adapter(load_model(str(tiny_bundle)), load_dataset(data).class_names, progress=False)
+    cases = list(load_dataset(data).cases)
+    pool, test = cases[:5], cases[5:]
+    real_to_dict = simulate.config_to_dict
+
+    def before_the_setting(c):
+        d = real_to_dict(c)
+        d.pop("diversity")
+        return d
+
+    fp = {d: {s: simulate._fingerprint(dataclasses.replace(cfg, diversity=d), adapter, s, 0, pool, test)
+              for s in ("asfda", "random")} for d in ("anatomy", "embedding")}
+    monkeypatch.setattr(simulate, "config_to_dict", before_the_setting)
+    old = {s: simulate._fingerprint(cfg, adapter, s, 0, pool, test) for s in ("asfda", "random")}
+    monkeypatch.undo()
+    assert fp["embedding"] == old and fp["anatomy"]["random"] == old["random"]
+    assert fp["anatomy"]["asfda"] != old["asfda"]
+
+    cfg.diversity = "embedding"
+    run_simulation(cfg)
+    cfg.diversity = "anatomy"
+    with pytest.raises(RunSettingsChanged, match="diversity: embedding"):
+        run_simulation(cfg)
+    cfg.diversity, cfg.rounds = "embedding", 2
+    assert max(r["n_labelled"] for r in run_simulation(cfg).rows if r["strategy"] == "asfda") == 2

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round0-gap", default="feature_gap", choices=["feature_gap", "norm_kl"],
                    help="asfda: first-query divergence for networks without BatchNorm statistics (default: "
                    "feature_gap, as METHOD.md specifies)")
+    p.add_argument("--diversity", default=None, choices=["anatomy", "embedding", "none"],
+                   help="asfda: the space of the diverse batch pick: 'anatomy', the predicted foreground composition, "
+                   "'embedding', the pooled bottleneck embedding (METHOD.md's h), or 'none' (no diversity term: an ablation) "
+                   "(default: embedding)")
     p.add_argument("--out", default="query.json", help="JSON with the chosen ids and components (default: query.json)")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
@@ -225,7 +229,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from asfda.query import query_dataset
 
         query_dataset(args.model, args.data, args.strategy, args.budget, args.out, labelled=args.labelled,
-                      seed=args.seed, temperature=args.temperature, alpha=args.alpha, round0_gap=args.round0_gap, model_config=args.model_config,
+                      seed=args.seed, temperature=args.temperature, alpha=args.alpha, round0_gap=args.round0_gap,
+                      **({"diversity": args.diversity} if args.diversity else {}), model_config=args.model_config,
                       class_map=args.class_map, device=args.device, progress=progress)
     elif args.command in ("init", "next", "ingest", "finetune", "status"):
         return _project_command(args, progress)

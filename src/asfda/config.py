@@ -12,6 +12,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from asfda.errors import AsfdaError
+from asfda.selection.strategies import DEFAULT_DIVERSITY
 from asfda.training.trainer import TrainConfig
 
 __all__ = ["RunConfig", "SemiConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_config"]
@@ -50,6 +51,7 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     alpha: float = 0.5  # weight of DKD against ASD
     round0_gap: str = "feature_gap"  # asfda at round 0 without BatchNorm statistics: "feature_gap" or "norm_kl"
+    diversity: str = DEFAULT_DIVERSITY  # asfda's batch diversity space: "anatomy" (predicted composition) or "embedding"
     temperature0: float = 1.0
     grow_voxels: int = 2
     class_map: str | None = None
@@ -164,10 +166,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
     if cfg.train.precision not in PRECISIONS:
         raise AsfdaError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}", path)
-    from asfda.selection import ROUND0_GAPS
+    from asfda.selection import DIVERSITY_SPACES, ROUND0_GAPS
 
     if cfg.round0_gap not in ROUND0_GAPS:
         raise AsfdaError(f"round0_gap must be one of {list(ROUND0_GAPS)}, got {cfg.round0_gap!r}", path)
+    if cfg.diversity not in DIVERSITY_SPACES:
+        raise AsfdaError(f"diversity must be one of {list(DIVERSITY_SPACES)}, got {cfg.diversity!r}", path)
     if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
         raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}")
     return cfg

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from asfda.config import RunConfig
+from asfda.errors import RunSettingsChanged
 from asfda.simulate import SimulationResult, results_table, run_simulation
 from asfda.training import TrainConfig
 
@@ -70,7 +71,14 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = ".cache/p
     cfg.progress = progress
     print(f"[2/3] simulation: adapting the shipped phantom model with strategies {cfg.strategies}, {cfg.rounds} "
           f"rounds of {cfg.budget} labels, seed {seed}, plus the zero-shot and full-pool bounds ...", flush=True)
-    result = run_simulation(cfg)
+    try:
+        result = run_simulation(cfg)
+    except RunSettingsChanged as exc:  # a demo folder left by another version: keep it, start afresh
+        aside = Path(out_dir).with_name(f"{Path(out_dir).name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+        Path(out_dir).rename(aside)
+        print(f"note: {out_dir} held a demo run with other settings ({exc.problem}); moved it to {aside} and "
+              "starting again", flush=True)
+        result = run_simulation(cfg)
     print()
     print("Mean Dice on the held-out target test split vs number of labelled target volumes")
     print("(n=0 is the zero-shot pretrained model; AUC = area under the curve / n range):")

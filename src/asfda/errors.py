@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["AsfdaError"]
+__all__ = ["AsfdaError", "RunSettingsChanged"]
 
 
 class AsfdaError(Exception):
@@ -27,3 +27,7 @@ class AsfdaError(Exception):
         if self.fix:
             parts.append(f"fix: {self.fix}")
         return " -- ".join(parts)
+
+
+class RunSettingsChanged(AsfdaError):
+    """A results folder holds a run made with other settings, so it cannot be resumed with these."""

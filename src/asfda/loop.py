@@ -34,6 +34,7 @@ from asfda.models import (
     state_dict_hash,
 )
 from asfda.scoring import expected_calibration_error, fit_temperature
+from asfda.scoring.metrics import anatomy_composition
 from asfda.scoring.needs import ScoringNeeds
 from asfda.scoring.pool import ScoredPool, score_volumes
 from asfda.scoring.temperature import sample_voxels
@@ -41,7 +42,7 @@ from asfda.selection import PoolScores
 from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, select_reliable
 from asfda.training.guard import GuardResult, anatomical_plausibility, discards, guard_sample
 
-__all__ = ["Adapter", "PoolState", "RoundTemperature", "RoundTraining", "reliable_from_scores"]
+__all__ = ["Adapter", "Anchors", "PoolState", "RoundTemperature", "RoundTraining", "reliable_from_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,20 @@ class RoundTemperature:
     temperature: float
     ece_before: float | None
     ece_after: float | None
+
+
+@dataclass
+class Anchors:
+    """The labelled volumes as the diversity terms see them (rows in the order of the labelled cases).
+
+    Attributes:
+        embeddings: ``[L, D]`` pooled bottleneck embeddings of the current model (``[0, 0]`` when none).
+        vectors: vector name -> ``[L, K]``: ``anatomy``, the predicted foreground composition
+            (`asfda.scoring.metrics.anatomy_composition`) at the round's temperature.
+    """
+
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,10 +176,12 @@ class Adapter:
 
     # -- scoring ----------------------------------------------------------------------------------
     def fit_temperature(self, labelled: list[Case], t0: float, seed: int, max_voxels: int = 100_000
-                        ) -> tuple[RoundTemperature, np.ndarray]:
-        """Fits T on the labelled volumes (T0 when there are none); returns it with their embeddings."""
+                        ) -> tuple[RoundTemperature, Anchors]:
+        """Fits T on the labelled volumes (T0 when there are none); returns it with their `Anchors`, from the
+        same pass: the embeddings, and the anatomy composition at the fitted T estimated on each volume's
+        uniform sample of ``max_voxels`` voxels (exact when the volume has no more voxels than that)."""
         if not labelled:
-            return RoundTemperature(t0, None, None), np.zeros((0, 0))
+            return RoundTemperature(t0, None, None), Anchors()
         gen = torch.Generator().manual_seed(seed)
         zs, ys, embs = [], [], []
         for case in self._bar(labelled, "labelled"):
@@ -178,7 +195,20 @@ class Adapter:
         t = fit_temperature(z, y)
         before = expected_calibration_error(torch.softmax(z, 1), y)
         after = expected_calibration_error(torch.softmax(z / t, 1), y)
-        return RoundTemperature(t, before, after), np.stack(embs)
+        anatomy = np.stack([anatomy_composition(torch.softmax(zi / t, 1).T).numpy() for zi in zs])
+        return RoundTemperature(t, before, after), Anchors(np.stack(embs), {"anatomy": anatomy})
+
+    def anchors(self, cases: list[Case], temperature: float) -> Anchors:
+        """`Anchors` of ``cases`` without their labels (one forward pass each; the composition is exact)."""
+        if not cases:
+            return Anchors()
+        embs, anatomy = [], []
+        for case in self._bar(cases, "labelled"):
+            logits, emb = self.engine_current.run(self.prepare(case, with_label=False).image)
+            embs.append(emb.numpy())
+            anatomy.append(anatomy_composition(torch.softmax(logits / temperature, 0)).numpy())
+            del logits
+        return Anchors(np.stack(embs), {"anatomy": np.stack(anatomy)})
 
     def score_pool(self, cases: list[Case], temperature: float, *, grow_voxels: int = 2, divergence: bool = True,
                    needs: ScoringNeeds | None = None, seed: int = 0) -> ScoredPool:
@@ -203,13 +233,18 @@ class Adapter:
                                                       disable=not self.progress, leave=False, dynamic_ncols=True))
 
     def pool_scores(self, cases: list[Case], labelled: list[Case], temperature: float, round_index: int,
-                    labelled_embeddings: np.ndarray, grow_voxels: int = 2, *, needs: ScoringNeeds | None = None,
+                    anchors: Anchors | None = None, grow_voxels: int = 2, *, needs: ScoringNeeds | None = None,
                     seed: int = 0) -> PoolScores:
         """`PoolScores` of the unlabeled ``cases``; pass ``needs=strategy.needs`` so that strategies reading
-        MC-dropout, TTA or BADGE numbers get them (the default computes only the one-pass metrics)."""
+        MC-dropout, TTA, BADGE or anatomy numbers get them (the default computes only the one-pass metrics).
+        ``anchors``: the labelled volumes' (from `fit_temperature` or `anchors`; None when nothing is labelled)."""
+        if anchors is None:
+            anchors = Anchors()
+        elif not isinstance(anchors, Anchors):
+            raise TypeError(f"anchors must be the Anchors of fit_temperature() or anchors(), got {type(anchors).__name__}")
         scored = self.score_pool(cases, temperature, grow_voxels=grow_voxels, needs=needs, seed=seed)
-        return PoolScores([c.case_id for c in cases], scored.metrics, scored.embeddings, labelled_embeddings,
-                          scored.embeddings0, round_index, scored.vectors)
+        return PoolScores([c.case_id for c in cases], scored.metrics, scored.embeddings, anchors.embeddings,
+                          scored.embeddings0, round_index, scored.vectors, dict(anchors.vectors))
 
     # -- training ---------------------------------------------------------------------------------
     def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float, flip_average: bool = False

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from asfda.config import SemiConfig, config_from_dict, config_to_dict
+from asfda.selection.strategies import DEFAULT_DIVERSITY
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case, Dataset
@@ -53,6 +54,7 @@ class ProjectSettings:
     seed: int = 0
     alpha: float = 0.5
     round0_gap: str = "feature_gap"
+    diversity: str = DEFAULT_DIVERSITY
     temperature0: float = 1.0
     grow_voxels: int = 2
     class_map: str | None = None
@@ -112,6 +114,9 @@ class Project:
                              "fix the edit, or restore it from project.json.bak") from None
         if self.state.get("format") != FORMAT:
             raise AsfdaError(f"project format {self.state.get('format')!r} is not {FORMAT}", path)
+        if isinstance(self.state.get("settings"), dict):
+            # projects started before the setting existed picked in the embedding space: they go on doing so
+            self.state["settings"].setdefault("diversity", "embedding")
         self.settings: ProjectSettings = config_from_dict(ProjectSettings, self.state["settings"], "project.json settings")
         _check_settings(self.settings, path)
 
@@ -166,6 +171,14 @@ class Project:
 
 
 def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
+    from asfda.selection import build_strategy
+
+    try:
+        build_strategy(settings.strategy, settings.alpha, settings.round0_gap, settings.diversity)
+    except (AsfdaError, ValueError) as exc:
+        problem = exc.problem if isinstance(exc, AsfdaError) else str(exc)
+        raise AsfdaError(f"settings: {problem}", path, "fix settings.strategy / alpha / round0_gap / diversity"
+                         + (" in project.json" if path else "")) from None
     if settings.budget < 1:
         raise AsfdaError(f"budget must be >= 1, got {settings.budget}", path,
                          "set settings.budget to 1 or more" if path else "pass --budget 1 or more")
@@ -187,7 +200,7 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     root = Path(out).resolve()
     if (root / PROJECT_FILE).exists():
         raise AsfdaError("a project already exists here", root, "use `asfda status` on it, or choose another folder")
-    build_strategy(settings.strategy, settings.alpha, settings.round0_gap)
+    build_strategy(settings.strategy, settings.alpha, settings.round0_gap, settings.diversity)
     _check_settings(settings)
     loaded = load_model(model)
     ds = load_dataset(pool)
@@ -240,7 +253,8 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False) 
 
 
 def _new_query(project: Project, progress: bool) -> dict:
-    from asfda.selection import build_strategy
+    from asfda.loop import RoundTemperature
+    from asfda.selection import PoolScores, build_strategy
 
     s = project.settings
     r = project.round
@@ -252,10 +266,14 @@ def _new_query(project: Project, progress: bool) -> dict:
         raise AsfdaError(f"only {len(unlabelled)} unlabeled cases are left, fewer than the budget {s.budget}",
                          project.root, "lower settings.budget in project.json, or add cases to the pool")
     t0 = time.perf_counter()
-    temp, lab_emb = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
-    strategy = build_strategy(s.strategy, s.alpha, s.round0_gap)
-    scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, s.grow_voxels,
-                                 needs=strategy.needs, seed=s.seed * 1000 + r)
+    strategy = build_strategy(s.strategy, s.alpha, s.round0_gap, s.diversity)
+    if strategy.reads_pool:
+        temp, anchors = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
+        scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, anchors, s.grow_voxels,
+                                     needs=strategy.needs, seed=s.seed * 1000 + r)
+    else:  # random reads nothing of the pool: no forward pass (the previews below still run the model)
+        temp = RoundTemperature(s.temperature0, None, None)
+        scores = PoolScores([c.case_id for c in unlabelled], {}, np.zeros((len(unlabelled), 0)), round_index=r)
     query = strategy.select(scores, s.budget, s.seed * 1000 + r)
     folder = project.root / "annotate" / f"round{r}"
     by_id = ds.by_id()
@@ -271,7 +289,7 @@ def _new_query(project: Project, progress: bool) -> dict:
                 atomic_write(link, lambda p, src=src: shutil.copyfile(src, p))
     _write_previews(adapter, [by_id[i] for i in query.ids], folder / "previews", ds.class_names)
     record = {"round": r, "strategy": query.strategy, "ids": query.ids, "scores": query.scores,
-              "components": query.components, "temperature": temp.temperature, "ece_before": temp.ece_before,
+              "components": query.components, "strategy_settings": strategy.settings(), "temperature": temp.temperature, "ece_before": temp.ece_before,
               "ece_after": temp.ece_after, "seconds": round(time.perf_counter() - t0, 2),
               "folder": str(folder.relative_to(project.root)), "created": _now()}
     atomic_write_json(folder / "query.json", record)

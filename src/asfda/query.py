@@ -23,7 +23,7 @@ from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_da
 from asfda.models import load_model, parse_class_map_override
 from asfda.scoring.needs import MC_METRICS, ScoringNeeds
 from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
-from asfda.selection.strategies import ASFDAStrategy
+from asfda.selection.strategies import DEFAULT_DIVERSITY, ASFDAStrategy
 
 __all__ = ["has_dropout", "query_dataset", "read_ids_file", "score_dataset"]
 
@@ -93,8 +93,9 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
                   progress: bool = True) -> dict:
     """Scores every case of ``data`` with the zero-shot ``model`` for the given strategies.
 
-    Writes ``out`` (CSV: ``case_id``, every metric, asfda's components when asfda is asked for, the BADGE
-    gradient norm when badge is), ``<stem>.embeddings.npy`` ``[N, D]`` (rows in the CSV's order),
+    Writes ``out`` (CSV: ``case_id``, every metric, asfda's components when asfda is asked for (with
+    ``anatomy_<class>``, the predicted soft volume fraction of each foreground class: the space of its diverse
+    pick), the BADGE gradient norm when badge is), ``<stem>.embeddings.npy`` ``[N, D]`` (rows in the CSV's order),
     ``<stem>.badge.npy`` when badge is asked for, and ``<stem>.json`` (ids, temperature, passes, needs).
 
     Args:
@@ -114,7 +115,8 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         if not has_dropout(adapter.current):
             skipped = [n for n in names if get_strategy(n).needs.metrics & MC_METRICS]
             names = [n for n in names if n not in skipped]
-    needs = needs_of(names) | ScoringNeeds(norm_stats="asfda" in names)  # asfda: both round-0 gaps as columns
+    # asfda: both round-0 gaps and both diversity spaces as columns
+    needs = needs_of(names) | ScoringNeeds(norm_stats="asfda" in names, vectors={"anatomy"} if "asfda" in names else ())
     cases = list(ds.cases)
     scored = adapter.score_pool(cases, t, needs=needs, seed=seed)
     ids = [c.case_id for c in cases]
@@ -128,6 +130,9 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         columns.update({f"asfda_{k}": v for k, v in comps.items() if k not in columns})
     if "badge" in scored.vectors:
         columns["badge_gradient_norm"] = np.linalg.norm(scored.vectors["badge"], axis=1)
+    if "anatomy" in scored.vectors:  # asfda's diversity space: the predicted foreground composition
+        for k, name in enumerate(adapter.target_names[1:]):
+            columns[f"anatomy_{name}"] = scored.vectors["anatomy"][:, k]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["case_id", *columns])
@@ -165,7 +170,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: int, out: str | Path, *,
                   labelled: str | Path | list[str] | None = None, seed: int = 0, temperature: float | None = None,
-                  alpha: float = 0.5, round0_gap: str = "feature_gap", model_config: str | None = None, class_map: str | None = None,
+                  alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY, model_config: str | None = None, class_map: str | None = None,
                   cache_dir: str | None = ".cache", device: str = "auto", progress: bool = True) -> Query:
     """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``.
 
@@ -176,13 +181,14 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
             temperature scaling), else 1.0.
         alpha: asfda's weight of the divergence rank against the ASD rank.
         round0_gap: asfda's round-0 divergence without BatchNorm statistics (``feature_gap`` or ``norm_kl``).
+        diversity: where asfda's batch pick measures diversity (``anatomy`` or ``embedding``).
 
     Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
     and prints the chosen ids with their components.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
-    strat = build_strategy(strategy, alpha, round0_gap)
+    strat = build_strategy(strategy, alpha, round0_gap, diversity)
     labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                    cache_dir=cache_dir, device=device, progress=progress)
@@ -198,24 +204,32 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool_cases)} volumes)",
                          fix="lower the budget or add volumes to the pool")
     ece_before = ece_after = None
-    if temperature is None and lab_cases and all(c.label_path is not None for c in lab_cases):
-        rt, lab_emb = adapter.fit_temperature(lab_cases, 1.0, seed)
-        t, ece_before, ece_after, t_source = rt.temperature, rt.ece_before, rt.ece_after, "fitted"
-    else:
+    if not strat.reads_pool:  # random: the ids alone, no forward pass
         t = _check_temperature(1.0 if temperature is None else temperature)
-        t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
-        lab_emb = (np.stack([adapter.engine_current.run(adapter.prepare(c, with_label=False).image)[1].numpy()
-                             for c in lab_cases]) if lab_cases else np.zeros((0, 0)))
-    scored = adapter.score_pool(pool_cases, t, needs=strat.needs, seed=seed)
-    pool = PoolScores([c.case_id for c in pool_cases], scored.metrics, scored.embeddings, lab_emb,
-                      scored.embeddings0, 1 if lab_cases else 0, scored.vectors)
+        t_source = "unused (the strategy reads no scores)"
+        info = {"forward_passes_per_volume": 0, "mc_dropout_passes": 0, "tta_flips": []}
+        pool = PoolScores([c.case_id for c in pool_cases], {}, np.zeros((len(pool_cases), 0)),
+                          round_index=1 if lab_cases else 0)
+    else:
+        if temperature is None and lab_cases and all(c.label_path is not None for c in lab_cases):
+            rt, anchors = adapter.fit_temperature(lab_cases, 1.0, seed)
+            t, ece_before, ece_after, t_source = rt.temperature, rt.ece_before, rt.ece_after, "fitted"
+        else:
+            t = _check_temperature(1.0 if temperature is None else temperature)
+            t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
+            anchors = adapter.anchors(lab_cases, t)
+        scored = adapter.score_pool(pool_cases, t, needs=strat.needs, seed=seed)
+        info = scored.info
+        pool = PoolScores([c.case_id for c in pool_cases], scored.metrics, scored.embeddings, anchors.embeddings,
+                          scored.embeddings0, 1 if lab_cases else 0, scored.vectors, dict(anchors.vectors))
     query = strat.select(pool, budget, seed)
     record = {"strategy": query.strategy, "budget": budget, "seed": seed, "ids": query.ids,
               "scores": query.scores, "components": query.components, "labelled": labelled_ids,
               "pool_size": len(pool_cases), "temperature": t, "temperature_source": t_source,
               "ece_before": ece_before, "ece_after": ece_after, "model": str(model), "data": str(data),
               "model_weights_sha256_16": loaded.weights_hash, "needs": strat.needs.describe(),
-              "scoring": scored.info}
+              "strategy_settings": strat.settings(),
+              "scoring": info}
     atomic_write_json(Path(out), record)
     print(format_query(query))
     print(f"T={t:.3g} ({t_source}); pool {len(pool_cases)}, labelled {len(lab_cases)}; written: {out}")

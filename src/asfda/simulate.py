@@ -22,12 +22,12 @@ import torch
 
 from asfda.config import RunConfig, config_to_dict
 from asfda.engine import describe_device
-from asfda.errors import AsfdaError
+from asfda.errors import AsfdaError, RunSettingsChanged
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case
 from asfda.loop import Adapter, PoolState, RoundTemperature, mean_of
 from asfda.models import load_model, parse_class_map_override
-from asfda.selection import PoolScores, build_strategy, get_strategy
+from asfda.selection import PoolScores, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in cfg.strategies:
-        get_strategy(name)  # fail early on a typo
+        build_strategy(name, cfg.alpha, cfg.round0_gap, cfg.diversity)  # fail early on a typo
     if cfg.budget <= 0:
         raise AsfdaError(f"budget must be >= 1, got {cfg.budget}")
     pretrained = load_model(cfg.model)
@@ -185,7 +185,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
 
     run_dir = Path(cfg.out_dir) / name / f"seed{seed}"
     state_path = run_dir / "state.json"
-    strategy = build_strategy(name, cfg.alpha, cfg.round0_gap)
+    strategy = build_strategy(name, cfg.alpha, cfg.round0_gap, cfg.diversity)
     state = PoolState()
     rounds: list[dict] = []
     fingerprint = _fingerprint(cfg, adapter, name, seed, pool, test)
@@ -193,7 +193,17 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         saved = json.loads(state_path.read_text())
         legacy = _fingerprint(cfg, adapter, name, seed, pool, test, legacy=True)  # written before paths left it
         if saved.get("fingerprint") not in (fingerprint, legacy):
-            raise AsfdaError("this results folder holds a run with other settings (config, model, pool or test set)",
+            import dataclasses
+
+            as_embedding = dataclasses.replace(cfg, diversity="embedding")
+            if strategy.name == "asfda" and cfg.diversity != "embedding" and saved.get("fingerprint") in (
+                    _fingerprint(as_embedding, adapter, name, seed, pool, test, legacy=old) for old in (False, True)):
+                raise RunSettingsChanged("this asfda run picked its batches in the embedding space (diversity: embedding, the "
+                                 "only space before 2026-11-26); the default is now the anatomy composition",
+                                 state_path.parent, "add 'diversity: embedding' to the run config (--config) to "
+                                 "resume it, or use another output folder for the new default")
+            raise RunSettingsChanged("this results folder holds a run with other settings (config, model, pool or test "
+                                     "set)",
                              state_path.parent, "use another --out folder, or delete it to start again")
         state.load_state_dict(saved["pool_state"])
         rounds = saved["rounds"]
@@ -217,8 +227,8 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         labelled = [by_id[i] for i in state.labelled_ids()]
         unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
         if strategy.reads_pool or cfg.semi.enabled:
-            temp, lab_emb = adapter.fit_temperature(labelled, cfg.temperature0, seed * 1000 + r)
-            scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, lab_emb, cfg.grow_voxels,
+            temp, anchors = adapter.fit_temperature(labelled, cfg.temperature0, seed * 1000 + r)
+            scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, anchors, cfg.grow_voxels,
                                          needs=strategy.needs, seed=seed * 1000 + r)
         else:  # random without semi-supervision reads nothing of the pool: no forward pass at all
             temp = RoundTemperature(cfg.temperature0, None, None)
@@ -292,6 +302,9 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
                 "upper_bound", "upper_bound_steps", "report", "previews",
                 *(() if legacy else ("model", "pool", "test"))):
         keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
+    if name.strip().lower() != "asfda" or keep.get("diversity") == "embedding":
+        # only asfda reads it, and runs written before the setting existed picked in the embedding space
+        keep.pop("diversity", None)
     content = {} if legacy else {"preprocessing": adapter.pretrained.preprocessing.cache_key()}
     blob = json.dumps({"cfg": keep, "model": adapter.pretrained.weights_hash, "strategy": name, "seed": seed,
                        "pool": [c.case_id for c in pool], "test": [c.case_id for c in test], **content},

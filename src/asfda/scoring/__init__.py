@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from asfda.scoring.metrics import (
     anatomical_segmentation_difficulty,
+    anatomy_composition,
     badge_embedding,
     bald,
     cosine_distance,
@@ -25,6 +26,7 @@ from asfda.scoring.temperature import expected_calibration_error, fit_temperatur
 __all__ = [
     "ScoringNeeds",
     "anatomical_segmentation_difficulty",
+    "anatomy_composition",
     "badge_embedding",
     "bald",
     "cosine_distance",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "anatomical_segmentation_difficulty",
+    "anatomy_composition",
     "badge_embedding",
     "bald",
     "cosine_distance",
@@ -123,6 +124,21 @@ def foreground_confidence(prob: torch.Tensor) -> float:
     if not fg.any():
         return 0.0
     return float(top.values[fg].mean())
+
+
+def anatomy_composition(prob: torch.Tensor) -> torch.Tensor:
+    """The predicted anatomy's composition ``[C - 1]``: the soft volume fraction of each foreground class,
+    ``mean over voxels of p_cv`` for c = 1 .. C-1 (float64).
+
+    Under cosine distance only its direction counts, i.e. the organs' relative sizes (a larger liver, a
+    missing kidney, a cut-off field of view), not how much background surrounds them. It is read off the
+    probabilities of the pass that gives the other metrics, so it costs no forward pass. Unlike the pooled
+    bottleneck embedding it still describes the volume when the network instance-normalises every feature
+    map (InstanceNorm fixes each channel's mean over the window, so the pooled features barely vary).
+    """
+    if prob.ndim < 2 or prob.shape[0] < 2:
+        raise ValueError(f"prob must be [C >= 2, ...], got shape {tuple(prob.shape)}")
+    return prob[1:].reshape(prob.shape[0] - 1, -1).double().mean(1)
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ MC_METRICS = frozenset({"mc_entropy", "bald"})
 TTA_METRICS = frozenset({"tta_variance"})
 FEATURE_STAT_METRICS = frozenset({"bn_kl", "norm_kl"})
 KNOWN_METRICS = BASE_METRICS | MC_METRICS | TTA_METRICS | FEATURE_STAT_METRICS
-KNOWN_VECTORS = frozenset({"badge"})
+KNOWN_VECTORS = frozenset({"badge", "anatomy"})
 
 DEFAULT_MC_PASSES = 5
 """MONAI Label's default number of stochastic (dropout) passes for epistemic scoring."""
@@ -42,7 +42,9 @@ class ScoringNeeds:
 
     Attributes:
         metrics: per-volume numbers read from ``PoolScores.metrics`` (see `KNOWN_METRICS`).
-        vectors: per-volume vectors read from ``PoolScores.vectors`` (``badge``: the head-gradient embedding).
+        vectors: per-volume vectors read from ``PoolScores.vectors`` (``badge``: the head-gradient embedding;
+            ``anatomy``: the predicted foreground composition, `asfda.scoring.metrics.anatomy_composition`,
+            free from the main pass).
         mc_dropout: number of stochastic dropout passes (required >= 2 by ``mc_entropy`` / ``bald``).
         tta_flips: the flips, as tuples of model-grid axes in {1, 2}, of the test-time-augmentation passes;
             ``()`` is the identity (it reuses the main pass). Required (>= 2 flips) by ``tta_variance``.

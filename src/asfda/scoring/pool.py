@@ -32,6 +32,7 @@ from asfda.engine import InferenceEngine
 from asfda.memory import release_freed_memory
 from asfda.scoring.metrics import (
     anatomical_segmentation_difficulty,
+    anatomy_composition,
     badge_embedding,
     foreground_confidence,
     foreground_kl_divergence,
@@ -248,6 +249,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
     names += ["bn_kl"] if bn else []
     metrics: dict[str, list[float]] = {n: [] for n in names}
     badge: list[np.ndarray] = []
+    anatomy: list[np.ndarray] = []
+    wants_anatomy = "anatomy" in needs.vectors
     norm_stats: list[np.ndarray] = []
     ids, embs, embs0 = [], [], []
     def record(case_id: str, values: dict[str, np.ndarray]) -> None:
@@ -259,6 +262,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
             embs0.append(values["emb0"])
         if needs.head_gradient:
             badge.append(values["badge"])
+        if wants_anatomy:
+            anatomy.append(values["anatomy"])
         if inorm:
             norm_stats.append(values["norm_stats"])
 
@@ -266,7 +271,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
         case_id = str(getattr(vol, "case_id", index))
         key = cache_key(case_id) if (cache is not None and cache_key is not None) else None
         hit = cache.get(key) if key is not None else None
-        if hit is not None and all(f"m_{n}" in hit for n in names) and (not inorm or "norm_stats" in hit):
+        if hit is not None and all(f"m_{n}" in hit for n in names) and (not inorm or "norm_stats" in hit) \
+                and (not wants_anatomy or "anatomy" in hit):
             record(case_id, hit)
             continue
         before = {n: len(metrics[n]) for n in names}
@@ -281,6 +287,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
         metrics["asd"].append(anatomical_segmentation_difficulty(prob, grow_voxels, entropy=ent, argmax=pred))
         metrics["enpy"].append(mean_entropy(prob, entropy=ent))
         metrics["confidence"].append(foreground_confidence(prob))
+        if wants_anatomy:
+            anatomy.append(anatomy_composition(prob).numpy())
         del ent
         embs.append(emb.numpy())
         if bn:
@@ -311,11 +319,15 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
                 entry["emb0"] = embs0[n_emb0]
             if needs.head_gradient:
                 entry["badge"] = badge[n_badge]
+            if wants_anatomy:
+                entry["anatomy"] = anatomy[-1]
             if inorm:
                 entry["norm_stats"] = norm_stats[-1]
             cache.put(key, entry)
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in metrics.items()}
     vectors = {"badge": np.stack(badge) if badge else np.zeros((0, 0))} if needs.head_gradient else {}
+    if wants_anatomy:
+        vectors["anatomy"] = np.stack(anatomy) if anatomy else np.zeros((0, 0))
     if inorm and norm_stats:
         # pool-referenced: needs every volume's statistics (a sharded run computes it after gathering)
         vectors["norm_stats"] = np.stack(norm_stats)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise
 from asfda.selection.strategies import (
+    DEFAULT_DIVERSITY,
+    DIVERSITY_SPACES,
     ROUND0_GAPS,
     STRATEGIES,
     PoolScores,
@@ -14,6 +16,6 @@ from asfda.selection.strategies import (
     needs_of,
 )
 
-__all__ = ["ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "build_strategy", "get_strategy",
+__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "build_strategy", "get_strategy",
            "greedy_diverse_pick",
            "k_center_greedy", "kmeans_pp_pick", "needs_of", "rank_normalise"]

@@ -11,13 +11,15 @@ __all__ = ["greedy_diverse_pick", "k_center_greedy", "kmeans_pp_pick", "rank_nor
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
-    """Percentile ranks in (0, 1]: the largest value gets 1, ties share their mean rank."""
-    from scipy.stats import rankdata
-
-    values = np.asarray(values, dtype=np.float64)
+    """Percentile ranks in (0, 1]: the largest value gets 1, ties share their mean rank (scipy's
+    ``rankdata(method="average") / N``, without importing scipy on the query path)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
         return values
-    return rankdata(values, method="average") / values.size
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of the last member of each group of equal values
+    mean_rank = last - (counts - 1) / 2.0
+    return mean_rank[inverse] / values.size
 
 
 def _unit_rows(x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from asfda.errors import AsfdaError
 from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
 from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise
 
-__all__ = ["ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "Strategy", "build_strategy",
+__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "Strategy", "build_strategy",
            "get_strategy", "needs_of"]
 
 
@@ -30,7 +30,9 @@ class PoolScores:
         labelled_embeddings: ``[L, D]`` of the labelled volumes, current model.
         embeddings0: ``[N, D]`` from the frozen pretrained model (None when identical to ``embeddings``).
         round_index: 0 for the first query.
-        vectors: vector name -> ``[N, K]`` per-volume vectors (``badge``: head-gradient embeddings).
+        vectors: vector name -> ``[N, K]`` per-volume vectors (``badge``: head-gradient embeddings;
+            ``anatomy``: predicted foreground composition).
+        labelled_vectors: vector name -> ``[L, K]``, the same vectors for the labelled volumes (``anatomy``).
     """
 
     ids: list[str]
@@ -40,6 +42,7 @@ class PoolScores:
     embeddings0: np.ndarray | None = None
     round_index: int = 0
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    labelled_vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +64,10 @@ class Strategy:
     reads_pool = True
     """False for a strategy that looks at the pool's ids alone (random): callers may skip the scoring pass."""
 
+    def settings(self) -> dict:
+        """The options a pick depended on besides the pool's numbers (for run records); none by default."""
+        return {}
+
     def select(self, pool: PoolScores, budget: int, seed: int) -> Query:
         if not isinstance(budget, int) or budget <= 0:
             raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
@@ -77,7 +84,7 @@ class Strategy:
         canon = PoolScores([pool.ids[i] for i in order], {k: np.asarray(v)[order] for k, v in pool.metrics.items()},
                            np.asarray(pool.embeddings)[order], pool.labelled_embeddings,
                            None if pool.embeddings0 is None else np.asarray(pool.embeddings0)[order], pool.round_index,
-                           {k: np.asarray(v)[order] for k, v in pool.vectors.items()})
+                           {k: np.asarray(v)[order] for k, v in pool.vectors.items()}, pool.labelled_vectors)
         return self._select(canon, budget, np.random.default_rng(seed))
 
     def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
@@ -171,6 +178,11 @@ class CoresetStrategy(Strategy):
 ROUND0_GAPS = ("feature_gap", "norm_kl")
 """asfda's round-0 divergence for networks without stored BatchNorm statistics (see `ASFDAStrategy`)."""
 
+DIVERSITY_SPACES = ("anatomy", "embedding", "none")
+"""Where asfda's greedy batch pick measures the cosine distance between volumes (see `ASFDAStrategy`)."""
+DEFAULT_DIVERSITY = "embedding"
+"""The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
+
 
 class ASFDAStrategy(Strategy):
     """The method: rank-combined knowledge divergence (DKD) and ASD, then the greedy diverse pick.
@@ -182,24 +194,56 @@ class ASFDAStrategy(Strategy):
     ``feature_gap`` (cosine distance of the pretrained embedding to the mean pool embedding).
 
     ``round0_gap="norm_kl"`` replaces that last fallback by ``norm_kl`` (the BatchNorm gap's KL at
-    InstanceNorm / GroupNorm layers, against the pool's own statistics). It is not the default: it covered
-    more phantom sub-populations on 120-volume pools but fewer on 60-volume ones, and on the real CT -> MR
-    pair (seed 0) its first pick was the volume the pretrained model already segmented best
-    (benchmarks/results/phantom_coverage*.md, ct_to_mr results).
+    InstanceNorm / GroupNorm layers, against the pool's own statistics). It is not the default: on the
+    phantom pools it covered fewer sub-populations than the default (benchmarks/results/phantom_coverage.md),
+    and on the real CT -> MR pair (seed 0) its first pick was the volume the pretrained model already
+    segmented best.
+
+    ``diversity`` is the space of the greedy pick's cosine distance: ``"embedding"`` (default) METHOD.md's
+    pooled bottleneck embedding, ``"anatomy"`` the predicted foreground composition
+    (`asfda.scoring.metrics.anatomy_composition`; the embedding is used instead when there is a single
+    foreground class), ``"none"`` no diversity term at all (the top-k of the combined rank score: an ablation).
+    An InstanceNorm network nearly flattens the pooled embedding, and on the phantom pools the anatomy space
+    covers more sub-populations; on the real CT -> MR pair it led asfda to the one atypical volume and cost Dice,
+    so it is not the default (README; benchmarks/results/phantom_coverage*.md, ct_to_mr_full/ANALYSIS.md).
     """
 
     name = "asfda"
     needs = ScoringNeeds(metrics={"asd"}, feature_stats=True, divergence=True)
 
-    def __init__(self, alpha: float = 0.5, round0_gap: str = "feature_gap") -> None:
+    def __init__(self, alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if round0_gap not in ROUND0_GAPS:
             raise AsfdaError(f"round0_gap must be one of {list(ROUND0_GAPS)}, got {round0_gap!r}")
+        if diversity not in DIVERSITY_SPACES:
+            raise AsfdaError(f"diversity must be one of {list(DIVERSITY_SPACES)}, got {diversity!r}")
         self.alpha = alpha
         self.round0_gap = round0_gap
+        self.diversity = diversity
+        needs = ASFDAStrategy.needs
         if round0_gap == "norm_kl":  # the statistics hooks run only when they are read
-            self.needs = replace(ASFDAStrategy.needs, norm_stats=True)
+            needs = replace(needs, norm_stats=True)
+        if diversity == "anatomy":
+            needs = replace(needs, vectors=needs.vectors | {"anatomy"})
+        self.needs = needs
+
+    def settings(self) -> dict:
+        return {"alpha": self.alpha, "round0_gap": self.round0_gap, "diversity": self.diversity}
+
+    def diversity_vectors(self, pool: PoolScores) -> tuple[np.ndarray, np.ndarray | None]:
+        """The pool's ``[N, K]`` vectors and the labelled anchors' ``[L, K]`` in the diversity space.
+
+        With a single foreground class the composition has one entry, and every pair of volumes is at cosine
+        distance 0 in it: the embedding space is used instead."""
+        anatomy = np.asarray(pool.vectors["anatomy"]) if self.diversity == "anatomy" else None
+        if anatomy is None or (anatomy.ndim == 2 and anatomy.shape[1] < 2):
+            return np.asarray(pool.embeddings), pool.labelled_embeddings
+        anchors = pool.labelled_vectors.get("anatomy")
+        if anchors is None and np.asarray(pool.labelled_embeddings).size:
+            raise ValueError("asfda's anatomy diversity needs the labelled volumes' anatomy vectors "
+                             "(PoolScores.labelled_vectors['anatomy']) when labelled volumes exist")
+        return anatomy, anchors
 
     def pool_components(self, pool: PoolScores) -> tuple[str, dict[str, np.ndarray]]:
         """For every pool volume (in the pool's order): the divergence used and its value, ASD, their
@@ -226,7 +270,12 @@ class ASFDAStrategy(Strategy):
         kd_name, cols = self.pool_components(pool)
         # seeded jitter far below one rank step breaks exact ties reproducibly
         combined = cols["rank_score"] + rng.random(len(pool.ids)) * 1e-9
-        idx, values, dists = greedy_diverse_pick(combined, pool.embeddings, budget, pool.labelled_embeddings)
+        if self.diversity == "none":  # the ablation: top-k of the combined rank score
+            idx = [int(i) for i in np.argsort(-combined, kind="stable")[:budget]]
+            values, dists = [float(combined[i]) for i in idx], [1.0] * len(idx)
+        else:
+            space, anchors = self.diversity_vectors(pool)
+            idx, values, dists = greedy_diverse_pick(combined, space, budget, anchors)
         comps = {pool.ids[i]: {"asd": float(cols["asd"][i]), kd_name: float(cols[kd_name][i]),
                                "rank_score": float(combined[i]), "min_distance": d} for i, d in zip(idx, dists)}
         return Query(self.name, [pool.ids[i] for i in idx], values, comps)
@@ -251,10 +300,12 @@ def needs_of(names: list[str] | tuple[str, ...]) -> ScoringNeeds:
     return ScoringNeeds.union([get_strategy(n).needs for n in names])
 
 
-def build_strategy(name: str, alpha: float = 0.5, round0_gap: str = "feature_gap") -> Strategy:
-    """`get_strategy` with the run settings that only asfda reads (``alpha``, ``round0_gap``) passed to it."""
+def build_strategy(name: str, alpha: float = 0.5, round0_gap: str = "feature_gap",
+                   diversity: str = DEFAULT_DIVERSITY) -> Strategy:
+    """`get_strategy` with the run settings that only asfda reads (``alpha``, ``round0_gap``, ``diversity``)
+    passed to it."""
     if name.strip().lower() == ASFDAStrategy.name:
-        return get_strategy(name, alpha=alpha, round0_gap=round0_gap)
+        return get_strategy(name, alpha=alpha, round0_gap=round0_gap, diversity=diversity)
     return get_strategy(name)
 
 

@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         head.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in per_b) + f" | {np.mean(per_b):.2f} |")
     head += ["", "Minus enpy per data seed (subgroups covered, mean over budgets and sub-pool seeds):", ""]
     for name in (s for s in strategies if s.startswith("asfda")):
-        diffs = [round(float(np.mean([s[(name, b)][0] - s[("enpy", b)][0] for b in args.budgets])), 9)
-                 for s in summaries]  # rounded: equal coverage is a tie, not a float-noise loss
+        diffs = [round(float(np.mean([s[(name, b)][0] - s[("enpy", b)][0] for b in args.budgets])), 9) + 0.0
+                 for s in summaries]  # rounded: equal coverage is a tie, not a float-noise loss (+ 0.0: no "-0.00")
         head.append(f"- {name}: " + ", ".join(f"{d}: {x:+.2f}" for d, x in zip(args.data_seeds, diffs))
                     + f"; mean {np.mean(diffs):+.2f}; ahead on {sum(x > 0 for x in diffs)} of {len(diffs)} pools, "
                     f"behind on {sum(x < 0 for x in diffs)}")

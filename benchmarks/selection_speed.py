@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         f"BADGE vectors C x D = {args.classes} x {d}; anatomy vectors C - 1 = {args.classes - 1} (`asfda[anatomy]`'s "
         "diversity space; asfda's default picks on the D-dimensional embeddings); the first call, then the "
         f"median of {args.repeats} more "
-        "(the first pays lazy imports such as scipy.stats for the rank normalisation)",
+        "(the first pays one-time costs: lazy imports, first-touch allocations)",
         "",
         "| what | first call s | median s |",
         "|---|---|---|",

@@ -70,4 +70,10 @@ def test_labelled_anchors_match_the_pool_vectors_of_the_same_volumes(tmp_path: P
                                adapter.score_pool(cases[:2], 0.5, needs=get_strategy("asfda", diversity="anatomy").needs).vectors["anatomy"],
                                rtol=1e-5, atol=1e-7)
     assert adapter.fit_temperature([], 1.0, 0)[1].embeddings.shape == (0, 0)
+    assert not adapter.cold_start  # the tiny model has outputs for the dataset's classes
+    monkey = type(adapter.class_map)(adapter.class_map.target_names, adapter.class_map.source_names,
+                                     (0,) + (None,) * (len(adapter.class_map.target_names) - 1),
+                                     adapter.class_map.background_sources)
+    adapter.class_map = monkey  # every target class new, nothing fine-tuned: no head yet
+    assert adapter.cold_start and adapter.pool_scores(cases[:2], [], 1.0, 0).cold_start
     assert adapter.anchors([], 1.0).vectors == {}

@@ -504,3 +504,21 @@ def test_asfda_divergence_preference_kd_then_bn_kl_then_norm_kl_then_feature_gap
     from asfda.selection import build_strategy
 
     assert build_strategy("asfda", 0.3, "norm_kl").round0_gap == "norm_kl" and build_strategy("ENPY").name == "enpy"
+
+
+def test_asfda_cold_start_is_the_diversity_pick_on_the_pretrained_embeddings() -> None:
+    """No head yet (METHOD.md's encoder-only cold start): no ASD is read; the first pick is the volume farthest from
+    the pool's mean embedding, then farthest-first; other uncertainty strategies refuse such a pool."""
+    emb = np.array([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.7, 0.7], [0.97, 0.26]])
+    pool = PoolScores([f"v{i}" for i in range(5)], {}, emb, cold_start=True)
+    q = ASFDAStrategy().select(pool, 3, 0)
+    # mean direction ~ (0.73, 0.42): v2 is farthest from it; then v0 (farthest from v2); then the farthest from both
+    assert q.ids[:2] == ["v2", "v0"] and q.ids[2] == "v3"
+    assert all(c["cold_start"] == 1.0 and "asd" not in c for c in q.components.values())
+    # a labelled anchor at v2's direction: the farthest from it comes first
+    pool.labelled_embeddings = np.array([[0.0, 1.0]])
+    assert ASFDAStrategy().select(pool, 1, 0).ids == ["v0"]
+    for name in ("coreset", "random"):
+        assert len(get_strategy(name).select(pool, 2, 0).ids) == 2
+    with pytest.raises(AsfdaError, match="no segmentation head"):
+        get_strategy("enpy").select(pool, 2, 0)

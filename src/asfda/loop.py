@@ -244,7 +244,7 @@ class Adapter:
             raise TypeError(f"anchors must be the Anchors of fit_temperature() or anchors(), got {type(anchors).__name__}")
         scored = self.score_pool(cases, temperature, grow_voxels=grow_voxels, needs=needs, seed=seed)
         return PoolScores([c.case_id for c in cases], scored.metrics, scored.embeddings, anchors.embeddings,
-                          scored.embeddings0, round_index, scored.vectors, dict(anchors.vectors))
+                          scored.embeddings0, round_index, scored.vectors, dict(anchors.vectors), self.cold_start)
 
     # -- training ---------------------------------------------------------------------------------
     def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float, flip_average: bool = False
@@ -335,6 +335,13 @@ class Adapter:
                 self._plausibility0[case.case_id] = v
             values.append(v)
         return float(np.mean(values)) if values else float("nan")
+
+    @property
+    def cold_start(self) -> bool:
+        """True while the model has no trained output for any target class (every target class got a new channel
+        and nothing has been fine-tuned yet): its probabilities mean nothing, only its embeddings do."""
+        new = set(self.class_map.new_classes)
+        return not self.is_adapted and all(name in new for name in self.target_names[1:])
 
     def _guard_classes(self) -> list[int]:
         """The target classes the guard compares: those the pretrained model can predict (a new class, which

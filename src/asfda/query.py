@@ -221,7 +221,8 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         scored = adapter.score_pool(pool_cases, t, needs=strat.needs, seed=seed)
         info = scored.info
         pool = PoolScores([c.case_id for c in pool_cases], scored.metrics, scored.embeddings, anchors.embeddings,
-                          scored.embeddings0, 1 if lab_cases else 0, scored.vectors, dict(anchors.vectors))
+                          scored.embeddings0, 1 if lab_cases else 0, scored.vectors, dict(anchors.vectors),
+                          adapter.cold_start)
     query = strat.select(pool, budget, seed)
     record = {"strategy": query.strategy, "budget": budget, "seed": seed, "ids": query.ids,
               "scores": query.scores, "components": query.components, "labelled": labelled_ids,

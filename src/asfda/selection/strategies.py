@@ -33,6 +33,8 @@ class PoolScores:
         vectors: vector name -> ``[N, K]`` per-volume vectors (``badge``: head-gradient embeddings;
             ``anatomy``: predicted foreground composition).
         labelled_vectors: vector name -> ``[L, K]``, the same vectors for the labelled volumes (``anatomy``).
+        cold_start: the model has no segmentation head for the target classes yet (an encoder-only model before
+            its first fine-tuning), so its probabilities mean nothing: only the embeddings are read.
     """
 
     ids: list[str]
@@ -43,6 +45,7 @@ class PoolScores:
     round_index: int = 0
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     labelled_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    cold_start: bool = False
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Strategy:
     needs: ScoringNeeds = ScoringNeeds()
     reads_pool = True
     """False for a strategy that looks at the pool's ids alone (random): callers may skip the scoring pass."""
+    cold_start_ok = False
+    """True for a strategy with a rule for a `PoolScores.cold_start` pool (no head: embeddings only)."""
 
     def settings(self) -> dict:
         """The options a pick depended on besides the pool's numbers (for run records); none by default."""
@@ -74,8 +79,14 @@ class Strategy:
         if budget > len(pool.ids):
             raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool.ids)} volumes)",
                              fix="lower the budget or add volumes to the pool")
-        missing = sorted(m for m in self.needs.metrics if m not in pool.metrics)
-        missing += sorted(f"vector {v}" for v in self.needs.vectors if v not in pool.vectors)
+        if pool.cold_start and (self.needs.metrics or self.needs.vectors) and not self.cold_start_ok:
+            raise AsfdaError(f"strategy {self.name!r} reads the model's predictions, and the model has no segmentation "
+                             "head for these classes yet", fix="use asfda (its cold start), coreset or random for "
+                             "the first query")
+        missing = [] if (pool.cold_start and self.cold_start_ok) else sorted(
+            m for m in self.needs.metrics if m not in pool.metrics)
+        missing += [] if (pool.cold_start and self.cold_start_ok) else sorted(
+            f"vector {v}" for v in self.needs.vectors if v not in pool.vectors)
         if missing:
             raise ValueError(f"strategy {self.name!r} needs {missing}, pool has metrics {sorted(pool.metrics)} and "
                              f"vectors {sorted(pool.vectors)}; score the pool with needs=strategy.needs")
@@ -84,7 +95,8 @@ class Strategy:
         canon = PoolScores([pool.ids[i] for i in order], {k: np.asarray(v)[order] for k, v in pool.metrics.items()},
                            np.asarray(pool.embeddings)[order], pool.labelled_embeddings,
                            None if pool.embeddings0 is None else np.asarray(pool.embeddings0)[order], pool.round_index,
-                           {k: np.asarray(v)[order] for k, v in pool.vectors.items()}, pool.labelled_vectors)
+                           {k: np.asarray(v)[order] for k, v in pool.vectors.items()}, pool.labelled_vectors,
+                           pool.cold_start)
         return self._select(canon, budget, np.random.default_rng(seed))
 
     def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
@@ -210,6 +222,7 @@ class ASFDAStrategy(Strategy):
 
     name = "asfda"
     needs = ScoringNeeds(metrics={"asd"}, feature_stats=True, divergence=True)
+    cold_start_ok = True
 
     def __init__(self, alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY) -> None:
         if not 0.0 <= alpha <= 1.0:
@@ -266,7 +279,30 @@ class ASFDAStrategy(Strategy):
         return kd_name, {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
                          "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
 
+    def _cold_start(self, pool: PoolScores, budget: int) -> Query:
+        """METHOD.md's cold start for a model without a head (no ASD): the diversity pick on the pretrained
+        embeddings alone. The first pick is the volume farthest from the pool's mean embedding (the feature gap)
+        unless labelled volumes anchor the pick; then each next one is the farthest from the anchors and the picks
+        so far (k-center greedy, cosine)."""
+        emb0 = np.asarray(pool.embeddings0 if pool.embeddings0 is not None else pool.embeddings, dtype=np.float64)
+        gap = _cosine_to_mean(emb0)
+        anchors = pool.labelled_embeddings if np.asarray(pool.labelled_embeddings).size else None
+        idx = k_center_greedy(emb0, budget, anchors, first=int(np.argmax(gap)))
+        from asfda.scoring.metrics import cosine_distance
+        import torch
+
+        e = torch.as_tensor(emb0)
+        dists = []
+        for k, i in enumerate(idx):
+            ref = [emb0[j] for j in idx[:k]] + ([] if anchors is None else list(np.asarray(anchors)))
+            dists.append(1.0 if not ref else float(cosine_distance(e[i:i + 1], torch.as_tensor(np.stack(ref))).min()))
+        comps = {pool.ids[i]: {"feature_gap": float(gap[i]), "min_distance": d, "cold_start": 1.0}
+                 for i, d in zip(idx, dists)}
+        return Query(self.name, [pool.ids[i] for i in idx], dists, comps)
+
     def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
+        if pool.cold_start:
+            return self._cold_start(pool, budget)
         kd_name, cols = self.pool_components(pool)
         # seeded jitter far below one rank step breaks exact ties reproducibly
         combined = cols["rank_score"] + rng.random(len(pool.ids)) * 1e-9

@@ -227,10 +227,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                       progress=progress)
     elif args.command == "query":
         from asfda.query import query_dataset
+        from asfda.selection import DEFAULT_DIVERSITY
 
         query_dataset(args.model, args.data, args.strategy, args.budget, args.out, labelled=args.labelled,
                       seed=args.seed, temperature=args.temperature, alpha=args.alpha, round0_gap=args.round0_gap,
-                      **({"diversity": args.diversity} if args.diversity else {}), model_config=args.model_config,
+                      diversity=args.diversity or DEFAULT_DIVERSITY, model_config=args.model_config,
                       class_map=args.class_map, device=args.device, progress=progress)
     elif args.command in ("init", "next", "ingest", "finetune", "status"):
         return _project_command(args, progress)

@@ -246,6 +246,17 @@ class Adapter:
         return PoolScores([c.case_id for c in cases], scored.metrics, scored.embeddings, anchors.embeddings,
                           scored.embeddings0, round_index, scored.vectors, dict(anchors.vectors), self.cold_start)
 
+    def round_scores(self, strategy, labelled: list[Case], unlabelled: list[Case], t0: float, round_index: int,
+                     seed: int, grow_voxels: int = 2, *, always: bool = False) -> tuple[RoundTemperature, PoolScores]:
+        """A round's temperature and pool scores for ``strategy``: T fitted on ``labelled`` (``t0`` when none), the
+        labelled anchors and the unlabeled pool scored with its needs. A strategy that reads no scores (random)
+        gets the pool's ids alone and no forward pass, unless ``always`` (selective semi-supervision reads them)."""
+        if not (strategy.reads_pool or always):
+            return RoundTemperature(t0, None, None), PoolScores.ids_only([c.case_id for c in unlabelled], round_index)
+        temp, anchors = self.fit_temperature(labelled, t0, seed)
+        return temp, self.pool_scores(unlabelled, labelled, temp.temperature, round_index, anchors, grow_voxels,
+                                      needs=strategy.needs, seed=seed)
+
     # -- training ---------------------------------------------------------------------------------
     def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float, flip_average: bool = False
                        ) -> list[TrainVolume]:

@@ -194,14 +194,12 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     """Creates a project folder: checks that the model loads and maps onto the pool's labels."""
     from asfda.models import load_model, parse_class_map_override
     from asfda.models.classmap import build_class_map
-    from asfda.selection import build_strategy
 
     settings = settings or ProjectSettings()
     root = Path(out).resolve()
     if (root / PROJECT_FILE).exists():
         raise AsfdaError("a project already exists here", root, "use `asfda status` on it, or choose another folder")
-    build_strategy(settings.strategy, settings.alpha, settings.round0_gap, settings.diversity)
-    _check_settings(settings)
+    _check_settings(settings)  # the strategy and its settings too
     loaded = load_model(model)
     ds = load_dataset(pool)
     if labels_json:
@@ -253,8 +251,7 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False) 
 
 
 def _new_query(project: Project, progress: bool) -> dict:
-    from asfda.loop import RoundTemperature
-    from asfda.selection import PoolScores, build_strategy
+    from asfda.selection import build_strategy
 
     s = project.settings
     r = project.round
@@ -267,13 +264,8 @@ def _new_query(project: Project, progress: bool) -> dict:
                          project.root, "lower settings.budget in project.json, or add cases to the pool")
     t0 = time.perf_counter()
     strategy = build_strategy(s.strategy, s.alpha, s.round0_gap, s.diversity)
-    if strategy.reads_pool:
-        temp, anchors = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
-        scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, anchors, s.grow_voxels,
-                                     needs=strategy.needs, seed=s.seed * 1000 + r)
-    else:  # random reads nothing of the pool: no forward pass (the previews below still run the model)
-        temp = RoundTemperature(s.temperature0, None, None)
-        scores = PoolScores([c.case_id for c in unlabelled], {}, np.zeros((len(unlabelled), 0)), round_index=r)
+    temp, scores = adapter.round_scores(strategy, labelled, unlabelled, s.temperature0, r, s.seed * 1000 + r,
+                                        s.grow_voxels)
     query = strategy.select(scores, s.budget, s.seed * 1000 + r)
     folder = project.root / "annotate" / f"round{r}"
     by_id = ds.by_id()
@@ -289,8 +281,8 @@ def _new_query(project: Project, progress: bool) -> dict:
                 atomic_write(link, lambda p, src=src: shutil.copyfile(src, p))
     _write_previews(adapter, [by_id[i] for i in query.ids], folder / "previews", ds.class_names)
     record = {"round": r, "strategy": query.strategy, "ids": query.ids, "scores": query.scores,
-              "components": query.components, "strategy_settings": strategy.settings(), "temperature": temp.temperature, "ece_before": temp.ece_before,
-              "ece_after": temp.ece_after, "seconds": round(time.perf_counter() - t0, 2),
+              "components": query.components, "strategy_settings": strategy.settings(),
+              "temperature": temp.temperature, "ece_before": temp.ece_before, "ece_after": temp.ece_after, "seconds": round(time.perf_counter() - t0, 2),
               "folder": str(folder.relative_to(project.root)), "created": _now()}
     atomic_write_json(folder / "query.json", record)
     atomic_write_text(folder / "cases.txt", "\n".join(query.ids) + "\n")

@@ -208,8 +208,7 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         t = _check_temperature(1.0 if temperature is None else temperature)
         t_source = "unused (the strategy reads no scores)"
         info = {"forward_passes_per_volume": 0, "mc_dropout_passes": 0, "tta_flips": []}
-        pool = PoolScores([c.case_id for c in pool_cases], {}, np.zeros((len(pool_cases), 0)),
-                          round_index=1 if lab_cases else 0)
+        pool = PoolScores.ids_only([c.case_id for c in pool_cases], 1 if lab_cases else 0)
     else:
         if temperature is None and lab_cases and all(c.label_path is not None for c in lab_cases):
             rt, anchors = adapter.fit_temperature(lab_cases, 1.0, seed)

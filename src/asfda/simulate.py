@@ -25,9 +25,9 @@ from asfda.engine import describe_device
 from asfda.errors import AsfdaError, RunSettingsChanged
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case
-from asfda.loop import Adapter, PoolState, RoundTemperature, mean_of
+from asfda.loop import Adapter, PoolState, mean_of
 from asfda.models import load_model, parse_class_map_override
-from asfda.selection import PoolScores, build_strategy
+from asfda.selection import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +198,12 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
             as_embedding = dataclasses.replace(cfg, diversity="embedding")
             if strategy.name == "asfda" and cfg.diversity != "embedding" and saved.get("fingerprint") in (
                     _fingerprint(as_embedding, adapter, name, seed, pool, test, legacy=old) for old in (False, True)):
-                raise RunSettingsChanged("this asfda run picked its batches in the embedding space (diversity: embedding, the "
-                                 "only space before 2026-11-26); the default is now the anatomy composition",
-                                 state_path.parent, "add 'diversity: embedding' to the run config (--config) to "
-                                 "resume it, or use another output folder for the new default")
+                raise RunSettingsChanged(f"this asfda run picked its batches with diversity: embedding, and this config "
+                                         f"asks for diversity: {cfg.diversity}", state_path.parent,
+                                         "set diversity: embedding in the run config (--config) to resume it, or use "
+                                         "another output folder")
             raise RunSettingsChanged("this results folder holds a run with other settings (config, model, pool or test "
-                                     "set)",
-                             state_path.parent, "use another --out folder, or delete it to start again")
+                                     "set)", state_path.parent, "use another --out folder, or delete it to start again")
         state.load_state_dict(saved["pool_state"])
         rounds = saved["rounds"]
         weights = run_dir / saved.get("weights", "")
@@ -226,13 +225,8 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         t0 = time.perf_counter()
         labelled = [by_id[i] for i in state.labelled_ids()]
         unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
-        if strategy.reads_pool or cfg.semi.enabled:
-            temp, anchors = adapter.fit_temperature(labelled, cfg.temperature0, seed * 1000 + r)
-            scores = adapter.pool_scores(unlabelled, labelled, temp.temperature, r, anchors, cfg.grow_voxels,
-                                         needs=strategy.needs, seed=seed * 1000 + r)
-        else:  # random without semi-supervision reads nothing of the pool: no forward pass at all
-            temp = RoundTemperature(cfg.temperature0, None, None)
-            scores = PoolScores([c.case_id for c in unlabelled], {}, np.zeros((len(unlabelled), 0)), round_index=r)
+        temp, scores = adapter.round_scores(strategy, labelled, unlabelled, cfg.temperature0, r, seed * 1000 + r,
+                                            cfg.grow_voxels, always=cfg.semi.enabled)
         query = strategy.select(scores, cfg.budget, seed * 1000 + r)
         t_score = time.perf_counter() - t0
         state.add(query.ids, r)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["greedy_diverse_pick", "k_center_greedy", "kmeans_pp_pick", "rank_normalise"]
+__all__ = ["greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp_pick", "rank_normalise"]
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
@@ -83,24 +83,34 @@ def k_center_greedy(embeddings: np.ndarray, budget: int, anchors: np.ndarray | N
                     first: int = 0) -> list[int]:
     """Coreset (Sener & Savarese): repeatedly take the point farthest (cosine) from anchors and picks.
 
-    With no anchors the first pick is ``first`` (callers pass a seeded index).
+    With no anchors the first pick is ``first`` (callers pass a seeded index). See `k_center_pick`.
     """
+    return k_center_pick(embeddings, budget, anchors, first)[0]
+
+
+def k_center_pick(embeddings: np.ndarray, budget: int, anchors: np.ndarray | None = None,
+                  first: int = 0) -> tuple[list[int], list[float]]:
+    """`k_center_greedy` with each pick's min cosine distance to the anchors and earlier picks at pick time
+    (1.0 for the first pick when there are no anchors, as in `greedy_diverse_pick`)."""
     unit = _unit_rows(embeddings)
     n = unit.shape[0]
     picked: list[int] = []
+    dists: list[float] = []
     if n == 0 or budget <= 0:
-        return []
+        return [], []
     dmin = _min_distance(unit, anchors)
     if dmin is None:
         picked.append(first)
+        dists.append(1.0)
         dmin = _distance_to(unit, first)
     while len(picked) < min(budget, n):
         d = dmin.clone()
         d[picked] = -1.0
         i = int(torch.argmax(d))
         picked.append(i)
+        dists.append(float(dmin[i]))
         dmin = torch.minimum(dmin, _distance_to(unit, i))
-    return picked
+    return picked, dists
 
 
 def kmeans_pp_pick(vectors: np.ndarray, budget: int, rng: np.random.Generator) -> tuple[list[int], list[float]]:

@@ -13,7 +13,8 @@ import numpy as np
 
 from asfda.errors import AsfdaError
 from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
-from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise
+from asfda.selection.diversity import (greedy_diverse_pick, k_center_greedy, k_center_pick, kmeans_pp_pick,
+                                      rank_normalise)
 
 __all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "Strategy", "build_strategy",
            "get_strategy", "needs_of"]
@@ -47,6 +48,11 @@ class PoolScores:
     labelled_vectors: dict[str, np.ndarray] = field(default_factory=dict)
     cold_start: bool = False
 
+    @classmethod
+    def ids_only(cls, ids: list[str], round_index: int = 0) -> PoolScores:
+        """The pool as a strategy that reads no scores sees it (``reads_pool = False``: random): no forward pass."""
+        return cls(list(ids), {}, np.zeros((len(ids), 0)), round_index=round_index)
+
 
 @dataclass
 class Query:
@@ -79,14 +85,13 @@ class Strategy:
         if budget > len(pool.ids):
             raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool.ids)} volumes)",
                              fix="lower the budget or add volumes to the pool")
-        if pool.cold_start and (self.needs.metrics or self.needs.vectors) and not self.cold_start_ok:
+        reads_predictions = bool(self.needs.metrics or self.needs.vectors)
+        if pool.cold_start and reads_predictions and not self.cold_start_ok:
             raise AsfdaError(f"strategy {self.name!r} reads the model's predictions, and the model has no segmentation "
                              "head for these classes yet", fix="use asfda (its cold start), coreset or random for "
                              "the first query")
-        missing = [] if (pool.cold_start and self.cold_start_ok) else sorted(
-            m for m in self.needs.metrics if m not in pool.metrics)
-        missing += [] if (pool.cold_start and self.cold_start_ok) else sorted(
-            f"vector {v}" for v in self.needs.vectors if v not in pool.vectors)
+        missing = [] if pool.cold_start else sorted(m for m in self.needs.metrics if m not in pool.metrics)
+        missing += [] if pool.cold_start else sorted(f"vector {v}" for v in self.needs.vectors if v not in pool.vectors)
         if missing:
             raise ValueError(f"strategy {self.name!r} needs {missing}, pool has metrics {sorted(pool.metrics)} and "
                              f"vectors {sorted(pool.vectors)}; score the pool with needs=strategy.needs")
@@ -287,15 +292,7 @@ class ASFDAStrategy(Strategy):
         emb0 = np.asarray(pool.embeddings0 if pool.embeddings0 is not None else pool.embeddings, dtype=np.float64)
         gap = _cosine_to_mean(emb0)
         anchors = pool.labelled_embeddings if np.asarray(pool.labelled_embeddings).size else None
-        idx = k_center_greedy(emb0, budget, anchors, first=int(np.argmax(gap)))
-        from asfda.scoring.metrics import cosine_distance
-        import torch
-
-        e = torch.as_tensor(emb0)
-        dists = []
-        for k, i in enumerate(idx):
-            ref = [emb0[j] for j in idx[:k]] + ([] if anchors is None else list(np.asarray(anchors)))
-            dists.append(1.0 if not ref else float(cosine_distance(e[i:i + 1], torch.as_tensor(np.stack(ref))).min()))
+        idx, dists = k_center_pick(emb0, budget, anchors, first=int(np.argmax(gap)))
         comps = {pool.ids[i]: {"feature_gap": float(gap[i]), "min_distance": d, "cold_start": 1.0}
                  for i, d in zip(idx, dists)}
         return Query(self.name, [pool.ids[i] for i in idx], dists, comps)

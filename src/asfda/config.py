@@ -52,6 +52,7 @@ class RunConfig:
     alpha: float = 0.5  # weight of DKD against ASD
     round0_gap: str = "feature_gap"  # asfda at round 0 without BatchNorm statistics: "feature_gap" or "norm_kl"
     diversity: str = DEFAULT_DIVERSITY  # asfda's batch diversity space: "anatomy" (predicted composition) or "embedding"
+    representativeness: str = "none"  # asfda: "density" adds TypiClust typicality, weighted down as labels accrue
     temperature0: float = 1.0
     grow_voxels: int = 2
     class_map: str | None = None
@@ -68,6 +69,8 @@ class RunConfig:
     device: str = "auto"
     threads: int = 0  # 0: torch default
     progress: bool = True
+    # build the model config with MONAI's full ConfigParser ($ expressions, any _target_): trusted bundles only
+    trust_model_code: bool = False
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
@@ -88,6 +91,9 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
         else:
             kwargs[key] = _coerce(value, hint_t, f"{where}.{key}")
     return cls(**kwargs)
+
+
+_STR_HINTS = ("str", "str | None", "typing.Optional[str]", "typing.Union[str, NoneType]")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -114,12 +120,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise AsfdaError(f"{where} must be a number, got {value!r}") from None
-    if text.startswith("list[int]"):
+    if hint is str or text in _STR_HINTS:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise AsfdaError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if text.startswith(("list[int]", "list[str]")):
         items = value.split(",") if isinstance(value, str) else value
-        return [_coerce(v, int, where) for v in items]
-    if text.startswith("list[str]"):
-        items = value.split(",") if isinstance(value, str) else value
-        return [str(v).strip() for v in items]
+        if not isinstance(items, (list, tuple)):
+            raise AsfdaError(f"{where} must be a list or a comma-separated string, got {value!r}")
+        if text.startswith("list[int]"):
+            return [_coerce(v, int, where) for v in items]
+        return [_coerce(v, str, where).strip() for v in items]
     if "tuple[int, int, int]" in text:
         items = value.split(",") if isinstance(value, str) else value
         if len(items) != 3:
@@ -166,12 +177,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
     if cfg.train.precision not in PRECISIONS:
         raise AsfdaError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}", path)
-    from asfda.selection import DIVERSITY_SPACES, ROUND0_GAPS
+    from asfda.selection import DIVERSITY_SPACES, REPRESENTATIVENESS, ROUND0_GAPS
 
     if cfg.round0_gap not in ROUND0_GAPS:
         raise AsfdaError(f"round0_gap must be one of {list(ROUND0_GAPS)}, got {cfg.round0_gap!r}", path)
     if cfg.diversity not in DIVERSITY_SPACES:
         raise AsfdaError(f"diversity must be one of {list(DIVERSITY_SPACES)}, got {cfg.diversity!r}", path)
+    if cfg.representativeness not in REPRESENTATIVENESS:
+        raise AsfdaError(f"representativeness must be one of {list(REPRESENTATIVENESS)}, got "
+                         f"{cfg.representativeness!r}", path)
     if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
         raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}")
     return cfg

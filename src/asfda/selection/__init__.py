@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise
+from asfda.selection.diversity import greedy_diverse_pick, k_center_greedy, kmeans_pp_pick, rank_normalise, typicality
 from asfda.selection.strategies import (
     DEFAULT_DIVERSITY,
     DIVERSITY_SPACES,
+    REPRESENTATIVENESS,
     ROUND0_GAPS,
     STRATEGIES,
     PoolScores,
@@ -16,6 +17,6 @@ from asfda.selection.strategies import (
     needs_of,
 )
 
-__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "build_strategy", "get_strategy",
+__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "REPRESENTATIVENESS", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "build_strategy", "get_strategy",
            "greedy_diverse_pick",
-           "k_center_greedy", "kmeans_pp_pick", "needs_of", "rank_normalise"]
+           "k_center_greedy", "kmeans_pp_pick", "needs_of", "rank_normalise", "typicality"]

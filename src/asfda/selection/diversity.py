@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp_pick", "rank_normalise"]
+__all__ = ["greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp_pick", "rank_normalise", "typicality"]
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
@@ -38,6 +38,27 @@ def _min_distance(unit: torch.Tensor, anchors: np.ndarray | None) -> torch.Tenso
         return None
     ua = _unit_rows(anchors)
     return (1.0 - unit @ ua.T).clamp_min(0.0).min(dim=1).values
+
+
+def typicality(vectors: np.ndarray, others: np.ndarray | None = None, k: int = 5) -> np.ndarray:
+    """TypiClust's typicality of each row of ``vectors``: 1 / mean cosine distance to its ``k`` nearest neighbours
+    among the other rows and ``others`` (e.g. the labelled volumes). High in dense regions, low for outliers.
+
+    Args:
+        vectors: ``[N, D]``; others: ``[M, D]`` or None; k: neighbours (capped at the number available).
+    """
+    unit = _unit_rows(vectors)
+    ref = unit if others is None or len(others) == 0 else torch.cat([unit, _unit_rows(others)])
+    n = unit.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    d = (1.0 - unit @ ref.T).clamp_min(0.0)
+    d[torch.arange(n), torch.arange(n)] = float("inf")  # a volume is not its own neighbour
+    k = min(k, ref.shape[0] - 1)
+    if k < 1:
+        return np.ones(n)
+    nearest = torch.topk(d, k, dim=1, largest=False).values
+    return (1.0 / (nearest.mean(dim=1) + 1e-12)).numpy()
 
 
 def greedy_diverse_pick(scores: np.ndarray, embeddings: np.ndarray, budget: int,

@@ -13,7 +13,7 @@ import numpy as np
 
 from asfda.errors import AsfdaError
 from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
-from asfda.selection.diversity import (greedy_diverse_pick, k_center_greedy, k_center_pick, kmeans_pp_pick,
+from asfda.selection.diversity import (greedy_diverse_pick, k_center_greedy, k_center_pick, kmeans_pp_pick, typicality,
                                       rank_normalise)
 
 __all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "Strategy", "build_strategy",
@@ -196,6 +196,10 @@ ROUND0_GAPS = ("feature_gap", "norm_kl")
 """asfda's round-0 divergence for networks without stored BatchNorm statistics (see `ASFDAStrategy`)."""
 
 DIVERSITY_SPACES = ("anatomy", "embedding", "none")
+REPRESENTATIVENESS = ("none", "density")
+"""asfda's representativeness term: ``none`` (METHOD.md's rule) or ``density`` (TypiClust's typicality in the
+diversity space, weighted ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while labels are few)."""
+TYPICALITY_WEIGHT0 = 0.5
 """Where asfda's greedy batch pick measures the cosine distance between volumes (see `ASFDAStrategy`)."""
 DEFAULT_DIVERSITY = "embedding"
 """The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
@@ -229,7 +233,11 @@ class ASFDAStrategy(Strategy):
     needs = ScoringNeeds(metrics={"asd"}, feature_stats=True, divergence=True)
     cold_start_ok = True
 
-    def __init__(self, alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY) -> None:
+    def __init__(self, alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY,
+                 representativeness: str = "none") -> None:
+        if representativeness not in REPRESENTATIVENESS:
+            raise AsfdaError(f"representativeness must be one of {list(REPRESENTATIVENESS)}, got {representativeness!r}")
+        self.representativeness = representativeness
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if round0_gap not in ROUND0_GAPS:
@@ -247,7 +255,8 @@ class ASFDAStrategy(Strategy):
         self.needs = needs
 
     def settings(self) -> dict:
-        return {"alpha": self.alpha, "round0_gap": self.round0_gap, "diversity": self.diversity}
+        return {"alpha": self.alpha, "round0_gap": self.round0_gap, "diversity": self.diversity,
+                "representativeness": self.representativeness}
 
     def diversity_vectors(self, pool: PoolScores) -> tuple[np.ndarray, np.ndarray | None]:
         """The pool's ``[N, K]`` vectors and the labelled anchors' ``[L, K]`` in the diversity space.
@@ -281,8 +290,16 @@ class ASFDAStrategy(Strategy):
             emb0 = np.asarray(pool.embeddings0 if pool.embeddings0 is not None else pool.embeddings, dtype=np.float64)
             kd, kd_name = _cosine_to_mean(emb0), "feature_gap"
         r_kd, r_asd = rank_normalise(kd), rank_normalise(asd)
-        return kd_name, {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
-                         "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
+        cols = {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
+                "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
+        if self.representativeness == "density" and len(pool.ids) > 1:
+            space, anchors = self.diversity_vectors(pool)
+            typ = typicality(space, anchors)
+            n_labelled = 0 if anchors is None else len(np.asarray(anchors))
+            w = TYPICALITY_WEIGHT0 / (1 + n_labelled)
+            cols.update({"typicality": typ, "rank_typicality": rank_normalise(typ),
+                         "rank_score": (1 - w) * cols["rank_score"] + w * rank_normalise(typ)})
+        return kd_name, cols
 
     def _cold_start(self, pool: PoolScores, budget: int) -> Query:
         """METHOD.md's cold start for a model without a head (no ASD): the diversity pick on the pretrained
@@ -334,11 +351,12 @@ def needs_of(names: list[str] | tuple[str, ...]) -> ScoringNeeds:
 
 
 def build_strategy(name: str, alpha: float = 0.5, round0_gap: str = "feature_gap",
-                   diversity: str = DEFAULT_DIVERSITY) -> Strategy:
-    """`get_strategy` with the run settings that only asfda reads (``alpha``, ``round0_gap``, ``diversity``)
-    passed to it."""
+                   diversity: str = DEFAULT_DIVERSITY, representativeness: str = "none") -> Strategy:
+    """`get_strategy` with the run settings that only asfda reads (``alpha``, ``round0_gap``, ``diversity``,
+    ``representativeness``) passed to it."""
     if name.strip().lower() == ASFDAStrategy.name:
-        return get_strategy(name, alpha=alpha, round0_gap=round0_gap, diversity=diversity)
+        return get_strategy(name, alpha=alpha, round0_gap=round0_gap, diversity=diversity,
+                            representativeness=representativeness)
     return get_strategy(name)
 
 

@@ -22,3 +22,19 @@ def test_largest_component_keeps_each_class_biggest_piece() -> None:
     diag = np.zeros((3, 3, 3), np.uint8)
     diag[0, 0, 0] = diag[1, 1, 1] = 1
     assert (largest_component_per_class(diag, (1,)) == 1).sum() == 2
+
+
+def test_adapter_evaluate_reports_tta_and_largest_component_dice(tmp_path, tiny_bundle) -> None:
+    """Adapter.evaluate: plain and TTA rows differ only through the logits; lcc columns are present."""
+    from asfda.io import load_dataset
+    from asfda.loop import Adapter
+    from asfda.models import load_model
+    from conftest import write_nnunet
+
+    ds = load_dataset(write_nnunet(tmp_path / "d", n=2))
+    adapter = Adapter(load_model(tiny_bundle), ds.class_names, progress=False)
+    plain = adapter.evaluate(list(ds.cases))
+    tta = adapter.evaluate(list(ds.cases), tta=True)
+    assert [r["case_id"] for r in plain] == [r["case_id"] for r in tta]
+    assert {"dice_mean", "lcc_dice_mean", "lcc_dice_liver", "lcc_dice_spleen"} <= set(plain[0])
+    assert plain[0]["dice_mean"] != tta[0]["dice_mean"] or plain[1]["dice_mean"] != tta[1]["dice_mean"]

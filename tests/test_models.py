@@ -192,3 +192,18 @@ def test_real_model_zoo_config_shape_loads_safely(tiny_bundle: Path) -> None:
     cfg["network"] = "$@network_def.to(@device)"
     (tiny_bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
     assert load_model(tiny_bundle).class_names[0] == "background"
+
+
+def test_weights_hash_covers_batchnorm_counters(tmp_path: Path) -> None:
+    """A BatchNorm network (its 0-d num_batches_tracked) hashes, and the counter is part of the hash."""
+    from asfda.models.loading import state_dict_hash
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))
+    state = net.state_dict()
+    h = state_dict_hash(state)
+    state["1.num_batches_tracked"] = torch.tensor(7)
+    assert state_dict_hash(state) != h
+    b = write_bundle(tmp_path / "b", net={"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3,
+                                         "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
+                                         "norm": "batch"})
+    assert len(load_model(b).weights_hash) == 16

@@ -99,3 +99,30 @@ def test_bf16_precision_trains_deterministically_and_fp32_weights_stay_fp32() ->
     with pytest.raises(ValueError, match="precision"):
         finetune(_tiny_net(), _vols(), dataclasses.replace(cfg, precision="fp16"), patch_size=(8, 8, 8),
                  progress=False)
+
+
+def test_restart_trains_each_round_from_the_pretrained_weights(tmp_path, tiny_bundle) -> None:
+    """train.restart: a round's model is the pretrained one fine-tuned on all labels, whatever came before; with
+    restart off, a round continues from the previous weights (METHOD.md)."""
+    import dataclasses
+
+    import torch
+
+    from asfda.io import load_dataset
+    from asfda.loop import Adapter
+    from asfda.models import load_model
+    from asfda.config import SemiConfig
+    from asfda.training import TrainConfig
+    from conftest import write_nnunet
+
+    ds = load_dataset(write_nnunet(tmp_path / "d", n=3))
+    adapter = Adapter(load_model(tiny_bundle), ds.class_names, progress=False)
+    cfg = TrainConfig(steps=2, guard=False, restart=True)
+    first = adapter.train_round(ds.cases[:1], [], cfg, SemiConfig(), 1.0)
+    after_one = adapter.current_state()
+    adapter.train_round(ds.cases[:1], [], cfg, SemiConfig(), 1.0)
+    again = adapter.current_state()
+    assert first.history["loss"] and all(torch.equal(after_one[k], again[k]) for k in after_one)  # same start, seed
+    adapter.train_round(ds.cases[:1], [], dataclasses.replace(cfg, restart=False), SemiConfig(), 1.0)
+    continued = adapter.current_state()
+    assert any(not torch.equal(after_one[k], continued[k]) for k in after_one)

@@ -53,6 +53,7 @@ class RunConfig:
     round0_gap: str = "feature_gap"  # asfda at round 0 without BatchNorm statistics: "feature_gap" or "norm_kl"
     diversity: str = DEFAULT_DIVERSITY  # asfda's batch diversity space: "anatomy" (predicted composition) or "embedding"
     representativeness: str = "none"  # asfda: "density" adds TypiClust typicality, weighted down as labels accrue
+    evaluate_tta: bool = False  # test Dice from logits averaged over flips (never left-right), as `predict --tta`
     temperature0: float = 1.0
     grow_voxels: int = 2
     class_map: str | None = None

@@ -316,11 +316,13 @@ class Adapter:
         the unlabeled volumes, the round's weights are discarded (the model is the one the round started from).
         """
         guard_cases = []
+        start_state = self.current_state() if (train.guard and unlabelled) or train.restart else None
         if train.guard and unlabelled:
             keep = set(guard_sample([c.case_id for c in unlabelled], train.guard_volumes, train.seed))
             guard_cases = [c for c in unlabelled if c.case_id in keep]
-            start_state = self.current_state()
             reference = self.plausibility(guard_cases, pretrained=True)
+        if train.restart:  # train from the pretrained weights (the frozen copy holds them, class map included)
+            self.current.load_state_dict(self.frozen.state_dict())
         hist, reliable = self._train_round(labelled, unlabelled, train, semi, temperature, scores, queried, desc)
         guard = None
         if guard_cases:
@@ -387,10 +389,12 @@ class Adapter:
         return {k: hist[k] + hist2[k] for k in hist}, reliable
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, cases: list[Case], *, pretrained: bool = False) -> list[dict]:
+    def evaluate(self, cases: list[Case], *, pretrained: bool = False, tta: bool = False) -> list[dict]:
         """Per-case Dice on each case's native grid (probabilities resampled back one class at a time, then argmax).
 
-        Each label is checked as `asfda ingest` checks it: integer values among the target's label values."""
+        Each label is checked as `asfda ingest` checks it: integer values among the target's label values. With
+        ``tta`` the logits are averaged over the engine's flips (never left-right), as `asfda predict --tta`. Each
+        row also has ``lcc_dice_*``: the Dice after cutting every organ to its largest connected component."""
         from asfda.predict import label_map_on_native_grid
         engine = self.engine_frozen if pretrained else self.engine_current
         rows = []
@@ -399,7 +403,7 @@ class Adapter:
             label, _ = read_nifti(case.label_path, dtype=np.float64)
             check_label_values(label, range(n), case.label_path)
             vol = self.prepare(case, with_label=False)
-            logits, _ = engine.run(vol.image)
+            logits, _ = engine.run(vol.image, tta=tta)
             fg = tuple(range(1, n))
             pred = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape)
             ref = torch.from_numpy(label).long()

@@ -125,7 +125,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
             raise AsfdaError(f"budget x rounds = {need} exceeds the pool of {len(pool_ids)} volumes",
                              fix="lower --budget or --rounds")
         pool_cases = [pool_ds.by_id()[i] for i in pool_ids]
-        zero = _zero_shot(adapter, test_cases, out / f"zero_shot_seed{seed}.json")
+        zero = _zero_shot(adapter, test_cases, out / f"zero_shot_seed{seed}.json", cfg.evaluate_tta)
         for name in cfg.strategies:
             adapter.load_current_state(pretrained_state)
             rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, pretrained_state, overall)
@@ -157,7 +157,8 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
     path = Path(cfg.out_dir) / UPPER_BOUND / f"seed{seed}.json"
     key = {"model": adapter.pretrained.weights_hash, "pool": [c.case_id for c in pool],
            "test": [c.case_id for c in test],
-           "train": {k: v for k, v in config_to_dict(train).items() if k not in ("guard", "guard_volumes")}}
+           "train": {k: v for k, v in _without_later_defaults(config_to_dict(train), ("train",)).items()
+                     if k not in ("guard", "guard_volumes")}, **({"evaluate_tta": True} if cfg.evaluate_tta else {})}
     per_case = None
     if path.exists():
         saved = json.loads(path.read_text())
@@ -167,7 +168,7 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
         t0 = time.perf_counter()
         adapter.finetune(pool, train, desc=f"upper bound seed{seed} ({len(pool)} labelled)")
         seconds = round(time.perf_counter() - t0, 2)
-        per_case = adapter.evaluate(test)
+        per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
         atomic_write_json(path, {"key": key, "per_case": per_case, "seconds_train": seconds, "steps": steps})
     return {"strategy": UPPER_BOUND, "seed": seed, "round": -1, "n_labelled": len(pool),
             "dice_mean": mean_of(per_case, "dice_mean"),
@@ -175,13 +176,14 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
             "steps": steps}
 
 
-def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path) -> list[dict]:
-    key = {"model": adapter.pretrained.weights_hash, "test": [c.case_id for c in test_cases]}
+def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path, tta: bool = False) -> list[dict]:
+    key = {"model": adapter.pretrained.weights_hash, "test": [c.case_id for c in test_cases],
+           **({"evaluate_tta": True} if tta else {})}
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["per_case"]
-    per_case = adapter.evaluate(test_cases, pretrained=True)
+    per_case = adapter.evaluate(test_cases, pretrained=True, tta=tta)
     atomic_write_json(path, {"key": key, "per_case": per_case})
     return per_case
 
@@ -244,7 +246,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
             desc=f"{name} seed{seed} round{r}")
         hist, reliable = trained.history, trained.reliable
         t_train = time.perf_counter() - t1
-        per_case = adapter.evaluate(test)
+        per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
         record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
                   "query_scores": query.scores, "query_components": query.components,
                   "reliable": reliable, "guard": trained.guard.to_dict() if trained.guard else None,
@@ -289,7 +291,24 @@ def _bundle_rounds(run_dir: Path) -> int:
 
 
 # settings added after runs were written, with the value those runs had: at that value they leave the fingerprint
-_LATER_SETTINGS = {("train", "augmentation"): "intensity", ("representativeness",): "none"}
+_LATER_SETTINGS = {("train", "augmentation"): "intensity", ("train", "restart"): False,
+                   ("representativeness",): "none", ("evaluate_tta",): False}
+
+
+def _without_later_defaults(cfg_dict: dict, prefix: tuple[str, ...] = ()) -> dict:
+    """``cfg_dict`` (a `config_to_dict`, or its section ``prefix``) without the `_LATER_SETTINGS` at their old
+    values: what a run written before those settings existed recorded."""
+    out = json.loads(json.dumps(cfg_dict))
+    for path, value in _LATER_SETTINGS.items():
+        if path[:len(prefix)] != prefix:
+            continue
+        *parents, key = path[len(prefix):]
+        where = out
+        for p in parents:
+            where = where.get(p, {})
+        if where.get(key, value) == value:
+            where.pop(key, None)
+    return out
 
 
 def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: list[Case], test: list[Case],
@@ -307,13 +326,7 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
                 "upper_bound", "upper_bound_steps", "report", "previews", "trust_model_code",
                 *(() if legacy else ("model", "pool", "test"))):
         keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
-    for path, value in _LATER_SETTINGS.items():
-        *parents, key = path
-        where = keep
-        for p in parents:
-            where = where.get(p, {})
-        if where.get(key, value) == value:
-            where.pop(key, None)  # at the value runs had before the setting existed: older runs still resume
+    keep = _without_later_defaults(keep)  # at the values runs had before those settings existed: they resume
     if name.strip().lower() != "asfda" or keep.get("diversity") == "embedding":
         # only asfda reads it, and runs written before the setting existed picked in the embedding space
         keep.pop("diversity", None)

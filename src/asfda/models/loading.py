@@ -81,7 +81,8 @@ def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
         v = state[k]
         h.update(k.encode())
         if isinstance(v, torch.Tensor):
-            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+            # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:16]
 
 

@@ -37,6 +37,9 @@ class TrainConfig:
     # "intensity": light global intensity changes (the original recipe); "spatial_mr": MONAI's RandAffined
     # (rotation, scaling) and MR-typical intensity transforms (bias field, gamma, noise): asfda.training.augment
     augmentation: str = "intensity"
+    # true: every round trains from the pretrained weights on every label so far; false: it continues from the
+    # previous round's weights (METHOD.md). A round the guard discards leaves the previous round's model either way
+    restart: bool = False
     freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
     # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
     # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)

@@ -1,0 +1,353 @@
+"""Bad inputs through the CLI: each is one line naming the file, the problem and the fix, exit code 2, and nothing
+written. Also the cold start (a model none of whose classes is a dataset label) reached from `asfda query`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asfda.cli import main
+from asfda.project import Project, init_project, next_query
+from conftest import write_bundle, write_nifti, write_nnunet
+
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+SHAPE = (20, 18, 12)
+N = 4
+
+
+@pytest.fixture
+def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    monkeypatch.chdir(tmp_path)  # the CLI's prepared-volume cache goes to ./.cache
+    return {"data": write_nnunet(tmp_path / "ds", n=N), "model": write_bundle(tmp_path / "bundle"), "root": tmp_path}
+
+
+def _one_line_error(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("asfda: WARNING")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "fix:" in lines[0], lines[0]
+    return lines[0]
+
+
+def _tree(*folders: Path) -> dict[str, bytes]:
+    """Every file under ``folders`` (hidden ones included), by path: what a command wrote or left. A project's
+    prepared-volume cache and its lock file (the pid of the last command) are not its state, and left out."""
+    return {str(p): p.read_bytes() for f in folders if Path(f).exists() for p in sorted(Path(f).rglob("*"))
+            if p.is_file() and p.name != ".asfda.lock" and "cache" not in p.relative_to(f).parts}
+
+
+def _argv(command: str, model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    m, d, o = str(model), str(data), str(out)
+    return {
+        "score": ["score", "--model", m, "--data", d, "--strategies", "asfda", "--out", str(out / "s.csv")],
+        "query": ["query", "--model", m, "--data", d, "--budget", "1", "--out", str(out / "q.json")],
+        "predict": ["predict", "--model", m, "--images", d, "--out", o],
+        "evaluate": ["evaluate", "--model", m, "--data", d, "--out", o],
+        "simulate": ["simulate", "--model", m, "--pool", d, "--out", o, "--strategies", "random", "--budget", "1",
+                     "--rounds", "1", "--steps", "1", "--no-upper-bound", "--no-guard"],
+        "init": ["init", o, "--model", m, "--pool", d, "--steps", "1"],
+    }[command] + list(extra) + ["--no-progress"]
+
+
+# ---------------------------------------------------------------------------------------------- constant image
+@pytest.mark.parametrize("command", ["score", "query", "predict", "evaluate", "simulate"])
+def test_a_constant_image_is_refused_before_anything_is_written(inputs: dict, command: str,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A volume whose voxels are all equal holds no anatomy (a blank export or a failed anonymisation). Scored, it
+    is the pool's most atypical volume, so asfda would ask for it first; it is refused wherever voxels are read."""
+    blank = write_nifti(inputs["data"] / "imagesTr" / "case00_0000.nii.gz", np.full(SHAPE, 7.0, np.float32), AFFINE)
+    out = inputs["root"] / "out"
+    assert main(_argv(command, inputs["model"], inputs["data"], out)) == 2
+    line = _one_line_error(capsys)
+    assert str(blank) in line and "constant" in line
+    assert not out.exists()
+
+
+def test_next_refuses_a_constant_pool_image_and_writes_no_query(inputs: dict, capsys: pytest.CaptureFixture) -> None:
+    blank = write_nifti(inputs["data"] / "imagesTr" / "case02_0000.nii.gz", np.zeros(SHAPE, np.float32), AFFINE)
+    proj = inputs["root"] / "proj"
+    assert main(_argv("init", inputs["model"], inputs["data"], proj)) == 0  # init reads headers only
+    before = _tree(proj)
+    capsys.readouterr()
+    assert main(["next", str(proj), "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert str(blank) in line and "constant" in line
+    assert _tree(proj) == before
+
+
+# ---------------------------------------------------------------------------------------------- symlinks
+def _pool_and_truth(root: Path) -> dict[str, Path]:
+    ds = write_nnunet(root / "pool", n=N)
+    shutil.move(ds / "labelsTr", root / "truth")
+    return {"pool": ds, "truth": root / "truth"}
+
+
+def test_ingest_refuses_a_labels_folder_with_a_link_to_outside(inputs: dict, capsys: pytest.CaptureFixture) -> None:
+    root = inputs["root"]
+    p = _pool_and_truth(root)
+    proj = root / "proj"
+    assert main(_argv("init", inputs["model"], p["pool"], proj)) == 0
+    ann = root / "ann"
+    ann.mkdir()
+    shutil.copyfile(p["truth"] / "case00.nii.gz", ann / "case00.nii.gz")
+    (ann / "case01.nii.gz").symlink_to(p["truth"] / "case01.nii.gz")  # points outside the labels folder
+    before = _tree(proj)
+    capsys.readouterr()
+    assert main(["ingest", str(ann), str(proj)]) == 2
+    line = _one_line_error(capsys)
+    assert str(ann / "case01.nii.gz") in line and "link" in line and str(p["truth"] / "case01.nii.gz") in line
+    assert _tree(proj) == before  # not even the good case00 was taken: nothing written
+    # a dangling link is refused alike
+    (ann / "case01.nii.gz").unlink()
+    (ann / "case01.nii.gz").symlink_to(root / "gone.nii.gz")
+    assert main(["ingest", str(ann), str(proj)]) == 2
+    assert "gone.nii.gz" in _one_line_error(capsys)
+    # a link to a file inside the folder itself is fine
+    (ann / "case01.nii.gz").unlink()
+    shutil.copyfile(p["truth"] / "case01.nii.gz", ann / "real01.nii.gz.orig")
+    (ann / "case01.nii.gz").symlink_to(ann / "real01.nii.gz.orig")
+    assert main(["ingest", str(ann), str(proj)]) == 0
+    assert sorted(Project(proj).state["labelled"]) == ["case00", "case01"]
+
+
+@pytest.mark.parametrize("where", ["image", "label", "images_folder"])
+def test_a_dataset_with_links_to_outside_is_refused(inputs: dict, where: str, capsys: pytest.CaptureFixture) -> None:
+    root, data = inputs["root"], inputs["data"]
+    elsewhere = write_nnunet(root / "elsewhere", n=1)
+    if where == "image":
+        link = data / "imagesTr" / "case01_0000.nii.gz"
+        link.unlink()
+        link.symlink_to(elsewhere / "imagesTr" / "case00_0000.nii.gz")
+    elif where == "label":
+        link = data / "labelsTr" / "case01.nii.gz"
+        link.unlink()
+        link.symlink_to(elsewhere / "labelsTr" / "case00.nii.gz")
+    else:
+        link = data / "imagesTr"
+        shutil.rmtree(link)
+        link.symlink_to(elsewhere / "imagesTr", target_is_directory=True)
+    out = root / "out"
+    for command in ("score", "evaluate"):
+        assert main(_argv(command, inputs["model"], data, out)) == 2
+        line = _one_line_error(capsys)
+        assert str(link) in line and "link" in line and "outside" in line
+    assert not out.exists()
+
+
+def test_links_into_a_folder_the_dataset_json_declares_are_read(inputs: dict, capsys: pytest.CaptureFixture) -> None:
+    """A dataset made of links (as benchmarks/cv.py's fold datasets are) says where they point, in dataset.json's
+    ``asfda_linked_from``; links there are read, links anywhere else are still refused."""
+    root, data = inputs["root"], inputs["data"]
+    linked = root / "linked"
+    (linked / "imagesTr").mkdir(parents=True)
+    (linked / "labelsTr").mkdir()
+    for i in range(N):
+        (linked / "imagesTr" / f"case{i:02d}_0000.nii.gz").symlink_to(data / "imagesTr" / f"case{i:02d}_0000.nii.gz")
+        (linked / "labelsTr" / f"case{i:02d}.nii.gz").symlink_to(data / "labelsTr" / f"case{i:02d}.nii.gz")
+    meta = json.loads((data / "dataset.json").read_text())
+    (linked / "dataset.json").write_text(json.dumps({**meta, "asfda_linked_from": str(data)}))
+    assert main(_argv("evaluate", inputs["model"], linked, root / "ev")) == 0
+    other = write_nnunet(root / "other", n=1)
+    stray = linked / "labelsTr" / "case03.nii.gz"
+    stray.unlink()
+    stray.symlink_to(other / "labelsTr" / "case00.nii.gz")
+    capsys.readouterr()
+    assert main(_argv("evaluate", inputs["model"], linked, root / "ev2")) == 2
+    assert str(stray) in _one_line_error(capsys)
+    # the declaration must be a folder path
+    (linked / "dataset.json").write_text(json.dumps({**meta, "asfda_linked_from": 3}))
+    assert main(_argv("evaluate", inputs["model"], linked, root / "ev3")) == 2
+    assert "asfda_linked_from" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------- empty / not a folder
+@pytest.mark.parametrize("kind", ["empty_folder", "empty_imagesTr", "a_file", "only_other_files"])
+def test_an_empty_dataset_is_one_line(inputs: dict, kind: str, capsys: pytest.CaptureFixture) -> None:
+    root = inputs["root"]
+    data = root / "empty"
+    data.mkdir()
+    if kind == "empty_imagesTr":
+        (data / "imagesTr").mkdir()
+        shutil.copyfile(inputs["data"] / "dataset.json", data / "dataset.json")
+    elif kind == "a_file":
+        data = inputs["data"] / "dataset.json"
+    elif kind == "only_other_files":
+        (data / "notes.txt").write_text("no images here\n")
+        (data / ".hidden.nii.gz").write_bytes(b"")
+    for command in ("score", "query", "predict", "evaluate", "simulate", "init"):
+        assert main(_argv(command, inputs["model"], data, root / "out")) == 2, command
+        line = _one_line_error(capsys)
+        assert str(data) in line, line
+        assert not (root / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- dataset.json paths
+@pytest.mark.parametrize("entry", [
+    {"training": [{"image": "../../etc/passwd", "label": "./labelsTr/case00.nii.gz"}]},
+    {"training": [{"image": "./imagesTr/case00_0000.nii.gz", "label": "/etc/passwd"}]},
+    {"test": ["./imagesTs/../../x.nii.gz"]},
+    {"dataset": {"../escape": {"images": ["imagesTr/case00_0000.nii.gz"], "label": "labelsTr/case00.nii.gz"}}},
+    {"dataset": {"case00": {"images": ["/abs/case00_0000.nii.gz"], "label": "labelsTr/case00.nii.gz"}}},
+    {"dataset": {"/abs": {"images": ["imagesTr/case00_0000.nii.gz"]}}},
+], ids=["training-image-dotdot", "training-label-absolute", "test-dotdot", "v2-case-id-dotdot", "v2-image-absolute",
+        "v2-case-id-absolute"])
+def test_dataset_json_paths_and_ids_that_leave_the_dataset_are_refused(inputs: dict, entry: dict,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    meta_path = inputs["data"] / "dataset.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **entry}))
+    for command in ("score", "evaluate", "predict"):
+        assert main(_argv(command, inputs["model"], inputs["data"], inputs["root"] / "out")) == 2
+        line = _one_line_error(capsys)
+        assert str(meta_path) in line and "outside the dataset" in line
+        assert not (inputs["root"] / "out").exists()
+
+
+def test_dataset_json_paths_inside_the_dataset_are_fine(inputs: dict) -> None:
+    meta_path = inputs["data"] / "dataset.json"
+    meta = json.loads(meta_path.read_text())
+    meta["training"] = [{"image": f"./imagesTr/case{i:02d}.nii.gz", "label": f"./labelsTr/case{i:02d}.nii.gz"}
+                        for i in range(N)]
+    meta_path.write_text(json.dumps(meta))
+    assert main(_argv("evaluate", inputs["model"], inputs["data"], inputs["root"] / "ev")) == 0
+
+
+# ---------------------------------------------------------------------------------------------- budget vs pool
+def test_query_budget_larger_than_the_pool_names_the_pool_size(inputs: dict, capsys: pytest.CaptureFixture) -> None:
+    out = inputs["root"] / "out"
+    assert main(["query", "--model", str(inputs["model"]), "--data", str(inputs["data"]), "--budget", "99",
+                 "--out", str(out / "q.json"), "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert "budget 99" in line and f"({N} volumes)" in line
+    assert not out.exists()
+
+
+def test_init_budget_larger_than_the_pool_is_refused(inputs: dict, capsys: pytest.CaptureFixture) -> None:
+    proj = inputs["root"] / "proj"
+    assert main(_argv("init", inputs["model"], inputs["data"], proj, "--budget", "99")) == 2
+    line = _one_line_error(capsys)
+    assert "budget 99" in line and f"{N} cases" in line and "--budget" in line
+    assert not proj.exists() and not [p for p in inputs["root"].iterdir() if p.name.startswith(".proj")]
+
+
+def test_simulate_budget_larger_than_the_pool_is_refused_before_writing(inputs: dict,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    out = inputs["root"] / "out"
+    assert main(_argv("simulate", inputs["model"], inputs["data"], out)[:-1] + ["--budget", "99", "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert "99" in line and "pool of 3 volumes" in line  # 4 cases: 1 test, 3 pool
+    assert not out.exists()
+
+
+def test_next_offers_what_is_left_when_fewer_than_the_budget(inputs: dict, capsys: pytest.CaptureFixture) -> None:
+    from asfda.project import ProjectSettings, ingest_labels
+    from asfda.training import TrainConfig
+
+    root = inputs["root"]
+    p = _pool_and_truth(root)
+    proj = root / "proj"
+    init_project(proj, str(inputs["model"]), str(p["pool"]), ProjectSettings(budget=3, device="cpu",
+                                                                             train=TrainConfig(steps=1)))
+    q0 = next_query(proj, progress=False)
+    assert len(q0["ids"]) == 3
+    ann = root / "ann"
+    ann.mkdir()
+    for cid in q0["ids"]:
+        shutil.copyfile(p["truth"] / f"{cid}.nii.gz", ann / f"{cid}.nii.gz")
+    ingest_labels(proj, ann)
+    capsys.readouterr()
+    assert main(["finetune", str(proj), "--no-progress", ]) == 0
+    capsys.readouterr()
+    assert main(["next", str(proj), "--no-progress"]) == 0  # one case left, the budget is 3: that one is offered
+    out = capsys.readouterr().out
+    q1 = Project(proj).state["query"]
+    assert len(q1["ids"]) == 1 and q1["ids"][0] not in q0["ids"]
+    assert "only 1 unlabeled case is left" in out
+    shutil.copyfile(p["truth"] / f"{q1['ids'][0]}.nii.gz", ann / f"{q1['ids'][0]}.nii.gz")
+    ingest_labels(proj, ann)
+    assert main(["finetune", str(proj), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["next", str(proj), "--no-progress"]) == 2  # nothing left
+    line = _one_line_error(capsys)
+    assert "every one of the 4 pool cases is labelled" in line
+
+
+# ---------------------------------------------------------------------------------------------- cold start
+@pytest.fixture
+def foreign_model(tmp_path: Path) -> Path:
+    """A model none of whose classes is a label of the tiny dataset (liver, spleen)."""
+    return write_bundle(tmp_path / "foreign", class_names=("background", "kidney", "lung"))
+
+
+@pytest.mark.parametrize("strategy", ["asfda", "coreset", "random"])
+def test_query_with_a_model_matching_no_class_is_the_cold_start(inputs: dict, foreign_model: Path, strategy: str,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    out = inputs["root"] / "q.json"
+    assert main(["query", "--model", str(foreign_model), "--data", str(inputs["data"]), "--strategy", strategy,
+                 "--budget", "2", "--out", str(out), "--no-progress"]) == 0
+    rec = json.loads(out.read_text())
+    assert len(rec["ids"]) == 2 and rec["cold_start"] is True
+    assert rec["class_map"] == {"background": "background", "liver": None, "spleen": None}
+    if strategy == "asfda":
+        assert all(c["cold_start"] == 1.0 and "asd" not in c for c in rec["components"].values())
+    assert "cold start" in capsys.readouterr().out  # said, not silent
+
+
+def test_cold_start_query_matches_the_python_api(inputs: dict, foreign_model: Path) -> None:
+    """The CLI's cold-start pick is the strategy's `_cold_start` on the pretrained embeddings of the pool."""
+    from asfda.io import load_dataset
+    from asfda.loop import Adapter
+    from asfda.models import load_model
+    from asfda.selection import get_strategy
+
+    out = inputs["root"] / "q.json"
+    assert main(["query", "--model", str(foreign_model), "--data", str(inputs["data"]), "--budget", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    ds = load_dataset(inputs["data"])
+    adapter = Adapter(load_model(foreign_model), ds.class_names, cache_dir=None, progress=False, cold_start_ok=True)
+    assert adapter.cold_start
+    pool = adapter.pool_scores(list(ds.cases), [], 1.0, 0)
+    assert json.loads(out.read_text())["ids"] == get_strategy("asfda").select(pool, 3, 0).ids
+
+
+@pytest.mark.parametrize("strategy", ["enpy", "asd", "bald", "tta", "badge", "mc_entropy"])
+def test_strategies_that_read_predictions_refuse_the_cold_start_before_scoring(
+        inputs: dict, foreign_model: Path, strategy: str, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from asfda.loop import Adapter
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the pool was scored before the strategy was refused")
+
+    monkeypatch.setattr(Adapter, "score_pool", boom)
+    out = inputs["root"] / "q.json"
+    assert main(["query", "--model", str(foreign_model), "--data", str(inputs["data"]), "--strategy", strategy,
+                 "--budget", "1", "--out", str(out), "--no-progress"]) == 2
+    line = _one_line_error(capsys)
+    assert strategy in line and "no output for any" in line and "asfda" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["score", "predict", "evaluate", "simulate", "init"])
+def test_other_commands_refuse_a_model_matching_no_class(inputs: dict, foreign_model: Path, command: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    out = inputs["root"] / "out"
+    assert main(_argv(command, foreign_model, inputs["data"], out)) == 2
+    line = _one_line_error(capsys)
+    assert "no dataset label" in line and "--class-map" in line and "asfda query" in line
+    assert not out.exists()
+
+
+def test_one_matching_class_keeps_the_name_match(inputs: dict, tmp_path: Path) -> None:
+    """At least one class matches: as before, the others get new output channels, and no cold start."""
+    partial = write_bundle(tmp_path / "partial", class_names=("background", "liver", "lung"))
+    out = inputs["root"] / "q.json"
+    assert main(["query", "--model", str(partial), "--data", str(inputs["data"]), "--strategy", "enpy",
+                 "--budget", "1", "--out", str(out), "--no-progress"]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["cold_start"] is False and rec["class_map"] == {"background": "background", "liver": "liver",
+                                                               "spleen": None}

@@ -187,6 +187,7 @@ def _done_items(out: Path, strategies: Sequence[str], seeds: Sequence[int]) -> s
 def run_fold(k: int, model: str | Path, pool: str | Path, test: str | Path, out_dir: str | Path, *,
              strategies: Sequence[str] = ("asfda", "random"), seeds: Sequence[int] = (0, 1), rounds: int = 4,
              steps: int = 200, precision: str = "bf16", augmentation: str = "intensity", threads: int = 0,
+             restart: bool = False, evaluate_tta: bool = False, representativeness: str = "none",
              upper_bound: bool = True, upper_bound_steps: int = 1000,
              cache_dir: str | Path | None = None, progress: bool = False, report: bool = True,
              command: str = "", machine_line: str | None = None, commit: str | None = None):
@@ -203,8 +204,9 @@ def run_fold(k: int, model: str | Path, pool: str | Path, test: str | Path, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig(model=str(model), pool=str(pool), test=str(test), strategies=list(strategies),
                     seeds=list(seeds), budget=1, rounds=rounds,
-                    train=TrainConfig(steps=steps, batch_size=2, precision=precision, augmentation=augmentation),
-                    threads=threads,
+                    train=TrainConfig(steps=steps, batch_size=2, precision=precision, augmentation=augmentation,
+                                      restart=restart),
+                    threads=threads, evaluate_tta=evaluate_tta, representativeness=representativeness,
                     upper_bound=upper_bound, upper_bound_steps=upper_bound_steps, report=report,
                     out_dir=str(out_dir), cache_dir=str(cache_dir or REPO / ".cache"), progress=progress)
     before = _done_items(out_dir, strategies, seeds)
@@ -572,6 +574,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--augmentation", default="intensity", help="training augmentation (asfda.training.augment): "
                     "intensity (default), spatial_mr or none")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--restart", action="store_true", help="each round trains from the pretrained weights on every "
+                    "label so far (default: continue from the previous round)")
+    ap.add_argument("--evaluate-tta", action="store_true", help="test Dice with flip test-time augmentation")
+    ap.add_argument("--representativeness", default="none", choices=["none", "density"],
+                    help="asfda's typicality term (default: none, METHOD.md's rule)")
     ap.add_argument("--upper-bound-steps", type=int, default=1000)
     ap.add_argument("--no-upper-bound", action="store_true")
     ap.add_argument("--no-report", action="store_true", help="skip each fold's report.html (and its previews)")
@@ -599,7 +606,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"fold {k}/{args.folds}: test {', '.join(assignment[k])}", file=sys.stderr, flush=True)
             run_fold(k, args.model, *dirs[k], out / f"fold{k}", strategies=strategies, seeds=seeds,
                      rounds=args.rounds, steps=args.steps, precision=args.precision,
-                     augmentation=args.augmentation, threads=args.threads,
+                     augmentation=args.augmentation, threads=args.threads, restart=args.restart,
+                     evaluate_tta=args.evaluate_tta, representativeness=args.representativeness,
                      upper_bound=not args.no_upper_bound, upper_bound_steps=args.upper_bound_steps,
                      cache_dir=args.cache_dir, progress=sys.stderr.isatty(), report=not args.no_report,
                      command=command, machine_line=where, commit=version)

@@ -67,18 +67,10 @@ def per_class_scores(dice: torch.Tensor, class_names: list[str], prefix: str = "
 def largest_component_per_class(label: np.ndarray, classes: list[int] | tuple[int, ...]) -> np.ndarray:
     """``label`` with every class of ``classes`` cut to its largest 26-connected component (the rest set to
     background): nnU-Net's per-class post-processing, for organs that come in one piece."""
-    from scipy import ndimage
+    from asfda.training.guard import largest_component
 
     out = np.array(label, copy=True)
-    structure = np.ones((3, 3, 3), dtype=bool)
     for c in classes:
         mask = label == c
-        if not mask.any():
-            continue
-        comps, n = ndimage.label(mask, structure=structure)
-        if n <= 1:
-            continue
-        sizes = np.bincount(comps.ravel())
-        sizes[0] = 0
-        out[mask & (comps != int(sizes.argmax()))] = 0
+        out[mask & ~largest_component(mask)] = 0
     return out

@@ -23,7 +23,27 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["GuardResult", "anatomical_plausibility", "discards", "guard_sample", "largest_component_fractions"]
+__all__ = ["GuardResult", "anatomical_plausibility", "discards", "guard_sample", "largest_component",
+           "largest_component_fractions"]
+
+_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean 3D mask (labelled inside the mask's bounding box: fewer
+    voxels to label); an empty mask gives an empty one."""
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    sl = ndimage.find_objects(mask.astype(np.uint8))[0]
+    comp, n = ndimage.label(mask[sl], structure=_STRUCTURE)
+    if n <= 1:
+        out[sl] = mask[sl]
+        return out
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    out[sl] = comp == int(sizes.argmax())
+    return out
 
 
 def largest_component_fractions(label_map: torch.Tensor | np.ndarray, n_classes: int) -> np.ndarray:
@@ -35,16 +55,12 @@ def largest_component_fractions(label_map: torch.Tensor | np.ndarray, n_classes:
     lab = label_map.cpu().numpy() if isinstance(label_map, torch.Tensor) else np.asarray(label_map)
     if lab.ndim != 3:
         raise ValueError(f"expected a 3D label map, got shape {lab.shape}")
-    structure = np.ones((3, 3, 3), dtype=bool)
     out = np.zeros(n_classes - 1, dtype=np.float64)
     for c in range(1, n_classes):
         mask = lab == c
         total = int(mask.sum())
-        if total == 0:
-            continue
-        sl = ndimage.find_objects(mask.astype(np.uint8))[0]  # the class's bounding box: fewer voxels to label
-        comp, n = ndimage.label(mask[sl], structure=structure)
-        out[c - 1] = np.bincount(comp.ravel())[1:].max() / total if n > 1 else 1.0
+        if total:
+            out[c - 1] = largest_component(mask).sum() / total
     return out
 
 

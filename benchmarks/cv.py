@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine, when impor
 from _machine import code_version, machine  # noqa: E402
 
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset  # noqa: E402
+from asfda.io.datasets import LINKED_FROM_KEY  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 UPPER = "upper_bound"
@@ -78,8 +79,10 @@ def _link(dst: Path, target: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _write_dataset(folder: Path, meta: dict, cases: list, ending: str) -> Path:
-    """One nnU-Net raw dataset of symlinks: dataset.json (numTraining adjusted) + imagesTr/labelsTr links."""
+def _write_dataset(folder: Path, meta: dict, cases: list, ending: str, source: Path) -> Path:
+    """One nnU-Net raw dataset of symlinks: dataset.json (numTraining adjusted, the ``source`` dataset the links
+    point into named as ``asfda_linked_from``, without which asfda refuses links to outside a dataset) +
+    imagesTr/labelsTr links."""
     want = {"imagesTr": {f"{c.case_id}_0000{ending}": c.image_path for c in cases},
             "labelsTr": {f"{c.case_id}{ending}": c.label_path for c in cases}}
     for sub, files in want.items():
@@ -93,7 +96,7 @@ def _write_dataset(folder: Path, meta: dict, cases: list, ending: str) -> Path:
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
-    meta = dict(meta, numTraining=len(cases))
+    meta = dict(meta, numTraining=len(cases), **{LINKED_FROM_KEY: str(Path(source).resolve())})
     if isinstance(meta.get("training"), list):  # nnU-Net v1 style case list
         keep = {c.case_id for c in cases}
         meta["training"] = [t for t in meta["training"] if isinstance(t, dict)
@@ -126,8 +129,8 @@ def make_fold_datasets(data: str | Path, assignment: Sequence[Sequence[str]], ro
     for k in (range(len(assignment)) if folds is None else folds):
         test = set(assignment[k])
         pool_dir = _write_dataset(root / f"fold{k}" / "pool", meta,
-                                  [by_id[i] for i in sorted(by_id) if i not in test], ending)
-        test_dir = _write_dataset(root / f"fold{k}" / "test", meta, [by_id[i] for i in sorted(test)], ending)
+                                  [by_id[i] for i in sorted(by_id) if i not in test], ending, data)
+        test_dir = _write_dataset(root / f"fold{k}" / "test", meta, [by_id[i] for i in sorted(test)], ending, data)
         out[k] = (pool_dir, test_dir)
     return out
 
@@ -188,6 +191,7 @@ def run_fold(k: int, model: str | Path, pool: str | Path, test: str | Path, out_
              strategies: Sequence[str] = ("asfda", "random"), seeds: Sequence[int] = (0, 1), rounds: int = 4,
              steps: int = 200, precision: str = "bf16", augmentation: str = "intensity", threads: int = 0,
              restart: bool = False, evaluate_tta: bool = False, representativeness: str = "none",
+             hold_back: bool = False,
              upper_bound: bool = True, upper_bound_steps: int = 1000,
              cache_dir: str | Path | None = None, progress: bool = False, report: bool = True,
              command: str = "", machine_line: str | None = None, commit: str | None = None):
@@ -205,7 +209,7 @@ def run_fold(k: int, model: str | Path, pool: str | Path, test: str | Path, out_
     cfg = RunConfig(model=str(model), pool=str(pool), test=str(test), strategies=list(strategies),
                     seeds=list(seeds), budget=1, rounds=rounds,
                     train=TrainConfig(steps=steps, batch_size=2, precision=precision, augmentation=augmentation,
-                                      restart=restart),
+                                      restart=restart, hold_back_discarded=hold_back),
                     threads=threads, evaluate_tta=evaluate_tta, representativeness=representativeness,
                     upper_bound=upper_bound, upper_bound_steps=upper_bound_steps, report=report,
                     out_dir=str(out_dir), cache_dir=str(cache_dir or REPO / ".cache"), progress=progress)
@@ -577,6 +581,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--restart", action="store_true", help="each round trains from the pretrained weights on every "
                     "label so far (default: continue from the previous round)")
     ap.add_argument("--evaluate-tta", action="store_true", help="test Dice with flip test-time augmentation")
+    ap.add_argument("--hold-back", action="store_true", help="leave a volume whose round the guard discarded out of "
+                    "training until 3 other labels exist (train.hold_back_discarded)")
     ap.add_argument("--representativeness", default="none", choices=["none", "density"],
                     help="asfda's typicality term (default: none, METHOD.md's rule)")
     ap.add_argument("--upper-bound-steps", type=int, default=1000)
@@ -608,6 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
                      rounds=args.rounds, steps=args.steps, precision=args.precision,
                      augmentation=args.augmentation, threads=args.threads, restart=args.restart,
                      evaluate_tta=args.evaluate_tta, representativeness=args.representativeness,
+                     hold_back=args.hold_back,
                      upper_bound=not args.no_upper_bound, upper_bound_steps=args.upper_bound_steps,
                      cache_dir=args.cache_dir, progress=sys.stderr.isatty(), report=not args.no_report,
                      command=command, machine_line=where, commit=version)

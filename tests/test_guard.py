@@ -140,3 +140,20 @@ def test_guard_leaves_out_new_target_classes(tmp_path: Path) -> None:
     adapter = Adapter(load_model(bundle), ds.class_names, progress=False)
     assert adapter.class_map.new_classes == ["spleen"]
     assert adapter._guard_classes() == [1]
+
+
+def test_held_back_blames_the_volumes_a_discarded_round_added() -> None:
+    from asfda.training.guard import held_back
+
+    # round 0 trained on the outlier alone and was discarded: it stays out while < 3 other labels exist
+    assert held_back(["o", "a"], [(["o"], True)]) == ["o"]
+    assert held_back(["o", "a", "b"], [(["o"], True), (["a"], False)]) == ["o"]
+    # with 3 others it rejoins; a kept round clears nothing, a second discarded round keeps it out for good
+    hist = [(["o"], True), (["a"], False), (["a", "b"], False)]
+    assert held_back(["o", "a", "b", "c"], hist) == []
+    hist2 = hist + [(["a", "b", "c", "o"], True)]  # o and c were new to training in the discarded round
+    assert held_back(["o", "a", "b", "c", "d"], hist2) == ["o"]  # o blamed twice; c once, with 3 unblamed others
+    assert held_back(["o", "a", "b", "c"], hist2) == ["c", "o"]  # c once, with only 2 unblamed others
+    # only volumes new to training since the last kept round are blamed
+    assert held_back(["a", "b"], [(["a"], False), (["a", "b"], True)]) == ["b"]
+    assert held_back(["a", "b"], []) == []

@@ -372,3 +372,30 @@ def test_asfda_runs_from_before_the_diversity_setting_resume_only_in_the_embeddi
         run_simulation(cfg)
     cfg.diversity, cfg.rounds = "embedding", 2
     assert max(r["n_labelled"] for r in run_simulation(cfg).rows if r["strategy"] == "asfda") == 2
+
+
+def test_hold_back_leaves_a_discarded_rounds_volume_out_of_the_next_rounds(tmp_path: Path, tiny_bundle: Path,
+                                                                            monkeypatch) -> None:
+    """train.hold_back_discarded: round 0 discarded -> round 1 trains without round 0's pick (label kept)."""
+    import asfda.loop
+
+    verdicts = iter([True, False, False])
+    monkeypatch.setattr(asfda.loop, "discards", lambda p0, p1: next(verdicts))
+    trained_on: list[list[str]] = []
+    real = Adapter.finetune
+
+    def spy(self, labelled, cfg, *a, **k):
+        trained_on.append(sorted(c.case_id for c in labelled))
+        return real(self, labelled, cfg, *a, **k)
+
+    monkeypatch.setattr(Adapter, "finetune", spy)
+    data = write_nnunet(tmp_path / "ds", n=7)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.strategies, cfg.upper_bound, cfg.rounds = ["random"], False, 3
+    cfg.train.hold_back_discarded = True
+    res = run_simulation(cfg)
+    rounds = json.loads((res.out_dir / "random" / "seed0" / "state.json").read_text())["rounds"]
+    first = rounds[0]["queried"][0]
+    assert [r["held_back"] for r in rounds] == [[], [first], [first]]
+    assert trained_on[1] == sorted(rounds[1]["trained_ids"]) and first not in trained_on[1]
+    assert rounds[2]["n_labelled"] == 3 and first not in rounds[2]["trained_ids"]

@@ -326,6 +326,10 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
     elif args.command == "next":
         q = prj.next_query(args.project, progress=progress, force=args.force)
         root = prj.Project(args.project).root
+        if q.get("budget") is not None and len(q["ids"]) < q["budget"]:
+            left = len(q["ids"])
+            print(f"only {left} unlabeled case{' is' if left == 1 else 's are'} left, fewer than the budget "
+                  f"{q['budget']}: this round asks for {'it' if left == 1 else 'all of them'}")
         print(f"round {q['round']}: annotate these {len(q['ids'])} cases ({q['strategy']}, T={q['temperature']:.3g}):")
         for cid in q["ids"]:
             comps = ", ".join(f"{k}={v:.3g}" for k, v in q["components"].get(cid, {}).items())
@@ -364,6 +368,12 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
                       f"{', '.join(q['missing_labels']) or 'none'}")
             if st["labelled_not_trained"]:
                 print(f"labelled, not yet trained on: {', '.join(st['labelled_not_trained'])}")
+            for d in st.get("discarded_rounds", []):
+                print(f"round {d['round']} was discarded by the guard (organs more fragmented than the pretrained "
+                      f"model's: plausibility {d.get('plausibility_adapted', float('nan')):.3f} < "
+                      f"{d.get('plausibility_pretrained', float('nan')):.3f}); new labels then: {', '.join(d['new_ids']) or 'none'}")
+            if st.get("held_back"):
+                print(f"held back from training (their labels are kept): {', '.join(st['held_back'])}")
             print(f"next: {st['next']}")
     return 0
 

@@ -40,6 +40,7 @@ from asfda.io.datasets import Case, Dataset
 from asfda.io.labels import check_label, label_case_id, label_files
 from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.training import TrainConfig
+from asfda.training.guard import held_back
 
 __all__ = ["PROJECT_FILE", "Project", "ProjectSettings", "finetune_project", "ingest_labels", "init_project",
            "next_query", "project_lock", "project_status"]
@@ -333,6 +334,9 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
                          "choose a new or empty project folder")
     loaded = load_model(model, allow_code=settings.trust_model_code)
     ds = load_dataset(pool)
+    if settings.budget > len(ds.cases):
+        raise AsfdaError(f"budget {settings.budget} is larger than the pool ({len(ds.cases)} cases)", pool,
+                         f"pass --budget {len(ds.cases)} or less, or add cases to the pool")
     refuse_output_inside_inputs(root, {"the pool": dataset_input_folders(ds)}, flag="project folder")
     if labels_json:
         from asfda.io.datasets import parse_labels
@@ -425,14 +429,16 @@ def _new_query(project: Project, progress: bool) -> dict:
     adapter = project.adapter(progress)
     labelled = project.labelled_cases(ds)
     unlabelled = [c for c in ds.cases if c.case_id not in project.state["labelled"]]
-    if len(unlabelled) < s.budget:
-        raise AsfdaError(f"only {len(unlabelled)} unlabeled cases are left, fewer than the budget {s.budget}",
-                         project.root, "lower settings.budget in project.json, or add cases to the pool")
+    if not unlabelled:
+        raise AsfdaError(f"every one of the {len(ds.cases)} pool cases is labelled: there is nothing left to query",
+                         project.root, "run `asfda finetune` if the last labels are not trained on yet, or add cases "
+                         "to the pool")
+    budget = min(s.budget, len(unlabelled))  # fewer left than the budget: the last round asks for all of them
     t0 = time.perf_counter()
     strategy = build_strategy(s.strategy, s.alpha, s.round0_gap, s.diversity, s.representativeness)
     temp, scores = adapter.round_scores(strategy, labelled, unlabelled, s.temperature0, r, s.seed * 1000 + r,
                                         s.grow_voxels)
-    query = strategy.select(scores, s.budget, s.seed * 1000 + r)
+    query = strategy.select(scores, budget, s.seed * 1000 + r)
     folder = project.root / "annotate" / f"round{r}"
     by_id = ds.by_id()
     images = folder / "images"
@@ -449,7 +455,8 @@ def _new_query(project: Project, progress: bool) -> dict:
     record = {"round": r, "strategy": query.strategy, "ids": query.ids, "scores": query.scores,
               "components": query.components, "strategy_settings": strategy.settings(),
               "temperature": temp.temperature, "ece_before": temp.ece_before, "ece_after": temp.ece_after, "seconds": round(time.perf_counter() - t0, 2),
-              "folder": str(folder.relative_to(project.root)), "created": _now()}
+              "folder": str(folder.relative_to(project.root)), "created": _now(), "budget": s.budget,
+              "unlabelled_left": len(unlabelled)}
     atomic_write_json(folder / "query.json", record)
     atomic_write_text(folder / "cases.txt", "\n".join(query.ids) + "\n")
     values = ", ".join(f"{v} = {n}" for n, v in sorted(project.state["labels"].items(), key=lambda kv: kv[1]))
@@ -549,7 +556,11 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
         temp, _ = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
         unlabelled = [c for c in ds.cases if c.case_id not in current]
         train = dataclasses.replace(s.train, seed=s.seed * 1000 + r)
-        result = adapter.train_round(labelled, unlabelled, train, s.semi, temp.temperature, desc=f"round {r}")
+        held = held_back(sorted(current), [(rec.get("trained_ids", rec["labelled_ids"]),
+                                            bool((rec.get("guard") or {}).get("reverted")))
+                                           for rec in project.state["rounds"]]) if train.hold_back_discarded else []
+        result = adapter.train_round([c for c in labelled if c.case_id not in held], unlabelled, train, s.semi,
+                                     temp.temperature, desc=f"round {r}")
         hist, reliable = result.history, result.reliable
         weights = f"weights/round{r}.safetensors"
         atomic_write(project.root / weights, lambda p: save_file(adapter.current_state(), str(p)))
@@ -557,6 +568,7 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
             "project": str(project.root), "round": r, "labelled": sorted(current),
             "guard": result.guard.to_dict() if result.guard else None})  # guard["reverted"]: weights as before r
         record = {"round": r, "labelled_ids": sorted(current), "label_sha256": current,
+                  "trained_ids": sorted(set(current) - set(held)), "held_back": held,
                   "new_ids": sorted(set(current) - trained), "temperature": temp.temperature,
                   "ece_before": temp.ece_before, "ece_after": temp.ece_after, "steps": train.steps,
                   "loss_final": float(np.mean(hist["loss"][-10:])), "reliable": reliable,
@@ -594,6 +606,10 @@ def project_status(root: str | Path) -> dict:
     if st["rounds"]:
         last = st["rounds"][-1]
         out["last_round"] = {k: last.get(k) for k in ("round", "seconds", "loss_final", "temperature", "finished")}
+        out["discarded_rounds"] = [
+            {"round": rec["round"], "new_ids": rec.get("new_ids", []), **(rec.get("guard") or {})}
+            for rec in st["rounds"] if (rec.get("guard") or {}).get("reverted")]
+        out["held_back"] = last.get("held_back", [])
     if q and out["pending_query"]["missing_labels"]:
         out["next"] = f"annotate {q['folder']}, then `asfda ingest LABELS_DIR {project.root}`"
     elif out["labelled_not_trained"]:

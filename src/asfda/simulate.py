@@ -29,6 +29,7 @@ from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_inp
 from asfda.loop import Adapter, PoolState, mean_of
 from asfda.models import load_model, parse_class_map_override
 from asfda.selection import build_strategy
+from asfda.training.guard import held_back
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None
     refuse_output_inside_inputs(out, {"the pool": dataset_input_folders(pool_ds),
                                       "the test set": dataset_input_folders(test_ds) if test_ds else None})
-    out.mkdir(parents=True, exist_ok=True)
     if test_ds is not None:
         if test_ds.labels != pool_ds.labels:
             raise AsfdaError(f"test labels {test_ds.labels} differ from the pool's {pool_ds.labels}",
@@ -102,8 +102,14 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
         overlap = set(pool_ds.by_id()) & set(test_ds.by_id())
         if overlap:
             raise AsfdaError(f"case ids {sorted(overlap)[:5]} are in both the pool and the test set", cfg.test)
+    splits = {seed: _split(cfg, pool_ds, test_ds, seed) for seed in cfg.seeds}  # budget checked: nothing written yet
     adapter = Adapter(pretrained, pool_ds.class_names, class_map_override=parse_class_map_override(cfg.class_map),
                       cache_dir=cfg.cache_dir, device=cfg.device, progress=cfg.progress)
+    # every image is read once before anything is written (a constant one is refused); with a cache this is the
+    # preparation the rounds would do anyway
+    for case in [*pool_ds.cases, *(test_ds.cases if test_ds is not None else ())]:
+        adapter.prepare(case, with_label=False)
+    out.mkdir(parents=True, exist_ok=True)
     pretrained_state = adapter.current_state()
     atomic_write_json(out / "run.json", {
         "config": config_to_dict(cfg), "versions": _versions(), "model_weights_sha256_16": pretrained.weights_hash,
@@ -114,17 +120,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     overall = tqdm(total=len(cfg.seeds) * len(cfg.strategies) * cfg.rounds, desc="rounds", unit="round",
                    disable=not cfg.progress, dynamic_ncols=True)
     for seed in cfg.seeds:
-        if test_ds is None:
-            pool_ids, test_ids = split_pool(list(pool_ds.by_id()), cfg.test_fraction, seed)
-            test_cases = [pool_ds.by_id()[i] for i in test_ids]
-        else:
-            pool_ids = sorted(pool_ds.by_id())
-            test_cases = list(test_ds.cases)
-        need = cfg.budget * cfg.rounds
-        if need > len(pool_ids):
-            raise AsfdaError(f"budget x rounds = {need} exceeds the pool of {len(pool_ids)} volumes",
-                             fix="lower --budget or --rounds")
-        pool_cases = [pool_ds.by_id()[i] for i in pool_ids]
+        pool_cases, test_cases = splits[seed]
         zero = _zero_shot(adapter, test_cases, out / f"zero_shot_seed{seed}.json", cfg.evaluate_tta)
         for name in cfg.strategies:
             adapter.load_current_state(pretrained_state)
@@ -142,6 +138,24 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
 
         write_run_report(out, adapter, pool_ds, cfg, summary, rows)
     return SimulationResult(out, rows, summary)
+
+
+def _split(cfg: RunConfig, pool_ds, test_ds, seed: int) -> tuple[list[Case], list[Case]]:
+    """One seed's pool and test cases (a seeded split of the pool when there is no test set); refuses a budget the
+    pool cannot give for every round."""
+    by_id = pool_ds.by_id()
+    if test_ds is None:
+        pool_ids, test_ids = split_pool(list(by_id), cfg.test_fraction, seed)
+        test_cases = [by_id[i] for i in test_ids]
+    else:
+        pool_ids = sorted(by_id)
+        test_cases = list(test_ds.cases)
+    need = cfg.budget * cfg.rounds
+    if need > len(pool_ids):
+        split = f" ({len(test_cases)} of its {len(by_id)} cases are the test set)" if test_ds is None else ""
+        raise AsfdaError(f"budget x rounds = {cfg.budget} x {cfg.rounds} = {need} exceeds the pool of {len(pool_ids)} "
+                         f"volumes{split}", cfg.pool, f"lower --budget or --rounds to at most {len(pool_ids)} in all")
+    return [by_id[i] for i in pool_ids], test_cases
 
 
 UPPER_BOUND = "upper_bound"
@@ -239,15 +253,18 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         query = strategy.select(scores, cfg.budget, seed * 1000 + r)
         t_score = time.perf_counter() - t0
         state.add(query.ids, r)
+        held = held_back(state.labelled_ids(), _trained_history(rounds)) if cfg.train.hold_back_discarded else []
         t1 = time.perf_counter()
         trained = adapter.train_round(
-            [by_id[i] for i in state.labelled_ids()], [by_id[i] for i in state.unlabelled(sorted(by_id))],
+            [by_id[i] for i in state.labelled_ids() if i not in held],
+            [by_id[i] for i in state.unlabelled(sorted(by_id))],
             _round_train_config(cfg, seed, r), cfg.semi, temp.temperature, scores, query.ids,
             desc=f"{name} seed{seed} round{r}")
         hist, reliable = trained.history, trained.reliable
         t_train = time.perf_counter() - t1
         per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
         record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
+                  "trained_ids": [i for i in state.labelled_ids() if i not in held], "held_back": held,
                   "query_scores": query.scores, "query_components": query.components,
                   "reliable": reliable, "guard": trained.guard.to_dict() if trained.guard else None,
                   "temperature": temp.temperature, "ece_before": temp.ece_before,
@@ -292,6 +309,7 @@ def _bundle_rounds(run_dir: Path) -> int:
 
 # settings added after runs were written, with the value those runs had: at that value they leave the fingerprint
 _LATER_SETTINGS = {("train", "augmentation"): "intensity", ("train", "restart"): False,
+                   ("train", "hold_back_discarded"): False,
                    ("representativeness",): "none", ("evaluate_tta",): False}
 
 
@@ -335,6 +353,16 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
                        "pool": [c.case_id for c in pool], "test": [c.case_id for c in test], **content},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _trained_history(rounds: list[dict]) -> list[tuple[list[str], bool]]:
+    """(ids trained on, discarded by the guard) of each finished round; rounds recorded before ``trained_ids``
+    existed trained on every label so far."""
+    out, labelled = [], []
+    for rec in rounds:
+        labelled = labelled + list(rec.get("queried", []))
+        out.append((rec.get("trained_ids", labelled), bool((rec.get("guard") or {}).get("reverted"))))
+    return out
 
 
 def _round_train_config(cfg: RunConfig, seed: int, r: int):

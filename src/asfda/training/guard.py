@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["GuardResult", "anatomical_plausibility", "discards", "guard_sample", "largest_component",
-           "largest_component_fractions"]
+__all__ = ["HOLD_BACK_MIN_OTHERS", "GuardResult", "anatomical_plausibility", "discards", "guard_sample", "held_back",
+           "largest_component", "largest_component_fractions"]
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -111,3 +111,31 @@ class GuardResult:
                 f"{len(self.cases)} unlabeled volumes (plausibility {self.plausibility_adapted:.3f} < "
                 f"{self.plausibility_pretrained:.3f}), so the round's weights were discarded and the model "
                 f"is the one the round started from; label more volumes and train again")
+
+
+HOLD_BACK_MIN_OTHERS = 3
+"""A volume blamed for one discarded round rejoins training once this many other labelled volumes exist."""
+
+
+def held_back(labelled: list[str], rounds: list[tuple[list[str], bool]],
+              min_others: int = HOLD_BACK_MIN_OTHERS) -> list[str]:
+    """The labelled ids to leave out of the next round's training (their labels are kept).
+
+    A round the guard discarded blames the volumes it trained on that the last kept round had not (the ones that
+    made the difference). A blamed volume stays out while fewer than ``min_others`` unblamed labelled volumes
+    exist, and for good once blamed twice; in between it rejoins, and the guard judges that round as any other.
+
+    Args:
+        labelled: every labelled id so far.
+        rounds: per finished round, in order: (the ids it trained on, whether the guard discarded it).
+    """
+    blame: dict[str, int] = {}
+    kept: set[str] = set()
+    for trained, discarded in rounds:
+        if discarded:
+            for i in set(trained) - kept:
+                blame[i] = blame.get(i, 0) + 1
+        else:
+            kept = set(trained)
+    others = [i for i in labelled if not blame.get(i)]
+    return sorted(i for i in labelled if blame.get(i, 0) >= 2 or (blame.get(i) and len(others) < min_others))

@@ -40,6 +40,9 @@ class TrainConfig:
     # true: every round trains from the pretrained weights on every label so far; false: it continues from the
     # previous round's weights (METHOD.md). A round the guard discards leaves the previous round's model either way
     restart: bool = False
+    # true: a labelled volume whose round the guard discarded is left out of training (its label kept) until
+    # enough other labels exist (asfda.training.guard.held_back); false: every label trains every round
+    hold_back_discarded: bool = False
     freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
     # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
     # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)

@@ -230,3 +230,23 @@ def test_simulate_evaluation_refuses_bad_test_labels(tmp_path: Path, tiny_bundle
     adapter = Adapter(load_model(tiny_bundle), data.class_names, device="cpu", progress=False)
     with pytest.raises(AsfdaError, match=r"values \[7\] that are not label values"):
         adapter.evaluate(list(data.cases))
+
+
+def test_torchscript_saved_as_model_pt_is_recognised_by_content(tmp_path: Path) -> None:
+    """A TorchScript archive named model.pt (as bundles ship it) is loaded as TorchScript, not taken for a state
+    dict; a state dict named model.pt is not taken for TorchScript."""
+    from monai.networks.nets import UNet
+
+    from asfda.models.loading import is_torchscript
+
+    net = UNet(**{k: v for k, v in TINY_NET.items() if k != "_target_"}).eval()
+    bundle = write_bundle(tmp_path / "b")
+    assert not is_torchscript(bundle / "models" / "model.pt")
+    cfg = json.loads((bundle / "configs" / "inference.json").read_text())
+    del cfg["network_def"]
+    cfg["channel_def"] = {"0": "background", "1": "liver", "2": "spleen"}
+    (bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
+    torch.jit.save(torch.jit.script(net), str(bundle / "models" / "model.pt"))
+    assert is_torchscript(bundle / "models" / "model.pt")
+    loaded = load_model(bundle)
+    assert isinstance(loaded.network, torch.jit.ScriptModule) and loaded.class_names[1] == "liver"

@@ -7,7 +7,8 @@ Accepted sources:
   weights in ``models/model.safetensors``, ``models/model.pt`` (plain state dict) or ``models/model.ts``.
 * a checkpoint file (``.pt``/``.pth``/``.safetensors``) plus a network config (YAML/JSON with
   ``network_def`` and the same optional keys).
-* a TorchScript file (``.ts``) plus an optional config for preprocessing and class names.
+* a TorchScript file (recognised by its content, whatever its suffix: ``model.pt`` as shipped works too) plus an
+  optional config for preprocessing and class names.
 
 ``torch.load`` only ever runs with ``weights_only=True``: a checkpoint that needs pickle execution
 is refused.
@@ -31,7 +32,7 @@ from asfda.io.atomic import atomic_write, atomic_write_json
 from asfda.models.preprocessing import Preprocessing
 from asfda.models.safe_config import DeclaredTransform, build_network, build_transforms, resolve_literal
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict_file", "save_bundle", "state_dict_hash", "unwrap_state_dict"]
+__all__ = ["LoadedModel", "is_torchscript", "load_model", "load_state_dict_file", "save_bundle", "state_dict_hash", "unwrap_state_dict"]
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 
@@ -220,11 +221,11 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     else:
         weights = source
         cfg_path = Path(config) if config else None
-        if cfg_path is None and weights.suffix != ".ts":
+        if cfg_path is None and not is_torchscript(weights):
             raise AsfdaError("a bare checkpoint needs a network config", weights,
                              "pass --model-config NET.yaml with a 'network_def' (MONAI bundle syntax)")
     cfg = _read_config(cfg_path) if cfg_path else {}
-    if weights.suffix == ".ts":
+    if is_torchscript(weights):
         try:
             network = torch.jit.load(str(weights), map_location="cpu")
         except Exception as exc:
@@ -245,6 +246,23 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     class_names, activation = _class_names(metadata, cfg, network)
     return LoadedModel(network, class_names, prep, roi, swb, overlap, activation, source, cfg, metadata,
                        embedding_layer or cfg.get("asfda_embedding_layer"))
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive, by its content whatever its suffix: a zip holding compiled code
+    (``<name>/code/__torch__/...``), unlike a ``torch.save`` state dict. A ``.ts`` file counts as TorchScript (a
+    damaged one then gets TorchScript's error)."""
+    import zipfile
+
+    if path.suffix == ".ts":
+        return True
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any("/code/__torch__/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _load_weights(network: nn.Module, state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:

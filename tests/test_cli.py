@@ -176,3 +176,11 @@ def test_a_project_remembers_trust_model_code(tmp_path: Path, monkeypatch: pytes
     assert seen == [True, True]
     assert main(["init", str(tmp_path / "p2"), "--model", str(model), "--pool", str(data), "--no-progress"]) == 0
     assert Project(tmp_path / "p2").settings.trust_model_code is False
+
+
+def test_python_dash_m_asfda_runs_the_cli() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "asfda", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("asfda ")

@@ -143,11 +143,15 @@ def _jload(path: Path) -> dict | None:
         return None
 
 
-def _dice_by_case(per_case: list[dict]) -> dict[str, float]:
-    return {r["case_id"]: float(r["dice_mean"]) for r in per_case}
+METRICS = ("dice_mean", "lcc_dice_mean")
+"""Case Dice read from the per-case rows: as predicted, or after cutting each organ to its largest component."""
 
 
-def read_fold(out: str | Path, strategies: Sequence[str], seeds: Sequence[int]) -> dict:
+def _dice_by_case(per_case: list[dict], metric: str = "dice_mean") -> dict[str, float]:
+    return {r["case_id"]: float(r.get(metric, math.nan)) for r in per_case}
+
+
+def read_fold(out: str | Path, strategies: Sequence[str], seeds: Sequence[int], metric: str = "dice_mean") -> dict:
     """What fold folder ``out`` holds, straight from simulate's files (no model needed).
 
     ``{"zero": {seed: {case: dice}}, "upper": {seed: {"dice": {case: dice}, "steps": int, "pool": [ids]}},
@@ -162,16 +166,16 @@ def read_fold(out: str | Path, strategies: Sequence[str], seeds: Sequence[int]) 
     for seed in seeds:
         zs = _jload(out / f"zero_shot_seed{seed}.json")
         if zs and zs.get("per_case"):
-            res["zero"][seed] = _dice_by_case(zs["per_case"])
+            res["zero"][seed] = _dice_by_case(zs["per_case"], metric)
         ub = _jload(out / UPPER / f"seed{seed}.json")
         if ub and ub.get("per_case"):
-            res["upper"][seed] = {"dice": _dice_by_case(ub["per_case"]), "steps": ub.get("steps"),
+            res["upper"][seed] = {"dice": _dice_by_case(ub["per_case"], metric), "steps": ub.get("steps"),
                                   "pool": (ub.get("key") or {}).get("pool", [])}
         for name in strategies:
             st = _jload(out / name / f"seed{seed}" / "state.json")
             if st:
                 res["runs"][name][seed] = {
-                    int(r["n_labelled"]): {"dice": _dice_by_case(r["per_case"]), "device": r.get("device"),
+                    int(r["n_labelled"]): {"dice": _dice_by_case(r["per_case"], metric), "device": r.get("device"),
                                            "round": r["round"],
                                            "reverted": bool((r.get("guard") or {}).get("reverted"))}
                     for r in st.get("rounds", []) if r.get("per_case")}
@@ -299,12 +303,14 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, strategie
               seeds: Sequence[int] = (0, 1), rounds: int = 4, upper_bound: bool = True,
               upper_bound_steps: int | None = None, steps: int | None = None, precision: str | None = None,
               command: str = "", machine_line: str | None = None, commit: str | None = None,
-              plot: bool = True) -> dict:
+              plot: bool = True, metric: str = "dice_mean") -> dict:
     """Reads every fold folder ``out/fold<k>`` and writes ``out/summary.json``, ``out/README.md`` and
     ``out/learning_curve.png``; returns the summary. Only files on disk are read: a fold not run (yet) is listed
     under "missing" and "complete" is false. Results on disk for other test cases than ``assignment`` says (a
     folder of another fold assignment) count as missing. ``steps`` / ``precision`` / ``upper_bound_steps``, when
-    given, are checked against each fold's run.json (mismatches become per-fold warnings)."""
+    given, are checked against each fold's run.json (mismatches become per-fold warnings). ``metric``
+    ``lcc_dice_mean`` reads the Dice after largest-component post-processing instead, into
+    ``summary.lcc_dice_mean.json`` (and README / curve of the same suffix)."""
     out = Path(out)
     strategies, seeds = list(strategies), list(seeds)
     ns = list(range(1, rounds + 1))
@@ -314,7 +320,7 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, strategie
     vols: dict[str, dict] = {}
     for k, test_ids in enumerate(assignment):
         fdir = out / f"fold{k}"
-        got = read_fold(fdir, strategies, seeds)
+        got = read_fold(fdir, strategies, seeds, metric)
         test_set = set(test_ids)
         warnings = []
         for case in test_ids:
@@ -398,7 +404,7 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, strategie
                          "upper_bound": _mean(v["upper"].values()),
                          **{name: {n: _mean(v["runs"][name][n].values()) for n in ns} for name in strategies}}
     summary = {
-        "folds": len(assignment), "seeds": seeds,
+        "folds": len(assignment), "seeds": seeds, "metric": metric,
         "zero_shot": _mean(zero_by_seed.values()),
         "upper_bound": _mean(_mean(vols[c]["upper"].get(s) for c in cases) for s in seeds) if cases else None,
         "strategies": summary_strategies, "per_fold": per_fold, "per_volume": per_volume,
@@ -408,10 +414,11 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, strategie
     }
     summary = _clean(summary)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "summary.json", summary)
+    suffix = "" if metric == "dice_mean" else f".{metric}"
+    atomic_write_json(out / f"summary{suffix}.json", summary)
     if plot:
-        plot_curves(summary, out / "learning_curve.png")
-    atomic_write_text(out / "README.md", readme(summary))
+        plot_curves(summary, out / f"learning_curve{suffix}.png")
+    atomic_write_text(out / f"README{suffix}.md", readme(summary))
     return summary
 
 
@@ -476,7 +483,13 @@ def readme(summary: dict) -> str:
     fold_of = {c: k for k, f in summary["per_fold"].items() for c in f["test"]}
     seeds = summary["seeds"]
     lines = [
-        f"# {summary['folds']}-fold cross-validated active adaptation", "",
+        f"# {summary['folds']}-fold cross-validated active adaptation"
+        + (" (Dice after largest-component post-processing)" if summary.get("metric", "dice_mean") != "dice_mean"
+           else ""), "",
+        "Case Dice " + ("after cutting each organ to its largest connected component (`lcc_dice_mean`); the plain "
+                        "Dice is in README.md" if summary.get("metric", "dice_mean") != "dice_mean" else
+                        "as predicted (`dice_mean`); after largest-component post-processing: "
+                        "README.lcc_dice_mean.md") + ".", "",
         f"Command: `{summary['command']}`  ",
         f"Machine (this summary): {summary['machine']}  ",
         f"Code: asfda commit {summary['commit']}  ",
@@ -618,10 +631,11 @@ def main(argv: list[str] | None = None) -> dict:
                      upper_bound=not args.no_upper_bound, upper_bound_steps=args.upper_bound_steps,
                      cache_dir=args.cache_dir, progress=sys.stderr.isatty(), report=not args.no_report,
                      command=command, machine_line=where, commit=version)
-    summary = summarize(out, assignment, strategies=strategies, seeds=seeds, rounds=args.rounds,
-                        upper_bound=not args.no_upper_bound, upper_bound_steps=args.upper_bound_steps,
-                        steps=args.steps, precision=args.precision, command=command, machine_line=where,
-                        commit=version)
+    for metric in reversed(METRICS):  # the plain Dice last: its summary is the one returned
+        summary = summarize(out, assignment, strategies=strategies, seeds=seeds, rounds=args.rounds,
+                            upper_bound=not args.no_upper_bound, upper_bound_steps=args.upper_bound_steps,
+                            steps=args.steps, precision=args.precision, command=command, machine_line=where,
+                            commit=version, metric=metric)
     print((out / "README.md").read_text())
     return summary
 

@@ -144,3 +144,40 @@ def run_cli_killed(kill_at: int, what: str, *args: str) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", _KILLER, str(kill_at), what, *args, "--no-progress"], env=env,
                           capture_output=True, text=True, timeout=300).returncode
+
+
+_KILL_AT = textwrap.dedent("""
+    import importlib, os, signal, sys
+    target, kill_at, when, match = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    module, _, attr = target.partition(":")
+    owner = importlib.import_module(module)
+    *parents, name = attr.split(".")
+    for p in parents:
+        owner = getattr(owner, p)
+    orig = getattr(owner, name)
+    calls = {"n": 0}
+    def wrapper(*args, **kwargs):
+        hit = not match or any(match in str(a) for a in args)
+        if hit:
+            calls["n"] += 1
+        if hit and when == "before" and calls["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = orig(*args, **kwargs)
+        if hit and when == "after" and calls["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    setattr(owner, name, wrapper)
+    from asfda.cli import main
+    sys.exit(main(sys.argv[5:]))
+""")
+
+
+def run_cli_killed_at(target: str, kill_at: int, when: str, *args: str, match: str = "",
+                      cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs ``asfda ARGS --no-progress`` in a subprocess that SIGKILLs itself at a point forced from outside:
+    ``target`` is ``module:attr`` (``attr`` may be dotted, e.g. ``asfda.engine:InferenceEngine.run``; patch the
+    module whose name the code calls through), and the process is killed ``when`` ("before" / "after") its
+    ``kill_at``-th call (counting only calls with an argument whose text contains ``match``, when given)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", _KILL_AT, target, str(kill_at), when, match, *args, "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=cwd)

@@ -68,6 +68,23 @@ def test_a_constant_image_is_refused_before_anything_is_written(inputs: dict, co
     assert not out.exists()
 
 
+def test_predict_stops_at_a_constant_image_keeping_the_finished_cases(inputs: dict,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """predict writes case by case: a constant image met mid-way stops it with the one-line error; the cases before
+    it are complete label maps, nothing of the constant one is written, and the run after removing it skips them."""
+    blank = write_nifti(inputs["data"] / "imagesTr" / "case02_0000.nii.gz", np.full(SHAPE, -1.0, np.float32), AFFINE)
+    out = inputs["root"] / "out"
+    assert main(_argv("predict", inputs["model"], inputs["data"], out)) == 2
+    line = _one_line_error(capsys)
+    assert str(blank) in line and "constant" in line
+    assert sorted(p.name for p in out.iterdir()) == ["case00.asfda.json", "case00.nii.gz", "case01.asfda.json",
+                                                     "case01.nii.gz", "labels.json"]
+    blank.unlink()
+    (inputs["data"] / "labelsTr" / "case02.nii.gz").unlink()
+    assert main(_argv("predict", inputs["model"], inputs["data"], out)) == 0
+    assert "1 case(s) segmented, 2 skipped" in capsys.readouterr().out
+
+
 def test_next_refuses_a_constant_pool_image_and_writes_no_query(inputs: dict, capsys: pytest.CaptureFixture) -> None:
     blank = write_nifti(inputs["data"] / "imagesTr" / "case02_0000.nii.gz", np.zeros(SHAPE, np.float32), AFFINE)
     proj = inputs["root"] / "proj"
@@ -115,11 +132,16 @@ def test_ingest_refuses_a_labels_folder_with_a_link_to_outside(inputs: dict, cap
     assert sorted(Project(proj).state["labelled"]) == ["case00", "case01"]
 
 
-@pytest.mark.parametrize("where", ["image", "label", "images_folder"])
+@pytest.mark.parametrize("where", ["image", "label", "images_folder", "loop", "dangling"])
 def test_a_dataset_with_links_to_outside_is_refused(inputs: dict, where: str, capsys: pytest.CaptureFixture) -> None:
     root, data = inputs["root"], inputs["data"]
     elsewhere = write_nnunet(root / "elsewhere", n=1)
-    if where == "image":
+    words = {"loop": "cannot be followed", "dangling": "does not exist"}.get(where, "outside")
+    if where in ("loop", "dangling"):
+        link = data / "labelsTr" / "case01.nii.gz"
+        link.unlink()
+        link.symlink_to(link if where == "loop" else root / "gone.nii.gz")
+    elif where == "image":
         link = data / "imagesTr" / "case01_0000.nii.gz"
         link.unlink()
         link.symlink_to(elsewhere / "imagesTr" / "case00_0000.nii.gz")
@@ -135,7 +157,7 @@ def test_a_dataset_with_links_to_outside_is_refused(inputs: dict, where: str, ca
     for command in ("score", "evaluate"):
         assert main(_argv(command, inputs["model"], data, out)) == 2
         line = _one_line_error(capsys)
-        assert str(link) in line and "link" in line and "outside" in line
+        assert str(link) in line and "link" in line and words in line
     assert not out.exists()
 
 

@@ -47,7 +47,7 @@ def test_fold_datasets_are_symlinks_with_adjusted_dataset_json(tmp_path: Path) -
         for folder, ids in ((test, assignment[k]), (pool, assignment[1 - k])):
             meta = json.loads((folder / "dataset.json").read_text())
             src_meta = json.loads((data / "dataset.json").read_text())
-            assert meta == {**src_meta, "numTraining": len(ids)}
+            assert meta == {**src_meta, "numTraining": len(ids), "asfda_linked_from": str(data.resolve())}
             images = sorted(p.name for p in (folder / "imagesTr").iterdir())
             labels = sorted(p.name for p in (folder / "labelsTr").iterdir())
             assert images == [f"{i}_0000.nii.gz" for i in ids] and labels == [f"{i}.nii.gz" for i in ids]
@@ -103,16 +103,20 @@ def test_tiny_cross_validation_summarises_every_volume_once_and_resumes(tmp_path
     assert sorted(summary["per_volume"]) == ids  # every test volume once
     assert summary["folds"] == 3 and summary["seeds"] == [0] and summary["upper_bound"] is None
     assert set(summary) == {"folds", "seeds", "zero_shot", "upper_bound", "strategies", "per_fold", "per_volume",
-                            "complete", "missing", "machine", "commit", "command", "date"}
+                            "complete", "missing", "machine", "commit", "command", "date", "metric"}
+    lcc = cv.summarize(out, assignment, **{**sum_opts, "plot": False, "metric": "lcc_dice_mean"})
+    assert (out / "summary.lcc_dice_mean.json").is_file() and lcc["metric"] == "lcc_dice_mean"
     rnd = summary["strategies"]["random"]
     assert set(rnd["dice_by_n"]) == {"0", "1"} and set(rnd["dice_by_n_per_seed"]) == {"0"}
     # n=1: the mean over all 6 test volumes of what each fold's state.json holds for its own test volumes
-    per_case = {}
+    per_case, per_case_lcc = {}, {}
     for k in range(3):
         state = json.loads((out / f"fold{k}" / "random" / "seed0" / "state.json").read_text())
         (rec,) = state["rounds"]
         assert rec["n_labelled"] == 1 and sorted(pc["case_id"] for pc in rec["per_case"]) == assignment[k]
         per_case.update({pc["case_id"]: pc["dice_mean"] for pc in rec["per_case"]})
+        per_case_lcc.update({pc["case_id"]: pc["lcc_dice_mean"] for pc in rec["per_case"]})
+    assert {c: v["random"]["1"] for c, v in lcc["per_volume"].items()} == pytest.approx(per_case_lcc)
     assert rnd["dice_by_n"]["1"] == pytest.approx(sum(per_case.values()) / 6)
     assert {c: v["random"]["1"] for c, v in summary["per_volume"].items()} == pytest.approx(per_case)
     assert rnd["dice_by_n"]["0"] == pytest.approx(summary["zero_shot"])

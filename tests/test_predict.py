@@ -250,3 +250,27 @@ def test_torchscript_saved_as_model_pt_is_recognised_by_content(tmp_path: Path) 
     assert is_torchscript(bundle / "models" / "model.pt")
     loaded = load_model(bundle)
     assert isinstance(loaded.network, torch.jit.ScriptModule) and loaded.class_names[1] == "liver"
+
+
+def test_predict_largest_component_removes_stray_pieces(tmp_path: Path, monkeypatch) -> None:
+    """--largest-component all: each class keeps only its largest piece; an unknown class name is refused."""
+    import asfda.predict as P
+    from asfda.errors import AsfdaError
+
+    bundle = write_bundle(tmp_path / "b")
+    ds = write_nnunet(tmp_path / "ds", n=1)
+
+    def fake_map(*a, **k):  # liver: a big block and a stray voxel; spleen: one block
+        lab = np.zeros((20, 18, 12), np.uint8)
+        lab[2:8, 2:8, 2:6] = 1
+        lab[15, 15, 10] = 1
+        lab[10:14, 10:14, 2:6] = 2
+        return lab
+
+    monkeypatch.setattr(P, "label_map_on_native_grid", fake_map)
+    P.predict_model(bundle, ds, tmp_path / "raw", progress=False)
+    P.predict_model(bundle, ds, tmp_path / "lcc", progress=False, largest_component="all")
+    raw, lcc = _read(tmp_path / "raw" / "case00.nii.gz")[0], _read(tmp_path / "lcc" / "case00.nii.gz")[0]
+    assert (raw == 1).sum() == 145 and (lcc == 1).sum() == 144 and (lcc == 2).sum() == (raw == 2).sum()
+    with pytest.raises(AsfdaError, match="kidney"):
+        P.predict_model(bundle, ds, tmp_path / "bad", progress=False, largest_component="kidney")

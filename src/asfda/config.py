@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -77,11 +78,13 @@ class RunConfig:
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Builds dataclass ``cls`` from a dict, recursing into nested dataclasses; unknown keys are errors."""
     if not isinstance(data, dict):
-        raise AsfdaError(f"{where} must be a mapping, got {type(data).__name__}")
+        raise AsfdaError(f"{where} must be a mapping, got {_shown(data)}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise AsfdaError(f"key {_shown(key)} in {where} is not a name; valid keys: {sorted(names)}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -95,6 +98,13 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
 
 
 _STR_HINTS = ("str", "str | None", "typing.Optional[str]", "typing.Union[str, NoneType]")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as a message shows it: its repr, cut to ``limit`` characters, with its type when not a plain scalar."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if isinstance(value, (str, int, float, bool, type(None))) else f"{text} ({type(value).__name__})"
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -111,32 +121,34 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise AsfdaError(f"{where} must be true or false, got {value!r}")
     if hint is int or text == "int":
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise AsfdaError(f"{where} must be an integer, got {value!r}")
+            raise AsfdaError(f"{where} must be an integer, got {_shown(value)}")
         try:
             return int(value)
         except ValueError:
-            raise AsfdaError(f"{where} must be an integer, got {value!r}") from None
+            raise AsfdaError(f"{where} must be an integer, got {_shown(value)}") from None
     if hint is float or text == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise AsfdaError(f"{where} must be a number, got {_shown(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise AsfdaError(f"{where} must be a number, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise AsfdaError(f"{where} must be a number, got {_shown(value)}") from None
     if hint is str or text in _STR_HINTS:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise AsfdaError(f"{where} must be a string, got {value!r}")
+            raise AsfdaError(f"{where} must be a string, got {_shown(value)}")
         return str(value)
     if text.startswith(("list[int]", "list[str]")):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise AsfdaError(f"{where} must be a list or a comma-separated string, got {value!r}")
+            raise AsfdaError(f"{where} must be a list or a comma-separated string, got {_shown(value)}")
         if text.startswith("list[int]"):
-            return [_coerce(v, int, where) for v in items]
+            return [_coerce(v.strip() if isinstance(v, str) else v, int, where) for v in items]
         return [_coerce(v, str, where).strip() for v in items]
     if "tuple[int, int, int]" in text:
         items = value.split(",") if isinstance(value, str) else value
-        if len(items) != 3:
-            raise AsfdaError(f"{where} must have 3 integers, got {value!r}")
-        return tuple(_coerce(v, int, where) for v in items)
+        if not isinstance(items, (list, tuple)) or len(items) != 3:
+            raise AsfdaError(f"{where} must have 3 integers, got {_shown(value)}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, int, where) for v in items)
     return value
 
 
@@ -146,38 +158,61 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Reads a YAML config (optional) then applies dotted overrides like ``{"train.steps": 50}``."""
-    data: dict[str, Any] = {}
+    data: Any = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise AsfdaError("config file not found", p)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise AsfdaError(f"invalid YAML ({exc})", p) from None
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    cfg = config_from_dict(RunConfig, data)
+            raise AsfdaError(f"invalid YAML ({exc})", p, "fix the YAML syntax") from None
+        except UnicodeDecodeError as exc:
+            raise AsfdaError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", p, "save it as UTF-8") from None
+        except RecursionError:
+            raise AsfdaError("invalid YAML (nested too deeply)", p, "fix the YAML syntax") from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise AsfdaError(f"a run config must be a mapping of settings, got {_shown(data)}", p,
+                             "write one 'key: value' per line, e.g. 'budget: 2'")
+    try:
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            node = data
+            parts = key.split(".")
+            for i, part in enumerate(parts[:-1]):
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise AsfdaError(f"{'.'.join(parts[:i + 1])} must be a mapping (it has settings under it: "
+                                     f"{key}), got {_shown(node)}", path, "write it as a mapping, or remove it")
+            node[parts[-1]] = value
+        cfg = config_from_dict(RunConfig, data)
+    except AsfdaError as exc:
+        if path is None or exc.path is not None:
+            raise
+        raise AsfdaError(exc.problem, path, exc.fix) from None  # name the file the bad value came from
+    patch = cfg.train.patch_size
     checks = [("train.steps", cfg.train.steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
-              ("train.lr", cfg.train.lr > 0), ("train.guard_volumes", cfg.train.guard_volumes >= 1), ("budget", cfg.budget >= 1), ("rounds", cfg.rounds >= 1),
+              ("train.lr", math.isfinite(cfg.train.lr) and cfg.train.lr > 0),
+              ("train.patch_size", patch is None or all(p >= 1 for p in patch)),
+              ("train.guard_volumes", cfg.train.guard_volumes >= 1), ("budget", cfg.budget >= 1), ("rounds", cfg.rounds >= 1),
               ("test_fraction", 0 < cfg.test_fraction < 1), ("alpha", 0 <= cfg.alpha <= 1),
-              ("temperature0", cfg.temperature0 > 0), ("seeds", len(cfg.seeds) >= 1),
+              ("temperature0", math.isfinite(cfg.temperature0) and cfg.temperature0 > 0), ("seeds", len(cfg.seeds) >= 1),
               ("upper_bound_steps", cfg.upper_bound_steps >= 0), ("previews", cfg.previews >= 0)]
     bad = [name for name, ok in checks if not ok]
     if bad:
         raise AsfdaError(f"out-of-range config values: {', '.join(f'{b}' for b in bad)}",
-                         path, "steps, batch_size, budget and rounds >= 1; lr and temperature0 > 0; "
-                         "test_fraction in (0, 1); alpha in [0, 1]")
+                         path, "steps, batch_size, budget, rounds and patch_size >= 1; lr and temperature0 finite and "
+                         "> 0; test_fraction in (0, 1); alpha in [0, 1]")
+    from asfda.training.augment import AUGMENTATIONS
     from asfda.training.trainer import PRECISIONS
 
     if cfg.train.precision not in PRECISIONS:
         raise AsfdaError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}", path)
+    if cfg.train.augmentation not in AUGMENTATIONS:
+        raise AsfdaError(f"train.augmentation must be one of {list(AUGMENTATIONS)}, got {cfg.train.augmentation!r}",
+                         path)
     from asfda.selection import DIVERSITY_SPACES, REPRESENTATIVENESS, ROUND0_GAPS
 
     if cfg.round0_gap not in ROUND0_GAPS:
@@ -188,5 +223,5 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         raise AsfdaError(f"representativeness must be one of {list(REPRESENTATIVENESS)}, got "
                          f"{cfg.representativeness!r}", path)
     if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
-        raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}")
+        raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}", path)
     return cfg

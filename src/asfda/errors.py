@@ -23,10 +23,14 @@ class AsfdaError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
+        """``PATH: PROBLEM -- fix: FIX`` on one line (line breaks inside a part, as a parser's message may hold, are
+        folded into single spaces)."""
         parts = [f"{self.path}: {self.problem}" if self.path else self.problem]
         if self.fix:
             parts.append(f"fix: {self.fix}")
-        return " -- ".join(parts)
+        text = " -- ".join(parts)
+        lines = text.splitlines()
+        return text if lines == [text] or not text else " ".join(ln.strip() for ln in lines if ln.strip())
 
 
 class RunSettingsChanged(AsfdaError):

@@ -113,16 +113,20 @@ class Adapter:
         class_map_override: ``{"target": "source"}`` name overrides.
         cache_dir: where prepared volumes are cached (None: no cache).
         device: compute device (``"auto"``, ``"cpu"``, ``"cuda"``).
+        cold_start_ok: accept a model none of whose classes is a target class (every target class gets a new
+            output channel: `cold_start`); otherwise such a model is refused (`build_class_map`).
     """
 
     def __init__(self, pretrained: LoadedModel, target_names: list[str], *, class_map_override: dict | None = None,
-                 cache_dir: str | None = None, device: str = "auto", progress: bool = True) -> None:
+                 cache_dir: str | None = None, device: str = "auto", progress: bool = True,
+                 cold_start_ok: bool = False) -> None:
         if pretrained.activation != "softmax":
             raise AsfdaError(f"adaptation supports single-label (softmax) models; this model is {pretrained.activation}",
                              pretrained.source, "use `asfda predict` for multi-label models")
         self.pretrained = pretrained
         self.target_names = list(target_names)
-        self.class_map = build_class_map(pretrained.class_names, self.target_names, class_map_override)
+        self.class_map = build_class_map(pretrained.class_names, self.target_names, class_map_override,
+                                         allow_no_match=cold_start_ok)
         self.device = select_device(device)
         self.cache_dir = cache_dir
         self.progress = progress

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from asfda.errors import AsfdaError
-from asfda.evaluation import compute_dice, compute_hd95, mean_ignoring_nan
+from asfda.evaluation import compute_dice, compute_hd95, largest_component_per_class, mean_ignoring_nan
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset, read_nifti
-from asfda.io.datasets import Dataset, load_folder, parse_labels
+from asfda.io.datasets import (Dataset, check_nnunet_links, check_nnunet_meta, load_folder, parse_labels,
+                               read_dataset_json)
 from asfda.io.labels import check_label_values
 from asfda.io.outputs import (check_writable_folder, dataset_folders, dataset_input_folders,
                               refuse_output_inside_inputs)
@@ -120,11 +121,9 @@ def _open_images(images: str | Path) -> tuple[Dataset, bool]:
     path = Path(images)
     if path.is_dir() and path.name in ("imagesTr", "imagesTs") and (path.parent / "dataset.json").is_file():
         meta_path = path.parent / "dataset.json"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AsfdaError(f"invalid JSON ({exc})", meta_path, "fix the JSON syntax") from None
-        labels = parse_labels(meta.get("labels") if isinstance(meta, dict) else None, meta_path)
+        meta = read_dataset_json(meta_path)
+        labels = parse_labels(meta.get("labels"), meta_path)
+        check_nnunet_links(path, path.parent, check_nnunet_meta(meta, path.parent, meta_path), meta_path)
         return load_folder(path, labels=labels), True
     is_dataset = (path / "dataset.json").exists() or (path / "imagesTr").is_dir()
     return load_dataset(path, require_labels=False), is_dataset
@@ -204,6 +203,20 @@ def label_map_on_native_grid(logits: torch.Tensor, activation: str, channels: tu
     return label.numpy()
 
 
+def _largest_component_values(spec: str | None, labels: dict[str, int], where: Path) -> tuple[int, ...]:
+    """The label values of ``--largest-component`` (``all``, or class names), checked against the written labels."""
+    if not spec or spec.strip().lower() == "none":
+        return ()
+    if spec.strip().lower() == "all":
+        return tuple(v for v in sorted(labels.values()) if v)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in labels or labels[n] == 0]
+    if unknown:
+        raise AsfdaError(f"--largest-component names {unknown}, which are not foreground classes here", where,
+                         f"choose among {sorted(n for n, v in labels.items() if v)}, or 'all'")
+    return tuple(sorted(labels[n] for n in names))
+
+
 def _write_label_map(path: Path, label: np.ndarray, image_path: Path) -> None:
     """Writes ``label`` with the input image's header (both affines, codes), as uint8 without scaling."""
     import nibabel as nib
@@ -240,7 +253,8 @@ def _up_to_date(out_path: Path, sidecar: Path, image_path: Path, settings: dict)
 
 def predict_model(model: str | Path, images: str | Path, out: str | Path, *, model_config: str | None = None,
                   class_map: str | None = None, tta: bool = False, overwrite: bool = False, device: str = "auto",
-                  progress: bool = True, trust_model_code: bool = False) -> dict:
+                  progress: bool = True, trust_model_code: bool = False,
+                  largest_component: str | None = None) -> dict:
     """Segments every image of a dataset folder and writes ``out/<case_id>.nii.gz`` on the image's own grid.
 
     Each label map has the input image's shape and affine (and header), so it overlays in any viewer.
@@ -261,6 +275,8 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         tta: average the logits over the identity and flips along the model grid's axes 1 and 2
             (3 sliding-window passes; see `asfda.engine`).
         trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+        largest_component: ``"all"`` or comma-separated class names whose label is cut to its largest connected
+            component (nnU-Net's post-processing; `asfda.evaluation.largest_component_per_class`); None: none.
 
     ``out`` may not be, or lie inside, the images' dataset or the model (`refuse_output_inside_inputs`), and
     must be writable; both are checked before the model is loaded. ``out/labels.json`` is written once the
@@ -300,6 +316,9 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
                 "channels": list(classes.channels), "values": list(classes.values),
                 "preprocessing": loaded.preprocessing.cache_key(), "roi_size": list(loaded.roi_size),
                 "overlap": loaded.overlap, "tta": bool(tta), "tta_axes": list(engine.tta_axes) if tta else []}
+    lcc_values = _largest_component_values(largest_component, classes.labels, Path(images))
+    if lcc_values:
+        settings["largest_component"] = list(lcc_values)
 
     def write_labels_json() -> None:
         if _read_json(out / LABELS_FILE) != classes.labels:
@@ -317,6 +336,8 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         label = label_map_on_native_grid(logits, loaded.activation, classes.channels, classes.values, vol.affine,
                                          vol.native_affine, vol.native_shape)
         del logits
+        if lcc_values:
+            label = largest_component_per_class(label, lcc_values)
         _write_label_map(out_path, label, case.image_path)
         atomic_write_json(sidecar, {"case_id": case.case_id, "image": str(case.image_path), "model": str(model),
                                     "n_passes": engine.n_passes if tta else 1, "settings": settings})

@@ -74,8 +74,9 @@ def _check_outputs(outputs: list[Path], model: str | Path, data: str | Path, mod
 
 def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, class_map: str | None,
              cache_dir: str | None, device: str, progress: bool, outputs: list[Path],
-             trust_model_code: bool = False):
-    """The model and pool, once ``outputs`` are known not to overwrite either and to be writable."""
+             trust_model_code: bool = False, cold_start_ok: bool = False):
+    """The model and pool, once ``outputs`` are known not to overwrite either and to be writable. ``cold_start_ok``:
+    accept a model none of whose classes is a dataset label (`Adapter.cold_start`)."""
     from asfda.loop import Adapter
 
     _check_outputs(outputs, model, data, model_config)
@@ -86,7 +87,7 @@ def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, c
     for path in outputs:
         refuse_output_inside_inputs(path, {"the dataset": dataset_input_folders(ds)})
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
-                      cache_dir=cache_dir, device=device, progress=progress)
+                      cache_dir=cache_dir, device=device, progress=progress, cold_start_ok=cold_start_ok)
     return loaded, ds, adapter
 
 
@@ -217,7 +218,10 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
     labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                    cache_dir=cache_dir, device=device, progress=progress, outputs=[Path(out)],
-                                   trust_model_code=trust_model_code)
+                                   trust_model_code=trust_model_code, cold_start_ok=True)
+    cold = adapter.cold_start
+    if cold:  # before any forward pass: a strategy that reads predictions has nothing to read
+        strat.check_cold_start()
     by_id = ds.by_id()
     unknown = [i for i in labelled_ids if i not in by_id]
     if unknown:
@@ -235,6 +239,14 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         t_source = "unused (the strategy reads no scores)"
         info = {"forward_passes_per_volume": 0, "mc_dropout_passes": 0, "tta_flips": []}
         pool = PoolScores.ids_only([c.case_id for c in pool_cases], 1 if lab_cases else 0)
+    elif cold:  # METHOD.md's cold start: no head for any target class, only the pretrained embeddings mean something
+        t = _check_temperature(1.0 if temperature is None else temperature)
+        t_source = "unused (cold start: the model has no output for the dataset's classes)"
+        anchors = adapter.anchors(lab_cases, t)
+        scored = adapter.score_pool(pool_cases, t, needs=ScoringNeeds(), seed=seed)
+        info = scored.info
+        pool = PoolScores([c.case_id for c in pool_cases], scored.metrics, scored.embeddings, anchors.embeddings,
+                          scored.embeddings0, 1 if lab_cases else 0, scored.vectors, dict(anchors.vectors), True)
     else:
         if temperature is None and lab_cases and all(c.label_path is not None for c in lab_cases):
             rt, anchors = adapter.fit_temperature(lab_cases, 1.0, seed)
@@ -254,9 +266,14 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
               "pool_size": len(pool_cases), "temperature": t, "temperature_source": t_source,
               "ece_before": ece_before, "ece_after": ece_after, "model": str(model), "data": str(data),
               "model_weights_sha256_16": loaded.weights_hash, "needs": strat.needs.describe(),
-              "strategy_settings": strat.settings(),
+              "strategy_settings": strat.settings(), "class_map": adapter.class_map.to_dict(), "cold_start": cold,
               "scoring": info}
     atomic_write_json(Path(out), record)
+    if cold:
+        print(f"note: cold start: no model class {list(loaded.class_names)} matches a dataset label "
+              f"{ds.class_names[1:]}, so every one gets a new output channel and the {query.strategy!r} pick reads the "
+              "model's embeddings alone (fine-tuning such a model is not yet supported from the CLI: `init` and "
+              "`simulate` need at least one matching class)")
     print(format_query(query))
     print(f"T={t:.3g} ({t_source}); pool {len(pool_cases)}, labelled {len(lab_cases)}; written: {out}")
     return query

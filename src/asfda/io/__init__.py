@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asfda.io.atomic import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from asfda.io.atomic import atomic_write, atomic_write_bytes, atomic_write_folder, atomic_write_json, atomic_write_text
 from asfda.io.datasets import Case, Dataset, load_dataset, load_folder, load_nnunet_raw
 from asfda.io.nifti import read_nifti
 
@@ -11,6 +11,7 @@ __all__ = [
     "atomic_write",
     "Dataset",
     "atomic_write_bytes",
+    "atomic_write_folder",
     "atomic_write_json",
     "atomic_write_text",
     "load_dataset",

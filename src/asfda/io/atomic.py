@@ -1,18 +1,85 @@
 """Atomic file writes: write to a temporary sibling, fsync, then rename over the target.
 
-A reader (or a process restarted after kill -9) sees either the old file or the new one, never half.
+A reader (or a process restarted after kill -9) sees either the old file or the new one, never half. A folder
+written as a whole (`atomic_write_folder`, e.g. an adapted model's bundle) is built in a temporary sibling folder and
+swapped into place, so it too is either the old folder or the new one, never a mix of the two.
+
+A kill inside a write leaves its temporary sibling behind (a hidden ``.NAME.asfda-HOST-PID-….tmp…`` file or folder,
+which no asfda reader lists): the next write into the same folder by any asfda process removes those whose process,
+on this host, is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_folder", "atomic_write_json", "atomic_write_text",
+           "sweep_stale_temporaries"]
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+_TAG = re.compile(r"\.asfda-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-")
+_swept: set[str] = set()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name[:80]}.asfda-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process has: leave its files alone
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Removes the temporary files and folders that killed asfda processes of this host left in ``folder`` (see the
+    module docstring); returns them. Done once per folder and process by every atomic write."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(".") or ".asfda-" not in entry.name or ".tmp" not in entry.name:
+            continue
+        m = _TAG.search(entry.name)
+        if m is None or m["host"] != _HOST:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        _remove(Path(entry.path))
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _sweep_once(folder: Path) -> None:
+    key = str(folder)
+    if key not in _swept:
+        _swept.add(key)
+        sweep_stale_temporaries(folder)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -24,8 +91,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(path.parent)
     suffix = "".join(path.suffixes[-2:])  # keep .nii.gz so writers that look at the suffix behave
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -38,6 +106,50 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Calls ``write(tmp_folder)`` (an empty folder) then puts ``tmp_folder`` in the place of the folder ``path``:
+    an atomic exchange where the system has one (Linux ``renameat2``), else two renames (a kill between them leaves
+    no ``path``, never a mix). Whatever ``path`` held before is removed: it is replaced as a whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_once(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private
+        if not os.path.lexists(path):
+            os.rename(tmp, path)
+            return path
+        if _exchange(tmp, path):
+            _remove(tmp)  # now the old folder
+            return path
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old.tmp", dir=path.parent))
+        os.rename(path, old / "x")
+        os.rename(tmp, path)
+        _remove(old)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _umask() -> int:

@@ -8,11 +8,19 @@ Two layouts are read:
   (``CASE.nii.gz`` or ``CASE_0000.nii.gz`` both give case id ``CASE``).
 
 Only headers are read here; voxels are read when a stage needs them.
+
+An nnU-Net raw dataset must hold its files: a link in ``imagesTr``/``labelsTr`` (or the folder itself a link) that
+points outside the dataset folder is refused, unless ``dataset.json`` names the folder the links point into as
+``asfda_linked_from`` (a path, or a list of paths), as the fold datasets of ``benchmarks/cv.py`` do. Paths and case
+ids that ``dataset.json`` lists (``training``, ``test``, nnU-Net v2's ``dataset``) may be neither absolute nor climb
+out with ``..``: asfda reads ``imagesTr``/``labelsTr`` itself, and refuses a file list naming files elsewhere rather
+than silently reading others. A plain NIfTI folder may hold links (a project's ``annotate/roundR/images/`` does).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +29,8 @@ import numpy as np
 from asfda.errors import AsfdaError
 from asfda.io.nifti import NIFTI_SUFFIXES, read_header, strip_nifti_suffix
 
-__all__ = ["Case", "Dataset", "load_dataset", "load_folder", "load_nnunet_raw", "parse_labels"]
+__all__ = ["LINKED_FROM_KEY", "Case", "Dataset", "check_nnunet_links", "check_nnunet_meta", "load_dataset",
+           "load_folder", "load_nnunet_raw", "parse_labels", "read_dataset_json", "resolve_link"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,9 @@ def load_dataset(path: str | Path, *, require_labels: bool = False, labels_dir: 
     path = Path(path)
     if not path.exists():
         raise AsfdaError("dataset folder not found", path, "check the path")
+    if not path.is_dir():
+        raise AsfdaError("the dataset is a file, not a folder", path,
+                         "pass the dataset folder (nnU-Net raw, with dataset.json, or a folder of NIfTI images)")
     if (path / "dataset.json").exists() or (path / "imagesTr").is_dir():
         return load_nnunet_raw(path, require_labels=require_labels)
     return load_folder(path, labels_dir, require_labels=require_labels)
@@ -100,39 +112,155 @@ def load_nnunet_raw(root: str | Path, *, require_labels: bool = False, split: st
     if not meta_path.is_file():
         raise AsfdaError("missing dataset.json (nnU-Net raw layout)", meta_path,
                          "add a dataset.json with 'labels', 'channel_names' and 'file_ending'")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AsfdaError(f"invalid JSON ({exc})", meta_path, "fix the JSON syntax") from None
-    if not isinstance(meta, dict):
-        raise AsfdaError("dataset.json must hold a JSON object", meta_path)
+    meta = read_dataset_json(meta_path)
     labels = parse_labels(meta.get("labels"), meta_path)
     channels = meta.get("channel_names", {"0": "image"})
     if not isinstance(channels, dict) or len(channels) != 1:
         raise AsfdaError(f"expected one input channel, found channel_names={channels!r}", meta_path,
                          "asfda adapts single-channel models; give one channel")
     ending = meta.get("file_ending", ".nii.gz")
-    if ending not in NIFTI_SUFFIXES:
+    if not isinstance(ending, str) or ending not in NIFTI_SUFFIXES:
         raise AsfdaError(f"file_ending {ending!r} is not supported", meta_path, "convert the images to .nii.gz")
+    linked_from = check_nnunet_meta(meta, root, meta_path)
     images_dir = root / f"images{split}"
     labels_dir = root / f"labels{split}"
     if not images_dir.is_dir():
         raise AsfdaError(f"missing images{split}/ folder", images_dir, "put the images there as CASE_0000.nii.gz")
+    for folder in (images_dir, labels_dir):
+        if folder.is_dir():
+            _check_link(folder, root, linked_from, meta_path)
     cases = []
     for image_path in sorted(images_dir.iterdir()):
         name = image_path.name
         if name.startswith(".") or not name.endswith(ending):
             continue
+        _check_link(image_path, root, linked_from, meta_path)
         stem = name[: -len(ending)]
         if not stem.endswith("_0000"):
             raise AsfdaError("image file name lacks the _0000 channel suffix", image_path,
                              f"rename it to {stem}_0000{ending}")
         case_id = stem[: -len("_0000")]
         label_path = labels_dir / f"{case_id}{ending}"
+        if os.path.lexists(label_path):
+            _check_link(label_path, root, linked_from, meta_path)
         cases.append(_make_case(case_id, image_path, label_path if label_path.exists() else None, require_labels))
     if not cases:
         raise AsfdaError(f"no *_0000{ending} images found", images_dir, "check the dataset layout")
     return Dataset(root, labels, tuple(cases))
+
+
+LINKED_FROM_KEY = "asfda_linked_from"
+"""dataset.json key naming the folder(s) outside the dataset that its links may point into."""
+
+
+def read_dataset_json(meta_path: Path) -> dict:
+    """The JSON object of a ``dataset.json``; an `AsfdaError` naming it when it is not UTF-8 JSON holding an object."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AsfdaError(f"invalid JSON ({exc})", meta_path, "fix the JSON syntax") from None
+    except RecursionError:
+        raise AsfdaError("invalid JSON (nested too deeply)", meta_path, "fix the JSON syntax") from None
+    if not isinstance(meta, dict):
+        raise AsfdaError(f"dataset.json must hold a JSON object, not a JSON {type(meta).__name__}", meta_path,
+                         'write e.g. {"labels": {"background": 0, "liver": 1}, "channel_names": {"0": "MR"}, '
+                         '"file_ending": ".nii.gz"}')
+    return meta
+
+
+def check_nnunet_meta(meta: dict, root: Path, meta_path: Path) -> list[Path]:
+    """The checks of an nnU-Net raw ``dataset.json`` beyond its labels: listed paths and case ids stay inside the
+    dataset; returns the folders its links may point into (``asfda_linked_from``)."""
+    _check_listed_paths(meta, meta_path)
+    return _linked_from(meta, meta_path)
+
+
+def check_nnunet_links(folder: Path, root: Path, linked_from: list[Path], meta_path: Path) -> None:
+    """Refuses ``folder`` (``imagesTr`` ...) of the dataset ``root``, or any entry of it, that is a link to outside
+    the dataset and the declared ``linked_from`` folders (see the module docstring)."""
+    _check_link(folder, root, linked_from, meta_path)
+    for entry in folder.iterdir():
+        if not entry.name.startswith("."):
+            _check_link(entry, root, linked_from, meta_path)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _linked_from(meta: dict, meta_path: Path) -> list[Path]:
+    raw = meta.get(LINKED_FROM_KEY)
+    if raw is None:
+        return []
+    items = raw if isinstance(raw, list) else [raw]
+    if not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise AsfdaError(f"{LINKED_FROM_KEY} must be a folder path or a list of folder paths, got {raw!r}", meta_path,
+                         f'write e.g. "{LINKED_FROM_KEY}": "/data/original_dataset", or remove the key')
+    try:
+        return [(meta_path.parent / i).resolve() for i in items]
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long ...
+        raise AsfdaError(f"{LINKED_FROM_KEY} {raw!r} is not a usable folder path ({exc})", meta_path,
+                         "give the folder the links point into, or remove the key") from None
+
+
+def _check_link(path: Path, root: Path, linked_from: list[Path], meta_path: Path) -> None:
+    """Refuses ``path`` when it is a link (or lies in a linked folder) resolving outside the dataset ``root`` and
+    outside every folder ``dataset.json`` declares in ``asfda_linked_from``, or a link to nothing."""
+    if not path.is_symlink():
+        return  # not a link itself; its folder was checked on its own
+    target = resolve_link(path)
+    if not target.exists():
+        raise AsfdaError(f"is a link to {target}, which does not exist", path, "fix or remove the link")
+    allowed = [root.resolve(), *linked_from]
+    if any(_inside(target, a) for a in allowed):
+        return
+    raise AsfdaError(f"is a link to {target}, outside the dataset folder {root.resolve()}", path,
+                     "copy the file into the dataset, or (a dataset made of links) name the folder they point into "
+                     f'in dataset.json as "{LINKED_FROM_KEY}"')
+
+
+def resolve_link(path: Path) -> Path:
+    """Where a link finally points; an `AsfdaError` naming it for a loop of links."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError on a loop, later versions OSError
+        raise AsfdaError(f"is a link that cannot be followed ({exc})", path, "fix or remove the link") from None
+
+
+def _unsafe_relative(text: str) -> bool:
+    """Whether a path or case id from dataset.json is absolute or climbs out with ``..``."""
+    norm = text.replace("\\", "/")
+    return norm.startswith("/") or (len(norm) > 1 and norm[1] == ":") or ".." in norm.split("/")
+
+
+def _check_listed_paths(meta: dict, meta_path: Path) -> None:
+    """Refuses file names and case ids listed in dataset.json (``training``, ``test``, v2 ``dataset``) that are
+    absolute or climb out of the dataset folder. Entries of other shapes are left alone: asfda does not read them."""
+    listed: list[tuple[str, str]] = []  # (where, text)
+    training = meta.get("training")
+    if isinstance(training, list):
+        for i, item in enumerate(training):
+            if isinstance(item, dict):
+                listed += [(f"training[{i}].{k}", v) for k, v in item.items() if k in ("image", "label")]
+            else:
+                listed.append((f"training[{i}]", item))
+    test = meta.get("test")
+    if isinstance(test, list):
+        listed += [(f"test[{i}]", v) for i, v in enumerate(test)]
+    dataset = meta.get("dataset")
+    if isinstance(dataset, dict):
+        for cid, item in dataset.items():
+            listed.append((f"dataset case id {cid!r}", cid))
+            if isinstance(item, dict):
+                images = item.get("images")
+                for j, v in enumerate(images if isinstance(images, list) else [images]):
+                    listed.append((f"dataset[{cid!r}].images[{j}]", v))
+                listed.append((f"dataset[{cid!r}].label", item.get("label")))
+    for where, text in listed:
+        if isinstance(text, str) and _unsafe_relative(text):
+            raise AsfdaError(f"{where} is {text!r}, a path outside the dataset folder", meta_path,
+                             "list paths relative to the dataset folder, without '..', or remove the list (asfda "
+                             "reads imagesTr/ and labelsTr/)")
 
 
 def load_folder(images_dir: str | Path, labels_dir: str | Path | None = None, *, require_labels: bool = False,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from asfda.errors import AsfdaError
-from asfda.io.datasets import Case
+from asfda.io.datasets import Case, resolve_link
 from asfda.io.nifti import NIFTI_SUFFIXES, read_header, read_nifti, strip_nifti_suffix
 
 __all__ = ["AFFINE_TOLERANCE_MM", "check_label", "check_label_values", "label_case_id", "label_files",
@@ -30,10 +30,22 @@ def label_case_id(path: Path) -> str:
 
 
 def label_files(folder: str | Path) -> list[Path]:
-    """The NIfTI files of a folder (hidden and other files are skipped), sorted by name."""
+    """The NIfTI files of a folder (hidden and other files are skipped), sorted by name. A NIfTI-named link to a
+    file outside the folder, or to nothing, is refused (an `AsfdaError` for the whole folder, before any is read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AsfdaError("labels folder not found", folder, "pass the folder holding the CASE.nii.gz label files")
+    inside = folder.resolve()
+    for p in folder.iterdir():
+        if p.is_symlink() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES):
+            target = resolve_link(p)
+            if not target.exists():
+                raise AsfdaError(f"is a link to {target}, which does not exist", p,
+                                 "save the label file itself in the folder, or remove the link")
+            if inside not in target.parents:
+                raise AsfdaError(f"is a link to {target}, outside the labels folder {inside}", p,
+                                 "copy the label file itself into the folder (asfda ingests only files the folder "
+                                 "holds)")
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES))
 

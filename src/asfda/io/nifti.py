@@ -26,7 +26,7 @@ import numpy as np
 from asfda.errors import AsfdaError
 
 __all__ = ["DEFAULT_MAX_NIFTI_BYTES", "NIFTI_SUFFIXES", "max_nifti_bytes", "read_header", "read_nifti",
-           "strip_nifti_suffix"]
+           "refuse_constant_image", "strip_nifti_suffix"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_MAX_NIFTI_BYTES = 4 * 2**30
@@ -90,6 +90,16 @@ def read_nifti(path: str | Path, *, dtype: type = np.float32) -> tuple[np.ndarra
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise AsfdaError("contains NaN or infinite values", path, "replace them (e.g. with the background value)")
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def refuse_constant_image(data: np.ndarray, path: str | Path) -> None:
+    """Refuses an image whose voxels are all equal: it holds no anatomy (a blank export, a failed anonymisation or
+    conversion). Scored, such a volume is the most atypical of its pool, so asfda would ask for it first; trained on,
+    it teaches background; predicted, it gives a meaningless map. Every command that reads an image's voxels refuses
+    it (label maps are not images: an empty label has its own check)."""
+    if data.size and float(data.min()) == float(data.max()):
+        raise AsfdaError(f"the image is constant (every voxel is {float(data.flat[0]):g}): it holds no anatomy", path,
+                         "export the scan again, or move it out of the dataset")
 
 
 def _load(path: str | Path) -> nib.Nifti1Image:

@@ -60,9 +60,18 @@ def parse_class_map_override(text: str | None) -> dict[str, str]:
     return out
 
 
+NO_MATCH_FIX = ("pass --class-map target=source,... to match them by hand; `asfda query --strategy asfda` picks the "
+                "first cases to annotate on the model's embeddings alone (the cold start)")
+
+
 def build_class_map(source_names: list[str], target_names: list[str], override: dict[str, str] | None = None,
-                    *, background: str = "background") -> ClassMap:
-    """Builds the name match; the target's index 0 must be background."""
+                    *, background: str = "background", allow_no_match: bool = False) -> ClassMap:
+    """Builds the name match; the target's index 0 must be background.
+
+    Args:
+        allow_no_match: when no target class matches a source class, give every target class a new output channel
+            (METHOD.md's cold start: the model has no head for the target yet) instead of refusing.
+    """
     override = dict(override or {})
     if target_names[0] != background:
         raise AsfdaError(f"target label 0 is {target_names[0]!r}, expected {background!r}",
@@ -81,9 +90,9 @@ def build_class_map(source_names: list[str], target_names: list[str], override: 
         key = _norm(override.get(name, name))
         index.append(norm.get(key))
     matched = [i for i in index[1:] if i is not None]
-    if not matched:
+    if not matched and not allow_no_match:
         raise AsfdaError(f"no dataset label {list(target_names[1:])} matches a model class {list(source_names)}",
-                         fix="pass --class-map target=source,... to match them by hand")
+                         fix=NO_MATCH_FIX)
     if len(set(matched)) != len(matched):
         raise AsfdaError("two dataset labels map to the same model class", fix="check --class-map")
     new = [n for n, i in zip(target_names, index) if i is None]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from asfda.errors import AsfdaError
-from asfda.io.atomic import atomic_write, atomic_write_json
+from asfda.io.atomic import atomic_write, atomic_write_folder, atomic_write_json
 from asfda.models.preprocessing import Preprocessing
 from asfda.models.safe_config import DeclaredTransform, build_network, build_transforms, resolve_literal
 
@@ -306,25 +306,15 @@ def save_bundle(model: LoadedModel, out_dir: str | Path, *, extra_metadata: dict
 
     Configs are copied from the source bundle when there is one (so its own pipeline keeps working);
     weights go to ``models/model.pt`` (plain state dict, what MONAI's CheckpointLoader reads) and
-    ``models/model.safetensors``.
+    ``models/model.safetensors``. The bundle is written as a whole (`asfda.io.atomic.atomic_write_folder`): a folder
+    that held an earlier bundle is replaced in one step, so a reader (or a kill -9 in the middle) never sees a mix of
+    the two models.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "models").mkdir(parents=True, exist_ok=True)
     src = model.source if model.source is not None and model.source.is_dir() else None
-    if src is not None and src.resolve() != out.resolve():
-        for sub in ("configs", "docs"):
-            if (src / sub).is_dir():
-                for f in (src / sub).iterdir():
-                    if f.is_file() and f.name != "metadata.json":
-                        atomic_write(out / sub / f.name, lambda p, f=f: shutil.copyfile(f, p))
-    elif src is None:
-        atomic_write_json(out / "configs" / "inference.json", model.config)
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
-    atomic_write(out / "models" / "model.pt", lambda p: torch.save(state, p))
-    atomic_write(out / "models" / "model.safetensors", lambda p: save_file(state, str(p)))
     meta = copy.deepcopy(model.metadata) or {}
     if not meta.get("network_data_format"):
         meta["network_data_format"] = {"outputs": {"pred": {"type": "image", "format": "segmentation",
@@ -332,5 +322,22 @@ def save_bundle(model: LoadedModel, out_dir: str | Path, *, extra_metadata: dict
                                                            "channel_def": {str(i): n for i, n in enumerate(model.class_names)}}}}
     meta.setdefault("asfda", {}).update(extra_metadata or {})
     meta["asfda"]["weights_sha256_16"] = state_dict_hash(state)
-    atomic_write_json(out / "configs" / "metadata.json", meta)
+
+    def write(folder: Path) -> None:
+        (folder / "configs").mkdir()
+        (folder / "models").mkdir()
+        if src is not None:
+            for sub in ("configs", "docs"):
+                if (src / sub).is_dir():
+                    (folder / sub).mkdir(exist_ok=True)
+                    for f in (src / sub).iterdir():
+                        if f.is_file() and f.name != "metadata.json":
+                            atomic_write(folder / sub / f.name, lambda p, f=f: shutil.copyfile(f, p))
+        else:
+            atomic_write_json(folder / "configs" / "inference.json", model.config)
+        atomic_write(folder / "models" / "model.pt", lambda p: torch.save(state, p))
+        atomic_write(folder / "models" / "model.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write_json(folder / "configs" / "metadata.json", meta)
+
+    atomic_write_folder(out, write)
     return out

@@ -22,7 +22,7 @@ from monai.transforms import Orientation, SpatialResample, Spacing
 from asfda.errors import AsfdaError
 from asfda.io.atomic import atomic_write
 from asfda.io.datasets import Case
-from asfda.io.nifti import read_nifti
+from asfda.io.nifti import read_nifti, refuse_constant_image
 from asfda.models.safe_config import DECLARED_ONLY
 
 __all__ = ["Preprocessing", "PreparedVolume", "prepare_case", "resample_to_native"]
@@ -130,6 +130,7 @@ def prepare_case(case: Case, prep: Preprocessing, *, with_label: bool = True, ca
             except Exception:  # a damaged cache entry is recomputed
                 cache_path.unlink(missing_ok=True)
     image, affine = read_nifti(case.image_path)
+    refuse_constant_image(image, case.image_path)
     label = None
     if with_label:
         label_arr, _ = read_nifti(case.label_path, dtype=np.float32)

@@ -79,17 +79,28 @@ class Strategy:
         """The options a pick depended on besides the pool's numbers (for run records); none by default."""
         return {}
 
+    @property
+    def reads_predictions(self) -> bool:
+        """Whether the strategy reads numbers made from the model's class probabilities (metrics or vectors)."""
+        return bool(self.needs.metrics or self.needs.vectors)
+
+    def check_cold_start(self) -> None:
+        """Refuses a cold-start pool (`PoolScores.cold_start`: no trained output for any target class) for a strategy
+        that reads the model's predictions and has no rule for it; callers may call it before scoring the pool."""
+        if self.reads_predictions and not self.cold_start_ok:
+            raise AsfdaError(f"strategy {self.name!r} reads the model's predictions, and the model has no segmentation "
+                             "head for these classes yet (no output for any of them: the cold start)",
+                             fix="use --strategy asfda (its cold start picks on the embeddings alone), coreset or "
+                             "random for the first query, or --class-map target=source,... to match classes by hand")
+
     def select(self, pool: PoolScores, budget: int, seed: int) -> Query:
         if not isinstance(budget, int) or budget <= 0:
             raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
         if budget > len(pool.ids):
             raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool.ids)} volumes)",
                              fix="lower the budget or add volumes to the pool")
-        reads_predictions = bool(self.needs.metrics or self.needs.vectors)
-        if pool.cold_start and reads_predictions and not self.cold_start_ok:
-            raise AsfdaError(f"strategy {self.name!r} reads the model's predictions, and the model has no segmentation "
-                             "head for these classes yet", fix="use asfda (its cold start), coreset or random for "
-                             "the first query")
+        if pool.cold_start:
+            self.check_cold_start()
         missing = [] if pool.cold_start else sorted(m for m in self.needs.metrics if m not in pool.metrics)
         missing += [] if pool.cold_start else sorted(f"vector {v}" for v in self.needs.vectors if v not in pool.vectors)
         if missing:

@@ -184,3 +184,26 @@ def test_python_dash_m_asfda_runs_the_cli() -> None:
 
     out = subprocess.run([sys.executable, "-m", "asfda", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("asfda ")
+
+
+def test_no_command_is_an_error_not_a_silent_success(capsys: pytest.CaptureFixture) -> None:
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "name a command" in err and "predict" in err
+
+
+def test_predict_takes_data_like_every_other_command() -> None:
+    from asfda.cli import build_parser
+
+    args = build_parser().parse_args(["predict", "--model", "m", "--data", "d", "--out", "o"])
+    assert args.images == "d"
+    assert build_parser().parse_args(["predict", "--model", "m", "--images", "d", "--out", "o"]).images == "d"
+
+
+def test_ingest_of_an_empty_folder_says_so(tmp_path, tiny_bundle, tiny_dataset, capsys: pytest.CaptureFixture) -> None:
+    from asfda.project import ProjectSettings, init_project
+
+    init_project(tmp_path / "p", str(tiny_bundle), str(tiny_dataset), ProjectSettings(budget=1))
+    (tmp_path / "empty").mkdir()
+    assert main(["ingest", str(tmp_path / "empty"), str(tmp_path / "p")]) == 2
+    assert "nothing ingested" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundle folder, checkpoint or TorchScript file")
     p.add_argument("--model-config", help="network config for a bare checkpoint (preprocessing, class names "
                    "for a TorchScript file)")
-    p.add_argument("--images", required=True, help="nnU-Net raw dataset (values from its dataset.json) or a folder "
+    p.add_argument("--data", "--images", dest="images", required=True, help="nnU-Net raw dataset (values from its dataset.json) or a folder "
                    "of NIfTI images (the model's class indices, named in OUT/labels.json); labels not needed")
     p.add_argument("--out", required=True, help="folder for CASE.nii.gz label maps (cases already done are skipped)")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # nothing done: say so, and not with exit code 0
+        parser.print_help(sys.stderr)
+        print("asfda: error: name a command (asfda COMMAND --help for its options)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="asfda: %(levelname)s: %(message)s")
     _quiet_warnings()
     try:
@@ -334,7 +335,9 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
             left = len(q["ids"])
             print(f"only {left} unlabeled case{' is' if left == 1 else 's are'} left, fewer than the budget "
                   f"{q['budget']}: this round asks for {'it' if left == 1 else 'all of them'}")
-        print(f"round {q['round']}: annotate these {len(q['ids'])} cases ({q['strategy']}, T={q['temperature']:.3g}):")
+        n = len(q["ids"])
+        print(f"round {q['round']}: annotate {'this case' if n == 1 else f'these {n} cases'} "
+              f"({q['strategy']}, T={q['temperature']:.3g}):")
         for cid in q["ids"]:
             comps = ", ".join(f"{k}={v:.3g}" for k, v in q["components"].get(cid, {}).items())
             print(f"  {cid}  {comps}")
@@ -342,6 +345,9 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
         print(f"then: asfda ingest LABELS_DIR {root}")
     elif args.command == "ingest":
         res = prj.ingest_labels(args.project, args.labels)
+        if not res["accepted"] and not res["refused"]:
+            print(f"asfda: error: no label files (CASE.nii.gz) in {args.labels}: nothing ingested", file=sys.stderr)
+            return 2
         for cid in res["accepted"]:
             print(f"accepted: {cid}" + (" (replaces the earlier label)" if cid in res["replaced"] else ""))
         for bad in res["refused"]:

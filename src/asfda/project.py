@@ -461,7 +461,8 @@ def _new_query(project: Project, progress: bool) -> dict:
     atomic_write_text(folder / "cases.txt", "\n".join(query.ids) + "\n")
     values = ", ".join(f"{v} = {n}" for n, v in sorted(project.state["labels"].items(), key=lambda kv: kv[1]))
     atomic_write_text(folder / "README.txt", (
-        f"Round {r}: please annotate these {len(query.ids)} cases (ids in cases.txt, images in images/).\n"
+        f"Round {r}: please annotate {'this case' if len(query.ids) == 1 else f'these {len(query.ids)} cases'} "
+        "(ids in cases.txt, images in images/).\n"
         f"Save each label map on its image's grid as CASE.nii.gz with the values {values}.\n"
         f"Then: asfda ingest LABELS_FOLDER {project.root}\n"))
     project.state["query"] = record

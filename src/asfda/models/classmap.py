@@ -97,7 +97,8 @@ def build_class_map(source_names: list[str], target_names: list[str], override: 
         raise AsfdaError("two dataset labels map to the same model class", fix="check --class-map")
     new = [n for n, i in zip(target_names, index) if i is None]
     if new:
-        log.warning("dataset classes %s are unknown to the model: they get new output channels trained from scratch", new)
+        log.warning("dataset classes %s are unknown to the model: they get new output channels, untrained until "
+                    "fine-tuning", new)
     folded = tuple(i for i in range(len(source_names)) if i not in set(index))
     return ClassMap(tuple(target_names), tuple(source_names), tuple(index), (src_bg, *folded))
 

@@ -207,3 +207,17 @@ def test_weights_hash_covers_batchnorm_counters(tmp_path: Path) -> None:
                                          "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
                                          "norm": "batch"})
     assert len(load_model(b).weights_hash) == 16
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "query"])
+def test_a_multi_channel_model_is_refused_before_inference(tmp_path: Path, command: str, capsys) -> None:
+    from asfda.cli import main
+    from conftest import TINY_NET, write_nnunet
+
+    b = write_bundle(tmp_path / "b", net={**TINY_NET, "in_channels": 4})
+    assert load_model(b).in_channels == 4
+    data = write_nnunet(tmp_path / "d", n=2)
+    extra = {"predict": [], "evaluate": [], "query": ["--budget", "1"]}[command]
+    rc = main([command, "--model", str(b), "--data", str(data), "--out", str(tmp_path / "o" / "x.json"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and "expects 4 input channels, the dataset has 1" in err and err.count("\n") == 1

@@ -123,6 +123,7 @@ class Adapter:
         if pretrained.activation != "softmax":
             raise AsfdaError(f"adaptation supports single-label (softmax) models; this model is {pretrained.activation}",
                              pretrained.source, "use `asfda predict` for multi-label models")
+        pretrained.check_input_channels(1)
         self.pretrained = pretrained
         self.target_names = list(target_names)
         self.class_map = build_class_map(pretrained.class_names, self.target_names, class_map_override,

@@ -294,6 +294,7 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
                                       **_model_inputs(model, model_config)})
     check_writable_folder(out)
     loaded = load_model(model, config=model_config, allow_code=trust_model_code)
+    loaded.check_input_channels(1)
     if loaded.activation not in ("softmax", "sigmoid"):
         raise AsfdaError(f"unknown output activation {loaded.activation!r}", loaded.source,
                          "set asfda_activation to 'softmax' or 'sigmoid' in the model config")

@@ -66,6 +66,24 @@ class LoadedModel:
     embedding_layer: str | None = None
 
     @property
+    def in_channels(self) -> int | None:
+        """Input channels the network expects: its first convolution's (None when it has none to read)."""
+        for m in self.network.modules():
+            n = getattr(m, "in_channels", None)
+            if isinstance(n, int) and hasattr(m, "weight"):
+                return n
+        return None
+
+    def check_input_channels(self, have: int = 1, where: object = None) -> None:
+        """Refuses, before any inference, a network that expects another number of input channels."""
+        want = self.in_channels
+        if want is not None and want != have:
+            raise AsfdaError(f"the model expects {want} input channels, the dataset has {have} (a model of several "
+                             "stacked sequences or modalities)", where or self.source,
+                             "use a model trained on single-channel images; asfda reads one channel per case "
+                             "(nnU-Net's _0000 file)")
+
+    @property
     def weights_hash(self) -> str:
         return state_dict_hash(self.network.state_dict())
 

@@ -207,3 +207,30 @@ def test_ingest_of_an_empty_folder_says_so(tmp_path, tiny_bundle, tiny_dataset, 
     (tmp_path / "empty").mkdir()
     assert main(["ingest", str(tmp_path / "empty"), str(tmp_path / "p")]) == 2
     assert "nothing ingested" in capsys.readouterr().err
+
+
+MODEL_COMMANDS = ("evaluate", "predict", "score", "query", "simulate", "init")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_every_model_running_command_takes_data_device_and_trust(command: str) -> None:
+    """One name per concept: --data (simulate and init: also --pool), --device and --trust-model-code wherever a model runs;
+    --precision wherever one is fine-tuned."""
+    from asfda.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    flags = {o for a in sub.choices[command]._actions for o in a.option_strings}
+    assert {"--data", "--device", "--trust-model-code"} <= flags
+    if command in ("simulate", "init"):
+        assert "--precision" in flags
+
+
+def test_simulate_device_and_precision_reach_the_run_config(monkeypatch, tmp_path) -> None:
+    import asfda.simulate
+
+    seen = {}
+    monkeypatch.setattr(asfda.simulate, "run_simulation", lambda cfg: seen.setdefault("cfg", cfg) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["simulate", "--model", "m", "--pool", "p", "--device", "cpu", "--precision", "bf16", "--debug"])
+    assert seen["cfg"].device == "cpu" and seen["cfg"].train.precision == "bf16"

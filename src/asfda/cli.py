@@ -11,6 +11,17 @@ from asfda.errors import AsfdaError
 __all__ = ["main"]
 
 
+def _add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default, help="auto (CUDA when available), cpu, cuda, cuda:1 ... "
+                   f"(default: {default or 'the config file, else auto'})")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="fine-tuning precision: fp32, or bf16 autocast (faster on CPUs with bf16 instructions and on "
+                   "GPUs) (default: the config's, fp32)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate strategies x budgets x seeds with labels from the dataset")
     p.add_argument("--config", help="YAML run config (see docs); flags below override it")
     p.add_argument("--model", help="bundle folder, checkpoint or TorchScript file")
-    p.add_argument("--pool", help="labelled dataset used as the unlabeled pool (nnU-Net raw or NIfTI folder)")
+    p.add_argument("--pool", "--data", dest="pool", help="labelled dataset used as the unlabeled pool (nnU-Net raw or NIfTI folder)")
     p.add_argument("--test", help="separate labelled test dataset (default: a seeded split of the pool)")
     _add_strategies(p, "each runs with the same seeds and recipe (default: asfda,random)")
     p.add_argument("--budget", type=int, help="volumes labelled per round")
@@ -112,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-guard", action="store_true", help="keep every round's weights (no non-regression guard)")
     p.add_argument("--upper-bound-steps", type=int, help="steps of the upper bound (default: steps x rounds)")
     p.add_argument("--out", help="results folder (not inside the pool, the test set or the model)")
+    _add_device(p, default=None)
+    _add_precision(p)
     _add_trust(p)
     _add_common(p)
 
@@ -121,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled dataset (nnU-Net raw or NIfTI folder)")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--out", default="runs/evaluate", help="folder for per_case.csv and summary.json")
+    _add_device(p)
     _add_trust(p)
     _add_common(p)
 
@@ -138,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over flips along the model grid's A-P and S-I "
                    "axes (3 passes; never left-right)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs are up to date")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_device(p)
     _add_trust(p)
     _add_common(p)
 
@@ -154,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="T of softmax(z / T) (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_device(p)
     _add_trust(p)
     _add_common(p)
 
@@ -182,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.5 / (1 + labelled); 'none' is METHOD.md's rule (default: none)")
     p.add_argument("--out", default="query.json", help="JSON with the chosen ids and components (default: query.json)")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_device(p)
     _add_trust(p)
     _add_common(p)
 
@@ -190,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create an annotation project: pretrained model + unlabeled pool")
     p.add_argument("out", help="project folder to create")
     p.add_argument("--model", required=True, help="bundle folder, checkpoint or TorchScript file")
-    p.add_argument("--pool", required=True, help="the unlabeled pool (nnU-Net raw or NIfTI folder)")
+    p.add_argument("--pool", "--data", dest="pool", required=True, help="the unlabeled pool (nnU-Net raw or NIfTI folder)")
     p.add_argument("--labels", help="JSON of label name -> value for a plain NIfTI folder (default: the model's "
                    "classes; nnU-Net pools use their dataset.json)")
     _add_strategy(p, "the query strategy of every round")
@@ -201,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-empty-labels", action="store_true", help="accept label maps with no foreground")
     p.add_argument("--no-guard", action="store_true", help="keep every round's weights, even when the adapted "
                    "model's organs are more fragmented than the pretrained model's")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_precision(p)
+    _add_device(p)
     _add_trust(p, "; kept in the project's settings, so next and finetune build it the same way")
     _add_common(p)
     project_commands = [
@@ -274,6 +289,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "class_map": args.class_map, "out_dir": args.out, "progress": progress,
             "upper_bound": False if args.no_upper_bound else None,
             "train.guard": False if args.no_guard else None, "upper_bound_steps": args.upper_bound_steps,
+            "device": args.device, "train.precision": args.precision,
             "trust_model_code": True if args.trust_model_code else None})
         if not cfg.model or not cfg.pool:
             raise AsfdaError("simulate needs a model and a pool", fix="pass --model and --pool, or set them in --config")
@@ -284,7 +300,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from asfda.predict import evaluate_model
 
         evaluate_model(args.model, args.data, args.out, model_config=args.model_config, class_map=args.class_map,
-                       progress=progress, trust_model_code=args.trust_model_code)
+                       progress=progress, trust_model_code=args.trust_model_code, device=args.device)
     elif args.command == "predict":
         from asfda.predict import predict_model
 
@@ -324,7 +340,8 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
         settings = prj.ProjectSettings(strategy=args.strategy, budget=args.budget, seed=args.seed,
                                        class_map=args.class_map, allow_empty_labels=args.allow_empty_labels,
                                        device=args.device, trust_model_code=args.trust_model_code,
-                                       train=TrainConfig(steps=args.steps, guard=not args.no_guard))
+                                       train=TrainConfig(steps=args.steps, guard=not args.no_guard,
+                                                         precision=args.precision or "fp32"))
         p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels)
         print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
         print(f"next: asfda next {p.root}")

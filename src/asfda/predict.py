@@ -45,7 +45,7 @@ def _model_inputs(model: str | Path, model_config: str | Path | None) -> dict[st
 
 def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, model_config: str | None = None,
                    class_map: str | None = None, progress: bool = True, cache_dir: str | None = ".cache",
-                   trust_model_code: bool = False) -> dict:
+                   trust_model_code: bool = False, device: str = "auto") -> dict:
     """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json.
 
     Labels are checked as `asfda ingest` checks them (integer values among the dataset's label values).
@@ -61,7 +61,7 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     refuse_output_inside_inputs(out, {"the dataset": dataset_input_folders(ds)})
     allowed = set(ds.labels.values())
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
-                      cache_dir=cache_dir, progress=progress)
+                      cache_dir=cache_dir, progress=progress, device=device)
     names = ds.class_names
     rows = []
     for case in adapter._bar(list(ds.cases), "evaluate"):

@@ -383,3 +383,61 @@ def test_restoring_the_bak_after_finetune_keeps_the_round(pool: dict, tmp_path: 
     shutil.copyfile(proj / "project.json.bak", proj / "project.json")
     assert project_status(proj)["rounds_finished"] == 1
     assert Project(proj).state["weights"] == "weights/round0.safetensors"
+
+
+def test_next_writes_presegmentations_and_ingest_measures_the_edits(pool: dict, tmp_path: Path) -> None:
+    """A pre-segmentation per queried case on the image's own grid (shape and affine) with the dataset's values,
+    ITK-SNAP and Slicer label files naming every label; ingest records the edit Dice; a replaced label is kept."""
+    import nibabel as nib
+
+    from asfda.annotation import edit_summary
+
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), ProjectSettings(budget=2, train=TrainConfig(steps=2)))
+    q = next_query(proj, progress=False)
+    folder = proj / q["folder"]
+    labels = Project(proj).state["labels"]
+    for cid in q["ids"]:
+        pre = nib.load(str(folder / "presegmentations" / f"{cid}.nii.gz"))
+        img = nib.load(str(pool["pool"] / "imagesTr" / f"{cid}_0000.nii.gz"))
+        assert pre.shape == img.shape and np.allclose(pre.affine, img.affine)
+        assert set(np.unique(np.asarray(pre.dataobj)).tolist()) <= set(labels.values())
+    itk = (folder / "labels.itksnap.txt").read_text()
+    ctbl = (folder / "labels.slicer.ctbl").read_text()
+    for name, value in labels.items():
+        if value:
+            assert f'"{name}"' in itk and f"\n{value} {name} " in ctbl
+    assert "presegmentations" in (folder / "README.txt").read_text()
+    answers = _answer(pool["truth"], q["ids"], tmp_path / "ann0")
+    ingest_labels(proj, answers)
+    rec = Project(proj).state["labelled"][q["ids"][0]]
+    pre = np.asarray(nib.load(str(folder / "presegmentations" / f"{q['ids'][0]}.nii.gz")).dataobj).astype(np.int64)
+    truth = np.asarray(nib.load(str(answers / f"{q['ids'][0]}.nii.gz")).dataobj).astype(np.int64)
+    assert rec["edit"] == pytest.approx(edit_summary(pre, truth, labels), nan_ok=True)
+    effort = project_status(proj)["annotation_effort"]
+    assert effort[0]["round"] == 0 and effort[0]["cases"] == 2
+    # a corrected label replaces the first one, which is kept as CASE.v1.nii.gz
+    fixed = np.array(truth, dtype=np.uint8)
+    fixed.flat[0] = 1 if fixed.flat[0] != 1 else 0  # one voxel corrected
+    again = tmp_path / "ann0b"
+    again.mkdir()
+    src = nib.load(str(answers / f"{q['ids'][0]}.nii.gz"))
+    nib.save(nib.Nifti1Image(fixed, src.affine, src.header), str(again / f"{q['ids'][0]}.nii.gz"))
+    assert ingest_labels(proj, again)["replaced"] == [q["ids"][0]]
+    rec = Project(proj).state["labelled"][q["ids"][0]]
+    assert rec["versions"][0]["file"] == f"labels/{q['ids'][0]}.v1.nii.gz"
+    assert (proj / rec["versions"][0]["file"]).is_file() and (proj / rec["file"]).is_file()
+
+
+def test_edit_summary_by_hand() -> None:
+    from asfda.annotation import edit_summary
+
+    pre = np.zeros((4, 4, 2), np.int64)
+    pre[0:2, 0:2, :] = 1  # 8 voxels of liver
+    lab = pre.copy()
+    lab[0, 0, :] = 0      # annotator removed 2 liver voxels
+    lab[3, 3, 0] = 2      # and drew 1 spleen voxel
+    e = edit_summary(pre, lab, {"background": 0, "liver": 1, "spleen": 2})
+    assert e["edit_dice_liver"] == pytest.approx(2 * 6 / (8 + 6)) and e["edit_dice_spleen"] == 0.0
+    assert e["voxels_changed"] == 3 and e["fraction_changed"] == pytest.approx(3 / 32)
+    assert e["edit_dice_mean"] == pytest.approx((12 / 14 + 0.0) / 2)

@@ -399,6 +399,10 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
                 print(f"round {d['round']} was discarded by the guard (organs more fragmented than the pretrained "
                       f"model's: plausibility {d.get('plausibility_adapted', float('nan')):.3f} < "
                       f"{d.get('plausibility_pretrained', float('nan')):.3f}); new labels then: {', '.join(d['new_ids']) or 'none'}")
+            for e in st.get("annotation_effort", []):
+                print(f"round {e['round']}: the pre-segmentations of {e['cases']} case(s) matched the final labels "
+                      f"with Dice {e['edit_dice_mean']:.3f} ({100 * e['fraction_changed_mean']:.2f}% of voxels "
+                      "changed by the annotators)")
             if st.get("held_back"):
                 print(f"held back from training (their labels are kept): {', '.join(st['held_back'])}")
             print(f"next: {st['next']}")

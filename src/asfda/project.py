@@ -451,7 +451,7 @@ def _new_query(project: Project, progress: bool) -> dict:
                 os.symlink(src, link)
             except OSError:  # file systems without symlinks
                 atomic_write(link, lambda p, src=src: shutil.copyfile(src, p))
-    _write_previews(adapter, [by_id[i] for i in query.ids], folder / "previews", ds.class_names)
+    _write_annotation_aids(adapter, [by_id[i] for i in query.ids], folder, ds.class_names, project.state["labels"])
     record = {"round": r, "strategy": query.strategy, "ids": query.ids, "scores": query.scores,
               "components": query.components, "strategy_settings": strategy.settings(),
               "temperature": temp.temperature, "ece_before": temp.ece_before, "ece_after": temp.ece_after, "seconds": round(time.perf_counter() - t0, 2),
@@ -464,21 +464,39 @@ def _new_query(project: Project, progress: bool) -> dict:
         f"Round {r}: please annotate {'this case' if len(query.ids) == 1 else f'these {len(query.ids)} cases'} "
         "(ids in cases.txt, images in images/).\n"
         f"Save each label map on its image's grid as CASE.nii.gz with the values {values}.\n"
+        "Correcting is faster than drawing: presegmentations/CASE.nii.gz is the current model's prediction on the\n"
+        "image's own grid, with these values. ITK-SNAP: open images/CASE_0000.nii.gz, then Segmentation > Open\n"
+        "Segmentation... presegmentations/CASE.nii.gz and Segmentation > Import Label Descriptions...\n"
+        "labels.itksnap.txt; edit, then Segmentation > Save Segmentation Image as CASE.nii.gz. 3D Slicer: load\n"
+        "labels.slicer.ctbl (a colour table), then the image, then presegmentations/CASE.nii.gz as a segmentation\n"
+        "with that colour table; edit in Segment Editor; export it as a labelmap CASE.nii.gz on the image's grid.\n"
         f"Then: asfda ingest LABELS_FOLDER {project.root}\n"))
     project.state["query"] = record
     project.save(f"round {r}: queried {', '.join(query.ids)}")
     return record
 
 
-def _write_previews(adapter, cases: list[Case], folder: Path, class_names: list[str]) -> None:
+def _write_annotation_aids(adapter, cases: list[Case], folder: Path, class_names: list[str],
+                           labels: dict[str, int]) -> None:
+    """Per queried case, from one forward pass of the current model: ``previews/CASE.png`` and
+    ``presegmentations/CASE.nii.gz`` (the prediction on the image's own grid, the dataset's label values); plus
+    the label descriptions for ITK-SNAP and 3D Slicer."""
+    from asfda.annotation import itksnap_label_description, slicer_color_table
+    from asfda.predict import _write_label_map, label_map_on_native_grid
     from asfda.report.previews import preview_png
 
+    fg = tuple(range(1, len(class_names)))
     for case in cases:
         vol = adapter.prepare(case, with_label=False)
         logits, _ = adapter.engine_current.run(vol.image)
         pred = logits.argmax(0).numpy().astype(np.uint8)
-        preview_png(vol.image[0].numpy(), {"current prediction": pred}, folder / f"{case.case_id}.png",
+        preview_png(vol.image[0].numpy(), {"current prediction": pred}, folder / "previews" / f"{case.case_id}.png",
                     title=case.case_id, class_names=class_names)
+        native = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape)
+        (folder / "presegmentations").mkdir(parents=True, exist_ok=True)
+        _write_label_map(folder / "presegmentations" / f"{case.case_id}.nii.gz", native, case.image_path)
+    atomic_write_text(folder / "labels.itksnap.txt", itksnap_label_description(labels))
+    atomic_write_text(folder / "labels.slicer.ctbl", slicer_color_table(labels))
 
 
 # ---------------------------------------------------------------------------------------------- ingest
@@ -514,17 +532,47 @@ def ingest_labels(root: str | Path, labels_dir: str | Path) -> dict:
                 continue  # already in: ingesting a folder twice changes nothing
             suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
             dest = project.root / "labels" / f"{cid}{suffix}"
+            versions = list(old.get("versions", [])) if old else []
+            if old:  # the replaced label is kept beside it, as labels/CASE.vN.nii.gz
+                kept = project.root / "labels" / f"{cid}.v{len(versions) + 1}{suffix}"
+                src = project.root / old["file"]
+                if src.is_file():
+                    atomic_write(kept, lambda p, src=src: shutil.copyfile(src, p))
+                    versions.append({"file": str(kept.relative_to(project.root)), "sha256": old["sha256"],
+                                     "ingested": old.get("ingested")})
             atomic_write(dest, lambda p, path=path: shutil.copyfile(path, p))
             if old:
                 replaced.append(cid)
                 if old["file"] != str(dest.relative_to(project.root)):
                     (project.root / old["file"]).unlink(missing_ok=True)
+            query_round = _query_round(project, cid)
             project.state["labelled"][cid] = {"file": str(dest.relative_to(project.root)), "sha256": digest,
                                               "ingested": _now(), "source": str(path.resolve()),
-                                              "query_round": _query_round(project, cid)}
+                                              "query_round": query_round,
+                                              **({"versions": versions} if versions else {}),
+                                              **_edit_record(project, cid, path, query_round)}
             project.save(f"label {'replaced' if old else 'ingested'}: {cid}")
             accepted.append(cid)
     return {"accepted": accepted, "refused": refused, "replaced": replaced}
+
+
+def _edit_record(project: Project, cid: str, label_path: Path, query_round: int | None) -> dict:
+    """``{"edit": ...}``: how much the annotator changed the pre-segmentation `asfda next` wrote for this case
+    (`asfda.annotation.edit_summary`), or nothing when there is none."""
+    from asfda.annotation import edit_summary
+    from asfda.io.nifti import read_nifti
+
+    if query_round is None:
+        return {}
+    pre = project.root / "annotate" / f"round{query_round}" / "presegmentations" / f"{cid}.nii.gz"
+    if not pre.is_file():
+        return {}
+    try:
+        p, _ = read_nifti(pre)
+        g, _ = read_nifti(label_path)
+        return {"edit": edit_summary(p.round().astype(np.int64), g.round().astype(np.int64), project.state["labels"])}
+    except (AsfdaError, ValueError):  # a pre-segmentation removed or damaged by hand: no statistic, not an error
+        return {}
 
 
 def _query_round(project: Project, cid: str) -> int | None:
@@ -611,6 +659,16 @@ def project_status(root: str | Path) -> dict:
             {"round": rec["round"], "new_ids": rec.get("new_ids", []), **(rec.get("guard") or {})}
             for rec in st["rounds"] if (rec.get("guard") or {}).get("reverted")]
         out["held_back"] = last.get("held_back", [])
+    effort: dict[int, list[dict]] = {}
+    for rec in labelled.values():
+        if rec.get("edit") and rec.get("query_round") is not None:
+            effort.setdefault(int(rec["query_round"]), []).append(rec["edit"])
+    # per query round: how close the pre-segmentations were to the final labels (1.0: accepted as they were)
+    out["annotation_effort"] = [
+        {"round": r, "cases": len(edits),
+         "edit_dice_mean": float(np.nanmean([e["edit_dice_mean"] for e in edits])),
+         "fraction_changed_mean": float(np.mean([e["fraction_changed"] for e in edits]))}
+        for r, edits in sorted(effort.items())]
     if q and out["pending_query"]["missing_labels"]:
         out["next"] = f"annotate {q['folder']}, then `asfda ingest LABELS_DIR {project.root}`"
     elif out["labelled_not_trained"]:

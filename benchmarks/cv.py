@@ -482,6 +482,13 @@ def readme(summary: dict) -> str:
     ns = [str(n) for n in range(0, rounds + 1)]
     fold_of = {c: k for k, f in summary["per_fold"].items() for c in f["test"]}
     seeds = summary["seeds"]
+    have = {name: {n: sum(1 for v in summary["per_volume"].values() if (v.get(name) or {}).get(n) is not None)
+                   for n in ns[1:]} for name in names}
+    have_zero = sum(1 for v in summary["per_volume"].values() if v.get("zero_shot") is not None)
+    partial_note = ("" if summary["complete"] else
+                    f" PARTIAL: each number is the mean over the test volumes that have it (zero-shot: {have_zero}; "
+                    + "; ".join(f"{name} n={','.join(ns[1:])}: {', '.join(str(have[name][n]) for n in ns[1:])}"
+                                for name in names) + f" of {len(summary['per_volume'])}).")
     lines = [
         f"# {summary['folds']}-fold cross-validated active adaptation"
         + (" (Dice after largest-component post-processing)" if summary.get("metric", "dice_mean") != "dice_mean"
@@ -498,7 +505,7 @@ def readme(summary: dict) -> str:
         f"{len(summary['per_volume'])} test volumes, each tested once (in its fold); seeds {seeds}", "",
         "Mean Dice over all test volumes of all folds (mean over seeds of the per-seed mean over volumes; a volume's "
         "Dice is its mean over foreground classes; n=0 is zero-shot; AUC = mean Dice over n = 0.."
-        f"{rounds}):", "",
+        f"{rounds}).{partial_note}", "",
         "| strategy | " + " | ".join(f"n={n}" for n in ns) + " | AUC |",
         "|---|" + "---|" * (len(ns) + 1),
     ]

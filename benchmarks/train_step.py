@@ -23,7 +23,8 @@ from asfda.loop import Adapter
 from asfda.models import load_model
 from asfda.training import TrainVolume
 from asfda.training.losses import masked_dice_ce
-from asfda.training.trainer import _augment, sample_patch
+from asfda.training.augment import PatchAugmenter
+from asfda.training.trainer import sample_patch
 from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared/data/mr_chaos_t2"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--augmentation", default="intensity", help="intensity (default), spatial_mr or none")
     ap.add_argument("--variants", default="fp32", help="comma-separated: fp32, bf16, channels_last")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -51,6 +53,7 @@ def main() -> None:
             net.to(memory_format=torch.channels_last_3d)
     opts = {v: torch.optim.AdamW(nets[v].parameters(), lr=1e-4) for v in variants}
     rng = np.random.default_rng(0)
+    augmenter = PatchAugmenter(args.augmentation, model.roi_size, 0)
     t_data = {v: 0.0 for v in variants}
     t_compute = {v: 0.0 for v in variants}
     for step in range(args.steps + 1):
@@ -58,8 +61,9 @@ def main() -> None:
             t0 = time.perf_counter()
             xs, ys, ms = [], [], []
             for _ in range(args.batch_size):
-                x, y, m = sample_patch(train[int(rng.integers(len(train)))], model.roi_size, rng, 0.67)
-                xs.append(_augment(x, rng))
+                x, y, m = augmenter(*sample_patch(train[int(rng.integers(len(train)))], augmenter.region, rng, 0.67),
+                                    rng)
+                xs.append(x)
                 ys.append(y)
                 ms.append(m)
             x, y, m = torch.stack(xs), torch.stack(ys), torch.stack(ms)

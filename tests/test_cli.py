@@ -76,3 +76,103 @@ def test_guard_settings_reach_the_run_config(tmp_path: Path, capsys: pytest.Capt
     cfg.write_text("model: m\npool: p\ntrain:\n  guard_volumes: 0\n")
     assert main(["simulate", "--config", str(cfg)]) == 2
     assert "train.guard_volumes" in capsys.readouterr().err
+
+
+STRATEGY_COMMANDS = [("query", "--strategy"), ("init", "--strategy"), ("score", "--strategies"),
+                     ("simulate", "--strategies")]
+
+
+@pytest.mark.parametrize(("name", "flag"), STRATEGY_COMMANDS)
+def test_help_lists_the_strategy_names_from_the_registry(name: str, flag: str, capsys: pytest.CaptureFixture) -> None:
+    from asfda.selection import STRATEGIES
+
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    help_of_flag = out[out.index(flag, out.index("options:")):]
+    for strategy in STRATEGIES:
+        assert strategy in help_of_flag.split("--", 2)[1], (strategy, help_of_flag[:300])
+
+
+@pytest.mark.parametrize(("name", "flag"), STRATEGY_COMMANDS)
+def test_an_unknown_strategy_is_refused_with_the_list(name: str, flag: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    from asfda.selection import STRATEGIES
+
+    argv = {"query": ["query", "--model", "m", "--data", "d", "--budget", "1"],
+            "init": ["init", str(tmp_path / "p"), "--model", "m", "--pool", "d"],
+            "score": ["score", "--model", "m", "--data", "d"],
+            "simulate": ["simulate", "--model", "m", "--pool", "d"]}[name]
+    value = "asfda,entropyy" if flag == "--strategies" else "entropyy"
+    with pytest.raises(SystemExit) as e:
+        main([*argv, flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "entropyy" in err and all(s in err for s in STRATEGIES)
+
+
+def test_strategy_names_are_case_insensitive_as_before() -> None:
+    args = build_parser().parse_args(["query", "--model", "m", "--data", "d", "--budget", "1", "--strategy", "ASFDA"])
+    assert args.strategy == "asfda"
+    args = build_parser().parse_args(["score", "--model", "m", "--data", "d", "--strategies", " Random, enpy "])
+    assert args.strategies == ["random", "enpy"]
+
+
+MODEL_COMMANDS = ["evaluate", "predict", "score", "query", "simulate", "init"]
+TRUST_HELP = ("build the model config with MONAI's full ConfigParser (runs $ expressions and any _target_): only for "
+              "bundles you trust")
+
+
+@pytest.mark.parametrize("name", MODEL_COMMANDS)
+@pytest.mark.parametrize("trust", [False, True])
+def test_trust_model_code_reaches_load_model(name: str, trust: bool, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from asfda.errors import AsfdaError
+    from conftest import write_bundle, write_nnunet
+
+    seen: list[bool] = []
+
+    def fake_load_model(*args, allow_code: bool = False, **kwargs):
+        seen.append(allow_code)
+        raise AsfdaError("stop here")
+
+    for where in ("asfda.predict.load_model", "asfda.query.load_model", "asfda.simulate.load_model",
+                  "asfda.models.load_model"):
+        monkeypatch.setattr(where, fake_load_model)
+    data, model, out = write_nnunet(tmp_path / "ds", n=4), write_bundle(tmp_path / "bundle"), tmp_path / "out"
+    argv = {"evaluate": ["evaluate", "--model", str(model), "--data", str(data), "--out", str(out)],
+            "predict": ["predict", "--model", str(model), "--images", str(data), "--out", str(out)],
+            "score": ["score", "--model", str(model), "--data", str(data), "--out", str(out / "s.csv")],
+            "query": ["query", "--model", str(model), "--data", str(data), "--budget", "1",
+                      "--out", str(out / "q.json")],
+            "simulate": ["simulate", "--model", str(model), "--pool", str(data), "--out", str(out)],
+            "init": ["init", str(out), "--model", str(model), "--pool", str(data)]}[name]
+    assert main([*argv, *(["--trust-model-code"] if trust else []), "--no-progress"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen == [trust]
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    assert TRUST_HELP in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_project_remembers_trust_model_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asfda.models
+    from asfda.project import Project
+    from conftest import write_bundle, write_nnunet
+
+    data, model, proj = write_nnunet(tmp_path / "ds", n=4), write_bundle(tmp_path / "bundle"), tmp_path / "proj"
+    real = asfda.models.load_model
+    seen: list[bool] = []
+
+    def spy(*args, allow_code: bool = False, **kwargs):
+        seen.append(allow_code)
+        return real(*args, allow_code=allow_code, **kwargs)
+
+    monkeypatch.setattr(asfda.models, "load_model", spy)
+    assert main(["init", str(proj), "--model", str(model), "--pool", str(data), "--trust-model-code",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert Project(proj).settings.trust_model_code is True
+    Project(proj).adapter(progress=False)  # what next and finetune load the model with
+    assert seen == [True, True]
+    assert main(["init", str(tmp_path / "p2"), "--model", str(model), "--pool", str(data), "--no-progress"]) == 0
+    assert Project(tmp_path / "p2").settings.trust_model_code is False

@@ -103,3 +103,73 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
         atomic_write_json(target, {"a": Boom()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def _huge_header(path: Path, shape=(1024, 1024, 512), payload: bytes = b"\0" * 4) -> Path:
+    """A NIfTI header declaring ``shape`` float32 voxels (2 GiB by default) and almost no data."""
+    import gzip
+
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(np.eye(4), 1)
+    blob = hdr.binaryblock + b"\0\0\0\0" + payload
+    path.write_bytes(gzip.compress(blob) if path.name.endswith(".gz") else blob)
+    return path
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_a_header_declaring_more_data_than_the_file_holds_is_refused_before_reading(tmp_path: Path,
+                                                                                     name: str) -> None:
+    import tracemalloc
+
+    path = _huge_header(tmp_path / name)
+    assert path.stat().st_size < 500
+    tracemalloc.start()
+    try:
+        with pytest.raises(AsfdaError) as e:
+            read_nifti(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB allocated before refusing"
+    msg = str(e.value)
+    assert str(path) in msg and "declares" in msg and "2 GiB" in msg and "\n" not in msg
+
+
+def test_a_gzip_whose_size_trailer_disagrees_is_refused(tmp_path: Path) -> None:
+    import gzip
+
+    import nibabel as nib
+
+    small = write_nifti(tmp_path / "small.nii.gz", np.ones((8, 8, 8), np.float32))
+    raw = gzip.decompress(small.read_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(raw))
+    hdr.set_data_shape((64, 64, 64))  # 1 MiB declared; the stream holds 2 KiB
+    forged = hdr.binaryblock + raw[348:]
+    (tmp_path / "forged.nii.gz").write_bytes(gzip.compress(forged))
+    with pytest.raises(AsfdaError, match="declares"):
+        read_nifti(tmp_path / "forged.nii.gz")
+    # a multi-member gzip (bgzip-style) of a complete file still reads: its last ISIZE is only the last member's
+    full = gzip.decompress(write_nifti(tmp_path / "full.nii.gz", np.ones((16, 16, 16), np.float32)).read_bytes())
+    cut = len(full) // 2
+    (tmp_path / "multi.nii.gz").write_bytes(gzip.compress(full[:cut]) + gzip.compress(full[cut:]))
+    arr, _ = read_nifti(tmp_path / "multi.nii.gz")
+    assert arr.shape == (16, 16, 16) and float(arr.sum()) == 16**3
+
+
+def test_a_declared_size_above_the_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asfda.io.nifti as nifti
+
+    ok = write_nifti(tmp_path / "ok.nii.gz", np.ones((16, 16, 16), np.float32))  # 16 KiB
+    monkeypatch.setenv("ASFDA_MAX_NIFTI_BYTES", str(8 * 1024))
+    with pytest.raises(AsfdaError, match="ASFDA_MAX_NIFTI_BYTES"):
+        read_nifti(ok)
+    monkeypatch.delenv("ASFDA_MAX_NIFTI_BYTES")
+    assert nifti.max_nifti_bytes() >= 2**32
+    assert read_nifti(ok)[0].shape == (16, 16, 16)
+    # a header declaring more than the default cap: refused on the header alone
+    with pytest.raises(AsfdaError, match="more than asfda reads"):
+        read_nifti(_huge_header(tmp_path / "cap.nii", shape=(4096, 4096, 1024)))

@@ -16,6 +16,64 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+TRUST_MODEL_CODE_HELP = ("build the model config with MONAI's full ConfigParser (runs $ expressions and any _target_): "
+                         "only for bundles you trust")
+
+
+def _add_trust(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_MODEL_CODE_HELP + extra)
+
+
+class _StrategyNames:
+    """The strategy registry (`asfda.selection.STRATEGIES`) as argparse ``choices``, imported only when a strategy
+    is given or help is printed (the registry pulls in torch). A list of names is "in" it when every name is."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from asfda.selection import STRATEGIES
+
+        return sorted(STRATEGIES)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, value: object) -> bool:
+        values = value if isinstance(value, list) else [value]
+        return all(v in self._names() for v in values)
+
+
+STRATEGY_NAMES = _StrategyNames()
+
+
+def _strategy_name(text: str) -> str:
+    return text.strip().lower()
+
+
+def _strategy_list(text: str) -> list[str]:
+    """Comma-separated strategy names, each checked against the registry."""
+    names = [_strategy_name(n) for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no strategy names in {text!r}; choose from {', '.join(STRATEGY_NAMES)}")
+    unknown = [n for n in names if n not in STRATEGY_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown strategy {', '.join(map(repr, unknown))}; choose from "
+                                         f"{', '.join(STRATEGY_NAMES)}")
+    return names
+
+
+def _add_strategy(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--strategy", default="asfda", type=_strategy_name, choices=STRATEGY_NAMES, metavar="NAME",
+                   help=f"{what}: one of %(choices)s (default: asfda)")
+
+
+def _add_strategies(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--strategies", type=_strategy_list, choices=STRATEGY_NAMES, metavar="NAMES",
+                   help=f"comma-separated strategy names among %(choices)s; {what}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from asfda import __version__
 
@@ -44,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="bundle folder, checkpoint or TorchScript file")
     p.add_argument("--pool", help="labelled dataset used as the unlabeled pool (nnU-Net raw or NIfTI folder)")
     p.add_argument("--test", help="separate labelled test dataset (default: a seeded split of the pool)")
-    p.add_argument("--strategies", help="comma-separated strategy names")
+    _add_strategies(p, "each runs with the same seeds and recipe (default: asfda,random)")
     p.add_argument("--budget", type=int, help="volumes labelled per round")
     p.add_argument("--rounds", type=int)
     p.add_argument("--seeds", help="comma-separated seeds")
@@ -53,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-upper-bound", action="store_true", help="skip the full-pool upper bound")
     p.add_argument("--no-guard", action="store_true", help="keep every round's weights (no non-regression guard)")
     p.add_argument("--upper-bound-steps", type=int, help="steps of the upper bound (default: steps x rounds)")
-    p.add_argument("--out", help="results folder")
+    p.add_argument("--out", help="results folder (not inside the pool, the test set or the model)")
+    _add_trust(p)
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="Dice per case and class of a model on a labelled dataset")
@@ -62,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled dataset (nnU-Net raw or NIfTI folder)")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--out", default="runs/evaluate", help="folder for per_case.csv and summary.json")
+    _add_trust(p)
     _add_common(p)
 
     p = sub.add_parser("predict", help="segment every image of a folder; label maps on each image's own grid")
@@ -76,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "axes (3 passes; never left-right)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs are up to date")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_trust(p)
     _add_common(p)
 
     p = sub.add_parser("score", help="score every case of a pool with the zero-shot model (per-case CSV of "
@@ -85,19 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the pool (nnU-Net raw or NIfTI folder; labels not needed)")
     p.add_argument("--out", default="scores.csv", help="per-case CSV (default: scores.csv); OUT-stem.embeddings.npy "
                    "and OUT-stem.json are written beside it")
-    p.add_argument("--strategies", help="comma-separated strategies whose needs decide the passes (default: all; "
-                   "MC-dropout ones are skipped for a network without dropout)")
+    _add_strategies(p, "their needs decide the passes (default: all; MC-dropout ones are skipped for a network "
+                    "without dropout)")
     p.add_argument("--temperature", type=float, default=1.0, help="T of softmax(z / T) (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_trust(p)
     _add_common(p)
 
     p = sub.add_parser("query", help="pick the next batch of cases to annotate (prints ids and score components)")
     p.add_argument("--model", required=True, help="bundle folder, checkpoint or TorchScript file")
     p.add_argument("--model-config", help="network config for a bare checkpoint")
     p.add_argument("--data", required=True, help="the pool (nnU-Net raw or NIfTI folder; labels not needed)")
-    p.add_argument("--strategy", default="asfda", help="strategy name (default: asfda)")
+    _add_strategy(p, "the query strategy")
     p.add_argument("--budget", type=int, required=True, help="number of cases to pick")
     p.add_argument("--labelled", help="ids already labelled: text file (one per line), JSON list, or a previous "
                    "query.json (its labelled + ids)")
@@ -115,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="query.json", help="JSON with the chosen ids and components (default: query.json)")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_trust(p)
     _add_common(p)
 
     # -- the annotation workflow (asfda.project) ---------------------------------------------------
@@ -124,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", required=True, help="the unlabeled pool (nnU-Net raw or NIfTI folder)")
     p.add_argument("--labels", help="JSON of label name -> value for a plain NIfTI folder (default: the model's "
                    "classes; nnU-Net pools use their dataset.json)")
-    p.add_argument("--strategy", default="asfda", help="query strategy (default: asfda)")
+    _add_strategy(p, "the query strategy of every round")
     p.add_argument("--budget", type=int, default=2, help="cases to annotate per round (default: 2)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round (default: 200)")
     p.add_argument("--seed", type=int, default=0)
@@ -133,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-guard", action="store_true", help="keep every round's weights, even when the adapted "
                    "model's organs are more fragmented than the pretrained model's")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    _add_trust(p, "; kept in the project's settings, so next and finetune build it the same way")
     _add_common(p)
     project_commands = [
         ("next", "score the pool and export the next cases to annotate",
@@ -202,7 +266,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             "budget": args.budget, "rounds": args.rounds, "seeds": args.seeds, "train.steps": args.steps,
             "class_map": args.class_map, "out_dir": args.out, "progress": progress,
             "upper_bound": False if args.no_upper_bound else None,
-            "train.guard": False if args.no_guard else None, "upper_bound_steps": args.upper_bound_steps})
+            "train.guard": False if args.no_guard else None, "upper_bound_steps": args.upper_bound_steps,
+            "trust_model_code": True if args.trust_model_code else None})
         if not cfg.model or not cfg.pool:
             raise AsfdaError("simulate needs a model and a pool", fix="pass --model and --pool, or set them in --config")
         result = run_simulation(cfg)
@@ -212,19 +277,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         from asfda.predict import evaluate_model
 
         evaluate_model(args.model, args.data, args.out, model_config=args.model_config, class_map=args.class_map,
-                       progress=progress)
+                       progress=progress, trust_model_code=args.trust_model_code)
     elif args.command == "predict":
         from asfda.predict import predict_model
 
         predict_model(args.model, args.images, args.out, model_config=args.model_config, class_map=args.class_map,
-                      tta=args.tta, overwrite=args.overwrite, device=args.device, progress=progress)
+                      tta=args.tta, overwrite=args.overwrite, device=args.device, progress=progress,
+                      trust_model_code=args.trust_model_code)
     elif args.command == "score":
         from asfda.query import score_dataset
 
-        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
-        score_dataset(args.model, args.data, args.out, strategies=strategies, temperature=args.temperature,
+        score_dataset(args.model, args.data, args.out, strategies=args.strategies, temperature=args.temperature,
                       seed=args.seed, model_config=args.model_config, class_map=args.class_map, device=args.device,
-                      progress=progress)
+                      progress=progress, trust_model_code=args.trust_model_code)
     elif args.command == "query":
         from asfda.query import query_dataset
         from asfda.selection import DEFAULT_DIVERSITY
@@ -232,7 +297,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         query_dataset(args.model, args.data, args.strategy, args.budget, args.out, labelled=args.labelled,
                       seed=args.seed, temperature=args.temperature, alpha=args.alpha, round0_gap=args.round0_gap,
                       diversity=args.diversity or DEFAULT_DIVERSITY, model_config=args.model_config,
-                      class_map=args.class_map, device=args.device, progress=progress)
+                      class_map=args.class_map, device=args.device, progress=progress,
+                      trust_model_code=args.trust_model_code)
     elif args.command in ("init", "next", "ingest", "finetune", "status"):
         return _project_command(args, progress)
     return 0
@@ -248,7 +314,8 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
 
         settings = prj.ProjectSettings(strategy=args.strategy, budget=args.budget, seed=args.seed,
                                        class_map=args.class_map, allow_empty_labels=args.allow_empty_labels,
-                                       device=args.device, train=TrainConfig(steps=args.steps, guard=not args.no_guard))
+                                       device=args.device, trust_model_code=args.trust_model_code,
+                                       train=TrainConfig(steps=args.steps, guard=not args.no_guard))
         p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels)
         print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
         print(f"next: asfda next {p.root}")

@@ -68,6 +68,8 @@ class RunConfig:
     device: str = "auto"
     threads: int = 0  # 0: torch default
     progress: bool = True
+    # build the model config with MONAI's full ConfigParser ($ expressions, any _target_): trusted bundles only
+    trust_model_code: bool = False
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
@@ -88,6 +90,9 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
         else:
             kwargs[key] = _coerce(value, hint_t, f"{where}.{key}")
     return cls(**kwargs)
+
+
+_STR_HINTS = ("str", "str | None", "typing.Optional[str]", "typing.Union[str, NoneType]")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -114,12 +119,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise AsfdaError(f"{where} must be a number, got {value!r}") from None
-    if text.startswith("list[int]"):
+    if hint is str or text in _STR_HINTS:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise AsfdaError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if text.startswith(("list[int]", "list[str]")):
         items = value.split(",") if isinstance(value, str) else value
-        return [_coerce(v, int, where) for v in items]
-    if text.startswith("list[str]"):
-        items = value.split(",") if isinstance(value, str) else value
-        return [str(v).strip() for v in items]
+        if not isinstance(items, (list, tuple)):
+            raise AsfdaError(f"{where} must be a list or a comma-separated string, got {value!r}")
+        if text.startswith("list[int]"):
+            return [_coerce(v, int, where) for v in items]
+        return [_coerce(v, str, where).strip() for v in items]
     if "tuple[int, int, int]" in text:
         items = value.split(",") if isinstance(value, str) else value
         if len(items) != 3:

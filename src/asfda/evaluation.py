@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["compute_dice", "compute_hd95", "mean_ignoring_nan", "per_class_scores"]
+__all__ = ["compute_dice", "compute_hd95", "largest_component_per_class", "mean_ignoring_nan", "per_class_scores"]
 
 
 def compute_dice(pred: torch.Tensor, label: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -61,4 +61,24 @@ def per_class_scores(dice: torch.Tensor, class_names: list[str], prefix: str = "
     """``{"dice_liver": ..., ..., "dice_mean": ...}`` from a ``[n_classes - 1]`` tensor (names incl. background)."""
     out = {f"{prefix}{n}": float(v) for n, v in zip(class_names[1:], dice.tolist())}
     out[f"{prefix}mean"] = mean_ignoring_nan(dice)
+    return out
+
+
+def largest_component_per_class(label: np.ndarray, classes: list[int] | tuple[int, ...]) -> np.ndarray:
+    """``label`` with every class of ``classes`` cut to its largest 26-connected component (the rest set to
+    background): nnU-Net's per-class post-processing, for organs that come in one piece."""
+    from scipy import ndimage
+
+    out = np.array(label, copy=True)
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for c in classes:
+        mask = label == c
+        if not mask.any():
+            continue
+        comps, n = ndimage.label(mask, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comps.ravel())
+        sizes[0] = 0
+        out[mask & (comps != int(sizes.argmax()))] = 0
     return out

@@ -22,8 +22,9 @@ from asfda.config import SemiConfig
 from asfda.cache import EngineOutputCache
 from asfda.engine import OUTPUT_EMBEDDING, InferenceEngine, select_device
 from asfda.errors import AsfdaError
-from asfda.evaluation import compute_dice, per_class_scores
+from asfda.evaluation import compute_dice, largest_component_per_class, per_class_scores
 from asfda.io.datasets import Case
+from asfda.io.labels import check_label_values
 from asfda.io.nifti import read_nifti
 from asfda.models import (
     ClassMappedNetwork,
@@ -387,19 +388,27 @@ class Adapter:
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, cases: list[Case], *, pretrained: bool = False) -> list[dict]:
-        """Per-case Dice on each case's native grid (probabilities resampled back one class at a time, then argmax)."""
+        """Per-case Dice on each case's native grid (probabilities resampled back one class at a time, then argmax).
+
+        Each label is checked as `asfda ingest` checks it: integer values among the target's label values."""
         from asfda.predict import label_map_on_native_grid
         engine = self.engine_frozen if pretrained else self.engine_current
         rows = []
         n = len(self.target_names)
         for case in self._bar(cases, "evaluate"):
+            label, _ = read_nifti(case.label_path, dtype=np.float64)
+            check_label_values(label, range(n), case.label_path)
             vol = self.prepare(case, with_label=False)
             logits, _ = engine.run(vol.image)
             fg = tuple(range(1, n))
             pred = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape)
-            label, _ = read_nifti(case.label_path)
-            dice = compute_dice(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(label).round().long(), n)
-            row = {"case_id": case.case_id, **per_class_scores(dice, self.target_names)}
+            ref = torch.from_numpy(label).long()
+            dice = compute_dice(torch.from_numpy(pred.astype(np.int64)), ref, n)
+            # the same map with each organ cut to its largest component: whether that post-processing helps a
+            # class is read off these columns (nnU-Net's choice by cross-validation)
+            dice_lcc = compute_dice(torch.from_numpy(largest_component_per_class(pred, fg).astype(np.int64)), ref, n)
+            row = {"case_id": case.case_id, **per_class_scores(dice, self.target_names),
+                   **per_class_scores(dice_lcc, self.target_names, prefix="lcc_dice_")}
             rows.append(row)
         return rows
 

@@ -16,6 +16,9 @@ from asfda.errors import AsfdaError
 from asfda.evaluation import compute_dice, compute_hd95, mean_ignoring_nan
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset, read_nifti
 from asfda.io.datasets import Dataset, load_folder, parse_labels
+from asfda.io.labels import check_label_values
+from asfda.io.outputs import (check_writable_folder, dataset_folders, dataset_input_folders,
+                              refuse_output_inside_inputs)
 from asfda.models import (
     ClassMappedNetwork,
     LoadedModel,
@@ -35,24 +38,40 @@ LABELS_FILE = "labels.json"
 SIDECAR_SUFFIX = ".asfda.json"
 
 
+def _model_inputs(model: str | Path, model_config: str | Path | None) -> dict[str, object]:
+    return {"the model": model, "the model config": model_config}
+
+
 def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, model_config: str | None = None,
-                   class_map: str | None = None, progress: bool = True, cache_dir: str | None = ".cache") -> dict:
-    """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json."""
+                   class_map: str | None = None, progress: bool = True, cache_dir: str | None = ".cache",
+                   trust_model_code: bool = False) -> dict:
+    """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json.
+
+    Labels are checked as `asfda ingest` checks them (integer values among the dataset's label values).
+    ``trust_model_code``: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+    """
     from asfda.loop import Adapter
 
-    loaded = load_model(model, config=model_config)
+    out = Path(out)
+    refuse_output_inside_inputs(out, {"the dataset": dataset_folders(data), **_model_inputs(model, model_config)})
+    check_writable_folder(out)
+    loaded = load_model(model, config=model_config, allow_code=trust_model_code)
     ds = load_dataset(data, require_labels=True)
+    refuse_output_inside_inputs(out, {"the dataset": dataset_input_folders(ds)})
+    allowed = set(ds.labels.values())
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
                       cache_dir=cache_dir, progress=progress)
     names = ds.class_names
     rows = []
     for case in adapter._bar(list(ds.cases), "evaluate"):
+        label_arr = read_nifti(case.label_path, dtype=np.float64)[0]
+        check_label_values(label_arr, allowed, case.label_path)  # before the model runs on it
+        label = torch.from_numpy(label_arr).long()
         vol = adapter.prepare(case, with_label=False)
         logits, _ = adapter.engine_current.run(vol.image)
         fg = tuple(range(1, len(names)))
         pred = torch.from_numpy(label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine,
                                                          vol.native_shape).astype(np.int64))
-        label = torch.from_numpy(read_nifti(case.label_path)[0]).round().long()
         dice = compute_dice(pred, label, len(names))
         hd = compute_hd95(pred, label, len(names), case.spacing_mm)
         row = {"case_id": case.case_id}
@@ -61,7 +80,6 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
         row.update({f"hd95_mm_{n}": float(h) for n, h in zip(names[1:], hd)})
         rows.append(row)
     summary = {k: mean_ignoring_nan([r[k] for r in rows]) for k in rows[0] if k != "case_id"}
-    out = Path(out)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
@@ -220,18 +238,9 @@ def _up_to_date(out_path: Path, sidecar: Path, image_path: Path, settings: dict)
     return isinstance(recorded, dict) and recorded.get("settings") == settings
 
 
-def _refuse_input_folders(out: Path, ds) -> None:
-    """Exported files never overwrite input data: refuse an output folder that holds inputs."""
-    target = out.resolve()
-    inputs = {p.resolve().parent for c in ds.cases for p in (c.image_path, c.label_path) if p is not None}
-    if target in inputs or any(target == Path(ds.root).resolve() / sub for sub in ("imagesTr", "labelsTr", "imagesTs")):
-        raise AsfdaError("the output folder holds input images or labels, which predictions would overwrite", out,
-                         "choose another --out folder")
-
-
 def predict_model(model: str | Path, images: str | Path, out: str | Path, *, model_config: str | None = None,
                   class_map: str | None = None, tta: bool = False, overwrite: bool = False, device: str = "auto",
-                  progress: bool = True) -> dict:
+                  progress: bool = True, trust_model_code: bool = False) -> dict:
     """Segments every image of a dataset folder and writes ``out/<case_id>.nii.gz`` on the image's own grid.
 
     Each label map has the input image's shape and affine (and header), so it overlays in any viewer.
@@ -251,6 +260,11 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         out: output folder.
         tta: average the logits over the identity and flips along the model grid's axes 1 and 2
             (3 sliding-window passes; see `asfda.engine`).
+        trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+
+    ``out`` may not be, or lie inside, the images' dataset or the model (`refuse_output_inside_inputs`), and
+    must be writable; both are checked before the model is loaded. ``out/labels.json`` is written once the
+    first case is done (or at the end), so a run that fails before any case leaves nothing behind.
 
     Returns:
         ``{"out", "written", "skipped", "labels", "model_weights_sha256_16"}``.
@@ -259,11 +273,15 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
 
     from asfda.engine import OUTPUT_EMBEDDING, InferenceEngine, select_device
 
-    loaded = load_model(model, config=model_config)
+    out = Path(out)
+    refuse_output_inside_inputs(out, {"the images": dataset_folders(images), **_model_inputs(model, model_config)})
+    check_writable_folder(out)
+    loaded = load_model(model, config=model_config, allow_code=trust_model_code)
     if loaded.activation not in ("softmax", "sigmoid"):
         raise AsfdaError(f"unknown output activation {loaded.activation!r}", loaded.source,
                          "set asfda_activation to 'softmax' or 'sigmoid' in the model config")
     ds, from_dataset = _open_images(images)
+    refuse_output_inside_inputs(out, {"the images": dataset_input_folders(ds)})
     override = parse_class_map_override(class_map)
     if override and not from_dataset:
         raise AsfdaError("--class-map needs a dataset with dataset.json (its label names are the targets)",
@@ -281,10 +299,11 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
                 "channels": list(classes.channels), "values": list(classes.values),
                 "preprocessing": loaded.preprocessing.cache_key(), "roi_size": list(loaded.roi_size),
                 "overlap": loaded.overlap, "tta": bool(tta), "tta_axes": list(engine.tta_axes) if tta else []}
-    out = Path(out)
-    _refuse_input_folders(out, ds)
-    if _read_json(out / LABELS_FILE) != classes.labels:
-        atomic_write_json(out / LABELS_FILE, classes.labels)
+
+    def write_labels_json() -> None:
+        if _read_json(out / LABELS_FILE) != classes.labels:
+            atomic_write_json(out / LABELS_FILE, classes.labels)
+
     written, skipped = [], []
     for case in tqdm(list(ds.cases), desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
         out_path = out / f"{case.case_id}.nii.gz"
@@ -300,7 +319,10 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         _write_label_map(out_path, label, case.image_path)
         atomic_write_json(sidecar, {"case_id": case.case_id, "image": str(case.image_path), "model": str(model),
                                     "n_passes": engine.n_passes if tta else 1, "settings": settings})
+        if not written:
+            write_labels_json()  # once a case is done: a run that fails before any leaves no debris
         written.append(case.case_id)
+    write_labels_json()
     msg = f"predict: {len(written)} case(s) segmented"
     if skipped:
         msg += f", {len(skipped)} skipped (outputs already up to date for weights {weights} and these settings)"

@@ -7,7 +7,8 @@
     asfda status OUT                    # where the project stands and what to do next
 
 Everything the project knows is in ``OUT/project.json`` (human-readable, rewritten atomically after each
-step that changes it). Files are written before the state that names them, so after ``kill -9`` at any
+step that changes it; ``project.json.bak`` is a copy of the last state asfda wrote, so restoring it after a
+hand edit gone wrong never loses a finished step). Files are written before the state that names them, so after ``kill -9`` at any
 point the project is at the last completed step: an accepted label is never lost (its file is kept before
 it is recorded, and a re-run of ``ingest`` records it), and a round of fine-tuning is either finished
 (weights, bundle and state) or redone from the previous round's weights. A lock file stops two asfda
@@ -21,7 +22,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -35,13 +38,17 @@ from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case, Dataset
 from asfda.io.labels import check_label, label_case_id, label_files
+from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.training import TrainConfig
 
 __all__ = ["PROJECT_FILE", "Project", "ProjectSettings", "finetune_project", "ingest_labels", "init_project",
            "next_query", "project_lock", "project_status"]
 
 PROJECT_FILE = "project.json"
+BACKUP_FILE = "project.json.bak"
 LOCK_FILE = ".asfda.lock"
+PROJECT_ENTRIES = ("labels", "annotate", "weights", "model", "cache", PROJECT_FILE, BACKUP_FILE, LOCK_FILE)
+"""What a project folder holds (asfda's own names): `init_project` refuses a folder that has any of them."""
 FORMAT = 1
 
 
@@ -60,6 +67,8 @@ class ProjectSettings:
     class_map: str | None = None
     allow_empty_labels: bool = False
     device: str = "auto"
+    # build the model config with MONAI's full ConfigParser ($ expressions, any _target_): trusted bundles only
+    trust_model_code: bool = False
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=200))
     semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
 
@@ -105,29 +114,27 @@ class Project:
         self.root = Path(root).resolve()
         path = self.root / PROJECT_FILE
         if not path.is_file():
+            bak = self.root / BACKUP_FILE
+            if bak.is_file():
+                raise AsfdaError("project.json is missing, but project.json.bak (a copy of the last state asfda "
+                                 "wrote) is here", path, _restore_fix(path, "restore it"))
             raise AsfdaError("not an asfda project (no project.json)", self.root,
                              "create one with `asfda init --model M --pool P FOLDER`")
         try:
-            self.state = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise AsfdaError(f"project.json is not valid JSON ({exc.msg}, line {exc.lineno})", path,
-                             "fix the edit, or restore it from project.json.bak") from None
-        if self.state.get("format") != FORMAT:
-            raise AsfdaError(f"project format {self.state.get('format')!r} is not {FORMAT}", path)
-        if isinstance(self.state.get("settings"), dict):
-            # projects started before the setting existed picked in the embedding space: they go on doing so
-            self.state["settings"].setdefault("diversity", "embedding")
-        self.settings: ProjectSettings = config_from_dict(ProjectSettings, self.state["settings"], "project.json settings")
-        _check_settings(self.settings, path)
+            self.state, self.settings = _read_state(path)
+        except AsfdaError as exc:
+            raise AsfdaError(exc.problem, path, _restore_fix(path, exc.fix)) from None
 
     # -- state ------------------------------------------------------------------------------------
     def save(self, event: str | None = None) -> None:
+        """Writes the state atomically, then copies it to ``project.json.bak``: both hold the latest state, so
+        restoring the copy (after a hand edit gone wrong, or a lost project.json) never loses a finished step.
+        A kill between the two writes leaves the copy one step behind, with project.json complete."""
         if event:
             self.state.setdefault("events", []).append({"time": _now(), "event": event})
         path = self.root / PROJECT_FILE
-        if path.exists():  # the previous state stays readable beside it (a hand edit gone wrong)
-            atomic_write(path.with_suffix(".json.bak"), lambda p: shutil.copyfile(path, p))
         atomic_write_json(path, self.state)
+        atomic_write(self.root / BACKUP_FILE, lambda p: shutil.copyfile(path, p))
 
     def dataset(self) -> Dataset:
         ds = load_dataset(self.state["pool"])
@@ -156,7 +163,7 @@ class Project:
         from asfda.loop import Adapter
         from asfda.models import load_model, parse_class_map_override
 
-        model = load_model(self.state["model"])
+        model = load_model(self.state["model"], allow_code=self.settings.trust_model_code)
         if model.weights_hash != self.state["model_sha256_16"]:
             raise AsfdaError("the pretrained model's weights changed since `asfda init`", self.state["model"],
                              "point project.json 'model' back at the original weights, or start a new project")
@@ -168,6 +175,113 @@ class Project:
 
             adapter.load_current_state(load_file(str(self.root / self.state["weights"])))
         return adapter
+
+
+def _restore_fix(path: Path, fix: str | None) -> str:
+    """The fix of a damaged or missing project.json: ``fix`` (or a hand correction), or restoring the .bak when
+    it is a valid state (the command to type), or why it cannot be."""
+    bak = path.with_name(BACKUP_FILE)
+    first = fix or "correct the file by hand"
+    if not bak.is_file():
+        return f"{first} (there is no project.json.bak to restore)"
+    try:
+        _read_state(bak)
+    except AsfdaError as exc:
+        if fix == "restore it":
+            return f"project.json.bak is damaged too ({exc.problem}): correct it by hand, then copy it to {path}"
+        return f"{first} (project.json.bak is damaged too: {exc.problem})"
+    restore = f"cp {shlex.quote(str(bak))} {shlex.quote(str(path))}"
+    if fix == "restore it":
+        return f"restore it: {restore}"
+    return f"{first}; or restore the last state asfda wrote, which project.json.bak holds: {restore}"
+
+
+def _read_state(path: Path) -> tuple[dict, ProjectSettings]:
+    """The state and settings of a project.json (or its .bak); AsfdaError (problem and fix, no path) when the file
+    is not UTF-8 JSON holding a project state of the right types, or its settings are invalid."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AsfdaError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise AsfdaError(f"{path.name} is not valid JSON ({exc.msg}, line {exc.lineno})",
+                         fix="fix the edit") from None
+    if not isinstance(state, dict):
+        raise AsfdaError(f"{path.name} must hold a JSON object, not a JSON {type(state).__name__}")
+    if state.get("format") != FORMAT:
+        raise AsfdaError(f"project format {state.get('format')!r} is not {FORMAT}")
+    _check_state_types(state)
+    from asfda.io.datasets import parse_labels
+
+    try:
+        parse_labels(state["labels"], path)
+    except AsfdaError as exc:
+        raise AsfdaError(f"labels: {exc.problem}", fix=exc.fix) from None
+    # projects started before the setting existed picked in the embedding space: they go on doing so
+    state["settings"].setdefault("diversity", "embedding")
+    try:
+        settings = config_from_dict(ProjectSettings, state["settings"], "settings")
+    except AsfdaError as exc:
+        raise AsfdaError(exc.problem, fix="correct the setting") from None
+    try:
+        _check_settings(settings, path)
+    except AsfdaError as exc:
+        raise AsfdaError(exc.problem, fix=exc.fix) from None
+    return state, settings
+
+
+_STATE_TYPES = {"model": "str", "model_sha256_16": "str", "pool": "str", "pool_cases": "int", "labels": "object",
+                "settings": "object", "query": "object or null", "labelled": "object", "rounds": "list",
+                "weights": "str or null", "events": "list?", "class_map": "object?", "created": "str?"}
+_LABELLED_TYPES = {"file": "str", "sha256": "str", "ingested": "str", "source": "str?", "query_round": "int or null?"}
+_ROUND_TYPES = {"round": "int", "labelled_ids": "list of str", "weights": "str", "label_sha256": "object?",
+                "new_ids": "list of str?", "seconds": "number?", "loss_final": "number?", "temperature": "number?",
+                "finished": "str?", "guard": "object or null?"}
+_QUERY_TYPES = {"round": "int", "ids": "list of str", "folder": "str", "strategy": "str", "temperature": "number",
+                "components": "object"}
+
+
+def _is_kind(value: object, kind: str) -> bool:
+    return any({
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "object": lambda v: isinstance(v, dict),
+        "list": lambda v: isinstance(v, list),
+        "list of str": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "null": lambda v: v is None,
+    }[k](value) for k in kind.split(" or "))
+
+
+def _check_fields(obj: dict, types: dict[str, str], where: str) -> None:
+    for key, kind in types.items():
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if key not in obj:
+            if optional:
+                continue
+            raise AsfdaError(f"{where}{key} is missing", fix=f"add {where}{key} ({kind})")
+        if not _is_kind(obj[key], kind):
+            got = json.dumps(obj[key])
+            got = got if len(got) <= 60 else got[:57] + "..."
+            raise AsfdaError(f"{where}{key} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {got}",
+                             fix=f"correct {where}{key}")
+
+
+def _check_state_types(state: dict) -> None:
+    """Refuses a project state whose entries have the wrong JSON types (a hand edit gone wrong)."""
+    _check_fields(state, _STATE_TYPES, "")
+    for cid, rec in state["labelled"].items():
+        if not isinstance(rec, dict):
+            raise AsfdaError(f"labelled[{cid!r}] must be an object, got {json.dumps(rec)[:60]}",
+                             fix=f"correct labelled[{cid!r}]")
+        _check_fields(rec, _LABELLED_TYPES, f"labelled[{cid!r}].")
+    for i, rec in enumerate(state["rounds"]):
+        if not isinstance(rec, dict):
+            raise AsfdaError(f"rounds[{i}] must be an object, got {json.dumps(rec)[:60]}", fix=f"correct rounds[{i}]")
+        _check_fields(rec, _ROUND_TYPES, f"rounds[{i}].")
+    if state["query"] is not None:
+        _check_fields(state["query"], _QUERY_TYPES, "query.")
 
 
 def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
@@ -191,17 +305,33 @@ def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None
 # ---------------------------------------------------------------------------------------------- init
 def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettings | None = None,
                  labels_json: str | None = None) -> Project:
-    """Creates a project folder: checks that the model loads and maps onto the pool's labels."""
+    """Creates a project folder: checks that the model loads and maps onto the pool's labels.
+
+    The folder may not be, or lie inside, the pool or the model, and must be writable (both checked before the
+    model is loaded). The project is built in a temporary folder and moved into place at the end, so a failed
+    init leaves nothing behind; an existing folder (empty, or holding none of `PROJECT_ENTRIES`) is kept and
+    filled.
+    """
     from asfda.models import load_model, parse_class_map_override
     from asfda.models.classmap import build_class_map
 
     settings = settings or ProjectSettings()
     root = Path(out).resolve()
-    if (root / PROJECT_FILE).exists():
-        raise AsfdaError("a project already exists here", root, "use `asfda status` on it, or choose another folder")
+    if (root / PROJECT_FILE).exists() or (root / BACKUP_FILE).exists():
+        what = "" if (root / PROJECT_FILE).exists() else " (its project.json is missing; project.json.bak is here)"
+        raise AsfdaError(f"a project already exists here{what}", root,
+                         "use `asfda status` on it, or choose another folder")
     _check_settings(settings)  # the strategy and its settings too
-    loaded = load_model(model)
+    refuse_output_inside_inputs(root, {"the pool": dataset_folders(pool), "the model": model,
+                                       "the labels file": labels_json}, flag="project folder")
+    check_writable_folder(root, flag="project folder")
+    taken = sorted(n for n in PROJECT_ENTRIES if os.path.lexists(root / n)) if root.is_dir() else []
+    if taken:
+        raise AsfdaError(f"the folder already holds {', '.join(taken)}, which a project would use", root,
+                         "choose a new or empty project folder")
+    loaded = load_model(model, allow_code=settings.trust_model_code)
     ds = load_dataset(pool)
+    refuse_output_inside_inputs(root, {"the pool": dataset_input_folders(ds)}, flag="project folder")
     if labels_json:
         from asfda.io.datasets import parse_labels
 
@@ -212,9 +342,6 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
         labels = {name: i for i, name in enumerate(loaded.class_names)}
     names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
     cmap = build_class_map(loaded.class_names, names, parse_class_map_override(settings.class_map))
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in ("labels", "annotate", "weights"):
-        (root / sub).mkdir(exist_ok=True)
     project_state = {
         "format": FORMAT, "created": _now(),
         "model": str(Path(model).resolve()), "model_sha256_16": loaded.weights_hash,
@@ -222,11 +349,48 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
         "class_map": cmap.to_dict(), "settings": config_to_dict(settings),
         "query": None, "labelled": {}, "rounds": [], "weights": None, "events": [],
     }
-    with project_lock(root, "init"):
-        atomic_write_json(root / PROJECT_FILE, project_state)
-        project = Project(root)
-        project.save(f"created: model {project_state['model']}, pool of {len(ds.cases)} cases")
-    return project
+    base = root if root.is_dir() else _nearest_existing_folder(root.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.asfda-init-", dir=base))
+    try:
+        for sub in ("labels", "annotate", "weights"):
+            (tmp / sub).mkdir()
+        atomic_write_json(tmp / PROJECT_FILE, project_state)
+        Project(tmp).save(f"created: model {project_state['model']}, pool of {len(ds.cases)} cases")
+        _move_into_place(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Project(root)
+
+
+def _nearest_existing_folder(path: Path) -> Path:
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _move_into_place(tmp: Path, root: Path) -> None:
+    """Moves a finished project from ``tmp`` to ``root``: renames the folder, or (``root`` exists) its entries,
+    project.json last, so ``root`` is a project only once it is complete."""
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, root)
+        os.chmod(root, 0o777 & ~_umask())  # mkdtemp made it private
+        return
+    entries = sorted(tmp.iterdir(), key=lambda p: p.name in (PROJECT_FILE, BACKUP_FILE))
+    clash = [p.name for p in entries if os.path.lexists(root / p.name)]
+    if clash:
+        raise AsfdaError(f"the folder got {', '.join(clash)} while the project was being made", root,
+                         "another process is using it: choose another project folder")
+    for p in entries:
+        os.rename(p, root / p.name)
+    tmp.rmdir()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------- next
@@ -427,7 +591,7 @@ def project_status(root: str | Path) -> dict:
                                 "missing_labels": [i for i in q["ids"] if i not in labelled]}
     if st["rounds"]:
         last = st["rounds"][-1]
-        out["last_round"] = {k: last[k] for k in ("round", "seconds", "loss_final", "temperature", "finished")}
+        out["last_round"] = {k: last.get(k) for k in ("round", "seconds", "loss_final", "temperature", "finished")}
     if q and out["pending_query"]["missing_labels"]:
         out["next"] = f"annotate {q['folder']}, then `asfda ingest LABELS_DIR {project.root}`"
     elif out["labelled_not_trained"]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
+from asfda.io.outputs import check_output_file, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.models import load_model, parse_class_map_override
 from asfda.scoring.needs import MC_METRICS, ScoringNeeds
 from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
@@ -63,14 +64,27 @@ def read_ids_file(path: str | Path) -> list[str]:
     return ids
 
 
+def _check_outputs(outputs: list[Path], model: str | Path, data: str | Path, model_config: str | None) -> None:
+    """Every file a command will write: not an input (dataset, model, model config), in a writable folder."""
+    for path in outputs:
+        refuse_output_inside_inputs(path, {"the dataset": dataset_folders(data), "the model": model,
+                                           "the model config": model_config})
+        check_output_file(path)
+
+
 def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, class_map: str | None,
-             cache_dir: str | None, device: str, progress: bool):
+             cache_dir: str | None, device: str, progress: bool, outputs: list[Path],
+             trust_model_code: bool = False):
+    """The model and pool, once ``outputs`` are known not to overwrite either and to be writable."""
     from asfda.loop import Adapter
 
-    loaded = load_model(model, config=model_config)
+    _check_outputs(outputs, model, data, model_config)
+    loaded = load_model(model, config=model_config, allow_code=trust_model_code)
     ds = load_dataset(data)
     if not ds.cases:
         raise AsfdaError("the dataset has no cases", data)
+    for path in outputs:
+        refuse_output_inside_inputs(path, {"the dataset": dataset_input_folders(ds)})
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
                       cache_dir=cache_dir, device=device, progress=progress)
     return loaded, ds, adapter
@@ -90,7 +104,7 @@ def _sidecar(out: Path, suffix: str) -> Path:
 def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strategies: list[str] | None = None,
                   temperature: float = 1.0, seed: int = 0, model_config: str | None = None,
                   class_map: str | None = None, cache_dir: str | None = ".cache", device: str = "auto",
-                  progress: bool = True) -> dict:
+                  progress: bool = True, trust_model_code: bool = False) -> dict:
     """Scores every case of ``data`` with the zero-shot ``model`` for the given strategies.
 
     Writes ``out`` (CSV: ``case_id``, every metric, asfda's components when asfda is asked for (with
@@ -103,12 +117,18 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
             MC-dropout ones when the network has no dropout (asked for by name, they raise instead).
         temperature: T for ``softmax(z / T)`` (no labelled volumes here to fit it on).
         seed: seeds the MC-dropout passes.
+        trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+
+    None of the files may be, or lie inside, the pool or the model, and their folder must be writable: both
+    are checked before the model is loaded.
     """
     t = _check_temperature(temperature)
     out = Path(out)
     names = [get_strategy(n).name for n in strategies] if strategies else None
+    outputs = [out, *(_sidecar(out, s) for s in (".embeddings.npy", ".badge.npy", ".json"))]
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
-                                   cache_dir=cache_dir, device=device, progress=progress)
+                                   cache_dir=cache_dir, device=device, progress=progress, outputs=outputs,
+                                   trust_model_code=trust_model_code)
     skipped: list[str] = []
     if names is None:
         names = sorted(STRATEGIES)
@@ -170,8 +190,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: int, out: str | Path, *,
                   labelled: str | Path | list[str] | None = None, seed: int = 0, temperature: float | None = None,
-                  alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY, model_config: str | None = None, class_map: str | None = None,
-                  cache_dir: str | None = ".cache", device: str = "auto", progress: bool = True) -> Query:
+                  alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY,
+                  model_config: str | None = None, class_map: str | None = None, cache_dir: str | None = ".cache",
+                  device: str = "auto", progress: bool = True, trust_model_code: bool = False) -> Query:
     """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``.
 
     Args:
@@ -182,16 +203,19 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         alpha: asfda's weight of the divergence rank against the ASD rank.
         round0_gap: asfda's round-0 divergence without BatchNorm statistics (``feature_gap`` or ``norm_kl``).
         diversity: where asfda's batch pick measures diversity (``anatomy`` or ``embedding``).
+        trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
 
     Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
-    and prints the chosen ids with their components.
+    and prints the chosen ids with their components. ``out`` may not be, or lie inside, the pool or the model,
+    and its folder must be writable: both are checked before the model is loaded.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
     strat = build_strategy(strategy, alpha, round0_gap, diversity)
     labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
-                                   cache_dir=cache_dir, device=device, progress=progress)
+                                   cache_dir=cache_dir, device=device, progress=progress, outputs=[Path(out)],
+                                   trust_model_code=trust_model_code)
     by_id = ds.by_id()
     unknown = [i for i in labelled_ids if i not in by_id]
     if unknown:

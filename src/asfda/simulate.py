@@ -25,6 +25,7 @@ from asfda.engine import describe_device
 from asfda.errors import AsfdaError, RunSettingsChanged
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case
+from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.loop import Adapter, PoolState, mean_of
 from asfda.models import load_model, parse_class_map_override
 from asfda.selection import build_strategy
@@ -80,14 +81,20 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name in cfg.strategies:
         build_strategy(name, cfg.alpha, cfg.round0_gap, cfg.diversity)  # fail early on a typo
     if cfg.budget <= 0:
         raise AsfdaError(f"budget must be >= 1, got {cfg.budget}")
-    pretrained = load_model(cfg.model)
+    # the results folder: never inside the pool, the test set or the model, and writable (before any work)
+    refuse_output_inside_inputs(out, {"the pool": dataset_folders(cfg.pool), "the test set": dataset_folders(cfg.test),
+                                      "the model": cfg.model})
+    check_writable_folder(out)
+    pretrained = load_model(cfg.model, allow_code=cfg.trust_model_code)
     pool_ds = load_dataset(cfg.pool, require_labels=True)
     test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None
+    refuse_output_inside_inputs(out, {"the pool": dataset_input_folders(pool_ds),
+                                      "the test set": dataset_input_folders(test_ds) if test_ds else None})
+    out.mkdir(parents=True, exist_ok=True)
     if test_ds is not None:
         if test_ds.labels != pool_ds.labels:
             raise AsfdaError(f"test labels {test_ds.labels} differ from the pool's {pool_ds.labels}",
@@ -281,6 +288,10 @@ def _bundle_rounds(run_dir: Path) -> int:
     return int(json.loads(meta.read_text()).get("asfda", {}).get("rounds", 0))
 
 
+# settings added after runs were written, with the value those runs had: at that value they leave the fingerprint
+_LATER_SETTINGS = {("train", "augmentation"): "intensity"}
+
+
 def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: list[Case], test: list[Case],
                  legacy: bool = False) -> str:
     """What a finished round depends on; a resumed run must match it.
@@ -293,9 +304,12 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
 
     keep = config_to_dict(cfg)
     for key in ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds",
-                "upper_bound", "upper_bound_steps", "report", "previews",
+                "upper_bound", "upper_bound_steps", "report", "previews", "trust_model_code",
                 *(() if legacy else ("model", "pool", "test"))):
         keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
+    for (section, key), value in _LATER_SETTINGS.items():
+        if keep.get(section, {}).get(key) == value:
+            keep[section].pop(key)  # at the value runs had before the setting existed: older runs still resume
     if name.strip().lower() != "asfda" or keep.get("diversity") == "embedding":
         # only asfda reads it, and runs written before the setting existed picked in the embedding space
         keep.pop("diversity", None)

@@ -15,7 +15,8 @@ from asfda.errors import AsfdaError
 from asfda.io.datasets import Case
 from asfda.io.nifti import NIFTI_SUFFIXES, read_header, read_nifti, strip_nifti_suffix
 
-__all__ = ["AFFINE_TOLERANCE_MM", "check_label", "label_case_id", "label_files"]
+__all__ = ["AFFINE_TOLERANCE_MM", "check_label", "check_label_values", "label_case_id", "label_files",
+           "label_values_problem"]
 
 AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference allowed between the label's and the image's affine entries (mm): exports of the same
@@ -64,13 +65,35 @@ def check_label(path: str | Path, case: Case, allowed_values: set[int] | list[in
         data, _ = read_nifti(path, dtype=np.float64)
     except AsfdaError as exc:
         return exc.problem
+    problem = label_values_problem(data, allowed_values)
+    if problem:
+        return problem
+    if not allow_empty and not np.any(data):
+        return "is empty (background only): an unsaved annotation or the wrong layer exported"
+    return None
+
+
+def label_values_problem(data: np.ndarray, allowed_values: set[int] | list[int]) -> str | None:
+    """What is wrong with a label map's voxel values (not integers, or not among ``allowed_values``), or None."""
     rounded = np.rint(data)
     if not np.array_equal(rounded, data):
         return "has non-integer voxel values (a probability map or an interpolated label, not a label map)"
+    allowed = {int(v) for v in allowed_values}
+    if rounded.size:
+        lo, hi = int(rounded.min()), int(rounded.max())
+        if hi - lo < len(allowed) and set(range(lo, hi + 1)) <= allowed:
+            return None  # every value between the extremes is allowed: no need for np.unique (a sort)
     values = {int(v) for v in np.unique(rounded)}
-    bad = sorted(values - {int(v) for v in allowed_values})
+    bad = sorted(values - allowed)
     if bad:
-        return f"has values {bad[:10]} that are not label values {sorted(int(v) for v in allowed_values)}"
-    if not allow_empty and values <= {0}:
-        return "is empty (background only): an unsaved annotation or the wrong layer exported"
+        return f"has values {bad[:10]} that are not label values {sorted(allowed)}"
     return None
+
+
+def check_label_values(data: np.ndarray, allowed_values: set[int] | list[int], path: str | Path | None) -> None:
+    """`label_values_problem` as an `AsfdaError` naming the label file (what `asfda ingest` refuses, refused
+    where a dataset's labels are read for evaluation)."""
+    problem = label_values_problem(data, allowed_values)
+    if problem:
+        raise AsfdaError(f"label {problem}", path, "fix the label map (integer values among dataset.json's "
+                         "'labels'), or dataset.json's 'labels'")

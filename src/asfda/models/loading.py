@@ -29,6 +29,7 @@ from torch import nn
 from asfda.errors import AsfdaError
 from asfda.io.atomic import atomic_write, atomic_write_json
 from asfda.models.preprocessing import Preprocessing
+from asfda.models.safe_config import DeclaredTransform, build_network, build_transforms, resolve_literal
 
 __all__ = ["LoadedModel", "load_model", "load_state_dict_file", "save_bundle", "state_dict_hash", "unwrap_state_dict"]
 
@@ -144,64 +145,50 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-_SAFE_TARGET_PREFIXES = ("monai.", "torch.nn.")
-
-
-def _safe_subconfig(cfg: dict, key: str, path: Path | None) -> dict:
-    """The part of ``cfg`` needed to build ``cfg[key]``, refusing anything that would run code.
-
-    MONAI's ConfigParser evaluates ``$`` expressions and instantiates any ``_target_``; a model's config
-    is data from a file, so only literal arguments, ``@`` references to literal values, and
-    ``_target_`` names inside MONAI or ``torch.nn`` are allowed (``allow_code=True`` lifts this).
-    """
-    out: dict = {key: cfg[key]}
-
-    def refuse(what: str) -> None:
-        raise AsfdaError(f"'{key}' in the model config contains {what}, which would run code when loaded", path,
-                         "if you trust the file, load it with load_model(..., allow_code=True), "
-                         "or rewrite it with literal values")
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == "_target_":
-                    if not isinstance(v, str) or not (v.isidentifier() or v.startswith(_SAFE_TARGET_PREFIXES)):
-                        refuse(f"_target_ {v!r} (outside monai / torch.nn)")
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-        elif isinstance(node, str):
-            if node.startswith(("$", "%")):
-                refuse(f"the expression {node[:60]!r}")
-            if node.startswith("@"):
-                ref = node[1:].split("::")[0].split("#")[0]
-                if ref not in cfg:
-                    refuse(f"a reference {node!r} to a missing key")
-                if ref not in out:
-                    out[ref] = cfg[ref]
-                    walk(cfg[ref])
-
-    walk(cfg[key])
-    return out
-
-
-def _parse(cfg: dict, key: str, path: Path | None, allow_code: bool = False) -> object:
-    from monai.bundle import ConfigParser
-
-    if not allow_code:
-        cfg = _safe_subconfig(cfg, key, path)
-
+def _parse_trusted(cfg: dict, key: str, path: Path | None) -> object:
+    """MONAI's full ConfigParser semantics (``$`` expressions, any ``_target_``): only for trusted bundles."""
     import warnings
 
-    parser = ConfigParser(cfg)
+    from monai.bundle import ConfigParser
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # MONAI's deprecation notes on default arguments
-            return parser.get_parsed_content(key, instantiate=True)
+            return ConfigParser(cfg).get_parsed_content(key, instantiate=True)
     except Exception as exc:
         raise AsfdaError(f"cannot build '{key}' from the config ({exc.__class__.__name__}: {str(exc)[:200]})",
                          path, "check the _target_ names and arguments") from None
+
+
+def _build_network(cfg: dict, path: Path | None, allow_code: bool) -> nn.Module:
+    network = _parse_trusted(cfg, "network_def", path) if allow_code else build_network(cfg, path)
+    if not isinstance(network, nn.Module):
+        raise AsfdaError("'network_def' did not build a torch module", path)
+    return network
+
+
+def _build_preprocessing(cfg: dict, path: Path | None, allow_code: bool, image_key: str) -> Preprocessing:
+    if allow_code:
+        compose = _parse_trusted(cfg, "preprocessing", path)
+        steps = [DeclaredTransform(type(t).__name__, {}, t) for t in getattr(compose, "transforms", compose or [])]
+    else:
+        steps = build_transforms(cfg, path)
+    return Preprocessing.from_steps(steps, image_key, cfg["preprocessing"])
+
+
+def _inferer_settings(cfg: dict, path: Path | None) -> tuple[tuple[int, ...], int, float]:
+    """roi_size, sw_batch_size and overlap of the config's ``inferer``, ``@`` references resolved as literals."""
+    roi, swb, overlap = (96, 96, 96), 4, 0.25
+    inferer = cfg.get("inferer")
+    if not isinstance(inferer, dict):
+        return roi, swb, overlap
+    try:
+        settings = {k: resolve_literal(cfg, inferer[k]) for k in ("roi_size", "sw_batch_size", "overlap") if k in inferer}
+        roi = tuple(int(r) for r in settings.get("roi_size", roi))
+        return roi, int(settings.get("sw_batch_size", swb)), float(settings.get("overlap", overlap))
+    except Exception as exc:
+        raise AsfdaError(f"the config's inferer settings are not literal numbers ({str(exc)[:120]})", path,
+                         "give roi_size, sw_batch_size and overlap as numbers (or @ references to numbers)") from None
 
 
 def load_model(source: str | Path, *, config: str | Path | None = None, strict: bool = True,
@@ -209,7 +196,8 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     """Loads a bundle folder, a checkpoint + network config, or a TorchScript file.
 
     ``allow_code`` lets the config's ``$`` expressions and arbitrary ``_target_`` run (MONAI's full
-    ConfigParser semantics); by default only MONAI / torch.nn classes with literal arguments are built.
+    ConfigParser semantics; the CLI's ``--trust-model-code``); by default the config is data, built from an
+    allow-list of classes with literal arguments (`asfda.models.safe_config`).
     """
     source = Path(source)
     if not source.exists():
@@ -243,24 +231,16 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     else:
         if "network_def" not in cfg:
             raise AsfdaError("config has no 'network_def'", cfg_path, "add the network definition (MONAI bundle syntax)")
-        network = _parse(cfg, "network_def", cfg_path, allow_code)
-        if not isinstance(network, nn.Module):
-            raise AsfdaError("'network_def' did not build a torch module", cfg_path)
+        network = _build_network(cfg, cfg_path, allow_code)
         state = load_state_dict_file(weights)
         _load_weights(network, state, weights, strict)
     network.eval()
     image_key = cfg.get("image_key", "image") if isinstance(cfg.get("image_key", "image"), str) else "image"
     if "preprocessing" in cfg:
-        prep = Preprocessing.from_compose(_parse(cfg, "preprocessing", cfg_path, allow_code), image_key,
-                                          cfg["preprocessing"])
+        prep = _build_preprocessing(cfg, cfg_path, allow_code, image_key)
     else:
         prep = Preprocessing(axcodes=None, pixdim_mm=None, description={"config": None})
-    roi, swb, overlap = (96, 96, 96), 4, 0.25
-    inferer = cfg.get("inferer") if isinstance(cfg.get("inferer"), dict) else None
-    if inferer:
-        roi = tuple(int(r) for r in inferer.get("roi_size", roi))
-        swb = int(inferer.get("sw_batch_size", swb))
-        overlap = float(inferer.get("overlap", overlap))
+    roi, swb, overlap = _inferer_settings(cfg, cfg_path)
     class_names, activation = _class_names(metadata, cfg, network)
     return LoadedModel(network, class_names, prep, roi, swb, overlap, activation, source, cfg, metadata,
                        embedding_layer or cfg.get("asfda_embedding_layer"))
@@ -283,7 +263,7 @@ def _load_weights(network: nn.Module, state: dict[str, torch.Tensor], path: Path
         if mismatched:
             problems.append(f"shape mismatch: {show(mismatched)}")
         raise AsfdaError("weights do not fit the network (" + "; ".join(problems) + ")", path,
-                         "check network_def matches the checkpoint, or pass --strict false to load what fits")
+                         "check that network_def matches the checkpoint")
     network.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
 
 

@@ -1,6 +1,6 @@
 """Preprocessing as the model declares it, applied identically to image and label, and its inverse.
 
-A bundle's ``preprocessing`` Compose is read with MONAI's ConfigParser; from it we keep the
+A bundle's ``preprocessing`` Compose is built as data (`asfda.models.safe_config`); from it we keep the
 orientation (``Orientationd``), the spacing (``Spacingd``) and every other transform as an
 image-only intensity step. Loading is ours (validated, see `asfda.io.nifti`), and the label follows the
 image through orientation and spacing with nearest-neighbour interpolation.
@@ -23,11 +23,11 @@ from asfda.errors import AsfdaError
 from asfda.io.atomic import atomic_write
 from asfda.io.datasets import Case
 from asfda.io.nifti import read_nifti
+from asfda.models.safe_config import DECLARED_ONLY
 
 __all__ = ["Preprocessing", "PreparedVolume", "prepare_case", "resample_to_native"]
 
-_SKIPPED = {"LoadImaged", "LoadImage", "EnsureChannelFirstd", "EnsureChannelFirst", "EnsureTyped", "EnsureType",
-            "ToTensord", "ToTensor", "CastToTyped"}
+_SKIPPED = DECLARED_ONLY  # read and recorded, not run: loading and typing are asfda's own
 
 
 @dataclass
@@ -49,14 +49,13 @@ class Preprocessing:
     description: dict = field(default_factory=dict)
 
     @classmethod
-    def from_compose(cls, compose: object, image_key: str = "image", raw_config: object = None) -> Preprocessing:
-        """Reads a (parsed) MONAI Compose of dictionary transforms."""
-        transforms = list(getattr(compose, "transforms", compose or []))
+    def from_steps(cls, steps: list, image_key: str = "image", raw_config: object = None) -> Preprocessing:
+        """Reads the declared steps (`asfda.models.safe_config.DeclaredTransform`) of a bundle's preprocessing."""
         axcodes, pixdim, intensity, names = None, None, [], []
-        for t in transforms:
-            name = type(t).__name__
+        for step in steps:
+            name, t = step.name, step.transform
             names.append(name)
-            if name in _SKIPPED:
+            if name in _SKIPPED or t is None:
                 continue
             if name in ("Orientationd", "Orientation"):
                 ornt = t.ornt_transform if hasattr(t, "ornt_transform") else t

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from asfda.training.augment import AUGMENTATIONS, PatchAugmenter
 from asfda.training.losses import masked_dice_ce
 
 __all__ = ["TrainConfig", "TrainVolume", "finetune", "sample_patch"]
@@ -32,7 +33,10 @@ class TrainConfig:
     fg_oversample: float = 0.67
     lambda_u: float = 1.0
     rampup_fraction: float = 0.3
-    augment: bool = True
+    augment: bool = True  # false: no augmentation at all, whatever `augmentation` says
+    # "intensity": light global intensity changes (the original recipe); "spatial_mr": MONAI's RandAffined
+    # (rotation, scaling) and MR-typical intensity transforms (bias field, gamma, noise): asfda.training.augment
+    augmentation: str = "intensity"
     freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
     # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
     # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
@@ -88,21 +92,6 @@ def sample_patch(vol: TrainVolume, patch: tuple[int, int, int], rng: np.random.G
     return image[(slice(None), *sl)], label[sl], mask[sl]
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Light intensity augmentation; never flips (the labels are lateral)."""
-    scale = float(rng.uniform(0.9, 1.1))
-    shift = float(rng.uniform(-0.1, 0.1))
-    x = x * scale + shift
-    if rng.random() < 0.3:
-        gamma = float(rng.uniform(0.7, 1.5))
-        lo, hi = x.min(), x.max()
-        x = ((x - lo) / (hi - lo + 1e-6)).pow(gamma) * (hi - lo) + lo
-    if rng.random() < 0.2:
-        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        x = x + torch.randn(x.shape, generator=g) * 0.03
-    return x
-
-
 def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, *, patch_size: tuple[int, int, int],
              pseudo: list[TrainVolume] | None = None, device: torch.device | None = None,
              progress: bool = True, desc: str = "fine-tune") -> dict[str, list[float]]:
@@ -121,9 +110,16 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
         with ctx:
             return network(x).float()
 
+    if cfg.augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {cfg.augmentation!r}")
+
     pseudo = pseudo or []
     patch = tuple(cfg.patch_size or patch_size)
+    augmenter = PatchAugmenter(cfg.augmentation if cfg.augment else "none", patch, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+
+    def draw(vol: TrainVolume) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return augmenter(*sample_patch(vol, augmenter.region, rng, cfg.fg_oversample), rng)
     torch.manual_seed(cfg.seed)
     params = [p for p in network.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -139,9 +135,8 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
     for step in bar:
         imgs, labs, masks = [], [], []
         for _ in range(cfg.batch_size):
-            vol = labelled[int(rng.integers(len(labelled)))]
-            x, y, m = sample_patch(vol, patch, rng, cfg.fg_oversample)
-            imgs.append(_augment(x, rng) if cfg.augment else x)
+            x, y, m = draw(labelled[int(rng.integers(len(labelled)))])
+            imgs.append(x)
             labs.append(y)
             masks.append(m)
         x = torch.stack(imgs).to(device)
@@ -152,9 +147,7 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
             ramp = max(1, int(cfg.rampup_fraction * cfg.steps))
             lam = cfg.lambda_u * min(1.0, step / ramp)
             if lam > 0:
-                vol = pseudo[int(rng.integers(len(pseudo)))]
-                xu, yu, mu = sample_patch(vol, patch, rng, cfg.fg_oversample)
-                xu = _augment(xu, rng) if cfg.augment else xu
+                xu, yu, mu = draw(pseudo[int(rng.integers(len(pseudo)))])
                 loss_u = masked_dice_ce(forward(xu[None].to(device)), yu[None].to(device), mu[None].to(device))
         loss = loss_l + lam * loss_u
         opt.zero_grad(set_to_none=True)

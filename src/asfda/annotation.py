@@ -12,8 +12,9 @@ PALETTE = [(220, 60, 60), (60, 160, 220), (60, 200, 90), (240, 200, 40), (180, 9
            (40, 200, 200), (230, 110, 180), (140, 140, 60), (100, 100, 240), (170, 60, 60), (60, 120, 90)]
 
 
-def _colour(value: int) -> tuple[int, int, int]:
-    return PALETTE[(value - 1) % len(PALETTE)]
+def _coloured(labels: dict[str, int]) -> list[tuple[int, str, tuple[int, int, int]]]:
+    """(value, name, RGB) of each foreground label, by value."""
+    return [(v, n, PALETTE[(v - 1) % len(PALETTE)]) for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v]
 
 
 def itksnap_label_description(labels: dict[str, int]) -> str:
@@ -23,10 +24,7 @@ def itksnap_label_description(labels: dict[str, int]) -> str:
              "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL",
              "################################################",
              '    0     0    0    0        0  0  0    "Clear Label"']
-    for name, value in sorted(labels.items(), key=lambda kv: kv[1]):
-        if value == 0:
-            continue
-        r, g, b = _colour(value)
+    for value, name, (r, g, b) in _coloured(labels):
         lines.append(f'{value:5d} {r:5d} {g:4d} {b:4d}        1  1  1    "{name}"')
     return "\n".join(lines) + "\n"
 
@@ -34,10 +32,7 @@ def itksnap_label_description(labels: dict[str, int]) -> str:
 def slicer_color_table(labels: dict[str, int]) -> str:
     """A 3D Slicer colour table (load it as a Color node; then the segmentation's segments carry these names)."""
     lines = ["# Color table file written by asfda", f"# {len(labels)} values", "0 background 0 0 0 0"]
-    for name, value in sorted(labels.items(), key=lambda kv: kv[1]):
-        if value == 0:
-            continue
-        r, g, b = _colour(value)
+    for value, name, (r, g, b) in _coloured(labels):
         lines.append(f"{value} {name.replace(' ', '_')} {r} {g} {b} 255")
     return "\n".join(lines) + "\n"
 

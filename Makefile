@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# the pin again: nnunetv2 (test extra) pulls timm -> torchvision, whose newest release wants a newer torch
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PIN)
 	touch $@
 
 setup: $(VENV)/.installed

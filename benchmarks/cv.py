@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--evaluate-tta", action="store_true", help="test Dice with flip test-time augmentation")
     ap.add_argument("--hold-back", action="store_true", help="leave a volume whose round the guard discarded out of "
                     "training until 3 other labels exist (train.hold_back_discarded)")
-    ap.add_argument("--representativeness", default="none", choices=["none", "density"],
+    ap.add_argument("--representativeness", default="none", choices=["none", "density", "typical"],
                     help="asfda's typicality term (default: none, METHOD.md's rule)")
     ap.add_argument("--upper-bound-steps", type=int, default=1000)
     ap.add_argument("--no-upper-bound", action="store_true")

@@ -25,7 +25,7 @@ from asfda.config import RunConfig
 from asfda.demo import phantom_model_path
 from asfda.io import atomic_write_text
 from asfda.phantom import generate_benchmark
-from asfda.selection import DEFAULT_DIVERSITY, DIVERSITY_SPACES
+from asfda.selection import DEFAULT_DIVERSITY, DIVERSITY_SPACES, REPRESENTATIVENESS
 from asfda.simulate import results_table, run_simulation
 from asfda.training import TrainConfig
 from _machine import machine
@@ -70,13 +70,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--diversity", choices=list(DIVERSITY_SPACES), default=DEFAULT_DIVERSITY,
                     help=f"asfda's diversity space (default: {DEFAULT_DIVERSITY}, the package default)")
+    ap.add_argument("--representativeness", choices=list(REPRESENTATIVENESS), default="none",
+                    help="asfda's representativeness term (default: none, the package default)")
+    ap.add_argument("--n-misleading", type=int, default=0,
+                    help="extra volumes of the misleading sub-population (cystic livers, `asfda phantom --n-misleading`)")
     ap.add_argument("--test-fraction", type=float, default=0.2)
     ap.add_argument("--data", default=str(REPO / ".cache" / "bench_phantom_adaptation"))
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/phantom_adaptation"))
     args = ap.parse_args()
     t0 = time.perf_counter()
-    paths = generate_benchmark(Path(args.data) / f"n{args.n_target}_seed{args.data_seed}", seed=args.data_seed,
-                               n_source=1, n_target=args.n_target)
+    name = f"n{args.n_target}_seed{args.data_seed}" + (f"_mis{args.n_misleading}" if args.n_misleading else "")
+    paths = generate_benchmark(Path(args.data) / name, seed=args.data_seed, n_source=1, n_target=args.n_target,
+                               n_misleading=args.n_misleading)
     meta = json.loads((paths["target"] / "phantom_meta.json").read_text())
     subgroup = {cid: m["subgroup"] for cid, m in meta.items()}
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -84,6 +89,7 @@ def main() -> None:
     out = Path(args.out)
     cfg = RunConfig(model=str(phantom_model_path()), pool=str(paths["target"]), test_fraction=args.test_fraction,
                     strategies=strategies, budget=args.budget, rounds=args.rounds, seeds=seeds, diversity=args.diversity,
+                    representativeness=args.representativeness,
                     train=TrainConfig(steps=args.steps, batch_size=2), upper_bound=True, previews=2,
                     cache_dir=str(Path(args.data) / "cache"), out_dir=str(out), progress=sys.stderr.isatty())
     result = run_simulation(cfg)
@@ -94,13 +100,15 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"Machine: {machine()}  ",
         f"Date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
-        f"Pool: phantom target, {args.n_target} volumes (data seed {args.data_seed}; "
+        f"Pool: phantom target, {args.n_target + args.n_misleading} volumes (data seed {args.data_seed}; "
         + ", ".join(f"{g} {k}" for g, k in counts.most_common()) + f"), seeded {args.test_fraction:.0%} test split "
         f"per seed; shipped phantom model; {args.budget} labels x {args.rounds} rounds, {args.steps} steps per round; "
-        f"asfda's diversity space: {args.diversity}; fine-tuning guard on", "",
+        f"asfda's diversity space: {args.diversity}, representativeness: {args.representativeness}; fine-tuning "
+        "guard on", "",
         "Mean Dice on the held-out test split (mean ± std over seeds; n=0 is zero-shot):", "",
         results_table(result.summary), "",
-        "Distinct sub-populations (of 5) among the labelled volumes after each round (mean over seeds):", "",
+        f"Distinct sub-populations (of {len(counts)}) among the labelled volumes after each round (mean over seeds):",
+        "",
         *coverage_lines(out, strategies, seeds, subgroup), "",
         "![learning curve](learning_curve.png)", "",
         "The full report (rounds, what was queried and why, overlay previews) is `report.html` here.", ""])

@@ -82,7 +82,7 @@ def test_predict_stops_at_a_constant_image_keeping_the_finished_cases(inputs: di
     blank.unlink()
     (inputs["data"] / "labelsTr" / "case02.nii.gz").unlink()
     assert main(_argv("predict", inputs["model"], inputs["data"], out)) == 0
-    assert "1 case(s) segmented, 2 skipped" in capsys.readouterr().out
+    assert "1 case segmented, 2 skipped" in capsys.readouterr().out
 
 
 def test_next_refuses_a_constant_pool_image_and_writes_no_query(inputs: dict, capsys: pytest.CaptureFixture) -> None:

@@ -9,7 +9,7 @@ import pytest
 from asfda.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "phantom", "simulate", "evaluate", "predict", "score", "query", "init", "next", "ingest",
-               "finetune", "status"]
+               "finetune", "status", "set"]
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
@@ -209,21 +209,50 @@ def test_ingest_of_an_empty_folder_says_so(tmp_path, tiny_bundle, tiny_dataset, 
     assert "nothing ingested" in capsys.readouterr().err
 
 
-MODEL_COMMANDS = ("evaluate", "predict", "score", "query", "simulate", "init")
+MODEL_COMMANDS = ("evaluate", "predict", "score", "query", "simulate", "init", "next", "finetune")
+TAKES_DATA = ("evaluate", "predict", "score", "query", "simulate", "init")  # next and finetune: the project's pool
+FINE_TUNES = ("simulate", "init", "finetune")  # init keeps --precision in the project's settings
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
-def test_every_model_running_command_takes_data_device_and_trust(command: str) -> None:
-    """One name per concept: --data (simulate and init: also --pool), --device and --trust-model-code wherever a model runs;
-    --precision wherever one is fine-tuned."""
+def test_every_model_running_command_takes_data_device_and_precision(command: str) -> None:
+    """One name per concept: --data (simulate and init: also --pool; predict: also --images) wherever a command reads
+    a dataset, --device wherever a model runs, --precision wherever one is fine-tuned (it is the fine-tuning
+    precision), --trust-model-code wherever a model file is loaded."""
     from asfda.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
     flags = {o for a in sub.choices[command]._actions for o in a.option_strings}
-    assert {"--data", "--device", "--trust-model-code"} <= flags
-    if command in ("simulate", "init"):
-        assert "--precision" in flags
+    assert "--device" in flags
+    assert ("--data" in flags) is (command in TAKES_DATA)
+    assert ("--precision" in flags) is (command in FINE_TUNES)
+    assert ("--trust-model-code" in flags) is (command in TAKES_DATA)  # a project keeps it in its settings
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (["next", "p", "--device", "cpu"], "device", "cpu"),
+    (["finetune", "p", "--device", "cuda:1", "--precision", "bf16"], "precision", "bf16"),
+    (["simulate", "--data", "d"], "pool", "d"),
+    (["init", "o", "--model", "m", "--data", "d"], "pool", "d"),
+    (["predict", "--model", "m", "--images", "d", "--out", "o"], "images", "d"),
+])
+def test_the_flags_parse_where_they_are_offered(argv: list[str], dest: str, value: str) -> None:
+    assert getattr(build_parser().parse_args(argv), dest) == value
+
+
+def test_project_commands_pass_device_and_precision_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asfda.project as prj
+
+    seen = {}
+    monkeypatch.setattr(prj, "next_query", lambda root, **kw: seen.setdefault("next", kw) and 1 / 0)
+    monkeypatch.setattr(prj, "finetune_project", lambda root, **kw: seen.setdefault("finetune", kw) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["next", str(tmp_path), "--device", "cpu", "--debug"])
+    with pytest.raises(ZeroDivisionError):
+        main(["finetune", str(tmp_path), "--device", "cpu", "--precision", "bf16", "--debug"])
+    assert seen["next"]["device"] == "cpu" and seen["finetune"]["precision"] == "bf16"
+    assert seen["finetune"]["device"] == "cpu"
 
 
 def test_simulate_device_and_precision_reach_the_run_config(monkeypatch, tmp_path) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-from asfda.evaluation import largest_component_per_class
+import numpy as np
+import pytest
+import torch
+
+from asfda.evaluation import (compute_dice, compute_hd95, largest_component_per_class, mean_ignoring_nan,
+                              per_class_scores)
 
 
 def test_largest_component_keeps_each_class_biggest_piece() -> None:
@@ -38,3 +43,62 @@ def test_adapter_evaluate_reports_tta_and_largest_component_dice(tmp_path, tiny_
     assert [r["case_id"] for r in plain] == [r["case_id"] for r in tta]
     assert {"dice_mean", "lcc_dice_mean", "lcc_dice_liver", "lcc_dice_spleen"} <= set(plain[0])
     assert plain[0]["dice_mean"] != tta[0]["dice_mean"] or plain[1]["dice_mean"] != tta[1]["dice_mean"]
+
+
+# --- Dice and HD95 on hand-made label maps, values computed by hand -------------------------------------------
+
+
+def _maps() -> tuple[torch.Tensor, torch.Tensor]:
+    label = torch.zeros(6, 6, 6, dtype=torch.long)
+    pred = torch.zeros(6, 6, 6, dtype=torch.long)
+    label[0:2, 0:2, 0:2] = 1  # 8 voxels
+    pred[0:2, 0:2, 0:1] = 1  # 4 voxels, all inside: Dice 2*4 / (4 + 8) = 2/3
+    label[4:6, 4:6, 4:6] = 2  # class 2 in the reference only: Dice 0
+    pred[3, 0, 0] = 3  # class 3 predicted only: Dice 0
+    return pred, label  # class 4 in neither: NaN
+
+
+def test_dice_by_hand_with_the_empty_label_rule() -> None:
+    pred, label = _maps()
+    dice = compute_dice(pred, label, n_classes=5)
+    assert dice[0].item() == pytest.approx(2 / 3)
+    assert dice[1].item() == 0.0 and dice[2].item() == 0.0
+    assert math.isnan(dice[3].item())
+    scores = per_class_scores(dice, ["background", "a", "b", "c", "d"])
+    assert scores["dice_a"] == pytest.approx(2 / 3) and math.isnan(scores["dice_d"])
+    assert scores["dice_mean"] == pytest.approx((2 / 3 + 0 + 0) / 3)  # NaN left out of the mean, zeros kept
+    assert math.isnan(mean_ignoring_nan([math.nan, math.nan]))
+
+
+def test_dice_is_symmetric_and_one_on_identity() -> None:
+    pred, label = _maps()
+    assert torch.allclose(compute_dice(pred, label, 5), compute_dice(label, pred, 5), equal_nan=True)
+    same = compute_dice(label, label, 5)
+    assert same[0].item() == 1.0 and same[1].item() == 1.0 and math.isnan(same[2].item())
+
+
+def test_dice_refuses_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        compute_dice(torch.zeros(2, 2, 2), torch.zeros(2, 2, 3), 2)
+
+
+def test_hd95_single_voxels_with_anisotropic_spacing() -> None:
+    label = torch.zeros(8, 8, 8, dtype=torch.long)
+    pred = torch.zeros(8, 8, 8, dtype=torch.long)
+    label[2, 2, 2] = 1
+    pred[2, 2, 4] = 1  # two slices apart along the 3 mm axis: 6 mm
+    label[5, 5, 5] = 2
+    pred[7, 5, 5] = 2  # two voxels apart along the 1 mm axis: 2 mm
+    label[6, 1, 1] = 3  # class 3 in the reference only: NaN
+    hd = compute_hd95(pred, label, n_classes=5, spacing_mm=(1.0, 1.0, 3.0))
+    assert hd[0].item() == pytest.approx(6.0)
+    assert hd[1].item() == pytest.approx(2.0)
+    assert math.isnan(hd[2].item()) and math.isnan(hd[3].item())
+    iso = compute_hd95(pred, label, n_classes=3, spacing_mm=(1.0, 1.0, 1.0))
+    assert iso[0].item() == pytest.approx(2.0)  # same maps, isotropic grid: the spacing is what changed it
+
+
+def test_hd95_zero_for_identical_maps() -> None:
+    _, label = _maps()
+    hd = compute_hd95(label, label, n_classes=3, spacing_mm=(1.5, 1.5, 4.0))
+    assert hd[0].item() == 0.0 and hd[1].item() == 0.0

@@ -176,7 +176,7 @@ def test_kill_9_mid_predict_then_predict_again_finishes_the_same_maps(tiny: dict
     # a third run has nothing left to do: the interrupted case was not mistaken for a finished one
     proc = run_cli_killed_at(RUN, 1, "before", *argv, "--out", str(root / "out"))
     _ok(proc)
-    assert f"0 case(s) segmented, {N} skipped" in proc.stdout
+    assert f"0 cases segmented, {N} skipped" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------- finetune: bundle export

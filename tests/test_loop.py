@@ -45,13 +45,22 @@ def test_adapted_model_is_not_served_stale_scores(tmp_path: Path, tiny_bundle: P
     assert not np.allclose(after.embeddings, before.embeddings)
 
 
-def test_sigmoid_models_are_refused_for_adaptation(tiny_bundle: Path, tiny_dataset: Path) -> None:
-    from asfda.errors import AsfdaError
+def test_sigmoid_models_are_adapted_in_their_single_label_view(tiny_bundle: Path, tiny_dataset: Path) -> None:
+    """A sigmoid head (one independent channel per foreground class, no background channel) is adapted as the
+    softmax over [0, z_1, ..., z_K]: background is "no channel on", and for one channel this is the sigmoid itself."""
+    import torch
 
     model = load_model(tiny_bundle)
-    model.activation = "sigmoid"
-    with pytest.raises(AsfdaError, match="softmax"):
-        Adapter(model, load_dataset(tiny_dataset).class_names)
+    model.activation, model.class_names = "sigmoid", ["liver", "spleen", "kidney"]
+    assert model.adds_background and model.label_names == ["background", "liver", "spleen", "kidney"]
+    adapter = Adapter(model, load_dataset(tiny_dataset).class_names, progress=False, device="cpu")
+    x = torch.randn(1, 1, *model.roi_size)
+    with torch.no_grad():
+        z = model.network(x)
+        mapped = adapter.frozen(x)
+    assert mapped.shape[1] == 3  # background, liver, spleen of the dataset; kidney folds into background
+    torch.testing.assert_close(mapped[:, 1:], z[:, :2])
+    torch.testing.assert_close(mapped[:, 0], torch.logsumexp(torch.stack([torch.zeros_like(z[:, 2]), z[:, 2]]), 0))
 
 
 def test_labelled_anchors_match_the_pool_vectors_of_the_same_volumes(tmp_path: Path, tiny_bundle: Path,

@@ -336,3 +336,37 @@ def test_overwrite_refuses_a_folder_that_is_not_a_phantom_benchmark(tmp_path: Pa
     with pytest.raises(ValueError, match="not a phantom benchmark"):
         generate_benchmark(precious, seed=0, n_source=1, n_target=1, overwrite=True)
     assert (precious / "scan.nii.gz").read_bytes() == b"patient data"
+
+
+# --------------------------------------------------------------------------- the misleading sub-population
+
+
+def test_misleading_cases_are_appended_and_leave_the_rest_identical(tmp_path: Path, bench: dict[str, Path]) -> None:
+    more = generate_benchmark(tmp_path / "mis", seed=0, n_source=N_SOURCE, n_target=N_TARGET, n_misleading=2)
+    meta = _meta(more["target"])
+    assert [meta[f"tgt_{N_TARGET + i:03d}"]["subgroup"] for i in range(2)] == [phantom.MISLEADING] * 2
+    assert json.loads((more["target"] / "dataset.json").read_text())["numTraining"] == N_TARGET + 2
+    for cid in _meta(bench["target"]):  # the regular cases are byte-identical to a benchmark without them
+        for sub in ("imagesTr", "labelsTr"):
+            name = f"{cid}_0000.nii.gz" if sub == "imagesTr" else f"{cid}.nii.gz"
+            a = nib.load(str(bench["target"] / sub / name)).get_fdata()
+            b = nib.load(str(more["target"] / sub / name)).get_fdata()
+            np.testing.assert_array_equal(a, b)
+    root = json.loads((tmp_path / "mis" / "phantom_meta.json").read_text())
+    assert root["n_misleading"] == 2 and root["subgroup_counts"][phantom.MISLEADING] == 2
+    # a benchmark without them records no n_misleading, so caches written before the option exist stay valid
+    assert "n_misleading" not in json.loads((bench["target"].parent / "phantom_meta.json").read_text())
+    with pytest.raises(AsfdaError, match="differs"):
+        generate_benchmark(tmp_path / "mis", seed=0, n_source=N_SOURCE, n_target=N_TARGET, n_misleading=1)
+
+
+def test_misleading_liver_is_enlarged_cystic_and_labelled_liver() -> None:
+    common_img, common_lbl, _ = make_case(np.random.default_rng(5), "target", "common")
+    cyst_img, cyst_lbl, _ = make_case(np.random.default_rng(5), "target", phantom.MISLEADING)
+    liver_c, liver_m = common_lbl == LABELS["liver"], cyst_lbl == LABELS["liver"]
+    assert liver_m.sum() > 1.3 * liver_c.sum()  # enlarged
+    # cysts: much brighter and far more heterogeneous liver signal, all of it labelled liver
+    assert cyst_img[liver_m].mean() > 1.2 * common_img[liver_c].mean()
+    assert cyst_img[liver_m].std() > 2 * common_img[liver_c].std()
+    with pytest.raises(AsfdaError, match="n_misleading"):
+        generate_benchmark(Path("unused"), n_source=1, n_target=1, n_misleading=-1)

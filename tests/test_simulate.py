@@ -399,3 +399,34 @@ def test_hold_back_leaves_a_discarded_rounds_volume_out_of_the_next_rounds(tmp_p
     assert [r["held_back"] for r in rounds] == [[], [first], [first]]
     assert trained_on[1] == sorted(rounds[1]["trained_ids"]) and first not in trained_on[1]
     assert rounds[2]["n_labelled"] == 3 and first not in rounds[2]["trained_ids"]
+
+
+def test_each_round_records_the_when_to_stop_estimate_beside_the_true_next_gain(tmp_path: Path,
+                                                                                 tiny_bundle: Path) -> None:
+    """A round records its probe (prediction change on unlabeled pool volumes, never the test set), the Dice of the
+    query's model on the queried volumes (pool labels) and the estimate; stopping.csv and the report set each estimate
+    beside the true next-round gain."""
+    import csv
+
+    from asfda.stopping import PROBE_VOLUMES
+
+    data = write_nnunet(tmp_path / "ds", n=8)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.strategies, cfg.upper_bound, cfg.train.guard = ["random"], False, False
+    res = run_simulation(cfg)
+    pool, test = split_pool(list(load_dataset(data).by_id()), cfg.test_fraction, 0)
+    rounds = json.loads((res.out_dir / "random" / "seed0" / "state.json").read_text())["rounds"]
+    labelled: set[str] = set()
+    for rec in rounds:
+        labelled |= set(rec["queried"])
+        probe = rec["probe"]
+        assert 0 < len(probe["cases"]) <= PROBE_VOLUMES and set(probe["cases"]) <= set(pool) - labelled
+        assert 0.0 <= probe["change"] <= 1.0 and set(rec["queried_dice_before"]) == set(rec["queried"])
+        assert rec["stopping"]["after_round"] == rec["round"] and rec["stopping"]["change"] == probe["change"]
+    with open(res.out_dir / "stopping.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == [0, 1]
+    assert float(rows[0]["true_next_gain"]) == pytest.approx(rounds[1]["dice_mean"] - rounds[0]["dice_mean"])
+    assert rows[1]["true_next_gain"] == "" and float(rows[0]["predicted_next_gain"]) == pytest.approx(
+        rounds[0]["stopping"]["predicted_gain"])
+    assert "When to stop" in (res.out_dir / "report.html").read_text()

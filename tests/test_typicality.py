@@ -7,6 +7,7 @@ import pytest
 
 from asfda.errors import AsfdaError
 from asfda.selection import PoolScores, build_strategy, typicality
+from asfda.selection.diversity import greedy_diverse_pick, least_typical, median_neighbour_distance
 
 
 def test_typicality_is_high_in_dense_regions_and_low_for_outliers() -> None:
@@ -46,4 +47,54 @@ def test_density_keeps_the_outlier_out_of_the_first_pick_and_fades_with_labels()
 
 def test_unknown_representativeness_is_refused() -> None:
     with pytest.raises(AsfdaError, match="representativeness"):
-        build_strategy("asfda", representativeness="typical")
+        build_strategy("asfda", representativeness="typicality")
+
+
+def test_least_typical_counts_and_keeps_at_least_one() -> None:
+    typ = np.array([5.0, 1.0, 3.0, 0.5, 4.0])
+    assert least_typical(typ, 0.4).tolist() == [False, True, False, True, False]  # floor(0.4 * 5) = 2
+    assert least_typical(typ, 0.1).sum() == 0  # floor(0.5) = 0
+    assert least_typical(typ, 1.0, keep=1).sum() == 4
+    assert least_typical(np.zeros(0), 0.5).size == 0
+
+
+def test_median_neighbour_distance_by_hand() -> None:
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    # nearest others: row 0 -> row 2 (1 - 1/sqrt 2), row 1 -> row 2 (same), row 2 -> rows 0/1 (same), row 3 -> row 1 (1)
+    assert median_neighbour_distance(x) == pytest.approx(1 - 1 / np.sqrt(2))
+    assert median_neighbour_distance(x[:1]) == 0.0
+
+
+def test_distance_cap_stops_the_pick_seeking_an_outlier() -> None:
+    emb = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [-1.0, 0.05]])
+    scores = np.array([1.0, 0.9, 0.9, 0.5])
+    # uncapped: after c0 the outlier's distance (about 2) beats the nearer, better-scored volumes
+    assert greedy_diverse_pick(scores, emb, 2)[0] == [0, 3]
+    # capped at 0.3: distances to c0 are c1 0.2, c2 0.4 -> 0.3, outlier 2 -> 0.3; 0.9 x 0.3 beats 0.9 x 0.2 and 0.5 x 0.3
+    assert greedy_diverse_pick(scores, emb, 2, distance_cap=0.3)[0] == [0, 2]
+
+
+def _pool_with_outlier_group(n_labelled: int = 0) -> PoolScores:
+    """Twelve volumes in one cluster and a small, distant group of two (indices 12, 13) with the largest ASD."""
+    rng = np.random.default_rng(1)
+    emb = np.vstack([np.array([1.0, 0.2, 0.1]) + rng.normal(0, 0.05, (12, 3)),
+                     np.array([0.1, 1.0, -0.5]) + rng.normal(0, 0.02, (2, 3))])
+    asd = np.r_[np.linspace(0.2, 0.6, 12), 0.95, 0.9]
+    lab = emb[:n_labelled] + 0.01
+    return PoolScores([f"c{i}" for i in range(14)], {"asd": asd}, emb, labelled_embeddings=lab.reshape(-1, 3),
+                      round_index=int(n_labelled > 0))
+
+
+def test_typical_keeps_an_atypical_group_out_of_the_first_batch() -> None:
+    group = {"c12", "c13"}
+    for budget in (1, 2, 4):
+        method = build_strategy("asfda").select(_pool_with_outlier_group(), budget, seed=0)
+        typical = build_strategy("asfda", representativeness="typical").select(_pool_with_outlier_group(), budget, 0)
+        assert group & set(method.ids)  # METHOD.md's rule takes the group (first, by its scores and distance)
+        assert not group & set(typical.ids), budget
+        assert len(typical.ids) == budget
+    # the left-out share shrinks as labels accrue: 0.2 of 14 -> 2 volumes at round 0, floor(1.4) = 1 with one label
+    comps0 = build_strategy("asfda", representativeness="typical").pool_components(_pool_with_outlier_group())[1]
+    comps1 = build_strategy("asfda", representativeness="typical").pool_components(_pool_with_outlier_group(1))[1]
+    assert comps0["outlier"].sum() == 2 and comps1["outlier"].sum() == 1
+    assert set(np.flatnonzero(comps0["outlier"])) == {12, 13}

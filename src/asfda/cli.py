@@ -35,6 +35,13 @@ def _add_trust(p: argparse.ArgumentParser, extra: str = "") -> None:
     p.add_argument("--trust-model-code", action="store_true", help=TRUST_MODEL_CODE_HELP + extra)
 
 
+def _add_output_activation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-activation", choices=["softmax", "sigmoid", "none"], default=None,
+                   help="what turns the network's output into probabilities: softmax, sigmoid, or none for a network "
+                   "that already outputs probabilities (no second softmax) (default: what the model declares: "
+                   "asfda_output_activation in its config, its metadata, its postprocessing; else softmax)")
+
+
 class _StrategyNames:
     """The strategy registry (`asfda.selection.STRATEGIES`) as argparse ``choices``, imported only when a strategy
     is given or help is printed (the registry pulls in torch). A list of names is "in" it when every name is."""
@@ -105,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-source", type=int, default=24)
     p.add_argument("--n-target", type=int, default=40)
+    p.add_argument("--n-misleading", type=int, default=0,
+                   help="extra target cases of the misleading sub-population (cystic livers, modelled on the real "
+                        "pool's outlier: atypical, and harmful when learned alone); appended after the others")
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
 
@@ -126,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p, default=None)
     _add_precision(p)
     _add_trust(p)
+    _add_output_activation(p)
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="Dice per case and class of a model on a labelled dataset")
@@ -136,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/evaluate", help="folder for per_case.csv and summary.json")
     _add_device(p)
     _add_trust(p)
+    _add_output_activation(p)
     _add_common(p)
 
     p = sub.add_parser("predict", help="segment every image of a folder; label maps on each image's own grid")
@@ -155,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs are up to date")
     _add_device(p)
     _add_trust(p)
+    _add_output_activation(p)
     _add_common(p)
 
     p = sub.add_parser("score", help="score every case of a pool with the zero-shot model (per-case CSV of "
@@ -171,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     _add_device(p)
     _add_trust(p)
+    _add_output_activation(p)
     _add_common(p)
 
     p = sub.add_parser("query", help="pick the next batch of cases to annotate (prints ids and score components)")
@@ -192,13 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asfda: the space of the diverse batch pick: 'anatomy', the predicted foreground composition, "
                    "'embedding', the pooled bottleneck embedding (METHOD.md's h), or 'none' (no diversity term: an ablation) "
                    "(default: embedding)")
-    p.add_argument("--representativeness", default="none", choices=["none", "density"],
+    p.add_argument("--representativeness", default="none", choices=["none", "density", "typical"],
                    help="asfda: 'density' adds TypiClust's typicality (dense regions of the pool first), weighted "
-                   "0.5 / (1 + labelled); 'none' is METHOD.md's rule (default: none)")
+                   "0.5 / (1 + labelled); 'typical' also leaves the least typical 0.2 / (1 + labelled) of the pool out "
+                   "and caps the diversity factor, so no pick is an outlier; 'none' is METHOD.md's rule (default: none)")
     p.add_argument("--out", default="query.json", help="JSON with the chosen ids and components (default: query.json)")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     _add_device(p)
     _add_trust(p)
+    _add_output_activation(p)
     _add_common(p)
 
     # -- the annotation workflow (asfda.project) ---------------------------------------------------
@@ -219,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision(p)
     _add_device(p)
     _add_trust(p, "; kept in the project's settings, so next and finetune build it the same way")
+    _add_output_activation(p)
     _add_common(p)
     project_commands = [
         ("next", "score the pool and export the next cases to annotate",
@@ -236,7 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("project", nargs="?", default=".", help="project folder (default: .)")
         for flag, flag_help in flags:
             p.add_argument(flag, action="store_true", help=flag_help)
+        if name in ("next", "finetune"):  # they run the model: the project's device, unless told otherwise
+            _add_device(p, default=None)
+        if name == "finetune":
+            _add_precision(p)
         _add_common(p)
+    p = sub.add_parser("set", help="change a project's settings (budget, strategy, steps, ...) with the checks of init")
+    p.add_argument("project", help="project folder")
+    p.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="e.g. budget=3 strategy=random steps=100 "
+                   "train.guard=false (asfda status --json shows the project; project.json holds every setting)")
+    _add_common(p)
     return parser
 
 
@@ -278,7 +304,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from asfda.phantom import generate_benchmark
 
         paths = generate_benchmark(args.out, seed=args.seed, n_source=args.n_source, n_target=args.n_target,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, n_misleading=args.n_misleading)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     elif args.command == "simulate":
         from asfda.config import load_config
@@ -291,7 +317,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             "upper_bound": False if args.no_upper_bound else None,
             "train.guard": False if args.no_guard else None, "upper_bound_steps": args.upper_bound_steps,
             "device": args.device, "train.precision": args.precision,
-            "trust_model_code": True if args.trust_model_code else None})
+            "trust_model_code": True if args.trust_model_code else None,
+            "output_activation": args.output_activation})
         if not cfg.model or not cfg.pool:
             raise AsfdaError("simulate needs a model and a pool", fix="pass --model and --pool, or set them in --config")
         result = run_simulation(cfg)
@@ -301,20 +328,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         from asfda.predict import evaluate_model
 
         evaluate_model(args.model, args.data, args.out, model_config=args.model_config, class_map=args.class_map,
-                       progress=progress, trust_model_code=args.trust_model_code, device=args.device)
+                       progress=progress, trust_model_code=args.trust_model_code, device=args.device,
+                       output_activation=args.output_activation)
     elif args.command == "predict":
         from asfda.predict import predict_model
 
         predict_model(args.model, args.images, args.out, model_config=args.model_config, class_map=args.class_map,
                       tta=args.tta, overwrite=args.overwrite, device=args.device, progress=progress,
                       largest_component=args.largest_component,
-                      trust_model_code=args.trust_model_code)
+                      trust_model_code=args.trust_model_code, output_activation=args.output_activation)
     elif args.command == "score":
         from asfda.query import score_dataset
 
         score_dataset(args.model, args.data, args.out, strategies=args.strategies, temperature=args.temperature,
                       seed=args.seed, model_config=args.model_config, class_map=args.class_map, device=args.device,
-                      progress=progress, trust_model_code=args.trust_model_code)
+                      progress=progress, trust_model_code=args.trust_model_code,
+                      output_activation=args.output_activation)
     elif args.command == "query":
         from asfda.query import query_dataset
         from asfda.selection import DEFAULT_DIVERSITY
@@ -324,10 +353,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                       diversity=args.diversity or DEFAULT_DIVERSITY, representativeness=args.representativeness,
                       model_config=args.model_config,
                       class_map=args.class_map, device=args.device, progress=progress,
-                      trust_model_code=args.trust_model_code)
-    elif args.command in ("init", "next", "ingest", "finetune", "status"):
+                      trust_model_code=args.trust_model_code, output_activation=args.output_activation)
+    elif args.command in ("init", "next", "ingest", "finetune", "status", "set"):
         return _project_command(args, progress)
     return 0
+
+
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    """``1 case``, ``2 cases``."""
+    return f"{count} {word if count == 1 else plural or word + 's'}"
 
 
 def _project_command(args: argparse.Namespace, progress: bool) -> int:
@@ -341,14 +375,22 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
         settings = prj.ProjectSettings(strategy=args.strategy, budget=args.budget, seed=args.seed,
                                        class_map=args.class_map, allow_empty_labels=args.allow_empty_labels,
                                        device=args.device, trust_model_code=args.trust_model_code,
+                                       output_activation=args.output_activation,
                                        train=TrainConfig(steps=args.steps, guard=not args.no_guard,
                                                          precision=args.precision or "fp32"))
         p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels)
         print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
         print(f"next: asfda next {p.root}")
     elif args.command == "next":
-        q = prj.next_query(args.project, progress=progress, force=args.force)
+        q = prj.next_query(args.project, progress=progress, force=args.force, device=args.device)
         root = prj.Project(args.project).root
+        if q.get("shown_again"):
+            print(f"round {q['round']}'s query is still waiting for labels (shown again; --force replaces it)")
+        if q.get("replaces"):
+            rep = q["replaces"]
+            print(f"round {rep['round']}'s fine-tuning was discarded by the guard; this query replaces "
+                  f"{', '.join(rep['ids'])} ({'its label is' if len(rep['ids']) == 1 else 'their labels are'} kept: "
+                  "see `asfda status`)")
         if q.get("budget") is not None and len(q["ids"]) < q["budget"]:
             left = len(q["ids"])
             print(f"only {left} unlabeled case{' is' if left == 1 else 's are'} left, fewer than the budget "
@@ -363,9 +405,12 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
         print(f"then: asfda ingest LABELS_DIR {root}")
     elif args.command == "ingest":
         res = prj.ingest_labels(args.project, args.labels)
-        if not res["accepted"] and not res["refused"]:
+        if not res["accepted"] and not res["refused"] and not res.get("unchanged"):
             print(f"asfda: error: no label files (CASE.nii.gz) in {args.labels}: nothing ingested", file=sys.stderr)
             return 2
+        if res.get("unchanged") and not res["accepted"] and not res["refused"]:
+            print(f"nothing new: {_n(len(res['unchanged']), 'label')} in {args.labels} "
+                  f"{'is' if len(res['unchanged']) == 1 else 'are'} already ingested, unchanged")
         for cid in res["accepted"]:
             print(f"accepted: {cid}" + (" (replaces the earlier label)" if cid in res["replaced"] else ""))
         for bad in res["refused"]:
@@ -374,22 +419,25 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
         print(f"{status['labelled']} labelled in all; next: {status['next']}")
         return 1 if res["refused"] else 0
     elif args.command == "finetune":
-        rec = prj.finetune_project(args.project, progress=progress, force=args.force)
+        rec = prj.finetune_project(args.project, progress=progress, force=args.force, device=args.device,
+                                   precision=args.precision)
         root = prj.Project(args.project).root
-        print(f"round {rec['round']} fine-tuned on {len(rec['labelled_ids'])} labelled cases in {rec['seconds']:.0f} s "
+        print(f"round {rec['round']} fine-tuned on {_n(len(rec['labelled_ids']), 'labelled case')} in {rec['seconds']:.0f} s "
               f"(final loss {rec['loss_final']:.3f}); adapted model: {root / 'model'}")
         if rec.get("guard"):
             from asfda.training.guard import GuardResult
 
             print(GuardResult(**rec["guard"]).message())
-        print(f"next: asfda next {root}")
+        st = prj.project_status(root)
+        print(_stop_line(st["when_to_stop"]))
+        print(f"next: {st['next']}")
     elif args.command == "status":
         st = prj.project_status(args.project)
         if args.json:
             print(json.dumps(st, indent=2))
         else:
-            print(f"project {st['project']}: {st['rounds_finished']} round(s) fine-tuned, {st['labelled']} of "
-                  f"{st['pool_cases']} pool cases labelled")
+            print(f"project {st['project']}: {_n(st['rounds_finished'], 'round')} fine-tuned, {st['labelled']} of "
+                  f"{_n(st['pool_cases'], 'pool case')} labelled")
             if st["pending_query"]:
                 q = st["pending_query"]
                 print(f"pending query (round {q['round']}): {', '.join(q['ids'])}; missing labels: "
@@ -397,17 +445,48 @@ def _project_command(args: argparse.Namespace, progress: bool) -> int:
             if st["labelled_not_trained"]:
                 print(f"labelled, not yet trained on: {', '.join(st['labelled_not_trained'])}")
             for d in st.get("discarded_rounds", []):
-                print(f"round {d['round']} was discarded by the guard (organs more fragmented than the pretrained "
-                      f"model's: plausibility {d.get('plausibility_adapted', float('nan')):.3f} < "
-                      f"{d.get('plausibility_pretrained', float('nan')):.3f}); new labels then: {', '.join(d['new_ids']) or 'none'}")
+                harmful = d.get("harmful") or d["new_ids"]
+                one = len(harmful) == 1
+                print(f"round {d['round']} was discarded by the guard: trained with "
+                      f"{', '.join(harmful) or 'no new volume'} ({'its' if one else 'their'} first round, so the harmful "
+                      f"{'volume' if one else 'volumes'}), the model's organs on {_n(len(d.get('cases', [])), 'unlabeled volume')} "
+                      f"were more fragmented than the pretrained model's (plausibility "
+                      f"{d.get('plausibility_adapted', float('nan')):.3f} < {d.get('plausibility_pretrained', float('nan')):.3f}: "
+                      f"the mean fraction of each organ in its largest connected piece); {'its label is' if one else 'the labels are'} "
+                      "kept" + ("" if st.get("hold_back_discarded") else
+                                f" and trained on again (`asfda set {st['project']} hold_back_discarded=true` leaves "
+                                f"{'it' if one else 'them'} out until 3 other labels exist)"))
             for e in st.get("annotation_effort", []):
-                print(f"round {e['round']}: the pre-segmentations of {e['cases']} case(s) matched the final labels "
+                print(f"round {e['round']}: the pre-segmentations of {_n(e['cases'], 'case')} matched the final labels "
                       f"with Dice {e['edit_dice_mean']:.3f} ({100 * e['fraction_changed_mean']:.2f}% of voxels "
                       "changed by the annotators)")
             if st.get("held_back"):
                 print(f"held back from training (their labels are kept): {', '.join(st['held_back'])}")
+            print(_stop_line(st["when_to_stop"]))
             print(f"next: {st['next']}")
+    elif args.command == "set":
+        changes = {}
+        for item in args.settings:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise AsfdaError(f"{item!r} is not KEY=VALUE", fix="write each setting as key=value, e.g. budget=3")
+            changes[key.strip()] = value.strip()
+        changed = prj.update_settings(args.project, changes)
+        for name, old, new in changed:
+            print(f"{name}: {old} -> {new}")
+        if not changed:
+            print("nothing changed: " + ", ".join(f"{k} is already {v}" for k, v in changes.items()))
+        pending = prj.Project(args.project).state.get("query")
+        if changed and pending:
+            print(f"the pending query of round {pending['round']} keeps its {_n(len(pending['ids']), 'case')}; "
+                  "the new settings apply from the next query and round")
     return 0
+
+
+def _stop_line(est: dict) -> str:
+    from asfda.stopping import StopEstimate
+
+    return StopEstimate(**est).message()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class RunConfig:
     alpha: float = 0.5  # weight of DKD against ASD
     round0_gap: str = "feature_gap"  # asfda at round 0 without BatchNorm statistics: "feature_gap" or "norm_kl"
     diversity: str = DEFAULT_DIVERSITY  # asfda's batch diversity space: "anatomy" (predicted composition) or "embedding"
-    representativeness: str = "none"  # asfda: "density" adds TypiClust typicality, weighted down as labels accrue
+    representativeness: str = "none"  # asfda: "density" adds TypiClust typicality, weighted down as labels accrue;
+    # "typical" also leaves the least typical volumes out and caps the diversity factor (see selection.strategies)
     evaluate_tta: bool = False  # test Dice from logits averaged over flips (never left-right), as `predict --tta`
     temperature0: float = 1.0
     grow_voxels: int = 2
@@ -73,6 +74,9 @@ class RunConfig:
     progress: bool = True
     # build the model config with MONAI's full ConfigParser ($ expressions, any _target_): trusted bundles only
     trust_model_code: bool = False
+    # what turns the network's output into probabilities: softmax, sigmoid, or none (it already outputs
+    # probabilities); None: what the model declares (asfda.models.load_model)
+    output_activation: str | None = None
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
@@ -222,6 +226,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if cfg.representativeness not in REPRESENTATIVENESS:
         raise AsfdaError(f"representativeness must be one of {list(REPRESENTATIVENESS)}, got "
                          f"{cfg.representativeness!r}", path)
+    from asfda.models.loading import OUTPUT_ACTIVATIONS
+
+    if cfg.output_activation is not None and cfg.output_activation not in OUTPUT_ACTIVATIONS:
+        raise AsfdaError(f"output_activation must be one of {list(OUTPUT_ACTIVATIONS)}, got {cfg.output_activation!r}",
+                         path)
     if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
         raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}", path)
     return cfg

@@ -55,7 +55,8 @@ def annotation_round(project_dir: Path, pool: Path, seed: int, progress: bool, s
         print(f"  asfda finetune -> round {rec['round']} on {len(rec['labelled_ids'])} labels in {rec['seconds']:.0f} s; "
               f"adapted bundle {project_dir / 'model'}")
     st = project_status(project_dir)
-    print(f"  asfda status -> {st['rounds_finished']} round(s), {st['labelled']} of {st['pool_cases']} labelled; "
+    rounds = st["rounds_finished"]
+    print(f"  asfda status -> {rounds} round{'' if rounds == 1 else 's'}, {st['labelled']} of {st['pool_cases']} labelled; "
           f"next: {st['next']}")
     return st
 

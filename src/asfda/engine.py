@@ -22,10 +22,10 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from asfda.errors import AsfdaError
+from asfda.errors import AsfdaError, missing_package_error
 
 __all__ = ["DEFAULT_TTA_AXES", "OUTPUT_EMBEDDING", "InferenceEngine", "VolumeOutput", "find_embedding_layer",
-           "describe_device", "select_device"]
+           "describe_device", "probe_network", "select_device"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,61 @@ def _network_device(network: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def probe_network(network: nn.Module, roi_size: tuple[int, ...], in_channels: int = 1, *, where: object = None
+                  ) -> tuple[int, ...]:
+    """Runs ``network`` once on an empty window ``[1, in_channels, *roi_size]`` (on its own device) and returns the
+    output's shape. Refuses, before any real inference and with the numbers, a network that cannot run on that
+    window (with a window size it does take, when a nearby multiple of 8, 16 or 32 works), that needs an optional
+    package which is not installed, or whose output is not one 3D map of the window's size."""
+    roi = tuple(int(r) for r in roi_size)
+    try:
+        out = _forward_zeros(network, roi, in_channels)
+    except AsfdaError:
+        raise
+    except Exception as exc:
+        raise _probe_error(network, roi, in_channels, exc, where) from None
+    if not isinstance(out, torch.Tensor):
+        raise AsfdaError(f"the network returns a {type(out).__name__}, not one tensor of class scores", where,
+                         "export the network so that its forward returns the segmentation output alone")
+    if out.ndim != 5 or tuple(out.shape[2:]) != roi:
+        raise AsfdaError(f"the network turns a window of {list(roi)} voxels into an output of shape "
+                         f"{list(out.shape)}; asfda needs class scores [1, C, {', '.join(map(str, roi))}] on the window's "
+                         "own grid", where, "use a segmentation network whose output has its input's size")
+    return tuple(out.shape)
+
+
+def _forward_zeros(network: nn.Module, roi: tuple[int, ...], in_channels: int) -> object:
+    with torch.inference_mode():
+        return network(torch.zeros(1, in_channels, *roi, device=_network_device(network)))
+
+
+def _probe_error(network: nn.Module, roi: tuple[int, ...], in_channels: int, exc: Exception, where: object
+                 ) -> AsfdaError:
+    missing = missing_package_error(exc, "running the network", where)
+    if missing is not None:
+        return missing
+    what = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:160]}"
+    if "out of memory" in str(exc).lower():
+        return AsfdaError(f"out of memory running the network on one window of roi_size {list(roi)} ({what})", where,
+                          "use a smaller roi_size in the model's inferer, or another device (--device)")
+    suggestion = None
+    for k in (8, 16, 32):
+        candidate = tuple(-(-r // k) * k for r in roi)
+        if candidate == roi:  # already a multiple of k: the next one (a network may need larger windows)
+            candidate = tuple(r + k for r in roi)
+        try:
+            out = _forward_zeros(network, candidate, in_channels)
+        except Exception:
+            continue
+        if isinstance(out, torch.Tensor) and tuple(out.shape[2:]) == candidate:
+            suggestion = (candidate, k)
+            break
+    fix = (f"set the inferer's roi_size to {list(suggestion[0])} (each side a multiple of {suggestion[1]}), which it "
+           "takes" if suggestion else "set the inferer's roi_size to a window size the network takes (for a UNet "
+           "with n stride-2 levels, each side a multiple of 2^n)")
+    return AsfdaError(f"the network cannot run on a window of roi_size {list(roi)} ({what})", where, fix)
+
+
 def find_embedding_layer(network: nn.Module, roi_size: tuple[int, ...], in_channels: int = 1) -> str:
     """Name of the module whose output is the bottleneck: the last module to finish its forward among
     those with the smallest spatial output (for MONAI's UNet, the deepest skip connection).
@@ -92,8 +147,7 @@ def find_embedding_layer(network: nn.Module, roi_size: tuple[int, ...], in_chann
         except RuntimeError:  # ScriptModules refuse hooks
             continue
     try:
-        with torch.inference_mode():
-            network(torch.zeros(1, in_channels, *roi_size, device=_network_device(network)))
+        probe_network(network, roi_size, in_channels)  # a roi the network cannot take is refused with its numbers
     finally:
         for h in hooks:
             h.remove()
@@ -132,12 +186,15 @@ class InferenceEngine:
         device: where to compute (see `select_device`).
         tta_axes: model-grid spatial axes (0, 1, 2) flipped by ``run(..., tta=True)``, each alone;
             default `DEFAULT_TTA_AXES` (never the left-right axis 0). ``()`` makes TTA a single pass.
+        mode: how overlapping windows are blended (MONAI's ``mode``): ``constant`` or ``gaussian`` (sigma 1/8 of
+            the window, as nnU-Net).
     """
 
     def __init__(self, network: nn.Module, roi_size: tuple[int, int, int], *, sw_batch_size: int = 4,
                  overlap: float = 0.25, embedding_layer: str | None = None, device: torch.device | None = None,
-                 tta_axes: Sequence[int] = DEFAULT_TTA_AXES) -> None:
+                 tta_axes: Sequence[int] = DEFAULT_TTA_AXES, mode: str = "constant") -> None:
         self.network = network
+        self.mode = mode
         self.roi_size = tuple(roi_size)
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
@@ -177,7 +234,7 @@ class InferenceEngine:
 
     def _window(self, x: torch.Tensor) -> torch.Tensor:
         out = sliding_window_inference(x, self.roi_size, self.sw_batch_size, self.network, overlap=self.overlap,
-                                       mode="constant")
+                                       mode=self.mode, sigma_scale=0.125)
         return out.as_tensor() if hasattr(out, "as_tensor") else out
 
     def run(self, image: torch.Tensor, *, mc_dropout: bool = False, tta: bool = False

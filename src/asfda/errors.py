@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["AsfdaError", "RunSettingsChanged"]
+__all__ = ["AsfdaError", "RunSettingsChanged", "missing_package", "missing_package_error"]
 
 
 class AsfdaError(Exception):
@@ -35,3 +35,42 @@ class AsfdaError(Exception):
 
 class RunSettingsChanged(AsfdaError):
     """A results folder holds a run made with other settings, so it cannot be resumed with these."""
+
+
+# import name -> the package pip installs it from, where they differ
+_PIP_NAMES = {"skimage": "scikit-image", "PIL": "pillow", "nrrd": "pynrrd", "yaml": "pyyaml", "cv2": "opencv-python",
+              "sklearn": "scikit-learn", "ignite": "pytorch-ignite", "dynamic_network_architectures":
+              "dynamic-network-architectures"}
+
+
+def missing_package(exc: BaseException) -> tuple[str, bool] | None:
+    """``(pip package name, version mismatch possible)`` when ``exc`` (or an exception it was raised from) is a
+    missing optional package: a ``ModuleNotFoundError``, or MONAI's ``OptionalImportError`` ("required package `itk`
+    is not installed or the version doesn't match requirement"); None otherwise."""
+    import re
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            name = exc.name.split(".")[0]
+            return _PIP_NAMES.get(name, name), False
+        if isinstance(exc, ImportError) and type(exc).__name__ == "OptionalImportError":
+            m = re.search(r"package `([\w.\-]+)`", str(exc)) or re.search(r"import (\w[\w.]*)", str(exc))
+            if m:
+                name = m.group(1).split(".")[0]
+                return _PIP_NAMES.get(name, name), "version" in str(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def missing_package_error(exc: BaseException, what: str, path: str | Path | None = None) -> AsfdaError | None:
+    """An `AsfdaError` naming the missing package and the pip command, when ``exc`` comes from one (see
+    `missing_package`); ``what`` says what needs it ("the model's network_def")."""
+    found = missing_package(exc)
+    if found is None:
+        return None
+    name, version = found
+    state = "not installed, or not at a version MONAI accepts" if version else "not installed"
+    return AsfdaError(f"{what} needs the optional package '{name}', which is {state}", path,
+                      f"pip install {'-U ' if version else ''}{name}")

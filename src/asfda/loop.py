@@ -6,7 +6,6 @@ inference engines and the prepared-volume cache. `PoolState` records who was lab
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -27,8 +26,8 @@ from asfda.io.datasets import Case
 from asfda.io.labels import check_label_values
 from asfda.io.nifti import read_nifti
 from asfda.models import (
-    ClassMappedNetwork,
     LoadedModel,
+    clone_module,
     PreparedVolume,
     build_class_map,
     prepare_case,
@@ -120,22 +119,21 @@ class Adapter:
     def __init__(self, pretrained: LoadedModel, target_names: list[str], *, class_map_override: dict | None = None,
                  cache_dir: str | None = None, device: str = "auto", progress: bool = True,
                  cold_start_ok: bool = False) -> None:
-        if pretrained.activation != "softmax":
-            raise AsfdaError(f"adaptation supports single-label (softmax) models; this model is {pretrained.activation}",
-                             pretrained.source, "use `asfda predict` for multi-label models")
         pretrained.check_input_channels(1)
         self.pretrained = pretrained
         self.target_names = list(target_names)
-        self.class_map = build_class_map(pretrained.class_names, self.target_names, class_map_override,
+        # a sigmoid head is adapted in its single-label view: background (no channel on), then its channels
+        self.class_map = build_class_map(pretrained.label_names, self.target_names, class_map_override,
                                          allow_no_match=cold_start_ok)
         self.device = select_device(device)
         self.cache_dir = cache_dir
         self.progress = progress
-        self.frozen = ClassMappedNetwork(copy.deepcopy(pretrained.network), self.class_map).to(self.device).eval()
+        self.frozen = pretrained.mapped_network(self.class_map, clone_module(pretrained.network)).to(self.device).eval()
         for p in self.frozen.parameters():
             p.requires_grad_(False)
-        self.current = ClassMappedNetwork(copy.deepcopy(pretrained.network), self.class_map).to(self.device).eval()
-        kw = dict(sw_batch_size=pretrained.sw_batch_size, overlap=pretrained.overlap, device=self.device)
+        self.current = pretrained.mapped_network(self.class_map, clone_module(pretrained.network)).to(self.device).eval()
+        kw = dict(sw_batch_size=pretrained.sw_batch_size, overlap=pretrained.overlap, device=self.device,
+                  mode=pretrained.sw_mode, tta_axes=pretrained.tta_axes)
         layer = pretrained.embedding_layer
         if layer and layer != OUTPUT_EMBEDDING:
             layer = f"network.{layer}"
@@ -230,6 +228,9 @@ class Adapter:
             current_hash = state_dict_hash(self.current.state_dict())
             extra = json.dumps([frozen is not None and self.pretrained.weights_hash, float(temperature),
                                 repr(needs), grow_voxels, seed])
+            if self.pretrained.output_activation != "softmax" or self.pretrained.adds_background:
+                # the same weights read another way give other numbers (softmax logits: the key as it always was)
+                extra += f"|{self.pretrained.output_activation}:{self.pretrained.activation}"
             prep_key = self.pretrained.preprocessing.cache_key()
             stamps = {c.case_id: f"{c.image_path}:{c.image_path.stat().st_mtime_ns}" for c in cases}
             key_fn = lambda cid: cache.key(cid, current_hash, prep_key, False, extra + stamps.get(cid, ""))  # noqa: E731
@@ -278,6 +279,9 @@ class Adapter:
 
     def encoder_parameters(self) -> list[str]:
         """Names of the current network's parameters that run up to the embedding (bottleneck) layer."""
+        if self.engine_current.embedding_layer == OUTPUT_EMBEDDING:
+            raise AsfdaError("cannot tell the encoder from the decoder of this network (no hookable bottleneck)",
+                             self.pretrained.source, "train the whole network (train.freeze_encoder: false)")
         finished: list[str] = []
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: finished.append(n))
                  for n, m in self.current.named_modules() if n]
@@ -300,17 +304,36 @@ class Adapter:
         for case in labelled:
             v = self.prepare(case)
             vols.append(TrainVolume(v.image, v.label))  # uint8: cast per patch
+        self._check_trainable()
         frozen_names = set(self.encoder_parameters()) if cfg.freeze_encoder else set()
         for n, p in self.current.named_parameters():
             p.requires_grad_(n not in frozen_names)
+        patch = tuple(cfg.patch_size or self.pretrained.roi_size)
         try:
             hist = finetune(self.current, vols, cfg, patch_size=self.pretrained.roi_size, pseudo=pseudo,
                             device=self.device, progress=self.progress, desc=desc)
+        except (ValueError, RuntimeError) as exc:
+            if "more than 1" in str(exc):  # a normalisation layer over a single voxel or a single value in training
+                raise AsfdaError(f"the network cannot train on patches of {list(patch)} voxels: a normalisation layer "
+                                 f"sees a single value per channel there ({' '.join(str(exc).split())[:120]})",
+                                 self.pretrained.source, "train on larger patches (train.patch_size, or a larger "
+                                 "roi_size in the model's inferer) or with train.batch_size 2 or more") from None
+            raise
         finally:
             for p in self.current.parameters():
                 p.requires_grad_(True)
         self.is_adapted = True
         return hist
+
+    def _check_trainable(self) -> None:
+        """Refuses fine-tuning a source network without trainable parameters (a TorchScript module frozen with
+        ``torch.jit.freeze`` keeps its weights as constants), before any step."""
+        if not any(True for _ in self.current.network.parameters()):
+            kind = "TorchScript model" if isinstance(self.pretrained.network, torch.jit.ScriptModule) else "network"
+            raise AsfdaError(f"this {kind} has no trainable parameters (its weights are constants, as torch.jit.freeze "
+                             "leaves them), so it cannot be fine-tuned; scoring, query and predict work on it",
+                             self.pretrained.source, "export it without torch.jit.freeze (torch.jit.script or "
+                             "torch.jit.trace of the module in eval mode), or give its state dict with a network config")
 
     def train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
                     temperature: float, scores: PoolScores | None = None, queried: list[str] | None = None,
@@ -410,7 +433,8 @@ class Adapter:
             vol = self.prepare(case, with_label=False)
             logits, _ = engine.run(vol.image, tta=tta)
             fg = tuple(range(1, n))
-            pred = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape)
+            pred = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape,
+                                            self.pretrained.preprocessing)
             ref = torch.from_numpy(label).long()
             dice = compute_dice(torch.from_numpy(pred.astype(np.int64)), ref, n)
             # the same map with each organ cut to its largest component: whether that post-processing helps a

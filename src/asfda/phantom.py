@@ -42,6 +42,8 @@ __all__ = [
     "LABELS",
     "PhantomError",
     "SUBGROUPS_TARGET",
+    "SUBGROUPS_ALL",
+    "MISLEADING",
     "DOMAINS",
     "assign_subgroups",
     "case_seed",
@@ -71,6 +73,15 @@ SUBGROUPS_TARGET: dict[str, float] = {
     "lesions": 0.07,
 }
 """Target-pool subgroups (ordered) and their sampling proportions."""
+
+MISLEADING = "cystic_liver"
+"""Opt-in target sub-population modelled on the real pool's cystic outlier (CHAOS chaos_036): an enlarged liver
+filled with large fluid cysts, some with spleen-like signal, labelled liver. Its labels are correct, but a model
+fine-tuned on such volumes alone learns that fluid / spleen-like signal is liver and segments typical volumes worse;
+and it is the pool's most atypical volume, which METHOD.md's rule ranks first. ``generate_benchmark(...,
+n_misleading=k)`` appends k such cases after the ``n_target`` regular ones (the regular cases stay identical)."""
+
+SUBGROUPS_ALL: tuple[str, ...] = (*SUBGROUPS_TARGET, MISLEADING)
 
 DOMAINS: tuple[str, str] = ("source", "target")
 
@@ -291,7 +302,7 @@ def _sample_anatomy(rng: np.random.Generator, subgroup: str) -> tuple[_Anatomy, 
         disc_phase=float(rng.uniform(0.0, 32.0)),
         aorta=np.array([*_jitter(rng, (-18.0, -43.0), 2.0), rng.uniform(9.0, 12.0)]),
         ivc=np.array([*_jitter(rng, (22.0, -38.0), 2.0), rng.uniform(9.0, 13.0)]),
-        liver=_sample_liver(rng, enlarged=subgroup == "enlarged_liver"),
+        liver=_sample_liver(rng, enlarged=subgroup in ("enlarged_liver", MISLEADING)),
         spleen=_sample_spleen(rng),
         kidneys={"kidney_right": _sample_kidney(rng, "right"),
                  "kidney_left": _sample_kidney(rng, "left")},
@@ -428,6 +439,21 @@ def _paint_lesions(canvas: _Canvas, rng: np.random.Generator, pts: np.ndarray,
         canvas.paint((dist2 <= radius**2) & liver, kind, LABELS["liver"])
 
 
+def _paint_cysts(canvas: _Canvas, rng: np.random.Generator, world: np.ndarray) -> None:
+    """Polycystic liver: 26-33 large fluid cysts that fill most of it; the label stays liver. Learned alone, such a
+    volume teaches that bright fluid signal is liver, the opposite of a typical liver's dark T2 signal."""
+    liver = canvas.label == LABELS["liver"]
+    candidates = np.flatnonzero(liver)
+    if candidates.size == 0:
+        return
+    for _ in range(int(rng.integers(26, 34))):
+        voxel = np.unravel_index(candidates[rng.integers(candidates.size)], liver.shape)
+        centre = world[(slice(None), *voxel)]
+        radius = rng.uniform(30.0, 44.0)
+        dist2 = sum((world[i] - centre[i]) ** 2 for i in range(3))
+        canvas.paint((dist2 <= radius**2) & liver, "lesion_bright", LABELS["liver"])
+
+
 def _paint_spine_and_vessels(canvas: _Canvas, anat: _Anatomy, pts: np.ndarray,
                              inner: np.ndarray) -> None:
     """Paint vertebral bodies, discs, spinous process, aorta and IVC."""
@@ -459,6 +485,8 @@ def _render_anatomy(rng: np.random.Generator, grid: _Grid,
     liver_f = _paint_organs(canvas, anat, pts, inner, missing)
     if subgroup == "lesions":
         _paint_lesions(canvas, rng, pts, world, liver_f)
+    elif subgroup == MISLEADING:
+        _paint_cysts(canvas, rng, world)
     _paint_spine_and_vessels(canvas, anat, pts, inner)
     return canvas.tissue, canvas.label, texture
 
@@ -524,7 +552,7 @@ def make_case(rng: np.random.Generator, domain: str,
         rng: Random generator; all randomness of the case is drawn from it.
         domain: ``"source"`` (CT-like, RAS, 5 mm) or ``"target"`` (MR-like,
             LPS, 4 x 4 x 8 mm).
-        subgroup: One of ``SUBGROUPS_TARGET``. ``"rare_protocol"`` is only
+        subgroup: One of ``SUBGROUPS_ALL``. ``"rare_protocol"`` is only
             valid for the target domain; anatomical subgroups
             (``enlarged_liver``, ``missing_kidney``, ``lesions``) work in both.
 
@@ -540,8 +568,8 @@ def make_case(rng: np.random.Generator, domain: str,
     """
     if domain not in _GRIDS:
         raise PhantomError(f"domain must be one of {DOMAINS}, got {domain!r}")
-    if subgroup not in SUBGROUPS_TARGET:
-        raise PhantomError(f"subgroup must be one of {tuple(SUBGROUPS_TARGET)}, got {subgroup!r}")
+    if subgroup not in SUBGROUPS_ALL:
+        raise PhantomError(f"subgroup must be one of {SUBGROUPS_ALL}, got {subgroup!r}")
     if domain == "source" and subgroup == "rare_protocol":
         raise PhantomError("subgroup 'rare_protocol' is only defined for the target domain")
     grid = _GRIDS[domain]
@@ -658,10 +686,13 @@ def _write_dataset(folder: Path, domain: str, seed: int, subgroups: Sequence[str
     _write_json(folder / META_FILENAME, meta)
 
 
-def _params(seed: int, n_source: int, n_target: int) -> dict:
-    """Generation parameters recorded in the root ``phantom_meta.json``."""
-    return {"generator_version": GENERATOR_VERSION, "seed": seed,
-            "n_source": n_source, "n_target": n_target}
+def _params(seed: int, n_source: int, n_target: int, n_misleading: int = 0) -> dict:
+    """Generation parameters recorded in the root ``phantom_meta.json`` (``n_misleading`` only when used, so
+    benchmarks generated before it existed stay valid cache hits)."""
+    params = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_source": n_source, "n_target": n_target}
+    if n_misleading:
+        params["n_misleading"] = n_misleading
+    return params
 
 
 def _result_paths(out_dir: Path) -> dict[str, Path]:
@@ -687,9 +718,10 @@ def _check_existing(out_dir: Path, params: dict) -> bool:
     return True
 
 
-def _validate_args(seed: int, n_source: int, n_target: int) -> None:
+def _validate_args(seed: int, n_source: int, n_target: int, n_misleading: int = 0) -> None:
     """Raise PhantomError naming the first invalid argument."""
-    checks = (("seed", seed, 0), ("n_source", n_source, 1), ("n_target", n_target, 1))
+    checks = (("seed", seed, 0), ("n_source", n_source, 1), ("n_target", n_target, 1),
+              ("n_misleading", n_misleading, 0))
     for name, value, minimum in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise PhantomError(f"{name} must be an integer, got {value!r}")
@@ -712,7 +744,7 @@ def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 
 
 def generate_benchmark(out_dir: str | Path, seed: int = 0, n_source: int = 24, n_target: int = 40,
-                       overwrite: bool = False) -> dict[str, Path]:
+                       overwrite: bool = False, n_misleading: int = 0) -> dict[str, Path]:
     """Generate (or reuse) the two-domain phantom benchmark.
 
     Writes ``out_dir/source`` and ``out_dir/target`` as nnU-Net v2 raw
@@ -728,6 +760,9 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_source: int = 24, n
         n_source: Number of source (CT-like) cases, all subgroup ``common``.
         n_target: Number of target (MR-like) cases, split by ``SUBGROUPS_TARGET``.
         overwrite: Replace an existing ``out_dir`` instead of reusing it.
+        n_misleading: Extra target cases of the misleading sub-population ``MISLEADING`` (cystic livers),
+            appended after the ``n_target`` regular ones (ids ``tgt_<n_target>`` on); 0 (the default) leaves the
+            benchmark exactly as before.
 
     Returns:
         ``{"source": out_dir / "source", "target": out_dir / "target"}``.
@@ -737,10 +772,10 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_source: int = 24, n
             ``out_dir`` exists, is not empty and does not hold a benchmark with
             the same parameters, while ``overwrite`` is False.
     """
-    _validate_args(seed, n_source, n_target)
-    seed, n_source, n_target = int(seed), int(n_source), int(n_target)
+    _validate_args(seed, n_source, n_target, n_misleading)
+    seed, n_source, n_target, n_misleading = int(seed), int(n_source), int(n_target), int(n_misleading)
     out_dir = Path(out_dir)
-    params = _params(seed, n_source, n_target)
+    params = _params(seed, n_source, n_target, n_misleading)
     if out_dir.exists() and not overwrite:
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             pass  # empty folder: generate into it
@@ -751,9 +786,11 @@ def generate_benchmark(out_dir: str | Path, seed: int = 0, n_source: int = 24, n
     try:
         os.chmod(tmp, 0o755)
         _write_dataset(tmp / "source", "source", seed, ["common"] * n_source)
-        _write_dataset(tmp / "target", "target", seed, assign_subgroups(n_target, seed))
+        _write_dataset(tmp / "target", "target", seed,
+                       assign_subgroups(n_target, seed) + [MISLEADING] * n_misleading)
+        counts = _subgroup_counts(n_target) | ({MISLEADING: n_misleading} if n_misleading else {})
         _write_json(tmp / META_FILENAME, {**params, "subgroups_target": dict(SUBGROUPS_TARGET),
-                                          "subgroup_counts": _subgroup_counts(n_target)})
+                                          "subgroup_counts": counts})
         try:
             _install(tmp, out_dir, overwrite)
         except OSError:

@@ -21,8 +21,8 @@ from asfda.io.labels import check_label_values
 from asfda.io.outputs import (check_writable_folder, dataset_folders, dataset_input_folders,
                               refuse_output_inside_inputs)
 from asfda.models import (
-    ClassMappedNetwork,
     LoadedModel,
+    OutputAsLogits,
     build_class_map,
     load_model,
     parse_class_map_override,
@@ -45,18 +45,19 @@ def _model_inputs(model: str | Path, model_config: str | Path | None) -> dict[st
 
 def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, model_config: str | None = None,
                    class_map: str | None = None, progress: bool = True, cache_dir: str | None = ".cache",
-                   trust_model_code: bool = False, device: str = "auto") -> dict:
+                   trust_model_code: bool = False, device: str = "auto", output_activation: str | None = None) -> dict:
     """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json.
 
     Labels are checked as `asfda ingest` checks them (integer values among the dataset's label values).
-    ``trust_model_code``: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+    ``trust_model_code``: build the model config with MONAI's full parser (`load_model`'s ``allow_code``);
+    ``output_activation``: overrides what the model declares (`load_model`).
     """
     from asfda.loop import Adapter
 
     out = Path(out)
     refuse_output_inside_inputs(out, {"the dataset": dataset_folders(data), **_model_inputs(model, model_config)})
     check_writable_folder(out)
-    loaded = load_model(model, config=model_config, allow_code=trust_model_code)
+    loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
     ds = load_dataset(data, require_labels=True)
     refuse_output_inside_inputs(out, {"the dataset": dataset_input_folders(ds)})
     allowed = set(ds.labels.values())
@@ -72,7 +73,7 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
         logits, _ = adapter.engine_current.run(vol.image)
         fg = tuple(range(1, len(names)))
         pred = torch.from_numpy(label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine,
-                                                         vol.native_shape).astype(np.int64))
+                                                         vol.native_shape, loaded.preprocessing).astype(np.int64))
         dice = compute_dice(pred, label, len(names))
         hd = compute_hd95(pred, label, len(names), case.spacing_mm)
         row = {"case_id": case.case_id}
@@ -131,32 +132,38 @@ def _open_images(images: str | Path) -> tuple[Dataset, bool]:
 
 def _output_classes(loaded: LoadedModel, target_names: list[str] | None, override: dict[str, str]
                     ) -> tuple[torch.nn.Module, _OutputClasses]:
-    """The network to run and how its channels map to written label values."""
+    """The network to run and how its channels map to written label values. A network whose output already is
+    probabilities (``output_activation: none``) runs wrapped in `OutputAsLogits`, so that its probabilities are
+    read as they are."""
     names = list(loaded.class_names)
+    raw = OutputAsLogits(loaded.network, loaded.activation) if loaded.probabilities else loaded.network
     if loaded.activation == "sigmoid":
         if target_names is None:  # the model's own channels; a "background" channel 0 is not a class
             has_bg = names[0].strip().lower() == "background"
             channels = tuple(range(1, len(names))) if has_bg else tuple(range(len(names)))
             values = channels if has_bg else tuple(c + 1 for c in channels)
             labels = {"background": 0, **{names[c]: v for c, v in zip(channels, values)}}
-            return loaded.network, _OutputClasses(labels, channels, values)
+            return raw, _OutputClasses(labels, channels, values)
         cmap = build_class_map(names, target_names, override)
         pairs = [(s, t) for t, s in enumerate(cmap.source_index) if t > 0 and s is not None]
-        return loaded.network, _OutputClasses({n: i for i, n in enumerate(target_names)},
-                                              tuple(s for s, _ in pairs), tuple(t for _, t in pairs))
+        return raw, _OutputClasses({n: i for i, n in enumerate(target_names)},
+                                   tuple(s for s, _ in pairs), tuple(t for _, t in pairs))
     if target_names is None:
-        return loaded.network, _OutputClasses({n: i for i, n in enumerate(names)}, tuple(range(1, len(names))),
-                                              tuple(range(1, len(names))))
+        return raw, _OutputClasses({n: i for i, n in enumerate(names)}, tuple(range(1, len(names))),
+                                   tuple(range(1, len(names))))
     cmap = build_class_map(names, target_names, override)
-    network = ClassMappedNetwork(loaded.network, cmap, loaded.activation)
+    network = loaded.mapped_network(cmap)
     fg = tuple(t for t, s in enumerate(cmap.source_index) if t > 0 and s is not None)  # unknown ones never win
     return network, _OutputClasses({n: i for i, n in enumerate(target_names)}, fg, fg)
 
 
 def label_map_on_native_grid(logits: torch.Tensor, activation: str, channels: tuple[int, ...],
                              values: tuple[int, ...], grid_affine: np.ndarray, native_affine: np.ndarray,
-                             native_shape: tuple[int, int, int]) -> np.ndarray:
+                             native_shape: tuple[int, int, int], preprocessing: object = None) -> np.ndarray:
     """Model-grid logits ``[C, X, Y, Z]`` -> uint8 label map ``[X', Y', Z']`` on the input image's grid.
+
+    A ``preprocessing`` with its own inverse (``label_map_on_native_grid``: nnU-Net's export, which resamples logits
+    and pastes the cropped box back) decides softmax labels itself; the rest of this docstring is the general path.
 
     Probabilities are resampled (bilinear) one channel at a time, so memory stays at a few native-size
     volumes whatever the number of classes, and the label is decided on the native grid:
@@ -175,6 +182,10 @@ def label_map_on_native_grid(logits: torch.Tensor, activation: str, channels: tu
         raise ValueError(f"channels and values must have the same length, got {len(channels)} and {len(values)}")
     if any(not 0 <= v <= 255 for v in values):
         raise ValueError(f"label values must fit uint8 (0..255), got {list(values)}")
+    own = getattr(preprocessing, "label_map_on_native_grid", None) if activation == "softmax" else None
+    label = own(logits, channels, values, grid_affine, native_affine, native_shape) if own else None
+    if label is not None:
+        return label
     logits = logits.float()
     same_grid = (tuple(logits.shape[1:]) == tuple(native_shape)
                  and np.allclose(grid_affine, native_affine, atol=1e-4, rtol=1e-5))
@@ -254,7 +265,7 @@ def _up_to_date(out_path: Path, sidecar: Path, image_path: Path, settings: dict)
 def predict_model(model: str | Path, images: str | Path, out: str | Path, *, model_config: str | None = None,
                   class_map: str | None = None, tta: bool = False, overwrite: bool = False, device: str = "auto",
                   progress: bool = True, trust_model_code: bool = False,
-                  largest_component: str | None = None) -> dict:
+                  largest_component: str | None = None, output_activation: str | None = None) -> dict:
     """Segments every image of a dataset folder and writes ``out/<case_id>.nii.gz`` on the image's own grid.
 
     Each label map has the input image's shape and affine (and header), so it overlays in any viewer.
@@ -275,6 +286,8 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         tta: average the logits over the identity and flips along the model grid's axes 1 and 2
             (3 sliding-window passes; see `asfda.engine`).
         trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+        output_activation: ``softmax``, ``sigmoid`` or ``none`` (the network already outputs probabilities): overrides
+            what the model declares (`load_model`).
         largest_component: ``"all"`` or comma-separated class names whose label is cut to its largest connected
             component (nnU-Net's post-processing; `asfda.evaluation.largest_component_per_class`); None: none.
 
@@ -293,11 +306,8 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
     refuse_output_inside_inputs(out, {"the images folder": dataset_folders(images),
                                       **_model_inputs(model, model_config)})
     check_writable_folder(out)
-    loaded = load_model(model, config=model_config, allow_code=trust_model_code)
-    loaded.check_input_channels(1)
-    if loaded.activation not in ("softmax", "sigmoid"):
-        raise AsfdaError(f"unknown output activation {loaded.activation!r}", loaded.source,
-                         "set asfda_activation to 'softmax' or 'sigmoid' in the model config")
+    loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
+    loaded.check_usable(1)  # input channels, the roi and the output channels: refused before any case is read
     ds, from_dataset = _open_images(images)
     refuse_output_inside_inputs(out, {"the images folder": dataset_input_folders(ds)})
     override = parse_class_map_override(class_map)
@@ -311,12 +321,15 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
     dev = select_device(device)
     network = network.to(dev).eval()
     engine = InferenceEngine(network, loaded.roi_size, sw_batch_size=loaded.sw_batch_size, overlap=loaded.overlap,
-                             embedding_layer=OUTPUT_EMBEDDING, device=dev)
+                             embedding_layer=OUTPUT_EMBEDDING, device=dev, mode=loaded.sw_mode,
+                             tta_axes=loaded.tta_axes)
     weights = loaded.weights_hash
     settings = {"model_weights_sha256_16": weights, "activation": loaded.activation, "labels": classes.labels,
                 "channels": list(classes.channels), "values": list(classes.values),
                 "preprocessing": loaded.preprocessing.cache_key(), "roi_size": list(loaded.roi_size),
                 "overlap": loaded.overlap, "tta": bool(tta), "tta_axes": list(engine.tta_axes) if tta else []}
+    if loaded.probabilities:  # the same weights read as probabilities give other label maps
+        settings["output_activation"] = "none"
     lcc_values = _largest_component_values(largest_component, classes.labels, Path(images))
     if lcc_values:
         settings["largest_component"] = list(lcc_values)
@@ -335,7 +348,7 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         vol = prepare_case(case, loaded.preprocessing, with_label=False, cache_dir=None)
         logits, _ = engine.run(vol.image, tta=tta)
         label = label_map_on_native_grid(logits, loaded.activation, classes.channels, classes.values, vol.affine,
-                                         vol.native_affine, vol.native_shape)
+                                         vol.native_affine, vol.native_shape, loaded.preprocessing)
         del logits
         if lcc_values:
             label = largest_component_per_class(label, lcc_values)
@@ -346,7 +359,7 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
             write_labels_json()  # once a case is done: a run that fails before any leaves no debris
         written.append(case.case_id)
     write_labels_json()
-    msg = f"predict: {len(written)} case(s) segmented"
+    msg = f"predict: {len(written)} case{'' if len(written) == 1 else 's'} segmented"
     if skipped:
         msg += f", {len(skipped)} skipped (outputs already up to date for weights {weights} and these settings)"
     print(f"{msg}; label maps in {out} (values named in {out / LABELS_FILE})")

@@ -4,7 +4,8 @@
     asfda next OUT                      # score + query; OUT/annotate/roundR/ holds what to label
     asfda ingest LABELS_DIR OUT         # check each label against its image; keep the good ones
     asfda finetune OUT                  # one round of fine-tuning on every label so far
-    asfda status OUT                    # where the project stands and what to do next
+    asfda status OUT                    # where the project stands, what to do next, and whether to stop
+    asfda set OUT budget=3 ...          # change a setting (the checks of init)
 
 Everything the project knows is in ``OUT/project.json`` (human-readable, rewritten atomically after each
 step that changes it; ``project.json.bak`` is a copy of the last state asfda wrote, so restoring it after a
@@ -40,10 +41,10 @@ from asfda.io.datasets import Case, Dataset
 from asfda.io.labels import check_label, label_case_id, label_files
 from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.training import TrainConfig
-from asfda.training.guard import held_back
+from asfda.training.guard import blamed, held_back
 
 __all__ = ["PROJECT_FILE", "Project", "ProjectSettings", "finetune_project", "ingest_labels", "init_project",
-           "next_query", "project_lock", "project_status"]
+           "next_query", "project_lock", "project_status", "update_settings"]
 
 PROJECT_FILE = "project.json"
 BACKUP_FILE = "project.json.bak"
@@ -55,7 +56,7 @@ FORMAT = 1
 
 @dataclasses.dataclass
 class ProjectSettings:
-    """What `asfda init` fixes for the life of a project (edit ``project.json`` to change it)."""
+    """A project's settings: `asfda init` sets them, `asfda set` (`update_settings`) changes them."""
 
     strategy: str = "asfda"
     budget: int = 2
@@ -71,6 +72,8 @@ class ProjectSettings:
     device: str = "auto"
     # build the model config with MONAI's full ConfigParser ($ expressions, any _target_): trusted bundles only
     trust_model_code: bool = False
+    # softmax, sigmoid or none (the network already outputs probabilities); None: what the model declares
+    output_activation: str | None = None
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=200))
     semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
 
@@ -161,17 +164,19 @@ class Project:
     def round(self) -> int:
         return len(self.state["rounds"])
 
-    def adapter(self, progress: bool):
+    def adapter(self, progress: bool, device: str | None = None):
+        """The pretrained model with the project's current weights; ``device`` overrides the setting for one command."""
         from asfda.loop import Adapter
         from asfda.models import load_model, parse_class_map_override
 
-        model = load_model(self.state["model"], allow_code=self.settings.trust_model_code)
+        model = load_model(self.state["model"], allow_code=self.settings.trust_model_code,
+                           output_activation=self.settings.output_activation)
         if model.weights_hash != self.state["model_sha256_16"]:
             raise AsfdaError("the pretrained model's weights changed since `asfda init`", self.state["model"],
                              "point project.json 'model' back at the original weights, or start a new project")
         adapter = Adapter(model, self.dataset().class_names,
                           class_map_override=parse_class_map_override(self.settings.class_map),
-                          cache_dir=str(self.root / "cache"), device=self.settings.device, progress=progress)
+                          cache_dir=str(self.root / "cache"), device=device or self.settings.device, progress=progress)
         if self.state.get("weights"):
             from safetensors.torch import load_file
 
@@ -238,7 +243,7 @@ _STATE_TYPES = {"model": "str", "model_sha256_16": "str", "pool": "str", "pool_c
 _LABELLED_TYPES = {"file": "str", "sha256": "str", "ingested": "str", "source": "str?", "query_round": "int or null?"}
 _ROUND_TYPES = {"round": "int", "labelled_ids": "list of str", "weights": "str", "label_sha256": "object?",
                 "new_ids": "list of str?", "seconds": "number?", "loss_final": "number?", "temperature": "number?",
-                "finished": "str?", "guard": "object or null?"}
+                "finished": "str?", "guard": "object or null?", "probe": "object or null?"}
 _QUERY_TYPES = {"round": "int", "ids": "list of str", "folder": "str", "strategy": "str", "temperature": "number",
                 "components": "object"}
 
@@ -287,7 +292,14 @@ def _check_state_types(state: dict) -> None:
 
 
 def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
+    """Refuses settings out of range (``path``: the project.json they came from; None: from the command line). `init`,
+    `set` and every read of project.json run these same checks."""
+    import math
+
+    from asfda.config import PSEUDO_SOURCES
     from asfda.selection import build_strategy
+    from asfda.training.augment import AUGMENTATIONS
+    from asfda.training.trainer import PRECISIONS
 
     try:
         build_strategy(settings.strategy, settings.alpha, settings.round0_gap, settings.diversity,
@@ -303,6 +315,29 @@ def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None
         raise AsfdaError(f"train.guard_volumes must be >= 1, got {settings.train.guard_volumes}", path,
                          "set settings.train.guard_volumes to 1 or more (settings.train.guard: false turns the "
                          "guard off)")
+    t = settings.train
+    ranges = [("train.steps", t.steps >= 1, ">= 1"), ("train.batch_size", t.batch_size >= 1, ">= 1"),
+              ("train.lr", math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
+              ("alpha", 0 <= settings.alpha <= 1, "in [0, 1]"),
+              ("temperature0", math.isfinite(settings.temperature0) and settings.temperature0 > 0, "a finite number > 0"),
+              ("grow_voxels", settings.grow_voxels >= 0, ">= 0"),
+              ("train.precision", t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+              ("train.augmentation", t.augmentation in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
+              ("semi.pseudo_from", settings.semi.pseudo_from in PSEUDO_SOURCES, f"one of {', '.join(PSEUDO_SOURCES)}")]
+    for name, ok, want in ranges:
+        if not ok:
+            value = dataclasses.asdict(settings)
+            for part in name.split("."):
+                value = value[part]
+            raise AsfdaError(f"{name} must be {want}, got {value!r}", path,
+                             f"set settings.{name} in project.json" if path else f"set {name} to a value {want}")
+
+
+def _check_budget(settings: ProjectSettings, pool_cases: int, pool: str | Path, how: str = "pass --budget {n}") -> None:
+    """Refuses a budget larger than the pool (``how``: how to give a smaller one, ``{n}`` the pool size)."""
+    if settings.budget > pool_cases:
+        raise AsfdaError(f"budget {settings.budget} is larger than the pool ({pool_cases} cases)", pool,
+                         f"{how.format(n=pool_cases)} or less, or add cases to the pool")
 
 
 # ---------------------------------------------------------------------------------------------- init
@@ -332,11 +367,10 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     if taken:
         raise AsfdaError(f"the folder already holds {', '.join(taken)}, which a project would use", root,
                          "choose a new or empty project folder")
-    loaded = load_model(model, allow_code=settings.trust_model_code)
+    loaded = load_model(model, allow_code=settings.trust_model_code, output_activation=settings.output_activation)
+    loaded.check_usable(1)  # input channels, roi, output channels: refused now, not at the first `next`
     ds = load_dataset(pool)
-    if settings.budget > len(ds.cases):
-        raise AsfdaError(f"budget {settings.budget} is larger than the pool ({len(ds.cases)} cases)", pool,
-                         f"pass --budget {len(ds.cases)} or less, or add cases to the pool")
+    _check_budget(settings, len(ds.cases), pool)
     refuse_output_inside_inputs(root, {"the pool": dataset_input_folders(ds)}, flag="project folder")
     if labels_json:
         from asfda.io.datasets import parse_labels
@@ -345,9 +379,11 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     elif (Path(pool) / "dataset.json").exists():
         labels = ds.labels
     else:  # a plain folder: the model's own classes
-        labels = {name: i for i, name in enumerate(loaded.class_names)}
+        from asfda.io.datasets import model_labels
+
+        labels = model_labels(loaded.label_names)  # a sigmoid head: background first, then its channels
     names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    cmap = build_class_map(loaded.class_names, names, parse_class_map_override(settings.class_map))
+    cmap = build_class_map(loaded.label_names, names, parse_class_map_override(settings.class_map))
     project_state = {
         "format": FORMAT, "created": _now(),
         "model": str(Path(model).resolve()), "model_sha256_16": loaded.weights_hash,
@@ -399,14 +435,86 @@ def _umask() -> int:
     return mask
 
 
+# ---------------------------------------------------------------------------------------------- set
+SETTING_ALIASES = {"steps": "train.steps", "precision": "train.precision", "guard": "train.guard",
+                   "guard_volumes": "train.guard_volumes", "hold_back_discarded": "train.hold_back_discarded",
+                   "augmentation": "train.augmentation", "restart": "train.restart", "lr": "train.lr",
+                   "batch_size": "train.batch_size", "semi": "semi.enabled"}
+"""Short names `asfda set` accepts for nested settings (``steps=100`` is ``train.steps=100``)."""
+FIXED_SETTINGS = {"class_map": "the trained weights' output channels follow it",
+                  "output_activation": "the trained weights were adapted under it"}
+"""Settings `asfda set` refuses to change, and why (start a new project instead)."""
+
+
+def _setting_keys(data: dict, prefix: str = "") -> list[str]:
+    """The dotted names of every setting in a `config_to_dict` of `ProjectSettings`."""
+    out = []
+    for key, value in data.items():
+        out += _setting_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return out
+
+
+def update_settings(root: str | Path, changes: dict[str, str]) -> list[tuple[str, object, object]]:
+    """Changes settings of a project (``{"budget": "3", "train.steps": "100"}``, values as text as on the command
+    line, or typed), with the checks of `init`; returns ``[(name, old, new)]`` of the settings whose value changed
+    (none: nothing written). Unknown names are refused with a "did you mean"."""
+    import difflib
+
+    project = Project(root)
+    with project_lock(project.root, "set"):
+        project = Project(root)  # the state as the lock holder sees it
+        data = config_to_dict(project.settings)
+        valid = _setting_keys(data)
+        names = {}
+        for key, value in changes.items():
+            name = SETTING_ALIASES.get(key, key)
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid + list(SETTING_ALIASES), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                top = sorted({n.split(".")[0] + (".NAME" if "." in n else "") for n in valid})
+                raise AsfdaError(f"unknown setting {key!r}{hint}", project.root / PROJECT_FILE,
+                                 f"use one of {', '.join(top)} (project.json's settings list every NAME), or the "
+                                 f"short names {', '.join(sorted(SETTING_ALIASES))}")
+            if name in FIXED_SETTINGS:
+                raise AsfdaError(f"{name} cannot be changed in a project ({FIXED_SETTINGS[name]})", project.root,
+                                 "start a new project with `asfda init` for another setting")
+            node = data
+            *parents, last = name.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+            names[name] = key
+        try:
+            settings = config_from_dict(ProjectSettings, data, "settings")
+            _check_settings(settings)
+            _check_budget(settings, project.state["pool_cases"], project.state["pool"], "set budget={n}")
+        except AsfdaError as exc:
+            raise AsfdaError(exc.problem, exc.path or project.root / PROJECT_FILE,
+                             exc.fix or "choose another value") from None
+        new = config_to_dict(settings)
+        changed = []
+        for name in names:
+            old_v, new_v = config_to_dict(project.settings), new
+            for part in name.split("."):
+                old_v, new_v = old_v[part], new_v[part]
+            if old_v != new_v:
+                changed.append((name, old_v, new_v))
+        if changed:
+            project.state["settings"] = new
+            project.save("settings: " + ", ".join(f"{n} {o!r} -> {v!r}" for n, o, v in changed))
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------- next
-def next_query(root: str | Path, *, progress: bool = True, force: bool = False) -> dict:
+def next_query(root: str | Path, *, progress: bool = True, force: bool = False, device: str | None = None) -> dict:
     """Scores the unlabeled pool with the current model and picks the next batch to annotate.
 
     Writes ``annotate/roundR/``: ``cases.txt`` (ids), ``images/`` (links to the pool images),
     ``previews/CASE.png`` (image and current prediction), ``query.json`` (scores and why) and
     ``README.txt``. A pending query whose labels are not all in is shown again, not replaced (``force``
-    replaces it).
+    replaces it); the record returned then has ``"shown_again": True``. After a round the guard discarded, the
+    query is a replacement: ``"replaces": {"round", "ids"}`` names that round and the volumes it blames (their labels
+    are kept). ``device`` overrides the project's setting for this command.
     """
     project = Project(root)
     with project_lock(project.root, "next"):
@@ -414,21 +522,31 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False) 
         if pending and not force:
             missing = [i for i in pending["ids"] if i not in project.state["labelled"]]
             if missing:
-                return pending
+                return {**pending, "shown_again": True}
             raise AsfdaError(f"every case of round {pending['round']}'s query is labelled, and that round is not "
                              "fine-tuned yet", project.root, "run `asfda finetune` first")
-        return _new_query(project, progress)
+        return _new_query(project, progress, device)
 
 
-def _new_query(project: Project, progress: bool) -> dict:
+def _trained_history(rounds: list[dict]) -> list[tuple[list[str], bool]]:
+    """(ids trained on, discarded by the guard) of each finished round (`asfda.training.guard.held_back`'s input)."""
+    return [(rec.get("trained_ids", rec["labelled_ids"]), bool((rec.get("guard") or {}).get("reverted")))
+            for rec in rounds]
+
+
+def _new_query(project: Project, progress: bool, device: str | None = None) -> dict:
     from asfda.selection import build_strategy
 
     s = project.settings
     r = project.round
     ds = project.dataset()
-    adapter = project.adapter(progress)
+    adapter = project.adapter(progress, device)
     labelled = project.labelled_cases(ds)
     unlabelled = [c for c in ds.cases if c.case_id not in project.state["labelled"]]
+    rounds = project.state["rounds"]
+    # after a round the guard discarded: this query replaces the volumes it blames (their labels are kept)
+    replaces = ({"round": rounds[-1]["round"], "ids": blamed(_trained_history(rounds))[-1]}
+                if rounds and (rounds[-1].get("guard") or {}).get("reverted") else None)
     if not unlabelled:
         raise AsfdaError(f"every one of the {len(ds.cases)} pool cases is labelled: there is nothing left to query",
                          project.root, "run `asfda finetune` if the last labels are not trained on yet, or add cases "
@@ -456,11 +574,14 @@ def _new_query(project: Project, progress: bool) -> dict:
               "components": query.components, "strategy_settings": strategy.settings(),
               "temperature": temp.temperature, "ece_before": temp.ece_before, "ece_after": temp.ece_after, "seconds": round(time.perf_counter() - t0, 2),
               "folder": str(folder.relative_to(project.root)), "created": _now(), "budget": s.budget,
-              "unlabelled_left": len(unlabelled)}
+              "unlabelled_left": len(unlabelled), **({"replaces": replaces} if replaces else {})}
     atomic_write_json(folder / "query.json", record)
     atomic_write_text(folder / "cases.txt", "\n".join(query.ids) + "\n")
     values = ", ".join(f"{v} = {n}" for n, v in sorted(project.state["labels"].items(), key=lambda kv: kv[1]))
-    atomic_write_text(folder / "README.txt", (
+    why = (f"Round {replaces['round']}'s fine-tuning was discarded by the guard (its model segmented unlabeled volumes "
+           f"worse than the pretrained model); this query replaces {', '.join(replaces['ids'])} "
+           f"({'its label is' if len(replaces['ids']) == 1 else 'their labels are'} kept).\n" if replaces else "")
+    atomic_write_text(folder / "README.txt", why + (
         f"Round {r}: please annotate {'this case' if len(query.ids) == 1 else f'these {len(query.ids)} cases'} "
         "(ids in cases.txt, images in images/).\n"
         f"Save each label map on its image's grid as CASE.nii.gz with the values {values}.\n"
@@ -492,7 +613,8 @@ def _write_annotation_aids(adapter, cases: list[Case], folder: Path, class_names
         pred = logits.argmax(0).numpy().astype(np.uint8)
         preview_png(vol.image[0].numpy(), {"current prediction": pred}, folder / "previews" / f"{case.case_id}.png",
                     title=case.case_id, class_names=class_names)
-        native = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape)
+        native = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape,
+                                          adapter.pretrained.preprocessing)
         (folder / "presegmentations").mkdir(parents=True, exist_ok=True)
         _write_label_map(folder / "presegmentations" / f"{case.case_id}.nii.gz", native, case.image_path)
     atomic_write_text(folder / "labels.itksnap.txt", itksnap_label_description(labels))
@@ -504,10 +626,11 @@ def ingest_labels(root: str | Path, labels_dir: str | Path) -> dict:
     """Checks each label file of ``labels_dir`` against its pool image and keeps the good ones.
 
     Each accepted file is copied to ``labels/`` (atomically) before the state records it. Returns
-    ``{"accepted": [ids], "refused": [{"file", "reason"}], "replaced": [ids]}``.
+    ``{"accepted": [ids], "refused": [{"file", "reason"}], "replaced": [ids], "unchanged": [ids]}`` (unchanged:
+    the same file was ingested before).
     """
     project = Project(root)
-    accepted, refused, replaced = [], [], []
+    accepted, refused, replaced, unchanged = [], [], [], []
     with project_lock(project.root, "ingest"):
         ds = project.dataset()
         by_id = ds.by_id()
@@ -529,6 +652,7 @@ def ingest_labels(root: str | Path, labels_dir: str | Path) -> dict:
             digest = _sha256(path)
             old = project.state["labelled"].get(cid)
             if old and old["sha256"] == digest:
+                unchanged.append(cid)
                 continue  # already in: ingesting a folder twice changes nothing
             suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
             dest = project.root / "labels" / f"{cid}{suffix}"
@@ -553,7 +677,7 @@ def ingest_labels(root: str | Path, labels_dir: str | Path) -> dict:
                                               **_edit_record(project, cid, path, query_round)}
             project.save(f"label {'replaced' if old else 'ingested'}: {cid}")
             accepted.append(cid)
-    return {"accepted": accepted, "refused": refused, "replaced": replaced}
+    return {"accepted": accepted, "refused": refused, "replaced": replaced, "unchanged": unchanged}
 
 
 def _edit_record(project: Project, cid: str, label_path: Path, query_round: int | None) -> dict:
@@ -581,10 +705,17 @@ def _query_round(project: Project, cid: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- finetune
-def finetune_project(root: str | Path, *, progress: bool = True, force: bool = False) -> dict:
+def finetune_project(root: str | Path, *, progress: bool = True, force: bool = False, device: str | None = None,
+                     precision: str | None = None) -> dict:
     """One round of fine-tuning on every ingested label; writes ``weights/roundR.safetensors``, the adapted
-    model as a MONAI bundle in ``model/``, then the state. Refuses a round without new labels (``force``)."""
+    model as a MONAI bundle in ``model/``, then the state. Refuses a round without new labels (``force``).
+    ``device`` and ``precision`` override the project's settings for this round.
+
+    For the when-to-stop estimate (`asfda.stopping`) the round records its ``probe``: the predictions of the model
+    before and after it on a few seeded unlabeled pool volumes (one forward pass each, before and after)."""
     from safetensors.torch import save_file
+
+    from asfda import stopping
 
     project = Project(root)
     with project_lock(project.root, "finetune"):
@@ -600,17 +731,26 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
         if not force and current == before:
             raise AsfdaError(f"no new or changed labels since round {r - 1}", project.root,
                              "run `asfda next` and annotate its cases (or pass --force to train again)")
-        adapter = project.adapter(progress)
+        if precision is not None:
+            _check_settings(dataclasses.replace(s, train=dataclasses.replace(s.train, precision=precision)))
+        adapter = project.adapter(progress, device)
         t0 = time.perf_counter()
         temp, _ = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
         unlabelled = [c for c in ds.cases if c.case_id not in current]
-        train = dataclasses.replace(s.train, seed=s.seed * 1000 + r)
-        held = held_back(sorted(current), [(rec.get("trained_ids", rec["labelled_ids"]),
-                                            bool((rec.get("guard") or {}).get("reverted")))
-                                           for rec in project.state["rounds"]]) if train.hold_back_discarded else []
+        train = dataclasses.replace(s.train, seed=s.seed * 1000 + r, precision=precision or s.train.precision)
+        held = held_back(sorted(current), _trained_history(project.state["rounds"])) if train.hold_back_discarded else []
+        by_id = ds.by_id()
+        probe = stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, s.seed, exclude=current)
+
+        def logits_of(cid: str):
+            return adapter.engine_current.run(adapter.prepare(by_id[cid], with_label=False).image)[0]
+
+        before = stopping.probe_outputs(probe, logits_of)  # the model as the round starts
         result = adapter.train_round([c for c in labelled if c.case_id not in held], unlabelled, train, s.semi,
                                      temp.temperature, desc=f"round {r}")
         hist, reliable = result.history, result.reliable
+        after = before if result.guard and result.guard.reverted else stopping.probe_outputs(probe, logits_of)
+        probe_rec = stopping.probe_record(before, after, len(ds.class_names), current)
         weights = f"weights/round{r}.safetensors"
         atomic_write(project.root / weights, lambda p: save_file(adapter.current_state(), str(p)))
         adapter.export_bundle(project.root / "model", {
@@ -622,6 +762,7 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
                   "ece_before": temp.ece_before, "ece_after": temp.ece_after, "steps": train.steps,
                   "loss_final": float(np.mean(hist["loss"][-10:])), "reliable": reliable,
                   "guard": result.guard.to_dict() if result.guard else None, "weights": weights,
+                  "precision": train.precision, "probe": probe_rec,
                   "seconds": round(time.perf_counter() - t0, 2), "finished": _now()}
         project.state["rounds"].append(record)
         project.state["weights"] = weights
@@ -640,7 +781,10 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
 
 # ---------------------------------------------------------------------------------------------- status
 def project_status(root: str | Path) -> dict:
-    """A summary of the project (read-only, no lock needed: the state file is replaced atomically)."""
+    """A summary of the project (read-only, no lock needed: the state file is replaced atomically): what is labelled
+    and pending, the rounds the guard discarded with the volumes they blame, the annotation effort per query round,
+    the when-to-stop estimate (`asfda.stopping`) and what to run next."""
+    from asfda import stopping
     project = Project(root)
     st = project.state
     q = st.get("query")
@@ -655,10 +799,15 @@ def project_status(root: str | Path) -> dict:
     if st["rounds"]:
         last = st["rounds"][-1]
         out["last_round"] = {k: last.get(k) for k in ("round", "seconds", "loss_final", "temperature", "finished")}
+        # per discarded round: the volumes it blames (trained on for the first time then: the harmful ones) and the
+        # guard's numbers; their labels are kept (held back from training under train.hold_back_discarded)
         out["discarded_rounds"] = [
-            {"round": rec["round"], "new_ids": rec.get("new_ids", []), **(rec.get("guard") or {})}
-            for rec in st["rounds"] if (rec.get("guard") or {}).get("reverted")]
+            {"round": rec["round"], "new_ids": rec.get("new_ids", []), "harmful": harm, **(rec.get("guard") or {})}
+            for rec, harm in zip(st["rounds"], blamed(_trained_history(st["rounds"])))
+            if (rec.get("guard") or {}).get("reverted")]
         out["held_back"] = last.get("held_back", [])
+        out["last_round_discarded"] = bool((last.get("guard") or {}).get("reverted"))
+        out["hold_back_discarded"] = project.settings.train.hold_back_discarded
     effort: dict[int, list[dict]] = {}
     for rec in labelled.values():
         if rec.get("edit") and rec.get("query_round") is not None:
@@ -669,10 +818,16 @@ def project_status(root: str | Path) -> dict:
          "edit_dice_mean": float(np.nanmean([e["edit_dice_mean"] for e in edits])),
          "fraction_changed_mean": float(np.mean([e["fraction_changed"] for e in edits]))}
         for r, edits in sorted(effort.items())]
+    # when to stop: the estimate after the last round (label-free), beside the curve of the edit Dice (the Dice of
+    # each query's pre-segmentations against the annotators' labels)
+    curve = {r: [e["edit_dice_mean"] for e in edits] for r, edits in effort.items()}
+    out["when_to_stop"] = stopping.estimate_from_records(st["rounds"], curve).to_dict()
     if q and out["pending_query"]["missing_labels"]:
         out["next"] = f"annotate {q['folder']}, then `asfda ingest LABELS_DIR {project.root}`"
     elif out["labelled_not_trained"]:
         out["next"] = f"`asfda finetune {project.root}`"
+    elif out.get("last_round_discarded"):
+        out["next"] = f"`asfda next {project.root}` (a replacement query for the discarded round)"
     else:
         out["next"] = f"`asfda next {project.root}`"
     return out

@@ -20,6 +20,7 @@ from torch import nn
 
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
+from asfda.io.datasets import is_nnunet_dataset, model_labels
 from asfda.io.outputs import check_output_file, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.models import load_model, parse_class_map_override
 from asfda.scoring.needs import MC_METRICS, ScoringNeeds
@@ -74,16 +75,22 @@ def _check_outputs(outputs: list[Path], model: str | Path, data: str | Path, mod
 
 def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, class_map: str | None,
              cache_dir: str | None, device: str, progress: bool, outputs: list[Path],
-             trust_model_code: bool = False, cold_start_ok: bool = False):
+             trust_model_code: bool = False, cold_start_ok: bool = False, output_activation: str | None = None):
     """The model and pool, once ``outputs`` are known not to overwrite either and to be writable. ``cold_start_ok``:
-    accept a model none of whose classes is a dataset label (`Adapter.cold_start`)."""
+    accept a model none of whose classes is a dataset label (`Adapter.cold_start`). A plain folder of NIfTI images
+    (no ``dataset.json``) takes its classes from the model (`LoadedModel.label_names`): no label names needed."""
     from asfda.loop import Adapter
 
     _check_outputs(outputs, model, data, model_config)
-    loaded = load_model(model, config=model_config, allow_code=trust_model_code)
+    loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
     ds = load_dataset(data)
     if not ds.cases:
         raise AsfdaError("the dataset has no cases", data)
+    if not is_nnunet_dataset(data):
+        if class_map:
+            raise AsfdaError("--class-map needs a dataset with dataset.json (its label names are the targets)",
+                             Path(data), "leave --class-map out: a plain folder takes the model's own classes")
+        ds = ds.with_labels(model_labels(loaded.label_names))
     for path in outputs:
         refuse_output_inside_inputs(path, {"the dataset": dataset_input_folders(ds)})
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
@@ -105,7 +112,7 @@ def _sidecar(out: Path, suffix: str) -> Path:
 def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strategies: list[str] | None = None,
                   temperature: float = 1.0, seed: int = 0, model_config: str | None = None,
                   class_map: str | None = None, cache_dir: str | None = ".cache", device: str = "auto",
-                  progress: bool = True, trust_model_code: bool = False) -> dict:
+                  progress: bool = True, trust_model_code: bool = False, output_activation: str | None = None) -> dict:
     """Scores every case of ``data`` with the zero-shot ``model`` for the given strategies.
 
     Writes ``out`` (CSV: ``case_id``, every metric, asfda's components when asfda is asked for (with
@@ -119,7 +126,10 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         temperature: T for ``softmax(z / T)`` (no labelled volumes here to fit it on).
         seed: seeds the MC-dropout passes.
         trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+        output_activation: ``softmax``, ``sigmoid`` or ``none`` (the network already outputs probabilities):
+            overrides what the model declares (`load_model`).
 
+    ``data`` may be an nnU-Net raw dataset or a plain folder of NIfTI images (the model's classes, see `_adapter`).
     None of the files may be, or lie inside, the pool or the model, and their folder must be writable: both
     are checked before the model is loaded.
     """
@@ -129,7 +139,7 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
     outputs = [out, *(_sidecar(out, s) for s in (".embeddings.npy", ".badge.npy", ".json"))]
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                    cache_dir=cache_dir, device=device, progress=progress, outputs=outputs,
-                                   trust_model_code=trust_model_code)
+                                   trust_model_code=trust_model_code, output_activation=output_activation)
     skipped: list[str] = []
     if names is None:
         names = sorted(STRATEGIES)
@@ -194,7 +204,8 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
                   alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY,
                   representativeness: str = "none",
                   model_config: str | None = None, class_map: str | None = None, cache_dir: str | None = ".cache",
-                  device: str = "auto", progress: bool = True, trust_model_code: bool = False) -> Query:
+                  device: str = "auto", progress: bool = True, trust_model_code: bool = False,
+                  output_activation: str | None = None) -> Query:
     """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``.
 
     Args:
@@ -207,7 +218,9 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         diversity: where asfda's batch pick measures diversity (``anatomy`` or ``embedding``).
         representativeness: asfda's typicality term (``none``: METHOD.md's rule; ``density``).
         trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
+        output_activation: overrides what the model declares (`load_model`).
 
+    ``data`` may be an nnU-Net raw dataset or a plain folder of NIfTI images (the model's classes, see `_adapter`).
     Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
     and prints the chosen ids with their components. ``out`` may not be, or lie inside, the pool or the model,
     and its folder must be writable: both are checked before the model is loaded.
@@ -218,7 +231,8 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
     labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                    cache_dir=cache_dir, device=device, progress=progress, outputs=[Path(out)],
-                                   trust_model_code=trust_model_code, cold_start_ok=True)
+                                   trust_model_code=trust_model_code, cold_start_ok=True,
+                                   output_activation=output_activation)
     cold = adapter.cold_start
     if cold:  # before any forward pass: a strategy that reads predictions has nothing to read
         strat.check_cold_start()

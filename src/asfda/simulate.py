@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asfda import stopping
 from asfda.config import RunConfig, config_to_dict
 from asfda.engine import describe_device
 from asfda.errors import AsfdaError, RunSettingsChanged
@@ -90,7 +91,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     refuse_output_inside_inputs(out, {"the pool": dataset_folders(cfg.pool), "the test set": dataset_folders(cfg.test),
                                       "the model": cfg.model})
     check_writable_folder(out)
-    pretrained = load_model(cfg.model, allow_code=cfg.trust_model_code)
+    pretrained = load_model(cfg.model, allow_code=cfg.trust_model_code, output_activation=cfg.output_activation)
     pool_ds = load_dataset(cfg.pool, require_labels=True)
     test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None
     refuse_output_inside_inputs(out, {"the pool": dataset_input_folders(pool_ds),
@@ -133,6 +134,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     summary = summarise(rows)
     write_results(out, rows, summary)
     write_per_case(out, cfg)
+    write_stopping(out, cfg)
     if cfg.report:
         from asfda.report.html import write_run_report
 
@@ -240,6 +242,8 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
                         run_dir, weights.name)
     by_id = {c.case_id: c for c in pool}
     base = {"strategy": name, "seed": seed}
+    # when to stop (asfda.stopping): the same seeded unlabeled volumes are predicted before and after every round
+    probe_before: dict = {}  # the probe's outputs under the model as the next round starts (none after a restart)
     rows = [{**base, "round": -1, "n_labelled": 0, "dice_mean": mean_of(zero, "dice_mean"),
              **{k: mean_of(zero, k) for k in zero[0] if k.startswith("dice_")}}]
     if overall is not None and rounds:
@@ -254,6 +258,13 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         t_score = time.perf_counter() - t0
         state.add(query.ids, r)
         held = held_back(state.labelled_ids(), _trained_history(rounds)) if cfg.train.hold_back_discarded else []
+        t_stop = time.perf_counter()
+        probe_left = stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, seed, exclude=state.labelled)
+        probe_before.update(_probe(adapter, by_id, [i for i in probe_left if i not in probe_before]))
+        # the learning curve where labels exist: the model that made this query on the volumes it queried (what
+        # correcting its pre-segmentations would start from); the pool's labels, never the test set's
+        queried_before = adapter.evaluate([by_id[i] for i in query.ids])
+        t_stop = time.perf_counter() - t_stop
         t1 = time.perf_counter()
         trained = adapter.train_round(
             [by_id[i] for i in state.labelled_ids() if i not in held],
@@ -262,6 +273,13 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
             desc=f"{name} seed{seed} round{r}")
         hist, reliable = trained.history, trained.reliable
         t_train = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        reverted = bool(trained.guard and trained.guard.reverted)
+        probe_after = ({i: probe_before[i] for i in probe_left} if reverted  # the weights it started from
+                       else _probe(adapter, by_id, probe_left))
+        probe_rec = stopping.probe_record(probe_before, probe_after, len(adapter.target_names), state.labelled)
+        probe_before = probe_after
+        t_stop += time.perf_counter() - t2
         per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
         record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
                   "trained_ids": [i for i in state.labelled_ids() if i not in held], "held_back": held,
@@ -272,7 +290,11 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
                   "seconds_score": round(t_score, 2), "seconds_train": round(t_train, 2),
                   "device": describe_device(adapter.device),
                   "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,
-                  "dice_mean": mean_of(per_case, "dice_mean")}
+                  "dice_mean": mean_of(per_case, "dice_mean"), "probe": probe_rec,
+                  "queried_dice_before": {row["case_id"]: row["dice_mean"] for row in queried_before},
+                  "seconds_stopping": round(t_stop, 2)}
+        # the estimate reads no test Dice; stopping.csv sets it beside the true gain once the next round is done
+        record["stopping"] = stopping.estimate_from_records([*rounds, record], _queried_curve([*rounds, record])).to_dict()
         rounds.append(record)
         # weights first (a new file per round), then the state that names them: a kill between the two
         # leaves the previous state pointing at the previous round's weights
@@ -299,6 +321,17 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     return rows
 
 
+def _probe(adapter: Adapter, by_id: dict[str, Case], ids: list[str]) -> dict:
+    """`asfda.stopping.probe_outputs` of the current model on ``ids`` (one forward pass each)."""
+    return stopping.probe_outputs(
+        ids, lambda i: adapter.engine_current.run(adapter.prepare(by_id[i], with_label=False).image)[0])
+
+
+def _queried_curve(records: list[dict]) -> dict[int, list[float]]:
+    """Per round, the Dice of the model that made its query on the volumes it queried (``queried_dice_before``)."""
+    return {rec["round"]: list(rec["queried_dice_before"].values()) for rec in records if rec.get("queried_dice_before")}
+
+
 def _bundle_rounds(run_dir: Path) -> int:
     """How many rounds the exported bundle of a run has seen (0: none exported)."""
     meta = run_dir / "bundle" / "configs" / "metadata.json"
@@ -310,7 +343,7 @@ def _bundle_rounds(run_dir: Path) -> int:
 # settings added after runs were written, with the value those runs had: at that value they leave the fingerprint
 _LATER_SETTINGS = {("train", "augmentation"): "intensity", ("train", "restart"): False,
                    ("train", "hold_back_discarded"): False,
-                   ("representativeness",): "none", ("evaluate_tta",): False}
+                   ("representativeness",): "none", ("evaluate_tta",): False, ("output_activation",): None}
 
 
 def _without_later_defaults(cfg_dict: dict, prefix: tuple[str, ...] = ()) -> dict:
@@ -458,6 +491,26 @@ def _csv_text(rows: list[dict]) -> str:
 def write_per_case(out: Path, cfg: RunConfig) -> None:
     """``per_case.csv``: see `per_case_rows`."""
     atomic_write_text(out / "per_case.csv", _csv_text(per_case_rows(out, cfg)))
+
+
+def stopping_rows(out: Path, cfg: RunConfig) -> list[dict]:
+    """Per strategy, seed and round: the when-to-stop estimate made after the round beside the true next-round gain
+    (`asfda.stopping.estimate_rows`), read back from what the run wrote."""
+    rows: list[dict] = []
+    for name in cfg.strategies:
+        for seed in cfg.seeds:
+            state = out / name / f"seed{seed}" / "state.json"
+            if state.exists():
+                rows += [{"strategy": name, "seed": seed, **r}
+                         for r in stopping.estimate_rows(json.loads(state.read_text())["rounds"])]
+    return rows
+
+
+def write_stopping(out: Path, cfg: RunConfig) -> None:
+    """``stopping.csv``: see `stopping_rows`."""
+    rows = stopping_rows(out, cfg)
+    if rows:
+        atomic_write_text(out / "stopping.csv", _csv_text(rows))
 
 
 def write_results(out: Path, rows: list[dict], summary: dict) -> None:

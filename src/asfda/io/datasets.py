@@ -29,8 +29,9 @@ import numpy as np
 from asfda.errors import AsfdaError
 from asfda.io.nifti import NIFTI_SUFFIXES, read_header, strip_nifti_suffix
 
-__all__ = ["LINKED_FROM_KEY", "Case", "Dataset", "check_nnunet_links", "check_nnunet_meta", "load_dataset",
-           "load_folder", "load_nnunet_raw", "parse_labels", "read_dataset_json", "resolve_link"]
+__all__ = ["LINKED_FROM_KEY", "Case", "Dataset", "check_nnunet_links", "check_nnunet_meta", "is_nnunet_dataset",
+           "load_dataset", "load_folder", "load_nnunet_raw", "model_labels", "parse_labels", "read_dataset_json",
+           "resolve_link"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,31 @@ class Dataset:
         lookup = self.by_id()
         return Dataset(self.root, self.labels, tuple(lookup[i] for i in ids))
 
+    def with_labels(self, labels: dict[str, int]) -> Dataset:
+        """The same cases with other label names (a plain folder, which names none, takes a model's)."""
+        return Dataset(self.root, dict(labels), self.cases)
+
+
+def is_nnunet_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is read as an nnU-Net raw dataset (it has ``dataset.json`` or ``imagesTr/``) rather than as a
+    plain folder of NIfTI images, which names no labels."""
+    path = Path(path)
+    return (path / "dataset.json").exists() or (path / "imagesTr").is_dir()
+
+
+def model_labels(class_names: list[str]) -> dict[str, int]:
+    """Label names -> values for a plain folder scored with a model: the model's classes in its single-label view
+    (`asfda.models.LoadedModel.label_names`), value = channel, value 0 named ``background`` whatever the model
+    calls it."""
+    labels: dict[str, int] = {"background": 0}
+    for i, name in enumerate(class_names[1:], 1):
+        if name in labels:
+            raise AsfdaError(f"the model names two output classes {name!r}, so a plain folder cannot take its classes",
+                             fix="give the model distinct class names (channel_def), or use an nnU-Net raw dataset "
+                                 "with dataset.json")
+        labels[str(name)] = i
+    return labels
+
 
 def load_dataset(path: str | Path, *, require_labels: bool = False, labels_dir: str | Path | None = None) -> Dataset:
     """Reads an nnU-Net raw dataset (if ``dataset.json`` or ``imagesTr`` is there) or a plain NIfTI folder."""
@@ -77,7 +103,7 @@ def load_dataset(path: str | Path, *, require_labels: bool = False, labels_dir: 
     if not path.is_dir():
         raise AsfdaError("the dataset is a file, not a folder", path,
                          "pass the dataset folder (nnU-Net raw, with dataset.json, or a folder of NIfTI images)")
-    if (path / "dataset.json").exists() or (path / "imagesTr").is_dir():
+    if is_nnunet_dataset(path):
         return load_nnunet_raw(path, require_labels=require_labels)
     return load_folder(path, labels_dir, require_labels=require_labels)
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from asfda.errors import AsfdaError
 
-__all__ = ["ClassMap", "ClassMappedNetwork", "build_class_map", "parse_class_map_override"]
+__all__ = ["ClassMap", "ClassMappedNetwork", "OutputAsLogits", "build_class_map", "parse_class_map_override",
+           "probabilities_to_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +108,52 @@ def _norm(name: str) -> str:
     return name.strip().lower().replace(" ", "_").replace("-", "_")
 
 
-class ClassMappedNetwork(nn.Module):
-    """Wraps a source network so that it outputs target-class logits ``[B, C_target, ...]``."""
+_PROB_EPS = 1e-7
 
-    def __init__(self, network: nn.Module, class_map: ClassMap, activation: str = "softmax") -> None:
+
+def probabilities_to_logits(p: torch.Tensor, activation: str) -> torch.Tensor:
+    """Logits whose ``activation`` gives back the probabilities ``p``: ``log p`` for a softmax (each voxel's channels
+    sum to 1), ``log p - log(1 - p)`` for a sigmoid; clamped away from 0 and 1 so that they stay finite."""
+    p = p.float().clamp(_PROB_EPS, 1.0 - _PROB_EPS) if activation == "sigmoid" else p.float().clamp_min(_PROB_EPS)
+    return torch.log(p) if activation == "softmax" else torch.log(p) - torch.log1p(-p)
+
+
+class OutputAsLogits(nn.Module):
+    """Wraps a network whose output already is probabilities (``output_activation: none``) so that it outputs the
+    logits of its ``activation`` (`probabilities_to_logits`): asfda's softmax / sigmoid then gives back exactly the
+    network's probabilities, never a second activation on top of the first."""
+
+    def __init__(self, network: nn.Module, activation: str = "softmax") -> None:
         super().__init__()
+        self.network = network
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return probabilities_to_logits(self.network(x), self.activation)
+
+
+class ClassMappedNetwork(nn.Module):
+    """Wraps a source network so that it outputs target-class logits ``[B, C_target, ...]`` of a softmax.
+
+    Args:
+        activation: the source network's (``softmax`` or ``sigmoid``).
+        probabilities: the source network's output already went through ``activation`` (`OutputAsLogits`).
+        add_background: a sigmoid head without a background channel: its channels are the foreground classes
+            (``class_map.source_names`` then starts with an added ``background``), and the source logits become
+            ``[0, z_1, ..., z_K]``: a softmax over them is exactly the sigmoid for one channel, and for several the
+            single-label distribution in which "no channel on" is background.
+    """
+
+    def __init__(self, network: nn.Module, class_map: ClassMap, activation: str = "softmax", *,
+                 probabilities: bool = False, add_background: bool = False) -> None:
+        super().__init__()
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
         self.network = network
         self.class_map = class_map
         self.activation = activation
+        self.probabilities = probabilities
+        self.add_background = add_background and activation == "sigmoid"
         n_new = len(class_map.new_classes)
         self.new_head = None
         if n_new:
@@ -123,11 +162,26 @@ class ClassMappedNetwork(nn.Module):
             nn.init.constant_(self.new_head.bias, -math.log(100.0))
         self.register_buffer("_bg", torch.tensor(class_map.background_sources, dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def source_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The source network's output as logits of a softmax over ``class_map.source_names``."""
         z = self.network(x)
+        if isinstance(z, (list, tuple)) and z and isinstance(z[0], torch.Tensor):
+            z = z[0]  # deep supervision as a list: the full-resolution output comes first
+        if z.ndim == x.ndim + 1:
+            z = z[:, 0]  # deep supervision stacked on dim 1 (MONAI's DynUNet in training): the full-resolution output
+        if self.probabilities:
+            z = probabilities_to_logits(z, self.activation)
+        if self.add_background:
+            z = torch.cat([torch.zeros_like(z[:, :1]), z], dim=1)
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.source_logits(x)
         if z.shape[1] != len(self.class_map.source_names):
-            raise AsfdaError(f"the network outputs {z.shape[1]} channels but its metadata names "
-                             f"{len(self.class_map.source_names)} classes", fix="make channel_def match out_channels")
+            n = z.shape[1] - int(self.add_background)
+            raise AsfdaError(f"the network outputs {n} channels but its metadata names "
+                             f"{len(self.class_map.source_names) - int(self.add_background)} classes",
+                             fix="make channel_def match out_channels")
         if self.class_map.is_identity:
             return z
         parts = []

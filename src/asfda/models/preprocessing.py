@@ -19,7 +19,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, SpatialResample, Spacing
 
-from asfda.errors import AsfdaError
+from asfda.errors import AsfdaError, missing_package_error
 from asfda.io.atomic import atomic_write
 from asfda.io.datasets import Case
 from asfda.io.nifti import read_nifti, refuse_constant_image
@@ -88,7 +88,16 @@ class Preprocessing:
         grid_affine = np.asarray(img.affine, dtype=np.float64)
         data = {self.image_key: img}
         for t in self.intensity:
-            data = t(data)
+            try:
+                data = t(data)
+            except Exception as exc:
+                missing = missing_package_error(exc, f"the model's preprocessing step {type(t).__name__}")
+                if missing is not None:
+                    raise missing from None
+                raise AsfdaError(f"the model's preprocessing step {type(t).__name__} failed on this image "
+                                 f"({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]})",
+                                 fix=f"check the step's arguments in the bundle's preprocessing (its keys must name "
+                                     f"the image key {self.image_key!r})") from exc
             if tuple(data[self.image_key].shape) != tuple(img.shape):
                 raise AsfdaError(f"the model's preprocessing step {type(t).__name__} changes the image grid "
                                  f"{tuple(img.shape)} -> {tuple(data[self.image_key].shape)}; asfda applies only "
@@ -136,7 +145,12 @@ def prepare_case(case: Case, prep: Preprocessing, *, with_label: bool = True, ca
         label_arr, _ = read_nifti(case.label_path, dtype=np.float32)
         _check_label_values(label_arr, case.label_path, n_labels)
         label = label_arr
-    img_t, lab_t, grid_affine = prep(image, affine, label)
+    try:
+        img_t, lab_t, grid_affine = prep(image, affine, label)
+    except AsfdaError as exc:
+        if exc.path is None:  # name the image the model's preprocessing failed on
+            raise AsfdaError(exc.problem, case.image_path, exc.fix) from exc.__cause__
+        raise
     vol = PreparedVolume(case.case_id, img_t, lab_t, grid_affine, affine, tuple(image.shape))
     if cache_path is not None:
         arrays = {"image": vol.image.numpy(), "affine": vol.affine, "native_affine": vol.native_affine,

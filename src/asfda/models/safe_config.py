@@ -33,12 +33,13 @@ from typing import Any
 
 from torch import nn
 
-from asfda.errors import AsfdaError
+from asfda.errors import AsfdaError, missing_package
 
 __all__ = ["DECLARED_ONLY", "DeclaredTransform", "build_network", "build_transforms", "resolve_literal"]
 
-TRUST_HINT = ("if you trust this bundle, run with --trust-model-code (Python: load_model(..., allow_code=True)); "
-              "otherwise rewrite the config with literal values")
+TRUST_HINT = ("if you trust this bundle, pass --trust-model-code (predict, evaluate, score, query, simulate, or init, "
+              "whose project keeps it; Python: load_model(..., allow_code=True)); otherwise rewrite the config with "
+              "literal values")
 
 # MONAI's image readers, by the names LoadImage accepts (case-insensitive); any other reader string is refused
 _READERS = {"nibabelreader", "itkreader", "pydicomreader", "numpyreader", "pilreader", "nrrdreader",
@@ -51,7 +52,6 @@ _CODE_ARGS = {"func", "lambda_func", "inv_func", "function", "fn", "callable", "
 _IO_ARG = re.compile(r"pretrain|url|download|checkpoint|ckpt|weights?_?(path|dir|file)|_path$|_dir$|^path$|file",
                      re.IGNORECASE)
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
-_REF_SEPS = re.compile(r"#|::")
 # preprocessing steps asfda reads but does not run (loading is asfda's own, validated reader)
 DECLARED_ONLY = {"LoadImaged", "LoadImage", "EnsureChannelFirstd", "EnsureChannelFirst", "EnsureTyped",
                   "EnsureType", "ToTensord", "ToTensor", "CastToTyped", "CastToType", "Identityd", "Identity"}
@@ -82,30 +82,42 @@ def _is_code_string(s: str) -> bool:
     return False
 
 
-def resolve_literal(cfg: dict, node: Any, *, _depth: int = 0) -> Any:
+def resolve_literal(cfg: dict, node: Any, *, at: tuple[str, ...] | None = None, _depth: int = 0) -> Any:
     """``node`` with every ``@id`` replaced by a copy of the literal it refers to (MONAI's ``#`` / ``::``
-    id separators); refuses expressions, macros and references to missing keys or cycles."""
+    id separators); refuses expressions, macros and references to missing keys or cycles.
+
+    ``at`` is ``node``'s own id in ``cfg`` (``("inferer", "roi_size")``): MONAI's relative references resolve against
+    it (``@#key``: ``key`` beside the value, ``@##key``: one level up). Without it a relative reference is refused."""
     if _depth > 50:
         raise _Refused("references nested more than 50 deep (a cycle?)")
     if isinstance(node, dict):
-        return {k: resolve_literal(cfg, v, _depth=_depth + 1) for k, v in node.items()}
+        return {k: resolve_literal(cfg, v, at=None if at is None else (*at, str(k)), _depth=_depth + 1)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [resolve_literal(cfg, v, _depth=_depth + 1) for v in node]
+        return [resolve_literal(cfg, v, at=None if at is None else (*at, str(i)), _depth=_depth + 1)
+                for i, v in enumerate(node)]
     if isinstance(node, str):
         if node.startswith("$"):
             raise _Refused(f"the expression {node[:60]!r}")
         if node.startswith("%"):
             raise _Refused(f"the macro {node[:60]!r} (it reads another file)")
         if node.startswith("@"):
+            ref = node[1:].replace("::", "#")
+            up = len(ref) - len(ref.lstrip("#"))
+            parts = ref.lstrip("#").split("#") if ref.lstrip("#") else []
+            if up:  # a relative reference (MONAI's "@#key"): against the value's own id
+                if at is None or up > len(at):
+                    raise _Refused(f"a relative reference {node!r} that leaves the config")
+                parts = [*at[:len(at) - up], *parts]
             target: Any = cfg
-            for part in _REF_SEPS.split(node[1:]):
+            for part in parts:
                 if isinstance(target, dict) and part in target:
                     target = target[part]
                 elif isinstance(target, list) and part.lstrip("-").isdigit() and -len(target) <= int(part) < len(target):
                     target = target[int(part)]
                 else:
                     raise _Refused(f"a reference {node!r} to a missing key")
-            return resolve_literal(cfg, copy.deepcopy(target), _depth=_depth + 1)
+            return resolve_literal(cfg, copy.deepcopy(target), at=tuple(parts), _depth=_depth + 1)
         return node
     if node is None or isinstance(node, (bool, int, float)):
         return node
@@ -213,11 +225,26 @@ class _Builder:
                 warnings.simplefilter("ignore", FutureWarning)  # MONAI's notes on deprecated defaults
                 return cls(**kwargs)
         except Exception as exc:
+            if missing_package(exc) is not None:
+                raise _MissingPackage(f"{cls.__name__} at {where}", exc) from None
             raise _BuildError(f"{cls.__name__} at {where}: {exc.__class__.__name__}: {str(exc)[:200]}") from None
 
 
 class _BuildError(Exception):
     pass
+
+
+class _MissingPackage(Exception):
+    """Building a class failed because an optional package it needs is not installed."""
+
+    def __init__(self, what: str, exc: BaseException) -> None:
+        super().__init__(what)
+        self.what, self.exc = what, exc
+
+    def error(self, key: str, path: Path | None) -> AsfdaError:
+        from asfda.errors import missing_package_error
+
+        return missing_package_error(self.exc, f"'{key}' in the model config ({self.what})", path)
 
 
 _DISABLED = object()
@@ -232,13 +259,15 @@ def _refusal(key: str, what: str, path: Path | None) -> AsfdaError:
 def build_network(cfg: dict, path: Path | None, key: str = "network_def") -> nn.Module:
     """``cfg[key]`` built from the allow-list (MONAI networks, blocks, layers; torch.nn modules)."""
     try:
-        node = resolve_literal(cfg, cfg[key])
+        node = resolve_literal(cfg, cfg[key], at=(key,))
         if not isinstance(node, dict) or "_target_" not in node:
             raise _Refused("no _target_ (it must name the network class)")
         network = _Builder(_network_class, "networks (MONAI networks, blocks, layers; torch.nn)").component(
             node, key)
     except _Refused as exc:
         raise _refusal(key, str(exc), path) from None
+    except _MissingPackage as exc:
+        raise exc.error(key, path) from None
     except _BuildError as exc:
         raise AsfdaError(f"cannot build '{key}' from the config ({exc})", path,
                          "check the _target_ names and arguments") from None
@@ -250,7 +279,7 @@ def build_network(cfg: dict, path: Path | None, key: str = "network_def") -> nn.
 def build_transforms(cfg: dict, path: Path | None, key: str = "preprocessing") -> list[DeclaredTransform]:
     """The steps of ``cfg[key]`` (a ``Compose`` or a list of transforms), built from the allow-list."""
     try:
-        node = resolve_literal(cfg, cfg[key])
+        node = resolve_literal(cfg, cfg[key], at=(key,))
         if isinstance(node, dict) and str(node.get("_target_", "")).rpartition(".")[2] == "Compose":
             if _transform_class(node["_target_"]) is None:
                 raise _Refused(f"_target_ {node['_target_']!r}")
@@ -282,6 +311,8 @@ def build_transforms(cfg: dict, path: Path | None, key: str = "preprocessing") -
         return steps
     except _Refused as exc:
         raise _refusal(key, str(exc), path) from None
+    except _MissingPackage as exc:
+        raise exc.error(key, path) from None
     except _BuildError as exc:
         raise AsfdaError(f"cannot build '{key}' from the config ({exc})", path,
                          "check the _target_ names and arguments") from None

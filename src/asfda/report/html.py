@@ -101,6 +101,32 @@ def _rounds_section(out: Path, strategies: list[str], seeds: list[int]) -> tuple
     return "".join(parts), states
 
 
+def _stopping_section(out: Path, cfg) -> str:
+    """Per strategy and seed: after each round, the when-to-stop estimate (label-free) beside the true next-round gain
+    (test Dice, which the estimate never reads), and the estimate's mean absolute error over the run."""
+    from asfda.simulate import stopping_rows
+    from asfda.stopping import STOP_BELOW, estimate_error
+
+    rows = stopping_rows(out, cfg)
+    if not rows:
+        return ""
+
+    def num(v) -> object:
+        return "" if v is None else float(v)
+
+    table = _table(["strategy", "seed", "round", "labelled", "Dice", "prediction change", "predicted next gain",
+                    "true next gain", "recommendation"],
+                   [[r["strategy"], r["seed"], r["round"], r["n_labelled"], r["dice_mean"], num(r["change"]),
+                     num(r["predicted_next_gain"]), num(r["true_next_gain"]), r["recommendation"]] for r in rows], left=1)
+    err = estimate_error(rows)
+    summary = (f"Mean absolute error of the estimate over {err['n']} rounds: <b>{err['mae']:.3f}</b> mean Dice "
+               f"(always predicting 0: {err['mae_of_zero']:.3f})." if err["n"] else "No round has a next round yet.")
+    return (table + f'<p class="small">After each round asfda estimates what the next round will add from signals that '
+            "need no test labels: how much the round changed the predictions on a few unlabeled pool volumes "
+            f"(prediction change = 1 - their Dice agreement), scaled by how fast that change shrinks "
+            f"(asfda.stopping). Below {STOP_BELOW:.2f} it recommends considering to stop. {summary}</p>")
+
+
 def _why_section(states: dict, seed: int) -> str:
     parts = []
     for (name, s), state in states.items():
@@ -179,6 +205,7 @@ def write_run_report(out: str | Path, adapter, pool_ds, cfg, summary: dict, rows
         _img(out / "learning_curve.png", "learning curves") if (out / "learning_curve.png").exists() else "",
         "<h2>Results</h2>", _results_section(summary),
         "<h2>Rounds</h2>", rounds_html,
+        "<h2>When to stop</h2>", _stopping_section(out, cfg),
         f"<h2>What was queried and why (seed {seeds[0]})</h2>", _why_section(states, seeds[0]),
         f"<h2>Queried volumes: label, prediction before and after adaptation (seed {seeds[0]})</h2>",
         _previews(out, adapter, pool_ds, states, seeds[0], cfg.previews),

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp_pick", "rank_normalise", "typicality"]
+__all__ = ["greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp_pick", "least_typical",
+           "median_neighbour_distance",
+           "rank_normalise", "typicality"]
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
@@ -61,9 +63,35 @@ def typicality(vectors: np.ndarray, others: np.ndarray | None = None, k: int = 5
     return (1.0 / (nearest.mean(dim=1) + 1e-12)).numpy()
 
 
+def least_typical(typ: np.ndarray, fraction: float, keep: int = 1) -> np.ndarray:
+    """Boolean mask of the ``floor(fraction * N)`` least typical rows of ``typ`` (ties: lower index first), never
+    so many that fewer than ``keep`` rows remain."""
+    typ = np.asarray(typ, dtype=np.float64).ravel()
+    n_out = min(int(np.floor(max(fraction, 0.0) * typ.size + 1e-9)), max(typ.size - keep, 0))
+    mask = np.zeros(typ.size, dtype=bool)
+    mask[np.argsort(typ, kind="stable")[:n_out]] = True
+    return mask
+
+
+def median_neighbour_distance(embeddings: np.ndarray) -> float:
+    """Median over rows of the cosine distance to the nearest other row: the pool's redundancy scale
+    (0.0 with fewer than two rows)."""
+    unit = _unit_rows(embeddings)
+    n = unit.shape[0]
+    if n < 2:
+        return 0.0
+    d = (1.0 - unit @ unit.T).clamp_min(0.0)
+    d.fill_diagonal_(float("inf"))
+    return float(d.min(dim=1).values.median())
+
+
 def greedy_diverse_pick(scores: np.ndarray, embeddings: np.ndarray, budget: int,
-                        anchors: np.ndarray | None = None) -> tuple[list[int], list[float], list[float]]:
+                        anchors: np.ndarray | None = None,
+                        distance_cap: float | None = None) -> tuple[list[int], list[float], list[float]]:
     """Repeatedly takes the index maximising ``score * min cosine distance to anchors and picks so far``.
+
+    ``distance_cap`` saturates the distance factor (``min(distance, cap)``): a volume farther than the cap from
+    everything picked is as welcome as one at the cap, so diversity avoids redundancy without seeking outliers.
 
     Embeddings are normalised once; each pick then costs one matrix-vector product (incremental min),
     so 20 picks from 10,000 volumes with 50 anchors take well under a second on one CPU core.
@@ -88,7 +116,8 @@ def greedy_diverse_pick(scores: np.ndarray, embeddings: np.ndarray, budget: int,
     available = torch.ones(len(s), dtype=torch.bool)
     picked, values, dists = [], [], []
     for _ in range(min(budget, len(s))):
-        combined = torch.where(available, s * dmin, neg_inf)
+        factor = dmin if distance_cap is None else dmin.clamp_max(distance_cap)
+        combined = torch.where(available, s * factor, neg_inf)
         i = int(torch.argmax(combined))
         picked.append(i)
         values.append(float(combined[i]))

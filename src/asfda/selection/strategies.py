@@ -13,8 +13,8 @@ import numpy as np
 
 from asfda.errors import AsfdaError
 from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
-from asfda.selection.diversity import (greedy_diverse_pick, k_center_greedy, k_center_pick, kmeans_pp_pick, typicality,
-                                      rank_normalise)
+from asfda.selection.diversity import (greedy_diverse_pick, k_center_greedy, k_center_pick, kmeans_pp_pick, least_typical,
+                                      median_neighbour_distance, rank_normalise, typicality)
 
 __all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "Strategy", "build_strategy",
            "get_strategy", "needs_of"]
@@ -207,10 +207,14 @@ ROUND0_GAPS = ("feature_gap", "norm_kl")
 """asfda's round-0 divergence for networks without stored BatchNorm statistics (see `ASFDAStrategy`)."""
 
 DIVERSITY_SPACES = ("anatomy", "embedding", "none")
-REPRESENTATIVENESS = ("none", "density")
-"""asfda's representativeness term: ``none`` (METHOD.md's rule) or ``density`` (TypiClust's typicality in the
-diversity space, weighted ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while labels are few)."""
+REPRESENTATIVENESS = ("none", "density", "typical")
+"""asfda's representativeness term: ``none`` (METHOD.md's rule); ``density`` (TypiClust's typicality in the
+diversity space, its rank added with weight ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while
+labels are few); ``typical`` (``density``, and the least typical ``OUTLIER_FRACTION0 / (1 + labelled)`` of the pool
+are no candidates, and the diversity factor saturates at the pool's median nearest-neighbour distance, so no pick
+is drawn to an outlier by distance alone)."""
 TYPICALITY_WEIGHT0 = 0.5
+OUTLIER_FRACTION0 = 0.2
 """Where asfda's greedy batch pick measures the cosine distance between volumes (see `ASFDAStrategy`)."""
 DEFAULT_DIVERSITY = "embedding"
 """The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
@@ -303,13 +307,15 @@ class ASFDAStrategy(Strategy):
         r_kd, r_asd = rank_normalise(kd), rank_normalise(asd)
         cols = {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
                 "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
-        if self.representativeness == "density" and len(pool.ids) > 1:
+        if self.representativeness in ("density", "typical") and len(pool.ids) > 1:
             space, anchors = self.diversity_vectors(pool)
             typ = typicality(space, anchors)
             n_labelled = 0 if anchors is None else len(np.asarray(anchors))
             w = TYPICALITY_WEIGHT0 / (1 + n_labelled)
             cols.update({"typicality": typ, "rank_typicality": rank_normalise(typ),
                          "rank_score": (1 - w) * cols["rank_score"] + w * rank_normalise(typ)})
+            if self.representativeness == "typical":
+                cols["outlier"] = least_typical(typ, OUTLIER_FRACTION0 / (1 + n_labelled), keep=1).astype(np.float64)
         return kd_name, cols
 
     def _cold_start(self, pool: PoolScores, budget: int) -> Query:
@@ -336,7 +342,14 @@ class ASFDAStrategy(Strategy):
             values, dists = [float(combined[i]) for i in idx], [1.0] * len(idx)
         else:
             space, anchors = self.diversity_vectors(pool)
-            idx, values, dists = greedy_diverse_pick(combined, space, budget, anchors)
+            cap = None
+            if self.representativeness == "typical":
+                # the distance factor saturates at the pool's median nearest-neighbour distance (diversity avoids
+                # redundancy without seeking outliers), and the least typical volumes are no candidates while labels
+                # are few
+                cap = median_neighbour_distance(space)
+                combined = np.where(cols["outlier"] > 0, 0.0, combined)
+            idx, values, dists = greedy_diverse_pick(combined, space, budget, anchors, distance_cap=cap)
         comps = {pool.ids[i]: {"asd": float(cols["asd"][i]), kd_name: float(cols[kd_name][i]),
                                "rank_score": float(combined[i]), "min_distance": d} for i, d in zip(idx, dists)}
         return Query(self.name, [pool.ids[i] for i in idx], values, comps)

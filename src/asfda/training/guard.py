@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["HOLD_BACK_MIN_OTHERS", "GuardResult", "anatomical_plausibility", "discards", "guard_sample", "held_back",
-           "largest_component", "largest_component_fractions"]
+__all__ = ["HOLD_BACK_MIN_OTHERS", "GuardResult", "anatomical_plausibility", "blamed", "discards", "guard_sample",
+           "held_back", "largest_component", "largest_component_fractions"]
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
@@ -130,12 +130,20 @@ def held_back(labelled: list[str], rounds: list[tuple[list[str], bool]],
         rounds: per finished round, in order: (the ids it trained on, whether the guard discarded it).
     """
     blame: dict[str, int] = {}
-    kept: set[str] = set()
-    for trained, discarded in rounds:
-        if discarded:
-            for i in set(trained) - kept:
-                blame[i] = blame.get(i, 0) + 1
-        else:
-            kept = set(trained)
+    for ids in blamed(rounds):
+        for i in ids:
+            blame[i] = blame.get(i, 0) + 1
     others = [i for i in labelled if not blame.get(i)]
     return sorted(i for i in labelled if blame.get(i, 0) >= 2 or (blame.get(i) and len(others) < min_others))
+
+
+def blamed(rounds: list[tuple[list[str], bool]]) -> list[list[str]]:
+    """Per finished round (the ``rounds`` of `held_back`), the ids it blames: for a round the guard discarded, the
+    volumes it trained on that the last kept round before it had not (sorted); for a kept round, none."""
+    out: list[list[str]] = []
+    kept: set[str] = set()
+    for trained, discarded in rounds:
+        out.append(sorted(set(trained) - kept) if discarded else [])
+        if not discarded:
+            kept = set(trained)
+    return out

@@ -1,0 +1,263 @@
+"""nnU-Net v2 results folders as models (asfda.models.nnunet, asfda.models.nnunet_preprocessing).
+
+A tiny nnU-Net v2 model is trained once by nnunetv2's own planner, preprocessor and trainer (`_nnunet_fixture.py`,
+cached in .cache/nnunet_fixture/); the tests check that asfda preprocesses and segments exactly as nnU-Net does,
+refuses a checkpoint whose pickle would run code, and writes an adapted model back as a results folder that
+``nnUNetv2_predict_from_modelfolder`` runs. Skipped when nnunetv2 (the ``test`` extra) is not installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
+                                reason="nnunetv2 is not installed (pip install 'asfda[test]')")
+
+from asfda.cli import main
+from asfda.errors import AsfdaError
+from asfda.io.nifti import read_nifti
+from asfda.models import load_model
+from asfda.models.nnunet import NnUNetEnsemble, is_nnunet_source, load_checkpoint
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "_nnunet_fixture.py"
+CACHE = HERE.parent / ".cache" / "nnunet_fixture"
+CLASSES = (1, 2)
+
+
+@pytest.fixture(scope="session")
+def nn() -> dict[str, Path]:
+    """The trained results folder (folds 0 and 1) and its raw dataset, built once per fixture script and nnunetv2
+    version (about a minute on 2 CPU cores), then reused."""
+    from importlib.metadata import version
+
+    key = hashlib.sha256(SCRIPT.read_bytes() + version("nnunetv2").encode() + torch.__version__.encode()).hexdigest()
+    dest = CACHE / key[:12]
+    if not (dest / "fixture.json").is_file():
+        tmp = CACHE / f"{key[:12]}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp)], capture_output=True, text=True, timeout=900,
+                              check=False)
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+        try:
+            tmp.rename(dest)
+        except OSError:  # built meanwhile by another test process
+            shutil.rmtree(tmp, ignore_errors=True)
+    info = json.loads((dest / "fixture.json").read_text())
+    return {"model": dest / info["model"], "raw": dest / info["dataset"]}
+
+
+def _dice(a: np.ndarray, b: np.ndarray, c: int) -> float:
+    denom = (a == c).sum() + (b == c).sum()
+    return 1.0 if denom == 0 else float(2 * ((a == c) & (b == c)).sum() / denom)
+
+
+def _nnunet_labels(model: Path, images: list[Path], folds: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """nnUNetPredictor's label maps (no mirroring), in nibabel's axis order."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    pred = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), perform_everything_on_device=False,
+                           allow_tqdm=False)
+    pred.initialize_from_trained_model_folder(str(model), use_folds=folds)
+    out = {}
+    for img in images:
+        arr, props = SimpleITKIO().read_images([str(img)])
+        out[img.name[:-len("_0000.nii.gz")]] = pred.predict_single_npy_array(arr, props, None, None, False).T
+    return out
+
+
+def _assert_same_labels(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for cid, ref in theirs.items():
+        assert ours[cid].shape == ref.shape, cid
+        for c in CLASSES:
+            assert (ref == c).sum() > 20, f"{cid}: nnU-Net predicts no class {c}; the fixture is untrained"
+            assert _dice(ours[cid], ref, c) >= 0.99, (cid, c, _dice(ours[cid], ref, c))
+
+
+def _read_labels(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name[:-7]: np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+
+def test_results_folder_fold_folder_and_checkpoint_are_recognised(nn: dict, tmp_path: Path) -> None:
+    model = nn["model"]
+    assert is_nnunet_source(model) and is_nnunet_source(model / "fold_0")
+    assert is_nnunet_source(model / "fold_0" / "checkpoint_final.pth")
+    assert not is_nnunet_source(nn["raw"])
+    ens = load_model(model)
+    assert isinstance(ens.network, NnUNetEnsemble) and len(ens.network.folds) == 2
+    assert ens.class_names == ["background", "liver", "spleen"] and ens.sw_mode == "gaussian"
+    # transpose_forward [2, 0, 1]: model axis 0 is the images' first voxel axis (left-right), never flipped by TTA
+    assert ens.preprocessing.axes == (0, 2, 1) and ens.tta_axes == (1, 2)
+    plans = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert list(ens.roi_size) == plans["patch_size"] and ens.overlap == 0.5
+    one = load_model(model / "fold_1")
+    assert not isinstance(one.network, NnUNetEnsemble) and one.metadata["nnunet"]["folds"] == ["1"]
+    # a bare checkpoint (copied out of its results folder): plans and dataset.json from its init_args
+    bare = load_model(shutil.copy(model / "fold_0" / "checkpoint_final.pth", tmp_path / "bare.pth"))
+    assert bare.weights_hash == load_model(model / "fold_0").weights_hash
+    assert bare.preprocessing.cache_key() == ens.preprocessing.cache_key()
+
+
+def test_preprocessing_is_nnunets(nn: dict) -> None:
+    """asfda's preprocessing of an image (and label) is nnU-Net's DefaultPreprocessor's, value for value: transpose,
+    crop to non-zero, masked z-score, resampling (cubic; separate-z for the anisotropic case), for the plans' scheme
+    and for CTNormalization and the reorienting reader too."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import (
+        DefaultPreprocessor,
+    )
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from asfda.models.nnunet_preprocessing import NnUNetPreprocessing
+
+    model = nn["model"]
+    plans, dataset = json.loads((model / "plans.json").read_text()), json.loads((model / "dataset.json").read_text())
+    ct = json.loads(json.dumps(plans))
+    ct["configurations"]["3d_fullres"]["normalization_schemes"] = ["CTNormalization"]
+    reorient = json.loads(json.dumps(plans))
+    reorient["image_reader_writer"] = "NibabelIOWithReorient"
+    for p in (plans, ct, reorient):
+        pm = PlansManager(p)
+        cm = pm.get_configuration("3d_fullres")
+        ours = NnUNetPreprocessing.from_plans(p, p["configurations"]["3d_fullres"], dataset)
+        for img in sorted((nn["raw"] / "imagesTs").glob("*.nii.gz")):
+            lab = nn["raw"] / "labelsTs" / img.name.replace("_0000", "")
+            data, seg, _ = DefaultPreprocessor(verbose=False).run_case([str(img)], str(lab), pm, cm, dataset)
+            image, affine = read_nifti(img)
+            x, y, _ = ours(image, affine, read_nifti(lab)[0])
+            assert tuple(x.shape) == data.shape, img.name
+            np.testing.assert_allclose(x.numpy(), data, atol=1e-5, err_msg=f"{img.name} {p['image_reader_writer']}")
+            assert np.array_equal(y.numpy(), np.maximum(seg[0], 0)), img.name
+
+
+def test_predict_gives_nnunets_labels_one_fold_and_ensemble(nn: dict, tmp_path: Path) -> None:
+    """`asfda predict` (CLI) on test images of other spacings, orientations and sizes (one of them several windows
+    large) writes nnUNetPredictor's labels: Dice >= 0.99 per class, for fold 0 and for the two folds' ensemble."""
+    images = sorted((nn["raw"] / "imagesTs").glob("*.nii.gz"))
+    for source, folds in ((nn["model"] / "fold_0", ("0",)), (nn["model"], ("0", "1"))):
+        out = tmp_path / f"pred_{len(folds)}"
+        assert main(["predict", "--model", str(source), "--images", str(nn["raw"] / "imagesTs"), "--out", str(out),
+                     "--device", "cpu", "--no-progress"]) == 0
+        ours = _read_labels(out)
+        for img in images:  # written on each image's own grid
+            assert ours[img.name[:-12]].shape == nib.load(str(img)).shape
+        _assert_same_labels(ours, _nnunet_labels(nn["model"], images, folds))
+
+
+def test_score_runs_on_an_nnunet_model(nn: dict, tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--model", str(nn["model"] / "fold_0"), "--data", str(nn["raw"]), "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 6 and "asd" in lines[0].lower()
+
+
+# -- safety ----------------------------------------------------------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_runs_code_is_refused(nn: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    (evil / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(nn["model"] / name, evil / name)
+    ckpt = torch.load(nn["model"] / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    ckpt["logging"] = {"note": _Payload(marker)}
+    torch.save(ckpt, evil / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(AsfdaError, match="needs code to load") as err:
+        load_model(evil)
+    assert "posix.system" in str(err.value) or "os.system" in str(err.value)
+    with pytest.raises(AsfdaError, match="needs code to load"):
+        load_checkpoint(evil / "fold_0" / "checkpoint_final.pth")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(evil), "--images", str(nn["raw"] / "imagesTs"), "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "needs code to load" in err_lines[0]
+    assert not marker.exists()
+    # the genuine checkpoint (numpy scalars in its training log) loads under the same allow-list
+    assert isinstance(load_checkpoint(nn["model"] / "fold_0" / "checkpoint_final.pth")["_best_ema"], np.floating)
+
+
+def test_plans_cannot_name_code(nn: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(nn["model"], bad, ignore=shutil.ignore_patterns("fold_1"))
+    plans = json.loads((bad / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["nonlin"] = "os.system"
+    (bad / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(AsfdaError, match="does not build"):
+        load_model(bad)
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["nonlin"] = "torch.nn.LeakyReLU"
+    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "subprocess.Popen"
+    (bad / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(AsfdaError, match="network class"):
+        load_model(bad)
+
+
+# -- adaptation and writing back -------------------------------------------------------------------------------------
+
+def test_adapted_model_is_a_results_folder_nnunet_runs(nn: dict, tmp_path: Path) -> None:
+    """One annotation round on an nnU-Net model (scoring and selection in `next`, fine-tuning in `finetune`) writes
+    proj/model/ as an nnU-Net results folder: new weights, the source's checkpoint keys, and
+    nnUNetv2_predict_from_modelfolder segments with it as asfda does."""
+    pool = tmp_path / "pool"
+    shutil.copytree(nn["raw"], pool, ignore=shutil.ignore_patterns("labelsTr", "imagesTs", "labelsTs"))
+    proj = tmp_path / "proj"
+    assert main(["init", str(proj), "--model", str(nn["model"] / "fold_0"), "--pool", str(pool), "--budget", "1",
+                 "--steps", "3", "--device", "cpu", "--no-progress", "--no-guard"]) == 0
+    assert main(["next", str(proj), "--no-progress"]) == 0
+    query = json.loads((proj / "project.json").read_text())["query"]
+    (tmp_path / "ann").mkdir()
+    for cid in query["ids"]:
+        shutil.copy(nn["raw"] / "labelsTr" / f"{cid}.nii.gz", tmp_path / "ann" / f"{cid}.nii.gz")
+        pre = nib.load(str(proj / query["folder"] / "presegmentations" / f"{cid}.nii.gz"))
+        assert pre.shape == nib.load(str(pool / "imagesTr" / f"{cid}_0000.nii.gz")).shape
+    assert main(["ingest", str(tmp_path / "ann"), str(proj), "--no-progress"]) == 0
+    assert main(["finetune", str(proj), "--no-progress"]) == 0
+
+    adapted = proj / "model"
+    assert {"asfda.json", "dataset.json", "fold_0", "plans.json"} <= {p.name for p in adapted.iterdir()}
+    assert json.loads((adapted / "plans.json").read_text()) == json.loads((nn["model"] / "plans.json").read_text())
+    old = load_checkpoint(nn["model"] / "fold_0" / "checkpoint_final.pth")
+    new = load_checkpoint(adapted / "fold_0" / "checkpoint_final.pth")
+    assert sorted(new) == sorted(old) and new["trainer_name"] == old["trainer_name"]
+    assert any(not torch.equal(new["network_weights"][k], v) for k, v in old["network_weights"].items())
+    meta = json.loads((adapted / "asfda.json").read_text())["asfda"]
+    assert meta["weights_sha256_16"] == load_model(adapted).weights_hash
+
+    images = tmp_path / "images"
+    shutil.copytree(nn["raw"] / "imagesTs", images)
+    theirs = tmp_path / "nnunet_out"
+    env = {**os.environ, "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path),
+           "nnUNet_results": str(tmp_path), "nnUNet_compile": "f"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("nnUNetv2_predict_from_modelfolder")), "-i", str(images),
+                           "-o", str(theirs), "-m", str(adapted), "-f", "0", "-device", "cpu", "--disable_tta",
+                           "-npp", "1", "-nps", "1", "--disable_progress_bar"],
+                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = tmp_path / "asfda_out"
+    assert main(["predict", "--model", str(adapted), "--images", str(images), "--out", str(ours), "--device", "cpu",
+                 "--no-progress"]) == 0
+    _assert_same_labels(_read_labels(ours), _read_labels(theirs))

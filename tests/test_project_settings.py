@@ -1,0 +1,177 @@
+"""A project's life after init: `asfda set`, the rest of the pool when it is smaller than the budget, the round the
+guard discards (which volume, why, a replacement query, the label kept), and the when-to-stop line of `status`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_project import N_POOL, _answer, _settings, pool  # noqa: F401  (pool: the fixture)
+
+from asfda.cli import main
+from asfda.errors import AsfdaError
+from asfda.project import (
+    Project,
+    ProjectSettings,
+    finetune_project,
+    ingest_labels,
+    init_project,
+    next_query,
+    project_status,
+    update_settings,
+)
+from asfda.training import TrainConfig
+
+
+def _project(pool: dict, tmp_path: Path, **kw) -> Path:  # noqa: F811
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings(**kw))
+    return proj
+
+
+def test_set_changes_settings_with_the_checks_of_init(pool: dict, tmp_path: Path,  # noqa: F811
+                                                      capsys: pytest.CaptureFixture) -> None:
+    proj = _project(pool, tmp_path)
+    capsys.readouterr()
+    assert main(["set", str(proj), "budget=3", "steps=7", "strategy=random", "train.guard=false"]) == 0
+    out = capsys.readouterr().out
+    assert "budget: 2 -> 3" in out and "train.steps: 4 -> 7" in out and "strategy: asfda -> random" in out
+    assert "train.guard: True -> False" in out
+    s = Project(proj).settings
+    assert (s.budget, s.train.steps, s.strategy, s.train.guard) == (3, 7, "random", False)
+    assert "settings: budget 2 -> 3" in Project(proj).state["events"][-1]["event"]
+    assert json.loads((proj / "project.json.bak").read_text())["settings"]["budget"] == 3
+    # the same value again: nothing written, and it says so
+    assert main(["set", str(proj), "budget=3"]) == 0
+    assert "nothing changed: budget is already 3" in capsys.readouterr().out
+    assert update_settings(proj, {"budget": 3}) == []
+
+
+@pytest.mark.parametrize("item, match", [
+    ("budjet=3", "unknown setting 'budjet' (did you mean 'budget'?)"),
+    ("train.stesp=3", "did you mean 'train.steps'"),
+    ("budget=0", "budget must be >= 1"),
+    (f"budget={N_POOL + 1}", f"budget {N_POOL + 1} is larger than the pool ({N_POOL} cases)"),
+    ("budget=two", "must be an integer"),
+    ("steps=0", "train.steps must be >= 1"),
+    ("precision=fp8", "train.precision must be one of fp32, bf16"),
+    ("strategy=best", "strategy"),
+    ("alpha=2", "alpha must be in [0, 1]"),
+    ("class_map=liver=spleen", "class_map cannot be changed"),
+    ("budget", "is not KEY=VALUE"),
+])
+def test_set_refuses_what_init_refuses_in_one_line(pool: dict, tmp_path: Path, item: str, match: str,  # noqa: F811
+                                                    capsys: pytest.CaptureFixture) -> None:
+    proj = _project(pool, tmp_path)
+    before = (proj / "project.json").read_text()
+    capsys.readouterr()
+    assert main(["set", str(proj), item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and match in err, err
+    assert (proj / "project.json").read_text() == before
+
+
+def test_next_offers_the_rest_of_the_pool_when_it_is_smaller_than_the_budget(pool: dict, tmp_path: Path,  # noqa: F811
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    proj = _project(pool, tmp_path)
+    update_settings(proj, {"budget": "4", "guard": "false"})
+    q = next_query(proj, progress=False)
+    assert len(q["ids"]) == 4
+    ingest_labels(proj, _answer(pool["truth"], q["ids"], tmp_path / "a0"))
+    finetune_project(proj, progress=False)
+    capsys.readouterr()
+    assert main(["next", str(proj), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "only 2 unlabeled cases are left, fewer than the budget 4: this round asks for all of them" in out
+    assert "annotate these 2 cases" in out
+    q1 = Project(proj).state["query"]
+    assert len(q1["ids"]) == 2 and q1["unlabelled_left"] == 2
+    # asked again before the labels are in: the same query, and it says so
+    assert main(["next", str(proj), "--no-progress"]) == 0
+    assert "still waiting for labels (shown again" in capsys.readouterr().out
+
+
+def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: dict, tmp_path: Path,  # noqa: F811
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    import asfda.loop
+
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]),
+                 ProjectSettings(budget=1, device="cpu", train=TrainConfig(steps=2, batch_size=1, guard_volumes=2,
+                                                                           hold_back_discarded=True)))
+    q0 = next_query(proj, progress=False)
+    ingest_labels(proj, _answer(pool["truth"], q0["ids"], tmp_path / "a0"))
+    with monkeypatch.context() as m:  # the guard finds the round's model worse than the pretrained one
+        m.setattr(asfda.loop, "discards", lambda pretrained, adapted: True)
+        rec = finetune_project(proj, progress=False)
+    assert rec["guard"]["reverted"] and rec["probe"]["change"] == 0.0  # the weights are those it started from
+    st = project_status(proj)
+    d = st["discarded_rounds"][0]
+    assert d["harmful"] == q0["ids"] and d["round"] == 0 and len(d["cases"]) == 2
+    assert st["last_round_discarded"] and "replacement" in st["next"]
+    assert st["when_to_stop"]["recommendation"] == "no estimate yet"  # every round so far discarded
+    capsys.readouterr()
+    assert main(["status", str(proj)]) == 0
+    out = capsys.readouterr().out
+    assert f"round 0 was discarded by the guard: trained with {q0['ids'][0]} (its first round" in out
+    assert f"plausibility {d['plausibility_adapted']:.3f} < {d['plausibility_pretrained']:.3f}" in out
+    assert "its label is kept" in out and "trained on again" not in out  # held back: the setting is on
+    assert "when to stop: no estimate yet" in out
+    # next: a replacement query in its place; the harmful volume's label stays
+    assert main(["next", str(proj), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"round 0's fine-tuning was discarded by the guard; this query replaces {q0['ids'][0]}" in out
+    q1 = Project(proj).state["query"]
+    assert q1["replaces"] == {"round": 0, "ids": q0["ids"]} and q0["ids"][0] not in q1["ids"]
+    assert f"replaces {q0['ids'][0]}" in (proj / q1["folder"] / "README.txt").read_text()
+    assert q0["ids"][0] in Project(proj).state["labelled"]
+    assert (proj / Project(proj).state["labelled"][q0["ids"][0]]["file"]).is_file()
+    # the next round trains without it (train.hold_back_discarded) and is kept: the estimate appears
+    ingest_labels(proj, _answer(pool["truth"], q1["ids"], tmp_path / "a1"))
+    with monkeypatch.context() as m:
+        m.setattr(asfda.loop, "discards", lambda pretrained, adapted: False)
+        rec1 = finetune_project(proj, progress=False)
+    assert rec1["held_back"] == q0["ids"] and q0["ids"][0] not in rec1["trained_ids"]
+    st = project_status(proj)
+    assert st["held_back"] == q0["ids"] and not st["last_round_discarded"] and "replacement" not in st["next"]
+    est = st["when_to_stop"]
+    assert est["after_round"] == 1 and est["change"] == pytest.approx(rec1["probe"]["change"])
+    assert est["recommendation"] in ("continue", "diminishing returns: consider stopping")
+
+
+def test_status_shows_the_when_to_stop_estimate_after_a_round(pool: dict, tmp_path: Path,  # noqa: F811
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from asfda.stopping import PROBE_VOLUMES
+
+    proj = _project(pool, tmp_path, strategy="random")
+    update_settings(proj, {"guard": False})  # the tiny test model's rounds would be discarded
+    assert project_status(proj)["when_to_stop"]["recommendation"] == "no estimate yet"
+    q = next_query(proj, progress=False)
+    ingest_labels(proj, _answer(pool["truth"], q["ids"], tmp_path / "a0"))
+    capsys.readouterr()
+    assert main(["finetune", str(proj), "--no-progress", "--device", "cpu", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "when to stop: " in out
+    rec = Project(proj).state["rounds"][0]
+    probe = rec["probe"]
+    assert probe["cases"] and len(probe["cases"]) <= PROBE_VOLUMES and not set(probe["cases"]) & set(q["ids"])
+    assert 0.0 <= probe["change"] <= 1.0 and rec["precision"] == "fp32"
+    est = project_status(proj)["when_to_stop"]
+    assert est["after_round"] == 0 and est["predicted_gain"] is not None
+    assert main(["status", str(proj)]) == 0
+    assert f"when to stop: {est['recommendation']}" in capsys.readouterr().out
+    with pytest.raises(AsfdaError, match="train.precision must be one of"):
+        finetune_project(proj, progress=False, force=True, precision="fp8")
+
+
+def test_ingest_of_labels_already_in_says_so(pool: dict, tmp_path: Path,  # noqa: F811
+                                             capsys: pytest.CaptureFixture) -> None:
+    proj = _project(pool, tmp_path)
+    q = next_query(proj, progress=False)
+    answers = _answer(pool["truth"], q["ids"], tmp_path / "a0")
+    assert main(["ingest", str(answers), str(proj), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["ingest", str(answers), str(proj), "--no-progress"]) == 0
+    assert "nothing new: 2 labels in" in capsys.readouterr().out

@@ -295,7 +295,8 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
 
 def format_query(query: Query) -> str:
     """The chosen ids, in pick order, with their score and components (one line each)."""
-    lines = [f"{query.strategy}: {len(query.ids)} case(s) to annotate next"]
+    n = len(query.ids)
+    lines = [f"{query.strategy}: {n} {'case' if n == 1 else 'cases'} to annotate next"]
     for rank, (cid, score) in enumerate(zip(query.ids, query.scores), 1):
         comps = ", ".join(f"{k}={v:.4g}" for k, v in query.components.get(cid, {}).items())
         lines.append(f"{rank:3d}. {cid}  score={score:.4g}" + (f"  ({comps})" if comps else ""))

@@ -423,6 +423,19 @@ def _paint_organs(canvas: _Canvas, anat: _Anatomy, pts: np.ndarray, inner: np.nd
     return liver_f
 
 
+def _paint_spheres(canvas: _Canvas, rng: np.random.Generator, world: np.ndarray, candidates: np.ndarray,
+                   count: int, radius_mm: tuple[float, float], kind) -> None:
+    """Paint ``count`` balls of tissue ``kind()`` inside the liver, centred on random ``candidates`` voxels (flat
+    indices); the label stays liver. Draws, per ball: centre, radius, then whatever ``kind`` draws."""
+    liver = canvas.label == LABELS["liver"]
+    for _ in range(count):
+        voxel = np.unravel_index(candidates[rng.integers(candidates.size)], liver.shape)
+        centre = world[(slice(None), *voxel)]
+        radius = rng.uniform(*radius_mm)
+        dist2 = sum((world[i] - centre[i]) ** 2 for i in range(3))
+        canvas.paint((dist2 <= radius**2) & liver, kind(), LABELS["liver"])
+
+
 def _paint_lesions(canvas: _Canvas, rng: np.random.Generator, pts: np.ndarray,
                    world: np.ndarray, liver_f: np.ndarray) -> None:
     """Paint 2-4 round dark/bright lesions inside the liver (label stays liver)."""
@@ -430,28 +443,17 @@ def _paint_lesions(canvas: _Canvas, rng: np.random.Generator, pts: np.ndarray,
     candidates = np.flatnonzero((liver_f <= 0.45) & liver)
     if candidates.size == 0:
         candidates = np.flatnonzero(liver)
-    for _ in range(int(rng.integers(2, 5))):
-        voxel = np.unravel_index(candidates[rng.integers(candidates.size)], liver.shape)
-        centre = world[(slice(None), *voxel)]
-        radius = rng.uniform(10.0, 18.0)
-        dist2 = sum((world[i] - centre[i]) ** 2 for i in range(3))
-        kind = "lesion_dark" if rng.random() < 0.5 else "lesion_bright"
-        canvas.paint((dist2 <= radius**2) & liver, kind, LABELS["liver"])
+    _paint_spheres(canvas, rng, world, candidates, int(rng.integers(2, 5)), (10.0, 18.0),
+                   lambda: "lesion_dark" if rng.random() < 0.5 else "lesion_bright")
 
 
 def _paint_cysts(canvas: _Canvas, rng: np.random.Generator, world: np.ndarray) -> None:
     """Polycystic liver: 26-33 large fluid cysts that fill most of it; the label stays liver. Learned alone, such a
     volume teaches that bright fluid signal is liver, the opposite of a typical liver's dark T2 signal."""
-    liver = canvas.label == LABELS["liver"]
-    candidates = np.flatnonzero(liver)
-    if candidates.size == 0:
-        return
-    for _ in range(int(rng.integers(26, 34))):
-        voxel = np.unravel_index(candidates[rng.integers(candidates.size)], liver.shape)
-        centre = world[(slice(None), *voxel)]
-        radius = rng.uniform(30.0, 44.0)
-        dist2 = sum((world[i] - centre[i]) ** 2 for i in range(3))
-        canvas.paint((dist2 <= radius**2) & liver, "lesion_bright", LABELS["liver"])
+    candidates = np.flatnonzero(canvas.label == LABELS["liver"])
+    if candidates.size:
+        _paint_spheres(canvas, rng, world, candidates, int(rng.integers(26, 34)), (30.0, 44.0),
+                       lambda: "lesion_bright")
 
 
 def _paint_spine_and_vessels(canvas: _Canvas, anat: _Anatomy, pts: np.ndarray,

@@ -42,6 +42,15 @@ def _min_distance(unit: torch.Tensor, anchors: np.ndarray | None) -> torch.Tenso
     return (1.0 - unit @ ua.T).clamp_min(0.0).min(dim=1).values
 
 
+def _distances_to_others(unit: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``[N, M]`` cosine distances of the unit rows ``unit`` to ``ref``, whose first N rows are ``unit`` itself:
+    a row's distance to itself is inf (a volume is not its own neighbour)."""
+    d = (1.0 - unit @ ref.T).clamp_min(0.0)
+    n = unit.shape[0]
+    d[torch.arange(n), torch.arange(n)] = float("inf")
+    return d
+
+
 def typicality(vectors: np.ndarray, others: np.ndarray | None = None, k: int = 5) -> np.ndarray:
     """TypiClust's typicality of each row of ``vectors``: 1 / mean cosine distance to its ``k`` nearest neighbours
     among the other rows and ``others`` (e.g. the labelled volumes). High in dense regions, low for outliers.
@@ -54,8 +63,7 @@ def typicality(vectors: np.ndarray, others: np.ndarray | None = None, k: int = 5
     n = unit.shape[0]
     if n == 0:
         return np.zeros(0)
-    d = (1.0 - unit @ ref.T).clamp_min(0.0)
-    d[torch.arange(n), torch.arange(n)] = float("inf")  # a volume is not its own neighbour
+    d = _distances_to_others(unit, ref)
     k = min(k, ref.shape[0] - 1)
     if k < 1:
         return np.ones(n)
@@ -80,9 +88,7 @@ def median_neighbour_distance(embeddings: np.ndarray) -> float:
     n = unit.shape[0]
     if n < 2:
         return 0.0
-    d = (1.0 - unit @ unit.T).clamp_min(0.0)
-    d.fill_diagonal_(float("inf"))
-    return float(d.min(dim=1).values.median())
+    return float(_distances_to_others(unit, unit).min(dim=1).values.median())
 
 
 def greedy_diverse_pick(scores: np.ndarray, embeddings: np.ndarray, budget: int,

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch is pinned here: a looser spec pulls several GB of CUDA packages.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-slow setup setup-test clean
+.PHONY: demo test test-slow lint setup setup-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: setup-test
 
 test-slow: setup-test
 	$(PY) -m pytest -m slow
+
+# ruff (pyflakes, pycodestyle, bugbear, pyupgrade, import order) and mypy on src/, configured in pyproject.toml
+lint: setup-test
+	$(VENV)/bin/ruff check src
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs .cache

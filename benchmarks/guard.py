@@ -22,7 +22,7 @@ from pathlib import Path
 
 from asfda.config import SemiConfig
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
-from asfda.loop import Adapter, mean_of
+from asfda.adapter import Adapter, mean_of
 from asfda.models import load_model
 from asfda.simulate import split_pool
 from asfda.training import TrainConfig

@@ -32,7 +32,7 @@ import torch
 
 from asfda.demo import phantom_model_path
 from asfda.io import load_dataset
-from asfda.loop import Adapter
+from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.phantom import generate_benchmark
 from asfda.selection import DIVERSITY_SPACES, ROUND0_GAPS, PoolScores, ScoringNeeds, build_strategy

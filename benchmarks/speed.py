@@ -50,7 +50,7 @@ def _best_interleaved(methods: dict, items: list, repeats: int) -> dict[str, flo
 
 def scoring_part(args) -> list[str]:
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.models import load_model
     from asfda.scoring.pool import score_volumes
     from asfda.selection import get_strategy
@@ -106,7 +106,7 @@ def _memory_child(n: int, pool: str) -> None:
     """Scores the first n cases of ``pool`` (no caches) and prints JSON with the peak resident set."""
     from asfda.demo import phantom_model_path
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.models import load_model
     from asfda.selection import get_strategy
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from asfda.io import load_dataset
-from asfda.loop import Adapter
+from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.training import TrainVolume
 from asfda.training.losses import masked_dice_ce

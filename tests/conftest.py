@@ -130,8 +130,10 @@ _KILLER = textwrap.dedent("""
                 bomb()
             return out
         atomic.atomic_write = write
-        import asfda.project as project
-        project.atomic_write = write
+        import asfda.project
+        for module in list(sys.modules.values()):  # every project module that writes files
+            if getattr(module, "__name__", "").startswith("asfda.project.") and hasattr(module, "atomic_write"):
+                module.atomic_write = write
     from asfda.cli import main
     sys.exit(main(sys.argv[3:]))
 """)

@@ -322,7 +322,7 @@ def test_query_with_a_model_matching_no_class_is_the_cold_start(inputs: dict, fo
 def test_cold_start_query_matches_the_python_api(inputs: dict, foreign_model: Path) -> None:
     """The CLI's cold-start pick is the strategy's `_cold_start` on the pretrained embeddings of the pool."""
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.models import load_model
     from asfda.selection import get_strategy
 
@@ -340,7 +340,7 @@ def test_cold_start_query_matches_the_python_api(inputs: dict, foreign_model: Pa
 def test_strategies_that_read_predictions_refuse_the_cold_start_before_scoring(
         inputs: dict, foreign_model: Path, strategy: str, capsys: pytest.CaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
 
     def boom(*args, **kwargs):
         raise AssertionError("the pool was scored before the strategy was refused")

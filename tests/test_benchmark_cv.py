@@ -130,7 +130,7 @@ def test_tiny_cross_validation_summarises_every_volume_once_and_resumes(tmp_path
     assert (out / "learning_curve.png").stat().st_size > 1000
 
     # a second invocation resumes: no round is trained again, the per-round files stay as they were
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
 
     def no_training(*a, **k):
         raise AssertionError("a finished round was recomputed")

@@ -137,7 +137,8 @@ def test_trust_model_code_reaches_load_model(name: str, trust: bool, tmp_path: P
         raise AsfdaError("stop here")
 
     for where in ("asfda.predict.load_model", "asfda.query.load_model", "asfda.simulate.load_model",
-                  "asfda.models.load_model"):
+                  "asfda.evaluate.load_model", "asfda.project.setup.load_model", "asfda.project.state.load_model",
+                  "asfda.models.load_model"):  # the package last: a module imported by the patching binds the real one
         monkeypatch.setattr(where, fake_load_model)
     data, model, out = write_nnunet(tmp_path / "ds", n=4), write_bundle(tmp_path / "bundle"), tmp_path / "out"
     argv = {"evaluate": ["evaluate", "--model", str(model), "--data", str(data), "--out", str(out)],
@@ -156,19 +157,19 @@ def test_trust_model_code_reaches_load_model(name: str, trust: bool, tmp_path: P
 
 
 def test_a_project_remembers_trust_model_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import asfda.models
+    from asfda.models import load_model as real
     from asfda.project import Project
     from conftest import write_bundle, write_nnunet
 
     data, model, proj = write_nnunet(tmp_path / "ds", n=4), write_bundle(tmp_path / "bundle"), tmp_path / "proj"
-    real = asfda.models.load_model
     seen: list[bool] = []
 
     def spy(*args, allow_code: bool = False, **kwargs):
         seen.append(allow_code)
         return real(*args, allow_code=allow_code, **kwargs)
 
-    monkeypatch.setattr(asfda.models, "load_model", spy)
+    for module in ("asfda.project.setup", "asfda.project.state"):  # init; next and finetune
+        monkeypatch.setattr(f"{module}.load_model", spy)
     assert main(["init", str(proj), "--model", str(model), "--pool", str(data), "--trust-model-code",
                  "--device", "cpu", "--no-progress"]) == 0
     assert Project(proj).settings.trust_model_code is True
@@ -211,14 +212,14 @@ def test_ingest_of_an_empty_folder_says_so(tmp_path, tiny_bundle, tiny_dataset, 
 
 MODEL_COMMANDS = ("evaluate", "predict", "score", "query", "simulate", "init", "next", "finetune")
 TAKES_DATA = ("evaluate", "predict", "score", "query", "simulate", "init")  # next and finetune: the project's pool
-FINE_TUNES = ("simulate", "init", "finetune")  # init keeps --precision in the project's settings
+FINE_TUNES = ("simulate", "init", "finetune")  # --precision is the fine-tuning precision (init keeps it)
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_every_model_running_command_takes_data_device_and_precision(command: str) -> None:
     """One name per concept: --data (simulate and init: also --pool; predict: also --images) wherever a command reads
-    a dataset, --device wherever a model runs, --precision wherever one is fine-tuned (it is the fine-tuning
-    precision), --trust-model-code wherever a model file is loaded."""
+    a dataset, --device and --precision wherever a model runs (the fine-tuning precision where one is fine-tuned, else
+    the inference precision), --trust-model-code wherever a model file is loaded."""
     from asfda.cli import build_parser
 
     parser = build_parser()
@@ -226,7 +227,9 @@ def test_every_model_running_command_takes_data_device_and_precision(command: st
     flags = {o for a in sub.choices[command]._actions for o in a.option_strings}
     assert "--device" in flags
     assert ("--data" in flags) is (command in TAKES_DATA)
-    assert ("--precision" in flags) is (command in FINE_TUNES)
+    assert "--precision" in flags
+    help_text = next(a.help for a in sub.choices[command]._actions if "--precision" in a.option_strings)
+    assert help_text.startswith("fine-tuning precision" if command in FINE_TUNES else "inference precision")
     assert ("--trust-model-code" in flags) is (command in TAKES_DATA)  # a project keeps it in its settings
 
 
@@ -263,3 +266,38 @@ def test_simulate_device_and_precision_reach_the_run_config(monkeypatch, tmp_pat
     with pytest.raises(ZeroDivisionError):
         main(["simulate", "--model", "m", "--pool", "p", "--device", "cpu", "--precision", "bf16", "--debug"])
     assert seen["cfg"].device == "cpu" and seen["cfg"].train.precision == "bf16"
+
+
+@pytest.mark.parametrize("argv, target", [
+    (["evaluate", "--model", "m", "--data", "d"], "asfda.evaluate.evaluate_model"),
+    (["predict", "--model", "m", "--data", "d", "--out", "o"], "asfda.predict.predict_model"),
+    (["score", "--model", "m", "--data", "d"], "asfda.query.score_dataset"),
+    (["query", "--model", "m", "--data", "d", "--budget", "1"], "asfda.query.query_dataset"),
+    (["next", "p"], "asfda.project.next_query"),
+])
+def test_inference_commands_pass_precision_and_device_on(argv: list[str], target: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    seen = {}
+    monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **kw: seen.update(kw) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main([*argv, "--device", "cpu", "--precision", "bf16", "--debug"])
+    assert seen["precision"] == "bf16" and seen["device"] == "cpu"
+    seen.clear()
+    with pytest.raises(ZeroDivisionError):
+        main([*argv, "--debug"])
+    assert seen["precision"] in ("fp32", None)  # the default: full precision
+
+
+def test_evaluate_in_bf16_runs_end_to_end_and_records_its_precision(tmp_path: Path, tiny_bundle: Path,
+                                                                   tiny_dataset: Path) -> None:
+    import json
+
+    for precision in ("fp32", "bf16"):
+        assert main(["evaluate", "--model", str(tiny_bundle), "--data", str(tiny_dataset), "--out",
+                     str(tmp_path / precision), "--precision", precision, "--no-progress"]) == 0
+    fp32, bf16 = (json.loads((tmp_path / p / "summary.json").read_text()) for p in ("fp32", "bf16"))
+    assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
+    assert abs(fp32["mean"]["dice_mean"] - bf16["mean"]["dice_mean"]) < 0.05

@@ -161,3 +161,28 @@ def test_describe_device_names_what_computed() -> None:
     from asfda.engine import describe_device
 
     assert describe_device(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"
+
+
+# -- inference precision ------------------------------------------------------------------------------
+
+def test_bf16_inference_runs_the_forward_in_bf16_and_returns_float32_close_to_fp32() -> None:
+    net = _net(0.0)
+    image = torch.rand(1, 24, 20, 10)
+    fp32, emb32 = InferenceEngine(net, (16, 16, 8), sw_batch_size=2).run(image)
+    engine = InferenceEngine(net, (16, 16, 8), sw_batch_size=2, precision="bf16")
+    seen = []
+    h = net.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    bf16, emb16 = engine.run(image)
+    h.remove()
+    assert set(seen) == {torch.bfloat16}  # every window ran under autocast
+    assert bf16.dtype == torch.float32 and emb16.dtype == torch.float32
+    assert not torch.equal(bf16, fp32)  # really another computation ...
+    scale = float(fp32.abs().max())
+    assert float((bf16 - fp32).abs().max()) < 0.05 * scale  # ... that agrees to bf16's ~3 significant digits
+    assert (bf16.argmax(0) == fp32.argmax(0)).float().mean() > 0.95
+    assert torch.allclose(emb16, emb32, rtol=0.05, atol=0.05 * float(emb32.abs().max()))
+
+
+def test_an_unknown_inference_precision_is_refused() -> None:
+    with pytest.raises(AsfdaError, match="inference precision must be one of fp32, bf16"):
+        InferenceEngine(_net(0.0), (16, 16, 8), precision="fp16")

@@ -32,7 +32,7 @@ def test_largest_component_keeps_each_class_biggest_piece() -> None:
 def test_adapter_evaluate_reports_tta_and_largest_component_dice(tmp_path, tiny_bundle) -> None:
     """Adapter.evaluate: plain and TTA rows differ only through the logits; lcc columns are present."""
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.models import load_model
     from conftest import write_nnunet
 

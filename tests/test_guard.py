@@ -10,7 +10,7 @@ import torch
 
 from asfda.config import SemiConfig
 from asfda.io import load_dataset
-from asfda.loop import Adapter
+from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.training import TrainConfig
 from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample, largest_component_fractions

@@ -129,7 +129,7 @@ def test_kill_9_in_next_then_next_again_gives_the_same_query(pool: dict, target:
 # ---------------------------------------------------------------------------------------------- evaluate
 @pytest.mark.parametrize(("target", "kill_at", "when", "match"), [
     (RUN, 3, "before", ""),  # the third case of four
-    ("asfda.predict:atomic_write_json", 1, "before", "summary.json"),  # per_case.csv written, summary.json not yet
+    ("asfda.evaluate:atomic_write_json", 1, "before", "summary.json"),  # per_case.csv written, summary.json not yet
 ], ids=["mid-cases", "between-its-two-files"])
 def test_kill_9_in_evaluate_then_evaluate_again_gives_the_same_numbers(tiny: dict, target: str, kill_at: int,
                                                                        when: str, match: str) -> None:
@@ -155,7 +155,7 @@ def _maps(folder: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize(("target", "kill_at", "when"), [
-    ("asfda.predict:_write_label_map", 2, "after"),  # between a case's label map and its sidecar
+    ("asfda.predict:write_label_map", 2, "after"),  # between a case's label map and its sidecar
     ("nibabel:save", 3, "after"),  # inside the atomic write of case 3: written to its temporary file, not renamed
     ("asfda.predict:atomic_write_json", 3, "before"),  # before case 2's sidecar (case 1's sidecar, labels.json)
 ], ids=["after-a-label-map", "inside-a-write", "before-a-sidecar"])
@@ -193,7 +193,7 @@ def test_kill_9_mid_bundle_export_of_finetune_keeps_the_previous_bundle_whole(po
     bundle0 = _visible(proj / "model")
     finetune_project(ref, progress=False)
     # round 1: killed right after the new model.pt is written into the bundle, before its safetensors and metadata
-    _killed(run_cli_killed_at("asfda.models.loading:atomic_write", 1, "after", "finetune", str(proj),
+    _killed(run_cli_killed_at("asfda.models.bundle:atomic_write", 1, "after", "finetune", str(proj),
                               match="model.pt"))
     assert _visible(proj / "model") == bundle0  # the round-0 bundle, whole: never a mix of two rounds
     st = Project(proj).state
@@ -225,7 +225,7 @@ def _rounds(out: Path) -> dict:
 
 @pytest.mark.parametrize(("target", "kill_at", "when", "match"), [
     ("asfda.simulate:atomic_write_json", 1, "after", "state.json"),  # asfda's round 0 recorded, round 1 not begun
-    ("asfda.models.loading:atomic_write", 1, "after", "model.pt"),  # inside asfda's bundle export, after 2 rounds
+    ("asfda.models.bundle:atomic_write", 1, "after", "model.pt"),  # inside asfda's bundle export, after 2 rounds
 ], ids=["between-rounds", "mid-bundle-export"])
 def test_kill_9_in_simulate_then_simulate_again_gives_the_same_results(tiny: dict, target: str, kill_at: int,
                                                                        when: str, match: str) -> None:

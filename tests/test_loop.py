@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from asfda.io import load_dataset
-from asfda.loop import Adapter
+from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.selection import get_strategy
 

@@ -121,7 +121,8 @@ def _no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model was loaded before the output was checked")
 
     for where in ("asfda.predict.load_model", "asfda.query.load_model", "asfda.simulate.load_model",
-                  "asfda.models.load_model"):
+                  "asfda.evaluate.load_model", "asfda.project.setup.load_model", "asfda.project.state.load_model",
+                  "asfda.models.load_model"):  # the package last: a module imported by the patching binds the real one
         monkeypatch.setattr(where, boom)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from asfda.demo import phantom_model_path
 from asfda.io.datasets import load_dataset
-from asfda.loop import Adapter
+from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.phantom import MISLEADING, generate_benchmark
 from asfda.selection import PoolScores, build_strategy

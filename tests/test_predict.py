@@ -218,7 +218,7 @@ def test_evaluate_refuses_labels_that_ingest_refuses(tmp_path: Path, tiny_bundle
 def test_simulate_evaluation_refuses_bad_test_labels(tmp_path: Path, tiny_bundle: Path) -> None:
     from asfda.errors import AsfdaError
     from asfda.io.datasets import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
 
     ds = write_nnunet(tmp_path / "ds", n=1)
     bad = ds / "labelsTr" / "case00.nii.gz"

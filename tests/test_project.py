@@ -282,7 +282,7 @@ def test_project_json_with_a_bad_diversity_setting_is_refused(pool: dict, tmp_pa
 
 
 def test_next_with_random_runs_no_scoring_pass(pool: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
 
     def boom(*args, **kwargs):
         raise AssertionError("random scored the pool")

@@ -95,7 +95,7 @@ def test_next_offers_the_rest_of_the_pool_when_it_is_smaller_than_the_budget(poo
 def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: dict, tmp_path: Path,  # noqa: F811
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture) -> None:
-    import asfda.loop
+    import asfda.adapter.training
 
     proj = tmp_path / "proj"
     init_project(proj, str(pool["model"]), str(pool["pool"]),
@@ -104,7 +104,7 @@ def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: d
     q0 = next_query(proj, progress=False)
     ingest_labels(proj, _answer(pool["truth"], q0["ids"], tmp_path / "a0"))
     with monkeypatch.context() as m:  # the guard finds the round's model worse than the pretrained one
-        m.setattr(asfda.loop, "discards", lambda pretrained, adapted: True)
+        m.setattr(asfda.adapter.training, "discards", lambda pretrained, adapted: True)
         rec = finetune_project(proj, progress=False)
     assert rec["guard"]["reverted"] and rec["probe"]["change"] == 0.0  # the weights are those it started from
     st = project_status(proj)
@@ -131,7 +131,7 @@ def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: d
     # the next round trains without it (train.hold_back_discarded) and is kept: the estimate appears
     ingest_labels(proj, _answer(pool["truth"], q1["ids"], tmp_path / "a1"))
     with monkeypatch.context() as m:
-        m.setattr(asfda.loop, "discards", lambda pretrained, adapted: False)
+        m.setattr(asfda.adapter.training, "discards", lambda pretrained, adapted: False)
         rec1 = finetune_project(proj, progress=False)
     assert rec1["held_back"] == q0["ids"] and q0["ids"][0] not in rec1["trained_ids"]
     st = project_status(proj)

@@ -105,7 +105,7 @@ def test_query_every_strategy_end_to_end(tiny: dict, tmp_path: Path, name: str) 
 
 
 def test_query_random_runs_no_forward_pass(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.selection import PoolScores, get_strategy
 
     def boom(*args, **kwargs):
@@ -208,7 +208,7 @@ def phantom_pools(tmp_path_factory: pytest.TempPathFactory) -> list:
     scored once zero-shot with the shipped model (~40 s a pool on one core, generation included)."""
     from asfda.demo import phantom_model_path
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.models import load_model
     from asfda.phantom import generate_benchmark
     from asfda.selection import build_strategy

@@ -398,7 +398,7 @@ def test_torchscript_model_pt_that_outputs_probabilities_runs_predict_score_and_
     asfda reads its probabilities as they are (no second softmax), and predict, score and query run."""
     from asfda.engine import OUTPUT_EMBEDDING
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.models.loading import is_torchscript
 
     bundle = _torchscript_bundle(tmp_path / "ts", declared=True)
@@ -433,7 +433,7 @@ def test_torchscript_fine_tunes_and_exports_as_torchscript(zoo: dict[str, Path],
     """A scripted module keeps its parameters: it fine-tunes (its copies are leaves, so they can be frozen and
     trained) and the adapted bundle holds models/model.ts, which loads back with the same weights."""
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.models import state_dict_hash
     from asfda.training import TrainConfig
 
@@ -455,7 +455,7 @@ def test_torchscript_fine_tunes_and_exports_as_torchscript(zoo: dict[str, Path],
 def test_a_frozen_torchscript_model_scores_but_refuses_fine_tuning(zoo: dict[str, Path], tmp_path: Path) -> None:
     """torch.jit.freeze turns the weights into constants: nothing to train, said before any step."""
     from asfda.io import load_dataset
-    from asfda.loop import Adapter
+    from asfda.adapter import Adapter
     from asfda.training import TrainConfig
 
     model = load_model(_torchscript_bundle(tmp_path / "ts", declared=True, frozen=True))
@@ -494,7 +494,8 @@ def test_output_activation_reaches_load_model_from_every_command(name: str, zoo:
         raise AsfdaError("stop here")
 
     for where in ("asfda.predict.load_model", "asfda.query.load_model", "asfda.simulate.load_model",
-                  "asfda.models.load_model"):
+                  "asfda.evaluate.load_model", "asfda.project.setup.load_model", "asfda.project.state.load_model",
+                  "asfda.models.load_model"):  # the package last: a module imported by the patching binds the real one
         monkeypatch.setattr(where, fake_load_model)
     model, data, out = zoo["spleen"], zoo["data"], tmp_path / "out"
     argv = {"evaluate": ["evaluate", "--model", model, "--data", data, "--out", out],

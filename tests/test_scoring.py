@@ -568,8 +568,7 @@ def test_score_volumes_runs_only_the_passes_the_needs_declare(needs, extra_calls
         assert out.vectors["badge"].shape == (3, 3 * 3)  # C=3 x D=3
     else:
         assert out.vectors == {}
-    metrics_, emb, emb0 = out  # still unpacks like the old 3-tuple
-    assert emb.shape == (3, 3) and emb0 is None
+    assert out.embeddings.shape == (3, 3) and out.embeddings0 is None
 
 
 def test_score_volumes_frozen_adds_kd_from_one_more_pass() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asfda.io import load_dataset
-from asfda.loop import Adapter, reliable_from_scores
+from asfda.adapter import Adapter, reliable_from_scores
 from asfda.models import load_model
 from asfda.selection import PoolScores
 from asfda.training import TrainConfig, pseudo_label, select_reliable

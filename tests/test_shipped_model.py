@@ -8,7 +8,7 @@ import pytest
 
 from asfda.demo import phantom_model_path
 from asfda.io import load_dataset
-from asfda.loop import Adapter, mean_of
+from asfda.adapter import Adapter, mean_of
 from asfda.models import load_model
 from asfda.phantom import generate_benchmark
 

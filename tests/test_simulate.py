@@ -9,7 +9,8 @@ import torch
 
 from asfda.config import RunConfig
 from asfda.io import load_dataset
-from asfda.loop import Adapter, PoolState
+from asfda.adapter import Adapter
+from asfda.rounds import PoolState
 from asfda.models import load_model
 from asfda.simulate import area_under_curve, run_simulation, split_pool
 from asfda.training import TrainConfig
@@ -187,9 +188,9 @@ def test_rounds_the_guard_discards_keep_the_pretrained_model_through_a_resume(tm
                                                                               monkeypatch) -> None:
     """Every round discarded: each round ends with the pretrained weights and zero-shot Dice, the exported
     bundle says so, and a second run resumes (nothing retrained) to the same rows."""
-    import asfda.loop
+    import asfda.adapter.training
 
-    monkeypatch.setattr(asfda.loop, "discards", lambda p0, p1: True)
+    monkeypatch.setattr(asfda.adapter.training, "discards", lambda p0, p1: True)
     data = write_nnunet(tmp_path / "ds", n=7)
     cfg = _cfg(tmp_path, tiny_bundle, data)
     cfg.upper_bound = False
@@ -263,7 +264,7 @@ def test_random_without_semi_supervision_runs_no_scoring_pass(tmp_path: Path, ti
         raise AssertionError("random scored the pool")
 
     with monkeypatch.context() as m:
-        m.setattr(Adapter, "pool_scores", no_pass)
+        m.setattr(Adapter, "score_pool", no_pass)
         m.setattr(Adapter, "fit_temperature", no_pass)
         res = run_simulation(cfg)
     state = json.loads((res.out_dir / "random" / "seed0" / "state.json").read_text())
@@ -279,13 +280,14 @@ def test_random_without_semi_supervision_runs_no_scoring_pass(tmp_path: Path, ti
         assert rec["temperature"] == cfg.temperature0 and rec["ece_before"] is None
     # with selective semi-supervision the round needs the pool's scores, so it scores
     calls = {"n": 0}
-    real = Adapter.pool_scores
+    real = Adapter.round_scores
 
     def counted(self, *args, **kwargs):
-        calls["n"] += 1
-        return real(self, *args, **kwargs)
+        temp, scores, info = real(self, *args, **kwargs)
+        calls["n"] += bool(scores.metrics) and info["forward_passes_per_volume"] > 0
+        return temp, scores, info
 
-    monkeypatch.setattr(Adapter, "pool_scores", counted)
+    monkeypatch.setattr(Adapter, "round_scores", counted)
     cfg.semi, cfg.out_dir = SemiConfig(enabled=True), str(tmp_path / "semi")
     run_simulation(cfg)
     assert calls["n"] == cfg.rounds
@@ -377,10 +379,10 @@ def test_asfda_runs_from_before_the_diversity_setting_resume_only_in_the_embeddi
 def test_hold_back_leaves_a_discarded_rounds_volume_out_of_the_next_rounds(tmp_path: Path, tiny_bundle: Path,
                                                                             monkeypatch) -> None:
     """train.hold_back_discarded: round 0 discarded -> round 1 trains without round 0's pick (label kept)."""
-    import asfda.loop
+    import asfda.adapter.training
 
     verdicts = iter([True, False, False])
-    monkeypatch.setattr(asfda.loop, "discards", lambda p0, p1: next(verdicts))
+    monkeypatch.setattr(asfda.adapter.training, "discards", lambda p0, p1: next(verdicts))
     trained_on: list[list[str]] = []
     real = Adapter.finetune
 

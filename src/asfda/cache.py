@@ -20,6 +20,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ class EngineOutputCache:
         """Stores ``{name: array or number}`` under ``key`` atomically (replacing any older entry)."""
         if not arrays:
             raise ValueError("arrays must hold at least one named value")
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Any] = {}  # arrays; Any as np.savez's stub checks **kwds against its allow_pickle: bool
         for name, value in arrays.items():
             arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
             if arr.dtype == object:

@@ -13,10 +13,53 @@ from typing import Any, get_type_hints
 import yaml
 
 from asfda.errors import AsfdaError
-from asfda.selection.strategies import DEFAULT_DIVERSITY
-from asfda.training.trainer import TrainConfig
+from asfda.options import (
+    AUGMENTATIONS,
+    DEFAULT_DIVERSITY,
+    DIVERSITY_SPACES,
+    OUTPUT_ACTIVATIONS,
+    PRECISIONS,
+    PSEUDO_SOURCES,
+    REPRESENTATIVENESS,
+    ROUND0_GAPS,
+    check_option,
+)
 
 __all__ = ["RunConfig", "SemiConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_config"]
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe of one round (every field is configurable from the run config)."""
+
+    steps: int = 100
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] | None = None  # None: the model's sliding-window roi
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.05
+    fg_oversample: float = 0.67
+    lambda_u: float = 1.0
+    rampup_fraction: float = 0.3
+    augment: bool = True  # false: no augmentation at all, whatever `augmentation` says
+    # "intensity": light global intensity changes (the original recipe); "spatial_mr": MONAI's RandAffined
+    # (rotation, scaling) and MR-typical intensity transforms (bias field, gamma, noise): asfda.training.augment
+    augmentation: str = "intensity"
+    # true: every round trains from the pretrained weights on every label so far; false: it continues from the
+    # previous round's weights (METHOD.md). A round the guard discards leaves the previous round's model either way
+    restart: bool = False
+    # true: a labelled volume whose round the guard discarded is left out of training (its label kept) until
+    # enough other labels exist (asfda.training.guard.held_back); false: every label trains every round
+    hold_back_discarded: bool = False
+    freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
+    # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
+    # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
+    precision: str = "fp32"
+    # keep a round's weights only if the adapted model's organs on up to guard_volumes unlabeled volumes are
+    # at least as connected as the pretrained model's (asfda.training.guard); otherwise revert the round
+    guard: bool = True
+    guard_volumes: int = 8
+    seed: int = 0
 
 
 @dataclass
@@ -35,9 +78,6 @@ class SemiConfig:
     warmup_fraction: float = 0.5
 
 
-PSEUDO_SOURCES = ("previous", "warmup")
-
-
 @dataclass
 class RunConfig:
     """One simulation: which model, which data, which strategies, how many labels, how to train."""
@@ -52,7 +92,8 @@ class RunConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     alpha: float = 0.5  # weight of DKD against ASD
     round0_gap: str = "feature_gap"  # asfda at round 0 without BatchNorm statistics: "feature_gap" or "norm_kl"
-    diversity: str = DEFAULT_DIVERSITY  # asfda's batch diversity space: "anatomy" (predicted composition) or "embedding"
+    # asfda's batch diversity space: "anatomy" (predicted composition) or "embedding"
+    diversity: str = DEFAULT_DIVERSITY
     representativeness: str = "none"  # asfda: "density" adds TypiClust typicality, weighted down as labels accrue;
     # "typical" also leaves the least typical volumes out and caps the diversity factor (see selection.strategies)
     evaluate_tta: bool = False  # test Dice from logits averaged over flips (never left-right), as `predict --tta`
@@ -94,7 +135,7 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise AsfdaError(f"unknown key {key!r} in {where}{hint}; valid keys: {sorted(names)}")
         hint_t = hints[key]
-        if dataclasses.is_dataclass(hint_t):
+        if isinstance(hint_t, type) and dataclasses.is_dataclass(hint_t):  # a nested config class
             kwargs[key] = config_from_dict(hint_t, value, f"{where}.{key}")
         else:
             kwargs[key] = _coerce(value, hint_t, f"{where}.{key}")
@@ -200,37 +241,24 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     checks = [("train.steps", cfg.train.steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
               ("train.lr", math.isfinite(cfg.train.lr) and cfg.train.lr > 0),
               ("train.patch_size", patch is None or all(p >= 1 for p in patch)),
-              ("train.guard_volumes", cfg.train.guard_volumes >= 1), ("budget", cfg.budget >= 1), ("rounds", cfg.rounds >= 1),
+              ("train.guard_volumes", cfg.train.guard_volumes >= 1), ("budget", cfg.budget >= 1),
+              ("rounds", cfg.rounds >= 1),
               ("test_fraction", 0 < cfg.test_fraction < 1), ("alpha", 0 <= cfg.alpha <= 1),
-              ("temperature0", math.isfinite(cfg.temperature0) and cfg.temperature0 > 0), ("seeds", len(cfg.seeds) >= 1),
+              ("temperature0", math.isfinite(cfg.temperature0) and cfg.temperature0 > 0),
+              ("seeds", len(cfg.seeds) >= 1),
               ("upper_bound_steps", cfg.upper_bound_steps >= 0), ("previews", cfg.previews >= 0)]
     bad = [name for name, ok in checks if not ok]
     if bad:
         raise AsfdaError(f"out-of-range config values: {', '.join(f'{b}' for b in bad)}",
                          path, "steps, batch_size, budget, rounds and patch_size >= 1; lr and temperature0 finite and "
                          "> 0; test_fraction in (0, 1); alpha in [0, 1]")
-    from asfda.training.augment import AUGMENTATIONS
-    from asfda.training.trainer import PRECISIONS
-
-    if cfg.train.precision not in PRECISIONS:
-        raise AsfdaError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}", path)
-    if cfg.train.augmentation not in AUGMENTATIONS:
-        raise AsfdaError(f"train.augmentation must be one of {list(AUGMENTATIONS)}, got {cfg.train.augmentation!r}",
-                         path)
-    from asfda.selection import DIVERSITY_SPACES, REPRESENTATIVENESS, ROUND0_GAPS
-
-    if cfg.round0_gap not in ROUND0_GAPS:
-        raise AsfdaError(f"round0_gap must be one of {list(ROUND0_GAPS)}, got {cfg.round0_gap!r}", path)
-    if cfg.diversity not in DIVERSITY_SPACES:
-        raise AsfdaError(f"diversity must be one of {list(DIVERSITY_SPACES)}, got {cfg.diversity!r}", path)
-    if cfg.representativeness not in REPRESENTATIVENESS:
-        raise AsfdaError(f"representativeness must be one of {list(REPRESENTATIVENESS)}, got "
-                         f"{cfg.representativeness!r}", path)
-    from asfda.models.loading import OUTPUT_ACTIVATIONS
-
-    if cfg.output_activation is not None and cfg.output_activation not in OUTPUT_ACTIVATIONS:
-        raise AsfdaError(f"output_activation must be one of {list(OUTPUT_ACTIVATIONS)}, got {cfg.output_activation!r}",
-                         path)
-    if cfg.semi.pseudo_from not in PSEUDO_SOURCES:
-        raise AsfdaError(f"semi.pseudo_from must be one of {list(PSEUDO_SOURCES)}, got {cfg.semi.pseudo_from!r}", path)
+    for name, value, options in (("train.precision", cfg.train.precision, PRECISIONS),
+                                 ("train.augmentation", cfg.train.augmentation, AUGMENTATIONS),
+                                 ("round0_gap", cfg.round0_gap, ROUND0_GAPS),
+                                 ("diversity", cfg.diversity, DIVERSITY_SPACES),
+                                 ("representativeness", cfg.representativeness, REPRESENTATIVENESS),
+                                 ("output_activation", cfg.output_activation, OUTPUT_ACTIVATIONS),
+                                 ("semi.pseudo_from", cfg.semi.pseudo_from, PSEUDO_SOURCES)):
+        if value is not None:  # only output_activation may be None: what the model declares
+            check_option(value, options, name, path=path)
     return cfg

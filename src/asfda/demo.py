@@ -3,24 +3,24 @@ zero-shot lower bound, the full-pool upper bound and the HTML report."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
 
 from asfda.config import RunConfig
 from asfda.errors import RunSettingsChanged
+from asfda.phantom import generate_benchmark
+from asfda.project import ProjectSettings, finetune_project, ingest_labels, init_project, next_query, project_status
 from asfda.simulate import SimulationResult, results_table, run_simulation
 from asfda.training import TrainConfig
 
-__all__ = ["PHANTOM_MODEL", "demo_config", "run_demo"]
+__all__ = ["demo_config", "phantom_model_path", "run_demo"]
 
 
 def phantom_model_path() -> Path:
     """The shipped phantom model bundle (trained by ``scripts/train_phantom_model.py``)."""
     return Path(str(resources.files("asfda") / "assets" / "phantom_unet"))
-
-
-PHANTOM_MODEL = phantom_model_path
 
 
 def demo_config(out_dir: str | Path, data_dir: str | Path, seed: int = 0) -> RunConfig:
@@ -33,11 +33,6 @@ def demo_config(out_dir: str | Path, data_dir: str | Path, seed: int = 0) -> Run
 
 def annotation_round(project_dir: Path, pool: Path, seed: int, progress: bool, steps: int = 60) -> dict:
     """One round of the hospital workflow on a demo project (re-running it continues where it stopped)."""
-    import shutil
-
-    from asfda.project import (ProjectSettings, finetune_project, ingest_labels, init_project, next_query,
-                               project_status)
-
     if not (project_dir / "project.json").exists():
         init_project(project_dir, str(phantom_model_path()), str(pool),
                      ProjectSettings(budget=2, seed=seed, train=TrainConfig(steps=steps, batch_size=2)))
@@ -52,19 +47,19 @@ def annotation_round(project_dir: Path, pool: Path, seed: int, progress: bool, s
         res = ingest_labels(project_dir, answers)
         print(f"  asfda ingest -> accepted {', '.join(res['accepted']) or 'none new'}; refused {len(res['refused'])}")
         rec = finetune_project(project_dir, progress=progress)
-        print(f"  asfda finetune -> round {rec['round']} on {len(rec['labelled_ids'])} labels in {rec['seconds']:.0f} s; "
+        print(f"  asfda finetune -> round {rec['round']} on {len(rec['labelled_ids'])} labels "
+              f"in {rec['seconds']:.0f} s; "
               f"adapted bundle {project_dir / 'model'}")
     st = project_status(project_dir)
     rounds = st["rounds_finished"]
-    print(f"  asfda status -> {rounds} round{'' if rounds == 1 else 's'}, {st['labelled']} of {st['pool_cases']} labelled; "
+    print(f"  asfda status -> {rounds} round{'' if rounds == 1 else 's'}, "
+          f"{st['labelled']} of {st['pool_cases']} labelled; "
           f"next: {st['next']}")
     return st
 
 
 def run_demo(out_dir: str | Path = "runs/demo", data_dir: str | Path = ".cache/phantom", seed: int = 0,
              progress: bool = True) -> SimulationResult:
-    from asfda.phantom import generate_benchmark
-
     t0 = time.perf_counter()
     print(f"[1/3] phantom benchmark (two domains) in {data_dir} ...", flush=True)
     generate_benchmark(data_dir, seed=seed)

@@ -1,5 +1,5 @@
 """Sliding-window inference that returns, in one forward pass per volume, the target-class logits and
-the pooled bottleneck embedding (a forward hook), streaming over a pool.
+the pooled bottleneck embedding (a forward hook).
 
 The network given here is expected to output *target-class* logits (wrap a source network in
 `asfda.models.ClassMappedNetwork`). Hot loops take plain tensors, never MetaTensors.
@@ -16,21 +16,25 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from asfda.errors import AsfdaError, missing_package_error
+from asfda.errors import AsfdaError
+from asfda.models.probe import probe_network
+from asfda.options import check_option
 
-__all__ = ["DEFAULT_TTA_AXES", "OUTPUT_EMBEDDING", "InferenceEngine", "VolumeOutput", "find_embedding_layer",
+__all__ = ["DEFAULT_TTA_AXES", "INFERENCE_PRECISIONS", "OUTPUT_EMBEDDING", "InferenceEngine", "find_embedding_layer",
            "describe_device", "probe_network", "select_device"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTA_AXES: tuple[int, ...] = (1, 2)
 """Model-grid spatial axes flipped by TTA: anterior-posterior and superior-inferior in RAS, never left-right."""
+
+INFERENCE_PRECISIONS = ("fp32", "bf16")
+"""``fp32``, or ``bf16``: the network's forward under bfloat16 autocast (windows blended and returned in float32)."""
 
 OUTPUT_EMBEDDING = "output"
 """``embedding_layer`` value meaning "no hook: the embedding is the network output (logits) averaged over the
@@ -52,77 +56,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device.type} ({torch.get_num_threads()} threads)"
-
-
-@dataclass
-class VolumeOutput:
-    """What one forward pass gives for a volume: logits ``[C, X, Y, Z]`` on the model grid, embedding ``[D]``."""
-
-    case_id: str
-    logits: torch.Tensor
-    embedding: torch.Tensor
-
-
-def _network_device(network: nn.Module) -> torch.device:
-    try:
-        return next(network.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def probe_network(network: nn.Module, roi_size: tuple[int, ...], in_channels: int = 1, *, where: object = None
-                  ) -> tuple[int, ...]:
-    """Runs ``network`` once on an empty window ``[1, in_channels, *roi_size]`` (on its own device) and returns the
-    output's shape. Refuses, before any real inference and with the numbers, a network that cannot run on that
-    window (with a window size it does take, when a nearby multiple of 8, 16 or 32 works), that needs an optional
-    package which is not installed, or whose output is not one 3D map of the window's size."""
-    roi = tuple(int(r) for r in roi_size)
-    try:
-        out = _forward_zeros(network, roi, in_channels)
-    except AsfdaError:
-        raise
-    except Exception as exc:
-        raise _probe_error(network, roi, in_channels, exc, where) from None
-    if not isinstance(out, torch.Tensor):
-        raise AsfdaError(f"the network returns a {type(out).__name__}, not one tensor of class scores", where,
-                         "export the network so that its forward returns the segmentation output alone")
-    if out.ndim != 5 or tuple(out.shape[2:]) != roi:
-        raise AsfdaError(f"the network turns a window of {list(roi)} voxels into an output of shape "
-                         f"{list(out.shape)}; asfda needs class scores [1, C, {', '.join(map(str, roi))}] on the window's "
-                         "own grid", where, "use a segmentation network whose output has its input's size")
-    return tuple(out.shape)
-
-
-def _forward_zeros(network: nn.Module, roi: tuple[int, ...], in_channels: int) -> object:
-    with torch.inference_mode():
-        return network(torch.zeros(1, in_channels, *roi, device=_network_device(network)))
-
-
-def _probe_error(network: nn.Module, roi: tuple[int, ...], in_channels: int, exc: Exception, where: object
-                 ) -> AsfdaError:
-    missing = missing_package_error(exc, "running the network", where)
-    if missing is not None:
-        return missing
-    what = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:160]}"
-    if "out of memory" in str(exc).lower():
-        return AsfdaError(f"out of memory running the network on one window of roi_size {list(roi)} ({what})", where,
-                          "use a smaller roi_size in the model's inferer, or another device (--device)")
-    suggestion = None
-    for k in (8, 16, 32):
-        candidate = tuple(-(-r // k) * k for r in roi)
-        if candidate == roi:  # already a multiple of k: the next one (a network may need larger windows)
-            candidate = tuple(r + k for r in roi)
-        try:
-            out = _forward_zeros(network, candidate, in_channels)
-        except Exception:
-            continue
-        if isinstance(out, torch.Tensor) and tuple(out.shape[2:]) == candidate:
-            suggestion = (candidate, k)
-            break
-    fix = (f"set the inferer's roi_size to {list(suggestion[0])} (each side a multiple of {suggestion[1]}), which it "
-           "takes" if suggestion else "set the inferer's roi_size to a window size the network takes (for a UNet "
-           "with n stride-2 levels, each side a multiple of 2^n)")
-    return AsfdaError(f"the network cannot run on a window of roi_size {list(roi)} ({what})", where, fix)
 
 
 def find_embedding_layer(network: nn.Module, roi_size: tuple[int, ...], in_channels: int = 1) -> str:
@@ -188,12 +121,17 @@ class InferenceEngine:
             default `DEFAULT_TTA_AXES` (never the left-right axis 0). ``()`` makes TTA a single pass.
         mode: how overlapping windows are blended (MONAI's ``mode``): ``constant`` or ``gaussian`` (sigma 1/8 of
             the window, as nnU-Net).
+        precision: ``fp32``, or ``bf16``: each window's forward under bfloat16 autocast (faster on CPUs with bf16
+            instructions and on GPUs); the windows are blended, and the logits returned, in float32.
     """
 
     def __init__(self, network: nn.Module, roi_size: tuple[int, int, int], *, sw_batch_size: int = 4,
                  overlap: float = 0.25, embedding_layer: str | None = None, device: torch.device | None = None,
-                 tta_axes: Sequence[int] = DEFAULT_TTA_AXES, mode: str = "constant") -> None:
+                 tta_axes: Sequence[int] = DEFAULT_TTA_AXES, mode: str = "constant", precision: str = "fp32") -> None:
+        check_option(precision, INFERENCE_PRECISIONS, "inference precision", listed=", ".join(INFERENCE_PRECISIONS),
+                     fix="use --precision fp32 or bf16")
         self.network = network
+        self.precision = precision
         self.mode = mode
         self.roi_size = tuple(roi_size)
         self.sw_batch_size = sw_batch_size
@@ -232,9 +170,16 @@ class InferenceEngine:
         finally:
             handle.remove()
 
+    def _forward(self, window: torch.Tensor) -> torch.Tensor:
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.network(window).float()
+        return self.network(window)
+
     def _window(self, x: torch.Tensor) -> torch.Tensor:
-        out = sliding_window_inference(x, self.roi_size, self.sw_batch_size, self.network, overlap=self.overlap,
+        out = sliding_window_inference(x, self.roi_size, self.sw_batch_size, self._forward, overlap=self.overlap,
                                        mode=self.mode, sigma_scale=0.125)
+        assert isinstance(out, torch.Tensor)  # _forward returns one tensor, so one (Meta)Tensor comes back
         return out.as_tensor() if hasattr(out, "as_tensor") else out
 
     def run(self, image: torch.Tensor, *, mc_dropout: bool = False, tta: bool = False
@@ -254,7 +199,12 @@ class InferenceEngine:
             with torch.inference_mode():
                 with self._capturing():
                     logits = self._window(x)
-                    embedding = None if self._module is None else self._sum / max(self._count, 1)
+                    embedding = None
+                    if self._module is not None:
+                        if self._sum is None:  # the hooked layer never ran (it used to fail as None / int)
+                            raise AsfdaError(f"embedding layer {self.embedding_layer!r} did not run in the network's "
+                                             "forward pass", fix="name a layer the network's forward goes through")
+                        embedding = self._sum / max(self._count, 1)
                 if embedding is None:
                     embedding = logits[0].float().flatten(1).mean(dim=1)
                 if tta and self.tta_axes:
@@ -266,12 +216,6 @@ class InferenceEngine:
         finally:
             self.network.train(was_training)
         return logits[0].float().cpu(), embedding.cpu()
-
-    def stream(self, volumes: Iterator, *, tta: bool = False) -> Iterator[VolumeOutput]:
-        """Yields one `VolumeOutput` per prepared volume (objects with ``case_id`` and ``image``)."""
-        for vol in volumes:
-            logits, emb = self.run(vol.image, tta=tta)
-            yield VolumeOutput(vol.case_id, logits, emb)
 
 
 def _enable_dropout(network: nn.Module) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 __all__ = ["AsfdaError", "RunSettingsChanged", "missing_package", "missing_package_error"]
 
@@ -16,7 +16,7 @@ class AsfdaError(Exception):
         fix: what the user should do about it (optional).
     """
 
-    def __init__(self, problem: str, path: str | Path | None = None, fix: str | None = None) -> None:
+    def __init__(self, problem: str, path: str | os.PathLike[str] | None = None, fix: str | None = None) -> None:
         self.problem = problem
         self.path = None if path is None else str(path)
         self.fix = fix
@@ -50,21 +50,23 @@ def missing_package(exc: BaseException) -> tuple[str, bool] | None:
     import re
 
     seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, ModuleNotFoundError) and exc.name:
-            name = exc.name.split(".")[0]
+    cur: BaseException | None = exc
+    while cur is not None and seen < 10:
+        if isinstance(cur, ModuleNotFoundError) and cur.name:
+            name = cur.name.split(".")[0]
             return _PIP_NAMES.get(name, name), False
-        if isinstance(exc, ImportError) and type(exc).__name__ == "OptionalImportError":
-            m = re.search(r"package `([\w.\-]+)`", str(exc)) or re.search(r"import (\w[\w.]*)", str(exc))
+        if isinstance(cur, ImportError) and type(cur).__name__ == "OptionalImportError":
+            m = re.search(r"package `([\w.\-]+)`", str(cur)) or re.search(r"import (\w[\w.]*)", str(cur))
             if m:
                 name = m.group(1).split(".")[0]
-                return _PIP_NAMES.get(name, name), "version" in str(exc)
-        exc = exc.__cause__ or exc.__context__
+                return _PIP_NAMES.get(name, name), "version" in str(cur)
+        cur = cur.__cause__ or cur.__context__
         seen += 1
     return None
 
 
-def missing_package_error(exc: BaseException, what: str, path: str | Path | None = None) -> AsfdaError | None:
+def missing_package_error(exc: BaseException, what: str,
+                          path: str | os.PathLike[str] | None = None) -> AsfdaError | None:
     """An `AsfdaError` naming the missing package and the pip command, when ``exc`` comes from one (see
     `missing_package`); ``what`` says what needs it ("the model's network_def")."""
     found = missing_package(exc)

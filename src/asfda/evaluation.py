@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from asfda.training.guard import largest_component
+
 __all__ = ["compute_dice", "compute_hd95", "largest_component_per_class", "mean_ignoring_nan", "per_class_scores"]
 
 
@@ -67,8 +69,6 @@ def per_class_scores(dice: torch.Tensor, class_names: list[str], prefix: str = "
 def largest_component_per_class(label: np.ndarray, classes: list[int] | tuple[int, ...]) -> np.ndarray:
     """``label`` with every class of ``classes`` cut to its largest 26-connected component (the rest set to
     background): nnU-Net's per-class post-processing, for organs that come in one piece."""
-    from asfda.training.guard import largest_component
-
     out = np.array(label, copy=True)
     for c in classes:
         mask = label == c

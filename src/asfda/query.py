@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from asfda.adapter import Adapter
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import is_nnunet_dataset, model_labels
 from asfda.io.outputs import check_output_file, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.models import load_model, parse_class_map_override
+from asfda.rounds import PoolState, select_batch
 from asfda.scoring.needs import MC_METRICS, ScoringNeeds
 from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
 from asfda.selection.strategies import DEFAULT_DIVERSITY, ASFDAStrategy
@@ -75,12 +77,11 @@ def _check_outputs(outputs: list[Path], model: str | Path, data: str | Path, mod
 
 def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, class_map: str | None,
              cache_dir: str | None, device: str, progress: bool, outputs: list[Path],
-             trust_model_code: bool = False, cold_start_ok: bool = False, output_activation: str | None = None):
+             trust_model_code: bool = False, cold_start_ok: bool = False, output_activation: str | None = None,
+             precision: str = "fp32"):
     """The model and pool, once ``outputs`` are known not to overwrite either and to be writable. ``cold_start_ok``:
     accept a model none of whose classes is a dataset label (`Adapter.cold_start`). A plain folder of NIfTI images
     (no ``dataset.json``) takes its classes from the model (`LoadedModel.label_names`): no label names needed."""
-    from asfda.loop import Adapter
-
     _check_outputs(outputs, model, data, model_config)
     loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
     ds = load_dataset(data)
@@ -94,14 +95,16 @@ def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, c
     for path in outputs:
         refuse_output_inside_inputs(path, {"the dataset": dataset_input_folders(ds)})
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
-                      cache_dir=cache_dir, device=device, progress=progress, cold_start_ok=cold_start_ok)
+                      cache_dir=cache_dir, device=device, progress=progress, cold_start_ok=cold_start_ok,
+                      precision=precision)
     return loaded, ds, adapter
 
 
 def _check_temperature(temperature: float) -> float:
     t = float(temperature)
     if not math.isfinite(t) or t <= 0:
-        raise AsfdaError(f"temperature must be a positive number, got {temperature!r}", fix="pass e.g. --temperature 1.0")
+        raise AsfdaError(f"temperature must be a positive number, got {temperature!r}",
+                         fix="pass e.g. --temperature 1.0")
     return t
 
 
@@ -112,7 +115,8 @@ def _sidecar(out: Path, suffix: str) -> Path:
 def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strategies: list[str] | None = None,
                   temperature: float = 1.0, seed: int = 0, model_config: str | None = None,
                   class_map: str | None = None, cache_dir: str | None = ".cache", device: str = "auto",
-                  progress: bool = True, trust_model_code: bool = False, output_activation: str | None = None) -> dict:
+                  progress: bool = True, trust_model_code: bool = False, output_activation: str | None = None,
+                  precision: str = "fp32") -> dict:
     """Scores every case of ``data`` with the zero-shot ``model`` for the given strategies.
 
     Writes ``out`` (CSV: ``case_id``, every metric, asfda's components when asfda is asked for (with
@@ -128,6 +132,7 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
         output_activation: ``softmax``, ``sigmoid`` or ``none`` (the network already outputs probabilities):
             overrides what the model declares (`load_model`).
+        precision: inference precision, ``fp32`` or ``bf16`` (`InferenceEngine`).
 
     ``data`` may be an nnU-Net raw dataset or a plain folder of NIfTI images (the model's classes, see `_adapter`).
     None of the files may be, or lie inside, the pool or the model, and their folder must be writable: both
@@ -139,7 +144,8 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
     outputs = [out, *(_sidecar(out, s) for s in (".embeddings.npy", ".badge.npy", ".json"))]
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                    cache_dir=cache_dir, device=device, progress=progress, outputs=outputs,
-                                   trust_model_code=trust_model_code, output_activation=output_activation)
+                                   trust_model_code=trust_model_code, output_activation=output_activation,
+                                   precision=precision)
     skipped: list[str] = []
     if names is None:
         names = sorted(STRATEGIES)
@@ -147,7 +153,8 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
             skipped = [n for n in names if get_strategy(n).needs.metrics & MC_METRICS]
             names = [n for n in names if n not in skipped]
     # asfda: both round-0 gaps and both diversity spaces as columns
-    needs = needs_of(names) | ScoringNeeds(norm_stats="asfda" in names, vectors={"anatomy"} if "asfda" in names else ())
+    needs = needs_of(names) | ScoringNeeds(norm_stats="asfda" in names,
+                                           vectors=frozenset({"anatomy"} if "asfda" in names else ()))
     cases = list(ds.cases)
     scored = adapter.score_pool(cases, t, needs=needs, seed=seed)
     ids = [c.case_id for c in cases]
@@ -180,6 +187,7 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
     meta = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
             "class_map": adapter.class_map.to_dict(), "strategies": names, "skipped_strategies": skipped,
             "needs": needs.describe(), "scoring": scored.info, "asfda_divergence": divergence, "seed": seed,
+            "precision": precision,
             "ids": ids, "columns": list(columns), "files": files}
     meta_path = _sidecar(out, ".json")
     atomic_write_json(meta_path, meta)
@@ -205,7 +213,7 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
                   representativeness: str = "none",
                   model_config: str | None = None, class_map: str | None = None, cache_dir: str | None = ".cache",
                   device: str = "auto", progress: bool = True, trust_model_code: bool = False,
-                  output_activation: str | None = None) -> Query:
+                  output_activation: str | None = None, precision: str = "fp32") -> Query:
     """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``.
 
     Args:
@@ -219,6 +227,7 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         representativeness: asfda's typicality term (``none``: METHOD.md's rule; ``density``).
         trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
         output_activation: overrides what the model declares (`load_model`).
+        precision: inference precision, ``fp32`` or ``bf16`` (`InferenceEngine`).
 
     ``data`` may be an nnU-Net raw dataset or a plain folder of NIfTI images (the model's classes, see `_adapter`).
     Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
@@ -232,7 +241,7 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
     loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                    cache_dir=cache_dir, device=device, progress=progress, outputs=[Path(out)],
                                    trust_model_code=trust_model_code, cold_start_ok=True,
-                                   output_activation=output_activation)
+                                   output_activation=output_activation, precision=precision)
     cold = adapter.cold_start
     if cold:  # before any forward pass: a strategy that reads predictions has nothing to read
         strat.check_cold_start()
@@ -242,46 +251,31 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         raise AsfdaError(f"{len(unknown)} labelled ids are not in the dataset, e.g. {unknown[:3]}",
                          None if labelled is None or isinstance(labelled, list) else labelled,
                          "list case ids as the dataset names them")
-    lab_cases = [by_id[i] for i in labelled_ids]
-    pool_cases = [by_id[i] for i in sorted(by_id) if i not in set(labelled_ids)]
+    state = PoolState({i: 0 for i in labelled_ids})
+    lab_cases = [by_id[i] for i in labelled_ids]  # in the given order (the temperature fit samples in it)
+    pool_cases = [by_id[i] for i in state.unlabelled(sorted(by_id))]
     if budget > len(pool_cases):
         raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool_cases)} volumes)",
                          fix="lower the budget or add volumes to the pool")
-    ece_before = ece_after = None
-    if not strat.reads_pool:  # random: the ids alone, no forward pass
-        t = _check_temperature(1.0 if temperature is None else temperature)
+    batch = select_batch(adapter, strat, lab_cases, pool_cases, budget, 1 if lab_cases else 0, seed, t0=1.0,
+                         temperature=None if temperature is None else _check_temperature(temperature))
+    query, t, info = batch.query, batch.temperature.temperature, batch.scoring
+    ece_before, ece_after = batch.temperature.ece_before, batch.temperature.ece_after
+    if not strat.reads_pool:
         t_source = "unused (the strategy reads no scores)"
-        info = {"forward_passes_per_volume": 0, "mc_dropout_passes": 0, "tta_flips": []}
-        pool = PoolScores.ids_only([c.case_id for c in pool_cases], 1 if lab_cases else 0)
     elif cold:  # METHOD.md's cold start: no head for any target class, only the pretrained embeddings mean something
-        t = _check_temperature(1.0 if temperature is None else temperature)
         t_source = "unused (cold start: the model has no output for the dataset's classes)"
-        anchors = adapter.anchors(lab_cases, t)
-        scored = adapter.score_pool(pool_cases, t, needs=ScoringNeeds(), seed=seed)
-        info = scored.info
-        pool = PoolScores([c.case_id for c in pool_cases], scored.metrics, scored.embeddings, anchors.embeddings,
-                          scored.embeddings0, 1 if lab_cases else 0, scored.vectors, dict(anchors.vectors), True)
+    elif ece_before is not None:
+        t_source = "fitted"
     else:
-        if temperature is None and lab_cases and all(c.label_path is not None for c in lab_cases):
-            rt, anchors = adapter.fit_temperature(lab_cases, 1.0, seed)
-            t, ece_before, ece_after, t_source = rt.temperature, rt.ece_before, rt.ece_after, "fitted"
-        else:
-            t = _check_temperature(1.0 if temperature is None else temperature)
-            t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
-            anchors = adapter.anchors(lab_cases, t)
-        scored = adapter.score_pool(pool_cases, t, needs=strat.needs, seed=seed)
-        info = scored.info
-        pool = PoolScores([c.case_id for c in pool_cases], scored.metrics, scored.embeddings, anchors.embeddings,
-                          scored.embeddings0, 1 if lab_cases else 0, scored.vectors, dict(anchors.vectors),
-                          adapter.cold_start)
-    query = strat.select(pool, budget, seed)
+        t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
     record = {"strategy": query.strategy, "budget": budget, "seed": seed, "ids": query.ids,
               "scores": query.scores, "components": query.components, "labelled": labelled_ids,
               "pool_size": len(pool_cases), "temperature": t, "temperature_source": t_source,
               "ece_before": ece_before, "ece_after": ece_after, "model": str(model), "data": str(data),
               "model_weights_sha256_16": loaded.weights_hash, "needs": strat.needs.describe(),
               "strategy_settings": strat.settings(), "class_map": adapter.class_map.to_dict(), "cold_start": cold,
-              "scoring": info}
+              "scoring": info, "precision": precision}
     atomic_write_json(Path(out), record)
     if cold:
         print(f"note: cold start: no model class {list(loaded.class_names)} matches a dataset label "

@@ -6,31 +6,40 @@ weights after its last finished round, both written atomically; a restarted run 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from asfda import stopping
+from asfda.adapter import Adapter, mean_of
 from asfda.config import RunConfig, config_to_dict
 from asfda.engine import describe_device
 from asfda.errors import AsfdaError, RunSettingsChanged
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case
 from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
-from asfda.loop import Adapter, PoolState, mean_of
 from asfda.models import load_model, parse_class_map_override
+from asfda.report.curves import plot_learning_curves
+from asfda.report.html import write_run_report
+from asfda.results import (
+    UPPER_BOUND,
+    area_under_curve,
+    csv_text,
+    results_table,
+    summarise,
+    write_per_case,
+    write_stopping,
+)
+from asfda.rounds import PoolState, select_batch, train_on_labels
+from asfda.run_previews import write_previews
 from asfda.selection import build_strategy
-from asfda.training.guard import held_back
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +67,6 @@ def split_pool(ids: list[str], test_fraction: float, seed: int) -> tuple[list[st
     return pool, test
 
 
-def area_under_curve(n_labelled: list[float], dice: list[float]) -> float:
-    """Trapezoid area under Dice vs number labelled, divided by the n range (a mean Dice level)."""
-    x, y = np.asarray(n_labelled, float), np.asarray(dice, float)
-    order = np.argsort(x)
-    x, y = x[order], y[order]
-    if len(x) < 2 or x[-1] == x[0]:
-        return float(y.mean()) if len(y) else math.nan
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / (x[-1] - x[0]))
 
 
 def _versions() -> dict:
@@ -97,6 +98,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     refuse_output_inside_inputs(out, {"the pool": dataset_input_folders(pool_ds),
                                       "the test set": dataset_input_folders(test_ds) if test_ds else None})
     if test_ds is not None:
+        assert cfg.test is not None  # test_ds is read from it
         if test_ds.labels != pool_ds.labels:
             raise AsfdaError(f"test labels {test_ds.labels} differ from the pool's {pool_ds.labels}",
                              Path(cfg.test) / "dataset.json", "use the same label names and values in both")
@@ -114,7 +116,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     pretrained_state = adapter.current_state()
     atomic_write_json(out / "run.json", {
         "config": config_to_dict(cfg), "versions": _versions(), "model_weights_sha256_16": pretrained.weights_hash,
-        "class_map": adapter.class_map.to_dict(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        "class_map": adapter.class_map.to_dict(), "started": datetime.now(UTC).isoformat(timespec="seconds")})
     rows: list[dict] = []
     from tqdm.auto import tqdm
 
@@ -136,9 +138,8 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     write_per_case(out, cfg)
     write_stopping(out, cfg)
     if cfg.report:
-        from asfda.report.html import write_run_report
-
-        write_run_report(out, adapter, pool_ds, cfg, summary, rows)
+        previews = write_previews(out, adapter, pool_ds, list(cfg.strategies), cfg.seeds[0], cfg.previews)
+        write_run_report(out, cfg, summary, rows, previews)
     return SimulationResult(out, rows, summary)
 
 
@@ -160,8 +161,6 @@ def _split(cfg: RunConfig, pool_ds, test_ds, seed: int) -> tuple[list[Case], lis
     return [by_id[i] for i in pool_ids], test_cases
 
 
-UPPER_BOUND = "upper_bound"
-"""The strategy name of the full-supervision upper bound's rows (every pool case labelled)."""
 
 
 def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], test: list[Case]) -> dict:
@@ -223,8 +222,8 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
             as_embedding = dataclasses.replace(cfg, diversity="embedding")
             if strategy.name == "asfda" and cfg.diversity != "embedding" and saved.get("fingerprint") in (
                     _fingerprint(as_embedding, adapter, name, seed, pool, test, legacy=old) for old in (False, True)):
-                raise RunSettingsChanged(f"this asfda run picked its batches with diversity: embedding, and this config "
-                                         f"asks for diversity: {cfg.diversity}", state_path.parent,
+                raise RunSettingsChanged("this asfda run picked its batches with diversity: embedding, and this "
+                                         f"config asks for diversity: {cfg.diversity}", state_path.parent,
                                          "set diversity: embedding in the run config (--config) to resume it, or use "
                                          "another output folder")
             raise RunSettingsChanged("this results folder holds a run with other settings (config, model, pool or test "
@@ -249,52 +248,41 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     if overall is not None and rounds:
         overall.update(len(rounds))  # finished before a restart
     for r in range(len(rounds), cfg.rounds):
-        t0 = time.perf_counter()
         labelled = [by_id[i] for i in state.labelled_ids()]
         unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
-        temp, scores = adapter.round_scores(strategy, labelled, unlabelled, cfg.temperature0, r, seed * 1000 + r,
-                                            cfg.grow_voxels, always=cfg.semi.enabled)
-        query = strategy.select(scores, cfg.budget, seed * 1000 + r)
-        t_score = time.perf_counter() - t0
+        batch = select_batch(adapter, strategy, labelled, unlabelled, cfg.budget, r, seed * 1000 + r,
+                             t0=cfg.temperature0, grow_voxels=cfg.grow_voxels, always_score=cfg.semi.enabled)
+        query, temp = batch.query, batch.temperature
         state.add(query.ids, r)
-        held = held_back(state.labelled_ids(), _trained_history(rounds)) if cfg.train.hold_back_discarded else []
-        t_stop = time.perf_counter()
-        probe_left = stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, seed, exclude=state.labelled)
-        probe_before.update(_probe(adapter, by_id, [i for i in probe_left if i not in probe_before]))
         # the learning curve where labels exist: the model that made this query on the volumes it queried (what
         # correcting its pre-segmentations would start from); the pool's labels, never the test set's
+        t_queried = time.perf_counter()
         queried_before = adapter.evaluate([by_id[i] for i in query.ids])
-        t_stop = time.perf_counter() - t_stop
-        t1 = time.perf_counter()
-        trained = adapter.train_round(
-            [by_id[i] for i in state.labelled_ids() if i not in held],
-            [by_id[i] for i in state.unlabelled(sorted(by_id))],
-            _round_train_config(cfg, seed, r), cfg.semi, temp.temperature, scores, query.ids,
-            desc=f"{name} seed{seed} round{r}")
-        hist, reliable = trained.history, trained.reliable
-        t_train = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        reverted = bool(trained.guard and trained.guard.reverted)
-        probe_after = ({i: probe_before[i] for i in probe_left} if reverted  # the weights it started from
-                       else _probe(adapter, by_id, probe_left))
-        probe_rec = stopping.probe_record(probe_before, probe_after, len(adapter.target_names), state.labelled)
-        probe_before = probe_after
-        t_stop += time.perf_counter() - t2
+        t_queried = time.perf_counter() - t_queried
+        trained = train_on_labels(
+            adapter, [by_id[i] for i in state.labelled_ids()], [by_id[i] for i in state.unlabelled(sorted(by_id))],
+            rounds, _round_train_config(cfg, seed, r), cfg.semi, temp.temperature,
+            probe_ids=stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, seed, exclude=state.labelled),
+            probe_before=probe_before, scores=batch.scores, queried=query.ids, desc=f"{name} seed{seed} round{r}")
+        hist, reliable = trained.training.history, trained.training.reliable
+        probe_before = trained.probe_after
         per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
+        guard = trained.training.guard
         record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
-                  "trained_ids": [i for i in state.labelled_ids() if i not in held], "held_back": held,
+                  "trained_ids": trained.trained_ids, "held_back": trained.held_back,
                   "query_scores": query.scores, "query_components": query.components,
-                  "reliable": reliable, "guard": trained.guard.to_dict() if trained.guard else None,
+                  "reliable": reliable, "guard": guard.to_dict() if guard else None,
                   "temperature": temp.temperature, "ece_before": temp.ece_before,
                   "ece_after": temp.ece_after,
-                  "seconds_score": round(t_score, 2), "seconds_train": round(t_train, 2),
+                  "seconds_score": round(batch.seconds, 2), "seconds_train": round(trained.seconds_train, 2),
                   "device": describe_device(adapter.device),
                   "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,
-                  "dice_mean": mean_of(per_case, "dice_mean"), "probe": probe_rec,
+                  "dice_mean": mean_of(per_case, "dice_mean"), "probe": trained.probe,
                   "queried_dice_before": {row["case_id"]: row["dice_mean"] for row in queried_before},
-                  "seconds_stopping": round(t_stop, 2)}
+                  "seconds_stopping": round(t_queried + trained.seconds_probe, 2)}
         # the estimate reads no test Dice; stopping.csv sets it beside the true gain once the next round is done
-        record["stopping"] = stopping.estimate_from_records([*rounds, record], _queried_curve([*rounds, record])).to_dict()
+        record["stopping"] = stopping.estimate_from_records([*rounds, record],
+                                                            _queried_curve([*rounds, record])).to_dict()
         rounds.append(record)
         # weights first (a new file per round), then the state that names them: a kill between the two
         # leaves the previous state pointing at the previous round's weights
@@ -321,15 +309,10 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     return rows
 
 
-def _probe(adapter: Adapter, by_id: dict[str, Case], ids: list[str]) -> dict:
-    """`asfda.stopping.probe_outputs` of the current model on ``ids`` (one forward pass each)."""
-    return stopping.probe_outputs(
-        ids, lambda i: adapter.engine_current.run(adapter.prepare(by_id[i], with_label=False).image)[0])
-
-
 def _queried_curve(records: list[dict]) -> dict[int, list[float]]:
     """Per round, the Dice of the model that made its query on the volumes it queried (``queried_dice_before``)."""
-    return {rec["round"]: list(rec["queried_dice_before"].values()) for rec in records if rec.get("queried_dice_before")}
+    return {rec["round"]: list(rec["queried_dice_before"].values()) for rec in records
+            if rec.get("queried_dice_before")}
 
 
 def _bundle_rounds(run_dir: Path) -> int:
@@ -388,135 +371,14 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _trained_history(rounds: list[dict]) -> list[tuple[list[str], bool]]:
-    """(ids trained on, discarded by the guard) of each finished round; rounds recorded before ``trained_ids``
-    existed trained on every label so far."""
-    out, labelled = [], []
-    for rec in rounds:
-        labelled = labelled + list(rec.get("queried", []))
-        out.append((rec.get("trained_ids", labelled), bool((rec.get("guard") or {}).get("reverted"))))
-    return out
-
-
 def _round_train_config(cfg: RunConfig, seed: int, r: int):
     import dataclasses
 
     return dataclasses.replace(cfg.train, seed=seed * 1000 + r)
 
 
-def summarise(rows: list[dict]) -> dict[str, dict]:
-    """Per strategy: mean Dice per labelled count (over seeds), its spread, the area under the curve and, when
-    the upper bound was run, each count's Dice as a fraction of the upper bound's (same seed's, averaged)."""
-    out: dict[str, dict] = {}
-    upper = {r["seed"]: r["dice_mean"] for r in rows if r["strategy"] == UPPER_BOUND}
-    for name in sorted({r["strategy"] for r in rows} - {UPPER_BOUND}):
-        mine = [r for r in rows if r["strategy"] == name]
-        counts = sorted({r["n_labelled"] for r in mine})
-        curve = {n: float(np.nanmean([r["dice_mean"] for r in mine if r["n_labelled"] == n])) for n in counts}
-        spread = {n: float(np.nanstd([r["dice_mean"] for r in mine if r["n_labelled"] == n])) for n in counts}
-        seeds = sorted({r["seed"] for r in mine})
-        aucs = [area_under_curve([r["n_labelled"] for r in mine if r["seed"] == s],
-                                 [r["dice_mean"] for r in mine if r["seed"] == s]) for s in seeds]
-        out[name] = {"curve": curve, "std": spread, "auc": float(np.mean(aucs)), "auc_per_seed": aucs}
-        if upper:
-            out[name]["of_upper"] = {n: float(np.nanmean([r["dice_mean"] / upper[r["seed"]] for r in mine
-                                                          if r["n_labelled"] == n and r["seed"] in upper]))
-                                     for n in counts}
-    if upper:
-        vals = list(upper.values())
-        n_pool = next(r["n_labelled"] for r in rows if r["strategy"] == UPPER_BOUND)
-        out[UPPER_BOUND] = {"dice": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": upper,
-                            "n_labelled": n_pool}
-    return out
-
-
-def results_table(summary: dict[str, dict]) -> str:
-    """A markdown table: strategy x number labelled (mean Dice over seeds, +- std when several seeds), AUC,
-    and the last count's % of the upper bound; then the upper bound's line."""
-    curves = {k: v for k, v in summary.items() if k != UPPER_BOUND}
-    upper = summary.get(UPPER_BOUND)
-    counts = sorted({n for s in curves.values() for n in s["curve"]})
-    several = any(len(s["auc_per_seed"]) > 1 for s in curves.values())
-    head = "| strategy | " + " | ".join(f"n={n}" for n in counts) + " | AUC |" + (" % of upper bound |" if upper else "")
-    lines = [head, "|" + "---|" * (len(counts) + 2 + bool(upper))]
-    for name, s in curves.items():
-        cells = [(f"{s['curve'][n]:.3f}" + (f" ± {s['std'][n]:.3f}" if several else "")) if n in s["curve"] else ""
-                 for n in counts]
-        line = f"| {name} | " + " | ".join(cells) + f" | {s['auc']:.3f} |"
-        if upper:
-            last = max(s["of_upper"])
-            line += f" {100 * s['of_upper'][last]:.0f}% (n={last}) |"
-        lines.append(line)
-    if upper:
-        lines.append("")
-        lines.append(f"Upper bound (fine-tuned on all {upper['n_labelled']} pool volumes, labelled): "
-                     f"{upper['dice']:.3f}" + (f" ± {upper['std']:.3f}" if len(upper["per_seed"]) > 1 else "") + ".")
-    return "\n".join(lines)
-
-
-def per_case_rows(out: Path, cfg: RunConfig) -> list[dict]:
-    """Every test case's Dice (mean and per class) for every evaluated model of the run: zero-shot, each
-    strategy x seed x round, the upper bound; read back from what the run wrote."""
-    rows: list[dict] = []
-    for seed in cfg.seeds:
-        zero = out / f"zero_shot_seed{seed}.json"
-        if zero.exists():
-            rows += [{"strategy": "zero_shot", "seed": seed, "round": -1, "n_labelled": 0, **pc}
-                     for pc in json.loads(zero.read_text())["per_case"]]
-        for name in cfg.strategies:
-            state = out / name / f"seed{seed}" / "state.json"
-            if state.exists():
-                for rec in json.loads(state.read_text())["rounds"]:
-                    rows += [{"strategy": name, "seed": seed, "round": rec["round"], "n_labelled": rec["n_labelled"],
-                              **pc} for pc in rec["per_case"]]
-        upper = out / UPPER_BOUND / f"seed{seed}.json"
-        if cfg.upper_bound and upper.exists():
-            n_pool = len(json.loads(upper.read_text())["key"]["pool"])
-            rows += [{"strategy": UPPER_BOUND, "seed": seed, "round": -1, "n_labelled": n_pool, **pc}
-                     for pc in json.loads(upper.read_text())["per_case"]]
-    return rows
-
-
-def _csv_text(rows: list[dict]) -> str:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def write_per_case(out: Path, cfg: RunConfig) -> None:
-    """``per_case.csv``: see `per_case_rows`."""
-    atomic_write_text(out / "per_case.csv", _csv_text(per_case_rows(out, cfg)))
-
-
-def stopping_rows(out: Path, cfg: RunConfig) -> list[dict]:
-    """Per strategy, seed and round: the when-to-stop estimate made after the round beside the true next-round gain
-    (`asfda.stopping.estimate_rows`), read back from what the run wrote."""
-    rows: list[dict] = []
-    for name in cfg.strategies:
-        for seed in cfg.seeds:
-            state = out / name / f"seed{seed}" / "state.json"
-            if state.exists():
-                rows += [{"strategy": name, "seed": seed, **r}
-                         for r in stopping.estimate_rows(json.loads(state.read_text())["rounds"])]
-    return rows
-
-
-def write_stopping(out: Path, cfg: RunConfig) -> None:
-    """``stopping.csv``: see `stopping_rows`."""
-    rows = stopping_rows(out, cfg)
-    if rows:
-        atomic_write_text(out / "stopping.csv", _csv_text(rows))
-
-
 def write_results(out: Path, rows: list[dict], summary: dict) -> None:
-    from asfda.report.curves import plot_learning_curves
-
-    atomic_write_text(out / "results.csv", _csv_text(rows))
+    atomic_write_text(out / "results.csv", csv_text(rows))
     atomic_write_json(out / "results.json", {"rows": rows, "summary": summary})
     atomic_write_text(out / "results.md", results_table(summary) + "\n")
     plot_learning_curves(rows, out / "learning_curve.png")

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from asfda.scoring.metrics import mean_entropy
+
 __all__ = [
     "CONTINUE",
     "GAIN_PER_CHANGE",
@@ -110,7 +112,6 @@ def probe_output(logits: torch.Tensor) -> ProbeOutput:
     """Reduces a volume's logits ``[C, X, Y, Z]`` to its `ProbeOutput` (argmax label map, mean normalised entropy)."""
     if logits.ndim != 4 or logits.shape[0] < 2:
         raise ValueError(f"expected logits [C >= 2, X, Y, Z], got shape {tuple(logits.shape)}")
-    from asfda.scoring.metrics import mean_entropy
 
     z = logits.float()
     return ProbeOutput(z.argmax(0).to(torch.uint8).cpu().numpy(), mean_entropy(torch.softmax(z, 0)))
@@ -205,10 +206,12 @@ class StopEstimate:
         """One line for `asfda status`."""
         text = f"when to stop: {self.recommendation}"
         if self.predicted_gain is not None:
-            text += f" (the next round is expected to add {self.predicted_gain:+.3f} mean Dice; threshold {self.threshold:.3f})"
+            text += (f" (the next round is expected to add {self.predicted_gain:+.3f} mean Dice; "
+                     f"threshold {self.threshold:.3f})")
         text += f". {self.reason}"
         if self.curve_gain is not None:
-            se = "" if self.curve_gain_se is None or not math.isfinite(self.curve_gain_se) else f" ± {self.curve_gain_se:.3f}"
+            se = ("" if self.curve_gain_se is None or not math.isfinite(self.curve_gain_se)
+                  else f" ± {self.curve_gain_se:.3f}")
             text += (f" On newly labelled volumes the Dice of the model that queried them changed by "
                      f"{self.curve_gain:+.3f}{se} between the last two queries.")
         return text
@@ -252,7 +255,8 @@ def estimate_next_gain(rounds: Sequence[Mapping], curve: Sequence[Mapping] = (),
     change = float(last["change"])
     before = float(measured[-2][1]["change"]) if len(measured) >= 2 else None
     gain = gain_per_change * change
-    note = "" if i == len(rounds) - 1 else f" (round {len(rounds) - 1} was discarded by the guard: round {i} is the last kept one)"
+    note = ("" if i == len(rounds) - 1
+            else f" (round {len(rounds) - 1} was discarded by the guard: round {i} is the last kept one)")
     how = (f"Round {i} changed {100 * change:.1f}% of the predicted anatomy on unlabeled volumes"
            + (f", round {measured[-2][0]} {100 * before:.1f}%" if before is not None else "") + note + ".")
     rec = CONTINUE if gain >= threshold else STOP
@@ -269,7 +273,8 @@ def estimate_from_records(records: Sequence[Mapping], curve_values: Mapping[int,
 
 def _signals(records: Sequence[Mapping]) -> list[dict]:
     """The `estimate_next_gain` inputs of round records: the probe's change and entropy change, the guard's decision."""
-    return [{"change": (r.get("probe") or {}).get("change"), "entropy_change": (r.get("probe") or {}).get("entropy_change"),
+    return [{"change": (r.get("probe") or {}).get("change"),
+             "entropy_change": (r.get("probe") or {}).get("entropy_change"),
              "discarded": bool((r.get("guard") or {}).get("reverted"))} for r in records]
 
 

@@ -56,7 +56,7 @@ def sweep_stale_temporaries(folder: str | Path) -> list[Path]:
     """Removes the temporary files and folders that killed asfda processes of this host left in ``folder`` (see the
     module docstring); returns them. Done once per folder and process by every atomic write."""
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -82,7 +82,7 @@ def _sweep_once(folder: Path) -> None:
         sweep_stale_temporaries(folder)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Calls ``write(tmp_path)`` then renames ``tmp_path`` onto ``path`` atomically.
 
     Args:

@@ -262,7 +262,7 @@ def _unsafe_relative(text: str) -> bool:
 def _check_listed_paths(meta: dict, meta_path: Path) -> None:
     """Refuses file names and case ids listed in dataset.json (``training``, ``test``, v2 ``dataset``) that are
     absolute or climb out of the dataset folder. Entries of other shapes are left alone: asfda does not read them."""
-    listed: list[tuple[str, str]] = []  # (where, text)
+    listed: list[tuple[str, object]] = []  # (where, text); entries that are not strings are left alone
     training = meta.get("training")
     if isinstance(training, list):
         for i, item in enumerate(training):

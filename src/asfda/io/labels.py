@@ -7,6 +7,7 @@ that are not the dataset's label values, or no foreground at all.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def check_label(path: str | Path, case: Case, allowed_values: set[int] | list[in
     return None
 
 
-def label_values_problem(data: np.ndarray, allowed_values: set[int] | list[int]) -> str | None:
+def label_values_problem(data: np.ndarray, allowed_values: Iterable[int]) -> str | None:
     """What is wrong with a label map's voxel values (not integers, or not among ``allowed_values``), or None."""
     rounded = np.rint(data)
     if not np.array_equal(rounded, data):
@@ -102,7 +103,7 @@ def label_values_problem(data: np.ndarray, allowed_values: set[int] | list[int])
     return None
 
 
-def check_label_values(data: np.ndarray, allowed_values: set[int] | list[int], path: str | Path | None) -> None:
+def check_label_values(data: np.ndarray, allowed_values: Iterable[int], path: str | Path | None) -> None:
     """`label_values_problem` as an `AsfdaError` naming the label file (what `asfda ingest` refuses, refused
     where a dataset's labels are read for evaluation)."""
     problem = label_values_problem(data, allowed_values)

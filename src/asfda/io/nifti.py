@@ -19,14 +19,17 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from asfda.errors import AsfdaError
+from asfda.io.atomic import atomic_write
 
 __all__ = ["DEFAULT_MAX_NIFTI_BYTES", "NIFTI_SUFFIXES", "max_nifti_bytes", "read_header", "read_nifti",
-           "refuse_constant_image", "strip_nifti_suffix"]
+           "write_label_map", "refuse_constant_image", "strip_nifti_suffix"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_MAX_NIFTI_BYTES = 4 * 2**30
@@ -81,7 +84,7 @@ def read_nifti(path: str | Path, *, dtype: type = np.float32) -> tuple[np.ndarra
     read_header(path)  # shape check with the same message
     _check_declared_size(Path(path), img)
     try:
-        data = np.asarray(img.dataobj, dtype=dtype)
+        data: np.ndarray = np.asarray(img.dataobj, dtype=dtype)
     except Exception as exc:  # truncated gzip, wrong size ...
         raise AsfdaError(f"cannot read the voxels ({exc.__class__.__name__}: {exc})", path,
                          "the file is truncated or corrupt; export it again") from None
@@ -107,7 +110,8 @@ def _load(path: str | Path) -> nib.Nifti1Image:
     if not path.is_file():
         raise AsfdaError("file not found", path, "check the path")
     try:
-        return nib.load(str(path))
+        # nib.load is annotated with the base image class; a .nii / .nii.gz loads as a Nifti1Image (or Nifti2Image)
+        return cast(nib.Nifti1Image, nib.load(str(path)))
     except Exception as exc:
         raise AsfdaError(f"not a readable NIfTI file ({exc.__class__.__name__}: {exc})", path,
                          "check the file is .nii or .nii.gz and not truncated") from None
@@ -165,3 +169,18 @@ def _gzip_length(path: Path, enough: int, chunk: int = 1 << 20) -> int:
     except (OSError, EOFError, zlib.error):
         pass
     return total
+
+
+def write_label_map(path: Path, label: np.ndarray, image_path: Path) -> None:
+    """Writes ``label`` with the input image's header (both affines, codes), as uint8 without scaling."""
+    src = cast(SpatialImage, nib.load(str(image_path)))  # an image: nib.load is annotated with the base class
+    cls = type(src) if isinstance(src, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
+    if cls is type(src):
+        hdr = src.header.copy()
+        hdr.set_data_dtype(np.uint8)
+        img = cls(label.astype(np.uint8), None, hdr)
+        img.header["cal_min"], img.header["cal_max"] = 0, 0
+        img.header.set_slope_inter(1.0, 0.0)
+    else:
+        img = nib.Nifti1Image(label.astype(np.uint8), src.affine)
+    atomic_write(path, lambda p: nib.save(img, str(p)))

@@ -17,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from asfda.errors import AsfdaError
 
@@ -56,7 +57,7 @@ def _flatten(inputs: Mapping[str, object] | Iterable[object]) -> list[tuple[str,
     for label, value in items:
         if value is None:
             continue
-        values = value if isinstance(value, (list, tuple, set)) else [value]
+        values: Iterable[Any] = value if isinstance(value, (list, tuple, set)) else [value]  # paths: str or PathLike
         out += [(label, Path(v)) for v in values if v is not None and str(v) != ""]
     return out
 
@@ -110,9 +111,11 @@ def check_writable_folder(folder: PathLike, *, flag: str = "--out") -> None:
     try:
         _probe(existing)
     except OSError as exc:
-        reason = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
-                  errno.EPERM: "is not writable (operation not permitted)",
-                  errno.ENOSPC: "is on a full disk"}.get(exc.errno, f"cannot be written ({exc.strerror or exc})")
+        reasons: dict[int | None, str] = {errno.EROFS: "is on a read-only file system",
+                                          errno.EACCES: "is not writable (permission denied)",
+                                          errno.EPERM: "is not writable (operation not permitted)",
+                                          errno.ENOSPC: "is on a full disk"}
+        reason = reasons.get(exc.errno, f"cannot be written ({exc.strerror or exc})")
         place = "" if existing == absolute else f" (its nearest existing folder {existing})"
         raise AsfdaError(f"the output folder{place} {reason}", folder,
                          f"choose another {flag} where files can be written, or fix its mount or "

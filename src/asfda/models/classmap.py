@@ -55,7 +55,8 @@ def parse_class_map_override(text: str | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in text.split(","):
         if "=" not in item:
-            raise AsfdaError(f"class-map entry {item!r} is not target=source", fix="write e.g. liver=liver,kidney_right=rk")
+            raise AsfdaError(f"class-map entry {item!r} is not target=source",
+                             fix="write e.g. liver=liver,kidney_right=rk")
         t, s = (x.strip() for x in item.split("=", 1))
         out[t] = s
     return out
@@ -144,6 +145,8 @@ class ClassMappedNetwork(nn.Module):
             single-label distribution in which "no channel on" is background.
     """
 
+    _bg: torch.Tensor  # a buffer: the source channels summed into the target background
+
     def __init__(self, network: nn.Module, class_map: ClassMap, activation: str = "softmax", *,
                  probabilities: bool = False, add_background: bool = False) -> None:
         super().__init__()
@@ -155,10 +158,11 @@ class ClassMappedNetwork(nn.Module):
         self.probabilities = probabilities
         self.add_background = add_background and activation == "sigmoid"
         n_new = len(class_map.new_classes)
-        self.new_head = None
+        self.new_head: nn.Conv3d | None = None
         if n_new:
             self.new_head = nn.Conv3d(len(class_map.source_names), n_new, kernel_size=1)
             nn.init.zeros_(self.new_head.weight)
+            assert self.new_head.bias is not None  # bias=True, nn.Conv3d's default
             nn.init.constant_(self.new_head.bias, -math.log(100.0))
         self.register_buffer("_bg", torch.tensor(class_map.background_sources, dtype=torch.long), persistent=False)
 
@@ -191,6 +195,7 @@ class ClassMappedNetwork(nn.Module):
             if t == 0:
                 parts.append(torch.logsumexp(z.index_select(1, self._bg), dim=1, keepdim=True))
             elif s is None:
+                assert new_logits is not None  # a target class without a source is one of new_head's outputs
                 parts.append(new_logits[:, k : k + 1])
                 k += 1
             else:

@@ -39,14 +39,16 @@ import torch
 from torch import nn
 
 from asfda.errors import AsfdaError
+from asfda.models.loaded import LoadedModel
 from asfda.models.nnunet_preprocessing import NnUNetPreprocessing
 
 __all__ = ["CHECKPOINT_NAMES", "NnUNetEnsemble", "build_network", "is_nnunet_source", "load_checkpoint",
-           "load_nnunet", "save_results_folder"]
+           "load_nnunet"]
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
 FORMAT = "nnunet_v2"
-INSTALL = (f"pip install 'asfda[nnunet]' torch=={torch.__version__.split('+')[0]} (dynamic-network-architectures; the torch "
+INSTALL = (f"pip install 'asfda[nnunet]' torch=={torch.__version__.split('+')[0]} "
+           "(dynamic-network-architectures; the torch "
            "pin stops pip from replacing torch for timm's torchvision)")
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 _MAX_JSON_BYTES = 64 << 20
@@ -197,7 +199,8 @@ def _allowed_blocks() -> dict[str, type]:
     return blocks
 
 
-def _resolve(name: object, allowed: dict[str, type], prefixes: tuple[str, ...], what: str, where: object) -> type:
+def _resolve(name: object, allowed: dict[str, type], prefixes: tuple[str, ...], what: str,
+             where: str | Path | None) -> type:
     """A dotted class name of plans.json -> the class, only from ``allowed`` under one of ``prefixes``."""
     if isinstance(name, str):
         module, _, cls = name.rpartition(".")
@@ -208,7 +211,8 @@ def _resolve(name: object, allowed: dict[str, type], prefixes: tuple[str, ...], 
                      "use a model with nnU-Net's standard U-Nets (PlainConvUNet, ResidualEncoderUNet)")
 
 
-def build_network(architecture: dict, in_channels: int, out_channels: int, where: object = None) -> nn.Module:
+def build_network(architecture: object, in_channels: int, out_channels: int,
+                  where: str | Path | None = None) -> nn.Module:
     """The network of a plans configuration's ``architecture`` entry (``network_class_name``, ``arch_kwargs``,
     ``_kw_requires_import``), without deep supervision (inference), built from allow-listed classes only."""
     if not isinstance(architecture, dict) or not isinstance(architecture.get("arch_kwargs"), dict):
@@ -268,7 +272,7 @@ def _check_weights(network: nn.Module, state: dict, path: Path, strict: bool) ->
 # -- loading -------------------------------------------------------------------------------------------------------
 
 
-def _configuration(plans: dict, name: object, where: object) -> dict:
+def _configuration(plans: dict, name: object, where: str | Path | None) -> dict:
     """A plans configuration with ``inherits_from`` resolved (nnU-Net's PlansManager)."""
     configs = plans.get("configurations")
     if not isinstance(configs, dict) or name not in configs:
@@ -287,7 +291,7 @@ def _configuration(plans: dict, name: object, where: object) -> dict:
     return config
 
 
-def _class_names(dataset: dict, where: object) -> list[str]:
+def _class_names(dataset: dict, where: str | Path | None) -> list[str]:
     labels = dataset.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise AsfdaError("dataset.json has no 'labels'", where, "use the dataset.json nnU-Net wrote")
@@ -314,7 +318,6 @@ def load_nnunet(source: str | Path, *, strict: bool = True, embedding_layer: str
 
     ``activation``: None or ``"softmax"`` (an nnU-Net label model's output is softmax logits; region-based models
     are refused)."""
-    from asfda.models.loading import LoadedModel
 
     source = Path(source)
     if activation not in (None, "softmax"):
@@ -323,15 +326,17 @@ def load_nnunet(source: str | Path, *, strict: bool = True, embedding_layer: str
     root, folds = _layout(source)
     ckpts = [load_checkpoint(p) for _, p in folds]
     first = ckpts[0]
-    init_args = first.get("init_args") if isinstance(first.get("init_args"), dict) else {}
+    raw_init_args = first.get("init_args")
+    init_args = raw_init_args if isinstance(raw_init_args, dict) else {}
     if root is not None:
         plans, dataset = _read_json(root / "plans.json"), _read_json(root / "dataset.json")
         where = root / "plans.json"
     else:
-        plans, dataset, where = init_args.get("plans"), init_args.get("dataset_json"), folds[0][1]
-        if not isinstance(plans, dict) or not isinstance(dataset, dict):
+        init_plans, init_dataset, where = init_args.get("plans"), init_args.get("dataset_json"), folds[0][1]
+        if not isinstance(init_plans, dict) or not isinstance(init_dataset, dict):
             raise AsfdaError("a bare nnU-Net checkpoint without plans and dataset.json in its init_args", source,
                              "give the results folder (with plans.json and dataset.json) instead")
+        plans, dataset = init_plans, init_dataset
     config_name = init_args.get("configuration")
     if config_name is None:
         configs = plans.get("configurations", {})
@@ -348,7 +353,7 @@ def load_nnunet(source: str | Path, *, strict: bool = True, embedding_layer: str
     in_channels = len(channels) if isinstance(channels, dict) and channels else 1
     class_names = _class_names(dataset, root / "dataset.json" if root is not None else source)
     networks = []
-    for (fold, path), ckpt in zip(folds, ckpts):
+    for (_fold, path), ckpt in zip(folds, ckpts):
         net = build_network(config.get("architecture"), in_channels, len(class_names), where)
         _check_weights(net, ckpt["network_weights"], path, strict)
         networks.append(net)
@@ -364,7 +369,7 @@ def load_nnunet(source: str | Path, *, strict: bool = True, embedding_layer: str
     metadata = {"format": FORMAT, "nnunet": {k: v for k, v in info.items() if k not in ("plans", "dataset")}}
     if root is not None and (root / "asfda.json").is_file():
         metadata["asfda"] = _read_json(root / "asfda.json").get("asfda", {})
-    roi = tuple(int(p) for p in patch)
+    roi = (int(patch[0]), int(patch[1]), int(patch[2]))  # 3 sides, checked above
     return LoadedModel(network, class_names, prep, roi, sw_batch_size=2, overlap=0.5, activation="softmax",
                        source=source, config={"nnunet": info}, metadata=metadata, embedding_layer=embedding_layer,
                        sw_mode="gaussian", tta_axes=_tta_axes(prep, first.get("inference_allowed_mirroring_axes")))
@@ -384,58 +389,3 @@ def _jsonable(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-# -- writing back --------------------------------------------------------------------------------------------------
-
-
-def _fold_states(network: nn.Module, n_folds: int) -> list[dict[str, torch.Tensor]]:
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}
-    if n_folds == 1 and not isinstance(network, NnUNetEnsemble):
-        return [state]
-    return [{k[len(f"folds.{i}."):]: v for k, v in state.items() if k.startswith(f"folds.{i}.")}
-            for i in range(n_folds)]
-
-
-def save_results_folder(model, out_dir: str | Path, *, extra_metadata: dict | None = None) -> Path:
-    """Writes ``model`` (loaded by `load_nnunet`, weights possibly adapted) as an nnU-Net v2 results folder that
-    ``nnUNetv2_predict`` / ``nnUNetPredictor`` run: ``plans.json``, ``dataset.json`` (and ``dataset_fingerprint.json``)
-    as the source has them, and per fold ``fold_X/checkpoint_final.pth`` with the source checkpoint's keys and
-    ``network_weights`` replaced. asfda's record (class map, rounds, weights hash) goes to ``asfda.json``. Written as a
-    whole (`asfda.io.atomic.atomic_write_folder`)."""
-    from asfda.io.atomic import atomic_write, atomic_write_folder, atomic_write_json
-    from asfda.models.loading import state_dict_hash
-
-    info = model.config.get("nnunet")
-    if not isinstance(info, dict):
-        raise AsfdaError("the model was not loaded from an nnU-Net results folder", model.source)
-    out = Path(out_dir)
-    folds, paths = info["folds"], [Path(p) for p in info["checkpoints"]]
-    states = _fold_states(model.network, len(folds))
-    meta = {"format": FORMAT, "asfda": {**copy.deepcopy(model.metadata.get("asfda", {})), **(extra_metadata or {}),
-                                        "weights_sha256_16": state_dict_hash(model.network.state_dict())},
-            "source": {k: info.get(k) for k in ("root", "checkpoints", "configuration", "trainer_name")}}
-    root = Path(info["root"]) if info.get("root") else None
-
-    def write(folder: Path) -> None:
-        for name, data in (("plans.json", info["plans"]), ("dataset.json", info["dataset"])):
-            atomic_write_json(folder / name, data)
-        if root is not None and (root / "dataset_fingerprint.json").is_file():
-            atomic_write(folder / "dataset_fingerprint.json",
-                         lambda p: p.write_bytes((root / "dataset_fingerprint.json").read_bytes()))
-        for fold, path, state in zip(folds, paths, states):
-            try:
-                ckpt = load_checkpoint(path)
-            except AsfdaError:  # the source moved: the keys nnU-Net's predictor reads
-                ckpt = {"trainer_name": info.get("trainer_name") or "nnUNetTrainer",
-                        "inference_allowed_mirroring_axes": tuple(info.get("inference_allowed_mirroring_axes") or ())
-                        or None, "current_epoch": 0,
-                        "init_args": {"plans": info["plans"], "configuration": info["configuration"],
-                                      "fold": int(fold) if fold.isdigit() else fold, "dataset_json": info["dataset"]}}
-            ckpt["network_weights"] = state
-            (folder / f"fold_{fold}").mkdir()
-            atomic_write(folder / f"fold_{fold}" / CHECKPOINT_NAMES[0], lambda p, c=ckpt: torch.save(c, p))
-        atomic_write_json(folder / "asfda.json", meta)
-
-    atomic_write_folder(out, write)
-    return out

@@ -23,6 +23,7 @@ spacing is the affine's column norms (SimpleITK reads the header's pixdim: the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,12 +119,13 @@ def resample_data_or_seg(data: np.ndarray, new_shape, current_spacing, new_spaci
         if not do_separate_z:
             out[c] = resize(src[c], new_shape, order)
             continue
+        assert axis is not None  # _separate_z gives the axis with do_separate_z
         inplane = np.delete(new_shape, axis)
         tmp = new_shape.copy()
         tmp[axis] = shape[axis]
         here = np.zeros(tmp, dtype=float)
         for s in range(shape[axis]):
-            index = [slice(None)] * 3
+            index: list[slice | int] = [slice(None)] * 3
             index[axis] = s
             here[tuple(index)] = resize(src[c][tuple(index)], inplane, order)
         if shape[axis] == new_shape[axis]:
@@ -176,7 +178,8 @@ class NnUNetPreprocessing(Preprocessing):
     reorient: bool = False
 
     @classmethod
-    def from_plans(cls, plans: dict, configuration: dict, dataset: dict, where: object = None) -> NnUNetPreprocessing:
+    def from_plans(cls, plans: dict, configuration: dict, dataset: dict,
+                   where: str | Path | None = None) -> NnUNetPreprocessing:
         """Reads the preprocessing of a (resolved) configuration of ``plans.json``; refuses what it cannot repeat."""
         def refuse(problem: str, fix: str) -> AsfdaError:
             return AsfdaError(problem, where, fix)
@@ -213,7 +216,8 @@ class NnUNetPreprocessing(Preprocessing):
             raise refuse(f"plans.json has an invalid transpose_forward {list(transpose)} or spacing {list(spacing)}",
                          "use the plans.json nnU-Net wrote for this model")
         if scheme not in NORMALIZATIONS:
-            raise refuse(f"the nnU-Net configuration normalises with {scheme}; asfda repeats {', '.join(NORMALIZATIONS)}",
+            raise refuse(f"the nnU-Net configuration normalises with {scheme}; "
+                         f"asfda repeats {', '.join(NORMALIZATIONS)}",
                          "use a model with one of these normalisation schemes")
         if scheme == "CTNormalization" and not all(k in props for k in ("mean", "std", "percentile_00_5",
                                                                            "percentile_99_5")):
@@ -224,7 +228,9 @@ class NnUNetPreprocessing(Preprocessing):
             unknown = set(kw) - {"order", "order_z", "force_separate_z"}
             if unknown:
                 raise refuse(f"unknown resampling arguments {sorted(unknown)} in plans.json", "use nnU-Net's defaults")
-        prep = cls(axcodes=None, pixdim_mm=None, transpose_forward=transpose, target_spacing=spacing, scheme=scheme,
+        # 3 each, checked above
+        prep = cls(axcodes=None, pixdim_mm=None, transpose_forward=(transpose[0], transpose[1], transpose[2]),
+                   target_spacing=(spacing[0], spacing[1], spacing[2]), scheme=scheme,
                    use_mask_for_norm=use_mask, intensity_properties={k: float(v) for k, v in props.items()
                                                                      if isinstance(v, (int, float))},
                    data_kwargs=data_kw, seg_kwargs=seg_kw, prob_kwargs=prob_kw,
@@ -239,7 +245,8 @@ class NnUNetPreprocessing(Preprocessing):
     def axes(self) -> tuple[int, int, int]:
         """The array axis (asfda's, i.e. nibabel's voxel axes) behind each model-grid axis: nnU-Net's array is the
         NIfTI axes reversed, then ``transpose_forward``."""
-        return tuple(2 - t for t in self.transpose_forward)
+        t0, t1, t2 = self.transpose_forward
+        return 2 - t0, 2 - t1, 2 - t2
 
     def _normalize(self, data: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """nnU-Net's normalisation of one channel (float32, as nnU-Net computes it)."""

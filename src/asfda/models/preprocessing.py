@@ -13,11 +13,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Orientation, SpatialResample, Spacing
+from monai.transforms import Orientation, Spacing, SpatialResample
 
 from asfda.errors import AsfdaError, missing_package_error
 from asfda.io.atomic import atomic_write
@@ -43,7 +44,7 @@ class Preprocessing:
     """
 
     axcodes: str | None = "RAS"
-    pixdim_mm: tuple[float, float, float] | None = None
+    pixdim_mm: tuple[float, ...] | None = None  # MONAI's Spacing also takes one number for all sides
     intensity: list[Callable] = field(default_factory=list)
     image_key: str = "image"
     description: dict = field(default_factory=dict)
@@ -74,10 +75,12 @@ class Preprocessing:
     def __call__(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         """Image ``[X, Y, Z]`` (+ label) on the native grid -> model grid tensors and the model-grid affine."""
-        img = MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], affine=torch.as_tensor(affine))
-        lab = None
+        img: torch.Tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+                         affine=torch.as_tensor(affine))
+        lab: torch.Tensor | None = None
         if label is not None:
-            lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None], affine=torch.as_tensor(affine))
+            lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None],
+                             affine=torch.as_tensor(affine))
         if self.axcodes:
             orient = Orientation(axcodes=self.axcodes, labels=None)  # RAS space of the MetaTensor
             img = orient(img)
@@ -85,7 +88,8 @@ class Preprocessing:
         if self.pixdim_mm:
             img = Spacing(pixdim=self.pixdim_mm, mode="bilinear")(img)
             lab = Spacing(pixdim=self.pixdim_mm, mode="nearest")(lab) if lab is not None else None
-        grid_affine = np.asarray(img.affine, dtype=np.float64)
+        # still a MetaTensor: MONAI annotates its transforms' outputs as plain tensors
+        grid_affine = np.asarray(cast(MetaTensor, img).affine, dtype=np.float64)
         data = {self.image_key: img}
         for t in self.intensity:
             try:
@@ -107,7 +111,7 @@ class Preprocessing:
         out_t = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
         lab_t = None
         if lab is not None:
-            lab_t = lab.as_tensor()[0].round().to(torch.uint8)
+            lab_t = cast(MetaTensor, lab).as_tensor()[0].round().to(torch.uint8)  # a MetaTensor, as img
         return out_t.float().contiguous(), lab_t, grid_affine
 
 
@@ -133,15 +137,17 @@ def prepare_case(case: Case, prep: Preprocessing, *, with_label: bool = True, ca
         if cache_path.exists():
             try:
                 with np.load(cache_path) as z:
-                    label = torch.from_numpy(z["label"]) if "label" in z else None
-                    return PreparedVolume(case.case_id, torch.from_numpy(z["image"]), label, z["affine"],
-                                          z["native_affine"], tuple(int(s) for s in z["native_shape"]))
+                    cached_label = torch.from_numpy(z["label"]) if "label" in z else None
+                    native_shape = cast(tuple[int, int, int], tuple(int(s) for s in z["native_shape"]))  # 3 saved
+                    return PreparedVolume(case.case_id, torch.from_numpy(z["image"]), cached_label, z["affine"],
+                                          z["native_affine"], native_shape)
             except Exception:  # a damaged cache entry is recomputed
                 cache_path.unlink(missing_ok=True)
     image, affine = read_nifti(case.image_path)
     refuse_constant_image(image, case.image_path)
     label = None
     if with_label:
+        assert case.label_path is not None  # with_label is False for a case without one
         label_arr, _ = read_nifti(case.label_path, dtype=np.float32)
         _check_label_values(label_arr, case.label_path, n_labels)
         label = label_arr
@@ -153,11 +159,17 @@ def prepare_case(case: Case, prep: Preprocessing, *, with_label: bool = True, ca
         raise
     vol = PreparedVolume(case.case_id, img_t, lab_t, grid_affine, affine, tuple(image.shape))
     if cache_path is not None:
-        arrays = {"image": vol.image.numpy(), "affine": vol.affine, "native_affine": vol.native_affine,
-                  "native_shape": np.asarray(vol.native_shape)}
+        # Any: np.savez's stub checks **kwds against its allow_pickle: bool
+        arrays: dict[str, Any] = {"image": vol.image.numpy(), "affine": vol.affine,
+                                  "native_affine": vol.native_affine, "native_shape": np.asarray(vol.native_shape)}
         if vol.label is not None:
             arrays["label"] = vol.label.numpy()
-        atomic_write(cache_path, lambda p: np.savez(open(p, "wb"), **arrays))
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as fh:  # closed (and flushed) before atomic_write's fsync and rename
+                np.savez(fh, **arrays)
+
+        atomic_write(cache_path, write)
     return vol
 
 

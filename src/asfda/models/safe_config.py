@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from asfda.errors import AsfdaError, missing_package
+from asfda.errors import AsfdaError, missing_package, missing_package_error
 
 __all__ = ["DECLARED_ONLY", "DeclaredTransform", "build_network", "build_transforms", "resolve_literal"]
 
@@ -113,7 +113,8 @@ def resolve_literal(cfg: dict, node: Any, *, at: tuple[str, ...] | None = None, 
             for part in parts:
                 if isinstance(target, dict) and part in target:
                     target = target[part]
-                elif isinstance(target, list) and part.lstrip("-").isdigit() and -len(target) <= int(part) < len(target):
+                elif (isinstance(target, list) and part.lstrip("-").isdigit()
+                      and -len(target) <= int(part) < len(target)):
                     target = target[int(part)]
                 else:
                     raise _Refused(f"a reference {node!r} to a missing key")
@@ -242,9 +243,10 @@ class _MissingPackage(Exception):
         self.what, self.exc = what, exc
 
     def error(self, key: str, path: Path | None) -> AsfdaError:
-        from asfda.errors import missing_package_error
 
-        return missing_package_error(self.exc, f"'{key}' in the model config ({self.what})", path)
+        err = missing_package_error(self.exc, f"'{key}' in the model config ({self.what})", path)
+        assert err is not None  # raised only where missing_package(exc) named the package
+        return err
 
 
 _DISABLED = object()

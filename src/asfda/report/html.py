@@ -8,13 +8,16 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from asfda.io.atomic import atomic_write_text
+from asfda.results import UPPER_BOUND, stopping_rows
+from asfda.stopping import STOP_BELOW, estimate_error
 
-__all__ = ["write_run_report"]
+__all__ = ["QueriedPreview", "write_run_report"]
 
 _CSS = """
 body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -48,8 +51,6 @@ def _table(header: list[str], rows: list[list[object]], left: int = 1) -> str:
 
 
 def _results_section(summary: dict) -> str:
-    from asfda.simulate import UPPER_BOUND
-
     curves = {k: v for k, v in summary.items() if k != UPPER_BOUND}
     counts = sorted({n for s in curves.values() for n in s["curve"]})
     upper = summary.get(UPPER_BOUND)
@@ -92,7 +93,8 @@ def _rounds_section(out: Path, strategies: list[str], seeds: list[int]) -> tuple
             state = json.loads(path.read_text())
             states[(name, seed)] = state
             rows = [[r["round"], r["n_labelled"], r["dice_mean"], r["temperature"],
-                     "" if r["ece_before"] is None else r["ece_before"], "" if r["ece_after"] is None else r["ece_after"],
+                     "" if r["ece_before"] is None else r["ece_before"],
+                     "" if r["ece_after"] is None else r["ece_after"],
                      r["seconds_score"], r["seconds_train"], _guard_cell(r.get("guard")), " ".join(r["queried"])]
                     for r in state["rounds"]]
             parts.append(f"<h3>{html.escape(name)}, seed {seed}</h3>")
@@ -104,8 +106,6 @@ def _rounds_section(out: Path, strategies: list[str], seeds: list[int]) -> tuple
 def _stopping_section(out: Path, cfg) -> str:
     """Per strategy and seed: after each round, the when-to-stop estimate (label-free) beside the true next-round gain
     (test Dice, which the estimate never reads), and the estimate's mean absolute error over the run."""
-    from asfda.simulate import stopping_rows
-    from asfda.stopping import STOP_BELOW, estimate_error
 
     rows = stopping_rows(out, cfg)
     if not rows:
@@ -117,7 +117,8 @@ def _stopping_section(out: Path, cfg) -> str:
     table = _table(["strategy", "seed", "round", "labelled", "Dice", "prediction change", "predicted next gain",
                     "true next gain", "recommendation"],
                    [[r["strategy"], r["seed"], r["round"], r["n_labelled"], r["dice_mean"], num(r["change"]),
-                     num(r["predicted_next_gain"]), num(r["true_next_gain"]), r["recommendation"]] for r in rows], left=1)
+                     num(r["predicted_next_gain"]), num(r["true_next_gain"]), r["recommendation"]] for r in rows],
+                   left=1)
     err = estimate_error(rows)
     summary = (f"Mean absolute error of the estimate over {err['n']} rounds: <b>{err['mae']:.3f}</b> mean Dice "
                f"(always predicting 0: {err['mae_of_zero']:.3f})." if err["n"] else "No round has a next round yet.")
@@ -142,51 +143,32 @@ def _why_section(states: dict, seed: int) -> str:
     return "".join(parts)
 
 
-def _previews(out: Path, adapter, pool_ds, states: dict, seed: int, per_strategy: int) -> str:
-    """Overlay PNGs (written under previews/, reused when up to date) of the first queried volumes."""
-    from safetensors.torch import load_file
+@dataclass
+class QueriedPreview:
+    """One queried volume's overlay PNG (image, label, before and after adaptation), made by the caller, which runs
+    the models (`asfda.run_previews.write_previews`)."""
 
-    from asfda.report.previews import preview_png
-
-    if per_strategy <= 0:
-        return ""
-    by_id = pool_ds.by_id()
-    before_state = adapter.current_state()
-    parts = []
-    try:
-        for (name, s), state in states.items():
-            if s != seed or not state["rounds"]:
-                continue
-            ids = [i for r in state["rounds"] for i in r["queried"]][:per_strategy]
-            weights = out / name / f"seed{seed}" / state["weights"]
-            tag = f"r{len(state['rounds'])}"
-            figs = []
-            loaded = False
-            for cid in ids:
-                png = out / "previews" / name / f"seed{seed}" / f"{cid}-{tag}.png"
-                if not png.exists():
-                    vol = adapter.prepare(by_id[cid])
-                    if not loaded:
-                        adapter.load_current_state(load_file(str(weights)))
-                        loaded = True
-                    before = adapter.engine_frozen.run(vol.image)[0].argmax(0).numpy().astype(np.uint8)
-                    after = adapter.engine_current.run(vol.image)[0].argmax(0).numpy().astype(np.uint8)
-                    label = None if vol.label is None else vol.label.numpy()
-                    preview_png(vol.image[0].numpy(), {"label": label, "before (zero-shot)": before,
-                                                       f"after ({name}, {len(state['rounds'])} rounds)": after},
-                                png, title=f"{cid} (queried by {name})", class_names=pool_ds.class_names)
-                round_of = next(r["round"] for r in state["rounds"] if cid in r["queried"])
-                figs.append(f"<figure>{_img(png, cid)}<figcaption>{html.escape(cid)}: queried by {html.escape(name)} "
-                            f"in round {round_of}. Columns: image, label, before (zero-shot), after adaptation; model grid, "
-                            "radiological view (R on the left)</figcaption></figure>")
-            parts.append(f"<h3>{html.escape(name)}</h3>" + "".join(figs))
-    finally:
-        adapter.load_current_state(before_state)
-    return "".join(parts)
+    strategy: str
+    case_id: str
+    round: int
+    png: Path
 
 
-def write_run_report(out: str | Path, adapter, pool_ds, cfg, summary: dict, rows: list[dict]) -> Path:
-    """Writes ``out/report.html`` from what the run wrote (``run.json``, per-run ``state.json``, the curve)."""
+def _previews(previews: list[QueriedPreview]) -> str:
+    parts: dict[str, list[str]] = {}
+    for p in previews:
+        parts.setdefault(p.strategy, []).append(
+            f"<figure>{_img(p.png, p.case_id)}<figcaption>{html.escape(p.case_id)}: "
+            f"queried by {html.escape(p.strategy)} "
+            f"in round {p.round}. Columns: image, label, before (zero-shot), after adaptation; model grid, "
+            "radiological view (R on the left)</figcaption></figure>")
+    return "".join(f"<h3>{html.escape(name)}</h3>" + "".join(figs) for name, figs in parts.items())
+
+
+def write_run_report(out: str | Path, cfg, summary: dict, rows: list[dict],
+                     previews: list[QueriedPreview] | None = None) -> Path:
+    """Writes ``out/report.html`` from what the run wrote (``run.json``, per-run ``state.json``, the curve) and the
+    ``previews`` of queried volumes (made by the caller: the report runs no model)."""
     out = Path(out)
     run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     seeds = list(cfg.seeds)
@@ -208,7 +190,7 @@ def write_run_report(out: str | Path, adapter, pool_ds, cfg, summary: dict, rows
         "<h2>When to stop</h2>", _stopping_section(out, cfg),
         f"<h2>What was queried and why (seed {seeds[0]})</h2>", _why_section(states, seeds[0]),
         f"<h2>Queried volumes: label, prediction before and after adaptation (seed {seeds[0]})</h2>",
-        _previews(out, adapter, pool_ds, states, seeds[0], cfg.previews),
+        _previews(previews or []),
         '<p class="small">Written by asfda; per-case numbers are in results.csv and each run\'s state.json.</p>',
     ]
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>asfda report</title>"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,10 +44,8 @@ from asfda.scoring.metrics import (
 )
 from asfda.scoring.needs import ScoringNeeds
 
-__all__ = ["PoolMetrics", "ScoredPool", "batchnorm_layers", "instance_norm_layers", "norm_kl_from_stats",
+__all__ = ["ScoredPool", "batchnorm_layers", "instance_norm_layers", "norm_kl_from_stats",
            "score_volumes"]
-
-PoolMetrics = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]
 
 
 @dataclass
@@ -61,8 +59,6 @@ class ScoredPool:
         embeddings0: ``[N, D]`` of the frozen model, or None when it was not run.
         vectors: vector name -> ``[N, K]`` (``badge``).
         info: how the numbers were made: temperature, passes, which divergence was available.
-
-    Unpacks like the former 3-tuple: ``metrics, emb, emb0 = score_volumes(...)``.
     """
 
     ids: list[str]
@@ -72,9 +68,6 @@ class ScoredPool:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
-    def __iter__(self) -> Iterator:
-        return iter((self.metrics, self.embeddings, self.embeddings0))
-
 
 def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """BatchNorm layers that store source running statistics (InstanceNorm and stat-less BN excluded)."""
@@ -82,10 +75,10 @@ def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm
             and m.track_running_stats and m.running_mean is not None and m.running_var is not None]
 
 
-def instance_norm_layers(network: nn.Module) -> list[nn.Module]:
+def instance_norm_layers(network: nn.Module) -> list[nn.modules.instancenorm._InstanceNorm | nn.GroupNorm]:
     """Normalisation layers without stored source statistics (InstanceNorm without running statistics,
     GroupNorm), in module order: their inputs' channel statistics describe the volume's "style"."""
-    out = []
+    out: list[nn.modules.instancenorm._InstanceNorm | nn.GroupNorm] = []
     for m in network.modules():
         if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.running_mean is None:
             out.append(m)
@@ -97,21 +90,23 @@ def instance_norm_layers(network: nn.Module) -> list[nn.Module]:
 def norm_kl_from_stats(stats: np.ndarray, channels: list[int]) -> np.ndarray:
     """``norm_kl`` of every volume from the ``norm_stats`` vectors ``[N, 2 * sum(channels)]`` (per layer, the
     channel means then the channel variances), see `asfda.scoring.metrics.pool_normalisation_divergence`."""
-    stats = torch.as_tensor(np.asarray(stats), dtype=torch.float64)
-    means, variances, at = [], [], 0
+    table = torch.as_tensor(np.asarray(stats), dtype=torch.float64)
+    means: list[torch.Tensor] = []
+    variances: list[torch.Tensor] = []
+    at = 0
     for c in channels:
-        means.append(stats[:, at:at + c])
-        variances.append(stats[:, at + c:at + 2 * c])
+        means.append(table[:, at:at + c])
+        variances.append(table[:, at + c:at + 2 * c])
         at += 2 * c
-    if at != stats.shape[1]:
-        raise ValueError(f"norm_stats has {stats.shape[1]} columns, the layers {channels} need {at}")
+    if at != table.shape[1]:
+        raise ValueError(f"norm_stats has {table.shape[1]} columns, the layers {channels} need {at}")
     return pool_normalisation_divergence(means, variances).numpy()
 
 
 class _ChannelStats:
     """Accumulates per-channel sum / sum of squares / count of each BN layer's *input* over one pass."""
 
-    def __init__(self, layers: list[nn.modules.batchnorm._BatchNorm]) -> None:
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.layers = layers
         self.sums: list[torch.Tensor | None] = [None] * len(layers)
         self.sqs: list[torch.Tensor | None] = [None] * len(layers)
@@ -144,7 +139,7 @@ class _ChannelStats:
         """Per layer: the input's per-channel (mean, variance) over the pass (float64, CPU)."""
         out = []
         for s, q, n in zip(self.sums, self.sqs, self.counts):
-            if s is None or n == 0:
+            if s is None or q is None or n == 0:  # (q is set with s)
                 raise RuntimeError("a normalisation layer saw no input during the pass")
             mean = (s / n).cpu()
             out.append((mean, (q.cpu() / n - mean * mean).clamp_min(0.0)))
@@ -157,8 +152,11 @@ class _ChannelStats:
     def divergence(self) -> float:
         stats = []
         for layer, s, q, n in zip(self.layers, self.sums, self.sqs, self.counts):
-            if s is None or n == 0:
+            if s is None or q is None or n == 0:  # (q is set with s)
                 continue
+            # asked of batchnorm_layers only, which keep the layers with stored statistics
+            assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            assert layer.running_mean is not None and layer.running_var is not None
             mean = (s / n).cpu()
             var = (q.cpu() / n - mean * mean).clamp_min(0.0)
             eps = float(layer.eps)  # as the layer itself normalises: var + eps
@@ -183,7 +181,8 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 def _mc_scores(engine: InferenceEngine, image: torch.Tensor, temperature: float, passes: int, seed: int,
                case_id: str) -> tuple[float, float]:
-    prob_sum = ent_sum = None
+    prob_sum: torch.Tensor | None = None
+    ent_sum: torch.Tensor | None = None
     for k in range(passes):
         with _seeded(_volume_seed(seed, case_id, k), engine.device):
             logits, _ = engine.run(image, mc_dropout=True)
@@ -192,13 +191,15 @@ def _mc_scores(engine: InferenceEngine, image: torch.Tensor, temperature: float,
         prob_sum = p if prob_sum is None else prob_sum + p
         ent_sum = h if ent_sum is None else ent_sum + h
         del logits
+    assert prob_sum is not None and ent_sum is not None  # passes >= 1 (mc_dropout is asked for)
     return mc_scores_from_moments(prob_sum / passes, ent_sum / passes)
 
 
 def _tta_variance(engine: InferenceEngine, image: torch.Tensor, prob: torch.Tensor, temperature: float,
                   flips: tuple[tuple[int, ...], ...]) -> float:
     """Welford over the flips of the foreground-class probabilities; identity reuses ``prob``."""
-    mean = m2 = None
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
     for k, flip in enumerate(flips):
         if flip:
             x = image.as_tensor() if hasattr(image, "as_tensor") else image
@@ -208,12 +209,13 @@ def _tta_variance(engine: InferenceEngine, image: torch.Tensor, prob: torch.Tens
             del logits
         else:
             p = prob[1:]
-        if mean is None:
+        if mean is None or m2 is None:  # (set together)
             mean, m2 = p.clone(), torch.zeros_like(p)
         else:
             delta = p - mean
             mean += delta / (k + 1)
             m2 += delta * (p - mean)
+    assert m2 is not None  # flips is not empty (>= 2 of them)
     return float((m2 / len(flips)).double().mean())
 
 
@@ -270,7 +272,7 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
     for index, vol in enumerate(progress(volumes)):
         case_id = str(getattr(vol, "case_id", index))
         key = cache_key(case_id) if (cache is not None and cache_key is not None) else None
-        hit = cache.get(key) if key is not None else None
+        hit = cache.get(key) if (cache is not None and key is not None) else None  # (key implies cache)
         if hit is not None and all(f"m_{n}" in hit for n in names) and (not inorm or "norm_stats" in hit) \
                 and (not wants_anatomy or "anatomy" in hit):
             record(case_id, hit)
@@ -312,8 +314,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
             metrics["tta_variance"].append(_tta_variance(current, vol.image, prob, temperature, flips))
         del prob, pred
         release_freed_memory()  # the pool is streamed: keep the resident set flat (see asfda.memory)
-        if key is not None:
-            entry = {f"m_{n}": np.float64(metrics[n][before[n]]) for n in names}
+        if cache is not None and key is not None:  # (key implies cache)
+            entry: dict[str, np.ndarray | np.float64] = {f"m_{n}": np.float64(metrics[n][before[n]]) for n in names}
             entry["emb"] = embs[n_emb]
             if frozen is not None:
                 entry["emb0"] = embs0[n_emb0]
@@ -331,8 +333,8 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
     if inorm and norm_stats:
         # pool-referenced: needs every volume's statistics (a sharded run computes it after gathering)
         vectors["norm_stats"] = np.stack(norm_stats)
-        arrays["norm_kl"] = norm_kl_from_stats(vectors["norm_stats"], [int(m.num_features if hasattr(
-            m, "num_features") else m.num_channels) for m in inorm])
+        arrays["norm_kl"] = norm_kl_from_stats(vectors["norm_stats"], [int(
+            m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features) for m in inorm])
     divergence = "kd" if frozen is not None else ("bn_kl" if bn else ("norm_kl" if inorm else "feature_gap"))
     info = {"temperature": float(temperature), "mc_dropout_passes": mc_passes,
             "tta_flips": [list(f) for f in flips] if len(flips) > 1 else [], "batchnorm_layers": len(bn),

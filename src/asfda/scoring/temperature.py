@@ -22,32 +22,31 @@ def sample_voxels(logits: torch.Tensor, label: torch.Tensor, max_voxels: int, ge
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, t_min: float = 0.05, t_max: float = 20.0,
-                    iters: int = 60) -> float:
-    """The T minimising the NLL of ``softmax(logits / T)``; golden-section search on log T (convex in 1/T).
+                    xatol: float = 1e-6) -> float:
+    """The T minimising the NLL of ``softmax(logits / T)`` over ``[t_min, t_max]``: SciPy's bounded Brent search
+    on log T (the NLL is convex in 1/T), to ``xatol`` in log T.
+
+    The NLL is computed in the logits' dtype. In float32 it can be flat to rounding over a few tenths of a percent
+    of T around its minimum, and any search lands somewhere on that plateau (float64 logits pin T to ``xatol``).
 
     Args:
         logits: ``[N, C]`` voxel logits; labels: ``[N]`` class indices.
     """
+    from scipy.optimize import minimize_scalar
+
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)}, {tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("no voxels to fit a temperature on")
 
     def nll(log_t: float) -> float:
         return float(F.cross_entropy(logits / math.exp(log_t), labels))
 
-    lo, hi = math.log(t_min), math.log(t_max)
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(iters):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(b)
-    return math.exp((lo + hi) / 2)
+    best = minimize_scalar(nll, bounds=(math.log(t_min), math.log(t_max)), method="bounded",
+                           options={"xatol": xatol})
+    if not math.isfinite(best.fun):
+        raise ValueError("the NLL is not finite: the logits have NaN or infinite values")
+    return math.exp(best.x)
 
 
 def expected_calibration_error(prob: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:

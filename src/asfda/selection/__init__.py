@@ -17,6 +17,7 @@ from asfda.selection.strategies import (
     needs_of,
 )
 
-__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "REPRESENTATIVENESS", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "build_strategy", "get_strategy",
+__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "REPRESENTATIVENESS", "ROUND0_GAPS", "STRATEGIES", "PoolScores",
+           "Query", "ScoringNeeds", "build_strategy", "get_strategy",
            "greedy_diverse_pick",
            "k_center_greedy", "kmeans_pp_pick", "needs_of", "rank_normalise", "typicality"]

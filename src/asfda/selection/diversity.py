@@ -13,15 +13,19 @@ __all__ = ["greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
-    """Percentile ranks in (0, 1]: the largest value gets 1, ties share their mean rank (scipy's
-    ``rankdata(method="average") / N``, without importing scipy on the query path)."""
+    """Percentile ranks in (0, 1]: the largest value gets 1, exact ties share their mean rank
+    (``scipy.stats.rankdata(method="average") / N``). NaNs tie with each other above every number."""
+    from scipy.stats import rankdata
+
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
         return values
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # 1-based rank of the last member of each group of equal values
-    mean_rank = last - (counts - 1) / 2.0
-    return mean_rank[inverse] / values.size
+    ranks = rankdata(values, method="average", nan_policy="omit")  # NaN where the value is NaN
+    nan = np.isnan(values)
+    if nan.any():
+        n_nan = int(nan.sum())
+        ranks[nan] = values.size - (n_nan - 1) / 2.0  # the mean of the top n_nan ranks
+    return ranks / values.size
 
 
 def _unit_rows(x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from asfda.errors import AsfdaError
+from asfda.options import DEFAULT_DIVERSITY, DIVERSITY_SPACES, REPRESENTATIVENESS, ROUND0_GAPS, check_option
+from asfda.scoring.metrics import cosine_distance
 from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
-from asfda.selection.diversity import (greedy_diverse_pick, k_center_greedy, k_center_pick, kmeans_pp_pick, least_typical,
-                                      median_neighbour_distance, rank_normalise, typicality)
+from asfda.selection.diversity import (
+    greedy_diverse_pick,
+    k_center_greedy,
+    k_center_pick,
+    kmeans_pp_pick,
+    least_typical,
+    median_neighbour_distance,
+    rank_normalise,
+    typicality,
+)
 
-__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds", "Strategy", "build_strategy",
-           "get_strategy", "needs_of"]
+__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds",
+           "Strategy", "build_strategy", "get_strategy", "needs_of"]
 
 
 @dataclass
@@ -144,13 +155,13 @@ class TopKStrategy(Strategy):
 class EntropyStrategy(TopKStrategy):
     """ENPY: whole-volume mean entropy, top-k."""
 
-    name, metric, needs = "enpy", "enpy", ScoringNeeds(metrics={"enpy"})
+    name, metric, needs = "enpy", "enpy", ScoringNeeds(metrics=frozenset({"enpy"}))
 
 
 class ASDStrategy(TopKStrategy):
     """ASD alone (entropy inside the predicted anatomy), top-k; an ablation of asfda."""
 
-    name, metric, needs = "asd", "asd", ScoringNeeds(metrics={"asd"})
+    name, metric, needs = "asd", "asd", ScoringNeeds(metrics=frozenset({"asd"}))
 
 
 class MCEntropyStrategy(TopKStrategy):
@@ -158,7 +169,7 @@ class MCEntropyStrategy(TopKStrategy):
     5 stochastic dropout passes, top-k. Networks without dropout raise an error naming ``tta``."""
 
     name, metric = "mc_entropy", "mc_entropy"
-    needs = ScoringNeeds(metrics={"mc_entropy"}, mc_dropout=DEFAULT_MC_PASSES)
+    needs = ScoringNeeds(metrics=frozenset({"mc_entropy"}), mc_dropout=DEFAULT_MC_PASSES)
 
 
 class BALDStrategy(TopKStrategy):
@@ -166,7 +177,7 @@ class BALDStrategy(TopKStrategy):
     stochastic dropout passes, top-k."""
 
     name, metric = "bald", "bald"
-    needs = ScoringNeeds(metrics={"bald"}, mc_dropout=DEFAULT_MC_PASSES)
+    needs = ScoringNeeds(metrics=frozenset({"bald"}), mc_dropout=DEFAULT_MC_PASSES)
 
 
 class TTAStrategy(TopKStrategy):
@@ -174,7 +185,7 @@ class TTAStrategy(TopKStrategy):
     and the flips of model-grid axes 1 and 2 (never left-right), top-k. Works without dropout."""
 
     name, metric = "tta", "tta_variance"
-    needs = ScoringNeeds(metrics={"tta_variance"}, tta_flips=DEFAULT_TTA_FLIPS)
+    needs = ScoringNeeds(metrics=frozenset({"tta_variance"}), tta_flips=DEFAULT_TTA_FLIPS)
 
 
 class BADGEStrategy(Strategy):
@@ -183,7 +194,7 @@ class BADGEStrategy(Strategy):
     approximation). Only the unlabeled pool is clustered, as in BADGE."""
 
     name = "badge"
-    needs = ScoringNeeds(vectors={"badge"})
+    needs = ScoringNeeds(vectors=frozenset({"badge"}))
 
     def _select(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Query:
         g = np.asarray(pool.vectors["badge"], dtype=np.float64)
@@ -203,21 +214,8 @@ class CoresetStrategy(Strategy):
         return Query(self.name, [pool.ids[i] for i in idx], [0.0] * len(idx), {pool.ids[i]: {} for i in idx})
 
 
-ROUND0_GAPS = ("feature_gap", "norm_kl")
-"""asfda's round-0 divergence for networks without stored BatchNorm statistics (see `ASFDAStrategy`)."""
-
-DIVERSITY_SPACES = ("anatomy", "embedding", "none")
-REPRESENTATIVENESS = ("none", "density", "typical")
-"""asfda's representativeness term: ``none`` (METHOD.md's rule); ``density`` (TypiClust's typicality in the
-diversity space, its rank added with weight ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while
-labels are few); ``typical`` (``density``, and the least typical ``OUTLIER_FRACTION0 / (1 + labelled)`` of the pool
-are no candidates, and the diversity factor saturates at the pool's median nearest-neighbour distance, so no pick
-is drawn to an outlier by distance alone)."""
 TYPICALITY_WEIGHT0 = 0.5
 OUTLIER_FRACTION0 = 0.2
-"""Where asfda's greedy batch pick measures the cosine distance between volumes (see `ASFDAStrategy`)."""
-DEFAULT_DIVERSITY = "embedding"
-"""The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
 
 
 class ASFDAStrategy(Strategy):
@@ -245,20 +243,17 @@ class ASFDAStrategy(Strategy):
     """
 
     name = "asfda"
-    needs = ScoringNeeds(metrics={"asd"}, feature_stats=True, divergence=True)
+    needs = ScoringNeeds(metrics=frozenset({"asd"}), feature_stats=True, divergence=True)
     cold_start_ok = True
 
     def __init__(self, alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY,
                  representativeness: str = "none") -> None:
-        if representativeness not in REPRESENTATIVENESS:
-            raise AsfdaError(f"representativeness must be one of {list(REPRESENTATIVENESS)}, got {representativeness!r}")
+        check_option(representativeness, REPRESENTATIVENESS, "representativeness")
         self.representativeness = representativeness
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if round0_gap not in ROUND0_GAPS:
-            raise AsfdaError(f"round0_gap must be one of {list(ROUND0_GAPS)}, got {round0_gap!r}")
-        if diversity not in DIVERSITY_SPACES:
-            raise AsfdaError(f"diversity must be one of {list(DIVERSITY_SPACES)}, got {diversity!r}")
+        check_option(round0_gap, ROUND0_GAPS, "round0_gap")
+        check_option(diversity, DIVERSITY_SPACES, "diversity")
         self.alpha = alpha
         self.round0_gap = round0_gap
         self.diversity = diversity
@@ -356,9 +351,6 @@ class ASFDAStrategy(Strategy):
 
 
 def _cosine_to_mean(emb: np.ndarray) -> np.ndarray:
-    from asfda.scoring.metrics import cosine_distance
-    import torch
-
     e = torch.as_tensor(emb, dtype=torch.float64)
     return cosine_distance(e, e.mean(0, keepdim=True))[:, 0].numpy()
 

@@ -15,13 +15,15 @@ Every random draw comes from the trainer's seeded generator, so a round is repro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from asfda.options import AUGMENTATIONS, check_option
+
 __all__ = ["AUGMENTATIONS", "PatchAugmenter"]
 
-AUGMENTATIONS = ("none", "intensity", "spatial_mr")
 _SPATIAL_MARGIN = 1.25
 
 
@@ -35,11 +37,11 @@ class PatchAugmenter:
     """
 
     def __init__(self, kind: str, patch: tuple[int, int, int], seed: int) -> None:
-        if kind not in AUGMENTATIONS:
-            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
+        check_option(kind, AUGMENTATIONS, "augmentation", listed=f"{AUGMENTATIONS}", error=ValueError)
         self.kind = kind
-        self.patch = tuple(int(p) for p in patch)
-        self._spatial = self._intensity = None
+        self.patch = (int(patch[0]), int(patch[1]), int(patch[2]))
+        self._spatial: Callable[[dict], dict] | None = None  # MONAI's RandAffined and Compose, built by _build
+        self._intensity: Callable[[dict], dict] | None = None
         if kind == "spatial_mr":
             self._build(seed)
 
@@ -48,11 +50,20 @@ class PatchAugmenter:
         """The size of the region to sample before augmentation (larger when it is rotated and scaled)."""
         if self.kind != "spatial_mr":
             return self.patch
-        return tuple(int(math.ceil(p * _SPATIAL_MARGIN)) for p in self.patch)
+        x, y, z = (int(math.ceil(p * _SPATIAL_MARGIN)) for p in self.patch)
+        return x, y, z
 
     def _build(self, seed: int) -> None:
-        from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandBiasFieldd, RandGaussianNoised,
-                                      RandGaussianSmoothd, RandScaleIntensityd, RandShiftIntensityd)
+        from monai.transforms import (
+            Compose,
+            RandAdjustContrastd,
+            RandAffined,
+            RandBiasFieldd,
+            RandGaussianNoised,
+            RandGaussianSmoothd,
+            RandScaleIntensityd,
+            RandShiftIntensityd,
+        )
 
         self._spatial = RandAffined(
             keys=["image", "label", "mask"], spatial_size=self.patch, prob=0.7,
@@ -76,6 +87,7 @@ class PatchAugmenter:
             return image, label, mask
         if self.kind == "intensity":
             return _light_intensity(image, rng), label, mask
+        assert self._spatial is not None and self._intensity is not None  # spatial_mr: built in __init__
         data = {"image": image.float(), "label": label[None].float(), "mask": mask[None].float()}
         data = self._spatial(data)
         data = self._intensity({"image": data["image"], "label": data["label"], "mask": data["mask"]})

@@ -10,24 +10,23 @@ __all__ = ["masked_dice_ce"]
 
 def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
                    smooth: float = 1e-5) -> torch.Tensor:
-    """Mean of soft Dice loss (over foreground classes, batch-pooled) and cross-entropy.
+    """Soft Dice loss (over foreground classes, batch-pooled: MONAI's `MaskedDiceLoss`) plus the masked mean
+    cross-entropy.
 
     Args:
         logits: ``[B, C, X, Y, Z]``.
         target: ``[B, X, Y, Z]`` class indices.
         mask: ``[B, X, Y, Z]`` 1 where the voxel counts, 0 where it is ignored (None: all count).
     """
-    b, c = logits.shape[:2]
+    c = logits.shape[1]
     target = target.long()
     m = torch.ones_like(target, dtype=logits.dtype) if mask is None else mask.to(logits.dtype)
     ce = F.cross_entropy(logits, target, reduction="none")
     ce = (ce * m).sum() / m.sum().clamp_min(1.0)
-    prob = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target, c).movedim(-1, 1).to(logits.dtype)
-    mm = m[:, None]
-    dims = (0, 2, 3, 4)
-    inter = (prob * onehot * mm).sum(dims)
-    denom = (prob * mm).sum(dims) + (onehot * mm).sum(dims)
-    dice = (2 * inter + smooth) / (denom + smooth)
-    dice_loss = 1.0 - dice[1:].mean() if c > 1 else 1.0 - dice.mean()
-    return dice_loss + ce
+    if c == 1:  # one class: the softmax is 1 everywhere and so is the Dice (MONAI would skip the softmax)
+        return (logits * 0).sum() + ce
+    from monai.losses import MaskedDiceLoss  # here: importing asfda.training (the run config does) loads no MONAI
+
+    dice = MaskedDiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
+                          smooth_nr=smooth, smooth_dr=smooth)
+    return dice(logits, target[:, None], m[:, None]) + ce

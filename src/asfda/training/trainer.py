@@ -14,47 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from asfda.config import TrainConfig
+from asfda.options import PRECISIONS, check_option
 from asfda.training.augment import AUGMENTATIONS, PatchAugmenter
 from asfda.training.losses import masked_dice_ce
 
 __all__ = ["TrainConfig", "TrainVolume", "finetune", "sample_patch"]
 
 
-@dataclass
-class TrainConfig:
-    """The training recipe of one round (every field is configurable from the run config)."""
 
-    steps: int = 100
-    batch_size: int = 2
-    patch_size: tuple[int, int, int] | None = None  # None: the model's sliding-window roi
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    warmup_fraction: float = 0.05
-    fg_oversample: float = 0.67
-    lambda_u: float = 1.0
-    rampup_fraction: float = 0.3
-    augment: bool = True  # false: no augmentation at all, whatever `augmentation` says
-    # "intensity": light global intensity changes (the original recipe); "spatial_mr": MONAI's RandAffined
-    # (rotation, scaling) and MR-typical intensity transforms (bias field, gamma, noise): asfda.training.augment
-    augmentation: str = "intensity"
-    # true: every round trains from the pretrained weights on every label so far; false: it continues from the
-    # previous round's weights (METHOD.md). A round the guard discards leaves the previous round's model either way
-    restart: bool = False
-    # true: a labelled volume whose round the guard discarded is left out of training (its label kept) until
-    # enough other labels exist (asfda.training.guard.held_back); false: every label trains every round
-    hold_back_discarded: bool = False
-    freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
-    # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
-    # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
-    precision: str = "fp32"
-    # keep a round's weights only if the adapted model's organs on up to guard_volumes unlabeled volumes are
-    # at least as connected as the pretrained model's (asfda.training.guard); otherwise revert the round
-    guard: bool = True
-    guard_volumes: int = 8
-    seed: int = 0
-
-
-PRECISIONS = ("fp32", "bf16")
 
 @dataclass
 class TrainVolume:
@@ -107,8 +75,7 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
     if not labelled:
         raise ValueError("finetune needs at least one labelled volume")
     device = device or torch.device("cpu")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    check_option(cfg.precision, PRECISIONS, "precision", listed=f"{PRECISIONS}", error=ValueError)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
@@ -116,11 +83,11 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
         with ctx:
             return network(x).float()
 
-    if cfg.augmentation not in AUGMENTATIONS:
-        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {cfg.augmentation!r}")
+    check_option(cfg.augmentation, AUGMENTATIONS, "augmentation", listed=f"{AUGMENTATIONS}", error=ValueError)
 
     pseudo = pseudo or []
-    patch = tuple(cfg.patch_size or patch_size)
+    p0, p1, p2 = cfg.patch_size or patch_size  # 3 sides (TrainConfig's patch_size, the model's roi)
+    patch = (p0, p1, p2)
     augmenter = PatchAugmenter(cfg.augmentation if cfg.augment else "none", patch, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
@@ -134,9 +101,9 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     history: dict[str, list[float]] = {"loss": [], "loss_l": [], "loss_u": []}
     network.train()
-    for m in network.modules():  # a frozen BatchNorm keeps its running statistics too
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters(False)):
-            m.eval()
+    for mod in network.modules():  # a frozen BatchNorm keeps its running statistics too
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in mod.parameters(False)):
+            mod.eval()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         imgs, labs, masks = [], [], []

@@ -1,0 +1,214 @@
+"""Fine-tuning the adapted model: supervised or selective semi-supervised, then the non-regression guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from asfda.config import SemiConfig
+from asfda.engine import OUTPUT_EMBEDDING
+from asfda.errors import AsfdaError
+from asfda.io.datasets import Case
+from asfda.scoring.metrics import cosine_distance
+from asfda.selection import PoolScores
+from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, select_reliable
+from asfda.training.guard import GuardResult, anatomical_plausibility, discards, guard_sample
+
+from .scoring import ScoringMixin
+
+__all__ = ["RoundTraining", "TrainingMixin", "reliable_from_scores"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundTraining:
+    """What a round's fine-tuning gives: the loss history, the reliable unlabeled volumes used (id ->
+    confidence, distance) and the guard's decision (None when the guard did not run)."""
+
+    history: dict[str, list[float]]
+    reliable: dict[str, dict[str, float]]
+    guard: GuardResult | None = None
+
+
+class TrainingMixin(ScoringMixin):
+    """Training jobs of `asfda.adapter.Adapter` (the semi-supervised round scores the pool: `ScoringMixin`)."""
+
+    # ------------------------------------------------------------------------------------
+    def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float, flip_average: bool = False
+                       ) -> list[TrainVolume]:
+        """Masked pseudo-labels of the current model for ``cases`` (one forward pass each, or the engine's
+        flip passes with ``flip_average``)."""
+        out = []
+        for case in self._bar(cases, "pseudo-label"):
+            vol = self.prepare(case, with_label=False)
+            logits, _ = self.engine_current.run(vol.image, tta=flip_average)
+            label, mask = pseudo_label(logits, temperature, threshold)
+            out.append(TrainVolume(vol.image, label, mask))  # uint8: cast per patch
+        return out
+
+    def encoder_parameters(self) -> list[str]:
+        """Names of the current network's parameters that run up to the embedding (bottleneck) layer."""
+        if self.engine_current.embedding_layer == OUTPUT_EMBEDDING:
+            raise AsfdaError("cannot tell the encoder from the decoder of this network (no hookable bottleneck)",
+                             self.pretrained.source, "train the whole network (train.freeze_encoder: false)")
+        finished: list[str] = []
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: finished.append(n))
+                 for n, m in self.current.named_modules() if n]
+        try:
+            with torch.inference_mode():
+                self.current(torch.zeros(1, 1, *self.pretrained.roi_size, device=self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        if self.engine_current.embedding_layer not in finished:
+            raise AsfdaError("cannot tell the encoder from the decoder of this network (no hookable bottleneck)",
+                             self.pretrained.source, "train the whole network (train.freeze_encoder: false)")
+        cut = finished.index(self.engine_current.embedding_layer)
+        encoder_modules = set(finished[: cut + 1])
+        return [n for n, _ in self.current.named_parameters() if n.rsplit(".", 1)[0] in encoder_modules]
+
+    def finetune(self, labelled: list[Case], cfg: TrainConfig, pseudo: list[TrainVolume] | None = None,
+                 desc: str = "fine-tune") -> dict[str, list[float]]:
+        vols = []
+        for case in labelled:
+            v = self.prepare(case)
+            assert v.label is not None  # a labelled case: prepared with its label
+            vols.append(TrainVolume(v.image, v.label))  # uint8: cast per patch
+        self._check_trainable()
+        frozen_names = set(self.encoder_parameters()) if cfg.freeze_encoder else set()
+        for n, p in self.current.named_parameters():
+            p.requires_grad_(n not in frozen_names)
+        patch = tuple(cfg.patch_size or self.pretrained.roi_size)
+        try:
+            hist = finetune(self.current, vols, cfg, patch_size=self.pretrained.roi_size, pseudo=pseudo,
+                            device=self.device, progress=self.progress, desc=desc)
+        except (ValueError, RuntimeError) as exc:
+            if "more than 1" in str(exc):  # a normalisation layer over a single voxel or a single value in training
+                raise AsfdaError(f"the network cannot train on patches of {list(patch)} voxels: a normalisation layer "
+                                 f"sees a single value per channel there ({' '.join(str(exc).split())[:120]})",
+                                 self.pretrained.source, "train on larger patches (train.patch_size, or a larger "
+                                 "roi_size in the model's inferer) or with train.batch_size 2 or more") from None
+            raise
+        finally:
+            for p in self.current.parameters():
+                p.requires_grad_(True)
+        self.is_adapted = True
+        return hist
+
+    def _check_trainable(self) -> None:
+        """Refuses fine-tuning a source network without trainable parameters (a TorchScript module frozen with
+        ``torch.jit.freeze`` keeps its weights as constants), before any step."""
+        if not any(True for _ in self.current.network.parameters()):
+            kind = "TorchScript model" if isinstance(self.pretrained.network, torch.jit.ScriptModule) else "network"
+            raise AsfdaError(f"this {kind} has no trainable parameters (its weights are constants, as torch.jit.freeze "
+                             "leaves them), so it cannot be fine-tuned; scoring, query and predict work on it",
+                             self.pretrained.source, "export it without torch.jit.freeze (torch.jit.script or "
+                             "torch.jit.trace of the module in eval mode), or give its state dict with a network "
+                             "config")
+
+    def train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
+                    temperature: float, scores: PoolScores | None = None, queried: list[str] | None = None,
+                    desc: str = "fine-tune") -> RoundTraining:
+        """One round of fine-tuning (supervised, or selective semi-supervised when ``semi.enabled``), then
+        the non-regression guard (`asfda.training.guard`) when ``train.guard`` and unlabeled volumes exist:
+        if the new weights are anatomically less plausible than the pretrained model on a seeded sample of
+        the unlabeled volumes, the round's weights are discarded (the model is the one the round started from).
+        """
+        guard_cases = []
+        start_state = self.current_state() if (train.guard and unlabelled) or train.restart else None
+        if train.guard and unlabelled:
+            keep = set(guard_sample([c.case_id for c in unlabelled], train.guard_volumes, train.seed))
+            guard_cases = [c for c in unlabelled if c.case_id in keep]
+            reference = self.plausibility(guard_cases, pretrained=True)
+        if train.restart:  # train from the pretrained weights (the frozen copy holds them, class map included)
+            self.current.load_state_dict(self.frozen.state_dict())
+        hist, reliable = self._train_round(labelled, unlabelled, train, semi, temperature, scores, queried, desc)
+        guard = None
+        if guard_cases:
+            adapted = self.plausibility(guard_cases)
+            guard = GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted))
+            if guard.reverted:
+                assert start_state is not None  # kept whenever the guard runs
+                self.load_current_state(start_state)  # is_adapted follows the weights
+            (log.warning if guard.reverted else log.info)(guard.message())
+        return RoundTraining(hist, reliable, guard)
+
+    def plausibility(self, cases: list[Case], *, pretrained: bool = False) -> float:
+        """`anatomical_plausibility` of the current (or pretrained) model's label maps on ``cases``, one
+        forward pass each; the pretrained model's per-case values are kept (its weights never change)."""
+        n = len(self.target_names)
+        values = []
+        for case in self._bar(cases, "guard"):
+            if pretrained and case.case_id in self._plausibility0:
+                values.append(self._plausibility0[case.case_id])
+                continue
+            engine = self.engine_frozen if pretrained else self.engine_current
+            logits, _ = engine.run(self.prepare(case, with_label=False).image)
+            v = anatomical_plausibility([logits.argmax(0)], n, self._guard_classes())
+            if pretrained:
+                self._plausibility0[case.case_id] = v
+            values.append(v)
+        return float(np.mean(values)) if values else float("nan")
+
+    def _guard_classes(self) -> list[int]:
+        """The target classes the guard compares: those the pretrained model can predict (a new class, which
+        it never predicts, would otherwise count for any adapted model)."""
+        new = set(self.class_map.new_classes)
+        return [i for i, name in enumerate(self.target_names) if i > 0 and name not in new]
+
+    def _train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
+                     temperature: float, scores: PoolScores | None, queried: list[str] | None, desc: str
+                     ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+        """The fine-tuning of `train_round`: the loss history and the reliable volumes used (id -> confidence,
+        distance)."""
+        if not semi.enabled or not unlabelled:
+            return self.finetune(labelled, train, desc=desc), {}
+        if semi.pseudo_from == "previous" and scores is not None:
+            reliable = reliable_from_scores(scores, queried or [], semi.confident_fraction, semi.close_fraction)
+            pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
+                                         semi.prob_threshold, semi.flip_average)
+            return self.finetune(labelled, train, pseudo=pseudo or None, desc=desc), reliable
+        warm = max(1, int(round(train.steps * semi.warmup_fraction)))
+        hist = self.finetune(labelled, dataclasses.replace(train, steps=warm), desc=f"{desc} (labelled)")
+        scored = self.score_pool(unlabelled, temperature, divergence=False)
+        lab_emb = np.stack([self.engine_current.run(self.prepare(c, with_label=False).image)[1].numpy()
+                            for c in labelled])
+        fresh = PoolScores([c.case_id for c in unlabelled], scored.metrics, scored.embeddings, lab_emb, None, 0)
+        reliable = reliable_from_scores(fresh, [], semi.confident_fraction, semi.close_fraction)
+        pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
+                                     semi.prob_threshold, semi.flip_average)
+        rest = dataclasses.replace(train, steps=max(1, train.steps - warm), seed=train.seed + 7919, warmup_fraction=0.0)
+        hist2 = self.finetune(labelled, rest, pseudo=pseudo or None, desc=f"{desc} (+pseudo)")
+        return {k: hist[k] + hist2[k] for k in hist}, reliable
+
+
+def reliable_from_scores(scores: PoolScores, queried: list[str], confident_fraction: float,
+                         close_fraction: float) -> dict[str, dict[str, float]]:
+    """The reliable unlabeled volumes after a query, from this round's pool scores (no extra pass).
+
+    Confidence is the scoring stage's ``confidence`` (computed with the round's T); distance is the min
+    cosine distance of a volume's embedding to the labelled set including the volumes just queried.
+    Returns ``{id: {"confidence": c, "distance": d}}`` for the kept volumes.
+    """
+    index = {i: k for k, i in enumerate(scores.ids)}
+    queried_set = set(queried)
+    remaining = [i for i in scores.ids if i not in queried_set]
+    if not remaining:
+        return {}
+    emb = np.asarray(scores.embeddings)
+    anchors = [emb[[index[i] for i in queried]]] if queried else []
+    if scores.labelled_embeddings is not None and np.asarray(scores.labelled_embeddings).size:
+        anchors.append(np.asarray(scores.labelled_embeddings))
+    rows = [index[i] for i in remaining]
+    conf = np.asarray(scores.metrics["confidence"])[rows]
+    dist = cosine_distance(torch.as_tensor(emb[rows]), torch.as_tensor(np.concatenate(anchors))).min(1).values.numpy()
+    keep = select_reliable(remaining, conf, dist, confident_fraction=confident_fraction, close_fraction=close_fraction)
+    pos = {i: k for k, i in enumerate(remaining)}
+    return {i: {"confidence": float(conf[pos[i]]), "distance": float(dist[pos[i]])} for i in keep}
+
+

@@ -1,0 +1,7 @@
+"""``python -m asfda.cli``: the ``asfda`` command line."""
+
+import sys
+
+from asfda.cli import main
+
+sys.exit(main())

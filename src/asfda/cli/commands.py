@@ -1,0 +1,80 @@
+"""The commands that run a model or write data (demo, phantom, simulate, evaluate, predict, score, query): each
+calls one library function, imported when the command runs; the annotation project's commands are
+`asfda.cli.project_commands`."""
+
+from __future__ import annotations
+
+import argparse
+
+from asfda.cli.project_commands import project_command
+from asfda.errors import AsfdaError
+
+__all__ = ["dispatch"]
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.command == "demo":
+        from asfda.demo import run_demo
+
+        run_demo(args.out, args.data, args.seed, progress=progress)
+    elif args.command == "phantom":
+        from asfda.phantom import generate_benchmark
+
+        paths = generate_benchmark(args.out, seed=args.seed, n_source=args.n_source, n_target=args.n_target,
+                                   overwrite=args.overwrite, n_misleading=args.n_misleading)
+        print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    elif args.command == "simulate":
+        from asfda.config import load_config
+        from asfda.simulate import results_table, run_simulation
+
+        cfg = load_config(args.config, {
+            "model": args.model, "pool": args.pool, "test": args.test, "strategies": args.strategies,
+            "budget": args.budget, "rounds": args.rounds, "seeds": args.seeds, "train.steps": args.steps,
+            "class_map": args.class_map, "out_dir": args.out, "progress": progress,
+            "upper_bound": False if args.no_upper_bound else None,
+            "train.guard": False if args.no_guard else None, "upper_bound_steps": args.upper_bound_steps,
+            "device": args.device, "train.precision": args.precision,
+            "trust_model_code": True if args.trust_model_code else None,
+            "output_activation": args.output_activation})
+        if not cfg.model or not cfg.pool:
+            raise AsfdaError("simulate needs a model and a pool",
+                             fix="pass --model and --pool, or set them in --config")
+        result = run_simulation(cfg)
+        print(results_table(result.summary))
+        print(f"results: {result.out_dir}")
+    elif args.command == "evaluate":
+        from asfda.evaluate import evaluate_model
+
+        evaluate_model(args.model, args.data, args.out, model_config=args.model_config, class_map=args.class_map,
+                       progress=progress, trust_model_code=args.trust_model_code, device=args.device,
+                       output_activation=args.output_activation, precision=args.precision)
+    elif args.command == "predict":
+        from asfda.predict import predict_model
+
+        predict_model(args.model, args.images, args.out, model_config=args.model_config, class_map=args.class_map,
+                      tta=args.tta, overwrite=args.overwrite, device=args.device, progress=progress,
+                      largest_component=args.largest_component,
+                      trust_model_code=args.trust_model_code, output_activation=args.output_activation,
+                      precision=args.precision)
+    elif args.command == "score":
+        from asfda.query import score_dataset
+
+        score_dataset(args.model, args.data, args.out, strategies=args.strategies, temperature=args.temperature,
+                      seed=args.seed, model_config=args.model_config, class_map=args.class_map, device=args.device,
+                      progress=progress, trust_model_code=args.trust_model_code,
+                      output_activation=args.output_activation, precision=args.precision)
+    elif args.command == "query":
+        from asfda.query import query_dataset
+        from asfda.selection import DEFAULT_DIVERSITY
+
+        query_dataset(args.model, args.data, args.strategy, args.budget, args.out, labelled=args.labelled,
+                      seed=args.seed, temperature=args.temperature, alpha=args.alpha, round0_gap=args.round0_gap,
+                      diversity=args.diversity or DEFAULT_DIVERSITY, representativeness=args.representativeness,
+                      model_config=args.model_config,
+                      class_map=args.class_map, device=args.device, progress=progress,
+                      trust_model_code=args.trust_model_code, output_activation=args.output_activation,
+                      precision=args.precision)
+    elif args.command in ("init", "next", "ingest", "finetune", "status", "set"):
+        return project_command(args, progress)
+    return 0

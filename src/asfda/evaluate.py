@@ -1,0 +1,82 @@
+"""`asfda evaluate`: Dice and HD95 per case and class of a model on a labelled dataset, at each case's native grid."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asfda.adapter import Adapter
+from asfda.evaluation import compute_dice, compute_hd95, mean_ignoring_nan
+from asfda.io import atomic_write_json, atomic_write_text, load_dataset, read_nifti
+from asfda.io.labels import check_label_values
+from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
+from asfda.models import load_model, parse_class_map_override
+from asfda.models.native_grid import label_map_on_native_grid
+
+__all__ = ["evaluate_model"]
+
+
+def _model_inputs(model: str | Path, model_config: str | Path | None) -> dict[str, object]:
+    return {"the model": model, "the model config": model_config}
+
+
+def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, model_config: str | None = None,
+                   class_map: str | None = None, progress: bool = True, cache_dir: str | None = ".cache",
+                   trust_model_code: bool = False, device: str = "auto", output_activation: str | None = None,
+                   precision: str = "fp32") -> dict:
+    """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json.
+
+    Labels are checked as `asfda ingest` checks them (integer values among the dataset's label values).
+    ``trust_model_code``: build the model config with MONAI's full parser (`load_model`'s ``allow_code``);
+    ``output_activation``: overrides what the model declares (`load_model`); ``precision``: inference precision
+    (`InferenceEngine`).
+    """
+    out = Path(out)
+    inputs: dict[str, object] = {"the dataset": dataset_folders(data), **_model_inputs(model, model_config)}
+    refuse_output_inside_inputs(out, inputs)
+    check_writable_folder(out)
+    loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
+    ds = load_dataset(data, require_labels=True)
+    refuse_output_inside_inputs(out, {"the dataset": dataset_input_folders(ds)})
+    allowed = set(ds.labels.values())
+    adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
+                      cache_dir=cache_dir, progress=progress, device=device, precision=precision)
+    names = ds.class_names
+    rows = []
+    for case in adapter._bar(list(ds.cases), "evaluate"):
+        label_arr = read_nifti(case.label_path, dtype=np.float64)[0]
+        check_label_values(label_arr, allowed, case.label_path)  # before the model runs on it
+        label = torch.from_numpy(label_arr).long()
+        vol = adapter.prepare(case, with_label=False)
+        logits, _ = adapter.engine_current.run(vol.image)
+        fg = tuple(range(1, len(names)))
+        pred = torch.from_numpy(label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine,
+                                                         vol.native_shape, loaded.preprocessing).astype(np.int64))
+        dice = compute_dice(pred, label, len(names))
+        hd = compute_hd95(pred, label, len(names), case.spacing_mm)
+        row = {"case_id": case.case_id}
+        row.update({f"dice_{n}": float(d) for n, d in zip(names[1:], dice)})
+        row["dice_mean"] = mean_ignoring_nan(dice)
+        row.update({f"hd95_mm_{n}": float(h) for n, h in zip(names[1:], hd)})
+        rows.append(row)
+    summary = {k: mean_ignoring_nan([r[k] for r in rows]) for k in rows[0] if k != "case_id"}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "per_case.csv", buf.getvalue())
+    result = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
+              "class_map": adapter.class_map.to_dict(), "precision": precision, "n_cases": len(rows), "mean": summary,
+              "empty_label_rule": "Dice is NaN (left out of means) for a class absent from both label and "
+                                  "prediction, 0 when absent from the label but predicted; HD95 NaN if either is empty"}
+    atomic_write_json(out / "summary.json", result)
+    print("| class | Dice | HD95 (mm) |\n|---|---|---|")
+    for n in names[1:]:
+        print(f"| {n} | {summary[f'dice_{n}']:.3f} | {summary[f'hd95_mm_{n}']:.1f} |")
+    print(f"| mean | {summary['dice_mean']:.3f} | |")
+    print(f"per case: {out / 'per_case.csv'}; summary: {out / 'summary.json'}")
+    return result

@@ -1,0 +1,72 @@
+"""The one check of a setting that takes one of a few strings (diversity space, round-0 gap, representativeness,
+pseudo-label source, augmentation, precision, output activation): the value must be one of them exactly, and the
+error names the valid ones and, when one is close, "did you mean"."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from asfda.errors import AsfdaError
+
+__all__ = ["AUGMENTATIONS", "DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "OUTPUT_ACTIVATIONS", "PRECISIONS",
+           "PSEUDO_SOURCES", "REPRESENTATIVENESS", "ROUND0_GAPS", "check_option", "closest_option"]
+
+PRECISIONS = ("fp32", "bf16")
+"""Fine-tuning (and inference) precision: fp32, or bfloat16 autocast."""
+AUGMENTATIONS = ("none", "intensity", "spatial_mr")
+"""Training patch augmentation recipes (`asfda.training.augment`)."""
+PSEUDO_SOURCES = ("previous", "warmup")
+"""Where selective semi-supervision takes its reliable volumes (`asfda.config.SemiConfig.pseudo_from`)."""
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid", "none")
+"""``output_activation`` values: what turns the network's output into probabilities (``none``: it already is)."""
+ROUND0_GAPS = ("feature_gap", "norm_kl")
+"""asfda's round-0 divergence for networks without stored BatchNorm statistics (`asfda.selection.ASFDAStrategy`)."""
+DIVERSITY_SPACES = ("anatomy", "embedding", "none")
+"""Where asfda's greedy batch pick measures the cosine distance between volumes (`asfda.selection.ASFDAStrategy`)."""
+DEFAULT_DIVERSITY = "embedding"
+"""The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
+REPRESENTATIVENESS = ("none", "density", "typical")
+"""asfda's representativeness term: ``none`` (METHOD.md's rule); ``density`` (TypiClust's typicality in the
+diversity space, its rank added with weight ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while
+labels are few); ``typical`` (``density``, and the least typical ``OUTLIER_FRACTION0 / (1 + labelled)`` of the pool
+are no candidates, and the diversity factor saturates at the pool's median nearest-neighbour distance, so no pick
+is drawn to an outlier by distance alone)."""
+
+
+def closest_option(value: object, options: Sequence[str]) -> str | None:
+    """The option a mistyped string ``value`` most likely meant, by MONAI's `look_up_option` rule: the smallest
+    Damerau-Levenshtein distance to the value (surrounding spaces stripped), if at most 3; None otherwise.
+
+    Unlike `look_up_option`, which breaks a tie by the iteration order of a set of strings (it changes from one
+    Python process to the next), a tie goes to the option listed first, so the message is the same every run."""
+    from monai.utils import damerau_levenshtein_distance
+
+    if not isinstance(value, str) or not options:  # a number or None is no misspelling
+        return None
+    text = value.strip()
+    distance, best = min((damerau_levenshtein_distance(f"{o}", text), k) for k, o in enumerate(options))
+    return options[best] if distance <= 3 else None
+
+
+def check_option(value: object, options: Sequence[str], name: str, *, listed: str | None = None,
+                 path: str | Path | None = None, fix: str | None = None,
+                 error: type[Exception] = AsfdaError) -> str:
+    """Returns ``value`` when it is exactly one of ``options`` (no case folding, no stripping); otherwise raises
+    ``error`` with "``name`` must be one of ``listed``, got ``value``", and " (did you mean 'x'?)" when
+    `closest_option` finds one.
+
+    Args:
+        listed: how the options are shown (default: ``list(options)``'s repr).
+        path, fix: the `AsfdaError`'s file and fix (ignored for other error types).
+        error: `AsfdaError` (or a subclass), or an exception type taking one message (``ValueError``).
+    """
+    if isinstance(value, str) and value in options:
+        return value
+    problem = f"{name} must be one of {list(options) if listed is None else listed}, got {value!r}"
+    guess = closest_option(value, options)
+    if guess is not None:
+        problem += f" (did you mean {guess!r}?)"
+    if issubclass(error, AsfdaError):
+        raise error(problem, path, fix)
+    raise error(problem)

@@ -1,0 +1,325 @@
+"""A project folder's state: its settings, ``project.json`` (read, checked, written atomically with its ``.bak``),
+the lock that keeps two asfda processes apart, and the checks `init` and `set` share."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from asfda.adapter import Adapter
+from asfda.config import PSEUDO_SOURCES, SemiConfig, config_from_dict
+from asfda.errors import AsfdaError
+from asfda.io import atomic_write, atomic_write_json, load_dataset
+from asfda.io.datasets import Case, Dataset, parse_labels
+from asfda.models import load_model, parse_class_map_override
+from asfda.rounds import PoolState
+from asfda.selection import build_strategy
+from asfda.selection.strategies import DEFAULT_DIVERSITY
+from asfda.training import TrainConfig
+from asfda.training.augment import AUGMENTATIONS
+from asfda.training.trainer import PRECISIONS
+
+PROJECT_FILE = "project.json"
+BACKUP_FILE = "project.json.bak"
+LOCK_FILE = ".asfda.lock"
+PROJECT_ENTRIES = ("labels", "annotate", "weights", "model", "cache", PROJECT_FILE, BACKUP_FILE, LOCK_FILE)
+"""What a project folder holds (asfda's own names): `init_project` refuses a folder that has any of them."""
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class ProjectSettings:
+    """A project's settings: `asfda init` sets them, `asfda set` (`update_settings`) changes them."""
+
+    strategy: str = "asfda"
+    budget: int = 2
+    seed: int = 0
+    alpha: float = 0.5
+    round0_gap: str = "feature_gap"
+    diversity: str = DEFAULT_DIVERSITY
+    representativeness: str = "none"
+    temperature0: float = 1.0
+    grow_voxels: int = 2
+    class_map: str | None = None
+    allow_empty_labels: bool = False
+    device: str = "auto"
+    # build the model config with MONAI's full ConfigParser ($ expressions, any _target_): trusted bundles only
+    trust_model_code: bool = False
+    # softmax, sigmoid or none (the network already outputs probabilities); None: what the model declares
+    output_activation: str | None = None
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=200))
+    semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def project_lock(root: str | Path, command: str) -> Iterator[None]:
+    """Exclusive lock on a project folder for the duration of one command (POSIX ``flock``: the kernel
+    drops it when the process exits, even after ``kill -9``, so a crash never leaves a stale lock)."""
+    import fcntl
+
+    path = Path(root) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(path).read_text(errors="replace").strip() or "another process"
+            raise AsfdaError(f"another asfda process is working on this project ({holder})", root,
+                             "wait for it to finish, then run the command again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, `asfda {command}` since {_now()}".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+class Project:
+    """A project folder and its state (``project.json``); see the module docstring for the layout."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        path = self.root / PROJECT_FILE
+        if not path.is_file():
+            bak = self.root / BACKUP_FILE
+            if bak.is_file():
+                raise AsfdaError("project.json is missing, but project.json.bak (a copy of the last state asfda "
+                                 "wrote) is here", path, _restore_fix(path, "restore it"))
+            raise AsfdaError("not an asfda project (no project.json)", self.root,
+                             "create one with `asfda init --model M --pool P FOLDER`")
+        try:
+            self.state, self.settings = _read_state(path)
+        except AsfdaError as exc:
+            raise AsfdaError(exc.problem, path, _restore_fix(path, exc.fix)) from None
+
+    # -- state ------------------------------------------------------------------------------------
+    def save(self, event: str | None = None) -> None:
+        """Writes the state atomically, then copies it to ``project.json.bak``: both hold the latest state, so
+        restoring the copy (after a hand edit gone wrong, or a lost project.json) never loses a finished step.
+        A kill between the two writes leaves the copy one step behind, with project.json complete."""
+        if event:
+            self.state.setdefault("events", []).append({"time": _now(), "event": event})
+        path = self.root / PROJECT_FILE
+        atomic_write_json(path, self.state)
+        atomic_write(self.root / BACKUP_FILE, lambda p: shutil.copyfile(path, p))
+
+    def dataset(self) -> Dataset:
+        ds = load_dataset(self.state["pool"])
+        labels = self.state["labels"]
+        if ds.labels != labels and (Path(self.state["pool"]) / "dataset.json").exists():
+            raise AsfdaError(f"the pool's labels {ds.labels} changed since init ({labels})",
+                             Path(self.state["pool"]) / "dataset.json")
+        return Dataset(ds.root, labels, ds.cases)
+
+    def labelled_cases(self, ds: Dataset) -> list[Case]:
+        """Pool cases with an ingested label, the label file being the project's copy."""
+        by_id = ds.by_id()
+        out = []
+        for cid, rec in sorted(self.state["labelled"].items(), key=lambda kv: (kv[1]["ingested"], kv[0])):
+            if cid not in by_id:
+                raise AsfdaError(f"labelled case {cid!r} is no longer in the pool", self.state["pool"],
+                                 "put its image back, or remove it from project.json 'labelled'")
+            out.append(dataclasses.replace(by_id[cid], label_path=self.root / rec["file"]))
+        return out
+
+    def pool_state(self) -> PoolState:
+        """Who is labelled, as a `asfda.rounds.PoolState`: each ingested case with the round whose query asked for
+        it (a label that answered no query: the round it was ingested in)."""
+        state = PoolState()
+        for cid, rec in self.state["labelled"].items():
+            q = rec.get("query_round")
+            state.labelled[cid] = int(q) if q is not None else self.round
+        return state
+
+    @property
+    def round(self) -> int:
+        return len(self.state["rounds"])
+
+    def adapter(self, progress: bool, device: str | None = None, precision: str = "fp32"):
+        """The pretrained model with the project's current weights; ``device`` overrides the setting for one command;
+        ``precision`` is the inference precision (`InferenceEngine`)."""
+
+        model = load_model(self.state["model"], allow_code=self.settings.trust_model_code,
+                           output_activation=self.settings.output_activation)
+        if model.weights_hash != self.state["model_sha256_16"]:
+            raise AsfdaError("the pretrained model's weights changed since `asfda init`", self.state["model"],
+                             "point project.json 'model' back at the original weights, or start a new project")
+        adapter = Adapter(model, self.dataset().class_names,
+                          class_map_override=parse_class_map_override(self.settings.class_map),
+                          cache_dir=str(self.root / "cache"), device=device or self.settings.device, progress=progress,
+                          precision=precision)
+        if self.state.get("weights"):
+            from safetensors.torch import load_file
+
+            adapter.load_current_state(load_file(str(self.root / self.state["weights"])))
+        return adapter
+
+
+def _restore_fix(path: Path, fix: str | None) -> str:
+    """The fix of a damaged or missing project.json: ``fix`` (or a hand correction), or restoring the .bak when
+    it is a valid state (the command to type), or why it cannot be."""
+    bak = path.with_name(BACKUP_FILE)
+    first = fix or "correct the file by hand"
+    if not bak.is_file():
+        return f"{first} (there is no project.json.bak to restore)"
+    try:
+        _read_state(bak)
+    except AsfdaError as exc:
+        if fix == "restore it":
+            return f"project.json.bak is damaged too ({exc.problem}): correct it by hand, then copy it to {path}"
+        return f"{first} (project.json.bak is damaged too: {exc.problem})"
+    restore = f"cp {shlex.quote(str(bak))} {shlex.quote(str(path))}"
+    if fix == "restore it":
+        return f"restore it: {restore}"
+    return f"{first}; or restore the last state asfda wrote, which project.json.bak holds: {restore}"
+
+
+def _read_state(path: Path) -> tuple[dict, ProjectSettings]:
+    """The state and settings of a project.json (or its .bak); AsfdaError (problem and fix, no path) when the file
+    is not UTF-8 JSON holding a project state of the right types, or its settings are invalid."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AsfdaError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise AsfdaError(f"{path.name} is not valid JSON ({exc.msg}, line {exc.lineno})",
+                         fix="fix the edit") from None
+    if not isinstance(state, dict):
+        raise AsfdaError(f"{path.name} must hold a JSON object, not a JSON {type(state).__name__}")
+    if state.get("format") != FORMAT:
+        raise AsfdaError(f"project format {state.get('format')!r} is not {FORMAT}")
+    _check_state_types(state)
+
+    try:
+        parse_labels(state["labels"], path)
+    except AsfdaError as exc:
+        raise AsfdaError(f"labels: {exc.problem}", fix=exc.fix) from None
+    # projects started before the setting existed picked in the embedding space: they go on doing so
+    state["settings"].setdefault("diversity", "embedding")
+    try:
+        settings = config_from_dict(ProjectSettings, state["settings"], "settings")
+    except AsfdaError as exc:
+        raise AsfdaError(exc.problem, fix="correct the setting") from None
+    try:
+        _check_settings(settings, path)
+    except AsfdaError as exc:
+        raise AsfdaError(exc.problem, fix=exc.fix) from None
+    return state, settings
+
+
+_STATE_TYPES = {"model": "str", "model_sha256_16": "str", "pool": "str", "pool_cases": "int", "labels": "object",
+                "settings": "object", "query": "object or null", "labelled": "object", "rounds": "list",
+                "weights": "str or null", "events": "list?", "class_map": "object?", "created": "str?"}
+_LABELLED_TYPES = {"file": "str", "sha256": "str", "ingested": "str", "source": "str?", "query_round": "int or null?"}
+_ROUND_TYPES = {"round": "int", "labelled_ids": "list of str", "weights": "str", "label_sha256": "object?",
+                "new_ids": "list of str?", "seconds": "number?", "loss_final": "number?", "temperature": "number?",
+                "finished": "str?", "guard": "object or null?", "probe": "object or null?"}
+_QUERY_TYPES = {"round": "int", "ids": "list of str", "folder": "str", "strategy": "str", "temperature": "number",
+                "components": "object"}
+
+
+def _is_kind(value: object, kind: str) -> bool:
+    return any({
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "object": lambda v: isinstance(v, dict),
+        "list": lambda v: isinstance(v, list),
+        "list of str": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "null": lambda v: v is None,
+    }[k](value) for k in kind.split(" or "))
+
+
+def _check_fields(obj: dict, types: dict[str, str], where: str) -> None:
+    for key, kind in types.items():
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if key not in obj:
+            if optional:
+                continue
+            raise AsfdaError(f"{where}{key} is missing", fix=f"add {where}{key} ({kind})")
+        if not _is_kind(obj[key], kind):
+            got = json.dumps(obj[key])
+            got = got if len(got) <= 60 else got[:57] + "..."
+            raise AsfdaError(f"{where}{key} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {got}",
+                             fix=f"correct {where}{key}")
+
+
+def _check_state_types(state: dict) -> None:
+    """Refuses a project state whose entries have the wrong JSON types (a hand edit gone wrong)."""
+    _check_fields(state, _STATE_TYPES, "")
+    for cid, rec in state["labelled"].items():
+        if not isinstance(rec, dict):
+            raise AsfdaError(f"labelled[{cid!r}] must be an object, got {json.dumps(rec)[:60]}",
+                             fix=f"correct labelled[{cid!r}]")
+        _check_fields(rec, _LABELLED_TYPES, f"labelled[{cid!r}].")
+    for i, rec in enumerate(state["rounds"]):
+        if not isinstance(rec, dict):
+            raise AsfdaError(f"rounds[{i}] must be an object, got {json.dumps(rec)[:60]}", fix=f"correct rounds[{i}]")
+        _check_fields(rec, _ROUND_TYPES, f"rounds[{i}].")
+    if state["query"] is not None:
+        _check_fields(state["query"], _QUERY_TYPES, "query.")
+
+
+def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
+    """Refuses settings out of range (``path``: the project.json they came from; None: from the command line). `init`,
+    `set` and every read of project.json run these same checks."""
+    import math
+
+
+    try:
+        build_strategy(settings.strategy, settings.alpha, settings.round0_gap, settings.diversity,
+                       settings.representativeness)
+    except (AsfdaError, ValueError) as exc:
+        problem = exc.problem if isinstance(exc, AsfdaError) else str(exc)
+        raise AsfdaError(f"settings: {problem}", path,
+                         "fix settings.strategy / alpha / round0_gap / diversity / representativeness"
+                         + (" in project.json" if path else "")) from None
+    if settings.budget < 1:
+        raise AsfdaError(f"budget must be >= 1, got {settings.budget}", path,
+                         "set settings.budget to 1 or more" if path else "pass --budget 1 or more")
+    if settings.train.guard_volumes < 1:
+        raise AsfdaError(f"train.guard_volumes must be >= 1, got {settings.train.guard_volumes}", path,
+                         "set settings.train.guard_volumes to 1 or more (settings.train.guard: false turns the "
+                         "guard off)")
+    t = settings.train
+    ranges = [("train.steps", t.steps >= 1, ">= 1"), ("train.batch_size", t.batch_size >= 1, ">= 1"),
+              ("train.lr", math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
+              ("alpha", 0 <= settings.alpha <= 1, "in [0, 1]"),
+              ("temperature0", math.isfinite(settings.temperature0) and settings.temperature0 > 0,
+               "a finite number > 0"),
+              ("grow_voxels", settings.grow_voxels >= 0, ">= 0"),
+              ("train.precision", t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+              ("train.augmentation", t.augmentation in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
+              ("semi.pseudo_from", settings.semi.pseudo_from in PSEUDO_SOURCES, f"one of {', '.join(PSEUDO_SOURCES)}")]
+    for name, ok, want in ranges:
+        if not ok:
+            value = dataclasses.asdict(settings)
+            for part in name.split("."):
+                value = value[part]
+            raise AsfdaError(f"{name} must be {want}, got {value!r}", path,
+                             f"set settings.{name} in project.json" if path else f"set {name} to a value {want}")
+def _check_budget(settings: ProjectSettings, pool_cases: int, pool: str | Path, how: str = "pass --budget {n}") -> None:
+    """Refuses a budget larger than the pool (``how``: how to give a smaller one, ``{n}`` the pool size)."""
+    if settings.budget > pool_cases:
+        raise AsfdaError(f"budget {settings.budget} is larger than the pool ({pool_cases} cases)", pool,
+                         f"{how.format(n=pool_cases)} or less, or add cases to the pool")

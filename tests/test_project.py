@@ -441,3 +441,15 @@ def test_edit_summary_by_hand() -> None:
     assert e["edit_dice_liver"] == pytest.approx(2 * 6 / (8 + 6)) and e["edit_dice_spleen"] == 0.0
     assert e["voxels_changed"] == 3 and e["fraction_changed"] == pytest.approx(3 / 32)
     assert e["edit_dice_mean"] == pytest.approx((12 / 14 + 0.0) / 2)
+
+
+def test_init_refuses_a_dataset_class_the_model_lacks(tmp_path: Path) -> None:
+    from asfda.errors import AsfdaError
+    from asfda.project import init_project
+    from conftest import write_bundle, write_nnunet
+
+    bundle = write_bundle(tmp_path / "b", class_names=("background", "liver"))
+    data = write_nnunet(tmp_path / "ds", n=3, labels={"background": 0, "liver": 1, "spleen": 2})
+    with pytest.raises(AsfdaError, match="--class-map target=source"):
+        init_project(tmp_path / "p", str(bundle), str(data))
+    assert not (tmp_path / "p").exists()

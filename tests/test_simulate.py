@@ -14,7 +14,7 @@ from asfda.rounds import PoolState
 from asfda.models import load_model
 from asfda.simulate import area_under_curve, run_simulation, split_pool
 from asfda.training import TrainConfig
-from conftest import write_nnunet
+from conftest import write_bundle, write_nnunet
 
 
 def _cfg(tmp_path: Path, bundle: Path, data: Path, out: str = "run") -> RunConfig:
@@ -432,3 +432,16 @@ def test_each_round_records_the_when_to_stop_estimate_beside_the_true_next_gain(
     assert rows[1]["true_next_gain"] == "" and float(rows[0]["predicted_next_gain"]) == pytest.approx(
         rounds[0]["stopping"]["predicted_gain"])
     assert "When to stop" in (res.out_dir / "report.html").read_text()
+
+
+def test_a_dataset_class_the_model_lacks_is_refused_before_any_round(tmp_path: Path) -> None:
+    """Such a class would train a new output channel that the adapted bundle (the source network's) cannot hold:
+    refused up front with the fix, not after a round's work at the export."""
+    from asfda.errors import AsfdaError
+
+    bundle = write_bundle(tmp_path / "b", class_names=("background", "liver"))
+    data = write_nnunet(tmp_path / "ds", n=5, labels={"background": 0, "liver": 1, "spleen": 2})
+    cfg = _cfg(tmp_path, bundle, data)
+    with pytest.raises(AsfdaError, match=r"dataset classes \['spleen'\] are not classes of the model \['liver'\]"):
+        run_simulation(cfg)
+    assert not list((tmp_path / "run").rglob("state.json"))

@@ -108,6 +108,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     splits = {seed: _split(cfg, pool_ds, test_ds, seed) for seed in cfg.seeds}  # budget checked: nothing written yet
     adapter = Adapter(pretrained, pool_ds.class_names, class_map_override=parse_class_map_override(cfg.class_map),
                       cache_dir=cfg.cache_dir, device=cfg.device, progress=cfg.progress)
+    adapter.class_map.refuse_new_classes(Path(cfg.pool) / "dataset.json")
     # every image is read once before anything is written (a constant one is refused); with a cache this is the
     # preparation the rounds would do anyway
     for case in [*pool_ds.cases, *(test_ds.cases if test_ds is not None else ())]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,16 @@ class ClassMap:
 
     def to_dict(self) -> dict:
         return {t: (None if s is None else self.source_names[s]) for t, s in zip(self.target_names, self.source_index)}
+
+    def refuse_new_classes(self, where: str | os.PathLike[str] | None = None) -> None:
+        """Refuses, before any work, a fine-tuning run whose dataset has classes the model lacks: they would train
+        new output channels, which the adapted model, written as the source bundle, cannot hold."""
+        if self.new_classes:
+            raise AsfdaError(f"dataset classes {self.new_classes} are not classes of the model "
+                             f"{[n for n in self.source_names if n != 'background']}: fine-tuning would give them new "
+                             "output channels, which the adapted model (written as the source bundle) cannot hold",
+                             where, "map each onto a model class with --class-map target=source, or leave them out "
+                             "of the dataset's labels")
 
 
 def parse_class_map_override(text: str | None) -> dict[str, str]:

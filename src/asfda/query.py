@@ -5,6 +5,12 @@
   ``.npy`` beside it (rows in the CSV's order) and a JSON sidecar saying how the numbers were made.
 - `query_dataset`: pick the next batch of ``budget`` volumes to annotate with one strategy, given the
   ids labelled so far; write ``query.json`` and print the chosen ids with their score components.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``, `asfda.distributed.rank_context`) both shard the pool's scoring: each rank
+scores its share of the volumes (every pass the strategies need), rank 0 gathers the per-volume records, puts them
+back in the pool's order and computes what is referenced to the whole pool (`Adapter.score_pool`); the temperature
+fit, the selection and every file and message are rank 0's, and the numbers are those of one process. The other
+ranks return None once rank 0 is done.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 from torch import nn
 
 from asfda.adapter import Adapter
+from asfda.distributed import rank_context
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import is_nnunet_dataset, model_labels
@@ -116,8 +123,9 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
                   temperature: float = 1.0, seed: int = 0, model_config: str | None = None,
                   class_map: str | None = None, cache_dir: str | None = ".cache", device: str = "auto",
                   progress: bool = True, trust_model_code: bool = False, output_activation: str | None = None,
-                  precision: str = "fp32") -> dict:
-    """Scores every case of ``data`` with the zero-shot ``model`` for the given strategies.
+                  precision: str = "fp32") -> dict | None:
+    """Scores every case of ``data`` with the zero-shot ``model`` for the given strategies; returns the JSON
+    sidecar's record (None on the ranks other than 0 of a torchrun job: see the module docstring).
 
     Writes ``out`` (CSV: ``case_id``, every metric, asfda's components when asfda is asked for (with
     ``anatomy_<class>``, the predicted soft volume fraction of each foreground class: the space of its diverse
@@ -142,61 +150,67 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
     out = Path(out)
     names = [get_strategy(n).name for n in strategies] if strategies else None
     outputs = [out, *(_sidecar(out, s) for s in (".embeddings.npy", ".badge.npy", ".json"))]
-    loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
-                                   cache_dir=cache_dir, device=device, progress=progress, outputs=outputs,
-                                   trust_model_code=trust_model_code, output_activation=output_activation,
-                                   precision=precision)
-    skipped: list[str] = []
-    if names is None:
-        names = sorted(STRATEGIES)
-        if not has_dropout(adapter.current):
-            skipped = [n for n in names if get_strategy(n).needs.metrics & MC_METRICS]
-            names = [n for n in names if n not in skipped]
-    # asfda: both round-0 gaps and both diversity spaces as columns
-    needs = needs_of(names) | ScoringNeeds(norm_stats="asfda" in names,
-                                           vectors=frozenset({"anatomy"} if "asfda" in names else ()))
-    cases = list(ds.cases)
-    scored = adapter.score_pool(cases, t, needs=needs, seed=seed)
-    ids = [c.case_id for c in cases]
-    columns: dict[str, np.ndarray] = {m: scored.metrics[m] for m in _METRIC_ORDER if m in scored.metrics}
-    columns.update({m: v for m, v in scored.metrics.items() if m not in columns})
-    divergence = None
-    if "asfda" in names:
-        pool = PoolScores(ids, scored.metrics, scored.embeddings, embeddings0=scored.embeddings0,
-                          vectors=scored.vectors)
-        divergence, comps = ASFDAStrategy().pool_components(pool)
-        columns.update({f"asfda_{k}": v for k, v in comps.items() if k not in columns})
-    if "badge" in scored.vectors:
-        columns["badge_gradient_norm"] = np.linalg.norm(scored.vectors["badge"], axis=1)
-    if "anatomy" in scored.vectors:  # asfda's diversity space: the predicted foreground composition
-        for k, name in enumerate(adapter.target_names[1:]):
-            columns[f"anatomy_{name}"] = scored.vectors["anatomy"][:, k]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["case_id", *columns])
-    for i, cid in enumerate(ids):
-        w.writerow([cid, *(f"{float(v[i]):.8g}" for v in columns.values())])
-    atomic_write_text(out, buf.getvalue())
-    emb_path = _sidecar(out, ".embeddings.npy")
-    _save_npy(emb_path, scored.embeddings)
-    files = {"csv": str(out), "embeddings": str(emb_path)}
-    if "badge" in scored.vectors:
-        badge_path = _sidecar(out, ".badge.npy")
-        _save_npy(badge_path, scored.vectors["badge"])
-        files["badge"] = str(badge_path)
-    meta = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
-            "class_map": adapter.class_map.to_dict(), "strategies": names, "skipped_strategies": skipped,
-            "needs": needs.describe(), "scoring": scored.info, "asfda_divergence": divergence, "seed": seed,
-            "precision": precision,
-            "ids": ids, "columns": list(columns), "files": files}
-    meta_path = _sidecar(out, ".json")
-    atomic_write_json(meta_path, meta)
-    if skipped:
-        print(f"note: the network has no dropout, so {skipped} were skipped (use 'tta' for a stochastic-free "
-              "uncertainty)")
-    print(f"scored {len(ids)} cases for {names} ({scored.info['forward_passes_per_volume']} forward passes per "
-          f"volume, T={t:g}); per case: {out}; embeddings: {emb_path}; how: {meta_path}")
-    return meta
+    with rank_context(device) as dist:  # torchrun's ranks, or this one process
+        loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
+                                       cache_dir=cache_dir, device=dist.device(device),
+                                       progress=progress and dist.is_main, outputs=outputs,
+                                       trust_model_code=trust_model_code, output_activation=output_activation,
+                                       precision=precision)
+        skipped: list[str] = []
+        if names is None:
+            names = sorted(STRATEGIES)
+            if not has_dropout(adapter.current):
+                skipped = [n for n in names if get_strategy(n).needs.metrics & MC_METRICS]
+                names = [n for n in names if n not in skipped]
+        # asfda: both round-0 gaps and both diversity spaces as columns
+        needs = needs_of(names) | ScoringNeeds(norm_stats="asfda" in names,
+                                               vectors=frozenset({"anatomy"} if "asfda" in names else ()))
+        cases = list(ds.cases)
+        if not dist.is_main:  # another rank of a torchrun job: score shards for rank 0, which writes the files
+            adapter.serve_pool_shards(dist)
+            return None
+        with adapter.sharded_scoring(dist):
+            scored = adapter.score_pool(cases, t, needs=needs, seed=seed)
+        ids = [c.case_id for c in cases]
+        columns: dict[str, np.ndarray] = {m: scored.metrics[m] for m in _METRIC_ORDER if m in scored.metrics}
+        columns.update({m: v for m, v in scored.metrics.items() if m not in columns})
+        divergence = None
+        if "asfda" in names:
+            pool = PoolScores(ids, scored.metrics, scored.embeddings, embeddings0=scored.embeddings0,
+                              vectors=scored.vectors)
+            divergence, comps = ASFDAStrategy().pool_components(pool)
+            columns.update({f"asfda_{k}": v for k, v in comps.items() if k not in columns})
+        if "badge" in scored.vectors:
+            columns["badge_gradient_norm"] = np.linalg.norm(scored.vectors["badge"], axis=1)
+        if "anatomy" in scored.vectors:  # asfda's diversity space: the predicted foreground composition
+            for k, name in enumerate(adapter.target_names[1:]):
+                columns[f"anatomy_{name}"] = scored.vectors["anatomy"][:, k]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["case_id", *columns])
+        for i, cid in enumerate(ids):
+            w.writerow([cid, *(f"{float(v[i]):.8g}" for v in columns.values())])
+        atomic_write_text(out, buf.getvalue())
+        emb_path = _sidecar(out, ".embeddings.npy")
+        _save_npy(emb_path, scored.embeddings)
+        files = {"csv": str(out), "embeddings": str(emb_path)}
+        if "badge" in scored.vectors:
+            badge_path = _sidecar(out, ".badge.npy")
+            _save_npy(badge_path, scored.vectors["badge"])
+            files["badge"] = str(badge_path)
+        meta = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
+                "class_map": adapter.class_map.to_dict(), "strategies": names, "skipped_strategies": skipped,
+                "needs": needs.describe(), "scoring": scored.info, "asfda_divergence": divergence, "seed": seed,
+                "precision": precision,
+                "ids": ids, "columns": list(columns), "files": files}
+        meta_path = _sidecar(out, ".json")
+        atomic_write_json(meta_path, meta)
+        if skipped:
+            print(f"note: the network has no dropout, so {skipped} were skipped (use 'tta' for a stochastic-free "
+                  "uncertainty)")
+        print(f"scored {len(ids)} cases for {names} ({scored.info['forward_passes_per_volume']} forward passes per "
+              f"volume, T={t:g}); per case: {out}; embeddings: {emb_path}; how: {meta_path}")
+        return meta
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -213,8 +227,9 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
                   representativeness: str = "none",
                   model_config: str | None = None, class_map: str | None = None, cache_dir: str | None = ".cache",
                   device: str = "auto", progress: bool = True, trust_model_code: bool = False,
-                  output_activation: str | None = None, precision: str = "fp32") -> Query:
-    """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``.
+                  output_activation: str | None = None, precision: str = "fp32") -> Query | None:
+    """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``
+    (the `Query`; None on the ranks other than 0 of a torchrun job: see the module docstring).
 
     Args:
         labelled: ids already labelled (an ids file, see `read_ids_file`, or a list); they leave the pool
@@ -238,53 +253,60 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
     strat = build_strategy(strategy, alpha, round0_gap, diversity, representativeness)
     labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
-    loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
-                                   cache_dir=cache_dir, device=device, progress=progress, outputs=[Path(out)],
-                                   trust_model_code=trust_model_code, cold_start_ok=True,
-                                   output_activation=output_activation, precision=precision)
-    cold = adapter.cold_start
-    if cold:  # before any forward pass: a strategy that reads predictions has nothing to read
-        strat.check_cold_start()
-    by_id = ds.by_id()
-    unknown = [i for i in labelled_ids if i not in by_id]
-    if unknown:
-        raise AsfdaError(f"{len(unknown)} labelled ids are not in the dataset, e.g. {unknown[:3]}",
-                         None if labelled is None or isinstance(labelled, list) else labelled,
-                         "list case ids as the dataset names them")
-    state = PoolState({i: 0 for i in labelled_ids})
-    lab_cases = [by_id[i] for i in labelled_ids]  # in the given order (the temperature fit samples in it)
-    pool_cases = [by_id[i] for i in state.unlabelled(sorted(by_id))]
-    if budget > len(pool_cases):
-        raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool_cases)} volumes)",
-                         fix="lower the budget or add volumes to the pool")
-    batch = select_batch(adapter, strat, lab_cases, pool_cases, budget, 1 if lab_cases else 0, seed, t0=1.0,
-                         temperature=None if temperature is None else _check_temperature(temperature))
-    query, t, info = batch.query, batch.temperature.temperature, batch.scoring
-    ece_before, ece_after = batch.temperature.ece_before, batch.temperature.ece_after
-    if not strat.reads_pool:
-        t_source = "unused (the strategy reads no scores)"
-    elif cold:  # METHOD.md's cold start: no head for any target class, only the pretrained embeddings mean something
-        t_source = "unused (cold start: the model has no output for the dataset's classes)"
-    elif ece_before is not None:
-        t_source = "fitted"
-    else:
-        t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
-    record = {"strategy": query.strategy, "budget": budget, "seed": seed, "ids": query.ids,
-              "scores": query.scores, "components": query.components, "labelled": labelled_ids,
-              "pool_size": len(pool_cases), "temperature": t, "temperature_source": t_source,
-              "ece_before": ece_before, "ece_after": ece_after, "model": str(model), "data": str(data),
-              "model_weights_sha256_16": loaded.weights_hash, "needs": strat.needs.describe(),
-              "strategy_settings": strat.settings(), "class_map": adapter.class_map.to_dict(), "cold_start": cold,
-              "scoring": info, "precision": precision}
-    atomic_write_json(Path(out), record)
-    if cold:
-        print(f"note: cold start: no model class {list(loaded.class_names)} matches a dataset label "
-              f"{ds.class_names[1:]}, so every one gets a new output channel and the {query.strategy!r} pick reads the "
-              "model's embeddings alone (fine-tuning such a model is not yet supported from the CLI: `init` and "
-              "`simulate` need at least one matching class)")
-    print(format_query(query))
-    print(f"T={t:.3g} ({t_source}); pool {len(pool_cases)}, labelled {len(lab_cases)}; written: {out}")
-    return query
+    with rank_context(device) as dist:  # torchrun's ranks, or this one process
+        loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
+                                       cache_dir=cache_dir, device=dist.device(device),
+                                       progress=progress and dist.is_main, outputs=[Path(out)],
+                                       trust_model_code=trust_model_code, cold_start_ok=True,
+                                       output_activation=output_activation, precision=precision)
+        cold = adapter.cold_start
+        if cold:  # before any forward pass: a strategy that reads predictions has nothing to read
+            strat.check_cold_start()
+        by_id = ds.by_id()
+        unknown = [i for i in labelled_ids if i not in by_id]
+        if unknown:
+            raise AsfdaError(f"{len(unknown)} labelled ids are not in the dataset, e.g. {unknown[:3]}",
+                             None if labelled is None or isinstance(labelled, list) else labelled,
+                             "list case ids as the dataset names them")
+        state = PoolState({i: 0 for i in labelled_ids})
+        lab_cases = [by_id[i] for i in labelled_ids]  # in the given order (the temperature fit samples in it)
+        pool_cases = [by_id[i] for i in state.unlabelled(sorted(by_id))]
+        if budget > len(pool_cases):
+            raise AsfdaError(f"budget {budget} is larger than the unlabeled pool ({len(pool_cases)} volumes)",
+                             fix="lower the budget or add volumes to the pool")
+        t_given = None if temperature is None else _check_temperature(temperature)
+        if not dist.is_main:  # another rank of a torchrun job: score shards; rank 0 fits T, picks and writes
+            adapter.serve_pool_shards(dist)
+            return None
+        with adapter.sharded_scoring(dist):
+            batch = select_batch(adapter, strat, lab_cases, pool_cases, budget, 1 if lab_cases else 0, seed,
+                                 t0=1.0, temperature=t_given)
+        query, t, info = batch.query, batch.temperature.temperature, batch.scoring
+        ece_before, ece_after = batch.temperature.ece_before, batch.temperature.ece_after
+        if not strat.reads_pool:
+            t_source = "unused (the strategy reads no scores)"
+        elif cold:  # METHOD.md's cold start: no head for any target class, only the pretrained embeddings count
+            t_source = "unused (cold start: the model has no output for the dataset's classes)"
+        elif ece_before is not None:
+            t_source = "fitted"
+        else:
+            t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
+        record = {"strategy": query.strategy, "budget": budget, "seed": seed, "ids": query.ids,
+                  "scores": query.scores, "components": query.components, "labelled": labelled_ids,
+                  "pool_size": len(pool_cases), "temperature": t, "temperature_source": t_source,
+                  "ece_before": ece_before, "ece_after": ece_after, "model": str(model), "data": str(data),
+                  "model_weights_sha256_16": loaded.weights_hash, "needs": strat.needs.describe(),
+                  "strategy_settings": strat.settings(), "class_map": adapter.class_map.to_dict(), "cold_start": cold,
+                  "scoring": info, "precision": precision}
+        atomic_write_json(Path(out), record)
+        if cold:
+            print(f"note: cold start: no model class {list(loaded.class_names)} matches a dataset label "
+                  f"{ds.class_names[1:]}, so every one gets a new output channel and the {query.strategy!r} pick "
+                  "reads the model's embeddings alone (fine-tuning such a model is not yet supported from the CLI: "
+                  "`init` and `simulate` need at least one matching class)")
+        print(format_query(query))
+        print(f"T={t:.3g} ({t_source}); pool {len(pool_cases)}, labelled {len(lab_cases)}; written: {out}")
+        return query
 
 
 def format_query(query: Query) -> str:

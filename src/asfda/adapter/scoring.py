@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +13,31 @@ import torch
 from tqdm.auto import tqdm
 
 from asfda.cache import EngineOutputCache
+from asfda.distributed import DistContext
+from asfda.engine import InferenceEngine
 from asfda.io.datasets import Case
 from asfda.models import state_dict_hash
 from asfda.scoring import expected_calibration_error, fit_temperature
 from asfda.scoring.metrics import anatomy_composition
 from asfda.scoring.needs import ScoringNeeds
-from asfda.scoring.pool import ScoredPool, score_volumes
+from asfda.scoring.pool import (
+    ScoredPool,
+    ScoringPlan,
+    VolumeRecord,
+    finish_pool,
+    score_records,
+    score_volumes,
+    scoring_plan,
+)
 from asfda.scoring.temperature import sample_voxels
 from asfda.selection import PoolScores
 
 from .models import AdaptedModels
 
-__all__ = ["NO_PASSES", "Anchors", "RoundTemperature", "ScoringMixin"]
+__all__ = ["NO_PASSES", "SINGLE_PROCESS", "Anchors", "RoundTemperature", "ScoringMixin"]
+
+SINGLE_PROCESS = DistContext()
+"""One process: no sharding (`ScoringMixin.dist` unless `ScoringMixin.sharded_scoring` sets another)."""
 
 NO_PASSES = {"forward_passes_per_volume": 0, "mc_dropout_passes": 0, "tta_flips": []}
 """The scoring ``info`` of a strategy that reads no scores (random): no forward pass."""
@@ -49,8 +64,38 @@ class Anchors:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _needs_key(needs: ScoringNeeds | None) -> str:
+    """``repr(needs)`` with each set's members sorted: the score cache's key must not depend on the process's string
+    hash seed (a restarted job, or another rank, reads the entries back); equal to ``repr`` for sets of at most one
+    member, so those keys are as they always were."""
+    if needs is None:
+        return repr(None)
+
+    def text(value: object) -> str:
+        if isinstance(value, frozenset):
+            return "frozenset({" + ", ".join(repr(v) for v in sorted(value)) + "})" if value else "frozenset()"
+        return repr(value)
+
+    return f"{type(needs).__name__}(" + ", ".join(f"{f.name}={text(getattr(needs, f.name))}"
+                                                 for f in fields(needs) if f.repr) + ")"
+
+
+@dataclass(frozen=True)
+class _PoolJob:
+    """A pool scoring, as rank 0 sends it to the other ranks of a sharded run (`ScoringMixin.score_pool`)."""
+
+    cases: list[Case]
+    temperature: float
+    grow_voxels: int
+    divergence: bool
+    needs: ScoringNeeds | None
+    seed: int
+
+
 class ScoringMixin(AdaptedModels):
     """Scoring jobs of `asfda.adapter.Adapter` (they read the networks of `AdaptedModels`)."""
+
+    dist: DistContext = SINGLE_PROCESS  # the ranks a pool scoring is sharded over (see sharded_scoring)
 
     # -------------------------------------------------------------------------------------
     def fit_temperature(self, labelled: list[Case], t0: float, seed: int, max_voxels: int = 100_000
@@ -92,8 +137,32 @@ class ScoringMixin(AdaptedModels):
     def score_pool(self, cases: list[Case], temperature: float, *, grow_voxels: int = 2, divergence: bool = True,
                    needs: ScoringNeeds | None = None, seed: int = 0) -> ScoredPool:
         """Streams the unlabeled pool through `asfda.scoring.pool.score_volumes` (see there); ``needs``
-        (a strategy's ``needs``, or `asfda.selection.needs_of` of several) decides the extra passes."""
-        volumes = (self.prepare(c, with_label=False) for c in cases)
+        (a strategy's ``needs``, or `asfda.selection.needs_of` of several) decides the extra passes. Inside
+        `sharded_scoring` (rank 0 of a torchrun job) every rank scores its shard and rank 0 gets the whole pool,
+        rows in the order of ``cases``, with the same numbers as one process computes."""
+        if self.dist.sharded:
+            job = _PoolJob(list(cases), temperature, grow_voxels, divergence, needs, seed)
+            self.dist.broadcast_from_main(job)  # the other ranks wait for it in serve_pool_shards
+            plan, mine = self._shard_records(self.dist, job)
+            parts = self.dist.gather_to_main(mine)
+            assert parts is not None  # rank 0
+            by_id = {r.case_id: r for part in parts for r in part}
+            if len(by_id) != len(cases) or any(c.case_id not in by_id for c in cases):
+                raise RuntimeError(f"the shards gave {len(by_id)} distinct volumes for a pool of {len(cases)}")
+            return finish_pool([by_id[c.case_id] for c in cases], plan, temperature)
+        frozen, cache, key_fn = self._pool_cache(cases, temperature, grow_voxels, divergence, needs, seed)
+        return score_volumes((self.prepare(c, with_label=False) for c in cases), self.engine_current, temperature,
+                             frozen=frozen, grow_voxels=grow_voxels, needs=needs, seed=seed, cache=cache,
+                             cache_key=key_fn, progress=self._pool_bar(len(cases)))
+
+    def _pool_bar(self, total: int) -> Callable[[Iterable], Iterable]:
+        return lambda it: tqdm(it, total=total, desc="score pool", disable=not self.progress, leave=False,
+                               dynamic_ncols=True)
+
+    def _pool_cache(self, cases: list[Case], temperature: float, grow_voxels: int, divergence: bool,
+                    needs: ScoringNeeds | None, seed: int
+                    ) -> tuple[InferenceEngine | None, EngineOutputCache | None, Callable[[str], str] | None]:
+        """The frozen engine when the pool is scored against it, and the per-volume score cache with its key."""
         wants_kd = needs is None or getattr(needs, "divergence", False)
         frozen = self.engine_frozen if (divergence and wants_kd and self.is_adapted) else None
         cache = key_fn = None
@@ -101,17 +170,54 @@ class ScoringMixin(AdaptedModels):
             cache = EngineOutputCache(Path(self.cache_dir) / "scores")
             current_hash = state_dict_hash(self.current.state_dict())
             extra = json.dumps([frozen is not None and self.pretrained.weights_hash, float(temperature),
-                                repr(needs), grow_voxels, seed])
+                                _needs_key(needs), grow_voxels, seed])
             if self.pretrained.output_activation != "softmax" or self.pretrained.adds_background:
                 # the same weights read another way give other numbers (softmax logits: the key as it always was)
                 extra += f"|{self.pretrained.output_activation}:{self.pretrained.activation}"
             prep_key = self.pretrained.preprocessing.cache_key()
             stamps = {c.case_id: f"{c.image_path}:{c.image_path.stat().st_mtime_ns}" for c in cases}
             key_fn = lambda cid: cache.key(cid, current_hash, prep_key, False, extra + stamps.get(cid, ""))  # noqa: E731
-        return score_volumes(volumes, self.engine_current, temperature, frozen=frozen, grow_voxels=grow_voxels,
-                             needs=needs, seed=seed, cache=cache, cache_key=key_fn,
-                             progress=lambda it: tqdm(it, total=len(cases), desc="score pool",
-                                                      disable=not self.progress, leave=False, dynamic_ncols=True))
+        return frozen, cache, key_fn
+
+    def _shard_records(self, dist: DistContext, job: _PoolJob) -> tuple[ScoringPlan, list[VolumeRecord]]:
+        """This rank's shard of the job's cases scored (`asfda.scoring.pool.score_records`, through the score
+        cache: a restarted job reads back what it scored before, whatever the number of ranks)."""
+        mine = dist.shard(job.cases)
+        frozen, cache, key_fn = self._pool_cache(mine, job.temperature, job.grow_voxels, job.divergence, job.needs,
+                                                 job.seed)
+        plan = scoring_plan(self.engine_current, job.needs, frozen is not None)
+        return plan, score_records((self.prepare(c, with_label=False) for c in mine), plan, self.engine_current,
+                                   job.temperature, frozen=frozen, grow_voxels=job.grow_voxels, seed=job.seed,
+                                   cache=cache, cache_key=key_fn, progress=self._pool_bar(len(mine)))
+
+    @contextlib.contextmanager
+    def sharded_scoring(self, dist: DistContext) -> Iterator[None]:
+        """Rank 0 of a torchrun job: every `score_pool` in the block is sharded over the ranks, which score in
+        `serve_pool_shards` until the block ends (the temperature fit, the anchors and the selection stay on rank 0).
+        A single process (``dist.world_size == 1``): nothing changes."""
+        if not dist.sharded:
+            yield
+            return
+        if not dist.is_main:
+            raise ValueError("sharded_scoring is rank 0's; the other ranks call serve_pool_shards")
+        self.dist = dist
+        try:
+            yield
+            dist.broadcast_from_main(None)  # done: the other ranks leave serve_pool_shards
+        finally:
+            self.dist = SINGLE_PROCESS
+
+    def serve_pool_shards(self, dist: DistContext) -> int:
+        """The ranks other than 0: score this rank's shard of every pool rank 0 scores in `sharded_scoring`, send the
+        records to rank 0, until rank 0 leaves that block. Returns how many pools were scored."""
+        if dist.is_main:
+            raise ValueError("serve_pool_shards is for the ranks other than 0; rank 0 uses sharded_scoring")
+        pools = 0
+        while (job := dist.broadcast_from_main(None)) is not None:
+            _, records = self._shard_records(dist, job)
+            dist.gather_to_main(records)
+            pools += 1
+        return pools
 
     def pool_scores(self, cases: list[Case], labelled: list[Case], temperature: float, round_index: int,
                     anchors: Anchors | None = None, grow_voxels: int = 2, *, needs: ScoringNeeds | None = None,

@@ -14,13 +14,17 @@ What runs per volume is driven by the `ScoringNeeds` of the requested strategies
   only; logits are flipped back before they are compared).
 
 Logits never outlive their volume: the MC and TTA passes are folded into running moments.
+
+`score_volumes` is `score_records` (per volume, what one rank of a sharded run does on its shard: raw numbers and
+vectors, cached per volume) then `finish_pool` (the `ScoredPool` of every record, with the pool-referenced
+``norm_kl``: what rank 0 does once it has gathered every shard's records).
 """
 
 from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,8 +48,8 @@ from asfda.scoring.metrics import (
 )
 from asfda.scoring.needs import ScoringNeeds
 
-__all__ = ["ScoredPool", "batchnorm_layers", "instance_norm_layers", "norm_kl_from_stats",
-           "score_volumes"]
+__all__ = ["ScoredPool", "ScoringPlan", "VolumeRecord", "batchnorm_layers", "finish_pool", "instance_norm_layers",
+           "norm_kl_from_stats", "score_records", "score_volumes", "scoring_plan"]
 
 
 @dataclass
@@ -219,12 +223,151 @@ def _tta_variance(engine: InferenceEngine, image: torch.Tensor, prob: torch.Tens
     return float((m2 / len(flips)).double().mean())
 
 
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What runs on each volume and which numbers come out, decided once from the needs and the networks (so the
+    same on every rank of a sharded run; see `scoring_plan`)."""
+
+    names: tuple[str, ...]  # per-volume metrics, in column order
+    mc_passes: int
+    flips: tuple[tuple[int, ...], ...]  # TTA flips (identity included); () when no TTA pass runs
+    bn: tuple[nn.modules.batchnorm._BatchNorm, ...]  # BatchNorm layers read for bn_kl
+    inorm: tuple[nn.modules.instancenorm._InstanceNorm | nn.GroupNorm, ...]  # read for norm_stats -> norm_kl
+    frozen: bool
+    head_gradient: bool
+    anatomy: bool
+
+    def complete(self, values: Mapping[str, object]) -> bool:
+        """Whether a cached entry holds every per-volume value of this plan."""
+        return all(f"m_{n}" in values for n in self.names) and (not self.inorm or "norm_stats" in values) \
+            and (not self.anatomy or "anatomy" in values)
+
+    def info(self, temperature: float) -> dict:
+        divergence = "kd" if self.frozen else ("bn_kl" if self.bn else ("norm_kl" if self.inorm else "feature_gap"))
+        flips = self.flips
+        return {"temperature": float(temperature), "mc_dropout_passes": self.mc_passes,
+                "tta_flips": [list(f) for f in flips] if len(flips) > 1 else [], "batchnorm_layers": len(self.bn),
+                "instance_norm_layers": len(self.inorm),
+                "divergence_available": divergence, "forward_passes_per_volume":
+                    1 + self.frozen + self.mc_passes + sum(1 for f in flips if f) * (len(flips) > 1)}
+
+
+def scoring_plan(current: InferenceEngine, needs: ScoringNeeds | None = None, frozen: bool = False) -> ScoringPlan:
+    """The `ScoringPlan` of ``needs`` on the current engine's network (``frozen``: the pretrained engine runs too)."""
+    needs = needs or ScoringNeeds()
+    mc_passes = needs.mc_dropout  # >= 2 whenever mc_entropy / bald are asked for (ScoringNeeds checks)
+    flips = needs.tta_flips if ("tta_variance" in needs.metrics or len(needs.tta_flips) > 1) else ()
+    bn = batchnorm_layers(current.network) if (needs.feature_stats and not frozen) else []
+    inorm = instance_norm_layers(current.network) if (needs.norm_stats and not frozen and not bn) else []
+    names = ["asd", "enpy", "confidence"] + (["kd"] if frozen else [])
+    names += (["mc_entropy", "bald"] if mc_passes else []) + (["tta_variance"] if len(flips) > 1 else [])
+    names += ["bn_kl"] if bn else []
+    return ScoringPlan(tuple(names), mc_passes, tuple(flips), tuple(bn), tuple(inorm), bool(frozen),
+                       needs.head_gradient, "anatomy" in needs.vectors)
+
+
+@dataclass
+class VolumeRecord:
+    """One volume's raw numbers: ``values`` as the score cache stores them (``m_<metric>`` float64 scalars,
+    ``emb``, and when the plan asks ``emb0``, ``badge``, ``anatomy``, ``norm_stats``); picklable, so that a
+    sharded run can gather them."""
+
+    case_id: str
+    values: Mapping[str, np.ndarray | np.float64]
+
+
+def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, frozen: InferenceEngine | None,
+               temperature: float, grow_voxels: int, seed: int) -> dict[str, np.ndarray | np.float64]:
+    """Every pass of ``plan`` on one volume; its numbers and vectors (the logits are dropped here)."""
+    out: dict[str, np.ndarray | np.float64] = {}
+    stats = _ChannelStats(plan.bn or plan.inorm)
+    with stats.capturing():
+        logits, emb = current.run(vol.image)
+    prob = torch.softmax(logits / temperature, 0)
+    del logits
+    ent, pred = voxel_entropy(prob), prob.argmax(0)  # shared by the metrics below
+    out["m_asd"] = np.float64(anatomical_segmentation_difficulty(prob, grow_voxels, entropy=ent, argmax=pred))
+    out["m_enpy"] = np.float64(mean_entropy(prob, entropy=ent))
+    out["m_confidence"] = np.float64(foreground_confidence(prob))
+    if plan.anatomy:
+        out["anatomy"] = anatomy_composition(prob).numpy()
+    del ent
+    out["emb"] = emb.numpy()
+    if plan.bn:
+        out["m_bn_kl"] = np.float64(stats.divergence())
+    if plan.inorm:
+        out["norm_stats"] = stats.vector()
+    if plan.head_gradient:
+        out["badge"] = badge_embedding(prob, emb).numpy()
+    if frozen is not None:
+        logits0, emb0 = frozen.run(vol.image)
+        prob0 = torch.softmax(logits0 / temperature, 0)
+        out["m_kd"] = np.float64(foreground_kl_divergence(prob, prob0, argmax_t=pred))
+        del prob0
+        out["emb0"] = emb0.numpy()
+        del logits0
+    if plan.mc_passes:
+        mc_ent, mi = _mc_scores(current, vol.image, temperature, plan.mc_passes, seed, case_id)
+        out["m_mc_entropy"], out["m_bald"] = np.float64(mc_ent), np.float64(mi)
+    if len(plan.flips) > 1:
+        out["m_tta_variance"] = np.float64(_tta_variance(current, vol.image, prob, temperature, plan.flips))
+    del prob, pred
+    order = [f"m_{n}" for n in plan.names] + ["emb", "emb0", "badge", "anatomy", "norm_stats"]
+    return {k: out[k] for k in order if k in out}  # the cache entry's order as it always was
+
+
+def score_records(volumes: Iterable, plan: ScoringPlan, current: InferenceEngine, temperature: float, *,
+                  frozen: InferenceEngine | None = None, grow_voxels: int = 2, seed: int = 0,
+                  progress: Callable[[Iterable], Iterable] = lambda x: x,
+                  cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None
+                  ) -> list[VolumeRecord]:
+    """The per-volume half of `score_volumes` (see there for the arguments): one `VolumeRecord` per volume, in the
+    order they came; nothing that needs the whole pool. A sharded run calls it on its shard."""
+    if plan.frozen != (frozen is not None):
+        raise ValueError("the plan and the frozen engine disagree (scoring_plan(..., frozen=frozen is not None))")
+    records: list[VolumeRecord] = []
+    for index, vol in enumerate(progress(volumes)):
+        case_id = str(getattr(vol, "case_id", index))
+        key = cache_key(case_id) if (cache is not None and cache_key is not None) else None
+        hit = cache.get(key) if (cache is not None and key is not None) else None  # (key implies cache)
+        if hit is not None and plan.complete(hit):
+            records.append(VolumeRecord(case_id, hit))
+            continue
+        values = _score_one(vol, case_id, plan, current, frozen, temperature, grow_voxels, seed)
+        records.append(VolumeRecord(case_id, values))
+        release_freed_memory()  # the pool is streamed: keep the resident set flat (see asfda.memory)
+        if cache is not None and key is not None:  # (key implies cache)
+            cache.put(key, values)
+    return records
+
+
+def finish_pool(records: Sequence[VolumeRecord], plan: ScoringPlan, temperature: float) -> ScoredPool:
+    """The `ScoredPool` of ``records`` (rows in their order), with what is referenced to the whole pool (``norm_kl``
+    from every volume's ``norm_stats``): a sharded run calls it once, on the gathered records of every shard."""
+    values = [r.values for r in records]
+    arrays = {n: np.asarray([float(v[f"m_{n}"]) for v in values], dtype=np.float64) for n in plan.names}
+    vectors = {"badge": np.stack([v["badge"] for v in values]) if values else np.zeros((0, 0))} \
+        if plan.head_gradient else {}
+    if plan.anatomy:
+        vectors["anatomy"] = np.stack([v["anatomy"] for v in values]) if values else np.zeros((0, 0))
+    if plan.inorm and values:
+        # pool-referenced: needs every volume's statistics (a sharded run computes it after gathering)
+        vectors["norm_stats"] = np.stack([v["norm_stats"] for v in values])
+        arrays["norm_kl"] = norm_kl_from_stats(vectors["norm_stats"], [int(
+            m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features) for m in plan.inorm])
+    return ScoredPool([r.case_id for r in records], arrays,
+                      np.stack([v["emb"] for v in values]) if values else np.zeros((0, 0)),
+                      np.stack([v["emb0"] for v in values]) if (values and plan.frozen) else None,
+                      vectors, plan.info(temperature))
+
+
 def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: float, *,
                   frozen: InferenceEngine | None = None, grow_voxels: int = 2, needs: ScoringNeeds | None = None,
                   seed: int = 0, progress: Callable[[Iterable], Iterable] = lambda x: x,
                   cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None
                   ) -> ScoredPool:
-    """Per-volume metrics for prepared volumes (objects with ``image`` and ideally ``case_id``).
+    """Per-volume metrics for prepared volumes (objects with ``image`` and ideally ``case_id``): `score_records`
+    then `finish_pool`.
 
     Args:
         volumes: prepared volumes, consumed one at a time.
@@ -241,105 +384,7 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
     Raises:
         AsfdaError: MC dropout was asked for and the network has no dropout layer.
     """
-    needs = needs or ScoringNeeds()
-    mc_passes = needs.mc_dropout  # >= 2 whenever mc_entropy / bald are asked for (ScoringNeeds checks)
-    flips = needs.tta_flips if ("tta_variance" in needs.metrics or len(needs.tta_flips) > 1) else ()
-    bn = batchnorm_layers(current.network) if (needs.feature_stats and frozen is None) else []
-    inorm = instance_norm_layers(current.network) if (needs.norm_stats and frozen is None and not bn) else []
-    names = ["asd", "enpy", "confidence"] + (["kd"] if frozen is not None else [])
-    names += (["mc_entropy", "bald"] if mc_passes else []) + (["tta_variance"] if len(flips) > 1 else [])
-    names += ["bn_kl"] if bn else []
-    metrics: dict[str, list[float]] = {n: [] for n in names}
-    badge: list[np.ndarray] = []
-    anatomy: list[np.ndarray] = []
-    wants_anatomy = "anatomy" in needs.vectors
-    norm_stats: list[np.ndarray] = []
-    ids, embs, embs0 = [], [], []
-    def record(case_id: str, values: dict[str, np.ndarray]) -> None:
-        ids.append(case_id)
-        for name in names:
-            metrics[name].append(float(values[f"m_{name}"]))
-        embs.append(values["emb"])
-        if frozen is not None:
-            embs0.append(values["emb0"])
-        if needs.head_gradient:
-            badge.append(values["badge"])
-        if wants_anatomy:
-            anatomy.append(values["anatomy"])
-        if inorm:
-            norm_stats.append(values["norm_stats"])
-
-    for index, vol in enumerate(progress(volumes)):
-        case_id = str(getattr(vol, "case_id", index))
-        key = cache_key(case_id) if (cache is not None and cache_key is not None) else None
-        hit = cache.get(key) if (cache is not None and key is not None) else None  # (key implies cache)
-        if hit is not None and all(f"m_{n}" in hit for n in names) and (not inorm or "norm_stats" in hit) \
-                and (not wants_anatomy or "anatomy" in hit):
-            record(case_id, hit)
-            continue
-        before = {n: len(metrics[n]) for n in names}
-        n_emb, n_emb0, n_badge = len(embs), len(embs0), len(badge)
-        ids.append(case_id)
-        stats = _ChannelStats(bn or inorm)
-        with stats.capturing():
-            logits, emb = current.run(vol.image)
-        prob = torch.softmax(logits / temperature, 0)
-        del logits
-        ent, pred = voxel_entropy(prob), prob.argmax(0)  # shared by the metrics below
-        metrics["asd"].append(anatomical_segmentation_difficulty(prob, grow_voxels, entropy=ent, argmax=pred))
-        metrics["enpy"].append(mean_entropy(prob, entropy=ent))
-        metrics["confidence"].append(foreground_confidence(prob))
-        if wants_anatomy:
-            anatomy.append(anatomy_composition(prob).numpy())
-        del ent
-        embs.append(emb.numpy())
-        if bn:
-            metrics["bn_kl"].append(stats.divergence())
-        if inorm:
-            norm_stats.append(stats.vector())
-        if needs.head_gradient:
-            badge.append(badge_embedding(prob, emb).numpy())
-        if frozen is not None:
-            logits0, emb0 = frozen.run(vol.image)
-            prob0 = torch.softmax(logits0 / temperature, 0)
-            metrics["kd"].append(foreground_kl_divergence(prob, prob0, argmax_t=pred))
-            del prob0
-            embs0.append(emb0.numpy())
-            del logits0
-        if mc_passes:
-            mc_ent, mi = _mc_scores(current, vol.image, temperature, mc_passes, seed, case_id)
-            metrics["mc_entropy"].append(mc_ent)
-            metrics["bald"].append(mi)
-        if len(flips) > 1:
-            metrics["tta_variance"].append(_tta_variance(current, vol.image, prob, temperature, flips))
-        del prob, pred
-        release_freed_memory()  # the pool is streamed: keep the resident set flat (see asfda.memory)
-        if cache is not None and key is not None:  # (key implies cache)
-            entry: dict[str, np.ndarray | np.float64] = {f"m_{n}": np.float64(metrics[n][before[n]]) for n in names}
-            entry["emb"] = embs[n_emb]
-            if frozen is not None:
-                entry["emb0"] = embs0[n_emb0]
-            if needs.head_gradient:
-                entry["badge"] = badge[n_badge]
-            if wants_anatomy:
-                entry["anatomy"] = anatomy[-1]
-            if inorm:
-                entry["norm_stats"] = norm_stats[-1]
-            cache.put(key, entry)
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in metrics.items()}
-    vectors = {"badge": np.stack(badge) if badge else np.zeros((0, 0))} if needs.head_gradient else {}
-    if wants_anatomy:
-        vectors["anatomy"] = np.stack(anatomy) if anatomy else np.zeros((0, 0))
-    if inorm and norm_stats:
-        # pool-referenced: needs every volume's statistics (a sharded run computes it after gathering)
-        vectors["norm_stats"] = np.stack(norm_stats)
-        arrays["norm_kl"] = norm_kl_from_stats(vectors["norm_stats"], [int(
-            m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features) for m in inorm])
-    divergence = "kd" if frozen is not None else ("bn_kl" if bn else ("norm_kl" if inorm else "feature_gap"))
-    info = {"temperature": float(temperature), "mc_dropout_passes": mc_passes,
-            "tta_flips": [list(f) for f in flips] if len(flips) > 1 else [], "batchnorm_layers": len(bn),
-            "instance_norm_layers": len(inorm),
-            "divergence_available": divergence, "forward_passes_per_volume":
-                1 + (frozen is not None) + mc_passes + sum(1 for f in flips if f) * (len(flips) > 1)}
-    return ScoredPool(ids, arrays, np.stack(embs) if embs else np.zeros((0, 0)),
-                      np.stack(embs0) if embs0 else None, vectors, info)
+    plan = scoring_plan(current, needs, frozen is not None)
+    records = score_records(volumes, plan, current, temperature, frozen=frozen, grow_voxels=grow_voxels, seed=seed,
+                            progress=progress, cache=cache, cache_key=cache_key)
+    return finish_pool(records, plan, temperature)

@@ -56,7 +56,8 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
     ds = project.dataset()
     adapter = project.adapter(progress, device, precision)
     labelled = project.labelled_cases(ds)
-    unlabelled = [ds.by_id()[i] for i in project.pool_state().unlabelled([c.case_id for c in ds.cases])]
+    by_id = ds.by_id()
+    unlabelled = [by_id[i] for i in project.pool_state().unlabelled([c.case_id for c in ds.cases])]
     rounds = project.state["rounds"]
     # after a round the guard discarded: this query replaces the volumes it blames (their labels are kept)
     replaces = ({"round": rounds[-1]["round"], "ids": blamed(trained_history(rounds))[-1]}
@@ -71,7 +72,6 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
                          grow_voxels=s.grow_voxels)
     query, temp = batch.query, batch.temperature
     folder = project.root / "annotate" / f"round{r}"
-    by_id = ds.by_id()
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     for cid in query.ids:

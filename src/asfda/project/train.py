@@ -46,12 +46,13 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
         adapter = project.adapter(progress, device)
         t0 = time.perf_counter()
         temp, _ = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
-        unlabelled = [ds.by_id()[i] for i in project.pool_state().unlabelled([c.case_id for c in ds.cases])]
+        by_id = ds.by_id()
+        unlabelled = [by_id[i] for i in project.pool_state().unlabelled([c.case_id for c in ds.cases])]
         train = dataclasses.replace(s.train, seed=s.seed * 1000 + r, precision=precision or s.train.precision)
         # when to stop (asfda.stopping): a few seeded unlabeled volumes predicted before and after the round
         done = train_on_labels(adapter, labelled, unlabelled, project.state["rounds"], train, s.semi,
                                   temp.temperature, desc=f"round {r}",
-                                  probe_ids=stopping.probe_ids(ds.by_id(), stopping.PROBE_VOLUMES, s.seed,
+                                  probe_ids=stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, s.seed,
                                                                exclude=current))
         result, held, probe_rec = done.training, done.held_back, done.probe
         hist, reliable = result.history, result.reliable

@@ -143,15 +143,58 @@ def _jload(path: Path) -> dict | None:
         return None
 
 
-METRICS = ("dice_mean", "lcc_dice_mean")
-"""Case Dice read from the per-case rows: as predicted, or after cutting each organ to its largest component."""
+METRICS = ("dice_mean", "lcc_dice_mean", "pp_dice_mean")
+"""Case Dice read from the per-case rows: as predicted, after cutting each organ to its largest component, or after
+cutting only the organs the cross-validation chose (`choose_postprocessing`: nnU-Net's rule)."""
+POSTPROCESSING = "postprocessing.json"
 
 
-def _dice_by_case(per_case: list[dict], metric: str = "dice_mean") -> dict[str, float]:
-    return {r["case_id"]: float(r.get(metric, math.nan)) for r in per_case}
+def _classes(row: dict) -> list[str]:
+    return [k[len("dice_"):] for k in row if k.startswith("dice_") and k != "dice_mean"]
 
 
-def read_fold(out: str | Path, strategies: Sequence[str], seeds: Sequence[int], metric: str = "dice_mean") -> dict:
+def _case_dice(row: dict, metric: str, pp: Sequence[str] = ()) -> float:
+    """A per-case row's Dice under ``metric``; ``pp_dice_mean``: the mean over classes of the Dice after cutting the
+    classes in ``pp`` to their largest component, the others as predicted (NaN classes left out, as simulate does)."""
+    if metric != "pp_dice_mean":
+        return float(row.get(metric, math.nan))
+    vals = [float(row.get(f"lcc_dice_{c}" if c in pp else f"dice_{c}", math.nan)) for c in _classes(row)]
+    vals = [v for v in vals if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _dice_by_case(per_case: list[dict], metric: str = "dice_mean", pp: Sequence[str] = ()) -> dict[str, float]:
+    return {r["case_id"]: _case_dice(r, metric, pp) for r in per_case}
+
+
+def choose_postprocessing(out: str | Path, folds: int, strategies: Sequence[str], seeds: Sequence[int]) -> dict:
+    """nnU-Net's choice of post-processing by cross-validation, per class: cut a class to its largest connected
+    component when that raises the class's mean Dice over every fine-tuned prediction of the cross-validation (each
+    test volume in its fold, every strategy, seed and labelled count n >= 1; NaN Dice left out). Returns
+    ``{"classes": [chosen], "per_class": {class: {"dice": x, "lcc_dice": y, "predictions": k}}, "rule": str}``."""
+    out = Path(out)
+    sums: dict[str, list[list[float]]] = {}
+    for k in range(folds):
+        for name in strategies:
+            for seed in seeds:
+                st = _jload(out / f"fold{k}" / name / f"seed{seed}" / "state.json") or {}
+                for rec in st.get("rounds", []):
+                    for row in rec.get("per_case") or []:
+                        for c in _classes(row):
+                            a, b = float(row.get(f"dice_{c}", math.nan)), float(row.get(f"lcc_dice_{c}", math.nan))
+                            if not (math.isnan(a) or math.isnan(b)):
+                                sums.setdefault(c, []).append([a, b])
+    per_class = {c: {"dice": float(np.mean([v[0] for v in vals])), "lcc_dice": float(np.mean([v[1] for v in vals])),
+                     "predictions": len(vals)} for c, vals in sums.items()}
+    chosen = [c for c, v in per_class.items() if v["lcc_dice"] > v["dice"]]
+    return {"classes": chosen, "per_class": per_class,
+            "rule": "largest component for a class when it raises the class's mean Dice over every fine-tuned "
+                    "prediction of the cross-validation (nnU-Net's rule, per class)",
+            "predict": f"asfda predict --largest-component {','.join(chosen)}" if chosen else "no post-processing"}
+
+
+def read_fold(out: str | Path, strategies: Sequence[str], seeds: Sequence[int], metric: str = "dice_mean",
+              pp: Sequence[str] = ()) -> dict:
     """What fold folder ``out`` holds, straight from simulate's files (no model needed).
 
     ``{"zero": {seed: {case: dice}}, "upper": {seed: {"dice": {case: dice}, "steps": int, "pool": [ids]}},
@@ -166,16 +209,16 @@ def read_fold(out: str | Path, strategies: Sequence[str], seeds: Sequence[int], 
     for seed in seeds:
         zs = _jload(out / f"zero_shot_seed{seed}.json")
         if zs and zs.get("per_case"):
-            res["zero"][seed] = _dice_by_case(zs["per_case"], metric)
+            res["zero"][seed] = _dice_by_case(zs["per_case"], metric, pp)
         ub = _jload(out / UPPER / f"seed{seed}.json")
         if ub and ub.get("per_case"):
-            res["upper"][seed] = {"dice": _dice_by_case(ub["per_case"], metric), "steps": ub.get("steps"),
+            res["upper"][seed] = {"dice": _dice_by_case(ub["per_case"], metric, pp), "steps": ub.get("steps"),
                                   "pool": (ub.get("key") or {}).get("pool", [])}
         for name in strategies:
             st = _jload(out / name / f"seed{seed}" / "state.json")
             if st:
                 res["runs"][name][seed] = {
-                    int(r["n_labelled"]): {"dice": _dice_by_case(r["per_case"], metric), "device": r.get("device"),
+                    int(r["n_labelled"]): {"dice": _dice_by_case(r["per_case"], metric, pp), "device": r.get("device"),
                                            "round": r["round"],
                                            "reverted": bool((r.get("guard") or {}).get("reverted"))}
                     for r in st.get("rounds", []) if r.get("per_case")}
@@ -303,14 +346,15 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, strategie
               seeds: Sequence[int] = (0, 1), rounds: int = 4, upper_bound: bool = True,
               upper_bound_steps: int | None = None, steps: int | None = None, precision: str | None = None,
               command: str = "", machine_line: str | None = None, commit: str | None = None,
-              plot: bool = True, metric: str = "dice_mean") -> dict:
+              plot: bool = True, metric: str = "dice_mean", pp: Sequence[str] = ()) -> dict:
     """Reads every fold folder ``out/fold<k>`` and writes ``out/summary.json``, ``out/README.md`` and
     ``out/learning_curve.png``; returns the summary. Only files on disk are read: a fold not run (yet) is listed
     under "missing" and "complete" is false. Results on disk for other test cases than ``assignment`` says (a
     folder of another fold assignment) count as missing. ``steps`` / ``precision`` / ``upper_bound_steps``, when
     given, are checked against each fold's run.json (mismatches become per-fold warnings). ``metric``
     ``lcc_dice_mean`` reads the Dice after largest-component post-processing instead, into
-    ``summary.lcc_dice_mean.json`` (and README / curve of the same suffix)."""
+    ``summary.lcc_dice_mean.json`` (and README / curve of the same suffix); ``pp_dice_mean`` cuts only the classes
+    ``pp`` (the cross-validation's choice, `choose_postprocessing`)."""
     out = Path(out)
     strategies, seeds = list(strategies), list(seeds)
     ns = list(range(1, rounds + 1))
@@ -320,7 +364,7 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, strategie
     vols: dict[str, dict] = {}
     for k, test_ids in enumerate(assignment):
         fdir = out / f"fold{k}"
-        got = read_fold(fdir, strategies, seeds, metric)
+        got = read_fold(fdir, strategies, seeds, metric, pp)
         test_set = set(test_ids)
         warnings = []
         for case in test_ids:
@@ -405,6 +449,7 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, strategie
                          **{name: {n: _mean(v["runs"][name][n].values()) for n in ns} for name in strategies}}
     summary = {
         "folds": len(assignment), "seeds": seeds, "metric": metric,
+        **({"postprocessing": list(pp)} if metric == "pp_dice_mean" else {}),
         "zero_shot": _mean(zero_by_seed.values()),
         "upper_bound": _mean(_mean(vols[c]["upper"].get(s) for c in cases) for s in seeds) if cases else None,
         "strategies": summary_strategies, "per_fold": per_fold, "per_volume": per_volume,
@@ -489,14 +534,24 @@ def readme(summary: dict) -> str:
                     f" PARTIAL: each number is the mean over the test volumes that have it (zero-shot: {have_zero}; "
                     + "; ".join(f"{name} n={','.join(ns[1:])}: {', '.join(str(have[name][n]) for n in ns[1:])}"
                                 for name in names) + f" of {len(summary['per_volume'])}).")
+    metric = summary.get("metric", "dice_mean")
+    title, what = {
+        "dice_mean": ("", "as predicted (`dice_mean`); after largest-component post-processing of every organ: "
+                      "README.lcc_dice_mean.md; of the organs the cross-validation chose: README.pp_dice_mean.md"),
+        "lcc_dice_mean": (" (Dice after largest-component post-processing)",
+                          "after cutting each organ to its largest connected component (`lcc_dice_mean`); the plain "
+                          "Dice is in README.md"),
+        "pp_dice_mean": (" (Dice after the post-processing the cross-validation chose)",
+                         "after cutting the organs the cross-validation chose ("
+                         + (", ".join(summary.get("postprocessing") or []) or "none")
+                         + ") to their largest connected component, nnU-Net's rule: a class is cut when that raises "
+                         "its mean Dice over every fine-tuned prediction of the cross-validation (postprocessing.json; "
+                         "the choice is made on these same predictions, as nnU-Net does); the plain Dice is in "
+                         "README.md"),
+    }[metric]
     lines = [
-        f"# {summary['folds']}-fold cross-validated active adaptation"
-        + (" (Dice after largest-component post-processing)" if summary.get("metric", "dice_mean") != "dice_mean"
-           else ""), "",
-        "Case Dice " + ("after cutting each organ to its largest connected component (`lcc_dice_mean`); the plain "
-                        "Dice is in README.md" if summary.get("metric", "dice_mean") != "dice_mean" else
-                        "as predicted (`dice_mean`); after largest-component post-processing: "
-                        "README.lcc_dice_mean.md") + ".", "",
+        f"# {summary['folds']}-fold cross-validated active adaptation{title}", "",
+        f"Case Dice {what}.", "",
         f"Command: `{summary['command']}`  ",
         f"Machine (this summary): {summary['machine']}  ",
         f"Code: asfda commit {summary['commit']}  ",
@@ -638,11 +693,13 @@ def main(argv: list[str] | None = None) -> dict:
                      upper_bound=not args.no_upper_bound, upper_bound_steps=args.upper_bound_steps,
                      cache_dir=args.cache_dir, progress=sys.stderr.isatty(), report=not args.no_report,
                      command=command, machine_line=where, commit=version)
+    choice = choose_postprocessing(out, len(assignment), strategies, seeds)
+    atomic_write_json(out / POSTPROCESSING, choice)
     for metric in reversed(METRICS):  # the plain Dice last: its summary is the one returned
         summary = summarize(out, assignment, strategies=strategies, seeds=seeds, rounds=args.rounds,
                             upper_bound=not args.no_upper_bound, upper_bound_steps=args.upper_bound_steps,
                             steps=args.steps, precision=args.precision, command=command, machine_line=where,
-                            commit=version, metric=metric)
+                            commit=version, metric=metric, pp=choice["classes"])
     print((out / "README.md").read_text())
     return summary
 

@@ -160,3 +160,29 @@ def test_main_summarize_only_reads_disk_and_refuses_other_folds(tmp_path: Path) 
     (out / cv.FOLDS_FILE).write_text(json.dumps({"folds": 2, "fold_seed": 5, "assignment": [["case00"], ["x"]]}))
     with pytest.raises(SystemExit):
         cv.main([*args, "--summarize-only"])
+
+
+def _row(case: str, dice: dict[str, float], lcc: dict[str, float]) -> dict:
+    return {"case_id": case, "dice_mean": sum(dice.values()) / len(dice), **{f"dice_{c}": v for c, v in dice.items()},
+            "lcc_dice_mean": sum(lcc.values()) / len(lcc), **{f"lcc_dice_{c}": v for c, v in lcc.items()}}
+
+
+def test_postprocessing_is_chosen_per_class_by_the_cross_validation(tmp_path: Path) -> None:
+    # liver: the largest component helps on average (0.8, 0.6 -> 0.9, 0.6); spleen: it hurts (0.7, 0.5 -> 0.4, 0.5)
+    rows = [_row("a", {"liver": 0.8, "spleen": 0.7}, {"liver": 0.9, "spleen": 0.4}),
+            _row("b", {"liver": 0.6, "spleen": 0.5}, {"liver": 0.6, "spleen": 0.5})]
+    for k, row in enumerate(rows):
+        run = tmp_path / f"fold{k}" / "random" / "seed0"
+        run.mkdir(parents=True)
+        (run / "state.json").write_text(json.dumps({"rounds": [{"n_labelled": 1, "round": 0, "per_case": [row]}]}))
+    choice = cv.choose_postprocessing(tmp_path, 2, ["random", "asfda"], [0])
+    assert choice["classes"] == ["liver"]
+    assert choice["per_class"]["liver"] == pytest.approx({"dice": 0.7, "lcc_dice": 0.75, "predictions": 2})
+    assert choice["per_class"]["spleen"] == pytest.approx({"dice": 0.6, "lcc_dice": 0.45, "predictions": 2})
+    assert choice["predict"] == "asfda predict --largest-component liver"
+    # the case Dice with the choice: liver cut, spleen as predicted
+    assert cv._case_dice(rows[0], "pp_dice_mean", choice["classes"]) == pytest.approx((0.9 + 0.7) / 2)
+    assert cv._case_dice(rows[0], "lcc_dice_mean") == pytest.approx((0.9 + 0.4) / 2)
+    assert cv._case_dice(rows[0], "pp_dice_mean", []) == pytest.approx(rows[0]["dice_mean"])
+    nan_row = {**rows[1], "dice_spleen": float("nan")}
+    assert cv._case_dice(nan_row, "pp_dice_mean", ["liver"]) == pytest.approx(0.6)  # NaN classes left out

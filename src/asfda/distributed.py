@@ -9,6 +9,7 @@ nccl on CUDA) when ``WORLD_SIZE > 1``; otherwise it is a no-op single-process co
     with rank_context("auto") as ctx:
         mine = ctx.shard(items)                     # this rank's share, deterministic
         parts = ctx.gather_to_main(work(mine))      # rank 0: every rank's result, in rank order; others: None
+        every = ctx.all_gather(work(mine))          # the same on every rank (all ranks run the same code)
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class DistContext:
             return [obj]
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
         torch_dist.gather_object(obj, out, dst=0)
+        return out
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (the job's ranks run the same code: SPMD)."""
+        if not self.sharded:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
         return out
 
     def broadcast_from_main(self, obj: Any = None) -> Any:

@@ -88,11 +88,14 @@ def select_batch(adapter: Adapter, strategy, labelled: list[Case], unlabelled: l
                  temperature: float | None = None) -> BatchSelection:
     """Scores ``unlabelled`` for ``strategy`` with T fitted on ``labelled`` (``t0`` when none; ``temperature``: a
     given T, no fit; a strategy that reads no scores gets the ids alone, unless ``always_score``; see
-    `Adapter.round_scores`) and picks ``budget`` of them (seeded by ``seed``)."""
+    `Adapter.round_scores`) and picks ``budget`` of them (seeded by ``seed``). Inside `Adapter.all_ranks` the pool's
+    scoring is sharded over the ranks and every rank returns rank 0's pick."""
     start = time.perf_counter()
     temp, scores, info = adapter.round_scores(strategy, labelled, unlabelled, t0, round_index, seed, grow_voxels,
                                               always=always_score, temperature=temperature)
     query = strategy.select(scores, budget, seed)
+    if adapter.spmd:  # every rank of a torchrun job picked from the same gathered scores: rank 0's pick is the one
+        query = adapter.dist.broadcast_from_main(query)
     return BatchSelection(temp, scores, info, query, time.perf_counter() - start)
 
 
@@ -143,6 +146,10 @@ def train_on_labels(adapter: Adapter, labelled: list[Case], unlabelled: list[Cas
 
 
 def _probe(adapter: Adapter, by_id: dict[str, Case], ids: list[str]) -> dict:
-    """`asfda.stopping.probe_outputs` of the current model on ``ids`` (one forward pass each)."""
-    return stopping.probe_outputs(
-        ids, lambda i: adapter.engine_current.run(adapter.prepare(by_id[i], with_label=False).image)[0])
+    """`asfda.stopping.probe_output` of the current model on ``ids`` (one forward pass each; sharded over the ranks
+    inside `Adapter.all_ranks`)."""
+    outputs = adapter.map_cases(
+        [by_id[i] for i in ids],
+        lambda c: stopping.probe_output(adapter.engine_current.run(adapter.prepare(c, with_label=False).image)[0]),
+        "probe")
+    return dict(zip(ids, outputs, strict=True))

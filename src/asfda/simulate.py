@@ -20,6 +20,7 @@ import torch
 from asfda import stopping
 from asfda.adapter import Adapter, mean_of
 from asfda.config import RunConfig, config_to_dict
+from asfda.distributed import rank_context
 from asfda.engine import describe_device
 from asfda.errors import AsfdaError, RunSettingsChanged
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
@@ -51,6 +52,7 @@ class SimulationResult:
     out_dir: Path
     rows: list[dict]  # one per (strategy, seed, n_labelled)
     summary: dict[str, dict]
+    written: bool = True  # False on the ranks of a torchrun job other than 0 (rank 0 writes the files)
 
 
 def split_pool(ids: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -106,23 +108,50 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
         if overlap:
             raise AsfdaError(f"case ids {sorted(overlap)[:5]} are in both the pool and the test set", cfg.test)
     splits = {seed: _split(cfg, pool_ds, test_ds, seed) for seed in cfg.seeds}  # budget checked: nothing written yet
-    adapter = Adapter(pretrained, pool_ds.class_names, class_map_override=parse_class_map_override(cfg.class_map),
-                      cache_dir=cfg.cache_dir, device=cfg.device, progress=cfg.progress)
-    adapter.class_map.refuse_new_classes(Path(cfg.pool) / "dataset.json")
+    with rank_context(cfg.device) as dist:  # torchrun's ranks (every rank runs this; rank 0 writes), or one process
+        adapter = Adapter(pretrained, pool_ds.class_names, class_map_override=parse_class_map_override(cfg.class_map),
+                          cache_dir=cfg.cache_dir, device=dist.device(cfg.device),
+                          progress=cfg.progress and dist.is_main)
+        adapter.class_map.refuse_new_classes(Path(cfg.pool) / "dataset.json")
+        cases = [*pool_ds.cases, *(test_ds.cases if test_ds is not None else ())]
+        with adapter.all_ranks(dist):
+            rows = _run_all(adapter, cfg, out, splits, cases)
+        if not dist.is_main:
+            return SimulationResult(out, rows, summarise(rows), written=False)
+        summary = summarise(rows)
+        write_results(out, rows, summary)
+        write_per_case(out, cfg)
+        write_stopping(out, cfg)
+        if cfg.report:
+            previews = write_previews(out, adapter, pool_ds, list(cfg.strategies), cfg.seeds[0], cfg.previews)
+            write_run_report(out, cfg, summary, rows, previews)
+    return SimulationResult(out, rows, summary)
+
+
+def _run_all(adapter: Adapter, cfg: RunConfig, out: Path, splits: dict[int, tuple[list[Case], list[Case]]],
+             cases: list[Case]) -> list[dict]:
+    """Every seed's zero-shot, strategies and upper bound (the rows of the results table). Under torchrun every rank
+    runs this (`Adapter.all_ranks`: scoring, guard and evaluation sharded, fine-tuning one DDP job); rank 0 writes."""
+    main = adapter.dist.is_main
     # every image is read once before anything is written (a constant one is refused); with a cache this is the
     # preparation the rounds would do anyway
-    for case in [*pool_ds.cases, *(test_ds.cases if test_ds is not None else ())]:
+    def read(case: Case) -> None:
         adapter.prepare(case, with_label=False)
-    out.mkdir(parents=True, exist_ok=True)
+
+    adapter.map_cases(cases, read, "read")  # each rank reads its shard
     pretrained_state = adapter.current_state()
-    atomic_write_json(out / "run.json", {
-        "config": config_to_dict(cfg), "versions": _versions(), "model_weights_sha256_16": pretrained.weights_hash,
-        "class_map": adapter.class_map.to_dict(), "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "run.json", {
+            "config": config_to_dict(cfg), "versions": _versions(),
+            "model_weights_sha256_16": adapter.pretrained.weights_hash, "class_map": adapter.class_map.to_dict(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            **({"world_size": adapter.dist.world_size} if adapter.dist.sharded else {})})
     rows: list[dict] = []
     from tqdm.auto import tqdm
 
     overall = tqdm(total=len(cfg.seeds) * len(cfg.strategies) * cfg.rounds, desc="rounds", unit="round",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and main), dynamic_ncols=True)
     for seed in cfg.seeds:
         pool_cases, test_cases = splits[seed]
         zero = _zero_shot(adapter, test_cases, out / f"zero_shot_seed{seed}.json", cfg.evaluate_tta)
@@ -134,14 +163,14 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
             rows.append(_upper_bound(adapter, cfg, seed, pool_cases, test_cases))
         adapter.load_current_state(pretrained_state)
     overall.close()
-    summary = summarise(rows)
-    write_results(out, rows, summary)
-    write_per_case(out, cfg)
-    write_stopping(out, cfg)
-    if cfg.report:
-        previews = write_previews(out, adapter, pool_ds, list(cfg.strategies), cfg.seeds[0], cfg.previews)
-        write_run_report(out, cfg, summary, rows, previews)
-    return SimulationResult(out, rows, summary)
+    return rows
+
+
+def _saved_json(adapter: Adapter, path: Path) -> dict | None:
+    """``path``'s JSON (None when it is missing), as rank 0 reads it: inside `Adapter.all_ranks` rank 0 reads it and
+    sends it to the other ranks, so every rank takes the same resume decision."""
+    data = json.loads(path.read_text()) if adapter.dist.is_main and path.exists() else None
+    return adapter.dist.broadcast_from_main(data) if adapter.spmd else data
 
 
 def _split(cfg: RunConfig, pool_ds, test_ds, seed: int) -> tuple[list[Case], list[Case]]:
@@ -176,16 +205,16 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
            "train": {k: v for k, v in _without_later_defaults(config_to_dict(train), ("train",)).items()
                      if k not in ("guard", "guard_volumes")}, **({"evaluate_tta": True} if cfg.evaluate_tta else {})}
     per_case = None
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            per_case, seconds = saved["per_case"], saved["seconds_train"]
+    saved = _saved_json(adapter, path)
+    if saved is not None and saved.get("key") == key:
+        per_case, seconds = saved["per_case"], saved["seconds_train"]
     if per_case is None:
         t0 = time.perf_counter()
         adapter.finetune(pool, train, desc=f"upper bound seed{seed} ({len(pool)} labelled)")
         seconds = round(time.perf_counter() - t0, 2)
         per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
-        atomic_write_json(path, {"key": key, "per_case": per_case, "seconds_train": seconds, "steps": steps})
+        if adapter.dist.is_main:
+            atomic_write_json(path, {"key": key, "per_case": per_case, "seconds_train": seconds, "steps": steps})
     return {"strategy": UPPER_BOUND, "seed": seed, "round": -1, "n_labelled": len(pool),
             "dice_mean": mean_of(per_case, "dice_mean"),
             **{k: mean_of(per_case, k) for k in per_case[0] if k.startswith("dice_") and k != "dice_mean"},
@@ -195,12 +224,12 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
 def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path, tta: bool = False) -> list[dict]:
     key = {"model": adapter.pretrained.weights_hash, "test": [c.case_id for c in test_cases],
            **({"evaluate_tta": True} if tta else {})}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["per_case"]
+    saved = _saved_json(adapter, path)
+    if saved is not None and saved.get("key") == key:
+        return saved["per_case"]
     per_case = adapter.evaluate(test_cases, pretrained=True, tta=tta)
-    atomic_write_json(path, {"key": key, "per_case": per_case})
+    if adapter.dist.is_main:
+        atomic_write_json(path, {"key": key, "per_case": per_case})
     return per_case
 
 
@@ -214,14 +243,14 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     state = PoolState()
     rounds: list[dict] = []
     fingerprint = _fingerprint(cfg, adapter, name, seed, pool, test)
-    if state_path.exists():  # resume
-        saved = json.loads(state_path.read_text())
+    saved = _saved_json(adapter, state_path)
+    if saved is not None:  # resume
         legacy = _fingerprint(cfg, adapter, name, seed, pool, test, legacy=True)  # written before paths left it
         if saved.get("fingerprint") not in (fingerprint, legacy):
             import dataclasses
 
             as_embedding = dataclasses.replace(cfg, diversity="embedding")
-            if strategy.name == "asfda" and cfg.diversity != "embedding" and saved.get("fingerprint") in (
+            if strategy.name == "asfda" and cfg.diversity != "embedding" and saved.get("fingerprint") in tuple(
                     _fingerprint(as_embedding, adapter, name, seed, pool, test, legacy=old) for old in (False, True)):
                 raise RunSettingsChanged("this asfda run picked its batches with diversity: embedding, and this "
                                          f"config asks for diversity: {cfg.diversity}", state_path.parent,
@@ -288,16 +317,17 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         # weights first (a new file per round), then the state that names them: a kill between the two
         # leaves the previous state pointing at the previous round's weights
         weights_name = f"weights_round{r}.safetensors"
-        atomic_write(run_dir / weights_name, lambda p: save_file(adapter.current_state(), str(p)))
-        atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds, "weights": weights_name,
-                                       "fingerprint": fingerprint})
-        for old in run_dir.glob("weights_round*.safetensors"):
-            if old.name != weights_name:
-                old.unlink(missing_ok=True)
+        if adapter.dist.is_main:  # under torchrun every rank holds the same weights and record; rank 0 writes them
+            atomic_write(run_dir / weights_name, lambda p: save_file(adapter.current_state(), str(p)))
+            atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds, "weights": weights_name,
+                                           "fingerprint": fingerprint})
+            for old in run_dir.glob("weights_round*.safetensors"):
+                if old.name != weights_name:
+                    old.unlink(missing_ok=True)
         if overall is not None:
             overall.update(1)
             overall.set_postfix(strategy=name, seed=seed, dice=f"{record['dice_mean']:.3f}")
-    if rounds and _bundle_rounds(run_dir) != len(rounds) \
+    if adapter.dist.is_main and rounds and _bundle_rounds(run_dir) != len(rounds) \
             and (run_dir / f"weights_round{len(rounds) - 1}.safetensors").is_file():  # the adapted model, as a bundle
         adapter.export_bundle(run_dir / "bundle", {
             "strategy": name, "seed": seed, "rounds": len(rounds), "labelled": state.labelled_ids(),

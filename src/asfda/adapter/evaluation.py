@@ -43,16 +43,20 @@ class EvaluationMixin(AdaptedModels):
 
         Each label is checked as `asfda ingest` checks it: integer values among the target's label values. With
         ``tta`` the logits are averaged over the engine's flips (never left-right), as `asfda predict --tta`. Each
-        row also has ``lcc_dice_*``: the Dice after cutting every organ to its largest connected component."""
+        row also has ``lcc_dice_*``: the Dice after cutting every organ to its largest connected component. Inside
+        `all_ranks` the cases are sharded over the ranks and every rank gets every row."""
         engine = self.engine_frozen if pretrained else self.engine_current
-        rows = []
         n = len(self.target_names)
-        for case in self._bar(cases, "evaluate"):
+        fg = tuple(range(1, n))
+
+        def one(case: Case) -> dict:
+            if case.label_path is None:
+                raise AsfdaError(f"case {case.case_id!r} has no label to evaluate against", case.image_path,
+                                 "evaluate on labelled cases only")
             label, _ = read_nifti(case.label_path, dtype=np.float64)
             check_label_values(label, range(n), case.label_path)
             vol = self.prepare(case, with_label=False)
             logits, _ = engine.run(vol.image, tta=tta)
-            fg = tuple(range(1, n))
             pred = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape,
                                             self.pretrained.preprocessing)
             ref = torch.from_numpy(label).long()
@@ -60,10 +64,10 @@ class EvaluationMixin(AdaptedModels):
             # the same map with each organ cut to its largest component: whether that post-processing helps a
             # class is read off these columns (nnU-Net's choice by cross-validation)
             dice_lcc = compute_dice(torch.from_numpy(largest_component_per_class(pred, fg).astype(np.int64)), ref, n)
-            row = {"case_id": case.case_id, **per_class_scores(dice, self.target_names),
-                   **per_class_scores(dice_lcc, self.target_names, prefix="lcc_dice_")}
-            rows.append(row)
-        return rows
+            return {"case_id": case.case_id, **per_class_scores(dice, self.target_names),
+                    **per_class_scores(dice_lcc, self.target_names, prefix="lcc_dice_")}
+
+        return self.map_cases(cases, one, "evaluate")  # sharded over the ranks inside all_ranks
 
 
 def mean_of(rows: list[dict], key: str) -> float:

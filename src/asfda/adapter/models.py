@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
+from asfda.distributed import DistContext
 from asfda.engine import OUTPUT_EMBEDDING, InferenceEngine, select_device
 from asfda.io.datasets import Case
 from asfda.models import LoadedModel, PreparedVolume, build_class_map, clone_module, prepare_case
 
-__all__ = ["AdaptedModels"]
+__all__ = ["SINGLE_PROCESS", "AdaptedModels"]
+
+R = TypeVar("R")
+
+SINGLE_PROCESS = DistContext()
+"""One process: nothing sharded (`AdaptedModels.dist` outside `all_ranks` and `sharded_scoring`)."""
 
 
 class AdaptedModels:
@@ -59,6 +67,35 @@ class AdaptedModels:
                                               embedding_layer=self.engine_frozen.embedding_layer, **kw)
         self.is_adapted = False
         self._plausibility0: dict[str, float] = {}
+
+    # -- ranks of a torchrun job ------------------------------------------------------------------
+    dist: DistContext = SINGLE_PROCESS  # the ranks the jobs are sharded over (all_ranks, sharded_scoring)
+    spmd: bool = False  # every rank runs the same code (all_ranks): results are gathered on every rank
+
+    @contextlib.contextmanager
+    def all_ranks(self, dist: DistContext) -> Iterator[None]:
+        """Every rank of a torchrun job runs the block's code (SPMD, as `asfda simulate` does): pool scoring, the
+        guard and evaluation are sharded over the ranks and gathered on every rank, fine-tuning is one
+        DistributedDataParallel job; the temperature fit, the anchors and the selection run (identically) on every
+        rank. A single process: nothing changes."""
+        if not dist.sharded:
+            yield
+            return
+        self.dist, self.spmd = dist, True
+        try:
+            yield
+        finally:
+            self.dist, self.spmd = SINGLE_PROCESS, False
+
+    def map_cases(self, cases: list[Case], job: Callable[[Case], R], desc: str) -> list[R]:
+        """``[job(c) for c in cases]`` (with a progress bar named ``desc``); inside `all_ranks` each rank runs its
+        shard and every rank gets the whole list, in the order of ``cases``."""
+        if not (self.spmd and self.dist.sharded):
+            return [job(c) for c in self._bar(cases, desc)]
+        mine = self.dist.shard(list(range(len(cases))))
+        parts = self.dist.all_gather([(k, job(cases[k])) for k in self._bar(mine, desc)])
+        out: dict[int, R] = {k: v for part in parts for k, v in part}
+        return [out[k] for k in range(len(cases))]
 
     # -- data -------------------------------------------------------------------------------------
     def prepare(self, case: Case, with_label: bool = True) -> PreparedVolume:

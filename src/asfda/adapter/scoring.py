@@ -32,12 +32,9 @@ from asfda.scoring.pool import (
 from asfda.scoring.temperature import sample_voxels
 from asfda.selection import PoolScores
 
-from .models import AdaptedModels
+from .models import SINGLE_PROCESS, AdaptedModels
 
 __all__ = ["NO_PASSES", "SINGLE_PROCESS", "Anchors", "RoundTemperature", "ScoringMixin"]
-
-SINGLE_PROCESS = DistContext()
-"""One process: no sharding (`ScoringMixin.dist` unless `ScoringMixin.sharded_scoring` sets another)."""
 
 NO_PASSES = {"forward_passes_per_volume": 0, "mc_dropout_passes": 0, "tta_flips": []}
 """The scoring ``info`` of a strategy that reads no scores (random): no forward pass."""
@@ -95,8 +92,6 @@ class _PoolJob:
 class ScoringMixin(AdaptedModels):
     """Scoring jobs of `asfda.adapter.Adapter` (they read the networks of `AdaptedModels`)."""
 
-    dist: DistContext = SINGLE_PROCESS  # the ranks a pool scoring is sharded over (see sharded_scoring)
-
     # -------------------------------------------------------------------------------------
     def fit_temperature(self, labelled: list[Case], t0: float, seed: int, max_voxels: int = 100_000
                         ) -> tuple[RoundTemperature, Anchors]:
@@ -138,14 +133,16 @@ class ScoringMixin(AdaptedModels):
                    needs: ScoringNeeds | None = None, seed: int = 0) -> ScoredPool:
         """Streams the unlabeled pool through `asfda.scoring.pool.score_volumes` (see there); ``needs``
         (a strategy's ``needs``, or `asfda.selection.needs_of` of several) decides the extra passes. Inside
-        `sharded_scoring` (rank 0 of a torchrun job) every rank scores its shard and rank 0 gets the whole pool,
-        rows in the order of ``cases``, with the same numbers as one process computes."""
+        `sharded_scoring` (rank 0 of a torchrun job) every rank scores its shard and rank 0 gets the whole pool;
+        inside `all_ranks` (every rank calls this) every rank gets it. Rows in the order of ``cases``, with the same
+        numbers as one process computes."""
         if self.dist.sharded:
             job = _PoolJob(list(cases), temperature, grow_voxels, divergence, needs, seed)
-            self.dist.broadcast_from_main(job)  # the other ranks wait for it in serve_pool_shards
+            if not self.spmd:
+                self.dist.broadcast_from_main(job)  # the other ranks wait for it in serve_pool_shards
             plan, mine = self._shard_records(self.dist, job)
-            parts = self.dist.gather_to_main(mine)
-            assert parts is not None  # rank 0
+            parts = self.dist.all_gather(mine) if self.spmd else self.dist.gather_to_main(mine)
+            assert parts is not None  # rank 0, or every rank inside all_ranks
             by_id = {r.case_id: r for part in parts for r in part}
             if len(by_id) != len(cases) or any(c.case_id not in by_id for c in cases):
                 raise RuntimeError(f"the shards gave {len(by_id)} distinct volumes for a pool of {len(cases)}")
@@ -200,6 +197,8 @@ class ScoringMixin(AdaptedModels):
             return
         if not dist.is_main:
             raise ValueError("sharded_scoring is rank 0's; the other ranks call serve_pool_shards")
+        if self.spmd:
+            raise ValueError("sharded_scoring inside all_ranks: every rank scores its shard there already")
         self.dist = dist
         try:
             yield

@@ -86,7 +86,8 @@ class TrainingMixin(ScoringMixin):
         patch = tuple(cfg.patch_size or self.pretrained.roi_size)
         try:
             hist = finetune(self.current, vols, cfg, patch_size=self.pretrained.roi_size, pseudo=pseudo,
-                            device=self.device, progress=self.progress, desc=desc)
+                            device=self.device, progress=self.progress, desc=desc,
+                            dist=self.dist if self.spmd else None)  # DDP over the ranks inside all_ranks
         except (ValueError, RuntimeError) as exc:
             if "more than 1" in str(exc):  # a normalisation layer over a single voxel or a single value in training
                 raise AsfdaError(f"the network cannot train on patches of {list(patch)} voxels: a normalisation layer "
@@ -140,19 +141,20 @@ class TrainingMixin(ScoringMixin):
 
     def plausibility(self, cases: list[Case], *, pretrained: bool = False) -> float:
         """`anatomical_plausibility` of the current (or pretrained) model's label maps on ``cases``, one
-        forward pass each; the pretrained model's per-case values are kept (its weights never change)."""
+        forward pass each (sharded over the ranks inside `all_ranks`); the pretrained model's per-case values are kept
+        (its weights never change)."""
         n = len(self.target_names)
-        values = []
-        for case in self._bar(cases, "guard"):
+        engine = self.engine_frozen if pretrained else self.engine_current
+
+        def one(case: Case) -> float:
             if pretrained and case.case_id in self._plausibility0:
-                values.append(self._plausibility0[case.case_id])
-                continue
-            engine = self.engine_frozen if pretrained else self.engine_current
+                return self._plausibility0[case.case_id]
             logits, _ = engine.run(self.prepare(case, with_label=False).image)
-            v = anatomical_plausibility([logits.argmax(0)], n, self._guard_classes())
-            if pretrained:
-                self._plausibility0[case.case_id] = v
-            values.append(v)
+            return anatomical_plausibility([logits.argmax(0)], n, self._guard_classes())
+
+        values = self.map_cases(cases, one, "guard")  # sharded over the ranks inside all_ranks
+        if pretrained:
+            self._plausibility0.update({c.case_id: v for c, v in zip(cases, values, strict=True)})
         return float(np.mean(values)) if values else float("nan")
 
     def _guard_classes(self) -> list[int]:

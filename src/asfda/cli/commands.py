@@ -5,15 +5,40 @@ calls one library function, imported when the command runs; the annotation proje
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from asfda.cli.project_commands import project_command
 from asfda.errors import AsfdaError
 
-__all__ = ["dispatch"]
+__all__ = ["SHARDED_COMMANDS", "dispatch"]
+
+SHARDED_COMMANDS = frozenset({"score", "query", "simulate", "next", "finetune"})
+"""The commands that share their work over the ranks of a ``torchrun`` job (`asfda.distributed`); any other runs on
+rank 0 alone."""
+
+
+def _alone_on_rank_0(command: str) -> bool:
+    """Under torchrun (``WORLD_SIZE > 1``) a command that does not shard runs on rank 0 as one process (its
+    ``WORLD_SIZE`` set to 1) and the other ranks return at once, so no file is written twice. True on those ranks."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE") or 1), int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return False  # rank_context names the bad variable when a sharded command reads it
+    if world <= 1 or command in SHARDED_COMMANDS:
+        return False
+    if rank != 0:
+        return True
+    os.environ["WORLD_SIZE"] = "1"
+    print(f"asfda {command} does not share its work over torchrun's {world} processes: rank 0 runs it alone",
+          file=sys.stderr)
+    return False
 
 
 def dispatch(args: argparse.Namespace) -> int:
     progress = not args.no_progress
+    if _alone_on_rank_0(args.command):
+        return 0
     if args.command == "demo":
         from asfda.demo import run_demo
 
@@ -41,6 +66,8 @@ def dispatch(args: argparse.Namespace) -> int:
             raise AsfdaError("simulate needs a model and a pool",
                              fix="pass --model and --pool, or set them in --config")
         result = run_simulation(cfg)
+        if not result.written:  # another rank of a torchrun job: rank 0 prints
+            return 0
         print(results_table(result.summary))
         print(f"results: {result.out_dir}")
     elif args.command == "evaluate":

@@ -36,6 +36,8 @@ def project_command(args: argparse.Namespace, progress: bool) -> int:
     elif args.command == "next":
         q = prj.next_query(args.project, progress=progress, force=args.force, device=args.device,
                            precision=args.precision)
+        if not q:  # another rank of a torchrun job: rank 0 prints
+            return 0
         root = prj.Project(args.project).root
         if q.get("shown_again"):
             print(f"round {q['round']}'s query is still waiting for labels (shown again; --force replaces it)")
@@ -74,6 +76,8 @@ def project_command(args: argparse.Namespace, progress: bool) -> int:
     elif args.command == "finetune":
         rec = prj.finetune_project(args.project, progress=progress, force=args.force, device=args.device,
                                    precision=args.precision)
+        if not rec:  # another rank of a torchrun job: rank 0 prints
+            return 0
         root = prj.Project(args.project).root
         print(f"round {rec['round']} fine-tuned on {_n(len(rec['labelled_ids']), 'labelled case')} "
               f"in {rec['seconds']:.0f} s "

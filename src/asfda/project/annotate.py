@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from asfda.annotation import edit_summary, itksnap_label_description, slicer_color_table
+from asfda.distributed import DistContext, rank_context
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text
 from asfda.io.datasets import Case
@@ -36,20 +37,30 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False, 
     query is a replacement: ``"replaces": {"round", "ids"}`` names that round and the volumes it blames (their labels
     are kept). ``device`` overrides the project's setting for this command; ``precision`` is the scoring (inference)
     precision, ``fp32`` (default) or ``bf16``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the pool's scoring is sharded over the ranks (`asfda.distributed`): rank 0
+    fits T, picks and writes every file; the other ranks score their shards and return ``{}``.
     """
     project = Project(root)
-    with project_lock(project.root, "next"):
-        pending = project.state.get("query")
-        if pending and not force:
-            missing = [i for i in pending["ids"] if i not in project.state["labelled"]]
-            if missing:
-                return {**pending, "shown_again": True}
-            raise AsfdaError(f"every case of round {pending['round']}'s query is labelled, and that round is not "
-                             "fine-tuned yet", project.root, "run `asfda finetune` first")
-        return _new_query(project, progress, device, precision or "fp32")
+    requested = device or project.settings.device
+    with rank_context(requested) as dist:  # torchrun's ranks, or this one process
+        if not dist.is_main:  # another rank: score shards of the pool for rank 0 until it has picked
+            project.adapter(False, dist.device(requested), precision or "fp32").serve_pool_shards(dist)
+            return {}
+        with project_lock(project.root, "next"):
+            pending = project.state.get("query")
+            if pending and not force:
+                missing = [i for i in pending["ids"] if i not in project.state["labelled"]]
+                if missing:
+                    dist.broadcast_from_main(None)  # nothing to score: the other ranks leave serve_pool_shards
+                    return {**pending, "shown_again": True}
+                raise AsfdaError(f"every case of round {pending['round']}'s query is labelled, and that round is not "
+                                 "fine-tuned yet", project.root, "run `asfda finetune` first")
+            return _new_query(project, progress, dist.device(requested), precision or "fp32", dist)
 
 
-def _new_query(project: Project, progress: bool, device: str | None = None, precision: str = "fp32") -> dict:
+def _new_query(project: Project, progress: bool, device: str | None = None, precision: str = "fp32",
+               dist: DistContext | None = None) -> dict:
 
     s = project.settings
     r = project.round
@@ -68,8 +79,9 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
                          "to the pool")
     budget = min(s.budget, len(unlabelled))  # fewer left than the budget: the last round asks for all of them
     strategy = build_strategy(s.strategy, s.alpha, s.round0_gap, s.diversity, s.representativeness)
-    batch = select_batch(adapter, strategy, labelled, unlabelled, budget, r, s.seed * 1000 + r, t0=s.temperature0,
-                         grow_voxels=s.grow_voxels)
+    with adapter.sharded_scoring(dist or DistContext()):  # rank 0 of a torchrun job: the ranks score the pool
+        batch = select_batch(adapter, strategy, labelled, unlabelled, budget, r, s.seed * 1000 + r,
+                             t0=s.temperature0, grow_voxels=s.grow_voxels)
     query, temp = batch.query, batch.temperature
     folder = project.root / "annotate" / f"round{r}"
     images = folder / "images"

@@ -1,7 +1,9 @@
 """Fine-tuning loop: labelled volumes (Dice+CE) plus masked pseudo-labelled ones (lambda_u, ramped up).
 
 Runs on plain tensors in the main process (no DataLoader workers: on a 2-core machine, patch cropping
-from in-memory volumes is cheaper than inter-process transfer).
+from in-memory volumes is cheaper than inter-process transfer). In a ``torchrun`` job (``dist``, several ranks) it
+trains with ``DistributedDataParallel``: every rank draws the same global batch and trains on its share, with the
+loss of the whole batch (see `finetune`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from asfda.config import TrainConfig
+from asfda.distributed import DistContext
 from asfda.options import PRECISIONS, check_option
 from asfda.training.augment import AUGMENTATIONS, PatchAugmenter
-from asfda.training.losses import masked_dice_ce
+from asfda.training.losses import dice_ce_from_stats, dice_ce_stats, masked_dice_ce
 
 __all__ = ["TrainConfig", "TrainVolume", "finetune", "sample_patch"]
-
-
 
 
 @dataclass
@@ -68,20 +71,36 @@ def sample_patch(vol: TrainVolume, patch: tuple[int, int, int], rng: np.random.G
 
 def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, *, patch_size: tuple[int, int, int],
              pseudo: list[TrainVolume] | None = None, device: torch.device | None = None,
-             progress: bool = True, desc: str = "fine-tune") -> dict[str, list[float]]:
-    """Fine-tunes ``network`` in place; returns the per-step loss history."""
+             progress: bool = True, desc: str = "fine-tune", dist: DistContext | None = None
+             ) -> dict[str, list[float]]:
+    """Fine-tunes ``network`` in place; returns the per-step loss history.
+
+    With ``dist`` sharded (a ``torchrun`` job whose process group the caller has joined) every rank trains through
+    a ``DistributedDataParallel`` wrapper (which starts from rank 0's weights) and ``network`` ends up trained
+    alike on every rank. Each rank draws the whole global batch of ``cfg.batch_size`` patches from the same seeded
+    stream as one process and keeps its share ``[rank::world_size]``; the step's pseudo-labelled patch goes to
+    rank ``step % world_size``. The loss is the whole batch's (the Dice and CE sums, `dice_ce_stats`, summed over
+    the ranks with a differentiable all-reduce), so the history is the same on every rank and the weights are
+    those of one process up to float rounding. Not so where the model draws random numbers (dropout: each rank
+    draws its own) or computes batch statistics (BatchNorm normalises each rank's share by its own statistics;
+    InstanceNorm, MONAI UNet's default, is per sample). Refused when ``cfg.batch_size < world_size``."""
     from tqdm.auto import tqdm
 
     if not labelled:
         raise ValueError("finetune needs at least one labelled volume")
+    shard = dist if dist is not None and dist.sharded else None  # None: one process, as before
+    if shard is not None and cfg.batch_size < shard.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} < {shard.world_size} ranks: a rank would train on no "
+                         f"labelled patch (raise train.batch_size to at least the number of ranks)")
     device = device or torch.device("cpu")
     check_option(cfg.precision, PRECISIONS, "precision", listed=f"{PRECISIONS}", error=ValueError)
+    model: nn.Module = network
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                else contextlib.nullcontext())
         with ctx:
-            return network(x).float()
+            return model(x).float()
 
     check_option(cfg.augmentation, AUGMENTATIONS, "augmentation", listed=f"{AUGMENTATIONS}", error=ValueError)
 
@@ -104,7 +123,11 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
     for mod in network.modules():  # a frozen BatchNorm keeps its running statistics too
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in mod.parameters(False)):
             mod.eval()
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    if shard is not None:  # after the train/eval modes are set: the wrapper keeps them
+        model = DistributedDataParallel(network, device_ids=None if device.type != "cuda" else
+                                        [device.index if device.index is not None else torch.cuda.current_device()])
+    shown = progress and (dist is None or dist.is_main)
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not shown, leave=False, dynamic_ncols=True)
     for step in bar:
         imgs, labs, masks = [], [], []
         for _ in range(cfg.batch_size):
@@ -112,17 +135,29 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
             imgs.append(x)
             labs.append(y)
             masks.append(m)
-        x = torch.stack(imgs).to(device)
-        loss_l = masked_dice_ce(forward(x), torch.stack(labs).to(device), torch.stack(masks).to(device))
-        loss_u = torch.zeros((), device=device)
         lam = 0.0
         if pseudo and cfg.lambda_u > 0:
             ramp = max(1, int(cfg.rampup_fraction * cfg.steps))
             lam = cfg.lambda_u * min(1.0, step / ramp)
+        if shard is not None:
+            # the same draws on every rank (the streams stay in step); this rank keeps its share
+            unl = draw(pseudo[int(rng.integers(len(pseudo)))]) if pseudo and lam > 0 else None
+            k, w = shard.rank, shard.world_size
+            xs = torch.stack(imgs[k::w]).to(device)
+            part = (torch.stack(labs[k::w]).to(device), torch.stack(masks[k::w]).to(device))
+            upart = None
+            if unl is not None and step % w == k:
+                xs = torch.cat([xs, unl[0][None].to(device, xs.dtype)])  # one forward per backward
+                upart = (unl[1][None].to(device), unl[2][None].to(device))
+            loss, loss_l, loss_u = _global_batch_loss(forward(xs), part, upart, lam)
+        else:
+            x = torch.stack(imgs).to(device)
+            loss_l = masked_dice_ce(forward(x), torch.stack(labs).to(device), torch.stack(masks).to(device))
+            loss_u = torch.zeros((), device=device)
             if lam > 0:
                 xu, yu, mu = draw(pseudo[int(rng.integers(len(pseudo)))])
                 loss_u = masked_dice_ce(forward(xu[None].to(device)), yu[None].to(device), mu[None].to(device))
-        loss = loss_l + lam * loss_u
+            loss = loss_l + lam * loss_u
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,3 +170,41 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
                             u=f"{history['loss_u'][-1]:.3f}")
     network.eval()
     return history
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the ranks, differentiable: the backward sums the incoming gradients over the ranks too (what
+    ``torch.distributed.nn.functional.all_reduce`` does, deprecated in torch 2.13)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        torch_dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        torch_dist.all_reduce(out)
+        return out
+
+
+def _global_batch_loss(out: torch.Tensor, part: tuple[torch.Tensor, torch.Tensor],
+                      upart: tuple[torch.Tensor, torch.Tensor] | None, lam: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss_l + lam * loss_u, loss_l, loss_u)`` of the global batch, on every rank of the process group.
+
+    ``out`` is this rank's forward: its labelled patches (``part``: targets and masks), then its pseudo-labelled
+    patch when it has the step's one (``upart``). The `dice_ce_stats` of each part (zeros for a rank without the
+    pseudo patch) are summed over the ranks by a differentiable all-reduce, whose backward sums the ranks'
+    identical gradients of the loss: each rank's gradient is ``world_size`` times its share of the global one, and
+    DDP's average over ranks is then the global batch's gradient. With ``lam == 0`` there is no pseudo part (and
+    ``loss_u`` is 0)."""
+    n = part[0].shape[0]
+    stats = [dice_ce_stats(out[:n], *part)]
+    if lam > 0:
+        stats.append(dice_ce_stats(out[n:], *upart) if upart is not None else torch.zeros_like(stats[0]))
+    total = _AllReduceSum.apply(torch.stack(stats))
+    loss_l = dice_ce_from_stats(total[0])
+    loss_u = dice_ce_from_stats(total[1]) if lam > 0 else torch.zeros((), device=out.device)
+    return loss_l + lam * loss_u, loss_l, loss_u

@@ -180,3 +180,14 @@ def test_a_command_that_does_not_shard_runs_on_rank_0_alone(tmp_path: Path, monk
     assert (tmp_path / "rank0" / "target" / "dataset.json").exists()  # rank 0 ran it, as one process
     assert os.environ["WORLD_SIZE"] == "1"
     assert "rank 0 runs it alone" in capsys.readouterr().err
+
+
+def test_a_batch_smaller_than_the_job_is_refused_before_any_work() -> None:
+    from asfda.distributed import DistContext
+    from asfda.errors import AsfdaError
+
+    DistContext(0, 2, 0).check_batch(2)
+    DistContext().check_batch(1)  # one process: any batch
+    with pytest.raises(AsfdaError, match="train.batch_size 1 is smaller than the 2 processes") as err:
+        DistContext(1, 2, 1).check_batch(1, "run.yaml")
+    assert err.value.fix is not None and "at least 2" in err.value.fix

@@ -93,6 +93,14 @@ class DistContext:
         if self.sharded:
             torch_dist.barrier()
 
+    def check_batch(self, batch_size: int, where: str | os.PathLike[str] | None = None) -> None:
+        """Refuses, before any work, a fine-tuning batch smaller than the number of ranks (each rank trains on its
+        share of the global batch: one would have none)."""
+        if self.sharded and batch_size < self.world_size:
+            raise AsfdaError(f"train.batch_size {batch_size} is smaller than the {self.world_size} processes of this "
+                             "torchrun job (each trains on its share of the batch)", where,
+                             f"set train.batch_size to at least {self.world_size}, or start fewer processes")
+
     def device(self, requested: str) -> str:
         """The device this rank computes on: ``cuda:LOCAL_RANK`` for ``auto`` or ``cuda`` when CUDA is available and
         the job has several ranks; otherwise ``requested`` as given (an explicit ``cuda:N`` too)."""

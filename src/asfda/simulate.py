@@ -109,6 +109,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
             raise AsfdaError(f"case ids {sorted(overlap)[:5]} are in both the pool and the test set", cfg.test)
     splits = {seed: _split(cfg, pool_ds, test_ds, seed) for seed in cfg.seeds}  # budget checked: nothing written yet
     with rank_context(cfg.device) as dist:  # torchrun's ranks (every rank runs this; rank 0 writes), or one process
+        dist.check_batch(cfg.train.batch_size, cfg.model)
         adapter = Adapter(pretrained, pool_ds.class_names, class_map_override=parse_class_map_override(cfg.class_map),
                           cache_dir=cfg.cache_dir, device=dist.device(cfg.device),
                           progress=cfg.progress and dist.is_main)

@@ -34,6 +34,7 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
     project = Project(root)
     requested = device or project.settings.device
     with rank_context(requested) as dist:  # torchrun's ranks, or this one process
+        dist.check_batch(project.settings.train.batch_size, project.root)
         lock = project_lock(project.root, "finetune") if dist.is_main else contextlib.nullcontext()
         with lock:
             record = _finetune_round(project, progress and dist.is_main, force, dist.device(requested), precision,

@@ -16,7 +16,9 @@ import torch
 import torch.multiprocessing as mp
 from conftest import write_bundle, write_nnunet
 
-from asfda.config import RunConfig
+import dataclasses
+
+from asfda.config import RunConfig, SemiConfig
 from asfda.project import ProjectSettings, finetune_project, ingest_labels, init_project, next_query
 from asfda.simulate import run_simulation
 from asfda.training import TrainConfig
@@ -46,8 +48,20 @@ def _env(rank: int, world: int, port: int) -> None:
                       MASTER_PORT=str(port))
 
 
+def _semi(cfg: RunConfig) -> RunConfig:
+    """asfda alone, with selective semi-supervision (warm-up, the pool re-scored, reliable volumes, pseudo-labels)."""
+    return dataclasses.replace(cfg, strategies=["asfda"], semi=SemiConfig(enabled=True, warmup_fraction=0.5),
+                               upper_bound=True, upper_bound_steps=2)
+
+
 def _rank_main(rank: int, world: int, ports: list[int], bundle: str, data: str, out: str, project: str) -> None:
-    _env(rank, world, ports[0])
+    _env(rank, world, ports[2])
+    semi = _semi(_cfg(Path(bundle), Path(data), Path(out + "_semi")))
+    first = run_simulation(semi)
+    os.environ["MASTER_PORT"] = str(ports[3])
+    resumed = run_simulation(semi)  # every round on disk: rank 0 reads the state and weights for both ranks
+    assert resumed.rows == first.rows
+    os.environ["MASTER_PORT"] = str(ports[0])
     res = run_simulation(_cfg(Path(bundle), Path(data), Path(out)))
     assert not torch.distributed.is_initialized(), "the process group is left at the end"
     Path(out, f"rows_rank{rank}.json.txt").write_text(json.dumps(res.rows))  # the rows every rank returns
@@ -95,12 +109,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.set_num_threads(1)
     try:
         run_simulation(_cfg(bundle, data, root / "single"))
+        run_simulation(_semi(_cfg(bundle, data, root / "single_semi")))
         next_query(root / "project_single", progress=False)
         _answer(root, root / "project_single")
         finetune_project(root / "project_single", progress=False)
     finally:
         torch.set_num_threads(threads)
-    _spawn(_rank_main, [_free_port(), _free_port()], str(bundle), str(data), str(root / "sharded"),
+    _spawn(_rank_main, [_free_port() for _ in range(4)], str(bundle), str(data), str(root / "sharded"),
            str(root / "project_sharded"))
     _answer(root, root / "project_sharded")
     _spawn(_rank_finetune, _free_port(), str(root / "project_sharded"))
@@ -111,9 +126,12 @@ def _state(run: Path, strategy: str) -> dict:
     return json.loads((run / strategy / "seed0" / "state.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["asfda", "random"])
+@pytest.mark.parametrize("strategy", ["asfda", "random", "asfda_semi"])
 def test_two_ranks_simulate_the_same_rounds_as_one_process(runs: dict, strategy: str) -> None:
-    one, two = _state(runs["single"], strategy), _state(runs["sharded"], strategy)
+    suffix = "_semi" if strategy.endswith("_semi") else ""
+    strategy = strategy.removesuffix("_semi")
+    one = _state(runs["root"] / f"single{suffix}", strategy)
+    two = _state(runs["root"] / f"sharded{suffix}", strategy)
     assert [r["queried"] for r in two["rounds"]] == [r["queried"] for r in one["rounds"]]
     for a, b in zip(one["rounds"], two["rounds"], strict=True):
         np.testing.assert_allclose(b["loss_final"], a["loss_final"], rtol=1e-3, atol=1e-4)
@@ -124,6 +142,13 @@ def test_two_ranks_simulate_the_same_rounds_as_one_process(runs: dict, strategy:
         np.testing.assert_allclose([c["dice_mean"] for c in b["per_case"]], [c["dice_mean"] for c in a["per_case"]],
                                    atol=2e-3)
         assert sorted(b["probe"]) == sorted(a["probe"])
+        assert b["reliable"].keys() == a["reliable"].keys()  # semi-supervision: the same reliable volumes
+    if suffix:  # the upper bound (DDP on the whole pool) and the rows rank 0 wrote
+        rows = [json.loads((runs["root"] / f"{run}{suffix}" / "results.json").read_text())["rows"]
+                for run in ("single", "sharded")]
+        assert [r["strategy"] for r in rows[1]] == [r["strategy"] for r in rows[0]] and "upper_bound" in \
+            {r["strategy"] for r in rows[0]}
+        np.testing.assert_allclose([r["dice_mean"] for r in rows[1]], [r["dice_mean"] for r in rows[0]], atol=2e-3)
 
 
 def test_two_ranks_write_once_and_every_rank_returns_the_rows(runs: dict) -> None:

@@ -15,6 +15,7 @@ nccl on CUDA) when ``WORLD_SIZE > 1``; otherwise it is a no-op single-process co
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ from asfda.errors import AsfdaError
 __all__ = ["DistContext", "rank_context"]
 
 T = TypeVar("T")
+
+TIMEOUT = datetime.timedelta(minutes=60)
+"""How long a rank waits in a collective: the other ranks wait at the end while rank 0 alone writes a run's results
+and report (minutes), longer than torch's default for nccl (10 min)."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -134,7 +139,8 @@ def rank_context(requested_device: str = "auto") -> Iterator[DistContext]:
         backend = _backend(device)
         if backend == "nccl":
             torch.cuda.set_device(torch.device(device))
-        torch_dist.init_process_group(backend=backend, init_method="env://", rank=ctx.rank, world_size=world)
+        torch_dist.init_process_group(backend=backend, init_method="env://", rank=ctx.rank, world_size=world,
+                                      timeout=TIMEOUT)
         joined = True
     elif torch_dist.get_world_size() != world or torch_dist.get_rank() != ctx.rank:
         raise AsfdaError(f"the process group already joined (rank {torch_dist.get_rank()} of "

@@ -89,13 +89,14 @@ def select_batch(adapter: Adapter, strategy, labelled: list[Case], unlabelled: l
     """Scores ``unlabelled`` for ``strategy`` with T fitted on ``labelled`` (``t0`` when none; ``temperature``: a
     given T, no fit; a strategy that reads no scores gets the ids alone, unless ``always_score``; see
     `Adapter.round_scores`) and picks ``budget`` of them (seeded by ``seed``). Inside `Adapter.all_ranks` the pool's
-    scoring is sharded over the ranks and every rank returns rank 0's pick."""
+    scoring is sharded over the ranks and every rank returns rank 0's temperature, scores (with its labelled anchors)
+    and pick, so that what the round trains on next is decided once."""
     start = time.perf_counter()
     temp, scores, info = adapter.round_scores(strategy, labelled, unlabelled, t0, round_index, seed, grow_voxels,
                                               always=always_score, temperature=temperature)
     query = strategy.select(scores, budget, seed)
-    if adapter.spmd:  # every rank of a torchrun job picked from the same gathered scores: rank 0's pick is the one
-        query = adapter.dist.broadcast_from_main(query)
+    if adapter.spmd:  # torchrun: the ranks computed the same up to float rounding; rank 0's numbers are the ones
+        temp, scores, info, query = adapter.dist.broadcast_from_main((temp, scores, info, query))
     return BatchSelection(temp, scores, info, query, time.perf_counter() - start)
 
 

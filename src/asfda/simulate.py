@@ -262,8 +262,12 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         state.load_state_dict(saved["pool_state"])
         rounds = saved["rounds"]
         weights = run_dir / saved.get("weights", "")
-        if rounds and weights.is_file():  # written before the state that names it, so always complete
-            adapter.load_current_state(load_file(str(weights)))
+        # written before the state that names it, so always complete; under torchrun rank 0 reads it for every rank
+        found = load_file(str(weights)) if adapter.dist.is_main and rounds and weights.is_file() else None
+        if adapter.spmd:
+            found = adapter.dist.broadcast_from_main(found)
+        if found is not None:
+            adapter.load_current_state(found)
         elif rounds and len(rounds) < cfg.rounds:
             raise AsfdaError(f"the weights of round {len(rounds) - 1} are missing, so the run cannot go on",
                              weights, f"restore the file, or delete {run_dir} to run this strategy and seed again")

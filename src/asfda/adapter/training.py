@@ -182,6 +182,8 @@ class TrainingMixin(ScoringMixin):
                             for c in labelled])
         fresh = PoolScores([c.case_id for c in unlabelled], scored.metrics, scored.embeddings, lab_emb, None, 0)
         reliable = reliable_from_scores(fresh, [], semi.confident_fraction, semi.close_fraction)
+        if self.spmd:  # torchrun: rank 0's choice (each rank embedded the labelled volumes itself)
+            reliable = self.dist.broadcast_from_main(reliable)
         pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
                                      semi.prob_threshold, semi.flip_average)
         rest = dataclasses.replace(train, steps=max(1, train.steps - warm), seed=train.seed + 7919, warmup_fraction=0.0)

@@ -45,18 +45,29 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False, 
     requested = device or project.settings.device
     with rank_context(requested) as dist:  # torchrun's ranks, or this one process
         if not dist.is_main:  # another rank: score shards of the pool for rank 0 until it has picked
-            project.adapter(False, dist.device(requested), precision or "fp32").serve_pool_shards(dist)
+            state = dist.broadcast_from_main(None)  # the state rank 0 read under its lock; None: nothing to score
+            if state is not None:
+                project.state = state
+                project.adapter(False, dist.device(requested), precision or "fp32").serve_pool_shards(dist)
             return {}
-        with project_lock(project.root, "next"):
-            pending = project.state.get("query")
-            if pending and not force:
-                missing = [i for i in pending["ids"] if i not in project.state["labelled"]]
-                if missing:
-                    dist.broadcast_from_main(None)  # nothing to score: the other ranks leave serve_pool_shards
-                    return {**pending, "shown_again": True}
-                raise AsfdaError(f"every case of round {pending['round']}'s query is labelled, and that round is not "
-                                 "fine-tuned yet", project.root, "run `asfda finetune` first")
-            return _new_query(project, progress, dist.device(requested), precision or "fp32", dist)
+        sent = False
+        try:
+            with project_lock(project.root, "next"):
+                project = Project(root)  # read under the lock
+                pending = project.state.get("query")
+                if pending and not force:
+                    missing = [i for i in pending["ids"] if i not in project.state["labelled"]]
+                    if missing:
+                        return {**pending, "shown_again": True}
+                    raise AsfdaError(f"every case of round {pending['round']}'s query is labelled, and that round is "
+                                     "not fine-tuned yet", project.root, "run `asfda finetune` first")
+                if dist.sharded:
+                    dist.broadcast_from_main(project.state)
+                sent = True
+                return _new_query(project, progress, dist.device(requested), precision or "fp32", dist)
+        finally:
+            if dist.sharded and not sent:  # nothing to score (or an error before): the other ranks return
+                dist.broadcast_from_main(None)
 
 
 def _new_query(project: Project, progress: bool, device: str | None = None, precision: str = "fp32",

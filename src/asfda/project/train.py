@@ -37,6 +37,8 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
         dist.check_batch(project.settings.train.batch_size, project.root)
         lock = project_lock(project.root, "finetune") if dist.is_main else contextlib.nullcontext()
         with lock:
+            if dist.sharded:  # the state rank 0 reads under its lock, on every rank
+                project.state = dist.broadcast_from_main(Project(root).state if dist.is_main else None)
             record = _finetune_round(project, progress and dist.is_main, force, dist.device(requested), precision,
                                      dist)
     return record
@@ -67,6 +69,7 @@ def _finetune_round(project: Project, progress: bool, force: bool, device: str, 
     train = dataclasses.replace(s.train, seed=s.seed * 1000 + r, precision=precision or s.train.precision)
     with adapter.all_ranks(dist):  # torchrun: every rank trains (DDP); guard and probe sharded
         temp, _ = adapter.fit_temperature(labelled, s.temperature0, s.seed * 1000 + r)
+        temp = dist.broadcast_from_main(temp)  # torchrun: rank 0's T for every rank (one process: as is)
         # when to stop (asfda.stopping): a few seeded unlabeled volumes predicted before and after the round
         done = train_on_labels(adapter, labelled, unlabelled, project.state["rounds"], train, s.semi,
                                temp.temperature, desc=f"round {r}",

@@ -82,8 +82,9 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
     rank ``step % world_size``. The loss is the whole batch's (the Dice and CE sums, `dice_ce_stats`, summed over
     the ranks with a differentiable all-reduce), so the history is the same on every rank and the weights are
     those of one process up to float rounding. Not so where the model draws random numbers (dropout: each rank
-    draws its own) or computes batch statistics (BatchNorm normalises each rank's share by its own statistics;
-    InstanceNorm, MONAI UNet's default, is per sample). Refused when ``cfg.batch_size < world_size``."""
+    draws the masks of its own share, which one process would have drawn otherwise) or computes batch statistics
+    (BatchNorm normalises each rank's share by its own statistics, and rank 0's running statistics are kept at the
+    end; InstanceNorm, MONAI UNet's default, is per sample). Refused when ``cfg.batch_size < world_size``."""
     from tqdm.auto import tqdm
 
     if not labelled:
@@ -124,8 +125,10 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in mod.parameters(False)):
             mod.eval()
     if shard is not None:  # after the train/eval modes are set: the wrapper keeps them
+        # find_unused_parameters: a network may compute outputs the loss never reads (deep-supervision heads)
         model = DistributedDataParallel(network, device_ids=None if device.type != "cuda" else
-                                        [device.index if device.index is not None else torch.cuda.current_device()])
+                                        [device.index if device.index is not None else torch.cuda.current_device()],
+                                        find_unused_parameters=True)
     shown = progress and (dist is None or dist.is_main)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not shown, leave=False, dynamic_ncols=True)
     for step in bar:
@@ -168,6 +171,9 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
         if step % 5 == 0:
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", l=f"{history['loss_l'][-1]:.3f}",
                             u=f"{history['loss_u'][-1]:.3f}")
+    if shard is not None:  # BatchNorm's running statistics moved with each rank's share: rank 0's for every rank
+        for buf in network.buffers():
+            torch_dist.broadcast(buf, src=0)
     network.eval()
     return history
 

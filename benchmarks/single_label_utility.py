@@ -58,6 +58,7 @@ def fine_tune_on_one(model: str, data: Path, held: str, out: Path, *, steps: int
     from asfda.training import TrainConfig
 
     pool, test = _datasets(data, out / "datasets", held)
+    _seed_zero_shot(out, held, sorted(load_dataset(data, require_labels=True).by_id()))
     cfg = RunConfig(model=model, pool=str(pool), test=str(test), strategies=[], seeds=[0], budget=1, rounds=1,
                     upper_bound=True, upper_bound_steps=steps,
                     train=TrainConfig(steps=steps, batch_size=2, precision=precision, guard=False),
@@ -69,6 +70,27 @@ def fine_tune_on_one(model: str, data: Path, held: str, out: Path, *, steps: int
     zs = json.loads((run / "zero_shot_seed0.json").read_text())["per_case"]
     return {"adapted": {r["case_id"]: r["dice_mean"] for r in ub},
             "zero_shot": {r["case_id"]: r["dice_mean"] for r in zs}}
+
+
+def _seed_zero_shot(out: Path, held: str, ids: list[str]) -> None:
+    """The pretrained model's Dice on a volume does not depend on which volume is held: when earlier runs hold every
+    other volume's zero-shot row, write them as this run's zero-shot file (with the key simulate checks), so it is
+    not computed again."""
+    run = out / "runs" / held
+    if (run / "zero_shot_seed0.json").is_file():
+        return
+    rows: dict[str, dict] = {}
+    model = None
+    for f in sorted((out / "runs").glob("*/zero_shot_seed0.json")):
+        saved = json.loads(f.read_text())
+        model = model or saved["key"]["model"]
+        rows.update({r["case_id"]: r for r in saved["per_case"]})
+    others = [i for i in ids if i != held]
+    if model is None or any(c not in rows for c in others) or len(others) < 2:
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run / "zero_shot_seed0.json", {"key": {"model": model, "test": others},
+                                                     "per_case": [rows[c] for c in others]})
 
 
 def utility(result: dict[str, dict[str, float]]) -> float:

@@ -184,7 +184,9 @@ def readme(s: dict) -> str:
              f"Date: {s['date']}  ", f"Volumes measured: {s['volumes']} of {s['of']} ({s['steps']} steps, "
              f"{s['precision']}, batch 2, guard off)", "",
              "Utility = mean Dice over every other volume after fine-tuning on this one alone, minus their zero-shot "
-             "Dice.", "", "| volume | utility | mean Dice of the others |", "|---|---|---|"]
+             "Dice." + (" PARTIAL: the correlations and first picks below are over the measured volumes only."
+                        if s["volumes"] < s["of"] else ""), "",
+             "| volume | utility | mean Dice of the others |", "|---|---|---|"]
     for v in sorted(s["utility"], key=lambda c: -s["utility"][c]):
         lines.append(f"| {v} | {s['utility'][v]:+.3f} | {s['mean_dice_adapted'][v]:.3f} |")
     if s["correlations"]:

@@ -49,27 +49,32 @@ def _datasets(data: Path, root: Path, held: str) -> tuple[Path, Path]:
     return pool, test
 
 
-def fine_tune_on_one(model: str, data: Path, held: str, out: Path, *, steps: int, precision: str, device: str,
-                     threads: int, cache_dir: str) -> dict[str, dict[str, float]]:
-    """``{"adapted": {case: dice}, "zero_shot": {case: dice}}`` on every volume but ``held``, the model fine-tuned
-    on ``held`` alone (simulate's upper bound on a pool of one, cached in ``out``)."""
+def fine_tune_on_one(model: str, data: Path, ids: list[str], held: str, out: Path, *, steps: int, precision: str,
+                     device: str, threads: int, cache_dir: str) -> None:
+    """Fine-tunes the model on ``held`` alone and tests it on every other volume (simulate's upper bound on a pool of
+    one, cached in ``out/runs/<held>``: `read_run`)."""
     from asfda.config import RunConfig
     from asfda.simulate import run_simulation
     from asfda.training import TrainConfig
 
     pool, test = _datasets(data, out / "datasets", held)
-    _seed_zero_shot(out, held, sorted(load_dataset(data, require_labels=True).by_id()))
+    _seed_zero_shot(out, held, ids)
     cfg = RunConfig(model=model, pool=str(pool), test=str(test), strategies=[], seeds=[0], budget=1, rounds=1,
                     upper_bound=True, upper_bound_steps=steps,
                     train=TrainConfig(steps=steps, batch_size=2, precision=precision, guard=False),
                     device=device, threads=threads, report=False, out_dir=str(out / "runs" / held),
                     cache_dir=cache_dir, progress=False)
     run_simulation(cfg)
-    run = out / "runs" / held
-    ub = json.loads((run / "upper_bound" / "seed0.json").read_text())["per_case"]
-    zs = json.loads((run / "zero_shot_seed0.json").read_text())["per_case"]
-    return {"adapted": {r["case_id"]: r["dice_mean"] for r in ub},
-            "zero_shot": {r["case_id"]: r["dice_mean"] for r in zs}}
+
+
+def read_run(run: Path) -> dict[str, dict[str, float]] | None:
+    """``{"adapted": {case: dice}, "zero_shot": {case: dice}}`` of a finished `fine_tune_on_one` run (None when it
+    has not finished)."""
+    ub, zs = run / "upper_bound" / "seed0.json", run / "zero_shot_seed0.json"
+    if not (ub.is_file() and zs.is_file()):
+        return None
+    return {name: {r["case_id"]: r["dice_mean"] for r in json.loads(f.read_text())["per_case"]}
+            for name, f in (("adapted", ub), ("zero_shot", zs))}
 
 
 def _seed_zero_shot(out: Path, held: str, ids: list[str]) -> None:
@@ -148,16 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
     todo = [] if args.summarize_only else ([i.strip() for i in args.only.split(",")] if args.only else ids)
     for held in todo:
         print(f"fine-tune on {held} alone, test on the other {len(ids) - 1}", file=sys.stderr, flush=True)
-        fine_tune_on_one(args.model, data, held, out, steps=args.steps, precision=args.precision, device=args.device,
-                         threads=args.threads, cache_dir=args.cache_dir)
-    results = {}
-    for held in ids:
-        run = out / "runs" / held
-        if (run / "upper_bound" / "seed0.json").is_file() and (run / "zero_shot_seed0.json").is_file():
-            ub = json.loads((run / "upper_bound" / "seed0.json").read_text())["per_case"]
-            zs = json.loads((run / "zero_shot_seed0.json").read_text())["per_case"]
-            results[held] = {"adapted": {r["case_id"]: r["dice_mean"] for r in ub},
-                             "zero_shot": {r["case_id"]: r["dice_mean"] for r in zs}}
+        fine_tune_on_one(args.model, data, ids, held, out, steps=args.steps, precision=args.precision,
+                         device=args.device, threads=args.threads, cache_dir=args.cache_dir)
+    runs = {held: read_run(out / "runs" / held) for held in ids}
+    results = {held: r for held, r in runs.items() if r is not None}
     util = {h: utility(r) for h, r in results.items()}
     scores = out / "round0_scores.csv"
     if not scores.is_file() and not args.summarize_only:

@@ -21,7 +21,9 @@ __all__ = ["UPPER_BOUND", "area_under_curve", "csv_text", "per_case_rows", "resu
 
 
 def area_under_curve(n_labelled: list[float], dice: list[float]) -> float:
-    """Trapezoid area under Dice vs number labelled, divided by the n range (a mean Dice level)."""
+    """Trapezoid area under Dice vs number labelled, divided by the n range (a mean Dice level): asfda's one AUC
+    (``simulate``'s results and report, ``crossval``'s summary). Over n = 0..N in steps of 1 it is
+    (D_0 / 2 + D_1 + ... + D_(N-1) + D_N / 2) / N, not the plain mean of D_0..D_N."""
     x, y = np.asarray(n_labelled, float), np.asarray(dice, float)
     order = np.argsort(x)
     x, y = x[order], y[order]

@@ -1,5 +1,5 @@
-"""The commands that run a model or write data (demo, phantom, simulate, evaluate, predict, score, query): each
-calls one library function, imported when the command runs; the annotation project's commands are
+"""The commands that run a model or write data (demo, phantom, simulate, crossval, evaluate, predict, score,
+query): each calls one library function, imported when the command runs; the annotation project's commands are
 `asfda.cli.project_commands`."""
 
 from __future__ import annotations
@@ -70,6 +70,26 @@ def dispatch(args: argparse.Namespace) -> int:
             return 0
         print(results_table(result.summary))
         print(f"results: {result.out_dir}")
+    elif args.command == "crossval":
+        import shlex
+
+        from asfda.config import load_config
+        from asfda.crossval import crossval, plan_seeds
+        from asfda.crossval.report import console_tables
+
+        cfg = load_config(args.config, {
+            **dict(args.set or []), "model": args.model, "strategies": args.strategies, "budget": args.budget,
+            "rounds": args.rounds, "seeds": args.seeds, "train.steps": args.steps, "class_map": args.class_map,
+            "upper_bound": False if args.no_upper_bound else None, "upper_bound_steps": args.upper_bound_steps,
+            "cache_dir": args.cache_dir, "threads": args.threads, "device": args.device,
+            "train.precision": args.precision, "trust_model_code": True if args.trust_model_code else None,
+            "output_activation": args.output_activation, "progress": progress, "report": False})
+        summary = crossval(cfg, args.data, args.out, folds=args.folds, fold_seed=args.fold_seed,
+                           seeds=plan_seeds(cfg.strategies, cfg.seeds, args.random_seeds), only_folds=args.only_folds,
+                           summarize_only=args.summarize_only, utility=args.utility,
+                           command="asfda " + shlex.join(sys.argv[1:]))
+        print(console_tables(summary))
+        print(f"results: {args.out} (README.md, report.html, summary.json)")
     elif args.command == "evaluate":
         from asfda.evaluate import evaluate_model
 

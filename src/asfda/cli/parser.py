@@ -108,6 +108,20 @@ def _add_strategies(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"comma-separated strategy names among %(choices)s; {what}")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"KEY=VALUE expected, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from asfda import __version__
 
@@ -150,6 +164,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-guard", action="store_true", help="keep every round's weights (no non-regression guard)")
     p.add_argument("--upper-bound-steps", type=int, help="steps of the upper bound (default: steps x rounds)")
     p.add_argument("--out", help="results folder (not inside the pool, the test set or the model)")
+    _add_model_flags(p, fine_tunes=True, device_default=None)
+
+    p = sub.add_parser("crossval", help="K-fold cross-validation on a labelled dataset: every volume tested once, "
+                       "each strategy against random with 95%% bootstrap intervals (summary.json, README.md, "
+                       "report.html)")
+    p.add_argument("--model", help="bundle folder, checkpoint or TorchScript file (not needed with --summarize-only)")
+    p.add_argument("--data", required=True, help="the labelled dataset (nnU-Net raw or NIfTI folder); fold k's pool "
+                   "is every volume outside its test fold")
+    p.add_argument("--out", required=True, help="results folder: folds.json, fold<k>/ (simulate's files), "
+                   "summary.json, README.md, report.html; rerun the same command to resume")
+    p.add_argument("--folds", type=int, default=5, help="K (default: 5); the folds' sizes differ by at most one")
+    p.add_argument("--fold-seed", type=int, default=0, help="seeds the fold assignment (default: 0)")
+    p.add_argument("--config", help="YAML run config: the recipe of every fold (as simulate's); flags override it")
+    p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE", help="one run-config setting, "
+                   "e.g. --set representativeness=density --set train.hold_back_discarded=true (repeatable)")
+    _add_strategies(p, "each compared with random, which is added when missing (default: asfda,random)")
+    p.add_argument("--seeds", help="comma-separated seeds of every strategy but random (default: the config's, 0)")
+    p.add_argument("--random-seeds", type=_int_list, help="random's seeds (default: --seeds continued to 3 seeds)")
+    p.add_argument("--budget", type=int, help="volumes labelled per round")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--steps", type=int, help="fine-tuning steps per round")
+    p.add_argument("--no-upper-bound", action="store_true", help="skip the whole-pool upper bound")
+    p.add_argument("--upper-bound-steps", type=int, help="steps of the upper bound, run on the first seed "
+                   "(default: steps x rounds)")
+    p.add_argument("--class-map", help="target=source,... overrides of the name match")
+    p.add_argument("--cache-dir", help="prepared volumes and the folds' symlink datasets (default: the config's, "
+                   ".cache)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--only-folds", type=_int_list, metavar="K,...", help="run only these folds (other processes run "
+                   "the others into the same --out; on another machine, copy its fold<k> folders into --out and "
+                   "--summarize-only)")
+    p.add_argument("--summarize-only", action="store_true", help="run nothing: summarise the fold folders on disk")
+    p.add_argument("--utility", help="a single-label utility table (benchmarks/single_label_utility.py's "
+                   "utility.json): the best and the expected random first label, set beside n=1")
     _add_model_flags(p, fine_tunes=True, device_default=None)
 
     p = sub.add_parser("evaluate", help="Dice per case and class of a model on a labelled dataset")

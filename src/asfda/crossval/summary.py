@@ -1,0 +1,217 @@
+"""A cross-validation's summary, from the fold folders on disk (`asfda.crossval.read`): per test volume its Dice
+per strategy and number labelled (mean over the strategy's seeds), per strategy the mean curve, its AUC
+(`asfda.results.area_under_curve`) and the paired difference against random per test volume with a bootstrap
+interval (`asfda.crossval.stats`); zero-shot, the upper bound, what is missing, and the single-label oracle."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from asfda.crossval.folds import read_json
+from asfda.crossval.read import PROVENANCE, ZERO_SHOT, Seeds, provenance_lines, ranges, read_fold
+from asfda.crossval.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_mean, curve_auc, paired_difference
+from asfda.results import UPPER_BOUND
+
+__all__ = ["RANDOM", "clean", "oracle_1", "pp_strategies", "summarize"]
+
+RANDOM = "random"
+"""The strategy every other one is compared with."""
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return float(np.mean(vals)) if vals else None
+
+
+def clean(obj):
+    """JSON without NaN (null instead), every key a string."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    return obj
+
+
+def oracle_1(path: str | Path | None, volumes: Sequence[str] = ()) -> dict | None:
+    """What one label can do at best and on average, from a single-label utility table
+    (``benchmarks/single_label_utility.py``'s ``utility.json``: per volume v, the mean Dice over the other volumes of
+    the model fine-tuned on v alone minus their zero-shot Dice). ``best``: the highest utility, ``expected_random``:
+    their mean (what a uniformly random first label gains on average). None without a table."""
+    if not path:
+        return None
+    table = read_json(Path(path))
+    util = {v: float(u) for v, u in ((table or {}).get("utility") or {}).items()
+            if u is not None and not math.isnan(float(u))}
+    if not util:
+        return {"best": None, "expected_random": None, "source": str(path), "problem": "no utility table there"}
+    best = max(util, key=lambda v: util[v])
+    return {"best": util[best], "best_volume": best, "expected_random": float(np.mean(list(util.values()))),
+            "volumes": len(util), "not_in_this_cv": sorted(set(util) - set(volumes)) if volumes else [],
+            "source": str(path),
+            "what": "gain of the mean Dice over zero-shot from 1 label, measured on every volume as that label "
+                    "(tested on all the others): the best volume, and the mean over volumes (a random first label)"}
+
+
+def _fold(out: Path, k: int, test_ids: Sequence[str], ns: list[int], seeds: Seeds, upper_seeds: Sequence[int],
+          vols: dict, missing: list[str], checks: dict, metric: str, pp: Sequence[str]) -> dict:
+    """Reads fold ``k`` into ``vols`` (per volume: zero/upper per seed, runs per strategy, n and seed), adds what it
+    lacks to ``missing``; returns the fold's entry of the summary (before its curves)."""
+    fdir = out / f"fold{k}"
+    zero_seeds = sorted({s for ss in seeds.values() for s in ss})
+    got = read_fold(fdir, seeds, metric, pp, zero_seeds=zero_seeds, upper_seeds=upper_seeds)
+    test_set = set(test_ids)
+    warnings: list[str] = []
+    for case in test_ids:
+        vols[case] = {"fold": k, "zero": {}, "upper": {}, "runs": {name: {n: {} for n in ns} for name in seeds}}
+
+    def usable(dice: dict[str, float], what: str) -> bool:
+        if set(dice) == test_set:
+            return True
+        warnings.append(f"{what}: on disk for test cases {sorted(dice)}, not this fold's {sorted(test_set)}")
+        return False
+
+    for s in zero_seeds:
+        z = got["zero"].get(s)
+        if z is not None and usable(z, f"{ZERO_SHOT} seed{s}"):
+            for c, d in z.items():
+                vols[c]["zero"][s] = d
+        else:
+            missing.append(f"fold{k} {ZERO_SHOT} seed{s}")
+    for name, ss in seeds.items():
+        for s in ss:
+            by_n = got["runs"][name].get(s, {})
+            lacking = []
+            for n in ns:
+                rec = by_n.get(n)
+                if rec is not None and usable(rec["dice"], f"{name} seed{s} n={n}"):
+                    for c, d in rec["dice"].items():
+                        vols[c]["runs"][name][n][s] = d
+                else:
+                    lacking.append(n)
+            if lacking:
+                missing.append(f"fold{k} {name} seed{s} n={ranges(lacking)}")
+    for s in upper_seeds:
+        ub = got["upper"].get(s)
+        ok = ub is not None and usable(ub["dice"], f"{UPPER_BOUND} seed{s}")
+        if ok and checks.get("upper_bound_steps") and ub["steps"] not in (None, checks["upper_bound_steps"]):
+            warnings.append(f"{UPPER_BOUND} seed{s}: trained {ub['steps']} steps, not {checks['upper_bound_steps']}")
+            ok = False
+        if ok:
+            for c, d in ub["dice"].items():
+                vols[c]["upper"][s] = d
+        else:
+            missing.append(f"fold{k} {UPPER_BOUND} seed{s}")
+    train = got["config"].get("train", {})
+    for what in ("steps", "precision"):
+        want, have = checks.get(what), train.get(what)
+        if want is not None and have is not None and want != have:
+            warnings.append(f"run.json (the last run of this fold) has train.{what}={have!r}, not {want!r}")
+    log = (read_json(fdir / PROVENANCE) or {}).get("entries", [])
+    ub_pool: list[str] = next((u["pool"] for u in got["upper"].values()), [])
+    reverted = {name: sum(rec["reverted"] for by_n in got["runs"][name].values() for n, rec in by_n.items()
+                          if n <= ns[-1]) for name in seeds}
+    return {"test": list(test_ids), "upper_bound_pool": len(ub_pool) or None, "reverted": reverted,
+            "provenance": provenance_lines(got, log),
+            "runs": [{key: e[key] for key in ("machine", "commit", "start", "wall_s", "status")} for e in log],
+            "config": {"steps": train.get("steps"), "precision": train.get("precision"),
+                       "upper_bound_steps": got["config"].get("upper_bound_steps")} if train else {},
+            "warnings": warnings}
+
+
+def _volume_curves(vols: dict, seeds: Seeds, ns: list[int]) -> dict[str, dict[int, dict[str, float | None]]]:
+    """Per strategy and n (0: zero-shot), each volume's Dice: the mean over the strategy's seeds."""
+    return {name: {0: {c: _mean(v["zero"].values()) for c, v in vols.items()},
+                   **{n: {c: _mean(v["runs"][name][n].values()) for c, v in vols.items()} for n in ns}}
+            for name in seeds}
+
+
+def _strategy(name: str, seeds: Seeds, vols: dict, ns: list[int], per_vol: dict, zero_by_seed: dict,
+              resamples: int, seed: int) -> dict:
+    cases = sorted(vols)
+    per_seed = {s: {0: zero_by_seed.get(s), **{n: _mean(vols[c]["runs"][name][n].get(s) for c in cases) for n in ns}}
+                for s in seeds[name]}
+    dice_by_n = {n: _mean(per_seed[s][n] for s in seeds[name]) for n in [0, *ns]}
+    mine = per_vol[name]
+    ci = {n: (bootstrap_mean(list(mine[n].values()), resamples, seed) or {}).get("ci95") for n in [0, *ns]}
+    entry = {"dice_by_n": dice_by_n, "auc": curve_auc(dice_by_n), "dice_ci95_by_n": ci,
+             "dice_by_n_per_seed": per_seed, "auc_per_seed": {s: curve_auc(c) for s, c in per_seed.items()},
+             "diff_vs_random": None, "auc_diff_vs_random": None}
+    if name != RANDOM and RANDOM in per_vol:
+        rnd = per_vol[RANDOM]
+        entry["diff_vs_random"] = {n: paired_difference(mine[n], rnd[n], resamples, seed) for n in ns}
+
+        def auc_by_volume(curves: dict) -> dict[str, float | None]:
+            return {c: curve_auc({n: curves[n][c] for n in curves}) for c in cases}
+
+        entry["auc_diff_vs_random"] = paired_difference(auc_by_volume(mine), auc_by_volume(rnd), resamples, seed)
+    return entry
+
+
+def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, seeds: Seeds, rounds: int, budget: int = 1,
+              upper_seeds: Sequence[int] = (), upper_bound_steps: int | None = None, steps: int | None = None,
+              precision: str | None = None, metric: str = "dice_mean", pp: Sequence[str] = (),
+              utility: str | Path | None = None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+              command: str = "", machine_line: str = "", commit: str = "") -> dict:
+    """Reads every fold folder ``out/fold<k>`` and returns the summary (nothing is written). Only files on disk are
+    read: a fold, strategy, seed or n not run (yet) is listed under "missing" and "complete" is false; results on
+    disk for other test cases than ``assignment`` says (another fold assignment) count as missing. ``steps`` /
+    ``precision`` / ``upper_bound_steps``, when given, are checked against each fold's run.json (mismatches become
+    warnings). Case Dice under ``metric`` (`asfda.crossval.read.case_dice`; ``pp`` the classes cut for
+    ``pp_dice_mean``)."""
+    out = Path(out)
+    seeds = {name: list(ss) for name, ss in seeds.items()}
+    ns = [budget * r for r in range(1, rounds + 1)]
+    missing: list[str] = []
+    vols: dict[str, dict] = {}
+    checks = {"steps": steps, "precision": precision, "upper_bound_steps": upper_bound_steps}
+    per_fold = {k: _fold(out, k, test_ids, ns, seeds, upper_seeds, vols, missing, checks, metric, pp)
+                for k, test_ids in enumerate(assignment)}
+    vols = dict(sorted(vols.items()))
+    cases = list(vols)
+    per_vol = _volume_curves(vols, seeds, ns)
+    zero_seeds = sorted({s for ss in seeds.values() for s in ss})
+    zero_by_seed = {s: _mean(vols[c]["zero"].get(s) for c in cases) for s in zero_seeds}
+    strategies = {name: _strategy(name, seeds, vols, ns, per_vol, zero_by_seed, resamples, seed) for name in seeds}
+    for f in per_fold.values():
+        test = f["test"]
+        f["pool_size"] = len(cases) - len(test)
+        f["zero_shot"] = _mean(_mean(vols[c]["zero"].values()) for c in test)
+        f["upper_bound"] = _mean(_mean(vols[c]["upper"].values()) for c in test)
+        f["strategies"] = {}
+        for name in seeds:
+            curve = {n: _mean(per_vol[name][n][c] for c in test) for n in [0, *ns]}
+            f["strategies"][name] = {"dice_by_n": curve, "auc": curve_auc(curve),
+                                     "rounds_discarded_by_guard": f["reverted"][name]}
+        del f["reverted"]
+    per_volume = {c: {"fold": v["fold"], "zero_shot": _mean(v["zero"].values()),
+                      "upper_bound": _mean(v["upper"].values()),
+                      **{name: {n: per_vol[name][n][c] for n in ns} for name in seeds}} for c, v in vols.items()}
+    summary = {
+        "folds": len(assignment), "seeds": seeds, "upper_bound_seeds": list(upper_seeds), "metric": metric,
+        "budget": budget, "rounds": rounds,
+        **({"postprocessing": list(pp)} if metric == "pp_dice_mean" else {}),
+        "zero_shot": _mean(zero_by_seed.values()),
+        "upper_bound": _mean(_mean(vols[c]["upper"].get(s) for c in cases) for s in upper_seeds) if cases else None,
+        "complete": not missing, "missing": missing,
+        "strategies": strategies,
+        "auc": "trapezoid area under mean Dice vs n over n = 0..N, divided by N (asfda.results.area_under_curve)",
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "test volume", "interval": "percentile 95%"},
+        "oracle_1": oracle_1(utility, cases),
+        "per_fold": per_fold, "per_volume": per_volume,
+        "machine": machine_line, "commit": commit, "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="minutes"),
+    }
+    return clean(summary)
+
+
+def pp_strategies(pp_summary: Mapping) -> dict:
+    """The curves and AUCs of a ``pp_dice_mean`` summary, for the plain summary's ``postprocessing`` entry."""
+    return {name: {"dice_by_n": s["dice_by_n"], "auc": s["auc"], "diff_vs_random": s["diff_vs_random"]}
+            for name, s in pp_summary["strategies"].items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -41,14 +42,38 @@ OUTPUT_EMBEDDING = "output"
 volume". Used for networks whose inner modules cannot be hooked (TorchScript)."""
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (N = 0, 1, ...), mps"
+"""The device names asfda takes (`check_device_name`): ``auto`` is CUDA when available, else the CPU."""
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d{1,4})?|mps")
+
+
+def check_device_name(requested: object) -> str:
+    """``requested`` (None: ``auto``) when it is one of `DEVICE_FORMS`, else an `AsfdaError` naming them. The
+    command line checks its ``--device`` with this when it parses it; `select_device` again, with what is here."""
+    name = "auto" if requested is None else str(requested)
+    if not _DEVICE_NAME.fullmatch(name):
+        raise AsfdaError(f"device must be one of {DEVICE_FORMS}; got {name!r}", fix="use --device auto, cpu or cuda")
+    return name
+
+
 def select_device(requested: str | None = None) -> torch.device:
-    """The one place the compute device is chosen (``"auto"``: CUDA when available, else CPU)."""
-    if requested not in (None, "auto", "cpu") and str(requested).startswith("cuda") and not torch.cuda.is_available():
-        raise AsfdaError(f"device {requested!r} was asked for, but CUDA is not available here",
-                         fix="use --device cpu or auto")
-    if requested in (None, "auto"):
+    """The one place the compute device is chosen (``"auto"``: CUDA when available, else CPU); a name that is not
+    one of `DEVICE_FORMS`, or a device this machine does not have, is an `AsfdaError`."""
+    name = check_device_name(requested)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AsfdaError(f"device {name!r} was asked for, but CUDA is not available here",
+                             fix="use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if ":" in name and int(name.split(":")[1]) >= count:
+            raise AsfdaError(f"device {name!r} was asked for, but this machine has {count} CUDA device"
+                             f"{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})", fix="use --device cuda or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise AsfdaError("device 'mps' was asked for, but MPS (an Apple GPU) is not available here",
+                         fix="use --device cpu or auto")
+    return torch.device(name)
 
 
 def describe_device(device: torch.device) -> str:
@@ -147,6 +172,7 @@ class InferenceEngine:
             self._module = modules[self.embedding_layer]
         self._sum: torch.Tensor | None = None
         self._count = 0
+        self.sweeps = 0  # sliding-window passes over a whole volume so far (what "a forward pass" counts)
 
     @property
     def n_passes(self) -> int:
@@ -177,6 +203,7 @@ class InferenceEngine:
         return self.network(window)
 
     def _window(self, x: torch.Tensor) -> torch.Tensor:
+        self.sweeps += 1
         out = sliding_window_inference(x, self.roi_size, self.sw_batch_size, self._forward, overlap=self.overlap,
                                        mode=self.mode, sigma_scale=0.125)
         assert isinstance(out, torch.Tensor)  # _forward returns one tensor, so one (Meta)Tensor comes back

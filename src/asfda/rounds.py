@@ -151,6 +151,6 @@ def _probe(adapter: Adapter, by_id: dict[str, Case], ids: list[str]) -> dict:
     inside `Adapter.all_ranks`)."""
     outputs = adapter.map_cases(
         [by_id[i] for i in ids],
-        lambda c: stopping.probe_output(adapter.engine_current.run(adapter.prepare(c, with_label=False).image)[0]),
+        lambda c: stopping.probe_output(adapter.forward(c)[0]),
         "probe")
     return dict(zip(ids, outputs, strict=True))

@@ -43,8 +43,9 @@ def write_previews(out: Path, adapter: Adapter, pool_ds, strategies: list[str], 
                     if not loaded:
                         adapter.load_current_state(load_file(str(weights)))
                         loaded = True
-                    before = adapter.engine_frozen.run(vol.image)[0].argmax(0).numpy().astype(np.uint8)
-                    after = adapter.engine_current.run(vol.image)[0].argmax(0).numpy().astype(np.uint8)
+                    case = by_id[cid]  # the stored passes of both models when the rounds made them
+                    before = adapter.forward(case, pretrained=True)[0].argmax(0).numpy().astype(np.uint8)
+                    after = adapter.forward(case)[0].argmax(0).numpy().astype(np.uint8)
                     label = None if vol.label is None else vol.label.numpy()
                     preview_png(vol.image[0].numpy(), {"label": label, "before (zero-shot)": before,
                                                        f"after ({name}, {len(state['rounds'])} rounds)": after},

@@ -10,7 +10,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -196,10 +196,8 @@ def _split(cfg: RunConfig, pool_ds, test_ds, seed: int) -> tuple[list[Case], lis
 
 def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], test: list[Case]) -> dict:
     """Fine-tunes the pretrained model on the whole pool (all labelled) and evaluates it; cached per seed."""
-    import dataclasses
-
     steps = cfg.upper_bound_steps or cfg.train.steps * cfg.rounds
-    train = dataclasses.replace(cfg.train, steps=steps, seed=seed * 1000 + 999)
+    train = replace(cfg.train, steps=steps, seed=seed * 1000 + 999)
     path = Path(cfg.out_dir) / UPPER_BOUND / f"seed{seed}.json"
     key = {"model": adapter.pretrained.weights_hash, "pool": [c.case_id for c in pool],
            "test": [c.case_id for c in test],
@@ -248,9 +246,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     if saved is not None:  # resume
         legacy = _fingerprint(cfg, adapter, name, seed, pool, test, legacy=True)  # written before paths left it
         if saved.get("fingerprint") not in (fingerprint, legacy):
-            import dataclasses
-
-            as_embedding = dataclasses.replace(cfg, diversity="embedding")
+            as_embedding = replace(cfg, diversity="embedding")
             if strategy.name == "asfda" and cfg.diversity != "embedding" and saved.get("fingerprint") in tuple(
                     _fingerprint(as_embedding, adapter, name, seed, pool, test, legacy=old) for old in (False, True)):
                 raise RunSettingsChanged("this asfda run picked its batches with diversity: embedding, and this "
@@ -283,6 +279,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     if overall is not None and rounds:
         overall.update(len(rounds))  # finished before a restart
     for r in range(len(rounds), cfg.rounds):
+        passes_before = adapter.forward_passes()
         labelled = [by_id[i] for i in state.labelled_ids()]
         unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
         batch = select_batch(adapter, strategy, labelled, unlabelled, cfg.budget, r, seed * 1000 + r,
@@ -314,7 +311,8 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
                   "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,
                   "dice_mean": mean_of(per_case, "dice_mean"), "probe": trained.probe,
                   "queried_dice_before": {row["case_id"]: row["dice_mean"] for row in queried_before},
-                  "seconds_stopping": round(t_queried + trained.seconds_probe, 2)}
+                  "seconds_stopping": round(t_queried + trained.seconds_probe, 2),
+                  "forward_passes": {k: n - passes_before[k] for k, n in adapter.forward_passes().items()}}
         # the estimate reads no test Dice; stopping.csv sets it beside the true gain once the next round is done
         record["stopping"] = stopping.estimate_from_records([*rounds, record],
                                                             _queried_curve([*rounds, record])).to_dict()
@@ -408,9 +406,7 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
 
 
 def _round_train_config(cfg: RunConfig, seed: int, r: int):
-    import dataclasses
-
-    return dataclasses.replace(cfg.train, seed=seed * 1000 + r)
+    return replace(cfg.train, seed=seed * 1000 + r)
 
 
 def write_results(out: Path, rows: list[dict], summary: dict) -> None:

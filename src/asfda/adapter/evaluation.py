@@ -56,7 +56,7 @@ class EvaluationMixin(AdaptedModels):
             label, _ = read_nifti(case.label_path, dtype=np.float64)
             check_label_values(label, range(n), case.label_path)
             vol = self.prepare(case, with_label=False)
-            logits, _ = engine.run(vol.image, tta=tta)
+            logits = engine.run(vol.image, tta=True)[0] if tta else self.forward(case, vol, pretrained=pretrained)[0]
             pred = label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine, vol.native_shape,
                                             self.pretrained.preprocessing)
             ref = torch.from_numpy(label).long()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -12,7 +15,9 @@ from tqdm.auto import tqdm
 from asfda.distributed import DistContext
 from asfda.engine import OUTPUT_EMBEDDING, InferenceEngine, select_device
 from asfda.io.datasets import Case
-from asfda.models import LoadedModel, PreparedVolume, build_class_map, clone_module, prepare_case
+from asfda.models import LoadedModel, PreparedVolume, build_class_map, clone_module, prepare_case, state_dict_hash
+
+from .outputs import PASS_KINDS, ForwardStore, volume_stamp
 
 __all__ = ["SINGLE_PROCESS", "AdaptedModels"]
 
@@ -65,8 +70,19 @@ class AdaptedModels:
         self.engine_frozen = InferenceEngine(self.frozen, pretrained.roi_size, embedding_layer=layer, **kw)
         self.engine_current = InferenceEngine(self.current, pretrained.roi_size,
                                               embedding_layer=self.engine_frozen.embedding_layer, **kw)
-        self.is_adapted = False
+        self._is_adapted = False
         self._plausibility0: dict[str, float] = {}
+        # every forward pass once (asfda.adapter.outputs): outputs kept by weights hash, passes counted by model
+        self.outputs = ForwardStore(cache_dir)
+        self._frozen_hash = state_dict_hash(self.frozen.state_dict())
+        self._current_hash: tuple[tuple, str] | None = None  # (weights signature, hash) of the adapted model
+        self._sweeps_seen = {"frozen": 0, "current": 0}
+        self._passes: Counter[str] = Counter({k: 0 for k in PASS_KINDS})
+        self._output_key = json.dumps([self.class_map.to_dict(), pretrained.activation, pretrained.probabilities,
+                                       pretrained.adds_background, list(pretrained.roi_size), pretrained.sw_batch_size,
+                                       pretrained.overlap, pretrained.sw_mode, precision,
+                                       pretrained.preprocessing.cache_key(), self.engine_frozen.embedding_layer],
+                                      default=str)
 
     # -- ranks of a torchrun job ------------------------------------------------------------------
     dist: DistContext = SINGLE_PROCESS  # the ranks the jobs are sharded over (all_ranks, sharded_scoring)
@@ -96,6 +112,64 @@ class AdaptedModels:
         parts = self.dist.all_gather([(k, job(cases[k])) for k in self._bar(mine, desc)])
         out: dict[int, R] = {k: v for part in parts for k, v in part}
         return [out[k] for k in range(len(cases))]
+
+    # -- forward passes, each once (asfda.adapter.outputs) --------------------------------------------
+    def forward(self, case: Case, vol: PreparedVolume | None = None, *, pretrained: bool = False,
+                refresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (logits ``[C, X, Y, Z]``, embedding ``[D]``) of the current (or the ``pretrained``) model on ``case``:
+        the stored output of an earlier pass of the same weights on the same volume when there is one (the very same
+        numbers), else one pass of the engine, stored for the stages after. ``vol``: the case prepared without its
+        label, when the caller has it. ``refresh``: run the pass even when stored (a caller whose hooks read the
+        pass) and store it again."""
+        kind, weights = self._weights_of(pretrained)
+        key = self._volume_key(case)
+        if not refresh:
+            hit = self.outputs.get(kind, weights, key)
+            if hit is not None:
+                return hit
+        engine = self.engine_frozen if pretrained else self.engine_current
+        logits, emb = engine.run((vol or self.prepare(case, with_label=False)).image)
+        self.outputs.put(kind, weights, key, logits, emb)
+        return logits, emb
+
+    def _weights_of(self, pretrained: bool) -> tuple[str, str]:
+        """(pass kind, weights hash) of the pretrained or the current model (the current model's hash is computed
+        again only when its weights changed: a load or an optimiser step bumps their tensors' version counters)."""
+        if pretrained:
+            return "pretrained", self._frozen_hash
+        signature = tuple((t.data_ptr(), t._version) for t in self.current.state_dict().values())
+        if self._current_hash is None or self._current_hash[0] != signature:
+            self._current_hash = (signature, state_dict_hash(self.current.state_dict()))
+        weights = self._current_hash[1]
+        return ("pretrained" if weights == self._frozen_hash else "adapted"), weights
+
+    def _volume_key(self, case: Case) -> str:
+        digest = hashlib.sha256(f"{self._output_key}|{case.case_id}|{volume_stamp(case.image_path)}".encode())
+        return digest.hexdigest()[:32]
+
+    def forward_passes(self) -> dict[str, int]:
+        """Passes of the networks over a whole volume so far, by model (``pretrained``, ``adapted``): every
+        sliding-window sweep of either engine, MC-dropout and flip passes included; a pass of the current engine
+        counts for the pretrained model while its weights are the pretrained ones."""
+        self._count_sweeps()
+        return dict(self._passes)
+
+    def _count_sweeps(self) -> None:
+        for name, engine in (("frozen", self.engine_frozen), ("current", self.engine_current)):
+            new = engine.sweeps - self._sweeps_seen[name]
+            self._sweeps_seen[name] = engine.sweeps
+            kind = "adapted" if (name == "current" and self._is_adapted) else "pretrained"
+            self._passes[kind] += new
+
+    @property
+    def is_adapted(self) -> bool:
+        """Whether the current weights differ from the pretrained ones (fine-tuned, or loaded so)."""
+        return self._is_adapted
+
+    @is_adapted.setter
+    def is_adapted(self, value: bool) -> None:
+        self._count_sweeps()  # the sweeps so far count for the weights they ran with
+        self._is_adapted = bool(value)
 
     # -- data -------------------------------------------------------------------------------------
     def prepare(self, case: Case, with_label: bool = True) -> PreparedVolume:

@@ -21,6 +21,7 @@ from asfda.scoring import expected_calibration_error, fit_temperature
 from asfda.scoring.metrics import anatomy_composition
 from asfda.scoring.needs import ScoringNeeds
 from asfda.scoring.pool import (
+    Forward,
     ScoredPool,
     ScoringPlan,
     VolumeRecord,
@@ -105,7 +106,7 @@ class ScoringMixin(AdaptedModels):
         for case in self._bar(labelled, "labelled"):
             vol = self.prepare(case)
             assert vol.label is not None  # a labelled case: prepared with its label
-            logits, emb = self.engine_current.run(vol.image)
+            logits, emb = self.forward(case, vol)
             z, y = sample_voxels(logits, vol.label, max_voxels, gen)
             zs.append(z)
             ys.append(y)
@@ -123,7 +124,7 @@ class ScoringMixin(AdaptedModels):
             return Anchors()
         embs, anatomy = [], []
         for case in self._bar(cases, "labelled"):
-            logits, emb = self.engine_current.run(self.prepare(case, with_label=False).image)
+            logits, emb = self.forward(case)
             embs.append(emb.numpy())
             anatomy.append(anatomy_composition(torch.softmax(logits / temperature, 0)).numpy())
             del logits
@@ -150,7 +151,13 @@ class ScoringMixin(AdaptedModels):
         frozen, cache, key_fn = self._pool_cache(cases, temperature, grow_voxels, divergence, needs, seed)
         return score_volumes((self.prepare(c, with_label=False) for c in cases), self.engine_current, temperature,
                              frozen=frozen, grow_voxels=grow_voxels, needs=needs, seed=seed, cache=cache,
-                             cache_key=key_fn, progress=self._pool_bar(len(cases)))
+                             cache_key=key_fn, progress=self._pool_bar(len(cases)), forward=self._forward_of(cases))
+
+    def _forward_of(self, cases: list[Case]) -> Forward:
+        """`asfda.scoring.pool.Forward` over ``cases``' prepared volumes: `forward`, through the stored passes."""
+        by_id = {c.case_id: c for c in cases}
+        return lambda vol, pretrained, refresh: self.forward(by_id[vol.case_id], vol, pretrained=pretrained,
+                                                             refresh=refresh)
 
     def _pool_bar(self, total: int) -> Callable[[Iterable], Iterable]:
         return lambda it: tqdm(it, total=total, desc="score pool", disable=not self.progress, leave=False,
@@ -185,7 +192,8 @@ class ScoringMixin(AdaptedModels):
         plan = scoring_plan(self.engine_current, job.needs, frozen is not None)
         return plan, score_records((self.prepare(c, with_label=False) for c in mine), plan, self.engine_current,
                                    job.temperature, frozen=frozen, grow_voxels=job.grow_voxels, seed=job.seed,
-                                   cache=cache, cache_key=key_fn, progress=self._pool_bar(len(mine)))
+                                   cache=cache, cache_key=key_fn, progress=self._pool_bar(len(mine)),
+                                   forward=self._forward_of(mine))
 
     @contextlib.contextmanager
     def sharded_scoring(self, dist: DistContext) -> Iterator[None]:

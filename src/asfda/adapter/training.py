@@ -46,7 +46,7 @@ class TrainingMixin(ScoringMixin):
         out = []
         for case in self._bar(cases, "pseudo-label"):
             vol = self.prepare(case, with_label=False)
-            logits, _ = self.engine_current.run(vol.image, tta=flip_average)
+            logits = self.engine_current.run(vol.image, tta=True)[0] if flip_average else self.forward(case, vol)[0]
             label, mask = pseudo_label(logits, temperature, threshold)
             out.append(TrainVolume(vol.image, label, mask))  # uint8: cast per patch
         return out
@@ -144,12 +144,11 @@ class TrainingMixin(ScoringMixin):
         forward pass each (sharded over the ranks inside `all_ranks`); the pretrained model's per-case values are kept
         (its weights never change)."""
         n = len(self.target_names)
-        engine = self.engine_frozen if pretrained else self.engine_current
 
         def one(case: Case) -> float:
             if pretrained and case.case_id in self._plausibility0:
                 return self._plausibility0[case.case_id]
-            logits, _ = engine.run(self.prepare(case, with_label=False).image)
+            logits, _ = self.forward(case, pretrained=pretrained)
             return anatomical_plausibility([logits.argmax(0)], n, self._guard_classes())
 
         values = self.map_cases(cases, one, "guard")  # sharded over the ranks inside all_ranks
@@ -178,8 +177,7 @@ class TrainingMixin(ScoringMixin):
         warm = max(1, int(round(train.steps * semi.warmup_fraction)))
         hist = self.finetune(labelled, dataclasses.replace(train, steps=warm), desc=f"{desc} (labelled)")
         scored = self.score_pool(unlabelled, temperature, divergence=False)
-        lab_emb = np.stack([self.engine_current.run(self.prepare(c, with_label=False).image)[1].numpy()
-                            for c in labelled])
+        lab_emb = np.stack([self.forward(c)[1].numpy() for c in labelled])
         fresh = PoolScores([c.case_id for c in unlabelled], scored.metrics, scored.embeddings, lab_emb, None, 0)
         reliable = reliable_from_scores(fresh, [], semi.confident_fraction, semi.close_fraction)
         if self.spmd:  # torchrun: rank 0's choice (each rank embedded the labelled volumes itself)

@@ -26,6 +26,7 @@ import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +49,8 @@ from asfda.scoring.metrics import (
 )
 from asfda.scoring.needs import ScoringNeeds
 
-__all__ = ["ScoredPool", "ScoringPlan", "VolumeRecord", "batchnorm_layers", "finish_pool", "instance_norm_layers",
-           "norm_kl_from_stats", "score_records", "score_volumes", "scoring_plan"]
+__all__ = ["Forward", "ScoredPool", "ScoringPlan", "VolumeRecord", "batchnorm_layers", "finish_pool",
+           "instance_norm_layers", "norm_kl_from_stats", "score_records", "score_volumes", "scoring_plan"]
 
 
 @dataclass
@@ -276,13 +277,29 @@ class VolumeRecord:
     values: Mapping[str, np.ndarray | np.float64]
 
 
-def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, frozen: InferenceEngine | None,
+Forward = Callable[[Any, bool, bool], tuple[torch.Tensor, torch.Tensor]]
+"""``forward(vol, pretrained, refresh)`` -> (logits, embedding) of the current (or pretrained) model on a prepared
+volume: `asfda.adapter.Adapter.forward`, which reads back a pass already made with the same weights (``refresh``: run
+it anyway, for the hooks that read it)."""
+
+
+def _engine_forward(current: InferenceEngine, frozen: InferenceEngine | None) -> Forward:
+    """A `Forward` that runs the engines every time (no store)."""
+    def forward(vol, pretrained: bool, refresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        engine = frozen if pretrained else current
+        assert engine is not None  # the pretrained pass is asked only when the frozen engine is given
+        return engine.run(vol.image)
+
+    return forward
+
+
+def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, forward: Forward,
                temperature: float, grow_voxels: int, seed: int) -> dict[str, np.ndarray | np.float64]:
     """Every pass of ``plan`` on one volume; its numbers and vectors (the logits are dropped here)."""
     out: dict[str, np.ndarray | np.float64] = {}
     stats = _ChannelStats(plan.bn or plan.inorm)
-    with stats.capturing():
-        logits, emb = current.run(vol.image)
+    with stats.capturing():  # a pass the hooks read is run even when stored
+        logits, emb = forward(vol, False, bool(plan.bn or plan.inorm))
     prob = torch.softmax(logits / temperature, 0)
     del logits
     ent, pred = voxel_entropy(prob), prob.argmax(0)  # shared by the metrics below
@@ -299,8 +316,8 @@ def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, f
         out["norm_stats"] = stats.vector()
     if plan.head_gradient:
         out["badge"] = badge_embedding(prob, emb).numpy()
-    if frozen is not None:
-        logits0, emb0 = frozen.run(vol.image)
+    if plan.frozen:
+        logits0, emb0 = forward(vol, True, False)
         prob0 = torch.softmax(logits0 / temperature, 0)
         out["m_kd"] = np.float64(foreground_kl_divergence(prob, prob0, argmax_t=pred))
         del prob0
@@ -319,12 +336,13 @@ def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, f
 def score_records(volumes: Iterable, plan: ScoringPlan, current: InferenceEngine, temperature: float, *,
                   frozen: InferenceEngine | None = None, grow_voxels: int = 2, seed: int = 0,
                   progress: Callable[[Iterable], Iterable] = lambda x: x,
-                  cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None
-                  ) -> list[VolumeRecord]:
+                  cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None,
+                  forward: Forward | None = None) -> list[VolumeRecord]:
     """The per-volume half of `score_volumes` (see there for the arguments): one `VolumeRecord` per volume, in the
     order they came; nothing that needs the whole pool. A sharded run calls it on its shard."""
     if plan.frozen != (frozen is not None):
         raise ValueError("the plan and the frozen engine disagree (scoring_plan(..., frozen=frozen is not None))")
+    forward = forward or _engine_forward(current, frozen)
     records: list[VolumeRecord] = []
     for index, vol in enumerate(progress(volumes)):
         case_id = str(getattr(vol, "case_id", index))
@@ -333,7 +351,7 @@ def score_records(volumes: Iterable, plan: ScoringPlan, current: InferenceEngine
         if hit is not None and plan.complete(hit):
             records.append(VolumeRecord(case_id, hit))
             continue
-        values = _score_one(vol, case_id, plan, current, frozen, temperature, grow_voxels, seed)
+        values = _score_one(vol, case_id, plan, current, forward, temperature, grow_voxels, seed)
         records.append(VolumeRecord(case_id, values))
         release_freed_memory()  # the pool is streamed: keep the resident set flat (see asfda.memory)
         if cache is not None and key is not None:  # (key implies cache)
@@ -364,8 +382,8 @@ def finish_pool(records: Sequence[VolumeRecord], plan: ScoringPlan, temperature:
 def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: float, *,
                   frozen: InferenceEngine | None = None, grow_voxels: int = 2, needs: ScoringNeeds | None = None,
                   seed: int = 0, progress: Callable[[Iterable], Iterable] = lambda x: x,
-                  cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None
-                  ) -> ScoredPool:
+                  cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None,
+                  forward: Forward | None = None) -> ScoredPool:
     """Per-volume metrics for prepared volumes (objects with ``image`` and ideally ``case_id``): `score_records`
     then `finish_pool`.
 
@@ -380,11 +398,12 @@ def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: floa
         cache, cache_key: when given, each volume's numbers and embeddings are stored under
             ``cache_key(case_id)`` and read back on a re-run instead of recomputed (the key must cover
             everything they depend on: weights of both models, preprocessing, T, needs, seed).
+        forward: how the deterministic pass of each model is had (`Forward`; default: the engines run it).
 
     Raises:
         AsfdaError: MC dropout was asked for and the network has no dropout layer.
     """
     plan = scoring_plan(current, needs, frozen is not None)
     records = score_records(volumes, plan, current, temperature, frozen=frozen, grow_voxels=grow_voxels, seed=seed,
-                            progress=progress, cache=cache, cache_key=cache_key)
+                            progress=progress, cache=cache, cache_key=cache_key, forward=forward)
     return finish_pool(records, plan, temperature)

@@ -156,27 +156,7 @@ def test_trust_model_code_reaches_load_model(name: str, trust: bool, tmp_path: P
     assert TRUST_HELP in " ".join(capsys.readouterr().out.split())
 
 
-def test_a_project_remembers_trust_model_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asfda.models import load_model as real
-    from asfda.project import Project
-    from conftest import write_bundle, write_nnunet
-
-    data, model, proj = write_nnunet(tmp_path / "ds", n=4), write_bundle(tmp_path / "bundle"), tmp_path / "proj"
-    seen: list[bool] = []
-
-    def spy(*args, allow_code: bool = False, **kwargs):
-        seen.append(allow_code)
-        return real(*args, allow_code=allow_code, **kwargs)
-
-    for module in ("asfda.project.setup", "asfda.project.state"):  # init; next and finetune
-        monkeypatch.setattr(f"{module}.load_model", spy)
-    assert main(["init", str(proj), "--model", str(model), "--pool", str(data), "--trust-model-code",
-                 "--device", "cpu", "--no-progress"]) == 0
-    assert Project(proj).settings.trust_model_code is True
-    Project(proj).adapter(progress=False)  # what next and finetune load the model with
-    assert seen == [True, True]
-    assert main(["init", str(tmp_path / "p2"), "--model", str(model), "--pool", str(data), "--no-progress"]) == 0
-    assert Project(tmp_path / "p2").settings.trust_model_code is False
+# a project does not remember --trust-model-code (issue 30): tests/test_project_hostile.py
 
 
 def test_python_dash_m_asfda_runs_the_cli() -> None:
@@ -230,7 +210,7 @@ def test_every_model_running_command_takes_data_device_and_precision(command: st
     assert "--precision" in flags
     help_text = next(a.help for a in sub.choices[command]._actions if "--precision" in a.option_strings)
     assert help_text.startswith("fine-tuning precision" if command in FINE_TUNES else "inference precision")
-    assert ("--trust-model-code" in flags) is (command in TAKES_DATA)  # a project keeps it in its settings
+    assert "--trust-model-code" in flags  # a project does not keep it: next and finetune take it each time
 
 
 @pytest.mark.parametrize("argv, dest, value", [

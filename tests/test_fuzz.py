@@ -196,3 +196,82 @@ def test_pathological_run_configs_are_asfda_errors(tmp_path: Path, text: str) ->
     path = tmp_path / "run.yaml"
     path.write_text(text, encoding="utf-8")
     _loads_or_asfda_error(lambda: load_config(path, {"progress": False, "train.steps": 2}))
+
+
+# ---------------------------------------------------------------------------------------------- project.json
+def _project_state() -> dict:
+    """A project.json as `asfda init` writes it, with one label, one finished round and a pending query (no model or
+    pool is read: `Project` and `project_status` read project.json alone)."""
+    from asfda.config import config_to_dict
+    from asfda.project import ProjectSettings
+
+    return {"format": 1, "created": "t", "model": "/m", "model_sha256_16": "0" * 16, "pool": "/p", "pool_cases": 4,
+            "labels": {"background": 0, "liver": 1}, "class_map": {}, "settings": config_to_dict(ProjectSettings()),
+            "labelled": {"case00": {"file": "labels/case00.nii.gz", "sha256": "0", "ingested": "t", "query_round": 0,
+                                    "edit": {"edit_dice_mean": 0.9, "fraction_changed": 0.1}}},
+            "rounds": [{"round": 0, "labelled_ids": ["case00"], "new_ids": ["case00"], "weights": "weights/round0.st",
+                        "guard": {"reverted": False}}],
+            "query": {"round": 1, "ids": ["case01"], "folder": "annotate/round1", "strategy": "asfda",
+                      "temperature": 1.0, "components": {}},
+            "weights": "weights/round0.st", "events": []}
+
+
+def _fields_of(state: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in state.items():
+        out.append(prefix + key)
+        if isinstance(value, dict) and key != "labels":
+            out += _fields_of(value, f"{prefix}{key}.")
+    return out
+
+
+PROJECT_FIELDS = _fields_of(_project_state()) + ["rounds.0.round", "rounds.0.labelled_ids", "rounds.0.weights",
+                                                 "rounds.0.guard", "settings.trust_model_code", "labelled.../x"]
+
+
+def _set(state: dict, dotted: str, value: object) -> None:
+    """Sets the field ``dotted`` (``rounds.0.guard``); nothing when an earlier change removed its parent."""
+    node: object = state
+    *parents, last = [dotted.split(".")[0], dotted.split(".", 1)[1]] if "../" in dotted else dotted.split(".")
+    try:
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]  # type: ignore[index]
+        if isinstance(node, list):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+
+
+@FUZZ
+@given(changes=st.lists(st.tuples(st.sampled_from(PROJECT_FIELDS), json_values), min_size=1, max_size=3))
+def test_any_project_json_edit_loads_or_is_an_asfda_error(tmp_path_factory: pytest.TempPathFactory,
+                                                          changes: list) -> None:
+    """Whatever a hand edit puts in a field of project.json, `Project` and `status` load it or refuse it in one
+    line; what loads has settings of the declared types and files inside the project."""
+    from asfda.project import Project, project_status
+
+    root = tmp_path_factory.mktemp("proj")
+    state = _project_state()
+    for field, value in changes:
+        _set(state, field, value)
+    (root / "project.json").write_text(json.dumps(state, allow_nan=True), encoding="utf-8")
+    result = _loads_or_asfda_error(lambda: Project(root))
+    if isinstance(result, Project):
+        s = result.settings
+        assert isinstance(s.budget, int) and s.budget >= 1 and isinstance(s.train.steps, int)
+        assert not hasattr(s, "trust_model_code")
+        assert all(root.resolve() in (root / r["file"]).resolve().parents for r in result.state["labelled"].values())
+        _loads_or_asfda_error(lambda: project_status(root))
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"format": 1', "[" * 100_000 + "]" * 100_000, "null", "NaN", "\x00",
+                                  "\ufeff{}", '{"format": 1}'])
+def test_an_empty_truncated_or_pathological_project_json_is_an_asfda_error(tmp_path: Path, text: str) -> None:
+    from asfda.project import Project
+
+    (tmp_path / "project.json").write_text(text, encoding="utf-8")
+    with pytest.raises(AsfdaError) as e:
+        Project(tmp_path)
+    assert str(tmp_path / "project.json") in e.value.one_line() and "\n" not in e.value.one_line()

@@ -284,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-empty-labels", action="store_true", help="accept label maps with no foreground")
     p.add_argument("--no-guard", action="store_true", help="keep every round's weights, even when the adapted "
                    "model's organs are more fragmented than the pretrained model's")
-    _add_model_flags(p, fine_tunes=True, trust_extra="; kept in the project's settings, so next and finetune build it "
-                     "the same way")
+    _add_model_flags(p, fine_tunes=True, trust_extra="; not stored in the project: pass it to next and finetune too")
     project_commands = [
         ("next", "score the pool and export the next cases to annotate",
          [("--force", "replace a pending query whose labels are not all in")]),
@@ -308,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_precision(p)
         if name == "next":  # it scores the pool
             _add_inference_precision(p)
+        if name in ("next", "finetune"):  # they load the model: trust is given each time, never stored
+            _add_trust(p, "; given each time (a project does not store it)")
         _add_common(p)
     p = sub.add_parser("set", help="change a project's settings (budget, strategy, steps, ...) with the checks of init")
     p.add_argument("project", help="project folder")

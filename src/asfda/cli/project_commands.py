@@ -26,16 +26,16 @@ def project_command(args: argparse.Namespace, progress: bool) -> int:
 
         settings = prj.ProjectSettings(strategy=args.strategy, budget=args.budget, seed=args.seed,
                                        class_map=args.class_map, allow_empty_labels=args.allow_empty_labels,
-                                       device=args.device, trust_model_code=args.trust_model_code,
-                                       output_activation=args.output_activation,
+                                       device=args.device, output_activation=args.output_activation,
                                        train=TrainConfig(steps=args.steps, guard=not args.no_guard,
                                                          precision=args.precision or "fp32"))
-        p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels)
+        p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels,
+                             trust_model_code=args.trust_model_code)
         print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
         print(f"next: asfda next {p.root}")
     elif args.command == "next":
         q = prj.next_query(args.project, progress=progress, force=args.force, device=args.device,
-                           precision=args.precision)
+                           precision=args.precision, trust_model_code=args.trust_model_code)
         if not q:  # another rank of a torchrun job: rank 0 prints
             return 0
         root = prj.Project(args.project).root
@@ -75,7 +75,7 @@ def project_command(args: argparse.Namespace, progress: bool) -> int:
         return 1 if res["refused"] else 0
     elif args.command == "finetune":
         rec = prj.finetune_project(args.project, progress=progress, force=args.force, device=args.device,
-                                   precision=args.precision)
+                                   precision=args.precision, trust_model_code=args.trust_model_code)
         if not rec:  # another rank of a torchrun job: rank 0 prints
             return 0
         root = prj.Project(args.project).root

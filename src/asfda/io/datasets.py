@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def load_nnunet_raw(root: str | Path, *, require_labels: bool = False, split: st
         _check_link(image_path, root, linked_from, meta_path)
         stem = name[: -len(ending)]
         if not stem.endswith("_0000"):
+            if re.fullmatch(r".+_\d{4}", stem):  # CASE_0001: a second input channel
+                raise AsfdaError(f"is input channel {stem[-4:]} of case {stem[:-5]!r}; asfda adapts single-channel "
+                                 "models and reads channel 0000 only", image_path,
+                                 "move the other channels' files out of the dataset")
             raise AsfdaError("image file name lacks the _0000 channel suffix", image_path,
                              f"rename it to {stem}_0000{ending}")
         case_id = stem[: -len("_0000")]
@@ -295,24 +300,35 @@ def load_folder(images_dir: str | Path, labels_dir: str | Path | None = None, *,
     images_dir = Path(images_dir)
     labels_root = Path(labels_dir) if labels_dir is not None else None
     cases = []
+    seen: dict[str, Path] = {}
     for image_path in sorted(images_dir.iterdir()):
         if image_path.name.startswith(".") or not image_path.name.endswith(NIFTI_SUFFIXES):
             continue
         stem = strip_nifti_suffix(image_path.name)
         case_id = stem[: -len("_0000")] if stem.endswith("_0000") else stem
+        _refuse_second_file(seen, case_id, image_path, "image")
         label_path = None
         if labels_root is not None:
-            for suffix in NIFTI_SUFFIXES:
-                candidate = labels_root / f"{case_id}{suffix}"
-                if candidate.exists():
-                    label_path = candidate
-                    break
+            found = [labels_root / f"{case_id}{suffix}" for suffix in NIFTI_SUFFIXES
+                     if (labels_root / f"{case_id}{suffix}").exists()]
+            if len(found) > 1:
+                _refuse_second_file({case_id: found[0]}, case_id, found[1], "label")
+            label_path = found[0] if found else None
         cases.append(_make_case(case_id, image_path, label_path, require_labels))
     if not cases:
         raise AsfdaError("no .nii/.nii.gz images found", images_dir, "point at a folder of NIfTI images")
     if labels is None:
         labels = {"background": 0, "foreground": 1}
     return Dataset(images_dir, labels, tuple(cases))
+
+
+def _refuse_second_file(seen: dict[str, Path], case_id: str, path: Path, what: str) -> None:
+    """Refuses a second file of one case (``CASE.nii`` beside ``CASE.nii.gz``, or ``CASE.nii.gz`` beside
+    ``CASE_0000.nii.gz``): which of the two is the case would be a guess. ``seen``: case id -> its first file."""
+    first = seen.setdefault(case_id, path)
+    if first != path:
+        raise AsfdaError(f"two {what} files give case id {case_id!r}: {first.name} and {path.name}", path,
+                         "keep one of them (move the other out of the folder)")
 
 
 def _make_case(case_id: str, image_path: Path, label_path: Path | None, require_label: bool) -> Case:

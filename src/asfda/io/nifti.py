@@ -1,39 +1,60 @@
 """NIfTI reading with errors a user can act on.
 
-Before any voxel is read, the data size the header declares (shape x bytes per voxel) is compared with what the
-file can hold, so a forged or damaged header cannot make asfda allocate gigabytes for a file of a few bytes:
+The header is checked before any voxel is read (`read_header`, which reading a dataset runs on every file): one 3D
+volume of at least `MIN_AXIS_VOXELS` voxels along each axis, real (not complex, not RGB) voxel values, and a grid
+(affine) that is finite and invertible, with positive finite voxel sizes. Then the data size the header declares is
+compared with what the file can hold, so a forged or damaged header cannot make asfda allocate gigabytes for a file
+of a few bytes:
 
-* above `max_nifti_bytes` (4 GiB by default; the ``ASFDA_MAX_NIFTI_BYTES`` environment variable changes it) a
-  volume is refused on its header alone;
+* above `max_nifti_bytes` (4 GiB by default, 1024^3 voxels as asfda holds them, in float32; the
+  ``ASFDA_MAX_NIFTI_BYTES`` environment variable changes it) a volume is refused on its header alone (the same cap
+  bounds the volume resampled to a model's spacing: `asfda.models.preprocessing`);
 * a ``.nii`` file must be at least as large as the header's data offset plus the declared size;
 * a ``.nii.gz`` cannot hold more than DEFLATE's largest ratio (1032:1) allows, and its uncompressed size must
   agree with gzip's ISIZE trailer (the uncompressed size mod 2^32, of the last gzip member); when the trailer
   disagrees (a file of several gzip members, as bgzip writes) the stream is decompressed once, without keeping
   it, to count its bytes.
+
+The voxels are then read slab by slab into the float32 array asfda keeps, so reading holds one copy of the volume,
+not the decompressed bytes and a converted copy besides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import os
 import struct
+import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.fileholders import FileHolder
+from nibabel.openers import ImageOpener
 from nibabel.spatialimages import SpatialImage
 
 from asfda.errors import AsfdaError
 from asfda.io.atomic import atomic_write
 
-__all__ = ["DEFAULT_MAX_NIFTI_BYTES", "NIFTI_SUFFIXES", "max_nifti_bytes", "read_header", "read_nifti",
-           "write_label_map", "refuse_constant_image", "strip_nifti_suffix"]
+__all__ = ["DEFAULT_MAX_NIFTI_BYTES", "HELD_ITEMSIZE", "MAX_NIFTI_BYTES_ENV", "MIN_AXIS_VOXELS", "NIFTI_SUFFIXES",
+           "max_nifti_bytes", "read_header", "read_nifti", "refuse_constant_image", "size_text", "strip_nifti_suffix",
+           "write_label_map"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_MAX_NIFTI_BYTES = 4 * 2**30
-"""Largest voxel data (bytes, as stored) asfda reads from one file: 4 GiB, e.g. 1024^3 float32 voxels."""
+"""Largest volume asfda holds (bytes as stored, or as float32 when that is more): 4 GiB, i.e. 1024^3 voxels, far above
+a CT or MR volume (512 x 512 x 1000 voxels: 1 GiB)."""
+MIN_AXIS_VOXELS = 4
+"""Fewest voxels along any axis of a volume (as read, and on a model's grid): fewer is a slice, a localiser or a
+handful of voxels, not a 3D scan a 3D model can segment."""
+HELD_ITEMSIZE = 4  # asfda holds voxels as float32
+_SLAB_BYTES = 32 * 2**20  # voxels are read in slabs of about this size
+_MIN_GRID_DET = 1e-3  # |det| of the affine with unit columns: below it the axes are (nearly) parallel
 MAX_NIFTI_BYTES_ENV = "ASFDA_MAX_NIFTI_BYTES"
 _DEFLATE_MAX_RATIO = 1032  # DEFLATE never expands more than ~1032:1
 
@@ -53,7 +74,8 @@ def max_nifti_bytes() -> int:
     return value
 
 
-def _size_text(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count as people read it: ``4 GiB``, ``512 MiB``."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.3g} {unit}"
@@ -68,31 +90,95 @@ def strip_nifti_suffix(name: str) -> str:
 
 
 def read_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine of a NIfTI file without reading its voxels."""
+    """Shape and affine of a NIfTI file without reading its voxels; refuses what asfda cannot hold as a 3D volume
+    (see the module docstring) on the header alone."""
+    return _checked_header(Path(path), _load(path))
+
+
+def read_nifti(path: str | Path, *, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels ([X, Y, Z]) and affine of a 3D NIfTI file; refuses what `read_header` refuses, a header declaring more
+    data than the file holds, and non-finite values."""
     img = _load(path)
+    shape, affine = _checked_header(Path(path), img)
+    _check_declared_size(Path(path), img)
+    data = _read_voxels(Path(path), type(img), shape, np.dtype(dtype))
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise AsfdaError(f"contains NaN or infinite values (or values beyond {np.dtype(dtype).name}'s range)", path,
+                         "replace them (e.g. with the background value)")
+    return data, affine
+
+
+def _checked_header(path: Path, img: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
+    """`read_header`'s checks of a loaded header: shape, voxel type, grid, size cap."""
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
         raise AsfdaError(f"expected a 3D volume, found shape {shape}", path, "give one 3D volume per file")
-    return shape, np.asarray(img.affine, dtype=np.float64)
+    if min(shape) < MIN_AXIS_VOXELS:
+        raise AsfdaError(f"its shape {'x'.join(map(str, shape))} has fewer than {MIN_AXIS_VOXELS} voxels along an "
+                         "axis: a slice or a handful of voxels, not a 3D volume", path,
+                         "export the whole 3D scan, or move the file out of the dataset")
+    stored = np.dtype(img.header.get_data_dtype())
+    if stored.kind not in "biuf":  # complex (c), RGB / structured (V)
+        raise AsfdaError(f"its voxels are {stored} ({'complex' if stored.kind == 'c' else 'not plain numbers'}), "
+                         "not real intensities", path, "export the magnitude (or a grey-level image) as integers or "
+                         "floats")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_grid(path, img, affine)
+    _check_cap(path, shape, stored)
+    return shape, affine
 
 
-def read_nifti(path: str | Path, *, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels ([X, Y, Z]) and affine of a 3D NIfTI file; refuses 4D data and non-finite values."""
-    img = _load(path)
-    read_header(path)  # shape check with the same message
-    _check_declared_size(Path(path), img)
-    try:
-        data: np.ndarray = np.asarray(img.dataobj, dtype=dtype)
+def _check_grid(path: Path, img: nib.Nifti1Image, affine: np.ndarray) -> None:
+    """Refuses a grid asfda cannot resample: a voxel size (pixdim) that is zero, negative or not finite where the
+    affine is built from it (nibabel would silently take 1 mm), an affine with non-finite entries, an axis of zero
+    length, or axes (nearly) parallel (a singular affine)."""
+    fix = "export the image again with its true voxel spacing and orientation (the header's pixdim / sform / qform)"
+    header = img.header
+    if int(header["sform_code"]) == 0:  # the affine comes from pixdim (with the qform's rotation, or none)
+        pixdim = _raw_pixdim(path, img)
+        if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
+            raise AsfdaError(f"its voxel size (pixdim) is {pixdim.tolist()}: not positive and finite", path, fix)
+    if not np.isfinite(affine).all():
+        raise AsfdaError(f"its affine has non-finite entries ({affine[:3].tolist()})", path, fix)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if (sizes <= 0).any():
+        raise AsfdaError(f"its affine gives voxel sizes {sizes.round(6).tolist()} mm: an axis of zero length", path,
+                         fix)
+    if abs(float(np.linalg.det(affine[:3, :3] / sizes))) < _MIN_GRID_DET:
+        raise AsfdaError("its affine is singular (two voxel axes point the same way): not a 3D grid", path, fix)
+
+
+def _check_cap(path: Path, shape: tuple[int, ...], stored: np.dtype) -> None:
+    """Refuses a volume larger than `max_nifti_bytes` as asfda holds it (float32, or the stored type when wider)."""
+    voxels = int(np.prod(shape, dtype=object))
+    declared, held = voxels * stored.itemsize, voxels * max(stored.itemsize, HELD_ITEMSIZE)
+    cap = max_nifti_bytes()
+    if held > cap:
+        as_held = "" if held == declared else f", {size_text(held)} as float32"
+        raise AsfdaError(f"its header declares {'x'.join(map(str, shape))} voxels of {stored} ({size_text(declared)}"
+                         f"{as_held}), more than asfda reads from one file ({size_text(cap)})", path,
+                         f"crop or resample the volume; if it is genuine, raise the cap with {MAX_NIFTI_BYTES_ENV}"
+                         "=BYTES")
+
+
+def _read_voxels(path: Path, image_class: type[nib.Nifti1Image], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The voxels as ``dtype``, read slab by slab (about `_SLAB_BYTES` each) straight into the array that is
+    returned: one copy of the volume in memory, never the decompressed file besides it."""
+    out = np.empty(shape, dtype=dtype, order="F")
+    step = max(1, _SLAB_BYTES // max(1, shape[0] * shape[1] * max(dtype.itemsize, 8)))
+    try:  # one stream: each slab continues where the last one stopped; values beyond dtype's range become inf
+        with ImageOpener(str(path), "rb") as fh, _quiet_nibabel():
+            holder = FileHolder(fileobj=fh.fobj)
+            img = image_class.from_file_map({"header": holder, "image": holder})
+            for z in range(0, shape[2], step):
+                slab = np.asarray(img.dataobj[:, :, z:z + step])
+                out[:, :, z:z + step] = slab.reshape(slab.shape[:3])  # a 4D file of one volume: [X, Y, k, 1]
     except Exception as exc:  # truncated gzip, wrong size ...
         raise AsfdaError(f"cannot read the voxels ({exc.__class__.__name__}: {exc})", path,
                          "the file is truncated or corrupt; export it again") from None
-    if data.ndim == 4:
-        data = data[..., 0]
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        raise AsfdaError("contains NaN or infinite values", path, "replace them (e.g. with the background value)")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return out
 
 
 def refuse_constant_image(data: np.ndarray, path: str | Path) -> None:
@@ -105,43 +191,69 @@ def refuse_constant_image(data: np.ndarray, path: str | Path) -> None:
                          "export the scan again, or move it out of the dataset")
 
 
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel logs the header fixes it makes (a zero pixdim taken as 1 ...) and numpy warns while a damaged affine is
+    built: the checks that follow refuse what matters in one line, so neither reaches the user's screen."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _raw_pixdim(path: Path, img: nib.Nifti1Image) -> np.ndarray:
+    """The voxel sizes the file's header holds (pixdim[1:4]) before nibabel's fixes (a zero taken as 1, a negative
+    size as its absolute value)."""
+    try:
+        with ImageOpener(str(path), "rb") as fh, _quiet_nibabel():
+            raw = type(img.header).from_fileobj(fh, check=False)
+        return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # unreadable twice: the header nibabel read is what asfda uses
+        return np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+
+
 def _load(path: str | Path) -> nib.Nifti1Image:
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file():  # a folder, a device or a FIFO (reading which could hang) is not read
+        if path.exists():
+            raise AsfdaError("is not a regular file (a folder, a device or a pipe)", path,
+                             "give a .nii or .nii.gz file")
+        if path.is_symlink():
+            raise AsfdaError("is a link to nothing (or a loop of links)", path, "fix or remove the link")
         raise AsfdaError("file not found", path, "check the path")
     try:
-        # nib.load is annotated with the base image class; a .nii / .nii.gz loads as a Nifti1Image (or Nifti2Image)
-        return cast(nib.Nifti1Image, nib.load(str(path)))
+        with _quiet_nibabel():
+            # nib.load is annotated with the base image class; a .nii / .nii.gz loads as a Nifti1Image (or Nifti2Image)
+            return cast(nib.Nifti1Image, nib.load(str(path)))
     except Exception as exc:
         raise AsfdaError(f"not a readable NIfTI file ({exc.__class__.__name__}: {exc})", path,
                          "check the file is .nii or .nii.gz and not truncated") from None
 
 
 def _check_declared_size(path: Path, img: nib.Nifti1Image) -> None:
-    """Refuses a file whose header declares more voxel data than the cap, or than the file holds (see the module
-    docstring), before any of it is read."""
+    """Refuses a file whose header declares more voxel data than the file holds (see the module docstring), before
+    any of it is read (the cap: `_check_cap`)."""
     header = img.header
     shape = tuple(int(n) for n in img.shape)
-    itemsize = int(np.dtype(header.get_data_dtype()).itemsize)
-    declared = int(np.prod(shape, dtype=object)) * itemsize
+    declared = int(np.prod(shape, dtype=object)) * int(np.dtype(header.get_data_dtype()).itemsize)
     what = f"its header declares {'x'.join(map(str, shape))} voxels of {header.get_data_dtype()} " \
-           f"({_size_text(declared)})"
-    cap = max_nifti_bytes()
-    if declared > cap:
-        raise AsfdaError(f"{what}, more than asfda reads from one file ({_size_text(cap)})", path,
-                         f"crop or resample the volume; if it is genuine, raise the cap with {MAX_NIFTI_BYTES_ENV}"
-                         f"=BYTES")
+           f"({size_text(declared)})"
     offset = max(int(header.get_data_offset()), int(header.sizeof_hdr) + 4)  # single file: data after the header
     needed = offset + declared
     damaged = "the header is damaged or forged, or the file is truncated; export it again"
     size = path.stat().st_size
     if not path.name.lower().endswith(".gz"):
         if size < needed:
-            raise AsfdaError(f"{what}, but the file holds only {_size_text(max(size - offset, 0))} of voxel data",
+            raise AsfdaError(f"{what}, but the file holds only {size_text(max(size - offset, 0))} of voxel data",
                              path, damaged)
         return
     if needed > size * _DEFLATE_MAX_RATIO + 1024:
-        raise AsfdaError(f"{what}, more than a {_size_text(size)} gzip file can hold", path, damaged)
+        raise AsfdaError(f"{what}, more than a {size_text(size)} gzip file can hold", path, damaged)
     try:
         with open(path, "rb") as fh:
             fh.seek(-4, os.SEEK_END)
@@ -152,7 +264,7 @@ def _check_declared_size(path: Path, img: nib.Nifti1Image) -> None:
         return
     held = _gzip_length(path, needed)  # several gzip members, or a wrong trailer: count, without keeping
     if held < needed:
-        raise AsfdaError(f"{what}, but the file decompresses to only {_size_text(held)}", path, damaged)
+        raise AsfdaError(f"{what}, but the file decompresses to only {size_text(held)}", path, damaged)
 
 
 def _gzip_length(path: Path, enough: int, chunk: int = 1 << 20) -> int:

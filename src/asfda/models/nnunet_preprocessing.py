@@ -270,6 +270,20 @@ class NnUNetPreprocessing(Preprocessing):
             image /= np.clip(image.max(), a_min=eps, a_max=None)
         return image
 
+    def model_grid_shape(self, shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, ...]:
+        """nnU-Net's resampled shape of the whole image, before the crop to its non-zero box (which can only make it
+        smaller): what `Preprocessing.check_grid` bounds before any voxel is read."""
+        import nibabel as nib
+
+        affine = np.asarray(affine, dtype=np.float64)
+        if self.reorient:  # as _to_ras: output axis ornt[i, 0] holds input axis i
+            ornt = nib.orientations.io_orientation(affine)
+            affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+            shape = tuple(int(n) for n in np.asarray(shape)[np.argsort(ornt[:, 0])])
+        axes = list(self.axes)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)[axes]
+        return tuple(int(n) for n in compute_new_shape(np.asarray(shape)[axes], spacing, self.target_spacing))
+
     def __call__(self, image: np.ndarray, affine: np.ndarray, label: np.ndarray | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         """Image ``[X, Y, Z]`` (+ label) on the native grid -> nnU-Net's network input ``[1, ...]`` (+ label) and the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -23,10 +23,18 @@ from monai.transforms import Orientation, Spacing, SpatialResample
 from asfda.errors import AsfdaError, missing_package_error
 from asfda.io.atomic import atomic_write
 from asfda.io.datasets import Case
-from asfda.io.nifti import read_nifti, refuse_constant_image
+from asfda.io.nifti import (
+    HELD_ITEMSIZE,
+    MAX_NIFTI_BYTES_ENV,
+    MIN_AXIS_VOXELS,
+    max_nifti_bytes,
+    read_nifti,
+    refuse_constant_image,
+    size_text,
+)
 from asfda.models.safe_config import DECLARED_ONLY
 
-__all__ = ["Preprocessing", "PreparedVolume", "prepare_case", "resample_to_native"]
+__all__ = ["Preprocessing", "PreparedVolume", "check_grids", "prepare_case", "resample_to_native"]
 
 _SKIPPED = DECLARED_ONLY  # read and recorded, not run: loading and typing are asfda's own
 
@@ -69,6 +77,47 @@ class Preprocessing:
         desc = {"axcodes": axcodes, "pixdim_mm": pixdim, "transforms": names, "config": raw_config}
         return cls(axcodes, pixdim, intensity, image_key, desc)
 
+    def model_grid_shape(self, shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, ...]:
+        """The shape an image of ``shape`` and ``affine`` takes on the model's grid, computed by the very orientation
+        and spacing transforms `__call__` runs, in MONAI's lazy mode on a tensor of one stored value: no voxel
+        is allocated, so a grid of terabytes is only a number."""
+        x: torch.Tensor = MetaTensor(torch.zeros(1, 1, 1, 1).expand(1, *shape), affine=torch.as_tensor(affine))
+        if self.axcodes:
+            x = Orientation(axcodes=self.axcodes, labels=None, lazy=True)(x)
+        if self.pixdim_mm:
+            x = Spacing(pixdim=self.pixdim_mm, mode="bilinear", lazy=True)(x)
+        return tuple(int(n) for n in cast(MetaTensor, x).peek_pending_shape())
+
+    def check_grid(self, shape: tuple[int, ...], affine: np.ndarray, path: str | Path | None = None) -> None:
+        """Refuses an image whose model grid (`model_grid_shape`) is larger than asfda holds for one volume
+        (`asfda.io.nifti.max_nifti_bytes` as float32: a spacing of metres in the header, or a model spacing of
+        micrometres) or thinner than `asfda.io.nifti.MIN_AXIS_VOXELS` along an axis; before any voxel is read."""
+        try:
+            grid = self.model_grid_shape(shape, affine)
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+            raise AsfdaError(f"its grid cannot be put on the model's ({exc.__class__.__name__}: "
+                             f"{' '.join(str(exc).split())[:120]})", path,
+                             "check the image's affine and the model's Orientationd / Spacingd") from None
+        spacing = "x".join(f"{v:g}" for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+        target = f"the model's grid ({self._grid_text()})"
+        what = (f"its {'x'.join(map(str, shape))} voxels of {spacing} mm are {'x'.join(map(str, grid))} voxels on "
+                f"{target}")
+        held = int(np.prod(grid, dtype=object)) * HELD_ITEMSIZE
+        cap = max_nifti_bytes()
+        if held > cap:
+            raise AsfdaError(f"{what}: {size_text(held)} as float32, more than asfda holds for one volume "
+                             f"({size_text(cap)})", path,
+                             "check the voxel spacing in the image's header and the model's Spacingd pixdim; if both "
+                             f"are genuine, crop the image or raise the cap with {MAX_NIFTI_BYTES_ENV}=BYTES")
+        if min(grid) < MIN_AXIS_VOXELS:
+            raise AsfdaError(f"{what}: fewer than {MIN_AXIS_VOXELS} along an axis, too thin to segment", path,
+                             "check the voxel spacing in the image's header; a volume this small (or thin) cannot be "
+                             "segmented by this model: move it out of the dataset")
+
+    def _grid_text(self) -> str:
+        pixdim = "x".join(f"{v:g}" for v in self.pixdim_mm) + " mm" if self.pixdim_mm else "the image's spacing"
+        return f"{pixdim}, {self.axcodes}" if self.axcodes else pixdim
+
     def cache_key(self) -> str:
         return hashlib.sha256(json.dumps(self.description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -109,6 +158,10 @@ class Preprocessing:
                                  fix="remove cropping/resizing/padding steps from the bundle's preprocessing")
         out = data[self.image_key]
         out_t = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+        if not torch.isfinite(out_t).all():  # an intensity step overflowed on extreme values (|x| ~ 1e19 ...)
+            raise AsfdaError(f"the model's preprocessing gives non-finite values on this image (its intensities "
+                             f"span {float(image.min()):.3g} .. {float(image.max()):.3g})",
+                             fix="check the image's intensities (a wrong scale factor, scl_slope, in its header?)")
         lab_t = None
         if lab is not None:
             lab_t = cast(MetaTensor, lab).as_tensor()[0].round().to(torch.uint8)  # a MetaTensor, as img
@@ -143,6 +196,7 @@ def prepare_case(case: Case, prep: Preprocessing, *, with_label: bool = True, ca
                                           z["native_affine"], native_shape)
             except Exception:  # a damaged cache entry is recomputed
                 cache_path.unlink(missing_ok=True)
+    prep.check_grid(case.shape, case.affine, case.image_path)  # before any voxel is read
     image, affine = read_nifti(case.image_path)
     refuse_constant_image(image, case.image_path)
     label = None
@@ -171,6 +225,13 @@ def prepare_case(case: Case, prep: Preprocessing, *, with_label: bool = True, ca
 
         atomic_write(cache_path, write)
     return vol
+
+
+def check_grids(cases: Iterable[Case], prep: Preprocessing) -> None:
+    """`Preprocessing.check_grid` of every case from its header (a few milliseconds each): a command that streams a
+    pool refuses a volume it could not hold before it has spent time on the others."""
+    for case in cases:
+        prep.check_grid(case.shape, case.affine, case.image_path)
 
 
 def _check_label_values(label: np.ndarray, path: Path | None, n_labels: int | None) -> None:

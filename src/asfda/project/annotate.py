@@ -18,6 +18,7 @@ from asfda.io.datasets import Case
 from asfda.io.labels import check_label, label_case_id, label_files
 from asfda.io.nifti import read_nifti, write_label_map
 from asfda.models.native_grid import label_map_on_native_grid
+from asfda.models.preprocessing import check_grids
 from asfda.report.previews import preview_png
 from asfda.rounds import select_batch, trained_history
 from asfda.selection import build_strategy
@@ -27,7 +28,7 @@ from .state import Project, _now, _sha256, project_lock
 
 
 def next_query(root: str | Path, *, progress: bool = True, force: bool = False, device: str | None = None,
-               precision: str | None = None) -> dict:
+               precision: str | None = None, trust_model_code: bool = False) -> dict:
     """Scores the unlabeled pool with the current model and picks the next batch to annotate.
 
     Writes ``annotate/roundR/``: ``cases.txt`` (ids), ``images/`` (links to the pool images),
@@ -36,7 +37,8 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False, 
     replaces it); the record returned then has ``"shown_again": True``. After a round the guard discarded, the
     query is a replacement: ``"replaces": {"round", "ids"}`` names that round and the volumes it blames (their labels
     are kept). ``device`` overrides the project's setting for this command; ``precision`` is the scoring (inference)
-    precision, ``fp32`` (default) or ``bf16``.
+    precision, ``fp32`` (default) or ``bf16``. ``trust_model_code``: the command line's ``--trust-model-code``, given
+    each time (a project never stores it).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the pool's scoring is sharded over the ranks (`asfda.distributed`): rank 0
     fits T, picks and writes every file; the other ranks score their shards and return ``{}``.
@@ -48,7 +50,8 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False, 
             state = dist.broadcast_from_main(None)  # the state rank 0 read under its lock; None: nothing to score
             if state is not None:
                 project.state = state
-                project.adapter(False, dist.device(requested), precision or "fp32").serve_pool_shards(dist)
+                project.adapter(False, dist.device(requested), precision or "fp32",
+                                trust_model_code=trust_model_code).serve_pool_shards(dist)
             return {}
         sent = False
         try:
@@ -64,19 +67,21 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False, 
                 if dist.sharded:
                     dist.broadcast_from_main(project.state)
                 sent = True
-                return _new_query(project, progress, dist.device(requested), precision or "fp32", dist)
+                return _new_query(project, progress, dist.device(requested), precision or "fp32", dist,
+                                  trust_model_code)
         finally:
             if dist.sharded and not sent:  # nothing to score (or an error before): the other ranks return
                 dist.broadcast_from_main(None)
 
 
 def _new_query(project: Project, progress: bool, device: str | None = None, precision: str = "fp32",
-               dist: DistContext | None = None) -> dict:
+               dist: DistContext | None = None, trust_model_code: bool = False) -> dict:
 
     s = project.settings
     r = project.round
     ds = project.dataset()
-    adapter = project.adapter(progress, device, precision)
+    adapter = project.adapter(progress, device, precision, trust_model_code=trust_model_code)
+    check_grids(ds.cases, adapter.pretrained.preprocessing)  # a volume too large on the model's grid: refused now
     labelled = project.labelled_cases(ds)
     by_id = ds.by_id()
     unlabelled = [by_id[i] for i in project.pool_state().unlabelled([c.case_id for c in ds.cases])]

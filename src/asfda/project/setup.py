@@ -19,6 +19,7 @@ from asfda.models.classmap import build_class_map
 
 from .state import (
     BACKUP_FILE,
+    COMMAND_LINE_ONLY,
     FORMAT,
     PROJECT_ENTRIES,
     PROJECT_FILE,
@@ -32,7 +33,7 @@ from .state import (
 
 
 def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettings | None = None,
-                 labels_json: str | None = None) -> Project:
+                 labels_json: str | None = None, *, trust_model_code: bool = False) -> Project:
     """Creates a project folder: checks that the model loads and maps onto the pool's labels.
 
     The folder may not be, or lie inside, the pool or the model, and must be writable (both checked before the
@@ -55,7 +56,7 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     if taken:
         raise AsfdaError(f"the folder already holds {', '.join(taken)}, which a project would use", root,
                          "choose a new or empty project folder")
-    loaded = load_model(model, allow_code=settings.trust_model_code, output_activation=settings.output_activation)
+    loaded = load_model(model, allow_code=trust_model_code, output_activation=settings.output_activation)
     loaded.check_usable(1)  # input channels, roi, output channels: refused now, not at the first `next`
     ds = load_dataset(pool)
     _check_budget(settings, len(ds.cases), pool)
@@ -155,6 +156,9 @@ def update_settings(root: str | Path, changes: dict[str, str]) -> list[tuple[str
         names = {}
         for key, value in changes.items():
             name = SETTING_ALIASES.get(key, key)
+            if name in COMMAND_LINE_ONLY:
+                raise AsfdaError(f"{name} is not a project setting", project.root / PROJECT_FILE,
+                                 COMMAND_LINE_ONLY[name])
             if name not in valid:
                 close = difflib.get_close_matches(name, valid + list(SETTING_ALIASES), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 import shlex
 import shutil
@@ -27,12 +29,17 @@ from asfda.training import TrainConfig
 from asfda.training.augment import AUGMENTATIONS
 from asfda.training.trainer import PRECISIONS
 
+from .validation import check_ids_and_paths, check_setting_types, check_state_types
+
 PROJECT_FILE = "project.json"
 BACKUP_FILE = "project.json.bak"
 LOCK_FILE = ".asfda.lock"
 PROJECT_ENTRIES = ("labels", "annotate", "weights", "model", "cache", PROJECT_FILE, BACKUP_FILE, LOCK_FILE)
 """What a project folder holds (asfda's own names): `init_project` refuses a folder that has any of them."""
 FORMAT = 1
+COMMAND_LINE_ONLY = {"trust_model_code": "trust in a model's code is given on the command line, each time: pass "
+                                         "--trust-model-code to asfda init, next and finetune"}
+"""What a project never stores, and why: project.json cannot grant it, `asfda set` refuses it."""
 
 
 @dataclasses.dataclass
@@ -51,8 +58,6 @@ class ProjectSettings:
     class_map: str | None = None
     allow_empty_labels: bool = False
     device: str = "auto"
-    # build the model config with MONAI's full ConfigParser ($ expressions, any _target_): trusted bundles only
-    trust_model_code: bool = False
     # softmax, sigmoid or none (the network already outputs probabilities); None: what the model declares
     output_activation: str | None = None
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=200))
@@ -154,11 +159,13 @@ class Project:
     def round(self) -> int:
         return len(self.state["rounds"])
 
-    def adapter(self, progress: bool, device: str | None = None, precision: str = "fp32"):
+    def adapter(self, progress: bool, device: str | None = None, precision: str = "fp32", *,
+                trust_model_code: bool = False):
         """The pretrained model with the project's current weights; ``device`` overrides the setting for one command;
-        ``precision`` is the inference precision (`InferenceEngine`)."""
+        ``precision`` is the inference precision (`InferenceEngine`); ``trust_model_code``: the command line's
+        ``--trust-model-code`` (never a setting: `COMMAND_LINE_ONLY`)."""
 
-        model = load_model(self.state["model"], allow_code=self.settings.trust_model_code,
+        model = load_model(self.state["model"], allow_code=trust_model_code,
                            output_activation=self.settings.output_activation)
         if model.weights_hash != self.state["model_sha256_16"]:
             raise AsfdaError("the pretrained model's weights changed since `asfda init`", self.state["model"],
@@ -168,10 +175,22 @@ class Project:
                           cache_dir=str(self.root / "cache"), device=device or self.settings.device, progress=progress,
                           precision=precision)
         if self.state.get("weights"):
-            from safetensors.torch import load_file
-
-            adapter.load_current_state(load_file(str(self.root / self.state["weights"])))
+            adapter.load_current_state(self._weights(self.state["weights"]))
         return adapter
+
+    def _weights(self, name: str) -> dict:
+        """The adapted weights ``name`` (confined to the project by `_read_state`); a missing or damaged file is
+        refused in one line."""
+        from safetensors.torch import load_file
+
+        path = self.root / name
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # missing, truncated, not safetensors
+            raise AsfdaError(f"cannot read the adapted weights project.json names ({exc.__class__.__name__}: "
+                             f"{' '.join(str(exc).split())[:120]})", path,
+                             "restore the file, or point project.json 'weights' at the previous round's "
+                             "weights/roundR.safetensors") from None
 
 
 def _restore_fix(path: Path, fix: str | None) -> str:
@@ -203,11 +222,16 @@ def _read_state(path: Path) -> tuple[dict, ProjectSettings]:
     except json.JSONDecodeError as exc:
         raise AsfdaError(f"{path.name} is not valid JSON ({exc.msg}, line {exc.lineno})",
                          fix="fix the edit") from None
+    except RecursionError:
+        raise AsfdaError(f"{path.name} is not valid JSON (nested too deeply)", fix="fix the edit") from None
     if not isinstance(state, dict):
         raise AsfdaError(f"{path.name} must hold a JSON object, not a JSON {type(state).__name__}")
     if state.get("format") != FORMAT:
         raise AsfdaError(f"project format {state.get('format')!r} is not {FORMAT}")
-    _check_state_types(state)
+    check_state_types(state)
+    check_ids_and_paths(state, path.parent.resolve())
+    _drop_command_line_only(state["settings"], path)
+    check_setting_types(state["settings"], ProjectSettings, "settings.")
 
     try:
         parse_labels(state["labels"], path)
@@ -226,66 +250,22 @@ def _read_state(path: Path) -> tuple[dict, ProjectSettings]:
     return state, settings
 
 
-_STATE_TYPES = {"model": "str", "model_sha256_16": "str", "pool": "str", "pool_cases": "int", "labels": "object",
-                "settings": "object", "query": "object or null", "labelled": "object", "rounds": "list",
-                "weights": "str or null", "events": "list?", "class_map": "object?", "created": "str?"}
-_LABELLED_TYPES = {"file": "str", "sha256": "str", "ingested": "str", "source": "str?", "query_round": "int or null?"}
-_ROUND_TYPES = {"round": "int", "labelled_ids": "list of str", "weights": "str", "label_sha256": "object?",
-                "new_ids": "list of str?", "seconds": "number?", "loss_final": "number?", "temperature": "number?",
-                "finished": "str?", "guard": "object or null?", "probe": "object or null?"}
-_QUERY_TYPES = {"round": "int", "ids": "list of str", "folder": "str", "strategy": "str", "temperature": "number",
-                "components": "object"}
+def _drop_command_line_only(settings: dict, path: Path) -> None:
+    """Removes `COMMAND_LINE_ONLY` keys from a project's settings: ``false`` (what projects made before this rule
+    stored) silently, anything else with a warning, once per file; the next save drops them from project.json."""
+    for key, why in COMMAND_LINE_ONLY.items():
+        value = settings.pop(key, False)
+        if value is not False and (path, key) not in _WARNED:
+            _WARNED.add((path, key))
+            logging.getLogger("asfda").warning(f"{path}: settings.{key} = {json.dumps(value)} is ignored: {why}")
 
 
-def _is_kind(value: object, kind: str) -> bool:
-    return any({
-        "str": lambda v: isinstance(v, str),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "object": lambda v: isinstance(v, dict),
-        "list": lambda v: isinstance(v, list),
-        "list of str": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        "null": lambda v: v is None,
-    }[k](value) for k in kind.split(" or "))
-
-
-def _check_fields(obj: dict, types: dict[str, str], where: str) -> None:
-    for key, kind in types.items():
-        optional = kind.endswith("?")
-        kind = kind.rstrip("?")
-        if key not in obj:
-            if optional:
-                continue
-            raise AsfdaError(f"{where}{key} is missing", fix=f"add {where}{key} ({kind})")
-        if not _is_kind(obj[key], kind):
-            got = json.dumps(obj[key])
-            got = got if len(got) <= 60 else got[:57] + "..."
-            raise AsfdaError(f"{where}{key} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {got}",
-                             fix=f"correct {where}{key}")
-
-
-def _check_state_types(state: dict) -> None:
-    """Refuses a project state whose entries have the wrong JSON types (a hand edit gone wrong)."""
-    _check_fields(state, _STATE_TYPES, "")
-    for cid, rec in state["labelled"].items():
-        if not isinstance(rec, dict):
-            raise AsfdaError(f"labelled[{cid!r}] must be an object, got {json.dumps(rec)[:60]}",
-                             fix=f"correct labelled[{cid!r}]")
-        _check_fields(rec, _LABELLED_TYPES, f"labelled[{cid!r}].")
-    for i, rec in enumerate(state["rounds"]):
-        if not isinstance(rec, dict):
-            raise AsfdaError(f"rounds[{i}] must be an object, got {json.dumps(rec)[:60]}", fix=f"correct rounds[{i}]")
-        _check_fields(rec, _ROUND_TYPES, f"rounds[{i}].")
-    if state["query"] is not None:
-        _check_fields(state["query"], _QUERY_TYPES, "query.")
+_WARNED: set[tuple[Path, str]] = set()
 
 
 def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
     """Refuses settings out of range (``path``: the project.json they came from; None: from the command line). `init`,
     `set` and every read of project.json run these same checks."""
-    import math
-
-
     try:
         build_strategy(settings.strategy, settings.alpha, settings.round0_gap, settings.diversity,
                        settings.representativeness)

@@ -14,16 +14,18 @@ from asfda import stopping
 from asfda.distributed import DistContext, rank_context
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write
+from asfda.models.preprocessing import check_grids
 from asfda.rounds import train_on_labels
 
 from .state import Project, _check_settings, _now, project_lock
 
 
 def finetune_project(root: str | Path, *, progress: bool = True, force: bool = False, device: str | None = None,
-                     precision: str | None = None) -> dict:
+                     precision: str | None = None, trust_model_code: bool = False) -> dict:
     """One round of fine-tuning on every ingested label; writes ``weights/roundR.safetensors``, the adapted
     model as a MONAI bundle in ``model/``, then the state. Refuses a round without new labels (``force``).
-    ``device`` and ``precision`` override the project's settings for this round.
+    ``device`` and ``precision`` override the project's settings for this round; ``trust_model_code`` is the command
+    line's ``--trust-model-code``, given each time (a project never stores it).
 
     For the when-to-stop estimate (`asfda.stopping`) the round records its ``probe``: the predictions of the model
     before and after it on a few seeded unlabeled pool volumes (one forward pass each, before and after).
@@ -40,12 +42,12 @@ def finetune_project(root: str | Path, *, progress: bool = True, force: bool = F
             if dist.sharded:  # the state rank 0 reads under its lock, on every rank
                 project.state = dist.broadcast_from_main(Project(root).state if dist.is_main else None)
             record = _finetune_round(project, progress and dist.is_main, force, dist.device(requested), precision,
-                                     dist)
+                                     dist, trust_model_code)
     return record
 
 
 def _finetune_round(project: Project, progress: bool, force: bool, device: str, precision: str | None,
-                    dist: DistContext) -> dict:
+                    dist: DistContext, trust_model_code: bool = False) -> dict:
     from safetensors.torch import save_file
 
     s = project.settings
@@ -62,7 +64,8 @@ def _finetune_round(project: Project, progress: bool, force: bool, device: str, 
                          "run `asfda next` and annotate its cases (or pass --force to train again)")
     if precision is not None:
         _check_settings(dataclasses.replace(s, train=dataclasses.replace(s.train, precision=precision)))
-    adapter = project.adapter(progress, device)
+    adapter = project.adapter(progress, device, trust_model_code=trust_model_code)
+    check_grids(ds.cases, adapter.pretrained.preprocessing)  # a volume too large on the model's grid: refused now
     t0 = time.perf_counter()
     by_id = ds.by_id()
     unlabelled = [by_id[i] for i in project.pool_state().unlabelled([c.case_id for c in ds.cases])]

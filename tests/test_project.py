@@ -83,6 +83,10 @@ def test_full_workflow_two_rounds(pool: dict, tmp_path: Path, capsys: pytest.Cap
     assert q1["round"] == 1 and not set(q1["ids"]) & set(q["ids"])
     assert q1["temperature"] > 0 and q1["ece_before"] is not None
     assert all("kd" in c for c in q1["components"].values())  # adapted: knowledge divergence
+    # every forward pass once: the pool through the adapted model once (the pre-segmentations reuse the scoring
+    # pass); the pretrained model's pool outputs were kept on disk by round 0
+    pool_size = len(list((pool["pool"] / "imagesTr").glob("*.nii.gz")))
+    assert q1["forward_passes"]["pretrained"] == 0 and 0 < q1["forward_passes"]["adapted"] <= pool_size
     ingest_labels(proj, _answer(pool["truth"], q1["ids"], tmp_path / "ann1"))
     rec = finetune_project(proj, progress=False)
     assert rec["round"] == 1 and sorted(rec["new_ids"]) == sorted(q1["ids"]) and len(rec["labelled_ids"]) == 4

@@ -95,6 +95,7 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
                          "to the pool")
     budget = min(s.budget, len(unlabelled))  # fewer left than the budget: the last round asks for all of them
     strategy = build_strategy(s.strategy, s.alpha, s.round0_gap, s.diversity, s.representativeness)
+    passes = adapter.forward_passes()
     with adapter.sharded_scoring(dist or DistContext()):  # rank 0 of a torchrun job: the ranks score the pool
         batch = select_batch(adapter, strategy, labelled, unlabelled, budget, r, s.seed * 1000 + r,
                              t0=s.temperature0, grow_voxels=s.grow_voxels)
@@ -115,6 +116,7 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
               "components": query.components, "strategy_settings": strategy.settings(),
               "temperature": temp.temperature, "ece_before": temp.ece_before, "ece_after": temp.ece_after,
               "seconds": round(batch.seconds, 2),
+              "forward_passes": {k: n - passes[k] for k, n in adapter.forward_passes().items()},
               "folder": str(folder.relative_to(project.root)), "created": _now(), "budget": s.budget,
               "unlabelled_left": len(unlabelled), **({"replaces": replaces} if replaces else {}),
               **({"precision": precision} if precision != "fp32" else {})}
@@ -149,7 +151,7 @@ def _write_annotation_aids(adapter, cases: list[Case], folder: Path, class_names
     fg = tuple(range(1, len(class_names)))
     for case in cases:
         vol = adapter.prepare(case, with_label=False)
-        logits, _ = adapter.engine_current.run(vol.image)
+        logits, _ = adapter.forward(case, vol)  # the pass that scored it
         pred = logits.argmax(0).numpy().astype(np.uint8)
         preview_png(vol.image[0].numpy(), {"current prediction": pred}, folder / "previews" / f"{case.case_id}.png",
                     title=case.case_id, class_names=class_names)

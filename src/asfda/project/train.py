@@ -66,7 +66,7 @@ def _finetune_round(project: Project, progress: bool, force: bool, device: str, 
         _check_settings(dataclasses.replace(s, train=dataclasses.replace(s.train, precision=precision)))
     adapter = project.adapter(progress, device, trust_model_code=trust_model_code)
     check_grids(ds.cases, adapter.pretrained.preprocessing)  # a volume too large on the model's grid: refused now
-    t0 = time.perf_counter()
+    t0, passes = time.perf_counter(), adapter.forward_passes()
     by_id = ds.by_id()
     unlabelled = [by_id[i] for i in project.pool_state().unlabelled([c.case_id for c in ds.cases])]
     train = dataclasses.replace(s.train, seed=s.seed * 1000 + r, precision=precision or s.train.precision)
@@ -94,7 +94,8 @@ def _finetune_round(project: Project, progress: bool, force: bool, device: str, 
               "loss_final": float(np.mean(hist["loss"][-10:])), "reliable": reliable,
               "guard": result.guard.to_dict() if result.guard else None, "weights": weights,
               "precision": train.precision, "probe": probe_rec,
-              "seconds": round(time.perf_counter() - t0, 2), "finished": _now()}
+              "seconds": round(time.perf_counter() - t0, 2), "finished": _now(),
+              "forward_passes": {k: n - passes[k] for k, n in adapter.forward_passes().items()}}
     project.state["rounds"].append(record)
     project.state["weights"] = weights
     q = project.state.get("query")

@@ -95,7 +95,7 @@ _VERSION_TYPES = {"file": "str", "sha256": "str?"}
 _ROUND_TYPES = {"round": "int", "labelled_ids": "list of str", "weights": "str", "label_sha256": "object?",
                 "new_ids": "list of str?", "trained_ids": "list of str?", "held_back": "list of str?",
                 "seconds": "number?", "loss_final": "number?", "temperature": "number?", "finished": "str?",
-                "guard": "object or null?", "probe": "object or null?"}
+                "guard": "object or null?", "probe": "object or null?", "forward_passes": "object?"}
 _GUARD_TYPES = {"reverted": "bool?", "plausibility_pretrained": "number?", "plausibility_adapted": "number?",
                 "cases": "list of str?"}
 _PROBE_TYPES = {"change": "number or null?", "entropy_change": "number or null?"}

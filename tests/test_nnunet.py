@@ -216,6 +216,58 @@ def test_plans_cannot_name_code(nn: dict, tmp_path: Path) -> None:
         load_model(bad)
 
 
+def _copy_model(nn: dict, dest: Path) -> Path:
+    shutil.copytree(nn["model"], dest, ignore=shutil.ignore_patterns("fold_1"))
+    return dest
+
+
+class _ScriptedPayload(torch.nn.Module):
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.touched = torch.zeros(1, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.touched = torch.from_file(self.marker, shared=True, size=1, dtype=torch.uint8)
+        return x
+
+
+def test_a_torchscript_checkpoint_is_refused_unopened(nn: dict, tmp_path: Path) -> None:
+    """A fold's checkpoint_final.pth that is TorchScript (a program) is refused as such, with or without the trust
+    flag (nnU-Net checkpoints are read with weights_only=True only), and nothing of it runs."""
+    model = _copy_model(nn, tmp_path / "ts")
+    marker = tmp_path / "pwned"
+    torch.jit.save(torch.jit.script(_ScriptedPayload(str(marker))), str(model / "fold_0" / "checkpoint_final.pth"))
+    for trust in (False, True):
+        with pytest.raises(AsfdaError, match="TorchScript model"):
+            load_model(model, allow_code=trust)
+    assert not marker.exists()
+
+
+def test_nan_weights_duplicate_labels_and_deep_json_are_refused(nn: dict, tmp_path: Path) -> None:
+    """NaN weights (naming the tensor), two labels of one name (the class map could not tell them apart), and a
+    plans.json of 100,000 nested lists: each one line, no traceback."""
+    nan = _copy_model(nn, tmp_path / "nan")
+    ckpt_path = nan / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    name = next(k for k, v in ckpt["network_weights"].items() if v.is_floating_point())
+    ckpt["network_weights"][name] = torch.full_like(ckpt["network_weights"][name], float("nan"))
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(AsfdaError, match=f"NaN or infinite values \\(in {name}"):
+        load_model(nan)
+    dup = _copy_model(nn, tmp_path / "dup")
+    dataset = json.loads((dup / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "Liver": 1, "liver": 2}
+    (dup / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(AsfdaError, match="two output classes alike") as err:
+        load_model(dup)
+    assert "dataset.json" in str(err.value)
+    deep = _copy_model(nn, tmp_path / "deep")
+    (deep / "plans.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AsfdaError, match="nested too deeply"):
+        load_model(deep)
+
+
 # -- adaptation and writing back -------------------------------------------------------------------------------------
 
 def test_adapted_model_is_a_results_folder_nnunet_runs(nn: dict, tmp_path: Path) -> None:

@@ -403,7 +403,7 @@ def test_torchscript_model_pt_that_outputs_probabilities_runs_predict_score_and_
 
     bundle = _torchscript_bundle(tmp_path / "ts", declared=True)
     assert is_torchscript(bundle / "models" / "model.pt")
-    model = load_model(bundle)
+    model = load_model(bundle, allow_code=True)
     assert isinstance(model.network, torch.jit.ScriptModule)
     assert model.output_activation == "none" and model.activation == "softmax" and model.probabilities
     data = zoo["data"]
@@ -413,20 +413,21 @@ def test_torchscript_model_pt_that_outputs_probabilities_runs_predict_score_and_
     with torch.no_grad():
         torch.testing.assert_close(torch.softmax(adapter.frozen(x), 1), model.network(x), atol=1e-5, rtol=1e-4)
     assert adapter.engine_frozen.embedding_layer == OUTPUT_EMBEDDING  # a ScriptModule's inside cannot be hooked
-    assert _run("predict", "--model", bundle, "--images", data, "--out", tmp_path / "pred") == 0
+    trust = "--trust-model-code"  # TorchScript is a program: loaded only when trusted
+    assert _run("predict", "--model", bundle, "--images", data, "--out", tmp_path / "pred", trust) == 0
     assert sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz")) == [f"case0{i}.nii.gz" for i in range(3)]
-    assert _run("score", "--model", bundle, "--data", data, "--out", tmp_path / "s.csv") == 0
-    assert _run("query", "--model", bundle, "--data", data, "--budget", 2, "--out", tmp_path / "q.json") == 0
+    assert _run("score", "--model", bundle, "--data", data, "--out", tmp_path / "s.csv", trust) == 0
+    assert _run("query", "--model", bundle, "--data", data, "--budget", 2, "--out", tmp_path / "q.json", trust) == 0
     assert len(json.loads((tmp_path / "q.json").read_text())["ids"]) == 2
     # the same file without the declaration: --output-activation none on the command line gives the same numbers
     plain = _torchscript_bundle(tmp_path / "ts2", declared=False)
-    assert load_model(plain).output_activation == "softmax"
+    assert load_model(plain, allow_code=True).output_activation == "softmax"
     assert _run("score", "--model", plain, "--data", data, "--out", tmp_path / "s2.csv",
-                "--output-activation", "none") == 0
+                "--output-activation", "none", trust) == 0
     with open(tmp_path / "s.csv") as a, open(tmp_path / "s2.csv") as b:
         assert list(csv.DictReader(a)) == list(csv.DictReader(b))
     assert _run("query", "--model", plain, "--data", zoo["plain"], "--budget", 1, "--out", tmp_path / "q2.json",
-                "--output-activation", "none") == 0
+                "--output-activation", "none", trust) == 0
 
 
 def test_torchscript_fine_tunes_and_exports_as_torchscript(zoo: dict[str, Path], tmp_path: Path) -> None:
@@ -437,7 +438,7 @@ def test_torchscript_fine_tunes_and_exports_as_torchscript(zoo: dict[str, Path],
     from asfda.models import state_dict_hash
     from asfda.training import TrainConfig
 
-    model = load_model(_torchscript_bundle(tmp_path / "ts", declared=True))
+    model = load_model(_torchscript_bundle(tmp_path / "ts", declared=True), allow_code=True)
     ds = load_dataset(zoo["data"], require_labels=True)
     adapter = Adapter(model, ds.class_names, progress=False, device="cpu")
     assert all(p.is_leaf and not p.requires_grad for p in adapter.frozen.parameters())
@@ -447,7 +448,7 @@ def test_torchscript_fine_tunes_and_exports_as_torchscript(zoo: dict[str, Path],
     assert model.weights_hash == state_dict_hash(adapter.frozen.network.state_dict())  # the source is untouched
     out = adapter.export_bundle(tmp_path / "adapted")
     assert (out / "models" / "model.ts").is_file() and not (out / "models" / "model.pt").exists()
-    again = load_model(out)
+    again = load_model(out, allow_code=True)
     assert isinstance(again.network, torch.jit.ScriptModule) and again.output_activation == "none"
     assert again.weights_hash == state_dict_hash(trained)
 
@@ -458,7 +459,7 @@ def test_a_frozen_torchscript_model_scores_but_refuses_fine_tuning(zoo: dict[str
     from asfda.adapter import Adapter
     from asfda.training import TrainConfig
 
-    model = load_model(_torchscript_bundle(tmp_path / "ts", declared=True, frozen=True))
+    model = load_model(_torchscript_bundle(tmp_path / "ts", declared=True, frozen=True), allow_code=True)
     ds = load_dataset(zoo["data"], require_labels=True)
     adapter = Adapter(model, ds.class_names, progress=False, device="cpu")
     assert len(adapter.score_pool(list(ds.cases), 1.0).ids) == 3

@@ -4,30 +4,33 @@ and the output activation."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, TypeGuard
 
+import torch
 from torch import nn
 
+from asfda.config import read_config_file
 from asfda.errors import AsfdaError, missing_package_error
-from asfda.models.loaded import OUTPUT_ACTIVATIONS, LoadedModel
+from asfda.models.loaded import OUTPUT_ACTIVATIONS, LoadedModel, check_unique_class_names
 from asfda.models.preprocessing import Preprocessing
 from asfda.models.probe import probe_network
-from asfda.models.safe_config import DeclaredTransform, build_network, build_transforms, resolve_literal
+from asfda.models.safe_config import (
+    MAX_RESOLVED_VALUES,
+    ConfigTooLarge,
+    DeclaredTransform,
+    build_network,
+    build_transforms,
+    resolve_literal,
+    too_large_error,
+)
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-        else:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-    except Exception as exc:
-        raise AsfdaError(f"cannot parse config ({exc.__class__.__name__}: {exc})", path) from None
+    """A model config or metadata file (YAML or JSON), read within `asfda.config.read_config_file`'s bounds (size,
+    YAML alias expansion, nesting): a file from elsewhere is input."""
+    cfg = read_config_file(path, what="model config" if path.name != "metadata.json" else "model metadata")
     if not isinstance(cfg, dict):
         raise AsfdaError("config must be a mapping", path)
     return cfg
@@ -51,11 +54,34 @@ def _parse_trusted(cfg: dict, key: str, path: Path | None) -> object:
                          path, "check the _target_ names and arguments") from None
 
 
-def _build_network(cfg: dict, path: Path | None, allow_code: bool) -> nn.Module:
-    network = _parse_trusted(cfg, "network_def", path) if allow_code else build_network(cfg, path)
+def _build_network(cfg: dict, path: Path | None, allow_code: bool, max_values: int | None = None) -> nn.Module:
+    """The config's ``network_def``; untrusted, with at most ``max_values`` weights (`_check_network_size`)."""
+    if allow_code:
+        network = _parse_trusted(cfg, "network_def", path)
+    else:
+        if max_values is not None:
+            _check_network_size(cfg, path, max_values)
+        network = build_network(cfg, path)
     if not isinstance(network, nn.Module):
         raise AsfdaError("'network_def' did not build a torch module", path)
     return network
+
+
+def _check_network_size(cfg: dict, path: Path | None, max_values: int) -> None:
+    """Refuses a ``network_def`` whose weights outnumber ``max_values`` (the bytes the weights file holds, and a
+    margin), counted on PyTorch's meta device, before any memory is taken: a 1 kB config can ask for a network of
+    hundreds of gigabytes (``channels: [30000, 30000]``). A network that cannot be built on the meta device
+    (SwinUNETR reads a tensor's value in its constructor) is built without this count."""
+    try:
+        with torch.device("meta"):
+            probe = build_network(cfg, path)
+    except AsfdaError:  # refused, or not buildable without memory: the real build says which
+        return
+    n = sum(t.numel() for t in probe.state_dict().values())
+    if n > max_values:
+        raise AsfdaError(f"'network_def' builds a network of {n:,} weights ({n * 4 / 2 ** 30:.1f} GiB), far more than "
+                         "the weights file holds; asfda refuses it before taking the memory", path,
+                         "use the network_def the weights were trained with")
 
 
 def _build_preprocessing(cfg: dict, path: Path | None, allow_code: bool, image_key: str) -> Preprocessing:
@@ -64,7 +90,22 @@ def _build_preprocessing(cfg: dict, path: Path | None, allow_code: bool, image_k
         steps = [DeclaredTransform(type(t).__name__, {}, t) for t in getattr(compose, "transforms", compose or [])]
     else:
         steps = build_transforms(cfg, path)
-    return Preprocessing.from_steps(steps, image_key, cfg["preprocessing"])
+    prep = Preprocessing.from_steps(steps, image_key, cfg["preprocessing"])
+    _check_pixdim(prep.pixdim_mm, path)
+    return prep
+
+
+def _check_pixdim(pixdim: tuple[float, ...] | None, path: Path | None) -> None:
+    """Refuses a declared ``Spacing`` pixdim that is not positive and finite, before any image is resampled: NaN or
+    infinity is no grid, and MONAI reads a side <= 0 as "keep the image's own spacing", which asfda does not (the
+    model's grid is one grid for every volume)."""
+    if pixdim is None:
+        return
+    bad = [p for p in pixdim if not (math.isfinite(p) and p > 0)]
+    if not pixdim or bad:
+        raise AsfdaError(f"the preprocessing's Spacing pixdim {list(pixdim)} has values that are not positive, finite "
+                         "millimetres", path, "set pixdim to the voxel spacing the model was trained at, in mm "
+                         "(e.g. [1.5, 1.5, 2.0])")
 
 
 def _inferer_settings(cfg: dict, path: Path | None, allow_code: bool = False
@@ -85,6 +126,8 @@ def _inferer_settings(cfg: dict, path: Path | None, allow_code: bool = False
                              else resolve_literal(cfg, inferer[key], at=("inferer", key)))
         except AsfdaError:
             raise
+        except ConfigTooLarge as exc:
+            raise too_large_error(f"inferer#{key}", exc, path) from None
         except Exception as exc:
             raise AsfdaError(f"the inferer's {key} {str(inferer[key])[:60]!r} is not a literal value "
                              f"({str(exc)[:120]})",
@@ -94,8 +137,18 @@ def _inferer_settings(cfg: dict, path: Path | None, allow_code: bool = False
                           settings.get("overlap", overlap), path)
 
 
+# the largest sliding window asfda runs (one window of 512^3 voxels is 512 MiB per channel in float32), the most
+# voxels of one batch of windows, and the largest overlap (its cost grows as 1 / (1 - overlap)^3: 1,000x at 0.9)
+_MAX_ROI_SIDE, _MAX_ROI_VOXELS, _MAX_BATCH_VOXELS, _MAX_OVERLAP = 4096, 512 ** 3, 1 << 28, 0.9
+
+
 def _is_number(v: object) -> TypeGuard[int | float]:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
 
 
 def _check_inferer(roi: object, swb: object, overlap: object, path: Path | None
@@ -113,21 +166,32 @@ def _check_inferer(roi: object, swb: object, overlap: object, path: Path | None
     if any(r < 1 or r != int(r) for r in roi):
         raise AsfdaError(f"the inferer's roi_size {list(roi)} has sides that are not positive whole numbers (MONAI "
                          "reads a side <= 0 as the whole image, which asfda does not)", path, fix)
+    if max(roi) > _MAX_ROI_SIDE or math.prod(int(r) for r in roi) > _MAX_ROI_VOXELS:
+        raise AsfdaError(f"the inferer's roi_size {list(roi)} is larger than asfda runs (sides up to {_MAX_ROI_SIDE}, "
+                         f"{_MAX_ROI_VOXELS:,} voxels in all: one window would need gigabytes)", path, fix)
     if not _is_number(swb) or swb < 1 or swb != int(swb):
         raise AsfdaError(f"the inferer's sw_batch_size {swb!r} is not a positive whole number", path,
                          "set sw_batch_size to 1 or more")
-    if not _is_number(overlap) or not 0 <= overlap < 1:
-        raise AsfdaError(f"the inferer's overlap {overlap!r} is not a number in [0, 1)", path,
-                         "set overlap to e.g. 0.25 or 0.5")
+    if int(swb) * math.prod(int(r) for r in roi) > _MAX_BATCH_VOXELS:
+        raise AsfdaError(f"the inferer's sw_batch_size {int(swb)} of windows of {list(roi)} voxels is more than "
+                         f"asfda runs at once ({_MAX_BATCH_VOXELS:,} voxels)", path,
+                         "set sw_batch_size to a few windows (e.g. 4)")
+    if not _is_number(overlap) or not 0 <= overlap <= _MAX_OVERLAP:
+        raise AsfdaError(f"the inferer's overlap {overlap!r} is not a number in [0, {_MAX_OVERLAP}] (an overlap of "
+                         "0.99 runs a window at every voxel)", path, "set overlap to e.g. 0.25 or 0.5")
     return (int(roi[0]), int(roi[1]), int(roi[2])), int(swb), float(overlap)  # 3 sides, checked above
 
 
-def _postprocessing_activation(cfg: dict) -> str | None:
+def _postprocessing_activation(cfg: dict, where: Path | None = None) -> str | None:
     """``sigmoid`` or ``softmax`` when the config's ``postprocessing`` has an ``Activations(d)`` step that says so
     with literal values (read as data, never built); None otherwise."""
+    budget = [MAX_RESOLVED_VALUES]  # one bound for all the steps' references together
+
     def literal(node: object) -> object:
         try:
-            return resolve_literal(cfg, node)
+            return resolve_literal(cfg, node, budget=budget)
+        except ConfigTooLarge as exc:
+            raise too_large_error("postprocessing", exc, where) from None
         except Exception:  # a $ expression (a Lambdad's func ...) or a dangling reference: nothing to read there
             return None
 
@@ -152,22 +216,25 @@ def _postprocessing_activation(cfg: dict) -> str | None:
 
 
 def _classes_and_activation(metadata: dict, cfg: dict, network: nn.Module, roi: tuple[int, int, int],
-                            override: str | None, where: Path | None) -> tuple[list[str], str, bool]:
+                            override: str | None, where: Path | None, metadata_path: Path | None = None
+                            ) -> tuple[list[str], str, bool]:
     """The output classes (index = channel), the activation (``softmax`` or ``sigmoid``) and whether the network's
-    output already is probabilities; see `load_model` for the order in which the declarations count."""
+    output already is probabilities; see `load_model` for the order in which the declarations count. ``where``: the
+    config (or weights) file, ``metadata_path``: the metadata file, named by the refusals of what each declares."""
     outputs = metadata.get("network_data_format", {}) if isinstance(metadata, dict) else {}
     pred = outputs.get("outputs", {}).get("pred", {}) if isinstance(outputs, dict) and isinstance(
         outputs.get("outputs", {}), dict) else {}
     pred = pred if isinstance(pred, dict) else {}
     channel_def = pred.get("channel_def") or cfg.get("channel_def")
+    names_from = metadata_path if pred.get("channel_def") and metadata_path is not None else where
     names = None
     if channel_def:
         if not isinstance(channel_def, dict) or not all(str(k).strip().lstrip("-").isdigit() for k in channel_def):
             raise AsfdaError(f"channel_def {str(channel_def)[:80]} is not a mapping of channel index -> class name",
-                             where, 'write e.g. "channel_def": {"0": "background", "1": "liver"}')
+                             names_from, 'write e.g. "channel_def": {"0": "background", "1": "liver"}')
         keys = sorted(channel_def, key=lambda k: int(k))
         if [int(k) for k in keys] != list(range(len(keys))):
-            raise AsfdaError(f"channel_def indices {[int(k) for k in keys]} are not 0..{len(keys) - 1}", where,
+            raise AsfdaError(f"channel_def indices {[int(k) for k in keys]} are not 0..{len(keys) - 1}", names_from,
                              "name every output channel once, from 0")
         names = [str(channel_def[k]) for k in keys]
     n_out = len(names) if names else (pred.get("num_channels") or getattr(network, "out_channels", None))
@@ -189,7 +256,7 @@ def _classes_and_activation(metadata: dict, cfg: dict, network: nn.Module, roi: 
         raise AsfdaError(f"asfda_activation {legacy!r} is not 'softmax' or 'sigmoid'", where,
                          "set asfda_output_activation to softmax, sigmoid or none")
     multilabel = str(pred.get("format", "")).lower() in ("multilabel", "multi-label")
-    activation = legacy or ("sigmoid" if multilabel else None) or _postprocessing_activation(cfg) or "softmax"
+    activation = legacy or ("sigmoid" if multilabel else None) or _postprocessing_activation(cfg, where) or "softmax"
     if declared in ("softmax", "sigmoid"):
         activation = declared
     elif n_out == 1:
@@ -197,6 +264,7 @@ def _classes_and_activation(metadata: dict, cfg: dict, network: nn.Module, roi: 
     if names is None:
         names = ([f"class_{i + 1}" for i in range(n_out)] if activation == "sigmoid"
                  else ["background"] + [f"class_{i}" for i in range(1, n_out)])
+    check_unique_class_names(names, activation, names_from)
     if activation == "softmax" and len(names) < 2:
         raise AsfdaError(f"a softmax head needs at least 2 output classes, the model names {names}", where,
                          "set asfda_output_activation: sigmoid for a single foreground channel")

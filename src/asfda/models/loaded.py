@@ -17,7 +17,8 @@ from asfda.models.preprocessing import Preprocessing
 from asfda.models.probe import probe_network
 from asfda.options import OUTPUT_ACTIVATIONS
 
-__all__ = ["OUTPUT_ACTIVATIONS", "LoadedModel", "clone_module", "state_dict_hash"]
+__all__ = ["OUTPUT_ACTIVATIONS", "LoadedModel", "check_finite_weights", "check_unique_class_names", "clone_module",
+           "is_torchscript", "state_dict_hash", "torchscript_refusal"]
 
 
 
@@ -124,6 +125,65 @@ class LoadedModel:
 
 def _norm_name(name: str) -> str:
     return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def check_unique_class_names(names: list[str], activation: str, where: str | Path | None) -> None:
+    """Refuses output channels that share a name as the class map reads names (case, spaces and dashes aside), also
+    in asfda's single-label view (a sigmoid head's ``background`` first): a dataset label would match two channels,
+    and which one it takes is arbitrary."""
+    prepended = activation == "sigmoid" and bool(names) and _norm_name(names[0]) != "background"
+    seen: dict[str, str] = {"background": "asfda's background (no sigmoid channel on)"} if prepended else {}
+    for i, name in enumerate(names):
+        key = _norm_name(name)
+        if key in seen:
+            raise AsfdaError(f"the model names two output classes alike: {seen[key]} and channel {i} {name!r}; class "
+                             "names must be unique", where, "give every output channel its own name in the "
+                             "metadata's channel_def (or the config's channel_def)")
+        seen[key] = f"channel {i} {name!r}"
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive, by its content whatever its suffix, read from the zip's listing
+    (nothing in it is run or unpickled): a zip holding compiled code (``<name>/code/__torch__.py`` or
+    ``<name>/code/__torch__/...``) or TorchScript's ``constants.pkl`` (what ``torch.load`` itself takes for
+    TorchScript), unlike a ``torch.save`` state dict. A ``.ts``/``.ptl`` file counts as TorchScript whatever it holds
+    (a damaged one then gets TorchScript's error, with the user's trust)."""
+    import zipfile
+
+    if path.suffix.lower() in (".ts", ".ptl"):
+        return True
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                inner = name.split("/", 1)[-1]
+                if inner.startswith("code/") or inner == "constants.pkl" or "/code/__torch__" in name:
+                    return True
+        return False
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def torchscript_refusal(path: Path) -> AsfdaError:
+    """Why a TorchScript file is not loaded without the user's trust (``--trust-model-code``), and what to do."""
+    return AsfdaError(f"{path.name} is a TorchScript model: a program, not weights, whose code runs when it is loaded "
+                      "and at every inference (it can read and write files); asfda runs it only when you trust it",
+                      path, "if you trust this model, pass --trust-model-code (Python: load_model(..., "
+                      "allow_code=True)); otherwise use its weights as a state dict (.safetensors or .pt) with a "
+                      "network config")
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], where: str | Path | None) -> None:
+    """Refuses weights holding NaN or infinity, naming the tensors: such a network predicts one class everywhere (or
+    NaN), silently."""
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise AsfdaError(f"the model's weights hold NaN or infinite values (in {shown}); it would predict nothing "
+                         "usable", where, "use the weights of a training that converged (a checkpoint saved before "
+                         "the loss diverged)")
 
 
 def clone_module(module: nn.Module) -> nn.Module:

@@ -8,10 +8,12 @@ Accepted sources:
 * a checkpoint file (``.pt``/``.pth``/``.safetensors``) plus a network config (YAML/JSON with
   ``network_def`` and the same optional keys).
 * a TorchScript file (recognised by its content, whatever its suffix: ``model.pt`` as shipped works too) plus an
-  optional config for preprocessing and class names.
+  optional config for preprocessing and class names, with ``allow_code=True`` only (the CLI's
+  ``--trust-model-code``): TorchScript is a program (its ``forward`` and ``__setstate__`` run whatever the file's
+  author wrote, file writes included), so it is refused, before ``torch.jit.load``, unless the user trusts it.
 
 ``torch.load`` only ever runs with ``weights_only=True``: a checkpoint that needs pickle execution
-is refused.
+is refused. Weights holding NaN or infinity are refused, naming the tensors.
 
 The model type is `asfda.models.loaded.LoadedModel`, what its config declares is read by `asfda.models.declared`, and
 saving an adapted model is `asfda.models.bundle.save_bundle`; their public names are importable from here too.
@@ -35,11 +37,19 @@ from asfda.models.declared import (
     _inferer_settings,
     _read_config,
 )
-from asfda.models.loaded import OUTPUT_ACTIVATIONS, LoadedModel, clone_module, state_dict_hash
+from asfda.models.loaded import (
+    OUTPUT_ACTIVATIONS,
+    LoadedModel,
+    check_finite_weights,
+    clone_module,
+    is_torchscript,
+    state_dict_hash,
+    torchscript_refusal,
+)
 from asfda.models.preprocessing import Preprocessing
 
 __all__ = ["OUTPUT_ACTIVATIONS", "LoadedModel", "clone_module", "is_torchscript", "load_model", "load_state_dict_file",
-           "save_bundle", "state_dict_hash", "unwrap_state_dict"]
+           "save_bundle", "state_dict_hash", "torchscript_refusal", "unwrap_state_dict"]
 
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 
@@ -77,6 +87,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             return unwrap_state_dict(load_file(str(path)), path)
         except Exception as exc:
             raise AsfdaError(f"unreadable safetensors file ({exc})", path) from None
+    if is_torchscript(path):  # a program, not a state dict (a .pt can be either)
+        raise torchscript_refusal(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -86,16 +98,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             "re-save it as a plain state dict (torch.save(model.state_dict(), f)) or as safetensors, "
             "from a trusted environment") from None
     except Exception as exc:
+        if "TorchScript" in str(exc):  # torch.load's own check, with weights_only=True: never run
+            raise torchscript_refusal(path) from None
         raise AsfdaError(f"unreadable checkpoint ({exc.__class__.__name__}: {str(exc)[:160]})", path) from None
     return unwrap_state_dict(obj, path)
+
+
 def load_model(source: str | Path, *, config: str | Path | None = None, strict: bool = True,
                embedding_layer: str | None = None, allow_code: bool = False,
                output_activation: str | None = None) -> LoadedModel:
     """Loads a bundle folder, a checkpoint + network config, or a TorchScript file.
 
-    ``allow_code`` lets the config's ``$`` expressions and arbitrary ``_target_`` run (MONAI's full
-    ConfigParser semantics; the CLI's ``--trust-model-code``); by default the config is data, built from an
-    allow-list of classes with literal arguments (`asfda.models.safe_config`).
+    ``allow_code`` lets the model's code run: the config's ``$`` expressions and arbitrary ``_target_`` (MONAI's
+    full ConfigParser semantics), and a TorchScript model (a program; refused without it, before it is opened). The
+    CLI's ``--trust-model-code``. By default the config is data, built from an allow-list of classes with literal
+    arguments (`asfda.models.safe_config`), and the weights are tensors read with ``weights_only=True``.
 
     ``output_activation`` (``softmax``, ``sigmoid`` or ``none``; the CLI's ``--output-activation``) overrides what
     the model declares turns its output into probabilities: the config's ``asfda_output_activation``, else a
@@ -111,15 +128,13 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     if config is None and nnunet.is_nnunet_source(source):  # an nnU-Net v2 results folder, fold folder or checkpoint
         return nnunet.load_nnunet(source, strict=strict, embedding_layer=embedding_layer, activation=output_activation)
     metadata: dict = {}
+    meta_path: Path | None = None
     if source.is_dir():
         cfg_path = next((source / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")
                          if (source / "configs" / n).exists()), None)
         if cfg_path is None:
             raise AsfdaError("not a MONAI bundle: configs/inference.json is missing", source,
                              "point at the bundle root (the folder holding configs/ and models/)")
-        meta_path = source / "configs" / "metadata.json"
-        if meta_path.exists():
-            metadata = _read_config(meta_path)
         weights = next((source / "models" / n for n in ("model.safetensors", "model.pt", "model.pth", "model.ts")
                         if (source / "models" / n).exists()), None)
         if weights is None:
@@ -128,11 +143,22 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     else:
         weights = source
         cfg_path = Path(config) if config else None
-        if cfg_path is None and not is_torchscript(weights):
-            raise AsfdaError("a bare checkpoint needs a network config", weights,
-                             "pass --model-config NET.yaml with a 'network_def' (MONAI bundle syntax)")
+    if not weights.is_file():  # a FIFO or a device in an unpacked archive would block or never end
+        raise AsfdaError("the model's weights are not a regular file", weights, "give the weights file itself")
+    scripted = is_torchscript(weights)
+    if scripted and not allow_code:  # before anything of the file is opened by torch: loading it runs its code
+        raise torchscript_refusal(weights)
+    if source.is_dir():
+        meta_path = source / "configs" / "metadata.json"
+        if meta_path.exists():
+            metadata = _read_config(meta_path)
+        else:
+            meta_path = None
+    elif cfg_path is None and not scripted:
+        raise AsfdaError("a bare checkpoint needs a network config", weights,
+                         "pass --model-config NET.yaml with a 'network_def' (MONAI bundle syntax)")
     cfg = _read_config(cfg_path) if cfg_path else {}
-    if is_torchscript(weights):
+    if scripted:
         try:
             network = torch.jit.load(str(weights), map_location="cpu")
         except Exception as exc:
@@ -144,9 +170,13 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
         if "network_def" not in cfg:
             raise AsfdaError("config has no 'network_def'", cfg_path,
                              "add the network definition (MONAI bundle syntax)")
-        network = _build_network(cfg, cfg_path, allow_code)
         state = load_state_dict_file(weights)
+        # the network may not ask for much more memory than its weights file holds (a config is a few kB): counted
+        # in bytes of storage, which a tensor's shape cannot inflate (a stride-0 view of one number has any shape)
+        stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
+        network = _build_network(cfg, cfg_path, allow_code, sum(stored.values()) + (1 << 24))
         _load_weights(network, state, weights, strict)
+    check_finite_weights(network.state_dict(), weights)
     network.eval()
     image_key = cfg.get("image_key", "image") if isinstance(cfg.get("image_key", "image"), str) else "image"
     if "preprocessing" in cfg:
@@ -155,26 +185,9 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
         prep = Preprocessing(axcodes=None, pixdim_mm=None, description={"config": None})
     roi, swb, overlap = _inferer_settings(cfg, cfg_path, allow_code)
     class_names, activation, probabilities = _classes_and_activation(metadata, cfg, network, roi, output_activation,
-                                                                      cfg_path or weights)
+                                                                      cfg_path or weights, meta_path)
     return LoadedModel(network, class_names, prep, roi, swb, overlap, activation, source, cfg, metadata,
                        embedding_layer or cfg.get("asfda_embedding_layer"), probabilities)
-
-
-def is_torchscript(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript archive, by its content whatever its suffix: a zip holding compiled code
-    (``<name>/code/__torch__/...``), unlike a ``torch.save`` state dict. A ``.ts`` file counts as TorchScript (a
-    damaged one then gets TorchScript's error)."""
-    import zipfile
-
-    if path.suffix == ".ts":
-        return True
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as z:
-            return any("/code/__torch__/" in n for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def _load_weights(network: nn.Module, state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:

@@ -28,7 +28,6 @@ everything else kept), and asfda's record of the adaptation in ``asfda.json``.
 from __future__ import annotations
 
 import copy
-import json
 import pickle
 import re
 import zipfile
@@ -38,8 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from asfda.config import check_config_data, read_config_file
 from asfda.errors import AsfdaError
-from asfda.models.loaded import LoadedModel
+from asfda.models.loaded import (
+    LoadedModel,
+    check_finite_weights,
+    check_unique_class_names,
+    is_torchscript,
+    torchscript_refusal,
+)
 from asfda.models.nnunet_preprocessing import NnUNetPreprocessing
 
 __all__ = ["CHECKPOINT_NAMES", "NnUNetEnsemble", "build_network", "is_nnunet_source", "load_checkpoint",
@@ -74,6 +80,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
     Refuses (`AsfdaError`) a file that needs any other global to unpickle, naming it: the payload never runs."""
     path = Path(path)
+    if is_torchscript(path):  # a program, not a checkpoint: never opened by torch
+        raise torchscript_refusal(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,6 +103,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if bad:
         raise AsfdaError(f"the checkpoint's network_weights hold non-tensors ({bad[:5]})", path,
                          "give a checkpoint written by nnU-Net's trainer")
+    check_finite_weights(ckpt["network_weights"], path)
     return ckpt
 
 
@@ -157,13 +166,7 @@ def _layout(source: Path) -> tuple[Path | None, list[tuple[str, Path]]]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        if path.stat().st_size > _MAX_JSON_BYTES:
-            raise ValueError("larger than 64 MiB")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AsfdaError(f"cannot read the nnU-Net file ({exc.__class__.__name__}: {str(exc)[:120]})", path,
-                         "use the file nnU-Net wrote") from None
+    data = read_config_file(path, max_bytes=_MAX_JSON_BYTES, yaml_syntax=False, what="nnU-Net")
     if not isinstance(data, dict):
         raise AsfdaError("expected a JSON object", path, "use the file nnU-Net wrote")
     return data
@@ -309,7 +312,9 @@ def _class_names(dataset: dict, where: str | Path | None) -> list[str]:
     if sorted(names) != list(range(len(names))):
         raise AsfdaError(f"dataset.json's labels are not consecutive from 0 ({sorted(names)})", where,
                          "nnU-Net requires labels 0, 1, 2, ...")
-    return [names[i] for i in range(len(names))]
+    out = [names[i] for i in range(len(names))]
+    check_unique_class_names(out, "softmax", where)
+    return out
 
 
 def load_nnunet(source: str | Path, *, strict: bool = True, embedding_layer: str | None = None,
@@ -337,6 +342,7 @@ def load_nnunet(source: str | Path, *, strict: bool = True, embedding_layer: str
             raise AsfdaError("a bare nnU-Net checkpoint without plans and dataset.json in its init_args", source,
                              "give the results folder (with plans.json and dataset.json) instead")
         plans, dataset = init_plans, init_dataset
+        check_config_data(init_args, where, "checkpoint's init_args", "give the results folder instead")
     config_name = init_args.get("configuration")
     if config_name is None:
         configs = plans.get("configurations", {})

@@ -13,7 +13,11 @@ colleague or a hub is untrusted input, so asfda never hands it to the parser. In
 * every argument is a plain value (number, string, bool, null, list, mapping, or an allowed nested
   component); a string that names importable code (``os.system``, a URL) is refused, and arguments that MONAI
   resolves to callables (``reader``, ``func``, ...) or that download or write files (``pretrained``,
-  ``*_url``, ``output_dir``, ...) are refused unless their value is on a short allow-list;
+  ``*_url``, ``output_dir``, ...) are refused unless their value is on a short allow-list; a download flag that a
+  class turns on by default (``EfficientNetBN``'s ``pretrained=True``) is passed as False, and a class that fetches
+  files whatever its arguments (a default hub repository or file name) is refused;
+* ``@`` references expand to at most `MAX_RESOLVED_VALUES` values (lists of references to lists of references grow
+  exponentially);
 * ``_mode_`` other than ``default`` and ``_requires_`` are refused; ``_disabled_`` must be a literal bool.
 
 ``asfda ... --trust-model-code`` (``load_model(..., allow_code=True)``) uses MONAI's full parser instead, for a
@@ -22,9 +26,9 @@ bundle the user trusts.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
+import inspect
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +39,8 @@ from torch import nn
 
 from asfda.errors import AsfdaError, missing_package, missing_package_error
 
-__all__ = ["DECLARED_ONLY", "DeclaredTransform", "build_network", "build_transforms", "resolve_literal"]
+__all__ = ["DECLARED_ONLY", "MAX_RESOLVED_VALUES", "ConfigTooLarge", "DeclaredTransform", "build_network",
+           "build_transforms", "resolve_literal", "too_large_error"]
 
 TRUST_HINT = ("if you trust this bundle, pass --trust-model-code (predict, evaluate, score, query, simulate, or init, "
               "whose project keeps it; Python: load_model(..., allow_code=True)); otherwise rewrite the config with "
@@ -48,9 +53,14 @@ _READERS = {"nibabelreader", "itkreader", "pydicomreader", "numpyreader", "pilre
 _CODE_ARGS = {"func", "lambda_func", "inv_func", "function", "fn", "callable", "select_fn", "writer",
               "logger_handler", "merger_cls", "collate_fn", "transform", "transforms_fn", "post_func", "filter_fn",
               "converter", "hook", "hooks", "callback", "callbacks", "module", "_requires_"}
-# arguments that fetch or write files when truthy
-_IO_ARG = re.compile(r"pretrain|url|download|checkpoint|ckpt|weights?_?(path|dir|file)|_path$|_dir$|^path$|file",
-                     re.IGNORECASE)
+# arguments that fetch or write files when truthy (refused when the config sets them; turned off, or the class
+# refused, when the class's own default is on: `_io_defaults`)
+_IO_ARG = re.compile(r"pretrain|url|download|checkpoint|ckpt|weights?_?(path|dir|file)|^weights$|_path$|_dir$|^path$"
+                     r"|file|repo|hub", re.IGNORECASE)
+# names _IO_ARG matches that touch no file: gradient checkpointing (recomputing activations), stochastic depth
+_NOT_IO_ARGS = {"use_checkpoint", "use_checkpointing", "gradient_checkpointing", "drop_path"}
+# the most values a config's @ references may expand to (a real network_def or preprocessing has a few hundred)
+MAX_RESOLVED_VALUES = 1_000_000
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # preprocessing steps asfda reads but does not run (loading is asfda's own, validated reader)
 DECLARED_ONLY = {"LoadImaged", "LoadImage", "EnsureChannelFirstd", "EnsureChannelFirst", "EnsureTyped",
@@ -82,15 +92,35 @@ def _is_code_string(s: str) -> bool:
     return False
 
 
-def resolve_literal(cfg: dict, node: Any, *, at: tuple[str, ...] | None = None, _depth: int = 0) -> Any:
+class ConfigTooLarge(Exception):
+    """The ``@`` references of a config expand to more than `MAX_RESOLVED_VALUES` values."""
+
+
+def resolve_literal(cfg: dict, node: Any, *, at: tuple[str, ...] | None = None, _depth: int = 0,
+                    budget: list[int] | None = None) -> Any:
     """``node`` with every ``@id`` replaced by a copy of the literal it refers to (MONAI's ``#`` / ``::``
     id separators); refuses expressions, macros and references to missing keys or cycles.
 
     ``at`` is ``node``'s own id in ``cfg`` (``("inferer", "roi_size")``): MONAI's relative references resolve against
-    it (``@#key``: ``key`` beside the value, ``@##key``: one level up). Without it a relative reference is refused."""
+    it (``@#key``: ``key`` beside the value, ``@##key``: one level up). Without it a relative reference is refused.
+
+    Raises `ConfigTooLarge`, before building anything, when the result would hold more than `MAX_RESOLVED_VALUES`
+    values: references of lists of references expand exponentially (10 wide and 9 deep is 10^9 values from a 1 kB
+    file); the size is counted first, each referenced id once. ``budget`` (``[values left]``) shares one bound
+    between several calls."""
+    if budget is None:
+        budget = [MAX_RESOLVED_VALUES]
+    if _depth == 0:
+        size = _expanded_size(cfg, node, at, 0, {})
+        if size > budget[0]:
+            raise ConfigTooLarge(f"expands to more than {MAX_RESOLVED_VALUES:,} values through its @ references "
+                                 f"(lists of references to lists of references: {size:,})")
+        budget[0] -= size
     if _depth > 50:
         raise _Refused("references nested more than 50 deep (a cycle?)")
     if isinstance(node, dict):
+        if not all(isinstance(k, str) for k in node):  # YAML allows numbers, lists as keys; MONAI names only
+            raise _Refused(f"a key {next(k for k in node if not isinstance(k, str))!r} that is not a name")
         return {k: resolve_literal(cfg, v, at=None if at is None else (*at, str(k)), _depth=_depth + 1)
                 for k, v in node.items()}
     if isinstance(node, list):
@@ -102,27 +132,57 @@ def resolve_literal(cfg: dict, node: Any, *, at: tuple[str, ...] | None = None, 
         if node.startswith("%"):
             raise _Refused(f"the macro {node[:60]!r} (it reads another file)")
         if node.startswith("@"):
-            ref = node[1:].replace("::", "#")
-            up = len(ref) - len(ref.lstrip("#"))
-            parts = ref.lstrip("#").split("#") if ref.lstrip("#") else []
-            if up:  # a relative reference (MONAI's "@#key"): against the value's own id
-                if at is None or up > len(at):
-                    raise _Refused(f"a relative reference {node!r} that leaves the config")
-                parts = [*at[:len(at) - up], *parts]
-            target: Any = cfg
-            for part in parts:
-                if isinstance(target, dict) and part in target:
-                    target = target[part]
-                elif (isinstance(target, list) and part.lstrip("-").isdigit()
-                      and -len(target) <= int(part) < len(target)):
-                    target = target[int(part)]
-                else:
-                    raise _Refused(f"a reference {node!r} to a missing key")
-            return resolve_literal(cfg, copy.deepcopy(target), at=tuple(parts), _depth=_depth + 1)
+            target, parts = _referred(cfg, node, at)
+            # no copy needed: every list and mapping of the result is built anew, and the rest is immutable
+            return resolve_literal(cfg, target, at=parts, _depth=_depth + 1)
         return node
     if node is None or isinstance(node, (bool, int, float)):
         return node
     raise _Refused(f"a value of type {type(node).__name__}")
+
+
+def _referred(cfg: dict, node: str, at: tuple[str, ...] | None) -> tuple[Any, tuple[str, ...]]:
+    """The value a ``@`` reference names, and its id."""
+    ref = node[1:].replace("::", "#")
+    up = len(ref) - len(ref.lstrip("#"))
+    parts = ref.lstrip("#").split("#") if ref.lstrip("#") else []
+    if up:  # a relative reference (MONAI's "@#key"): against the value's own id
+        if at is None or up > len(at):
+            raise _Refused(f"a relative reference {node!r} that leaves the config")
+        parts = [*at[:len(at) - up], *parts]
+    target: Any = cfg
+    for part in parts:
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif (isinstance(target, list) and part.lstrip("-").isdigit()
+              and -len(target) <= int(part) < len(target)):
+            target = target[int(part)]
+        else:
+            raise _Refused(f"a reference {node!r} to a missing key")
+    return target, tuple(parts)
+
+
+def _expanded_size(cfg: dict, node: Any, at: tuple[str, ...] | None, depth: int,
+                   sizes: dict[tuple[str, ...], int]) -> int:
+    """How many values `resolve_literal` would build from ``node``, without building them: each referenced id is
+    counted once (``sizes``), so a file of nested references costs its own size, not its expansion's."""
+    if depth > 50:
+        raise _Refused("references nested more than 50 deep (a cycle?)")
+    if isinstance(node, dict):
+        return 1 + sum(_expanded_size(cfg, v, None if at is None else (*at, str(k)), depth + 1, sizes)
+                       for k, v in node.items())
+    if isinstance(node, list):
+        return 1 + sum(_expanded_size(cfg, v, None if at is None else (*at, str(i)), depth + 1, sizes)
+                       for i, v in enumerate(node))
+    if isinstance(node, str) and node.startswith("@"):
+        target, parts = _referred(cfg, node, at)
+        if sizes.get(parts) == -1:  # still being counted: the reference refers to itself
+            raise _Refused(f"references that form a cycle (through {node!r})")
+        if parts not in sizes:
+            sizes[parts] = -1
+            sizes[parts] = _expanded_size(cfg, target, parts, depth + 1, sizes)
+        return sizes[parts]
+    return 1
 
 
 def _network_class(name: str) -> type | None:
@@ -192,7 +252,7 @@ class _Builder:
                                f"allowed: MONAI's readers {sorted(r for r in _READERS if r.endswith('reader'))})")
             if key in _CODE_ARGS:
                 raise _Refused(f"the argument {key!r} of {name} at {where}, which MONAI turns into code")
-            if _IO_ARG.search(key) and val not in (None, False, "", 0):
+            if _IO_ARG.search(key) and key not in _NOT_IO_ARGS and val not in (None, False, "", 0):
                 raise _Refused(f"{key}={val!r} in {name} at {where}, which would read, download or write files "
                                "(asfda loads the weights from the bundle itself)")
 
@@ -218,7 +278,11 @@ class _Builder:
         kwargs = {k: self.value(v, f"{where}.{k}") for k, v in args.items()}
         if cls.__name__ in self.declared_only:
             return DeclaredTransform(cls.__name__, kwargs)  # checked, never built
-        return self.make(cls, kwargs, where)
+        off, refused = _io_defaults(cls)
+        if refused:
+            raise _Refused(f"{name} at {where}, whose {', '.join(refused)} by default reads or downloads files "
+                           "when it is built")
+        return self.make(cls, {**{k: v for k, v in off.items() if k not in kwargs}, **kwargs}, where)
 
     def make(self, cls: type, kwargs: dict, where: str) -> Any:
         try:
@@ -229,6 +293,31 @@ class _Builder:
             if missing_package(exc) is not None:
                 raise _MissingPackage(f"{cls.__name__} at {where}", exc) from None
             raise _BuildError(f"{cls.__name__} at {where}: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+
+
+def _io_defaults(cls: type) -> tuple[dict[str, bool], list[str]]:
+    """What building ``cls`` without an argument would fetch or read, from its signature's defaults: ``(off,
+    refused)``, the download flags on by default (``pretrained=True``: EfficientNetBN, MILModel, TextEncoder, ...)
+    mapped to False, which asfda passes unless the config gives a value (a true one is refused by `check_args`), and
+    the parameters whose default is a truthy non-bool (a file name, a hub repository) that no value turns off: such
+    a class is refused."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no inspectable signature: nothing defaults on
+        return {}, []
+    off: dict[str, bool] = {}
+    refused: list[str] = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty or p.name in _NOT_IO_ARGS:
+            continue
+        if not _IO_ARG.search(p.name) or p.default is None or (
+                isinstance(p.default, (bool, int, float, str)) and not p.default):
+            continue
+        if p.default is True:
+            off[p.name] = False
+        else:  # a file name, a hub repository: no value of it turns the fetch off
+            refused.append(f"{p.name}={p.default!r}")
+    return off, refused
 
 
 class _BuildError(Exception):
@@ -252,6 +341,12 @@ class _MissingPackage(Exception):
 _DISABLED = object()
 
 
+def too_large_error(key: str, exc: ConfigTooLarge, path: Path | None) -> AsfdaError:
+    """The refusal of a config whose ``@`` references expand past `MAX_RESOLVED_VALUES` values."""
+    return AsfdaError(f"'{key}' in the model config {exc}; asfda refuses it before building anything", path,
+                      "write the values out plainly (a network or preprocessing config has a few hundred values)")
+
+
 def _refusal(key: str, what: str, path: Path | None) -> AsfdaError:
     return AsfdaError(f"'{key}' in the model config contains {what}, which would run code or touch files when "
                       "loaded; asfda builds model configs only from MONAI networks and transforms and torch.nn "
@@ -268,6 +363,8 @@ def build_network(cfg: dict, path: Path | None, key: str = "network_def") -> nn.
             node, key)
     except _Refused as exc:
         raise _refusal(key, str(exc), path) from None
+    except ConfigTooLarge as exc:
+        raise too_large_error(key, exc, path) from None
     except _MissingPackage as exc:
         raise exc.error(key, path) from None
     except _BuildError as exc:
@@ -313,6 +410,8 @@ def build_transforms(cfg: dict, path: Path | None, key: str = "preprocessing") -
         return steps
     except _Refused as exc:
         raise _refusal(key, str(exc), path) from None
+    except ConfigTooLarge as exc:
+        raise too_large_error(key, exc, path) from None
     except _MissingPackage as exc:
         raise exc.error(key, path) from None
     except _BuildError as exc:

@@ -101,6 +101,20 @@ def test_bf16_precision_trains_deterministically_and_fp32_weights_stay_fp32() ->
                  progress=False)
 
 
+def test_channels_last_trains_the_same_model_and_gives_back_the_contiguous_layout() -> None:
+    """train.channels_last changes the memory layout only: the same patches and the same first loss (before any
+    update: the same function) as the contiguous run, a loss that falls, and the network's 5-D weights contiguous
+    again afterwards (inference runs on the layout it always had). Later steps differ by float rounding, which
+    AdamW's normalised updates carry on, so weights are not compared."""
+    cfg = TrainConfig(steps=15, batch_size=2, lr=1e-2, seed=7)
+    ha = finetune(_tiny_net(), _vols(), cfg, patch_size=(8, 8, 8), progress=False)
+    b = _tiny_net()
+    hb = finetune(b, _vols(), dataclasses.replace(cfg, channels_last=True), patch_size=(8, 8, 8), progress=False)
+    assert hb["loss"][0] == pytest.approx(ha["loss"][0], rel=1e-5)
+    assert all(math.isfinite(x) for x in hb["loss"]) and sum(hb["loss"][-3:]) < sum(hb["loss"][:3])
+    assert all(v.is_contiguous() for v in b.state_dict().values())
+
+
 def test_restart_trains_each_round_from_the_pretrained_weights(tmp_path, tiny_bundle) -> None:
     """train.restart: a round's model is the pretrained one fine-tuned on all labels, whatever came before; with
     restart off, a round continues from the previous weights (METHOD.md)."""

@@ -184,6 +184,10 @@ class TrainConfig:
     # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
     # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
     precision: str = "fp32"
+    # true: the network trains in the channels_last_3d memory layout (put back after the round); under bf16 on a
+    # CPU, oneDNN's convolutions with a channel count that is not a multiple of 8 (a 14- or 5-class head) run several
+    # times faster in it (asfda.training.trainer._memory_format)
+    channels_last: bool = False
     # keep a round's weights only if the adapted model's organs on up to guard_volumes unlabeled volumes are
     # at least as connected as the pretrained model's (asfda.training.guard); otherwise revert the round
     guard: bool = True

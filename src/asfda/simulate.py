@@ -359,7 +359,7 @@ def _bundle_rounds(run_dir: Path) -> int:
 
 # settings added after runs were written, with the value those runs had: at that value they leave the fingerprint
 _LATER_SETTINGS = {("train", "augmentation"): "intensity", ("train", "restart"): False,
-                   ("train", "hold_back_discarded"): False,
+                   ("train", "hold_back_discarded"): False, ("train", "channels_last"): False,
                    ("representativeness",): "none", ("evaluate_tta",): False, ("output_activation",): None}
 
 

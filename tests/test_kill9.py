@@ -215,11 +215,13 @@ def _sim_argv(tiny: dict, out: Path) -> list[str]:
 
 
 def _rounds(out: Path) -> dict:
-    """Every finished round of a simulation with its numbers (timings left out)."""
+    """Every finished round of a simulation with its numbers (timings and forward-pass counts left out: a run that
+    finds the pretrained model's outputs of an earlier run in the cache folder makes fewer passes, same numbers)."""
     keep = {}
     for state in sorted(out.glob("*/seed*/state.json")):
         keep[str(state.parent.relative_to(out))] = [
-            {k: v for k, v in r.items() if not k.startswith("seconds")} for r in json.loads(state.read_text())["rounds"]]
+            {k: v for k, v in r.items() if not k.startswith("seconds") and k != "forward_passes"}
+            for r in json.loads(state.read_text())["rounds"]]
     return keep
 
 

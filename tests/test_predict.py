@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from asfda.cli import main
+from asfda.errors import AsfdaError
 from asfda.models import LoadedModel, Preprocessing, load_model
 from asfda.predict import label_map_on_native_grid, predict_model
 from conftest import TINY_LABELS, TINY_NET, make_volume, write_bundle, write_nifti, write_nnunet
@@ -101,9 +102,14 @@ def test_predict_skips_up_to_date_cases(tmp_path: Path, tiny_bundle: Path, capsy
     assert predict_model(other, ds, out, progress=False)["written"] == ["case00", "case01"]
     assert predict_model(other, ds, out, tta=True, progress=False)["written"] == ["case00", "case01"]
     assert predict_model(other, ds, out, tta=True, progress=False)["skipped"] == ["case00", "case01"]
-    # a missing sidecar (killed between the two writes) means redo
-    (out / "case00.asfda.json").unlink()
+    # a sidecar that is only the claim written before the label map (killed between the two writes) means redo
+    side = json.loads((out / "case00.asfda.json").read_text())
+    (out / "case00.asfda.json").write_text(json.dumps({**side, "settings": None}))
     assert predict_model(other, ds, out, tta=True, progress=False)["written"] == ["case00"]
+    # a label map with no sidecar at all is not predict's to replace (tests/test_outputs.py has more of these)
+    (out / "case00.asfda.json").unlink()
+    with pytest.raises(AsfdaError, match="case00.nii.gz exists and was not written by asfda predict"):
+        predict_model(other, ds, out, tta=True, overwrite=True, progress=False)
 
 
 def test_predict_plain_folder_writes_model_indices_and_names(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -161,13 +167,15 @@ def test_torchscript_model_loads_with_config_and_predicts(tmp_path: Path) -> Non
     cfg["channel_def"] = {"0": "background", "1": "liver", "2": "spleen"}
     cfg_path = tmp_path / "ts_config.json"
     cfg_path.write_text(json.dumps(cfg))
-    loaded = load_model(ts, config=cfg_path)
+    with pytest.raises(AsfdaError, match="TorchScript model.*--trust-model-code"):  # a program: only when trusted
+        load_model(ts, config=cfg_path)
+    loaded = load_model(ts, config=cfg_path, allow_code=True)
     assert loaded.class_names == ["background", "liver", "spleen"]
     assert loaded.preprocessing.axcodes == "RAS" and loaded.preprocessing.pixdim_mm == (2.0, 2.0, 3.0)
     assert loaded.roi_size == (16, 16, 8)
     ds = write_nnunet(tmp_path / "ds", n=1, affine=LPS_ANISO)
     code = main(["predict", "--model", str(ts), "--model-config", str(cfg_path), "--images", str(ds),
-                 "--out", str(tmp_path / "out"), "--tta", "--no-progress"])
+                 "--out", str(tmp_path / "out"), "--tta", "--no-progress", "--trust-model-code"])
     assert code == 0
     data, affine, _ = _read(tmp_path / "out" / "case00.nii.gz")
     assert data.shape == (20, 18, 12) and np.allclose(affine, LPS_ANISO)
@@ -248,7 +256,7 @@ def test_torchscript_saved_as_model_pt_is_recognised_by_content(tmp_path: Path) 
     (bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
     torch.jit.save(torch.jit.script(net), str(bundle / "models" / "model.pt"))
     assert is_torchscript(bundle / "models" / "model.pt")
-    loaded = load_model(bundle)
+    loaded = load_model(bundle, allow_code=True)
     assert isinstance(loaded.network, torch.jit.ScriptModule) and loaded.class_names[1] == "liver"
 
 
@@ -274,3 +282,13 @@ def test_predict_largest_component_removes_stray_pieces(tmp_path: Path, monkeypa
     assert (raw == 1).sum() == 145 and (lcc == 1).sum() == 144 and (lcc == 2).sum() == (raw == 2).sum()
     with pytest.raises(AsfdaError, match="kidney"):
         P.predict_model(bundle, ds, tmp_path / "bad", progress=False, largest_component="kidney")
+
+
+def test_a_case_of_another_folder_with_the_same_id_is_not_up_to_date(tmp_path: Path, tiny_bundle: Path) -> None:
+    """Two datasets with the same case ids into one output folder: the second one's maps are made, not skipped."""
+    first, second = write_nnunet(tmp_path / "a", n=1), write_nnunet(tmp_path / "b", n=1, affine=LPS_ANISO)
+    out = tmp_path / "out"
+    assert predict_model(tiny_bundle, first, out, progress=False)["written"] == ["case00"]
+    assert predict_model(tiny_bundle, second, out, progress=False)["written"] == ["case00"]
+    assert np.allclose(_read(out / "case00.nii.gz")[1], LPS_ANISO)
+    assert predict_model(tiny_bundle, second, out, progress=False)["skipped"] == ["case00"]

@@ -69,7 +69,8 @@ def select_device(requested: str | None = None) -> torch.device:
         count = torch.cuda.device_count()
         if ":" in name and int(name.split(":")[1]) >= count:
             raise AsfdaError(f"device {name!r} was asked for, but this machine has {count} CUDA device"
-                             f"{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})", fix="use --device cuda or auto")
+                             f"{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})",
+                             fix="use --device cuda or auto")
     if name == "mps" and not torch.backends.mps.is_available():
         raise AsfdaError("device 'mps' was asked for, but MPS (an Apple GPU) is not available here",
                          fix="use --device cpu or auto")

@@ -11,9 +11,19 @@ import torch
 
 from asfda.adapter import Adapter
 from asfda.evaluation import compute_dice, compute_hd95, mean_ignoring_nan
-from asfda.io import atomic_write_json, atomic_write_text, load_dataset, read_nifti
+from asfda.io import atomic_write_json, load_dataset, read_nifti
+from asfda.io.atomic import staged_write, write_failures_as_errors
 from asfda.io.labels import check_label_values
-from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
+from asfda.io.outputs import (
+    OutputFiles,
+    check_writable_folder,
+    csv_header,
+    dataset_folders,
+    dataset_input_folders,
+    json_object_with,
+    refuse_foreign_files,
+    refuse_output_inside_inputs,
+)
 from asfda.models import load_model, parse_class_map_override
 from asfda.models.native_grid import label_map_on_native_grid
 
@@ -22,6 +32,12 @@ __all__ = ["evaluate_model"]
 
 def _model_inputs(model: str | Path, model_config: str | Path | None) -> dict[str, object]:
     return {"the model": model, "the model config": model_config}
+
+
+def _own_outputs(out: Path) -> OutputFiles:
+    """per_case.csv and summary.json, each with how evaluate recognises its own (by their content)."""
+    return [(out / "per_case.csv", lambda p: csv_header(p)[:1] == ["case_id"] and "dice_mean" in csv_header(p)),
+            (out / "summary.json", lambda p: json_object_with(p, ("mean", "n_cases", "empty_label_rule")))]
 
 
 def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, model_config: str | None = None,
@@ -34,11 +50,17 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     ``trust_model_code``: build the model config with MONAI's full parser (`load_model`'s ``allow_code``);
     ``output_activation``: overrides what the model declares (`load_model`); ``precision``: inference precision
     (`InferenceEngine`).
+
+    ``out`` may not be, or lie inside, the dataset or the model, nor any dataset, project or model folder; it must
+    be writable, and an existing per_case.csv or summary.json in it must be evaluate's own (`_own_outputs`): all
+    checked before the model is loaded. The two files are written as one set (`staged_write`): a full disk leaves
+    the earlier pair whole.
     """
     out = Path(out)
     inputs: dict[str, object] = {"the dataset": dataset_folders(data), **_model_inputs(model, model_config)}
     refuse_output_inside_inputs(out, inputs)
     check_writable_folder(out)
+    refuse_foreign_files(_own_outputs(out), "evaluate")
     loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
     ds = load_dataset(data, require_labels=True)
     refuse_output_inside_inputs(out, {"the dataset": dataset_input_folders(ds)})
@@ -68,12 +90,13 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(out / "per_case.csv", buf.getvalue())
     result = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
               "class_map": adapter.class_map.to_dict(), "precision": precision, "n_cases": len(rows), "mean": summary,
               "empty_label_rule": "Dice is NaN (left out of means) for a class absent from both label and "
                                   "prediction, 0 when absent from the label but predicted; HD95 NaN if either is empty"}
-    atomic_write_json(out / "summary.json", result)
+    with write_failures_as_errors(out, "the evaluation"), \
+            staged_write(out / "per_case.csv", lambda p: p.write_text(buf.getvalue(), encoding="utf-8")):
+        atomic_write_json(out / "summary.json", result)
     print("| class | Dice | HD95 (mm) |\n|---|---|---|")
     for n in names[1:]:
         print(f"| {n} | {summary[f'dice_{n}']:.3f} | {summary[f'hd95_mm_{n}']:.1f} |")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import torch
 from asfda.engine import OUTPUT_EMBEDDING, InferenceEngine, select_device
 from asfda.errors import AsfdaError
 from asfda.evaluation import largest_component_per_class
-from asfda.io import atomic_write_json, load_dataset
+from asfda.io import atomic_write_json, atomic_write_text, load_dataset
+from asfda.io.atomic import write_failures_as_errors
 from asfda.io.datasets import (
     Dataset,
     check_nnunet_links,
@@ -22,7 +25,15 @@ from asfda.io.datasets import (
     read_dataset_json,
 )
 from asfda.io.nifti import write_label_map
-from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
+from asfda.io.outputs import (
+    OutputFiles,
+    check_writable_folder,
+    dataset_folders,
+    dataset_input_folders,
+    json_object_with,
+    refuse_foreign_files,
+    refuse_output_inside_inputs,
+)
 from asfda.models import (
     LoadedModel,
     OutputAsLogits,
@@ -119,6 +130,35 @@ def _read_json(path: Path) -> object:
         return None
 
 
+def _is_sidecar(path: Path, case_id: str) -> bool:
+    """A sidecar predict wrote for ``case_id`` (a claim written before the label map included)."""
+    return json_object_with(path, ("case_id", "settings"), lambda o: o["case_id"] == case_id)
+
+
+def _has_sidecar(sidecar: Path, case_id: str, label_map: Path) -> bool:
+    """A label map is predict's when its sidecar is."""
+    return sidecar.is_file() and not sidecar.is_symlink() and _is_sidecar(sidecar, case_id)
+
+
+def _own_outputs(out: Path, ds: Dataset, labels: dict[str, int]) -> OutputFiles:
+    """Every file this run may write, with how predict recognises its own earlier one: a sidecar by its content, a
+    label map by its sidecar, labels.json as a name -> value map in a folder holding predict's sidecars."""
+    files: OutputFiles = []
+    for case in ds.cases:
+        sidecar = out / f"{case.case_id}{SIDECAR_SUFFIX}"
+        files.append((sidecar, functools.partial(_is_sidecar, case_id=case.case_id)))
+        files.append((out / f"{case.case_id}.nii.gz", functools.partial(_has_sidecar, sidecar, case.case_id)))
+
+    def labels_json(p: Path) -> bool:
+        if _read_json(p) == labels:
+            return True  # the same content: not rewritten
+        sidecars = (s for s in out.glob(f"*{SIDECAR_SUFFIX}") if s.is_file() and not s.is_symlink())
+        return (json_object_with(p, (), lambda o: all(isinstance(v, int) for v in o.values()))
+                and any(_is_sidecar(s, s.name[: -len(SIDECAR_SUFFIX)]) for s in sidecars))
+
+    return [*files, (out / LABELS_FILE, labels_json)]
+
+
 def _up_to_date(out_path: Path, sidecar: Path, image_path: Path, settings: dict) -> bool:
     try:
         if out_path.stat().st_mtime_ns < image_path.stat().st_mtime_ns:
@@ -126,7 +166,12 @@ def _up_to_date(out_path: Path, sidecar: Path, image_path: Path, settings: dict)
     except OSError:
         return False
     recorded = _read_json(sidecar)
-    return isinstance(recorded, dict) and recorded.get("settings") == settings
+    if not isinstance(recorded, dict) or recorded.get("settings") != settings:
+        return False
+    try:  # the same image: a case of another folder with the same id is not up to date
+        return os.path.samefile(str(recorded.get("image")), image_path)
+    except (OSError, TypeError):
+        return False
 
 
 def predict_model(model: str | Path, images: str | Path, out: str | Path, *, model_config: str | None = None,
@@ -144,7 +189,7 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
     by several channels to the most probable one (see `label_map_on_native_grid`).
 
     Idempotent: a case is skipped when its output is newer than the image and its sidecar
-    (``out/<case_id>.asfda.json``) records the same model weights hash and settings (TTA, class map,
+    (``out/<case_id>.asfda.json``) records the same image file, model weights hash and settings (TTA, class map,
     preprocessing); ``overwrite`` redoes all. Every file is written atomically.
 
     Args:
@@ -160,9 +205,13 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
             component (nnU-Net's post-processing; `asfda.evaluation.largest_component_per_class`); None: none.
         precision: ``fp32`` or ``bf16`` (each window's forward under bfloat16 autocast: `InferenceEngine`).
 
-    ``out`` may not be, or lie inside, the images' dataset or the model (`refuse_output_inside_inputs`), and
-    must be writable; both are checked before the model is loaded. ``out/labels.json`` is written once the
-    first case is done (or at the end), so a run that fails before any case leaves nothing behind.
+    ``out`` may not be, or lie inside, the images' dataset or the model, nor any dataset, project or model folder
+    (`refuse_output_inside_inputs`), and must be writable; both are checked before the model is loaded. An existing
+    file it would write must be predict's own (`_own_outputs`; checked before any case is segmented).
+    ``out/labels.json`` is written once the first case is done (or at the end), so a run that fails before any
+    case leaves nothing behind. Before a case's first label map its sidecar is claimed (written with no settings),
+    so a run killed between the two recognises the map as its own. A full disk (`write_failures_as_errors`) is a
+    one-line error: the case being written is removed, the finished ones are kept (the next run skips them).
 
     Returns:
         ``{"out", "written", "skipped", "labels", "model_weights_sha256_16"}``.
@@ -184,6 +233,7 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         raise AsfdaError("--class-map needs a dataset with dataset.json (its label names are the targets)",
                          Path(images), "leave --class-map out to write the model's own class indices")
     network, classes = _output_classes(loaded, ds.class_names if from_dataset else None, override)
+    refuse_foreign_files(_own_outputs(out, ds, classes.labels), "predict")
     unknown = sorted(n for n, v in classes.labels.items() if v and v not in classes.values)
     if unknown:
         log.warning("dataset classes %s are not model classes: they are never predicted", unknown)
@@ -207,30 +257,38 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
 
     def write_labels_json() -> None:
         if _read_json(out / LABELS_FILE) != classes.labels:
+            if not (out / LABELS_FILE).exists():
+                partial.add(out / LABELS_FILE)
             atomic_write_json(out / LABELS_FILE, classes.labels)
+            partial.done()
 
     written: list[str] = []
     skipped: list[str] = []
-    for case in tqdm(list(ds.cases), desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
-        out_path = out / f"{case.case_id}.nii.gz"
-        sidecar = out / f"{case.case_id}{SIDECAR_SUFFIX}"
-        if not overwrite and _up_to_date(out_path, sidecar, case.image_path, settings):
-            skipped.append(case.case_id)
-            continue
-        vol = prepare_case(case, loaded.preprocessing, with_label=False, cache_dir=None)
-        logits, _ = engine.run(vol.image, tta=tta)
-        label = label_map_on_native_grid(logits, loaded.activation, classes.channels, classes.values, vol.affine,
-                                         vol.native_affine, vol.native_shape, loaded.preprocessing)
-        del logits
-        if lcc_values:
-            label = largest_component_per_class(label, lcc_values)
-        write_label_map(out_path, label, case.image_path)
-        atomic_write_json(sidecar, {"case_id": case.case_id, "image": str(case.image_path), "model": str(model),
-                                    "n_passes": engine.n_passes if tta else 1, "settings": settings})
-        if not written:
-            write_labels_json()  # once a case is done: a run that fails before any leaves no debris
-        written.append(case.case_id)
-    write_labels_json()
+    with write_failures_as_errors(out, "the label maps") as partial:
+        for case in tqdm(list(ds.cases), desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
+            out_path = out / f"{case.case_id}.nii.gz"
+            sidecar = out / f"{case.case_id}{SIDECAR_SUFFIX}"
+            if not overwrite and _up_to_date(out_path, sidecar, case.image_path, settings):
+                skipped.append(case.case_id)
+                continue
+            vol = prepare_case(case, loaded.preprocessing, with_label=False, cache_dir=None)
+            logits, _ = engine.run(vol.image, tta=tta)
+            label = label_map_on_native_grid(logits, loaded.activation, classes.channels, classes.values,
+                                             vol.affine, vol.native_affine, vol.native_shape, loaded.preprocessing)
+            del logits
+            if lcc_values:
+                label = largest_component_per_class(label, lcc_values)
+            record = {"case_id": case.case_id, "image": str(case.image_path), "model": str(model)}
+            partial.add(*(p for p in (out_path, sidecar) if not p.exists()))
+            if not sidecar.exists():  # the claim: this name is predict's from now on (see the docstring)
+                atomic_write_text(sidecar, json.dumps({**record, "settings": None}, indent=2) + "\n")
+            write_label_map(out_path, label, case.image_path)
+            atomic_write_json(sidecar, {**record, "n_passes": engine.n_passes if tta else 1, "settings": settings})
+            partial.done()
+            if not written:
+                write_labels_json()  # once a case is done: a run that fails before any leaves no debris
+            written.append(case.case_id)
+        write_labels_json()
     msg = f"predict: {len(written)} case{'' if len(written) == 1 else 's'} segmented"
     if skipped:
         msg += f", {len(skipped)} skipped (outputs already up to date for weights {weights} and these settings)"

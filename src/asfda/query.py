@@ -15,7 +15,9 @@ ranks return None once rank 0 is done.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -27,9 +29,20 @@ from torch import nn
 from asfda.adapter import Adapter
 from asfda.distributed import rank_context
 from asfda.errors import AsfdaError
-from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
+from asfda.io import atomic_write_json, load_dataset
+from asfda.io.atomic import staged_write, write_failures_as_errors
 from asfda.io.datasets import is_nnunet_dataset, model_labels
-from asfda.io.outputs import check_output_file, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
+from asfda.io.outputs import (
+    OutputFiles,
+    check_output_file,
+    csv_header,
+    dataset_folders,
+    dataset_input_folders,
+    is_npy,
+    json_object_with,
+    refuse_foreign_files,
+    refuse_output_inside_inputs,
+)
 from asfda.models import load_model, parse_class_map_override
 from asfda.rounds import PoolState, select_batch
 from asfda.scoring.needs import MC_METRICS, ScoringNeeds
@@ -74,22 +87,46 @@ def read_ids_file(path: str | Path) -> list[str]:
     return ids
 
 
-def _check_outputs(outputs: list[Path], model: str | Path, data: str | Path, model_config: str | None) -> None:
-    """Every file a command will write: not an input (dataset, model, model config), in a writable folder."""
-    for path in outputs:
+_QUERY_KEYS = ("strategy", "budget", "ids", "labelled", "pool_size")
+_SCORE_KEYS = ("strategies", "ids", "columns", "files", "needs")
+
+
+def _query_outputs(out: Path) -> OutputFiles:
+    return [(out, lambda p: json_object_with(p, _QUERY_KEYS))]
+
+
+def _score_outputs(out: Path) -> OutputFiles:
+    """score's CSV, its .npy files and its JSON sidecar: the sidecar is score's by its content, the others by their
+    format beside it."""
+    meta = _sidecar(out, ".json")
+
+    def has_meta() -> bool:
+        return meta.is_file() and not meta.is_symlink() and json_object_with(meta, _SCORE_KEYS)
+
+    return [(out, lambda p: csv_header(p)[:1] == ["case_id"] and has_meta()),
+            *((_sidecar(out, s), lambda p: is_npy(p) and has_meta()) for s in (".embeddings.npy", ".badge.npy")),
+            (meta, lambda p: json_object_with(p, _SCORE_KEYS))]
+
+
+def _check_outputs(outputs: OutputFiles, command: str, model: str | Path, data: str | Path,
+                   model_config: str | None) -> None:
+    """Every file a command will write: not an input (dataset, model, model config), nor in any dataset, project
+    or model folder, in a writable folder, and new or this command's own earlier output."""
+    for path, _ in outputs:
         refuse_output_inside_inputs(path, {"the dataset": dataset_folders(data), "the model": model,
                                            "the model config": model_config})
         check_output_file(path)
+    refuse_foreign_files(outputs, command)
 
 
 def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, class_map: str | None,
-             cache_dir: str | None, device: str, progress: bool, outputs: list[Path],
+             cache_dir: str | None, device: str, progress: bool, outputs: OutputFiles, command: str,
              trust_model_code: bool = False, cold_start_ok: bool = False, output_activation: str | None = None,
              precision: str = "fp32"):
     """The model and pool, once ``outputs`` are known not to overwrite either and to be writable. ``cold_start_ok``:
     accept a model none of whose classes is a dataset label (`Adapter.cold_start`). A plain folder of NIfTI images
     (no ``dataset.json``) takes its classes from the model (`LoadedModel.label_names`): no label names needed."""
-    _check_outputs(outputs, model, data, model_config)
+    _check_outputs(outputs, command, model, data, model_config)
     loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
     ds = load_dataset(data)
     if not ds.cases:
@@ -99,7 +136,7 @@ def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, c
             raise AsfdaError("--class-map needs a dataset with dataset.json (its label names are the targets)",
                              Path(data), "leave --class-map out: a plain folder takes the model's own classes")
         ds = ds.with_labels(model_labels(loaded.label_names))
-    for path in outputs:
+    for path, _ in outputs:
         refuse_output_inside_inputs(path, {"the dataset": dataset_input_folders(ds)})
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
                       cache_dir=cache_dir, device=device, progress=progress, cold_start_ok=cold_start_ok,
@@ -143,17 +180,22 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         precision: inference precision, ``fp32`` or ``bf16`` (`InferenceEngine`).
 
     ``data`` may be an nnU-Net raw dataset or a plain folder of NIfTI images (the model's classes, see `_adapter`).
-    None of the files may be, or lie inside, the pool or the model, and their folder must be writable: both
-    are checked before the model is loaded.
+    None of the files may be, or lie inside, the pool or the model, nor any dataset, project or model folder, nor
+    be named like the file that marks one (``--out dataset.csv`` would write ``dataset.json``); their folder must
+    be writable, and an existing one must be score's own earlier output (`_score_outputs`): all checked before the
+    model is loaded. The files are written as one set (`staged_write`): a full disk leaves the earlier set whole.
     """
     t = _check_temperature(temperature)
     out = Path(out)
     names = [get_strategy(n).name for n in strategies] if strategies else None
-    outputs = [out, *(_sidecar(out, s) for s in (".embeddings.npy", ".badge.npy", ".json"))]
+    outputs = _score_outputs(out)
+    if len({path for path, _ in outputs}) < len(outputs):
+        raise AsfdaError("score's CSV would be its own JSON sidecar (OUT-stem.json)", out,
+                         "give --out a .csv name, e.g. scores.csv")
     with rank_context(device) as dist:  # torchrun's ranks, or this one process
         loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                        cache_dir=cache_dir, device=dist.device(device),
-                                       progress=progress and dist.is_main, outputs=outputs,
+                                       progress=progress and dist.is_main, outputs=outputs, command="score",
                                        trust_model_code=trust_model_code, output_activation=output_activation,
                                        precision=precision)
         skipped: list[str] = []
@@ -190,13 +232,12 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         w.writerow(["case_id", *columns])
         for i, cid in enumerate(ids):
             w.writerow([cid, *(f"{float(v[i]):.8g}" for v in columns.values())])
-        atomic_write_text(out, buf.getvalue())
         emb_path = _sidecar(out, ".embeddings.npy")
-        _save_npy(emb_path, scored.embeddings)
+        arrays = {emb_path: scored.embeddings}
         files = {"csv": str(out), "embeddings": str(emb_path)}
         if "badge" in scored.vectors:
             badge_path = _sidecar(out, ".badge.npy")
-            _save_npy(badge_path, scored.vectors["badge"])
+            arrays[badge_path] = scored.vectors["badge"]
             files["badge"] = str(badge_path)
         meta = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
                 "class_map": adapter.class_map.to_dict(), "strategies": names, "skipped_strategies": skipped,
@@ -204,7 +245,12 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
                 "precision": precision,
                 "ids": ids, "columns": list(columns), "files": files}
         meta_path = _sidecar(out, ".json")
-        atomic_write_json(meta_path, meta)
+        # one set: every file complete before any replaces an earlier one (a full disk leaves the earlier set)
+        with write_failures_as_errors(out.parent, "the scores"), contextlib.ExitStack() as stack:
+            stack.enter_context(staged_write(out, lambda p: p.write_text(buf.getvalue(), encoding="utf-8")))
+            for path, array in arrays.items():
+                stack.enter_context(staged_write(path, functools.partial(_write_npy, array=array)))
+            atomic_write_json(meta_path, meta)
         if skipped:
             print(f"note: the network has no dropout, so {skipped} were skipped (use 'tta' for a stochastic-free "
                   "uncertainty)")
@@ -213,12 +259,9 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         return meta
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare temp name
-            np.save(f, np.asarray(array))
-
-    atomic_write(path, write)
+def _write_npy(tmp: Path, array: np.ndarray) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare temp name
+        np.save(f, np.asarray(array))
 
 
 def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: int, out: str | Path, *,
@@ -246,8 +289,9 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
 
     ``data`` may be an nnU-Net raw dataset or a plain folder of NIfTI images (the model's classes, see `_adapter`).
     Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
-    and prints the chosen ids with their components. ``out`` may not be, or lie inside, the pool or the model,
-    and its folder must be writable: both are checked before the model is loaded.
+    and prints the chosen ids with their components. ``out`` may not be, or lie inside, the pool or the model, nor
+    any dataset, project or model folder; its folder must be writable, and an existing ``out`` must be a query
+    record (`_query_outputs`): all checked before the model is loaded.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
@@ -256,8 +300,8 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
     with rank_context(device) as dist:  # torchrun's ranks, or this one process
         loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,
                                        cache_dir=cache_dir, device=dist.device(device),
-                                       progress=progress and dist.is_main, outputs=[Path(out)],
-                                       trust_model_code=trust_model_code, cold_start_ok=True,
+                                       progress=progress and dist.is_main, outputs=_query_outputs(Path(out)),
+                                       command="query", trust_model_code=trust_model_code, cold_start_ok=True,
                                        output_activation=output_activation, precision=precision)
         cold = adapter.cold_start
         if cold:  # before any forward pass: a strategy that reads predictions has nothing to read
@@ -298,7 +342,8 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
                   "model_weights_sha256_16": loaded.weights_hash, "needs": strat.needs.describe(),
                   "strategy_settings": strat.settings(), "class_map": adapter.class_map.to_dict(), "cold_start": cold,
                   "scoring": info, "precision": precision}
-        atomic_write_json(Path(out), record)
+        with write_failures_as_errors(Path(out).parent, "the query"):
+            atomic_write_json(Path(out), record)
         if cold:
             print(f"note: cold start: no model class {list(loaded.class_names)} matches a dataset label "
                   f"{ds.class_names[1:]}, so every one gets a new output channel and the {query.strategy!r} pick "

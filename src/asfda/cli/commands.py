@@ -36,6 +36,25 @@ def _alone_on_rank_0(command: str) -> bool:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    """Runs the command; a full disk, an exceeded quota or an I/O error met anywhere in it
+    (`asfda.io.atomic.write_failure`) is the one-line `AsfdaError` (the commands that write remove what they left
+    unfinished first: `asfda.io.atomic.write_failures_as_errors`), never a traceback."""
+    try:
+        return _run(args)
+    except AsfdaError:
+        raise
+    except Exception as exc:
+        from asfda.io.atomic import write_failure
+
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise AsfdaError(f"{reason}: asfda {args.command} stopped", getattr(exc, "filename", None),
+                         "free some space on that disk (or write to another), then run the same command "
+                         "again") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if _alone_on_rank_0(args.command):
         return 0

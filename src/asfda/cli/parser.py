@@ -8,9 +8,31 @@ import argparse
 __all__ = ["build_parser"]
 
 
+def _device(text: str) -> str:
+    """--device: one of `asfda.engine.DEVICE_FORMS` (whether this machine has it is checked when the model loads)."""
+    from asfda.engine import check_device_name
+    from asfda.errors import AsfdaError
+
+    try:
+        return check_device_name(text)
+    except AsfdaError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+
+
+def _alpha(text: str) -> float:
+    """--alpha: a finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
 def _add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    p.add_argument("--device", default=default, help="auto (CUDA when available), cpu, cuda, cuda:1 ... "
-                   f"(default: {default or 'the config file, else auto'})")
+    p.add_argument("--device", type=_device, default=default, help="auto (CUDA when available), cpu, cuda, cuda:N, "
+                   f"mps (default: {default or 'the config file, else auto'})")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
@@ -31,7 +53,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 TRUST_MODEL_CODE_HELP = ("build the model config with MONAI's full ConfigParser (runs $ expressions and any _target_): "
-                         "only for bundles you trust")
+                         "only for bundles you trust; also needed to load a TorchScript model (a program, refused "
+                         "without it). Given here only: a config file cannot grant it")
 
 
 def _add_trust(p: argparse.ArgumentParser, extra: str = "") -> None:
@@ -251,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, help="T of softmax(z / T) (default: fitted on the labelled cases "
                    "that have label files, else 1.0)")
-    p.add_argument("--alpha", type=float, default=0.5, help="asfda: weight of the divergence rank vs ASD")
+    p.add_argument("--alpha", type=_alpha, default=0.5, help="asfda: weight of the divergence rank vs ASD, in [0, 1] "
+                   "(default: 0.5)")
     p.add_argument("--round0-gap", default="feature_gap", choices=["feature_gap", "norm_kl"],
                    help="asfda: first-query divergence for networks without BatchNorm statistics (default: "
                    "feature_gap, as METHOD.md specifies)")

@@ -7,10 +7,16 @@ swapped into place, so it too is either the old folder or the new one, never a m
 A kill inside a write leaves its temporary sibling behind (a hidden ``.NAME.asfda-HOST-PID-….tmp…`` file or folder,
 which no asfda reader lists): the next write into the same folder by any asfda process removes those whose process,
 on this host, is gone.
+
+Several files that belong together are written with `staged_write`: each is written in full to its temporary
+sibling first, and all are renamed into place only once every one is complete, so a full disk leaves the earlier
+set as it was. `write_failures_as_errors` turns a full disk (ENOSPC), an exceeded quota (EDQUOT) or an I/O error
+(EIO) met while writing into the one-line `AsfdaError`, after removing what the run left unfinished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -19,12 +25,14 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_folder", "atomic_write_json", "atomic_write_text",
-           "sweep_stale_temporaries"]
+from asfda.errors import AsfdaError
+
+__all__ = ["PartialOutputs", "atomic_write", "atomic_write_bytes", "atomic_write_folder", "atomic_write_json",
+           "atomic_write_text", "staged_write", "sweep_stale_temporaries", "write_failure", "write_failures_as_errors"]
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 _TAG = re.compile(r"\.asfda-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-")
@@ -90,6 +98,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         write: a function that writes the complete file at the path it is given.
     """
     path = Path(path)
+    tmp_path = _write_temporary(path, write)
+    try:
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_temporary(path: Path, write: Callable[[Path], object]) -> Path:
+    """The complete, fsynced temporary sibling of ``path`` that ``write`` wrote (removed if anything fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(path.parent)
     suffix = "".join(path.suffixes[-2:])  # keep .nii.gz so writers that look at the suffix behave
@@ -101,11 +120,24 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    return path
+    return tmp_path
+
+
+@contextlib.contextmanager
+def staged_write(path: str | Path, write: Callable[[Path], object]) -> Iterator[Path]:
+    """Writes ``path``'s complete temporary sibling (``write(tmp_path)``), runs the block (which writes the other
+    files of the set, or stages them too), and renames the temporary file onto ``path`` when the block ends without
+    an exception; otherwise removes it, leaving ``path`` as it was. Yields ``path``."""
+    path = Path(path)
+    tmp_path = _write_temporary(path, write)
+    try:
+        yield path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def atomic_write_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -176,3 +208,87 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+WRITE_FAILURES = {errno.ENOSPC: "the disk is full (no space left on the device)",
+                  errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EIO: "an input/output error (a failing disk, or a network mount that went away)"}
+"""The errors of the storage, not of asfda or of the user's data, that `write_failure` recognises."""
+_FAILURE_TEXT = [(re.compile(r"No space left on device|os error 28\b"), errno.ENOSPC),
+                 (re.compile(r"Disk quota exceeded|os error 122\b"), errno.EDQUOT),
+                 (re.compile(r"Input/output error|os error 5\b"), errno.EIO)]
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|unexpected pos \d+ vs \d+|file write failed")
+"""How NumPy (np.save) and torch (torch.save's zip writer) report a write the disk cut short, without an errno."""
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """What the storage refused, when ``exc`` (or an exception it was raised from) is a full disk, an exceeded
+    quota or an I/O error: an OSError's errno, or the text safetensors, NumPy and torch put in theirs; None for
+    anything else."""
+    cur: BaseException | None = exc
+    for _ in range(10):
+        if cur is None:
+            break
+        if isinstance(cur, OSError) and cur.errno in WRITE_FAILURES:
+            return WRITE_FAILURES[cur.errno]
+        text = str(cur)
+        for pattern, code in _FAILURE_TEXT:
+            if pattern.search(text):
+                return WRITE_FAILURES[code]
+        if _SHORT_WRITE.search(text):
+            return "the disk is full, most likely (a write came up short)"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+class PartialOutputs:
+    """The files a run has begun writing and not finished as a whole (`add` them before writing, `done` once they
+    are complete): what `write_failures_as_errors` removes when the disk fills up."""
+
+    def __init__(self) -> None:
+        self._pending: list[Path] = []
+
+    def add(self, *paths: str | Path) -> None:
+        self._pending += [Path(p) for p in paths]
+
+    def done(self) -> None:
+        self._pending.clear()
+
+    def remove(self) -> None:
+        for p in reversed(self._pending):
+            with contextlib.suppress(OSError):
+                if p.is_file() or p.is_symlink():
+                    p.unlink()
+        self._pending.clear()
+
+
+@contextlib.contextmanager
+def write_failures_as_errors(folder: str | Path, what: str = "the outputs") -> Iterator[PartialOutputs]:
+    """Runs a block that writes into ``folder``; a full disk, an exceeded quota or an I/O error in it
+    (`write_failure`) becomes a one-line `AsfdaError`, after the files the block registered and has not finished
+    (`PartialOutputs`) are removed, and so are ``folder`` and the folders above it that the block created, when
+    nothing finished is in them. Files the run finished, and the outputs of earlier runs, are left as they are."""
+    folder = Path(os.path.abspath(folder))
+    created: list[Path] = []  # folders that do not exist yet, deepest first: the block may create them
+    p = folder
+    while not os.path.lexists(p) and p != p.parent:
+        created.append(p)
+        p = p.parent
+    partial = PartialOutputs()
+    try:
+        yield partial
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        partial.remove()
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        where = getattr(exc, "filename", None) or folder
+        raise AsfdaError(f"writing {what} failed: {reason}; what this run left unfinished was removed, earlier "
+                         "outputs are as they were", where, "free some space on that disk (or write to another), "
+                         "then run the same command again") from None

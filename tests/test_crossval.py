@@ -215,3 +215,13 @@ def test_two_fold_crossval_split_over_two_processes_merges_and_resumes(tmp_path:
     assert again["strategies"] == s["strategies"] and again["per_volume"] == s["per_volume"]
     # another fold assignment in the same folder is refused
     assert main([*args, "--out", str(here), "--fold-seed", "1", "--summarize-only"]) == 2
+
+
+def test_crossval_refuses_an_output_inside_the_dataset_before_writing(tmp_path: Path, tiny_bundle: Path) -> None:
+    from asfda.cli import main
+
+    data = write_nnunet(tmp_path / "ds", n=4)
+    before = sorted(p.name for p in data.rglob("*"))
+    assert main(["crossval", "--model", str(tiny_bundle), "--data", str(data), "--folds", "2",
+                 "--out", str(data / "cv")]) == 2
+    assert sorted(p.name for p in data.rglob("*")) == before

@@ -175,3 +175,11 @@ def test_ingest_of_labels_already_in_says_so(pool: dict, tmp_path: Path,  # noqa
     capsys.readouterr()
     assert main(["ingest", str(answers), str(proj), "--no-progress"]) == 0
     assert "nothing new: 2 labels in" in capsys.readouterr().out
+
+
+def test_set_refuses_a_device_name_that_is_not_one(tmp_path) -> None:
+    from asfda.project.state import ProjectSettings, _check_settings
+
+    _check_settings(ProjectSettings(device="cuda:1"))
+    with pytest.raises(AsfdaError, match="device must be one of"):
+        _check_settings(ProjectSettings(device="evil"))

@@ -25,6 +25,7 @@ from asfda.crossval.summary import RANDOM, pp_strategies, summarize
 from asfda.engine import describe_device, select_device
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write_json
+from asfda.io.outputs import check_writable_folder, dataset_folders, refuse_output_inside_inputs
 from asfda.simulate import run_simulation
 
 __all__ = ["RANDOM_SEEDS_AT_LEAST", "code_version", "crossval", "machine_line", "plan_seeds", "run_fold",
@@ -147,6 +148,9 @@ def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, 
         upper_seeds = [next(iter(seeds.values()))[0]] if seeds else [0]
     upper_seeds = list(upper_seeds) if base.upper_bound else []
     version, where = commit or code_version(), machine or machine_line(base.device)  # the code that ran, before
+    # the results folder: never inside a dataset, project or model folder, and writable (before anything is written)
+    refuse_output_inside_inputs(out, {"the dataset": dataset_folders(data), "the model": base.model})
+    check_writable_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     assignment = assignment_for(out, data, folds, fold_seed, write=not summarize_only)
     if not summarize_only:

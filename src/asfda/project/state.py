@@ -18,6 +18,7 @@ from pathlib import Path
 
 from asfda.adapter import Adapter
 from asfda.config import PSEUDO_SOURCES, SemiConfig, config_from_dict
+from asfda.engine import DEVICE_FORMS, check_device_name
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, load_dataset
 from asfda.io.datasets import Case, Dataset, parse_labels
@@ -263,6 +264,14 @@ def _drop_command_line_only(settings: dict, path: Path) -> None:
 _WARNED: set[tuple[Path, str]] = set()
 
 
+def _is_device_name(name: object) -> bool:
+    try:
+        check_device_name(name)
+    except AsfdaError:
+        return False
+    return True
+
+
 def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
     """Refuses settings out of range (``path``: the project.json they came from; None: from the command line). `init`,
     `set` and every read of project.json run these same checks."""
@@ -290,7 +299,8 @@ def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None
               ("grow_voxels", settings.grow_voxels >= 0, ">= 0"),
               ("train.precision", t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
               ("train.augmentation", t.augmentation in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
-              ("semi.pseudo_from", settings.semi.pseudo_from in PSEUDO_SOURCES, f"one of {', '.join(PSEUDO_SOURCES)}")]
+              ("semi.pseudo_from", settings.semi.pseudo_from in PSEUDO_SOURCES, f"one of {', '.join(PSEUDO_SOURCES)}"),
+              ("device", _is_device_name(settings.device), f"one of {DEVICE_FORMS}")]
     for name, ok, want in ranges:
         if not ok:
             value = dataclasses.asdict(settings)

@@ -373,3 +373,67 @@ def test_one_matching_class_keeps_the_name_match(inputs: dict, tmp_path: Path) -
     rec = json.loads(out.read_text())
     assert rec["cold_start"] is False and rec["class_map"] == {"background": "background", "liver": "liver",
                                                                "spleen": None}
+
+
+# ---------------------------------------------------------------------------------------------- odd values (issue 30)
+RUN_CONFIGS = ["train: {weight_decay: -1}", "train: {warmup_fraction: .nan}", "train: {lr: 1.0e+300}",
+               "train: {fg_oversample: -3}", "seeds: [-1]", "seeds: [99999999999999999999999]",
+               "semi: {enabled: true, confident_fraction: -1}"]
+
+
+@pytest.mark.parametrize("text", RUN_CONFIGS)
+def test_a_run_config_value_out_of_range_is_one_line(inputs: dict, text: str, capsys: pytest.CaptureFixture) -> None:
+    """Before: each stopped simulate with a traceback (AdamW's ValueError, int(NaN), torch's float overflow, numpy's
+    negative seed, torch's seed overflow, the reliable-set rule's ValueError)."""
+    out, cfg = inputs["root"] / "out", inputs["root"] / "run.yaml"
+    cfg.write_text(text + "\n")
+    assert main(_argv("simulate", inputs["model"], inputs["data"], out, "--config", str(cfg))) == 2
+    assert "out-of-range config values" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["query", "score", "init"])
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 70)])
+def test_a_seed_out_of_range_is_refused_when_parsed(inputs: dict, command: str, seed: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    out = inputs["root"] / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(_argv(command, inputs["model"], inputs["data"], out, "--seed", seed))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "a seed is a whole number" in err
+    assert not out.exists()
+
+
+def test_a_dataset_json_number_past_python_s_digit_limit_is_one_line(inputs: dict,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    meta = inputs["data"] / "dataset.json"
+    meta.write_text(meta.read_text()[:-1] + ', "numTraining": ' + "1" * 5000 + "}")
+    out = inputs["root"] / "out"
+    assert main(_argv("evaluate", inputs["model"], inputs["data"], out)) == 2
+    assert "invalid JSON" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content", [("ids.txt", b"\xff\xfe case00\n"), ("ids.json", b'{"ids": 5}'),
+                                           ("ids.json", b'{"ids": [], "labelled": "case00"}'),
+                                           ("ids.json", b"[" + b"1" * 5000 + b"]")])
+def test_a_bad_labelled_ids_file_is_one_line(inputs: dict, name: str, content: bytes,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """Before: a file that is not UTF-8, a query.json whose ids are not a list, or a 5000-digit number were
+    tracebacks."""
+    ids = inputs["root"] / name
+    ids.write_bytes(content)
+    out = inputs["root"] / "out"
+    assert main(_argv("query", inputs["model"], inputs["data"], out, "--labelled", str(ids))) == 2
+    _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_init_labels_json_that_is_not_json_is_one_line(inputs: dict, capsys: pytest.CaptureFixture) -> None:
+    labels = inputs["root"] / "labels.json"
+    labels.write_text('{"liver": 1,')
+    proj = inputs["root"] / "proj"
+    assert main(_argv("init", inputs["model"], inputs["data"], proj, "--labels", str(labels))) == 2
+    assert "invalid JSON" in _one_line_error(capsys)
+    assert not proj.exists()

@@ -89,6 +89,39 @@ def test_a_project_json_entry_of_the_wrong_type_is_refused(proj: Path, field: st
                          kind)
 
 
+OUT_OF_RANGE = [("settings.seed", -1), ("settings.seed", 2 ** 64), ("settings.train.seed", -5),
+                ("settings.train.weight_decay", -1.0), ("settings.train.warmup_fraction", 5.0),
+                ("settings.train.lr", 1e300), ("settings.semi.confident_fraction", -1.0),
+                ("settings.semi.prob_threshold", 2.0)]
+
+
+@pytest.mark.parametrize("field, value", OUT_OF_RANGE, ids=[f"{f}={v!r}" for f, v in OUT_OF_RANGE])
+def test_a_project_json_setting_out_of_range_is_refused(proj: Path, field: str, value: object,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """Before: a negative seed, a negative weight decay, a learning rate past float32 or a fraction below 0 stopped
+    next or finetune with a traceback (numpy's and torch's own ValueError)."""
+    _edit(proj, _setter(field, value))
+    _refused_in_one_line(proj, capsys, field.removeprefix("settings."), "must be")
+
+
+def test_a_project_json_number_past_python_s_digit_limit_is_one_line(proj: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Before: a 5000-digit number (json's int() limit) was a ValueError traceback."""
+    for name in ("project.json", "project.json.bak"):
+        text = (proj / name).read_text()
+        assert '"pool_cases": 4' in text
+        (proj / name).write_text(text.replace('"pool_cases": 4', '"pool_cases": ' + "9" * 5000))
+    _refused_in_one_line(proj, capsys, "not valid JSON")
+
+
+def test_set_refuses_a_negative_seed(proj: Path, capsys: pytest.CaptureFixture) -> None:
+    before = _files(proj)
+    assert main(["set", str(proj), "seed=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "seed must be a whole number" in err
+    assert _files(proj) == before
+
+
 # ---------------------------------------------------------------------------------------------- paths and ids
 OUTSIDE = [("weights", "../../../etc/passwd"), ("weights", "/etc/passwd"), ("weights", "."),
            ("labelled.case00.file", "../../outside.nii.gz"), ("query.folder", "/tmp")]

@@ -28,8 +28,8 @@ from asfda.options import (
     check_option,
 )
 
-__all__ = ["MAX_CONFIG_BYTES", "RunConfig", "SemiConfig", "TrainConfig", "check_config_data", "config_from_dict",
-           "config_to_dict", "load_config", "read_config_file"]
+__all__ = ["MAX_CONFIG_BYTES", "SEED_MAX", "RunConfig", "SemiConfig", "TrainConfig", "check_config_data",
+           "config_from_dict", "config_to_dict", "load_config", "read_config_file", "recipe_problems", "seed_ok"]
 
 # a config, metadata or plans file is a few kB; these bound what a hostile one can cost before anything reads it
 MAX_CONFIG_BYTES = 16 << 20
@@ -40,8 +40,9 @@ COMMAND_LINE_ONLY = "command_line_only"
 
 
 def read_config_file(path: str | Path, *, max_bytes: int = MAX_CONFIG_BYTES, yaml_syntax: bool | None = None,
-                     what: str = "config") -> Any:
-    """The parsed content of a YAML (``.yaml``/``.yml``, or ``yaml_syntax=True``) or JSON file, read within bounds.
+                     what: str = "config", raw_text: bool = False) -> Any:
+    """The parsed content of a YAML (``.yaml``/``.yml``, or ``yaml_syntax=True``) or JSON file, read within bounds
+    (``raw_text``: its text, unparsed).
 
     Refused (`AsfdaError`, one line, before any large allocation): a path that is not a regular file, a file over
     ``max_bytes``, text that is not UTF-8, invalid syntax, YAML tags outside the safe set, YAML aliases that expand
@@ -64,6 +65,8 @@ def read_config_file(path: str | Path, *, max_bytes: int = MAX_CONFIG_BYTES, yam
     except UnicodeDecodeError as exc:
         raise AsfdaError(f"the {what} file is not UTF-8 text ({exc.reason} at byte {exc.start})", path,
                          "save it as UTF-8") from None
+    if raw_text:
+        return text
     kind = "YAML" if yaml_syntax else "JSON"
     try:
         data = _bounded_yaml(text) if yaml_syntax else json.loads(text)
@@ -355,6 +358,37 @@ def _grants(value: Any) -> bool:
         return True
 
 
+SEED_MAX = 2 ** 32 - 1
+"""The largest seed asfda takes (numpy refuses negative seeds, torch ones past 2^64; MONAI's below 2^32)."""
+
+
+def seed_ok(value: object) -> bool:
+    """Whether ``value`` is a seed asfda takes: a whole number in [0, `SEED_MAX`]."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
+
+
+def recipe_problems(train: TrainConfig, semi: SemiConfig) -> list[tuple[str, str]]:
+    """``(setting, what it must be)`` of each training or semi-supervision value out of range: what the run config
+    (`load_config`) and a project's settings share. A negative weight decay, a non-finite fraction or a learning
+    rate past float32 would stop the round with a traceback (or train on NaN)."""
+    def fraction(v: float) -> bool:
+        return math.isfinite(v) and 0 <= v <= 1
+
+    t, patch = train, train.patch_size
+    checks = [("train.steps", t.steps >= 1, ">= 1"), ("train.batch_size", t.batch_size >= 1, ">= 1"),
+              ("train.lr", math.isfinite(t.lr) and 0 < t.lr <= 1, "a number in (0, 1]"),
+              ("train.weight_decay", math.isfinite(t.weight_decay) and t.weight_decay >= 0, "a finite number >= 0"),
+              ("train.lambda_u", math.isfinite(t.lambda_u) and t.lambda_u >= 0, "a finite number >= 0"),
+              ("train.patch_size", patch is None or all(p >= 1 for p in patch), "three sides >= 1"),
+              ("train.guard_volumes", t.guard_volumes >= 1, ">= 1"),
+              ("train.seed", seed_ok(t.seed), f"a whole number in [0, {SEED_MAX}]")]
+    checks += [(f"train.{n}", fraction(getattr(t, n)), "a number in [0, 1]")
+               for n in ("warmup_fraction", "fg_oversample", "rampup_fraction")]
+    checks += [(f"semi.{n}", fraction(getattr(semi, n)), "a number in [0, 1]")
+               for n in ("confident_fraction", "close_fraction", "prob_threshold", "warmup_fraction")]
+    return [(name, want) for name, ok, want in checks if not ok]
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
@@ -389,21 +423,16 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if path is None or exc.path is not None:
             raise
         raise AsfdaError(exc.problem, path, exc.fix) from None  # name the file the bad value came from
-    patch = cfg.train.patch_size
-    checks = [("train.steps", cfg.train.steps >= 1), ("train.batch_size", cfg.train.batch_size >= 1),
-              ("train.lr", math.isfinite(cfg.train.lr) and cfg.train.lr > 0),
-              ("train.patch_size", patch is None or all(p >= 1 for p in patch)),
-              ("train.guard_volumes", cfg.train.guard_volumes >= 1), ("budget", cfg.budget >= 1),
-              ("rounds", cfg.rounds >= 1),
-              ("test_fraction", 0 < cfg.test_fraction < 1), ("alpha", 0 <= cfg.alpha <= 1),
-              ("temperature0", math.isfinite(cfg.temperature0) and cfg.temperature0 > 0),
-              ("seeds", len(cfg.seeds) >= 1),
-              ("upper_bound_steps", cfg.upper_bound_steps >= 0), ("previews", cfg.previews >= 0)]
-    bad = [name for name, ok in checks if not ok]
+    checks = [("budget", cfg.budget >= 1, ">= 1"), ("rounds", cfg.rounds >= 1, ">= 1"),
+              ("test_fraction", 0 < cfg.test_fraction < 1, "in (0, 1)"), ("alpha", 0 <= cfg.alpha <= 1, "in [0, 1]"),
+              ("temperature0", math.isfinite(cfg.temperature0) and cfg.temperature0 > 0, "finite and > 0"),
+              ("seeds", len(cfg.seeds) >= 1 and all(seed_ok(s) for s in cfg.seeds),
+               f"one or more whole numbers in [0, {SEED_MAX}]"),
+              ("upper_bound_steps", cfg.upper_bound_steps >= 0, ">= 0"), ("previews", cfg.previews >= 0, ">= 0")]
+    bad = recipe_problems(cfg.train, cfg.semi) + [(name, want) for name, ok, want in checks if not ok]
     if bad:
-        raise AsfdaError(f"out-of-range config values: {', '.join(f'{b}' for b in bad)}",
-                         path, "steps, batch_size, budget, rounds and patch_size >= 1; lr and temperature0 finite and "
-                         "> 0; test_fraction in (0, 1); alpha in [0, 1]")
+        raise AsfdaError(f"out-of-range config values: {', '.join(name for name, _ in bad)}", path,
+                         "; ".join(f"{name} must be {want}" for name, want in bad))
     for name, value, options in (("train.precision", cfg.train.precision, PRECISIONS),
                                  ("train.augmentation", cfg.train.augmentation, AUGMENTATIONS),
                                  ("round0_gap", cfg.round0_gap, ROUND0_GAPS),

@@ -19,14 +19,15 @@ import contextlib
 import csv
 import functools
 import io
-import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from asfda.adapter import Adapter
+from asfda.config import read_config_file
 from asfda.distributed import rank_context
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write_json, load_dataset
@@ -65,26 +66,33 @@ def read_ids_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise AsfdaError("labelled-ids file not found", p, "pass a text file with one case id per line")
-    text = p.read_text()
     if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise AsfdaError(f"not valid JSON ({exc.msg}, line {exc.lineno})", p) from exc
+        data = read_config_file(p, yaml_syntax=False, what="labelled-ids JSON")
         if isinstance(data, dict) and "ids" in data:
-            ids = [*data.get("labelled", []), *data["ids"]]
+            ids = [*_id_list(data.get("labelled", []), p), *_id_list(data["ids"], p)]
         elif isinstance(data, list):
             ids = data
         else:
-            raise AsfdaError("a JSON ids file must be a list of ids or a query.json with 'ids'", p)
+            raise AsfdaError("a JSON ids file must be a list of ids or a query.json with 'ids'", p, _IDS_FIX)
         ids = [str(i) for i in ids]
     else:
+        text = read_config_file(p, yaml_syntax=False, what="labelled-ids", raw_text=True)
         ids = [line.split("#", 1)[0].strip() for line in text.splitlines()]
         ids = [i for i in ids if i]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dup:
         raise AsfdaError(f"case ids listed twice: {dup[:5]}", p)
     return ids
+
+
+_IDS_FIX = "pass a text file with one case id per line, a JSON list of ids, or the query.json asfda query wrote"
+
+
+def _id_list(value: object, path: Path) -> list:
+    if not isinstance(value, list):
+        raise AsfdaError(f"a query.json's 'ids' and 'labelled' must be lists of ids, got {str(value)[:60]!r}", path,
+                         _IDS_FIX)
+    return value
 
 
 _QUERY_KEYS = ("strategy", "budget", "ids", "labelled", "pool_size")

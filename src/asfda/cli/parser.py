@@ -138,6 +138,25 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    """--seed, --fold-seed: a whole number in [0, `asfda.config.SEED_MAX`]."""
+    from asfda.config import SEED_MAX, seed_ok
+
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = None
+    if not seed_ok(value):
+        raise argparse.ArgumentTypeError(f"a seed is a whole number in [0, {SEED_MAX}], got {text!r}")
+    assert isinstance(value, int)
+    return value
+
+
+def _seed_list(text: str) -> list[int]:
+    """--random-seeds: comma-separated seeds."""
+    return [_seed(x) for x in text.split(",") if x.strip()]
+
+
 def _setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -157,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole loop on the embedded phantom benchmark (asfda vs random)")
     p.add_argument("--out", default="runs/demo", help="results folder (default: runs/demo)")
     p.add_argument("--data", default=".cache/phantom", help="where the phantom data is generated and cached")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     _add_common(p)
 
     p = sub.add_parser("phantom", help="write the two-domain phantom benchmark (nnU-Net raw datasets)")
     p.add_argument("out", help="output folder (gets source/ and target/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--n-source", type=int, default=24)
     p.add_argument("--n-target", type=int, default=40)
     p.add_argument("--n-misleading", type=int, default=0,
@@ -198,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder: folds.json, fold<k>/ (simulate's files), "
                    "summary.json, README.md, report.html; rerun the same command to resume")
     p.add_argument("--folds", type=int, default=5, help="K (default: 5); the folds' sizes differ by at most one")
-    p.add_argument("--fold-seed", type=int, default=0, help="seeds the fold assignment (default: 0)")
+    p.add_argument("--fold-seed", type=_seed, default=0, help="seeds the fold assignment (default: 0)")
     p.add_argument("--config", help="YAML run config: the recipe of every fold (as simulate's); flags override it")
     p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE", help="one run-config setting, "
                    "e.g. --set representativeness=density --set train.hold_back_discarded=true (repeatable)")
     _add_strategies(p, "each compared with random, which is added when missing (default: asfda,random)")
     p.add_argument("--seeds", help="comma-separated seeds of every strategy but random (default: the config's, 0)")
-    p.add_argument("--random-seeds", type=_int_list, help="random's seeds (default: --seeds continued to 3 seeds)")
+    p.add_argument("--random-seeds", type=_seed_list, help="random's seeds (default: --seeds continued to 3 seeds)")
     p.add_argument("--budget", type=int, help="volumes labelled per round")
     p.add_argument("--rounds", type=int)
     p.add_argument("--steps", type=int, help="fine-tuning steps per round")
@@ -259,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategies(p, "their needs decide the passes (default: all; MC-dropout ones are skipped for a network "
                     "without dropout)")
     p.add_argument("--temperature", type=float, default=1.0, help="T of softmax(z / T) (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the MC-dropout passes")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the MC-dropout passes")
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     _add_model_flags(p)
 
@@ -271,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, required=True, help="number of cases to pick")
     p.add_argument("--labelled", help="ids already labelled: text file (one per line), JSON list, or a previous "
                    "query.json (its labelled + ids)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--temperature", type=float, help="T of softmax(z / T) (default: fitted on the labelled cases "
                    "that have label files, else 1.0)")
     p.add_argument("--alpha", type=_alpha, default=0.5, help="asfda: weight of the divergence rank vs ASD, in [0, 1] "
@@ -303,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy(p, "the query strategy of every round")
     p.add_argument("--budget", type=int, default=2, help="cases to annotate per round (default: 2)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per round (default: 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--class-map", help="target=source,... overrides of the name match")
     p.add_argument("--allow-empty-labels", action="store_true", help="accept label maps with no foreground")
     p.add_argument("--no-guard", action="store_true", help="keep every round's weights, even when the adapted "

@@ -188,8 +188,9 @@ def read_dataset_json(meta_path: Path) -> dict:
     """The JSON object of a ``dataset.json``; an `AsfdaError` naming it when it is not UTF-8 JSON holding an object."""
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AsfdaError(f"invalid JSON ({exc})", meta_path, "fix the JSON syntax") from None
+    except ValueError as exc:  # syntax, not UTF-8, a number past Python's 4300 digits
+        raise AsfdaError(f"invalid JSON ({' '.join(str(exc).split())[:200]})", meta_path, "fix the JSON syntax") \
+            from None
     except RecursionError:
         raise AsfdaError("invalid JSON (nested too deeply)", meta_path, "fix the JSON syntax") from None
     if not isinstance(meta, dict):

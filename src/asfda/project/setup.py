@@ -3,13 +3,12 @@ changed with the checks of init)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from asfda.config import config_from_dict, config_to_dict
+from asfda.config import config_from_dict, config_to_dict, read_config_file
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write_json, load_dataset
 from asfda.io.datasets import model_labels, parse_labels
@@ -63,7 +62,8 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
     refuse_output_inside_inputs(root, {"the pool": dataset_input_folders(ds)}, flag="project folder")
     if labels_json:
 
-        labels = parse_labels(json.loads(Path(labels_json).read_text()), Path(labels_json))
+        labels = parse_labels(read_config_file(labels_json, yaml_syntax=False, what="--labels JSON"),
+                              Path(labels_json))
     elif (Path(pool) / "dataset.json").exists():
         labels = ds.labels
     else:  # a plain folder: the model's own classes

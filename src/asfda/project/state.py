@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from asfda.adapter import Adapter
-from asfda.config import PSEUDO_SOURCES, SemiConfig, config_from_dict
+from asfda.config import PSEUDO_SOURCES, SEED_MAX, SemiConfig, config_from_dict, recipe_problems, seed_ok
 from asfda.engine import DEVICE_FORMS, check_device_name
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, load_dataset
@@ -223,6 +223,8 @@ def _read_state(path: Path) -> tuple[dict, ProjectSettings]:
     except json.JSONDecodeError as exc:
         raise AsfdaError(f"{path.name} is not valid JSON ({exc.msg}, line {exc.lineno})",
                          fix="fix the edit") from None
+    except ValueError as exc:  # a number past Python's 4300 digits
+        raise AsfdaError(f"{path.name} is not valid JSON ({str(exc)[:120]})", fix="fix the edit") from None
     except RecursionError:
         raise AsfdaError(f"{path.name} is not valid JSON (nested too deeply)", fix="fix the edit") from None
     if not isinstance(state, dict):
@@ -291,16 +293,16 @@ def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None
                          "set settings.train.guard_volumes to 1 or more (settings.train.guard: false turns the "
                          "guard off)")
     t = settings.train
-    ranges = [("train.steps", t.steps >= 1, ">= 1"), ("train.batch_size", t.batch_size >= 1, ">= 1"),
-              ("train.lr", math.isfinite(t.lr) and t.lr > 0, "a finite number > 0"),
-              ("alpha", 0 <= settings.alpha <= 1, "in [0, 1]"),
-              ("temperature0", math.isfinite(settings.temperature0) and settings.temperature0 > 0,
-               "a finite number > 0"),
-              ("grow_voxels", settings.grow_voxels >= 0, ">= 0"),
-              ("train.precision", t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-              ("train.augmentation", t.augmentation in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
-              ("semi.pseudo_from", settings.semi.pseudo_from in PSEUDO_SOURCES, f"one of {', '.join(PSEUDO_SOURCES)}"),
-              ("device", _is_device_name(settings.device), f"one of {DEVICE_FORMS}")]
+    ranges = [(name, False, want) for name, want in recipe_problems(t, settings.semi)]
+    ranges += [("seed", seed_ok(settings.seed), f"a whole number in [0, {SEED_MAX}]"),
+               ("alpha", 0 <= settings.alpha <= 1, "in [0, 1]"),
+               ("temperature0", math.isfinite(settings.temperature0) and settings.temperature0 > 0,
+                "a finite number > 0"),
+               ("grow_voxels", settings.grow_voxels >= 0, ">= 0"),
+               ("train.precision", t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+               ("train.augmentation", t.augmentation in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
+               ("semi.pseudo_from", settings.semi.pseudo_from in PSEUDO_SOURCES, f"one of {', '.join(PSEUDO_SOURCES)}"),
+               ("device", _is_device_name(settings.device), f"one of {DEVICE_FORMS}")]
     for name, ok, want in ranges:
         if not ok:
             value = dataclasses.asdict(settings)

@@ -110,6 +110,47 @@ def test_no_command_writes_into_any_dataset_project_or_model(world: dict, comman
     assert _files(root) == before and _paths(root) == paths  # nothing written, nothing created
 
 
+CACHES = [("simulate", "ds/labelsTr", "the pool"), ("simulate", "bundle", "the model"),
+          ("simulate", "project", "asfda project"), ("simulate", "other/cache", "dataset"),
+          ("crossval", "ds/labelsTr", "the dataset"), ("crossval", "project", "asfda project"),
+          ("crossval", "bundle/cache", "the model")]
+
+
+@pytest.mark.parametrize(("command", "cache", "kind"), CACHES, ids=[f"{c}-{d}" for c, d, _ in CACHES])
+def test_the_cache_folder_never_lands_in_a_dataset_project_or_model(world: dict, command: str, cache: str, kind: str,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Before: crossval's --cache-dir and a run config's cache_dir were not checked: the folds' linked datasets,
+    prepared volumes and forward outputs were written into a dataset's labelsTr, a project or a model folder."""
+    _no_model_loading(monkeypatch)
+    root = world["root"]
+    before, paths = _files(root), _paths(root)
+    if command == "simulate":
+        cfg = root / "cwd" / "run.yaml"
+        cfg.write_text(f"cache_dir: {root / cache}\n")
+        argv = _argv("simulate", world, root / "runs", "--config", str(cfg))
+        before[cfg], paths = cfg.read_bytes(), paths | {cfg}
+    else:
+        argv = ["crossval", "--model", str(world["model"]), "--data", str(world["data"]), "--out", str(root / "cv"),
+                "--folds", "2", "--budget", "1", "--rounds", "1", "--steps", "1", "--strategies", "random",
+                "--no-upper-bound", "--cache-dir", str(root / cache), "--no-progress"]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert kind in line and "cache" in line and "fix:" in line, line
+    assert _files(root) == before and _paths(root) - {root / "cv"} == paths  # nothing written but the empty --out
+
+
+def test_the_default_cache_in_a_working_folder_inside_the_pool_is_refused(world: dict,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    _no_model_loading(monkeypatch)
+    monkeypatch.chdir(world["data"])
+    before, paths = _files(world["data"]), _paths(world["data"])
+    assert main(_argv("simulate", world, world["root"] / "runs")) == 2
+    assert "the pool" in _one_line_error(capsys)
+    assert _files(world["data"]) == before and _paths(world["data"]) == paths
+
+
 @pytest.mark.parametrize(("command", "out"), [("score", "fresh/dataset.csv"), ("score", "fresh/project.csv"),
                                               ("query", "fresh/project.json"), ("query", "fresh/plans.json"),
                                               ("predict", "fresh/imagesTr"), ("evaluate", "fresh/imagesTr")])

@@ -94,6 +94,10 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     refuse_output_inside_inputs(out, {"the pool": dataset_folders(cfg.pool), "the test set": dataset_folders(cfg.test),
                                       "the model": cfg.model})
     check_writable_folder(out)
+    # the cache (prepared volumes, forward outputs) is written too: never inside an input either
+    refuse_output_inside_inputs(cfg.cache_dir, {"the pool": dataset_folders(cfg.pool),
+                                                "the test set": dataset_folders(cfg.test), "the model": cfg.model},
+                                flag=CACHE_FLAG)
     pretrained = load_model(cfg.model, allow_code=cfg.trust_model_code, output_activation=cfg.output_activation)
     pool_ds = load_dataset(cfg.pool, require_labels=True)
     test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None
@@ -172,6 +176,9 @@ def _saved_json(adapter: Adapter, path: Path) -> dict | None:
     sends it to the other ranks, so every rank takes the same resume decision."""
     data = json.loads(path.read_text()) if adapter.dist.is_main and path.exists() else None
     return adapter.dist.broadcast_from_main(data) if adapter.spmd else data
+
+
+CACHE_FLAG = "cache folder (crossval's --cache-dir, cache_dir in a run config; default .cache in the working folder)"
 
 
 def _split(cfg: RunConfig, pool_ds, test_ds, seed: int) -> tuple[list[Case], list[Case]]:

@@ -26,7 +26,7 @@ from asfda.engine import describe_device, select_device
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write_json
 from asfda.io.outputs import check_writable_folder, dataset_folders, refuse_output_inside_inputs
-from asfda.simulate import run_simulation
+from asfda.simulate import CACHE_FLAG, run_simulation
 
 __all__ = ["RANDOM_SEEDS_AT_LEAST", "code_version", "crossval", "machine_line", "plan_seeds", "run_fold",
            "summarize_folder"]
@@ -151,6 +151,9 @@ def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, 
     # the results folder: never inside a dataset, project or model folder, and writable (before anything is written)
     refuse_output_inside_inputs(out, {"the dataset": dataset_folders(data), "the model": base.model})
     check_writable_folder(out)
+    if not summarize_only:  # the folds' linked datasets and the prepared volumes go to the cache
+        refuse_output_inside_inputs(base.cache_dir, {"the dataset": dataset_folders(data), "the model": base.model},
+                                    flag=CACHE_FLAG)
     out.mkdir(parents=True, exist_ok=True)
     assignment = assignment_for(out, data, folds, fold_seed, write=not summarize_only)
     if not summarize_only:

@@ -437,3 +437,20 @@ def test_init_labels_json_that_is_not_json_is_one_line(inputs: dict, capsys: pyt
     assert main(_argv("init", inputs["model"], inputs["data"], proj, "--labels", str(labels))) == 2
     assert "invalid JSON" in _one_line_error(capsys)
     assert not proj.exists()
+
+
+def test_a_training_step_larger_than_the_cap_is_refused_before_any_work(tmp_path) -> None:
+    """patch voxels x batch size above asfda.config.MAX_TRAIN_VOXELS (the red-team's [1000, 1000, 1000] patch reached
+    19 GB in 40 s): refused when the config is read, and for the model's own window when it is the patch."""
+    from asfda.config import load_config
+    from asfda.errors import AsfdaError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {patch_size: [1000, 1000, 1000]}\n")
+    with pytest.raises(AsfdaError, match="train.patch_size"):
+        load_config(cfg)
+    cfg.write_text("train: {batch_size: 100000, patch_size: [96, 96, 48]}\n")
+    with pytest.raises(AsfdaError, match="train.patch_size"):
+        load_config(cfg)
+    cfg.write_text("train: {batch_size: 2, patch_size: [96, 96, 48]}\n")
+    assert load_config(cfg).train.batch_size == 2

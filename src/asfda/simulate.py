@@ -91,13 +91,10 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     if cfg.budget <= 0:
         raise AsfdaError(f"budget must be >= 1, got {cfg.budget}")
     # the results folder: never inside the pool, the test set or the model, and writable (before any work)
-    refuse_output_inside_inputs(out, {"the pool": dataset_folders(cfg.pool), "the test set": dataset_folders(cfg.test),
-                                      "the model": cfg.model})
+    inputs = {"the pool": dataset_folders(cfg.pool), "the test set": dataset_folders(cfg.test), "the model": cfg.model}
+    refuse_output_inside_inputs(out, inputs)
     check_writable_folder(out)
-    # the cache (prepared volumes, forward outputs) is written too: never inside an input either
-    refuse_output_inside_inputs(cfg.cache_dir, {"the pool": dataset_folders(cfg.pool),
-                                                "the test set": dataset_folders(cfg.test), "the model": cfg.model},
-                                flag=CACHE_FLAG)
+    refuse_output_inside_inputs(cfg.cache_dir, inputs, flag=CACHE_FLAG)  # prepared volumes, forward outputs
     pretrained = load_model(cfg.model, allow_code=cfg.trust_model_code, output_activation=cfg.output_activation)
     pool_ds = load_dataset(cfg.pool, require_labels=True)
     test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None

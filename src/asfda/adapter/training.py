@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from asfda.config import SemiConfig
+from asfda.config import MAX_TRAIN_VOXELS, SemiConfig, train_voxels_ok
 from asfda.engine import OUTPUT_EMBEDDING
 from asfda.errors import AsfdaError
 from asfda.io.datasets import Case
@@ -74,6 +74,11 @@ class TrainingMixin(ScoringMixin):
 
     def finetune(self, labelled: list[Case], cfg: TrainConfig, pseudo: list[TrainVolume] | None = None,
                  desc: str = "fine-tune") -> dict[str, list[float]]:
+        patch = tuple(cfg.patch_size or self.pretrained.roi_size)
+        if not train_voxels_ok(patch, cfg.batch_size):  # the model's window as the patch: checked once it is known
+            raise AsfdaError(f"a training step of {cfg.batch_size} patches of {list(patch)} voxels is more than "
+                             f"{MAX_TRAIN_VOXELS:,} voxels", self.pretrained.source,
+                             "set a smaller train.patch_size or train.batch_size")
         vols = []
         for case in labelled:
             v = self.prepare(case)
@@ -83,7 +88,6 @@ class TrainingMixin(ScoringMixin):
         frozen_names = set(self.encoder_parameters()) if cfg.freeze_encoder else set()
         for n, p in self.current.named_parameters():
             p.requires_grad_(n not in frozen_names)
-        patch = tuple(cfg.patch_size or self.pretrained.roi_size)
         try:
             hist = finetune(self.current, vols, cfg, patch_size=self.pretrained.roi_size, pseudo=pseudo,
                             device=self.device, progress=self.progress, desc=desc,

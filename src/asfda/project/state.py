@@ -310,6 +310,8 @@ def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None
                 value = value[part]
             raise AsfdaError(f"{name} must be {want}, got {value!r}", path,
                              f"set settings.{name} in project.json" if path else f"set {name} to a value {want}")
+
+
 def _check_budget(settings: ProjectSettings, pool_cases: int, pool: str | Path, how: str = "pass --budget {n}") -> None:
     """Refuses a budget larger than the pool (``how``: how to give a smaller one, ``{n}`` the pool size)."""
     if settings.budget > pool_cases:

@@ -25,7 +25,13 @@ from asfda.engine import describe_device
 from asfda.errors import AsfdaError, RunSettingsChanged
 from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case
-from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
+from asfda.io.outputs import (
+    CACHE_FLAG,
+    check_writable_folder,
+    dataset_folders,
+    dataset_input_folders,
+    refuse_output_inside_inputs,
+)
 from asfda.models import load_model, parse_class_map_override
 from asfda.report.curves import plot_learning_curves
 from asfda.report.html import write_run_report
@@ -94,7 +100,8 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
     inputs = {"the pool": dataset_folders(cfg.pool), "the test set": dataset_folders(cfg.test), "the model": cfg.model}
     refuse_output_inside_inputs(out, inputs)
     check_writable_folder(out)
-    refuse_output_inside_inputs(cfg.cache_dir, inputs, flag=CACHE_FLAG)  # prepared volumes, forward outputs
+    if cfg.cache_dir is not None:  # prepared volumes, forward outputs (None: a temporary folder)
+        refuse_output_inside_inputs(cfg.cache_dir, inputs, flag=CACHE_FLAG)
     pretrained = load_model(cfg.model, allow_code=cfg.trust_model_code, output_activation=cfg.output_activation)
     pool_ds = load_dataset(cfg.pool, require_labels=True)
     test_ds = load_dataset(cfg.test, require_labels=True) if cfg.test else None
@@ -173,9 +180,6 @@ def _saved_json(adapter: Adapter, path: Path) -> dict | None:
     sends it to the other ranks, so every rank takes the same resume decision."""
     data = json.loads(path.read_text()) if adapter.dist.is_main and path.exists() else None
     return adapter.dist.broadcast_from_main(data) if adapter.spmd else data
-
-
-CACHE_FLAG = "cache folder (crossval's --cache-dir, cache_dir in a run config; default .cache in the working folder)"
 
 
 def _split(cfg: RunConfig, pool_ds, test_ds, seed: int) -> tuple[list[Case], list[Case]]:
@@ -297,7 +301,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
         t_queried = time.perf_counter() - t_queried
         trained = train_on_labels(
             adapter, [by_id[i] for i in state.labelled_ids()], [by_id[i] for i in state.unlabelled(sorted(by_id))],
-            rounds, _round_train_config(cfg, seed, r), cfg.semi, temp.temperature,
+            rounds, replace(cfg.train, seed=seed * 1000 + r), cfg.semi, temp.temperature,
             probe_ids=stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, seed, exclude=state.labelled),
             probe_before=probe_before, scores=batch.scores, queried=query.ids, desc=f"{name} seed{seed} round{r}")
         hist, reliable = trained.training.history, trained.training.reliable
@@ -407,10 +411,6 @@ def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: l
                        "pool": [c.case_id for c in pool], "test": [c.case_id for c in test], **content},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _round_train_config(cfg: RunConfig, seed: int, r: int):
-    return replace(cfg.train, seed=seed * 1000 + r)
 
 
 def write_results(out: Path, rows: list[dict], summary: dict) -> None:

@@ -25,8 +25,8 @@ from asfda.crossval.summary import RANDOM, pp_strategies, summarize
 from asfda.engine import describe_device, select_device
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write_json
-from asfda.io.outputs import check_writable_folder, dataset_folders, refuse_output_inside_inputs
-from asfda.simulate import CACHE_FLAG, run_simulation
+from asfda.io.outputs import CACHE_FLAG, check_writable_folder, dataset_folders, refuse_output_inside_inputs
+from asfda.simulate import run_simulation
 
 __all__ = ["RANDOM_SEEDS_AT_LEAST", "code_version", "crossval", "machine_line", "plan_seeds", "run_fold",
            "summarize_folder"]
@@ -151,7 +151,7 @@ def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, 
     # the results folder: never inside a dataset, project or model folder, and writable (before anything is written)
     refuse_output_inside_inputs(out, {"the dataset": dataset_folders(data), "the model": base.model})
     check_writable_folder(out)
-    if not summarize_only:  # the folds' linked datasets and the prepared volumes go to the cache
+    if not summarize_only and base.cache_dir is not None:  # the folds' linked datasets, prepared volumes go there
         refuse_output_inside_inputs(base.cache_dir, {"the dataset": dataset_folders(data), "the model": base.model},
                                     flag=CACHE_FLAG)
     out.mkdir(parents=True, exist_ok=True)

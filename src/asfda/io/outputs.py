@@ -39,6 +39,8 @@ __all__ = ["MARKER_NAMES", "OutputFiles", "check_output_file", "check_writable_f
 PathLike = str | os.PathLike
 OutputFiles = list[tuple[Path, Callable[[Path], bool]]]
 """The files a command will write, each with how it recognises its own earlier one (`refuse_foreign_files`)."""
+CACHE_FLAG = "cache folder (crossval's --cache-dir, cache_dir in a run config; default .cache in the working folder)"
+"""How a refusal names the cache folder (`refuse_output_inside_inputs`'s ``flag``): it is written too."""
 NNUNET_SUBFOLDERS = ("imagesTr", "imagesTs", "labelsTr", "labelsTs")
 
 

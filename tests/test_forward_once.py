@@ -84,3 +84,29 @@ def test_pretrained_outputs_are_kept_across_runs(tmp_path: Path, tiny_bundle: Pa
     assert seen  # the adapted model still runs
     state = json.loads((tmp_path / "b" / "asfda" / "seed0" / "state.json").read_text())
     assert state["rounds"][0]["forward_passes"]["pretrained"] == 0
+
+
+def test_a_one_shot_query_without_cache_keeps_no_outputs(tmp_path: Path, tiny_bundle: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``asfda query --no-cache`` reads no pass twice, so it writes none to disk (no temporary output folder), and
+    picks what a query with a cache folder picks."""
+    import tempfile
+
+    from asfda.query import query_dataset
+
+    made: list[str] = []
+    original = tempfile.TemporaryDirectory.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(str(kwargs.get("prefix", args[1] if len(args) > 1 else "")))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tempfile.TemporaryDirectory, "__init__", spy)
+    data = write_nnunet(tmp_path / "ds", n=5)
+    without = query_dataset(tiny_bundle, data, "asfda", 2, tmp_path / "q1", cache_dir=None, progress=False)
+    assert not [p for p in made if p.startswith("asfda-outputs")], made
+    with_cache = query_dataset(tiny_bundle, data, "asfda", 2, tmp_path / "q2", cache_dir=str(tmp_path / "cache"),
+                               progress=False)
+    assert without is not None and with_cache is not None
+    assert without.ids == with_cache.ids and without.scores == with_cache.scores
+    assert (tmp_path / "cache" / "outputs").is_dir()  # with a cache folder the pretrained outputs are kept

@@ -148,7 +148,7 @@ def _adapter(model: str | Path, data: str | Path, *, model_config: str | None, c
         refuse_output_inside_inputs(path, {"the dataset": dataset_input_folders(ds)})
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
                       cache_dir=cache_dir, device=device, progress=progress, cold_start_ok=cold_start_ok,
-                      precision=precision)
+                      precision=precision, keep_outputs=cache_dir is not None)  # one shot: no pass is read again
     return loaded, ds, adapter
 
 

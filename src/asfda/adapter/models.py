@@ -42,11 +42,13 @@ class AdaptedModels:
             output channel: `cold_start`); otherwise such a model is refused (`build_class_map`).
         precision: inference precision of both engines (`InferenceEngine`): ``fp32`` or ``bf16``. Fine-tuning has
             its own (`TrainConfig.precision`).
+        keep_outputs: keep each pass's output for the stages after it (`ForwardStore`); False for a one-shot command
+            without a cache folder, where no stage reads a pass again.
     """
 
     def __init__(self, pretrained: LoadedModel, target_names: list[str], *, class_map_override: dict | None = None,
                  cache_dir: str | None = None, device: str = "auto", progress: bool = True,
-                 cold_start_ok: bool = False, precision: str = "fp32") -> None:
+                 cold_start_ok: bool = False, precision: str = "fp32", keep_outputs: bool = True) -> None:
         pretrained.check_input_channels(1)
         self.pretrained = pretrained
         self.target_names = list(target_names)
@@ -73,7 +75,7 @@ class AdaptedModels:
         self._is_adapted = False
         self._plausibility0: dict[str, float] = {}
         # every forward pass once (asfda.adapter.outputs): outputs kept by weights hash, passes counted by model
-        self.outputs = ForwardStore(cache_dir)
+        self.outputs = ForwardStore(cache_dir, keep=keep_outputs)
         self._frozen_hash = state_dict_hash(self.frozen.state_dict())
         self._current_hash: tuple[tuple, str] | None = None  # (weights signature, hash) of the adapted model
         self._sweeps_seen = {"frozen": 0, "current": 0}

@@ -16,8 +16,10 @@ logits at a time, as before).
 * Passes that are not the deterministic pass of a volume (MC dropout, test-time flips, the pass whose normalisation
   statistics a hook reads) run as before; the hooked pass stores its output for the stages after it.
 
-Without a cache folder the store lives in a temporary folder removed at exit. A full disk, or any error writing an
-entry, only turns the store off for that entry (the numbers are the same, the pass is run again when asked).
+Without a cache folder the store lives in a temporary folder removed at exit; a one-shot command without one (a
+`query` with ``--no-cache``: no stage reads a pass again) keeps nothing (``keep=False``). A full disk, or any error
+writing an entry, only turns the store off for that entry (the numbers are the same, the pass is run again when
+asked).
 """
 
 from __future__ import annotations
@@ -68,11 +70,14 @@ class ForwardStore:
     Args:
         cache_dir: the run's cache folder (None: a temporary folder, removed at exit).
         keep_adapted: how many adapted weight versions keep their outputs (the newest ones).
+        keep: False: nothing is kept (every `get` misses, `put` writes nothing; passes are still counted).
     """
 
-    def __init__(self, cache_dir: str | Path | None, *, keep_adapted: int = 3) -> None:
+    def __init__(self, cache_dir: str | Path | None, *, keep_adapted: int = 3, keep: bool = True) -> None:
         self._tmp: tempfile.TemporaryDirectory | None = None
-        if cache_dir is None:
+        if not keep:
+            root = Path(os.devnull)  # never written: the store is off
+        elif cache_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="asfda-outputs-")
             root = Path(self._tmp.name)
         else:
@@ -81,11 +86,13 @@ class ForwardStore:
         self.keep_adapted = max(1, int(keep_adapted))
         self._process_dir = root / "adapted" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._adapted_versions: list[str] = []  # oldest first
-        self._disabled = False
+        self.keep = keep
+        self._disabled = not keep
         self.passes: Counter[str] = Counter({k: 0 for k in PASS_KINDS})
         self.reads: Counter[str] = Counter({k: 0 for k in PASS_KINDS})
-        atexit.register(self.close)
-        self._remove_stale()
+        if keep:
+            atexit.register(self.close)
+            self._remove_stale()
 
     # -- where -----------------------------------------------------------------------------------
     def _folder(self, kind: str, weights: str) -> Path:
@@ -97,6 +104,8 @@ class ForwardStore:
     # -- read / write ----------------------------------------------------------------------------
     def get(self, kind: str, weights: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The stored (logits, embedding) of ``key`` under ``weights`` (None when not stored or unreadable)."""
+        if not self.keep:
+            return None
         path = self._path(kind, weights, key)
         if not path.is_file():
             return None

@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "asfda"
 
 # low -> high; a module may import its own layer or a lower one (docs/architecture.md, "Layers")
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "options", "config_files", "config", "io", "cache", "annotation", "memory", "distributed"),
+    ("errors", "options", "config_files", "config", "io", "cache", "metrics", "annotation", "memory", "distributed"),
     ("models",),
     ("engine",),
     ("scoring",),

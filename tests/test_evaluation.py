@@ -102,3 +102,51 @@ def test_hd95_zero_for_identical_maps() -> None:
     _, label = _maps()
     hd = compute_hd95(label, label, n_classes=3, spacing_mm=(1.5, 1.5, 4.0))
     assert hd[0].item() == 0.0 and hd[1].item() == 0.0
+
+
+# --- Adapter.evaluate's per-case numbers, recorded before Dice moved to asfda.metrics (issue 36) ----------------
+_KEYS = ("dice_{}", "lcc_dice_{}")
+# per case: (Dice per class, Dice per class after the largest-component cut), classes in the dataset's order
+_PINNED_PHANTOM = {  # the shipped phantom model on generate_benchmark(seed=99, n_source=1, n_target=2)
+    "src_000": ((0.9940417594943267, 0.9951014695591323, 0.9973247726056714, 0.964068209500609),
+                (0.9940932642487047, 0.9951014695591323, 0.9973247726056714, 0.964068209500609)),
+    "tgt_000": ((0.00010716964955524595, 0.0, 0.0967032967032967, 0.18453959833270178),
+                (0.0001282051282051282, 0.0, 0.0, 0.0)),
+    "tgt_001": ((0.6807429130009776, 0.009911894273127754, 0.001386001386001386, 0.005373936408419167),
+                (0.7002936325972406, 0.0, 0.0, 0.006557377049180328)),
+}
+_PINNED_TINY = {  # the tiny bundle (seed 0) on write_nnunet(n=2)
+    "case00": ((0.08865860679332183, 0.040973111395646605), (0.08881199538638986, 0.038560411311053984)),
+    "case01": ((0.08876080691642652, 0.04381443298969072), (0.08881199538638986, 0.04129032258064516)),
+}
+
+
+def _check_pinned(rows: list[dict], pinned: dict, classes: list[str]) -> None:
+    assert [r["case_id"] for r in rows] == list(pinned)
+    for row in rows:
+        for key, values in zip(_KEYS, pinned[row["case_id"]]):
+            got = [row[key.format(c)] for c in classes]
+            assert got == pytest.approx(list(values), rel=1e-12, abs=0), (row["case_id"], key)
+            assert row[key.format("mean")] == pytest.approx(float(np.mean(values)), rel=1e-12, abs=0)
+
+
+def test_adapter_evaluate_per_case_dice_unchanged(tmp_path) -> None:
+    """The per-case Dice of two small evaluations, as recorded before the one Dice (`asfda.metrics`) replaced the
+    three: moving the implementation changed no number."""
+    from conftest import write_bundle, write_nnunet
+
+    from asfda.adapter import Adapter
+    from asfda.demo import phantom_model_path
+    from asfda.io import load_dataset
+    from asfda.models import load_model
+    from asfda.phantom import generate_benchmark
+
+    bench = generate_benchmark(tmp_path / "b", seed=99, n_source=1, n_target=2)
+    rows = []
+    for part in ("source", "target"):
+        ds = load_dataset(bench[part], require_labels=True)
+        rows += Adapter(load_model(phantom_model_path()), ds.class_names, progress=False).evaluate(list(ds.cases))
+    _check_pinned(rows, _PINNED_PHANTOM, ds.class_names[1:])
+    ds = load_dataset(write_nnunet(tmp_path / "t", n=2))
+    adapter = Adapter(load_model(write_bundle(tmp_path / "bundle")), ds.class_names, progress=False)
+    _check_pinned(adapter.evaluate(list(ds.cases)), _PINNED_TINY, ds.class_names[1:])

@@ -13,18 +13,7 @@ from asfda.io import load_dataset
 from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.training import TrainConfig
-from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample, largest_component_fractions
-
-
-def test_largest_component_fractions_by_hand() -> None:
-    lab = np.zeros((10, 10, 10), dtype=np.int64)
-    lab[0:2, 0:2, 0:2] = 1  # 8 voxels
-    lab[6:8, 6:7, 6:7] = 1  # 2 voxels, apart: class 1 is 8 / 10 in its largest component
-    lab[4, 4, 4] = 2
-    lab[5, 5, 5] = 2  # touches (4,4,4) only by a corner: one 26-connected component
-    # class 3 absent -> 0
-    assert largest_component_fractions(lab, 4) == pytest.approx([0.8, 1.0, 0.0])
-    assert largest_component_fractions(torch.from_numpy(lab), 4) == pytest.approx([0.8, 1.0, 0.0])
+from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample
 
 
 def test_anatomical_plausibility_averages_classes_and_volumes() -> None:
@@ -36,7 +25,7 @@ def test_anatomical_plausibility_averages_classes_and_volumes() -> None:
     assert anatomical_plausibility([a, b], 3) == pytest.approx((0.5 + 0.75) / 2)
     assert np.isnan(anatomical_plausibility([], 3))
     with pytest.raises(ValueError, match="3D"):
-        largest_component_fractions(np.zeros((4, 4)), 3)
+        anatomical_plausibility([np.zeros((4, 4))], 3)
 
 
 def test_guard_sample_is_seeded_sized_and_order_free() -> None:

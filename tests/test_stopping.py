@@ -37,7 +37,7 @@ def test_label_agreement_by_hand() -> None:
     b[3, 3, 0] = 2              # class 2 in b only
     assert label_agreement(a, b, 3) == pytest.approx((2 * 6 / 14 + 0.0) / 2)
     assert label_agreement(a, a, 3) == 1.0
-    assert label_agreement(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), 3) == 1.0  # nothing predicted by either
+    assert math.isnan(label_agreement(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), 3))  # no foreground in either
     assert label_agreement(torch.from_numpy(a), torch.from_numpy(a), 2) == 1.0
     with pytest.raises(ValueError, match="shape"):
         label_agreement(a, a[:2], 3)
@@ -86,6 +86,25 @@ def test_relative_change_and_probe_record() -> None:
     assert rec["fractions"]["y"] == [2 / 8]
     empty = probe_record(before, after, 2, exclude=["x", "y", "z"])
     assert empty["change"] is None and empty["cases"] == []
+
+
+def test_probe_record_leaves_out_a_volume_without_foreground_in_either_model() -> None:
+    """The one Dice's empty-label rule (asfda.metrics): two maps without foreground have no agreement (NaN), so such a
+    volume does not count as "unchanged"; a probe of only such volumes measures no change (an estimate without it)."""
+    m = np.zeros((2, 2, 2), np.uint8)
+    m[0] = 1
+    half = m.copy()
+    half[0, 0] = 0
+    blank = np.zeros_like(m)
+    before = {"x": ProbeOutput(m, 0.4), "w": ProbeOutput(blank, 0.5)}
+    after = {"x": ProbeOutput(half, 0.2), "w": ProbeOutput(blank, 0.5)}
+    rec = probe_record(before, after, 2)
+    assert rec["cases"] == ["w", "x"] and math.isnan(rec["agreement_per_case"]["w"])
+    assert rec["agreement"] == pytest.approx(4 / 6) and rec["change"] == pytest.approx(1 - 4 / 6)
+    only_blank = probe_record(before, after, 2, exclude=["x"])
+    assert only_blank["cases"] == ["w"] and only_blank["agreement"] is None and only_blank["change"] is None
+    est = stopping.estimate_from_records([{"probe": only_blank}])
+    assert est.recommendation == NO_ESTIMATE and est.change is None
 
 
 def test_curve_points_mean_and_standard_error() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from asfda.metrics import dice_per_class, mean_ignoring_nan
+
 __all__ = ["PALETTE", "edit_summary", "itksnap_label_description", "slicer_color_table"]
 
 # distinct colours for label values 1..; background is transparent
@@ -39,23 +41,15 @@ def slicer_color_table(labels: dict[str, int]) -> str:
 
 def edit_summary(presegmentation: np.ndarray, label: np.ndarray, labels: dict[str, int]) -> dict[str, float]:
     """How much the annotator changed: per foreground class the Dice between the pre-segmentation and the final
-    label (NaN when the class is in neither), the mean of those, and the voxels whose value changed (count and
-    fraction of the volume)."""
+    label (`asfda.metrics.dice_per_class`: NaN when the class is in neither), the mean of those (NaN left out), and
+    the voxels whose value changed (count and fraction of the volume)."""
     if presegmentation.shape != label.shape:
         raise ValueError(f"pre-segmentation {presegmentation.shape} and label {label.shape} differ in shape")
-    out: dict[str, float] = {}
-    dices = []
-    for name, value in sorted(labels.items(), key=lambda kv: kv[1]):
-        if value == 0:
-            continue
-        p, g = presegmentation == value, label == value
-        denom = int(p.sum()) + int(g.sum())
-        d = float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom
-        out[f"edit_dice_{name}"] = d
-        if not np.isnan(d):
-            dices.append(d)
+    named = [(n, v) for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
+    dices = dice_per_class(presegmentation, label, [v for _, v in named])
+    out: dict[str, float] = {f"edit_dice_{n}": float(d) for (n, _), d in zip(named, dices)}
     changed = int((presegmentation != label).sum())
-    out["edit_dice_mean"] = float(np.mean(dices)) if dices else float("nan")
+    out["edit_dice_mean"] = mean_ignoring_nan(dices)
     out["voxels_changed"] = changed
     out["fraction_changed"] = changed / float(label.size)
     return out

@@ -1,8 +1,7 @@
 """Dice and HD95 per case and class: pure functions on label maps.
 
-The empty-label rule, written down once (nnU-Net's): for a class absent from both the reference and
-the prediction, Dice is NaN and left out of every mean; for a class absent from the reference but
-predicted, Dice is 0. HD95 is NaN when either side is empty.
+The Dice is `asfda.metrics.dice_per_class`, with the empty-label rule written there (nnU-Net's: NaN for a class in
+neither map, left out of every mean; 0 for a class in one map only). HD95 is NaN when either side is empty.
 """
 
 from __future__ import annotations
@@ -12,28 +11,19 @@ import math
 import numpy as np
 import torch
 
-from asfda.training.guard import largest_component
+from asfda.metrics import dice_per_class, largest_component, mean_ignoring_nan
 
 __all__ = ["compute_dice", "compute_hd95", "largest_component_per_class", "mean_ignoring_nan", "per_class_scores"]
 
 
 def compute_dice(pred: torch.Tensor, label: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Dice of each foreground class (1..n_classes-1) between two integer maps of equal shape.
+    """Dice of each foreground class (1..n_classes-1) between two integer maps of equal shape
+    (`asfda.metrics.dice_per_class` of the maps as integers).
 
     Returns:
         tensor ``[n_classes - 1]`` of float64, NaN where the class is in neither map.
     """
-    if pred.shape != label.shape:
-        raise ValueError(f"pred shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")
-    pred = pred.reshape(-1).long()
-    label = label.reshape(-1).long()
-    out = torch.empty(n_classes - 1, dtype=torch.float64)
-    for c in range(1, n_classes):
-        p = pred == c
-        g = label == c
-        denom = int(p.sum()) + int(g.sum())
-        out[c - 1] = math.nan if denom == 0 else 2.0 * int((p & g).sum()) / denom
-    return out
+    return torch.from_numpy(dice_per_class(pred.long(), label.long(), range(1, n_classes)))
 
 
 def compute_hd95(pred: torch.Tensor, label: torch.Tensor, n_classes: int,
@@ -51,12 +41,6 @@ def compute_hd95(pred: torch.Tensor, label: torch.Tensor, n_classes: int,
                                        spacing=list(spacing_mm))
         out[c - 1] = float(d.reshape(-1)[0])
     return out
-
-
-def mean_ignoring_nan(values: torch.Tensor | np.ndarray | list[float]) -> float:
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else math.nan
 
 
 def per_class_scores(dice: torch.Tensor, class_names: list[str], prefix: str = "dice_") -> dict[str, float]:

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from asfda.metrics import mean_dice, mean_ignoring_nan
 from asfda.scoring.metrics import mean_entropy
 
 __all__ = [
@@ -76,21 +77,10 @@ NO_ESTIMATE = "no estimate yet"
 
 # ---------------------------------------------------------------------------------------------- signals
 def label_agreement(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, n_classes: int) -> float:
-    """Mean Dice between two label maps of the same volume over the foreground classes 1..n_classes-1 that either
-    predicts (a class in neither is left out, as in evaluation); 1.0 when neither predicts any foreground."""
-    a = a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    b = b.cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
-    if a.shape != b.shape:
-        raise ValueError(f"label maps differ in shape: {a.shape} and {b.shape}")
-    if n_classes < 2:
-        raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-    dices = []
-    for c in range(1, n_classes):
-        pa, pb = a == c, b == c
-        denom = int(pa.sum()) + int(pb.sum())
-        if denom:
-            dices.append(2.0 * int((pa & pb).sum()) / denom)
-    return float(np.mean(dices)) if dices else 1.0
+    """Mean Dice between two label maps of the same volume over the foreground classes 1..n_classes-1
+    (`asfda.metrics.mean_dice`: a class in neither map is left out, as in evaluation); NaN when neither map has any
+    foreground (no evidence of agreement or change: `probe_record` leaves such a volume out)."""
+    return mean_dice(a, b, n_classes)
 
 
 def class_fractions(label_map: np.ndarray | torch.Tensor, n_classes: int) -> list[float]:
@@ -147,11 +137,14 @@ def probe_record(before: Mapping[str, ProbeOutput], after: Mapping[str, ProbeOut
                  exclude: Iterable[str] = ()) -> dict:
     """What a round records of its probe: per volume unlabeled at the end of the round (not in ``exclude``) the
     agreement of the label maps before and after the round, the entropy and class fractions after; their means, the
-    change ``1 - agreement`` and the entropy's relative change. ``change`` is None when no probe volume is left."""
+    change ``1 - agreement`` and the entropy's relative change. The agreement's mean leaves out a volume where
+    neither model predicts foreground (its agreement is NaN); ``agreement`` and ``change`` are None when no probe
+    volume is left to compare."""
     skip = set(exclude)
     ids = sorted(i for i in set(before) & set(after) if i not in skip)
     per_case = {i: label_agreement(before[i].label_map, after[i].label_map, n_classes) for i in ids}
-    agreement = float(np.mean(list(per_case.values()))) if ids else None
+    mean = mean_ignoring_nan(list(per_case.values()))
+    agreement = None if math.isnan(mean) else mean
     return {"cases": ids, "agreement": agreement, "change": None if agreement is None else 1.0 - agreement,
             "agreement_per_case": per_case,
             "entropy_before": {i: before[i].entropy for i in ids}, "entropy": {i: after[i].entropy for i in ids},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from asfda.evaluation import compute_dice, largest_component_per_class, per_clas
 from asfda.io.datasets import Case
 from asfda.io.labels import check_label_values
 from asfda.io.nifti import read_nifti
+from asfda.metrics import mean_ignoring_nan
 from asfda.models import save_bundle
 from asfda.models.native_grid import label_map_on_native_grid
 
@@ -71,5 +71,5 @@ class EvaluationMixin(AdaptedModels):
 
 
 def mean_of(rows: list[dict], key: str) -> float:
-    vals = [r[key] for r in rows if not math.isnan(r[key])]
-    return float(np.mean(vals)) if vals else math.nan
+    """`asfda.metrics.mean_ignoring_nan` of ``key`` over ``rows`` (a Dice mean over cases)."""
+    return mean_ignoring_nan([r[key] for r in rows])

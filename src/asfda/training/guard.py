@@ -21,53 +21,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
+
+from asfda.metrics import largest_component_fractions
 
 __all__ = ["HOLD_BACK_MIN_OTHERS", "GuardResult", "anatomical_plausibility", "blamed", "discards", "guard_sample",
-           "held_back", "largest_component", "largest_component_fractions"]
-
-_STRUCTURE = np.ones((3, 3, 3), dtype=bool)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean 3D mask (labelled inside the mask's bounding box: fewer
-    voxels to label); an empty mask gives an empty one."""
-    out = np.zeros(mask.shape, dtype=bool)
-    if not mask.any():
-        return out
-    sl = ndimage.find_objects(mask.astype(np.uint8))[0]
-    comp, n = ndimage.label(mask[sl], structure=_STRUCTURE)
-    if n <= 1:
-        out[sl] = mask[sl]
-        return out
-    sizes = np.bincount(comp.ravel())
-    sizes[0] = 0
-    out[sl] = comp == int(sizes.argmax())
-    return out
-
-
-def largest_component_fractions(label_map: torch.Tensor | np.ndarray, n_classes: int) -> np.ndarray:
-    """For each foreground class 1..n_classes-1 of a 3D label map, the fraction of its voxels in its largest
-    26-connected component; 0 where the class is absent. Returns ``[n_classes - 1]`` floats in [0, 1].
-
-    Known blind spot: a class predicted as one tiny blob scores 1. The guard compares two models on the same
-    volumes, and an organ the model stops predicting scores 0 (absence counts against the model)."""
-    lab = label_map.cpu().numpy() if isinstance(label_map, torch.Tensor) else np.asarray(label_map)
-    if lab.ndim != 3:
-        raise ValueError(f"expected a 3D label map, got shape {lab.shape}")
-    out = np.zeros(n_classes - 1, dtype=np.float64)
-    for c in range(1, n_classes):
-        mask = lab == c
-        total = int(mask.sum())
-        if total:
-            out[c - 1] = largest_component(mask).sum() / total
-    return out
+           "held_back"]
 
 
 def anatomical_plausibility(label_maps: list[torch.Tensor | np.ndarray], n_classes: int,
                             classes: list[int] | None = None) -> float:
     """Mean over volumes and foreground classes (all, or the label values in ``classes``) of
-    `largest_component_fractions` (NaN for no volume or no class)."""
+    `asfda.metrics.largest_component_fractions` (NaN for no volume or no class)."""
     if not label_maps:
         return float("nan")
     keep = np.arange(n_classes - 1) if classes is None else np.asarray(classes, dtype=np.int64) - 1

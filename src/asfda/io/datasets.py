@@ -6,6 +6,9 @@ Two layouts are read:
   ``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, optional ``imagesTs/``.
 * a plain folder of NIfTI images, with an optional label folder matched by case id
   (``CASE.nii.gz`` or ``CASE_0000.nii.gz`` both give case id ``CASE``).
+* a folder of DICOM series, when it holds no NIfTI image: one series a folder at any depth under it
+  (`asfda.io.dicom`), case id = the series folder's path under the pool with ``_`` between its parts
+  (``PAT1/CT`` -> ``PAT1_CT``); labels are NIfTI files on the series' grid, matched by case id as above.
 
 Only headers are read here; voxels are read when a stage needs them.
 
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from asfda.errors import AsfdaError
+from asfda.io.dicom import find_series, series_case_id
 from asfda.io.nifti import NIFTI_SUFFIXES, read_header, strip_nifti_suffix
 
 __all__ = ["LINKED_FROM_KEY", "Case", "Dataset", "check_nnunet_links", "check_nnunet_meta", "is_nnunet_dataset",
@@ -97,7 +101,8 @@ def model_labels(class_names: list[str]) -> dict[str, int]:
 
 
 def load_dataset(path: str | Path, *, require_labels: bool = False, labels_dir: str | Path | None = None) -> Dataset:
-    """Reads an nnU-Net raw dataset (if ``dataset.json`` or ``imagesTr`` is there) or a plain NIfTI folder."""
+    """Reads an nnU-Net raw dataset (if ``dataset.json`` or ``imagesTr`` is there) or a plain folder of NIfTI images
+    or DICOM series."""
     path = Path(path)
     if not path.exists():
         raise AsfdaError("dataset folder not found", path, "check the path")
@@ -297,16 +302,21 @@ def _check_listed_paths(meta: dict, meta_path: Path) -> None:
 
 def load_folder(images_dir: str | Path, labels_dir: str | Path | None = None, *, require_labels: bool = False,
                 labels: dict[str, int] | None = None) -> Dataset:
-    """Reads a plain folder of NIfTI images, labels matched by case id from ``labels_dir``."""
+    """Reads a plain folder of NIfTI images (or, holding none, of DICOM series folders), labels matched by case id
+    from ``labels_dir``."""
     images_dir = Path(images_dir)
     labels_root = Path(labels_dir) if labels_dir is not None else None
-    cases = []
     seen: dict[str, Path] = {}
+    images = []
     for image_path in sorted(images_dir.iterdir()):
         if image_path.name.startswith(".") or not image_path.name.endswith(NIFTI_SUFFIXES):
             continue
         stem = strip_nifti_suffix(image_path.name)
-        case_id = stem[: -len("_0000")] if stem.endswith("_0000") else stem
+        images.append((stem[: -len("_0000")] if stem.endswith("_0000") else stem, image_path))
+    if not images:  # no NIfTI image: DICOM series folders, at any depth
+        images = sorted((series_case_id(images_dir, f), f) for f in find_series(images_dir))
+    cases = []
+    for case_id, image_path in images:
         _refuse_second_file(seen, case_id, image_path, "image")
         label_path = None
         if labels_root is not None:
@@ -317,7 +327,8 @@ def load_folder(images_dir: str | Path, labels_dir: str | Path | None = None, *,
             label_path = found[0] if found else None
         cases.append(_make_case(case_id, image_path, label_path, require_labels))
     if not cases:
-        raise AsfdaError("no .nii/.nii.gz images found", images_dir, "point at a folder of NIfTI images")
+        raise AsfdaError("no .nii/.nii.gz images (nor DICOM series folders) found", images_dir,
+                         "point at a folder of NIfTI images, or of DICOM series (one series a folder)")
     if labels is None:
         labels = {"background": 0, "foreground": 1}
     return Dataset(images_dir, labels, tuple(cases))

@@ -17,6 +17,9 @@ of a few bytes:
 
 The voxels are then read slab by slab into the float32 array asfda keeps, so reading holds one copy of the volume,
 not the decompressed bytes and a converted copy besides.
+
+A DICOM series folder given where a NIfTI file is read (`read_header`, `read_nifti`, `write_label_map`'s image) is
+read as that series (`asfda.io.dicom`), with the same limits (`asfda.io.limits`) and a grid in the same RAS+ world.
 """
 
 from __future__ import annotations
@@ -40,46 +43,26 @@ from nibabel.spatialimages import SpatialImage
 
 from asfda.errors import AsfdaError
 from asfda.io.atomic import atomic_write
+from asfda.io.dicom import is_series_folder, read_dicom_header, read_dicom_series
+from asfda.io.limits import (
+    DEFAULT_MAX_NIFTI_BYTES,
+    HELD_ITEMSIZE,
+    MAX_NIFTI_BYTES_ENV,
+    MIN_AXIS_VOXELS,
+    check_affine,
+    check_cap,
+    check_min_axis,
+    max_nifti_bytes,
+    size_text,
+)
 
 __all__ = ["DEFAULT_MAX_NIFTI_BYTES", "HELD_ITEMSIZE", "MAX_NIFTI_BYTES_ENV", "MIN_AXIS_VOXELS", "NIFTI_SUFFIXES",
            "max_nifti_bytes", "read_header", "read_nifti", "refuse_constant_image", "size_text", "strip_nifti_suffix",
            "write_label_map"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-DEFAULT_MAX_NIFTI_BYTES = 4 * 2**30
-"""Largest volume asfda holds (bytes as stored, or as float32 when that is more): 4 GiB, i.e. 1024^3 voxels, far above
-a CT or MR volume (512 x 512 x 1000 voxels: 1 GiB)."""
-MIN_AXIS_VOXELS = 4
-"""Fewest voxels along any axis of a volume (as read, and on a model's grid): fewer is a slice, a localiser or a
-handful of voxels, not a 3D scan a 3D model can segment."""
-HELD_ITEMSIZE = 4  # asfda holds voxels as float32
 _SLAB_BYTES = 32 * 2**20  # voxels are read in slabs of about this size
-_MIN_GRID_DET = 1e-3  # |det| of the affine with unit columns: below it the axes are (nearly) parallel
-MAX_NIFTI_BYTES_ENV = "ASFDA_MAX_NIFTI_BYTES"
 _DEFLATE_MAX_RATIO = 1032  # DEFLATE never expands more than ~1032:1
-
-
-def max_nifti_bytes() -> int:
-    """The cap on one file's declared voxel data: ``ASFDA_MAX_NIFTI_BYTES`` when set, else 4 GiB."""
-    raw = os.environ.get(MAX_NIFTI_BYTES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_NIFTI_BYTES
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise AsfdaError(f"{MAX_NIFTI_BYTES_ENV}={raw!r} is not a number of bytes",
-                         fix=f"set it to e.g. {8 * 2**30} (8 GiB), or unset it") from None
-    if value <= 0:
-        raise AsfdaError(f"{MAX_NIFTI_BYTES_ENV}={raw!r} must be positive", fix="unset it or give a byte count")
-    return value
-
-
-def size_text(n: int) -> str:
-    """A byte count as people read it: ``4 GiB``, ``512 MiB``."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} bytes"
 
 
 def strip_nifti_suffix(name: str) -> str:
@@ -91,13 +74,17 @@ def strip_nifti_suffix(name: str) -> str:
 
 def read_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and affine of a NIfTI file without reading its voxels; refuses what asfda cannot hold as a 3D volume
-    (see the module docstring) on the header alone."""
+    (see the module docstring) on the header alone. A DICOM series folder: `asfda.io.dicom.read_dicom_header`."""
+    if is_series_folder(path):
+        return read_dicom_header(path)
     return _checked_header(Path(path), _load(path))
 
 
 def read_nifti(path: str | Path, *, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Voxels ([X, Y, Z]) and affine of a 3D NIfTI file; refuses what `read_header` refuses, a header declaring more
-    data than the file holds, and non-finite values."""
+    data than the file holds, and non-finite values. A DICOM series folder: `asfda.io.dicom.read_dicom_series`."""
+    if is_series_folder(path):
+        return read_dicom_series(path, dtype=dtype)
     img = _load(path)
     shape, affine = _checked_header(Path(path), img)
     _check_declared_size(Path(path), img)
@@ -115,10 +102,7 @@ def _checked_header(path: Path, img: nib.Nifti1Image) -> tuple[tuple[int, ...], 
         shape = shape[:3]
     if len(shape) != 3:
         raise AsfdaError(f"expected a 3D volume, found shape {shape}", path, "give one 3D volume per file")
-    if min(shape) < MIN_AXIS_VOXELS:
-        raise AsfdaError(f"its shape {'x'.join(map(str, shape))} has fewer than {MIN_AXIS_VOXELS} voxels along an "
-                         "axis: a slice or a handful of voxels, not a 3D volume", path,
-                         "export the whole 3D scan, or move the file out of the dataset")
+    check_min_axis(path, shape, "export the whole 3D scan, or move the file out of the dataset")
     stored = np.dtype(img.header.get_data_dtype())
     if stored.kind not in "biuf":  # complex (c), RGB / structured (V)
         raise AsfdaError(f"its voxels are {stored} ({'complex' if stored.kind == 'c' else 'not plain numbers'}), "
@@ -126,7 +110,7 @@ def _checked_header(path: Path, img: nib.Nifti1Image) -> tuple[tuple[int, ...], 
                          "floats")
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_grid(path, img, affine)
-    _check_cap(path, shape, stored)
+    check_cap(path, shape, stored)
     return shape, affine
 
 
@@ -140,27 +124,7 @@ def _check_grid(path: Path, img: nib.Nifti1Image, affine: np.ndarray) -> None:
         pixdim = _raw_pixdim(path, img)
         if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
             raise AsfdaError(f"its voxel size (pixdim) is {pixdim.tolist()}: not positive and finite", path, fix)
-    if not np.isfinite(affine).all():
-        raise AsfdaError(f"its affine has non-finite entries ({affine[:3].tolist()})", path, fix)
-    sizes = np.linalg.norm(affine[:3, :3], axis=0)
-    if (sizes <= 0).any():
-        raise AsfdaError(f"its affine gives voxel sizes {sizes.round(6).tolist()} mm: an axis of zero length", path,
-                         fix)
-    if abs(float(np.linalg.det(affine[:3, :3] / sizes))) < _MIN_GRID_DET:
-        raise AsfdaError("its affine is singular (two voxel axes point the same way): not a 3D grid", path, fix)
-
-
-def _check_cap(path: Path, shape: tuple[int, ...], stored: np.dtype) -> None:
-    """Refuses a volume larger than `max_nifti_bytes` as asfda holds it (float32, or the stored type when wider)."""
-    voxels = int(np.prod(shape, dtype=object))
-    declared, held = voxels * stored.itemsize, voxels * max(stored.itemsize, HELD_ITEMSIZE)
-    cap = max_nifti_bytes()
-    if held > cap:
-        as_held = "" if held == declared else f", {size_text(held)} as float32"
-        raise AsfdaError(f"its header declares {'x'.join(map(str, shape))} voxels of {stored} ({size_text(declared)}"
-                         f"{as_held}), more than asfda reads from one file ({size_text(cap)})", path,
-                         f"crop or resample the volume; if it is genuine, raise the cap with {MAX_NIFTI_BYTES_ENV}"
-                         "=BYTES")
+    check_affine(path, affine, fix)
 
 
 def _read_voxels(path: Path, image_class: type[nib.Nifti1Image], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -284,7 +248,15 @@ def _gzip_length(path: Path, enough: int, chunk: int = 1 << 20) -> int:
 
 
 def write_label_map(path: Path, label: np.ndarray, image_path: Path) -> None:
-    """Writes ``label`` with the input image's header (both affines, codes), as uint8 without scaling."""
+    """Writes ``label`` with the input image's header (both affines, codes), as uint8 without scaling; for a DICOM
+    series folder, with the series' affine (`asfda.io.dicom`) as both the sform and the qform (scanner space)."""
+    if is_series_folder(image_path):
+        img = nib.Nifti1Image(label.astype(np.uint8), None)
+        affine = read_dicom_header(image_path)[1]
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+        atomic_write(path, lambda p: nib.save(img, str(p)))
+        return
     src = cast(SpatialImage, nib.load(str(image_path)))  # an image: nib.load is annotated with the base class
     cls = type(src) if isinstance(src, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
     if cls is type(src):

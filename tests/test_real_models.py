@@ -421,7 +421,7 @@ def test_torchscript_model_pt_that_outputs_probabilities_runs_predict_score_and_
     assert len(json.loads((tmp_path / "q.json").read_text())["ids"]) == 2
     # the same file without the declaration: --output-activation none on the command line gives the same numbers
     plain = _torchscript_bundle(tmp_path / "ts2", declared=False)
-    assert load_model(plain, allow_code=True).output_activation == "softmax"
+    assert load_model(plain, allow_code=True).output_activation == "none"  # its channels sum to 1: probabilities
     assert _run("score", "--model", plain, "--data", data, "--out", tmp_path / "s2.csv",
                 "--output-activation", "none", trust) == 0
     with open(tmp_path / "s.csv") as a, open(tmp_path / "s2.csv") as b:

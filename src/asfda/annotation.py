@@ -9,9 +9,26 @@ from asfda.metrics import dice_per_class, mean_ignoring_nan
 
 __all__ = ["PALETTE", "edit_summary", "itksnap_label_description", "slicer_color_table"]
 
-# distinct colours for label values 1..; background is transparent
-PALETTE = [(220, 60, 60), (60, 160, 220), (60, 200, 90), (240, 200, 40), (180, 90, 220), (250, 130, 40),
+
+def _palette(n: int) -> list[tuple[int, int, int]]:
+    """``n`` distinct colours for label values 1..n: twelve chosen by hand, then, one at a time, the colour of a
+    12-level RGB grid (nothing near black or white) farthest from every colour already taken, so that each new label's
+    colour is as far from the others as the grid allows."""
+    out = [(220, 60, 60), (60, 160, 220), (60, 200, 90), (240, 200, 40), (180, 90, 220), (250, 130, 40),
            (40, 200, 200), (230, 110, 180), (140, 140, 60), (100, 100, 240), (170, 60, 60), (60, 120, 90)]
+    levels = np.linspace(30, 245, 12).round()
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[(grid.max(1) >= 100) & (grid.min(1) <= 215)]  # nothing near black or white
+    nearest = np.min(((grid[:, None, :] - np.array(out, float)[None]) ** 2).sum(-1), axis=1)
+    while len(out) < n:
+        k = int(np.argmax(nearest))  # the first of the farthest: deterministic
+        out.append((int(grid[k, 0]), int(grid[k, 1]), int(grid[k, 2])))
+        nearest = np.minimum(nearest, ((grid - grid[k]) ** 2).sum(-1))
+    return out
+
+
+PALETTE = _palette(1023)
+"""Distinct colours for label values 1..1023 (value v gets ``PALETTE[v - 1]``); background is transparent."""
 
 
 def _coloured(labels: dict[str, int]) -> list[tuple[int, str, tuple[int, int, int]]]:

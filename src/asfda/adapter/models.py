@@ -44,17 +44,21 @@ class AdaptedModels:
             its own (`TrainConfig.precision`).
         keep_outputs: keep each pass's output for the stages after it (`ForwardStore`); False for a one-shot command
             without a cache folder, where no stage reads a pass again.
+        fold_uncovered: target classes the model has no channel for (a one-organ model on a four-organ dataset) are
+            folded into background (`build_class_map`): never predicted, and their voxels of a label this adapter
+            prepares count as background; otherwise they get new output channels.
     """
 
     def __init__(self, pretrained: LoadedModel, target_names: list[str], *, class_map_override: dict | None = None,
                  cache_dir: str | None = None, device: str = "auto", progress: bool = True,
-                 cold_start_ok: bool = False, precision: str = "fp32", keep_outputs: bool = True) -> None:
+                 cold_start_ok: bool = False, precision: str = "fp32", keep_outputs: bool = True,
+                 fold_uncovered: bool = False) -> None:
         pretrained.check_input_channels(1)
         self.pretrained = pretrained
         self.target_names = list(target_names)
         # a sigmoid head is adapted in its single-label view: background (no channel on), then its channels
         self.class_map = build_class_map(pretrained.label_names, self.target_names, class_map_override,
-                                         allow_no_match=cold_start_ok)
+                                         allow_no_match=cold_start_ok, fold_uncovered=fold_uncovered)
         self.device = select_device(device)
         self.cache_dir = cache_dir
         self.progress = progress
@@ -83,7 +87,8 @@ class AdaptedModels:
         self._output_key = json.dumps([self.class_map.to_dict(), pretrained.activation, pretrained.probabilities,
                                        pretrained.adds_background, list(pretrained.roi_size), pretrained.sw_batch_size,
                                        pretrained.overlap, pretrained.sw_mode, precision,
-                                       pretrained.preprocessing.cache_key(), self.engine_frozen.embedding_layer],
+                                       pretrained.preprocessing.cache_key(), self.engine_frozen.embedding_layer,
+                                       *(["fold_uncovered"] if self.class_map.fold_uncovered else [])],
                                       default=str)
 
     # -- ranks of a torchrun job ------------------------------------------------------------------
@@ -175,8 +180,11 @@ class AdaptedModels:
 
     # -- data -------------------------------------------------------------------------------------
     def prepare(self, case: Case, with_label: bool = True) -> PreparedVolume:
-        return prepare_case(case, self.pretrained.preprocessing, with_label=with_label, cache_dir=self.cache_dir,
-                            n_labels=len(self.target_names))
+        vol = prepare_case(case, self.pretrained.preprocessing, with_label=with_label, cache_dir=self.cache_dir,
+                           n_labels=len(self.target_names))
+        if vol.label is not None and self.class_map.fold_uncovered:  # classes the model lacks count as background
+            vol.label = self.class_map.fold_uncovered_label(vol.label)
+        return vol
 
     def _bar(self, items: list, desc: str):
         return tqdm(items, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)

@@ -4,6 +4,7 @@ and the output activation."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -15,7 +16,7 @@ from asfda.config import read_config_file
 from asfda.errors import AsfdaError, missing_package_error
 from asfda.models.loaded import OUTPUT_ACTIVATIONS, LoadedModel, check_unique_class_names
 from asfda.models.preprocessing import Preprocessing
-from asfda.models.probe import probe_network
+from asfda.models.probe import output_sums_to_one, probe_network
 from asfda.models.safe_config import (
     MAX_RESOLVED_VALUES,
     ConfigTooLarge,
@@ -25,6 +26,8 @@ from asfda.models.safe_config import (
     resolve_literal,
     too_large_error,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _read_config(path: Path) -> dict:
@@ -256,11 +259,15 @@ def _classes_and_activation(metadata: dict, cfg: dict, network: nn.Module, roi: 
         raise AsfdaError(f"asfda_activation {legacy!r} is not 'softmax' or 'sigmoid'", where,
                          "set asfda_output_activation to softmax, sigmoid or none")
     multilabel = str(pred.get("format", "")).lower() in ("multilabel", "multi-label")
-    activation = legacy or ("sigmoid" if multilabel else None) or _postprocessing_activation(cfg, where) or "softmax"
+    post = _postprocessing_activation(cfg, where)
+    activation = legacy or ("sigmoid" if multilabel else None) or post or "softmax"
     if declared in ("softmax", "sigmoid"):
         activation = declared
     elif n_out == 1:
         activation = "sigmoid"  # one output channel: a foreground probability, never a softmax over one class
+    probabilities = declared == "none"
+    if declared is None and legacy is None and not multilabel and post is None and n_out >= 2:  # nothing declares it
+        probabilities = _probabilities_on_probe(network, roi, n_out, where)
     if names is None:
         names = ([f"class_{i + 1}" for i in range(n_out)] if activation == "sigmoid"
                  else ["background"] + [f"class_{i}" for i in range(1, n_out)])
@@ -268,4 +275,17 @@ def _classes_and_activation(metadata: dict, cfg: dict, network: nn.Module, roi: 
     if activation == "softmax" and len(names) < 2:
         raise AsfdaError(f"a softmax head needs at least 2 output classes, the model names {names}", where,
                          "set asfda_output_activation: sigmoid for a single foreground channel")
-    return names, activation, declared == "none"
+    return names, activation, probabilities
+
+
+def _probabilities_on_probe(network: nn.Module, roi: tuple[int, int, int], n_out: int, where: Path | None) -> bool:
+    """Whether a network of which nothing declares the output activation already outputs probabilities: its
+    channels sum to 1 at every voxel of the start-up probe (`output_sums_to_one`), a softmax inside it (TorchScript
+    models often end in one). Then it is taken as probabilities, never softmaxed a second time, and said so."""
+    in_ch = LoadedModel(network, [], Preprocessing(), roi).in_channels or 1
+    if not output_sums_to_one(network, roi, in_ch, where=where):
+        return False
+    log.warning("%s: the network's output already sums to 1 over its %d channels at every voxel of the start-up "
+                "probe: it is taken as probabilities (output_activation none: no second softmax); if it outputs "
+                "logits, pass --output-activation softmax", where, n_out)
+    return True

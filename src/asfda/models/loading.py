@@ -30,6 +30,7 @@ from torch import nn
 from asfda.errors import AsfdaError, missing_package_error
 from asfda.models import nnunet
 from asfda.models.bundle import save_bundle
+from asfda.models.classmap import names_from_recorded_class_map
 from asfda.models.declared import (
     _build_network,
     _build_preprocessing,
@@ -119,14 +120,17 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     ``multilabel`` output format in the metadata (sigmoid), else the ``Activationsd`` step of the bundle's
     ``postprocessing`` (read as data), else softmax (sigmoid for a single output channel). ``none`` is for networks
     whose output already is probabilities (a softmax or sigmoid inside a TorchScript graph): asfda then takes the
-    logarithm instead of applying the activation again.
+    logarithm instead of applying the activation again. When nothing declares it, a network whose channels already
+    sum to 1 at every voxel of the start-up probe (a softmax inside it) is taken as probabilities, with a warning
+    that says so: never softmaxed twice.
     """
     source = Path(source)
     if not source.exists():
         raise AsfdaError("model not found", source,
                          "give a bundle folder, a checkpoint with --model-config, or a .ts file")
     if config is None and nnunet.is_nnunet_source(source):  # an nnU-Net v2 results folder, fold folder or checkpoint
-        return nnunet.load_nnunet(source, strict=strict, embedding_layer=embedding_layer, activation=output_activation)
+        return _with_recorded_class_map(nnunet.load_nnunet(source, strict=strict, embedding_layer=embedding_layer,
+                                                           activation=output_activation))
     metadata: dict = {}
     meta_path: Path | None = None
     if source.is_dir():
@@ -186,8 +190,17 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     roi, swb, overlap = _inferer_settings(cfg, cfg_path, allow_code)
     class_names, activation, probabilities = _classes_and_activation(metadata, cfg, network, roi, output_activation,
                                                                       cfg_path or weights, meta_path)
-    return LoadedModel(network, class_names, prep, roi, swb, overlap, activation, source, cfg, metadata,
-                       embedding_layer or cfg.get("asfda_embedding_layer"), probabilities)
+    return _with_recorded_class_map(LoadedModel(network, class_names, prep, roi, swb, overlap, activation, source,
+                                                cfg, metadata, embedding_layer or cfg.get("asfda_embedding_layer"),
+                                                probabilities))
+
+
+def _with_recorded_class_map(model: LoadedModel) -> LoadedModel:
+    """An adapted model (its metadata records the class map it was adapted under) with its channels named by the
+    dataset classes they were adapted to (`names_from_recorded_class_map`): it runs on that dataset again without
+    ``--class-map``."""
+    model.class_names = names_from_recorded_class_map(model.class_names, model.metadata)
+    return model
 
 
 def _load_weights(network: nn.Module, state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from asfda.errors import AsfdaError, missing_package_error
 
-__all__ = ["probe_network"]
+__all__ = ["output_sums_to_one", "probe_network"]
 
 
 def _network_device(network: nn.Module) -> torch.device:
@@ -26,9 +26,35 @@ def probe_network(network: nn.Module, roi_size: tuple[int, ...], in_channels: in
     output's shape. Refuses, before any real inference and with the numbers, a network that cannot run on that
     window (with a window size it does take, when a nearby multiple of 8, 16 or 32 works), that needs an optional
     package which is not installed, or whose output is not one 3D map of the window's size."""
+    return tuple(_probe(network, tuple(int(r) for r in roi_size), in_channels, where, None).shape)
+
+
+def output_sums_to_one(network: nn.Module, roi_size: tuple[int, ...], in_channels: int = 1, *,
+                       where: str | Path | None = None, tolerance: float = 1e-4) -> bool:
+    """Whether the network's output already is a distribution over its channels: on one window of the model's roi
+    (a fixed random image, drawn from its own generator: the global random state is left as it is), every value in
+    [0, 1] and the channels summing to 1 at every voxel within ``tolerance``: a softmax inside the network (logits
+    do that at every voxel of a window only by design). A single output channel is never a distribution over
+    channels, and a network that cannot run on the window is not one either (False: `probe_network` refuses it
+    where it did before)."""
     roi = tuple(int(r) for r in roi_size)
+    image = torch.rand(1, in_channels, *roi, generator=torch.Generator().manual_seed(0))
     try:
-        out = _forward_zeros(network, roi, in_channels)
+        out = _probe(network, roi, in_channels, where, image).float()
+    except AsfdaError:
+        return False
+    if out.shape[1] < 2 or not bool(torch.isfinite(out).all()):
+        return False
+    if float(out.min()) < -tolerance or float(out.max()) > 1 + tolerance:
+        return False
+    return float((out.sum(1) - 1).abs().max()) <= tolerance
+
+
+def _probe(network: nn.Module, roi: tuple[int, ...], in_channels: int, where: str | Path | None,
+           image: torch.Tensor | None) -> torch.Tensor:
+    """The network's output on ``image`` (None: zeros) of one window, checked to be class scores on its grid."""
+    try:
+        out = _forward_zeros(network, roi, in_channels, image)
     except AsfdaError:
         raise
     except Exception as exc:
@@ -41,12 +67,14 @@ def probe_network(network: nn.Module, roi_size: tuple[int, ...], in_channels: in
                          f"{list(out.shape)}; asfda needs class scores [1, C, {', '.join(map(str, roi))}] "
                          "on the window's "
                          "own grid", where, "use a segmentation network whose output has its input's size")
-    return tuple(out.shape)
+    return out
 
 
-def _forward_zeros(network: nn.Module, roi: tuple[int, ...], in_channels: int) -> object:
+def _forward_zeros(network: nn.Module, roi: tuple[int, ...], in_channels: int, image: torch.Tensor | None = None
+                   ) -> object:
+    device = _network_device(network)
     with torch.inference_mode():
-        return network(torch.zeros(1, in_channels, *roi, device=_network_device(network)))
+        return network(torch.zeros(1, in_channels, *roi, device=device) if image is None else image.to(device))
 
 
 def _probe_error(network: nn.Module, roi: tuple[int, ...], in_channels: int, exc: Exception, where: str | Path | None

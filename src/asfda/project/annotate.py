@@ -26,23 +26,31 @@ from asfda.training.guard import blamed
 
 from .state import Project, _now, _sha256, project_lock
 
+IMAGE_MODES = ("copy", "link")
+"""How ``annotate/roundR/images/`` holds the queried images: ``copy`` (the default: the round folder works on the
+annotator's machine alone) or ``link`` (links relative to the round folder: the project and the pool move together;
+a copy where the file system has no links). Never an absolute link."""
+
 
 def next_query(root: str | Path, *, progress: bool = True, force: bool = False, device: str | None = None,
-               precision: str | None = None, trust_model_code: bool = False) -> dict:
+               precision: str | None = None, trust_model_code: bool = False, images: str = "copy") -> dict:
     """Scores the unlabeled pool with the current model and picks the next batch to annotate.
 
-    Writes ``annotate/roundR/``: ``cases.txt`` (ids), ``images/`` (links to the pool images),
-    ``previews/CASE.png`` (image and current prediction), ``query.json`` (scores and why) and
-    ``README.txt``. A pending query whose labels are not all in is shown again, not replaced (``force``
-    replaces it); the record returned then has ``"shown_again": True``. After a round the guard discarded, the
-    query is a replacement: ``"replaces": {"round", "ids"}`` names that round and the volumes it blames (their labels
-    are kept). ``device`` overrides the project's setting for this command; ``precision`` is the scoring (inference)
-    precision, ``fp32`` (default) or ``bf16``. ``trust_model_code``: the command line's ``--trust-model-code``, given
-    each time (a project never stores it).
+    Writes ``annotate/roundR/``: ``cases.txt`` (ids), ``images/`` (the pool images, copied or relatively linked:
+    ``images``, one of `IMAGE_MODES`), ``previews/CASE.png`` (image and current prediction), ``query.json`` (scores
+    and why) and ``README.txt`` (naming each case's files). A pending query whose labels are not all in is shown
+    again, not replaced (``force`` replaces it); the record returned then has ``"shown_again": True``. After a round
+    the guard discarded, the query is a replacement: ``"replaces": {"round", "ids"}`` names that round and the
+    volumes it blames (their labels are kept). ``device`` overrides the project's setting for this command;
+    ``precision`` is the scoring (inference) precision, ``fp32`` (default) or ``bf16``. ``trust_model_code``: the
+    command line's ``--trust-model-code``, given each time (a project never stores it).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the pool's scoring is sharded over the ranks (`asfda.distributed`): rank 0
     fits T, picks and writes every file; the other ranks score their shards and return ``{}``.
     """
+    if images not in IMAGE_MODES:
+        raise AsfdaError(f"images mode {images!r} is not one of {list(IMAGE_MODES)}",
+                         fix="copy (portable: the default) or link (links relative to the round folder)")
     project = Project(root)
     requested = device or project.settings.device
     with rank_context(requested) as dist:  # torchrun's ranks, or this one process
@@ -68,14 +76,14 @@ def next_query(root: str | Path, *, progress: bool = True, force: bool = False, 
                     dist.broadcast_from_main(project.state)
                 sent = True
                 return _new_query(project, progress, dist.device(requested), precision or "fp32", dist,
-                                  trust_model_code)
+                                  trust_model_code, images)
         finally:
             if dist.sharded and not sent:  # nothing to score (or an error before): the other ranks return
                 dist.broadcast_from_main(None)
 
 
 def _new_query(project: Project, progress: bool, device: str | None = None, precision: str = "fp32",
-               dist: DistContext | None = None, trust_model_code: bool = False) -> dict:
+               dist: DistContext | None = None, trust_model_code: bool = False, images_mode: str = "copy") -> dict:
 
     s = project.settings
     r = project.round
@@ -104,13 +112,7 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     for cid in query.ids:
-        src = by_id[cid].image_path
-        link = images / src.name
-        if not link.exists():
-            try:
-                os.symlink(src, link)
-            except OSError:  # file systems without symlinks
-                atomic_write(link, functools.partial(shutil.copyfile, src))
+        place_image(by_id[cid].image_path, images, images_mode)
     _write_annotation_aids(adapter, [by_id[i] for i in query.ids], folder, ds.class_names, project.state["labels"])
     record = {"round": r, "strategy": query.strategy, "ids": query.ids, "scores": query.scores,
               "components": query.components, "strategy_settings": strategy.settings(),
@@ -122,24 +124,57 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
               **({"precision": precision} if precision != "fp32" else {})}
     atomic_write_json(folder / "query.json", record)
     atomic_write_text(folder / "cases.txt", "\n".join(query.ids) + "\n")
-    values = ", ".join(f"{v} = {n}" for n, v in sorted(project.state["labels"].items(), key=lambda kv: kv[1]))
-    why = (f"Round {replaces['round']}'s fine-tuning was discarded by the guard (its model segmented unlabeled volumes "
-           f"worse than the pretrained model); this query replaces {', '.join(replaces['ids'])} "
-           f"({'its label is' if len(replaces['ids']) == 1 else 'their labels are'} kept).\n" if replaces else "")
-    atomic_write_text(folder / "README.txt", why + (
-        f"Round {r}: please annotate {'this case' if len(query.ids) == 1 else f'these {len(query.ids)} cases'} "
-        "(ids in cases.txt, images in images/).\n"
-        f"Save each label map on its image's grid as CASE.nii.gz with the values {values}.\n"
-        "Correcting is faster than drawing: presegmentations/CASE.nii.gz is the current model's prediction on the\n"
-        "image's own grid, with these values. ITK-SNAP: open images/CASE_0000.nii.gz, then Segmentation > Open\n"
-        "Segmentation... presegmentations/CASE.nii.gz and Segmentation > Import Label Descriptions...\n"
-        "labels.itksnap.txt; edit, then Segmentation > Save Segmentation Image as CASE.nii.gz. 3D Slicer: load\n"
-        "labels.slicer.ctbl (a colour table), then the image, then presegmentations/CASE.nii.gz as a segmentation\n"
-        "with that colour table; edit in Segment Editor; export it as a labelmap CASE.nii.gz on the image's grid.\n"
-        f"Then: asfda ingest LABELS_FOLDER {project.root}\n"))
+    atomic_write_text(folder / "README.txt", round_readme(r, [(cid, by_id[cid].image_path.name) for cid in query.ids],
+                                                          project.state["labels"], project.root, replaces))
     project.state["query"] = record
     project.save(f"round {r}: queried {', '.join(query.ids)}")
     return record
+
+
+def place_image(src: Path, images: Path, mode: str = "copy") -> Path:
+    """Puts the pool image ``src`` into a round's ``images/`` folder under its own name: a copy (``copy``), or a
+    link relative to that folder (``link``; a copy where the file system has no links). Never an absolute link: the
+    round folder stays usable when the project (``link``: with the pool beside it) is moved or sent."""
+    dest = images / src.name
+    if os.path.lexists(dest):
+        if dest.exists() and not (dest.is_symlink() and os.path.isabs(os.readlink(dest))):
+            return dest  # already there (a query shown again)
+        dest.unlink()  # a dangling link, or an absolute one an earlier asfda wrote: placed again
+    if mode == "link":
+        try:
+            os.symlink(os.path.relpath(src.resolve(), images.resolve()), dest)
+            return dest
+        except (OSError, ValueError):  # no links on this file system, or another drive (Windows): a copy
+            pass
+    atomic_write(dest, functools.partial(shutil.copyfile, src))
+    return dest
+
+
+def round_readme(r: int, cases: list[tuple[str, str]], labels: dict[str, int], root: Path,
+                 replaces: dict | None = None) -> str:
+    """The README.txt of round ``r``'s folder: what to annotate, each case's real file names (``cases``: (id, image
+    file name) pairs: ``CASE.nii.gz`` for a plain-folder pool, ``CASE_0000.nii.gz`` for an nnU-Net one), the label
+    values, and how to edit and save the pre-segmentations in ITK-SNAP and 3D Slicer."""
+    values = ", ".join(f"{v} = {n}" for n, v in sorted(labels.items(), key=lambda kv: kv[1]))
+    why = (f"Round {replaces['round']}'s fine-tuning was discarded by the guard (its model segmented unlabeled volumes "
+           f"worse than the pretrained model); this query replaces {', '.join(replaces['ids'])} "
+           f"({'its label is' if len(replaces['ids']) == 1 else 'their labels are'} kept).\n" if replaces else "")
+    listing = "".join(f"  {cid}: open images/{name}, pre-segmentation presegmentations/{cid}.nii.gz, save the label "
+                      f"as {cid}.nii.gz\n" for cid, name in cases)
+    cid, name = cases[0]
+    return why + (
+        f"Round {r}: please annotate {'this case' if len(cases) == 1 else f'these {len(cases)} cases'} "
+        "(ids in cases.txt, images in images/):\n" + listing +
+        f"Save each label map on its image's grid as CASE.nii.gz (CASE: the case id above) with the values "
+        f"{values}.\n"
+        "Correcting is faster than drawing: presegmentations/CASE.nii.gz is the current model's prediction on the\n"
+        f"image's own grid, with these values. ITK-SNAP: open the image (for {cid}: images/{name}), then\n"
+        f"Segmentation > Open Segmentation... presegmentations/{cid}.nii.gz and Segmentation > Import Label\n"
+        f"Descriptions... labels.itksnap.txt; edit, then Segmentation > Save Segmentation Image as {cid}.nii.gz.\n"
+        "3D Slicer: load labels.slicer.ctbl (a colour table), then the image, then its pre-segmentation as a\n"
+        "segmentation with that colour table; edit in Segment Editor; export it as a labelmap CASE.nii.gz on the\n"
+        "image's grid.\n"
+        f"Then: asfda ingest LABELS_FOLDER {root}\n")
 
 
 def _write_annotation_aids(adapter, cases: list[Case], folder: Path, class_names: list[str],

@@ -305,3 +305,24 @@ def test_score_query_and_predict_on_a_dicom_pool_match_the_nifti_pool(tmp_path: 
         got, want = nib.load(str(tmp_path / "pred" / f"{cid}.nii.gz")), nib.load(str(ref / f"{cid}.nii.gz"))
         np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
         np.testing.assert_allclose(got.affine, want.affine, atol=1e-4)
+
+
+def test_the_caches_see_a_slice_rewritten_in_place(tmp_path: Path) -> None:
+    """The forward-output store keys a series folder by its slices (`volume_file_stamp`), not by the folder's mtime;
+    a NIfTI file keeps its stamp format (path, size, mtime), so existing caches stay valid."""
+    import os
+
+    from asfda.adapter.outputs import volume_stamp
+    from asfda.io.dicom import volume_file_stamp
+
+    folder = write_series(tmp_path / "CT", _ct(10), oblique_affine())
+    before, slice_file, folder_mtime = volume_stamp(folder), sorted(folder.iterdir())[0], folder.stat().st_mtime_ns
+    ds = pydicom.dcmread(slice_file)
+    ds.RescaleIntercept = "-1000"
+    ds.save_as(slice_file, enforce_file_format=True)
+    os.utime(folder, ns=(folder_mtime, folder_mtime))
+    assert volume_stamp(folder) != before
+    nii = tmp_path / "x.nii.gz"
+    write_nifti(nii, np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    st = nii.stat()
+    assert volume_file_stamp(nii) == f"{nii.resolve()}:{st.st_size}:{st.st_mtime_ns}"

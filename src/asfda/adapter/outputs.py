@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asfda.io.dicom import volume_file_stamp
+
 __all__ = ["PASS_KINDS", "ForwardStore", "volume_stamp"]
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,9 @@ _OWNER_FILE = "owner.pid"
 
 
 def volume_stamp(image_path: Path) -> str:
-    """What identifies a volume's file: its path, size and modification time (a changed file is another volume)."""
-    st = Path(image_path).stat()
-    return f"{Path(image_path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    """What identifies a volume's file: its path, size and modification time (a changed file is another volume; a
+    DICOM series folder: its slices', `asfda.io.dicom.volume_file_stamp`)."""
+    return volume_file_stamp(image_path)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -16,6 +16,7 @@ from asfda.cache import EngineOutputCache
 from asfda.distributed import DistContext
 from asfda.engine import InferenceEngine
 from asfda.io.datasets import Case
+from asfda.io.dicom import is_series_folder, series_stamp
 from asfda.models import state_dict_hash
 from asfda.scoring import expected_calibration_error, fit_temperature
 from asfda.scoring.metrics import anatomy_composition
@@ -179,7 +180,8 @@ class ScoringMixin(AdaptedModels):
                 # the same weights read another way give other numbers (softmax logits: the key as it always was)
                 extra += f"|{self.pretrained.output_activation}:{self.pretrained.activation}"
             prep_key = self.pretrained.preprocessing.cache_key()
-            stamps = {c.case_id: f"{c.image_path}:{c.image_path.stat().st_mtime_ns}" for c in cases}
+            stamps = {c.case_id: series_stamp(c.image_path) if is_series_folder(c.image_path)  # a slice rewritten
+                      else f"{c.image_path}:{c.image_path.stat().st_mtime_ns}" for c in cases}  # in place: another
             key_fn = lambda cid: cache.key(cid, current_hash, prep_key, False, extra + stamps.get(cid, ""))  # noqa: E731
         return frozen, cache, key_fn
 

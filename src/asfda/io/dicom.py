@@ -40,8 +40,8 @@ from asfda.io.atomic import atomic_write
 from asfda.io.limits import check_affine, check_cap, check_min_axis
 
 __all__ = ["DICOM_INSTALL_FIX", "SeriesGeometry", "find_series", "is_series_folder", "read_dicom_header",
-           "read_dicom_series", "scan_series", "series_case_id", "series_files", "series_stamp", "write_dicom_seg",
-           "written_seg"]
+           "read_dicom_series", "scan_series", "series_case_id", "series_files", "series_stamp", "volume_file_stamp",
+           "write_dicom_seg", "written_seg"]
 
 DICOM_INSTALL_FIX = "install DICOM support: pip install 'asfda[dicom]' (pydicom; highdicom for DICOM SEG)"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -112,6 +112,16 @@ def series_stamp(folder: Path) -> str:
     stats = [p.stat() for p in series_files(folder)]
     return f"{Path(folder).resolve()}:{len(stats)}:{sum(s.st_size for s in stats)}:" \
            f"{max((s.st_mtime_ns for s in stats), default=0)}"
+
+
+def volume_file_stamp(path: str | os.PathLike) -> str:
+    """What identifies an image's file for the caches: its resolved path, size and modification time; for a DICOM
+    series folder, `series_stamp` (a slice rewritten in place changes it, though the folder's own mtime does not)."""
+    p = Path(path)
+    if is_series_folder(p):
+        return series_stamp(p)
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 @dataclass(frozen=True)

@@ -294,3 +294,12 @@ def test_a_one_organ_model_runs_and_fine_tunes_on_a_dataset_of_more_organs(tmp_p
     assert plain.current.new_head is not None
     with pytest.raises(AsfdaError, match="not classes of the model"):
         plain.class_map.refuse_new_classes()
+
+
+def test_folding_changes_nothing_for_a_model_that_covers_every_class() -> None:
+    """fold_uncovered is set only where a class is folded: a model covering the dataset keeps its class map (and
+    the adapter's keys of stored outputs) as before."""
+    full = build_class_map(["background", "liver", "spleen"], ["background", "liver", "spleen"], fold_uncovered=True)
+    assert full == build_class_map(["background", "liver", "spleen"], ["background", "liver", "spleen"])
+    assert build_class_map(["background", "spleen"], ["background", "liver", "spleen"], fold_uncovered=True
+                           ).fold_uncovered

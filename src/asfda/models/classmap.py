@@ -153,7 +153,7 @@ def build_class_map(source_names: list[str], target_names: list[str], override: 
         raise AsfdaError("two dataset labels map to the same model class", fix="check --class-map")
     folded = tuple(i for i in range(len(source_names)) if i not in set(index))
     cmap = ClassMap(tuple(target_names), tuple(source_names), tuple(index), (src_bg, *folded),
-                    fold_uncovered and bool(matched))
+                    fold_uncovered and bool(matched) and None in index[1:])  # only where something is folded
     if cmap.new_classes and cmap.fold_uncovered:
         log.warning("%s", cmap.uncovered_note())
     elif cmap.new_classes:

@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the pin again: nnunetv2 (test extra) pulls timm -> torchvision, whose newest release wants a newer torch
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,dicom]' $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test,dicom,bundle]' $(TORCH_PIN)
 	touch $@
 
 setup: $(VENV)/.installed

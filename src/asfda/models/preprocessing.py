@@ -23,6 +23,7 @@ from monai.transforms import Orientation, Spacing, SpatialResample
 from asfda.errors import AsfdaError, missing_package_error
 from asfda.io.atomic import atomic_write
 from asfda.io.datasets import Case
+from asfda.io.dicom import volume_file_stamp
 from asfda.io.nifti import (
     HELD_ITEMSIZE,
     MAX_NIFTI_BYTES_ENV,
@@ -245,11 +246,7 @@ def _check_label_values(label: np.ndarray, path: Path | None, n_labels: int | No
 
 
 def _stamp(case: Case, with_label: bool) -> str:
-    parts = []
-    for p in (case.image_path, case.label_path if with_label else None):
-        if p is not None:
-            st = Path(p).stat()
-            parts.append(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    parts = [volume_file_stamp(p) for p in (case.image_path, case.label_path if with_label else None) if p is not None]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 

@@ -9,34 +9,34 @@ area under the Dice-vs-labelled curve (from zero-shot). Reads only the folders' 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from asfda.io import atomic_write_text
-from asfda.simulate import area_under_curve
+from asfda.results import RunRecords, area_under_curve, read_run
 
 
-def curve(folder: Path, strategy: str, seed: int) -> tuple[list[str], list[float]] | None:
+def curve(got: RunRecords, strategy: str, seed: int) -> tuple[list[str], list[float]] | None:
     """(picked ids per round, [zero-shot Dice, Dice after each round]) or None when the run is missing."""
-    state, zero = folder / strategy / f"seed{seed}" / "state.json", folder / f"zero_shot_seed{seed}.json"
-    if not state.is_file() or not zero.is_file():
+    if seed not in got.states.get(strategy, {}) or seed not in got.zero_shot:
         return None
-    rounds = json.loads(state.read_text())["rounds"]
-    z = float(np.nanmean([c["dice_mean"] for c in json.loads(zero.read_text())["per_case"]]))
+    rounds = got.rounds(strategy, seed)
+    z = float(np.nanmean([c["dice_mean"] for c in got.zero_shot[seed]["per_case"]]))
     return [",".join(r["queried"]) for r in rounds], [z, *(float(r["dice_mean"]) for r in rounds)]
 
 
 def compare(a: Path, b: Path, labels: tuple[str, str], strategy: str) -> str:
-    seeds = sorted({int(p.name[4:]) for f in (a, b) for p in (f / strategy).glob("seed*") if p.name[4:].isdigit()})
+    runs = {lab: read_run(f, [strategy]) for lab, f in zip(labels, (a, b), strict=True)}
+    seeds = sorted({s for got in runs.values() for s in got.states.get(strategy, {})})
     lines = [f"| seed | {strategy} | labelled, round by round (test Dice after the round; zero-shot first) | AUC |",
              "|---|---|---|---|"]
     aucs: dict[str, list[float]] = {labels[0]: [], labels[1]: []}
     for seed in seeds:
-        got = {lab: curve(f, strategy, seed) for lab, f in zip(labels, (a, b))}
-        if any(v is None for v in got.values()):
+        found = {lab: curve(runs[lab], strategy, seed) for lab in labels}
+        got = {lab: c for lab, c in found.items() if c is not None}
+        if len(got) < len(labels):
             continue
         n = min(len(d) for _, d in got.values())
         for lab, (picks, dice) in got.items():

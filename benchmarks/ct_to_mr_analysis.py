@@ -8,13 +8,12 @@ has at all on this pool), and the cost per round. It trains nothing: every figur
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from statistics import mean, median
 
 from asfda.io import atomic_write_text
-from asfda.simulate import area_under_curve
+from asfda.results import area_under_curve, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER = ["asfda", "random", "enpy", "coreset", "mc_entropy", "badge"]
@@ -22,15 +21,12 @@ ORDER = ["asfda", "random", "enpy", "coreset", "mc_entropy", "badge"]
 
 def load_runs(out: Path) -> dict:
     """{seed: {"zero": per_case, "ub": per_case | None, "runs": {strategy: rounds}}} from the folder's files."""
-    seeds: dict[int, dict] = {}
-    for zs in sorted(out.glob("zero_shot_seed*.json")):
-        seed = int(zs.stem.removeprefix("zero_shot_seed"))
-        ub = out / "upper_bound" / f"seed{seed}.json"
-        runs = {p.parent.parent.name: json.loads(p.read_text())["rounds"]
-                for p in sorted(out.glob(f"*/seed{seed}/state.json"))}
-        seeds[seed] = {"zero": json.loads(zs.read_text())["per_case"],
-                       "ub": json.loads(ub.read_text())["per_case"] if ub.exists() else None, "runs": runs}
-    return seeds
+    got = read_run(out)
+    return {seed: {"zero": zero["per_case"],
+                   "ub": got.upper_bound[seed]["per_case"] if seed in got.upper_bound else None,
+                   "runs": {name: got.rounds(name, seed) for name in sorted(got.states)
+                            if seed in got.states[name]}}
+            for seed, zero in sorted(got.zero_shot.items())}
 
 
 def _mean(per_case: list[dict], key: str = "dice_mean") -> float:
@@ -40,6 +36,52 @@ def _mean(per_case: list[dict], key: str = "dice_mean") -> float:
 def curve(seed_data: dict, name: str) -> list[float]:
     """Mean test Dice at n = 0 (zero-shot), 1, 2, ... for one strategy and seed."""
     return [_mean(seed_data["zero"])] + [r["dice_mean"] for r in seed_data["runs"][name]]
+
+
+def _detail_lines(data: dict, seeds: list[int], names: list[str], rounds: int, full: list[int]) -> list[str]:
+    """Per class, per test case, asfda's score components and the cost per round."""
+    lines: list[str] = []
+    classes = [k.removeprefix("dice_") for k in data[seeds[0]]["zero"][0] if k.startswith("dice_") and k != "dice_mean"]
+    lines += ["## Per class (mean over seeds and test cases)", "",
+              "| strategy | n | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
+    lines.append("| zero-shot | 0 | " + " | ".join(
+        f"{mean(_mean(data[s]['zero'], 'dice_' + c) for s in seeds):.3f}" for c in classes) + " |")
+    for k in sorted({1, min(4, rounds)}):
+        for n in names:
+            lines.append(f"| {n} | {k} | " + " | ".join(
+                f"{mean(_mean(data[s]['runs'][n][k - 1]['per_case'], 'dice_' + c) for s in seeds):.3f}"
+                for c in classes) + " |")
+    if full:
+        lines.append("| upper bound | all | " + " | ".join(
+            f"{mean(_mean(data[s]['ub'], 'dice_' + c) for s in full):.3f}" for c in classes) + " |")
+    lines += ["", "## Per test case at n=" + str(min(4, rounds)) + " (mean over strategies)", ""]
+    for s in seeds:
+        per: dict[str, list[float]] = {c["case_id"]: [] for c in data[s]["zero"]}
+        for n in names:
+            for c in data[s]["runs"][n][min(4, rounds) - 1]["per_case"]:
+                per[c["case_id"]].append(c["dice_mean"])
+        lines.append(f"- seed {s}: " + ", ".join(f"{cid} {mean(v):.3f}" for cid, v in per.items()))
+
+    if "asfda" in names:
+        lines += ["", "## asfda's picks: score components", "",
+                  "| seed | round | picked | rank score | ASD | DKD part (kd / feature_gap) | min distance |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in seeds:
+            for r in data[s]["runs"]["asfda"][:rounds]:
+                for cid, comp in r["query_components"].items():
+                    gap = comp.get("kd", comp.get("feature_gap", float("nan")))
+                    lines.append(f"| {s} | {r['round']} | {cid} | {comp.get('rank_score', float('nan')):.3f} | "
+                                 f"{comp.get('asd', float('nan')):.3f} | {gap:.4g} | "
+                                 f"{comp.get('min_distance', float('nan')):.4f} |")
+
+    lines += ["", "## Cost per round (median seconds; the machine of each seed is in the README)", "",
+              "| strategy | " + " | ".join(f"seed {s}: score / train" for s in seeds) + " |",
+              "|---" * (len(seeds) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(
+            f"{median(r['seconds_score'] for r in data[s]['runs'][n]):.0f} / "
+            f"{median(r['seconds_train'] for r in data[s]['runs'][n]):.0f}" for s in seeds) + " |")
+    return lines
 
 
 def analyse(out: Path) -> str:
@@ -71,8 +113,9 @@ def analyse(out: Path) -> str:
         others = [n for n in names if n not in ("asfda", "random")]
     if "asfda" in auc and others:
         beaten = [n for n in others if mean(auc["asfda"].values()) > mean(auc[n].values())]
+        not_beaten = [n for n in others if n not in beaten]
         lines.append(f"- asfda's mean AUC beats {len(beaten)} of {len(others)} other baselines"
-                     + (f" (not: {', '.join(n for n in others if n not in beaten)})" if len(beaten) < len(others) else "")
+                     + (f" (not: {', '.join(not_beaten)})" if not_beaten else "")
                      + f": **{'met' if len(beaten) == len(others) else 'missed'}**.")
     if "asfda" in at:
         lines.append(f"- 1 label: asfda {at['asfda'][1]:.3f} against zero-shot {at['asfda'][0]:.3f} "
@@ -94,54 +137,18 @@ def analyse(out: Path) -> str:
         test = ", ".join(c["case_id"] for c in d["zero"])
         lines += [f"Seed {s}: test {test}; zero-shot {_mean(d['zero']):.3f}"
                   + (f"; upper bound {_mean(d['ub']):.3f}" if d["ub"] else "; upper bound not run") + ".", "",
-                  "| strategy | " + " | ".join(f"n={k}" for k in range(1, rounds + 1)) + " |", "|---" * (rounds + 1) + "|"]
+                  "| strategy | " + " | ".join(f"n={k}" for k in range(1, rounds + 1)) + " |",
+                  "|---" * (rounds + 1) + "|"]
         for n in names:
             cells = []
             for r in d["runs"][n][:rounds]:
                 mark = " discarded" if (r.get("guard") or {}).get("reverted") else ""
-                cells.append(f"{r['dice_mean']:.3f} ({', '.join(q.removeprefix('chaos_') for q in r['queried'])}{mark})")
+                picked = ", ".join(q.removeprefix("chaos_") for q in r["queried"])
+                cells.append(f"{r['dice_mean']:.3f} ({picked}{mark})")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
 
-    classes = [k.removeprefix("dice_") for k in data[seeds[0]]["zero"][0] if k.startswith("dice_") and k != "dice_mean"]
-    lines += ["## Per class (mean over seeds and test cases)", "",
-              "| strategy | n | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
-    lines.append("| zero-shot | 0 | " + " | ".join(f"{mean(_mean(data[s]['zero'], 'dice_' + c) for s in seeds):.3f}"
-                                               for c in classes) + " |")
-    for k in sorted({1, min(4, rounds)}):
-        for n in names:
-            lines.append(f"| {n} | {k} | " + " | ".join(
-                f"{mean(_mean(data[s]['runs'][n][k - 1]['per_case'], 'dice_' + c) for s in seeds):.3f}" for c in classes)
-                + " |")
-    if full:
-        lines.append("| upper bound | all | " + " | ".join(f"{mean(_mean(data[s]['ub'], 'dice_' + c) for s in full):.3f}"
-                                                         for c in classes) + " |")
-    lines += ["", "## Per test case at n=" + str(min(4, rounds)) + " (mean over strategies)", ""]
-    for s in seeds:
-        per = {c["case_id"]: [] for c in data[s]["zero"]}
-        for n in names:
-            for c in data[s]["runs"][n][min(4, rounds) - 1]["per_case"]:
-                per[c["case_id"]].append(c["dice_mean"])
-        lines.append(f"- seed {s}: " + ", ".join(f"{cid} {mean(v):.3f}" for cid, v in per.items()))
-
-    if "asfda" in names:
-        lines += ["", "## asfda's picks: score components", "",
-                  "| seed | round | picked | rank score | ASD | DKD part (kd / feature_gap) | min distance |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in seeds:
-            for r in data[s]["runs"]["asfda"][:rounds]:
-                for cid, comp in r["query_components"].items():
-                    gap = comp.get("kd", comp.get("feature_gap", float("nan")))
-                    lines.append(f"| {s} | {r['round']} | {cid} | {comp.get('rank_score', float('nan')):.3f} | "
-                                 f"{comp.get('asd', float('nan')):.3f} | {gap:.4g} | "
-                                 f"{comp.get('min_distance', float('nan')):.4f} |")
-
-    lines += ["", "## Cost per round (median seconds; the machine of each seed is in the README)", "",
-              "| strategy | " + " | ".join(f"seed {s}: score / train" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(
-            f"{median(r['seconds_score'] for r in data[s]['runs'][n]):.0f} / "
-            f"{median(r['seconds_train'] for r in data[s]['runs'][n]):.0f}" for s in seeds) + " |")
+    lines += _detail_lines(data, seeds, names, rounds, full)
     return "\n".join(lines) + "\n"
 
 

@@ -24,15 +24,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine, when imported from the tests
+from _machine import code_version, machine
 
-from _machine import code_version, machine  # noqa: E402
-
-from asfda.config import RunConfig  # noqa: E402
-from asfda.crossval import crossval  # noqa: E402
-from asfda.crossval.folds import write_linked_dataset as _write_dataset  # noqa: E402,F401  (single_label_utility)
-from asfda.errors import AsfdaError  # noqa: E402
-from asfda.training import TrainConfig  # noqa: E402
+from asfda.config import RunConfig
+from asfda.crossval import crossval
+from asfda.errors import AsfdaError
+from asfda.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

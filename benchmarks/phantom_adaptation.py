@@ -16,19 +16,20 @@ import json
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from _machine import machine
 
 from asfda.config import RunConfig
 from asfda.demo import phantom_model_path
 from asfda.io import atomic_write_text
 from asfda.phantom import generate_benchmark
+from asfda.results import read_run, results_table
 from asfda.selection import DEFAULT_DIVERSITY, DIVERSITY_SPACES, REPRESENTATIVENESS
-from asfda.simulate import results_table, run_simulation
+from asfda.simulate import run_simulation
 from asfda.training import TrainConfig
-from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,20 +38,21 @@ def coverage_lines(out: Path, strategies: list[str], seeds: list[int], subgroup:
     """Per strategy: distinct sub-populations in the labelled set after each round (mean over seeds)."""
     table: dict[str, list[list[int]]] = {}
     picked: dict[str, Counter] = {}
+    got = read_run(out, strategies, seeds)
     for name in strategies:
         per_seed = []
         picked[name] = Counter()
         for seed in seeds:
-            state = json.loads((out / name / f"seed{seed}" / "state.json").read_text())
             seen, row = set(), []
-            for rec in state["rounds"]:
+            for rec in got.rounds(name, seed):
                 seen |= {subgroup[i] for i in rec["queried"]}
                 picked[name].update(subgroup[i] for i in rec["queried"])
                 row.append(len(seen))
             per_seed.append(row)
         table[name] = per_seed
     n_rounds = max(len(r) for v in table.values() for r in v)
-    lines = ["| strategy | " + " | ".join(f"round {r}" for r in range(n_rounds)) + " | labelled volumes by sub-population (all seeds) |",
+    lines = ["| strategy | " + " | ".join(f"round {r}" for r in range(n_rounds))
+             + " | labelled volumes by sub-population (all seeds) |",
              "|---|" + "---|" * (n_rounds + 1)]
     for name, per_seed in table.items():
         means = [np.mean([row[r] for row in per_seed if len(row) > r]) for r in range(n_rounds)]
@@ -73,7 +75,8 @@ def main() -> None:
     ap.add_argument("--representativeness", choices=list(REPRESENTATIVENESS), default="none",
                     help="asfda's representativeness term (default: none, the package default)")
     ap.add_argument("--n-misleading", type=int, default=0,
-                    help="extra volumes of the misleading sub-population (cystic livers, `asfda phantom --n-misleading`)")
+                    help="extra volumes of the misleading sub-population (cystic livers, "
+                    "`asfda phantom --n-misleading`)")
     ap.add_argument("--test-fraction", type=float, default=0.2)
     ap.add_argument("--data", default=str(REPO / ".cache" / "bench_phantom_adaptation"))
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/phantom_adaptation"))
@@ -88,8 +91,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     cfg = RunConfig(model=str(phantom_model_path()), pool=str(paths["target"]), test_fraction=args.test_fraction,
-                    strategies=strategies, budget=args.budget, rounds=args.rounds, seeds=seeds, diversity=args.diversity,
-                    representativeness=args.representativeness,
+                    strategies=strategies, budget=args.budget, rounds=args.rounds, seeds=seeds,
+                    diversity=args.diversity, representativeness=args.representativeness,
                     train=TrainConfig(steps=args.steps, batch_size=2), upper_bound=True, previews=2,
                     cache_dir=str(Path(args.data) / "cache"), out_dir=str(out), progress=sys.stderr.isatty())
     result = run_simulation(cfg)
@@ -99,7 +102,7 @@ def main() -> None:
         "# Phantom adaptation on a large heterogeneous target pool", "",
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"Machine: {machine()}  ",
-        f"Date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
+        f"Date: {datetime.now(UTC).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
         f"Pool: phantom target, {args.n_target + args.n_misleading} volumes (data seed {args.data_seed}; "
         + ", ".join(f"{g} {k}" for g, k in counts.most_common()) + f"), seeded {args.test_fraction:.0%} test split "
         f"per seed; shipped phantom model; {args.budget} labels x {args.rounds} rounds, {args.steps} steps per round; "

@@ -16,27 +16,27 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from asfda.results import read_run
+
 CLASSES = ("liver", "kidney_right", "kidney_left", "spleen")
-
-
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def fold_rounds(fold_dir: Path, strategy: str, seed: int) -> dict[int, dict]:
     """n_labelled -> {"per_case": [...], "seconds": train + score seconds} of one finished run."""
-    st = _load(fold_dir / strategy / f"seed{seed}" / "state.json") or {}
     return {int(r["n_labelled"]): {"per_case": r["per_case"],
                                    "seconds": float(r.get("seconds_train", 0)) + float(r.get("seconds_score", 0))}
-            for r in st.get("rounds", [])}
+            for r in read_run(fold_dir, [strategy], [seed]).rounds(strategy, seed)}
+
+
+def _zero_shot(fold_dir: Path, seed: int) -> list | None:
+    """The zero-shot per-case rows of one fold (None when it has none)."""
+    zero = read_run(fold_dir, [], [seed]).zero_shot.get(seed)
+    return None if zero is None else zero.get("per_case", [])
 
 
 def _mean(values: list[float]) -> float:
@@ -48,7 +48,7 @@ def table(variants: dict[str, Path], strategy: str, seed: int, rounds: int) -> t
     folds = sorted({p.name for root in variants.values() for p in root.glob("fold*") if p.is_dir()},
                    key=lambda s: int(s[4:]))
     shared = [f for f in folds
-              if all(len(fold_rounds(root / f, strategy, seed)) >= rounds and (root / f / f"zero_shot_seed{seed}.json").exists()
+              if all(len(fold_rounds(root / f, strategy, seed)) >= rounds and _zero_shot(root / f, seed) is not None
                      for root in variants.values())]
     result: dict = {"shared_folds": shared, "variants": {}}
     lines = [f"Folds finished by every variant ({strategy}, seed {seed}, n = 1..{rounds}): "
@@ -57,7 +57,7 @@ def table(variants: dict[str, Path], strategy: str, seed: int, rounds: int) -> t
              + f" | mean n=1..{rounds} | " + " | ".join(f"{c} (n={rounds})" for c in CLASSES) + " | s/round (median) |",
              "|" + "---|" * (rounds + 5 + len(CLASSES))]
     for name, root in variants.items():
-        zero = [r for f in shared for r in (_load(root / f / f"zero_shot_seed{seed}.json") or {}).get("per_case", [])]
+        zero = [r for f in shared for r in _zero_shot(root / f, seed) or []]
         runs = {f: fold_rounds(root / f, strategy, seed) for f in shared}
         secs = [rec["seconds"] for f in shared for rec in runs[f].values()]
         out = {}
@@ -71,7 +71,8 @@ def table(variants: dict[str, Path], strategy: str, seed: int, rounds: int) -> t
             lines.append(f"| {name} | {label} | " + " | ".join(f"{v:.3f}" for v in curve)
                          + f" | {_mean(curve[1:]):.3f} | " + " | ".join(f"{v:.3f}" for v in per_class)
                          + f" | {np.median(secs) if secs else math.nan:.0f} |")
-        result["variants"][name] = {"path": str(root), **out, "seconds_per_round_median": float(np.median(secs)) if secs else None}
+        result["variants"][name] = {"path": str(root), **out,
+                                    "seconds_per_round_median": float(np.median(secs)) if secs else None}
     return "\n".join(lines), result
 
 
@@ -88,7 +89,7 @@ def main() -> None:
     print(text)
     if args.out:
         out = Path(args.out)
-        stamp = datetime.now(timezone.utc).isoformat(timespec="minutes")
+        stamp = datetime.now(UTC).isoformat(timespec="minutes")
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         out.write_text(f"Table written {stamp} by `python benchmarks/recipe_table.py "
                        + " ".join(f"--variant {k}={v}" for k, v in variants.items()) + "`\n\n" + text + "\n")

@@ -31,9 +31,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import code_version, machine  # noqa: E402
+from _machine import code_version, machine
 
 REPO = Path(__file__).resolve().parents[1]
 ROUND_OF = {"asfda_first": ("asfda", 0), "asfda_later": ("asfda", 1), "random": ("random", 1)}
@@ -49,8 +47,10 @@ class _RoundClock:
 
     def install(self) -> None:
         import asfda.simulate as simulate
+        import asfda.simulate_state as simulate_state
         from asfda.engine import InferenceEngine
         from asfda.models import state_dict_hash
+        from asfda.results import RunLayout
 
         clock = self
         window = InferenceEngine._window
@@ -62,22 +62,22 @@ class _RoundClock:
             clock.passes["pretrained" if weights == clock.pretrained_hash else "adapted"] += 1
             return window(engine, x)
 
-        InferenceEngine._window = counted  # type: ignore[method-assign]
+        InferenceEngine._window = counted
         select = simulate.select_batch
 
         def timed_select(*args, **kwargs):
             clock.marks.append((time.perf_counter(), dict(clock.passes)))
             return select(*args, **kwargs)
 
-        simulate.select_batch = timed_select  # type: ignore[assignment]
-        write = simulate.atomic_write_json
+        simulate.select_batch = timed_select
+        write = simulate_state.atomic_write_json
 
         def timed_write(path, data, *args, **kwargs):
-            if Path(path).name == "state.json":
+            if Path(path).name == RunLayout.STATE:  # a round's checkpoint
                 clock.marks.append((time.perf_counter(), dict(clock.passes)))
             return write(path, data, *args, **kwargs)
 
-        simulate.atomic_write_json = timed_write  # type: ignore[assignment]
+        simulate_state.atomic_write_json = timed_write
 
     def rounds(self) -> list[dict]:
         """Per round: seconds and passes from its start to its record (the marks alternate start, end)."""
@@ -92,6 +92,7 @@ def run_strategy(name: str, args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from asfda.config import RunConfig
+    from asfda.results import read_run
     from asfda.simulate import run_simulation
     from asfda.training import TrainConfig
 
@@ -105,9 +106,9 @@ def run_strategy(name: str, args: argparse.Namespace, work: Path) -> dict:
                     threads=args.threads, upper_bound=False, report=False, cache_dir=str(work / "cache"),
                     out_dir=str(work / "run"), progress=False)
     run_simulation(cfg)
-    state = json.loads((work / "run" / name / f"seed{args.split_seed}" / "state.json").read_text())
     rounds = []
-    for cost, rec in zip(clock.rounds(), state["rounds"], strict=True):
+    recorded = read_run(work / "run", [name], [args.split_seed]).rounds(name, args.split_seed)
+    for cost, rec in zip(clock.rounds(), recorded, strict=True):
         rounds.append({**cost, "seconds_score": rec["seconds_score"], "seconds_train": rec["seconds_train"],
                        "steps_per_s": round(args.steps / rec["seconds_train"], 3) if rec["seconds_train"] else None,
                        "queried": rec["queried"], "dice_mean": rec["dice_mean"],

@@ -25,14 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from _machine import code_version, machine
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import code_version, machine  # noqa: E402
-from cv import _write_dataset  # noqa: E402
-
-from asfda.io import atomic_write_json, atomic_write_text, load_dataset  # noqa: E402
+from asfda.crossval.folds import write_linked_dataset as _write_dataset
+from asfda.io import atomic_write_json, atomic_write_text, load_dataset
+from asfda.results import RunLayout, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +50,7 @@ def _datasets(data: Path, root: Path, held: str) -> tuple[Path, Path]:
 def fine_tune_on_one(model: str, data: Path, ids: list[str], held: str, out: Path, *, steps: int, precision: str,
                      device: str, threads: int, cache_dir: str) -> None:
     """Fine-tunes the model on ``held`` alone and tests it on every other volume (simulate's upper bound on a pool of
-    one, cached in ``out/runs/<held>``: `read_run`)."""
+    one, cached in ``out/runs/<held>``: `read_held_out_run`)."""
     from asfda.config import RunConfig
     from asfda.simulate import run_simulation
     from asfda.training import TrainConfig
@@ -67,34 +65,36 @@ def fine_tune_on_one(model: str, data: Path, ids: list[str], held: str, out: Pat
     run_simulation(cfg)
 
 
-def read_run(run: Path) -> dict[str, dict[str, float]] | None:
+def read_held_out_run(run: Path) -> dict[str, dict[str, float]] | None:
     """``{"adapted": {case: dice}, "zero_shot": {case: dice}}`` of a finished `fine_tune_on_one` run (None when it
     has not finished)."""
-    ub, zs = run / "upper_bound" / "seed0.json", run / "zero_shot_seed0.json"
-    if not (ub.is_file() and zs.is_file()):
+    got = read_run(run, [], [0])
+    if 0 not in got.upper_bound or 0 not in got.zero_shot:
         return None
-    return {name: {r["case_id"]: r["dice_mean"] for r in json.loads(f.read_text())["per_case"]}
-            for name, f in (("adapted", ub), ("zero_shot", zs))}
+    return {name: {r["case_id"]: r["dice_mean"] for r in files[0]["per_case"]}
+            for name, files in (("adapted", got.upper_bound), ("zero_shot", got.zero_shot))}
 
 
 def _seed_zero_shot(out: Path, held: str, ids: list[str]) -> None:
     """The pretrained model's Dice on a volume does not depend on which volume is held: when earlier runs hold every
     other volume's zero-shot row, write them as this run's zero-shot file (with the key simulate checks), so it is
     not computed again."""
-    run = out / "runs" / held
-    if (run / "zero_shot_seed0.json").is_file():
+    run = RunLayout(out / "runs" / held)
+    if run.zero_shot(0).is_file():
         return
     rows: dict[str, dict] = {}
     model = None
-    for f in sorted((out / "runs").glob("*/zero_shot_seed0.json")):
-        saved = json.loads(f.read_text())
+    others_runs = sorted(p for p in (out / "runs").iterdir() if p.is_dir()) if (out / "runs").is_dir() else []
+    for saved in (read_run(p, [], [0]).zero_shot.get(0) for p in others_runs):
+        if saved is None:
+            continue
         model = model or saved["key"]["model"]
         rows.update({r["case_id"]: r for r in saved["per_case"]})
     others = [i for i in ids if i != held]
     if model is None or any(c not in rows for c in others) or len(others) < 2:
         return
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run / "zero_shot_seed0.json", {"key": {"model": model, "test": others},
+    run.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.zero_shot(0), {"key": {"model": model, "test": others},
                                                      "per_case": [rows[c] for c in others]})
 
 
@@ -117,7 +117,7 @@ def score_table(path: Path) -> dict[str, dict[str, float]]:
     return table
 
 
-def correlations(util: dict[str, float], table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def correlations(util: dict[str, float], table: dict[str, dict[str, float]]) -> dict[str, dict[str, object]]:
     """Per score column: Spearman's rho with the utility over the volumes both have, the utility of the volume with
     the column's highest value (the first pick of a strategy that takes the highest), and its rank by utility (1 =
     the most useful volume)."""
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"fine-tune on {held} alone, test on the other {len(ids) - 1}", file=sys.stderr, flush=True)
         fine_tune_on_one(args.model, data, ids, held, out, steps=args.steps, precision=args.precision,
                          device=args.device, threads=args.threads, cache_dir=args.cache_dir)
-    runs = {held: read_run(out / "runs" / held) for held in ids}
+    runs = {held: read_held_out_run(out / "runs" / held) for held in ids}
     results = {held: r for held, r in runs.items() if r is not None}
     util = {h: utility(r) for h, r in results.items()}
     scores = out / "round0_scores.csv"

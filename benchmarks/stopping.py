@@ -15,18 +15,15 @@ before the estimate existed have no probe records: they are counted and named, n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine, when imported from the tests
-
 from _machine import code_version, machine
 
+from asfda.results import RunLayout, read_run
 from asfda.stopping import (
     CONTINUE,
     GAIN_PER_CHANGE,
@@ -40,18 +37,21 @@ from asfda.stopping import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def state_files(folder: Path) -> list[Path]:
-    """Every ``STRATEGY/seedN/state.json`` under ``folder`` (itself a run, or a folder of ``fold*`` runs)."""
-    return sorted(p for p in folder.glob("**/seed*/state.json") if "upper_bound" not in p.parts)
+def run_folders(folder: Path) -> list[Path]:
+    """Every simulation results folder under ``folder`` (itself one, or a folder of ``fold*`` ones): those holding a
+    ``STRATEGY/seedN/state.json``."""
+    return sorted({p.parent.parent.parent for p in folder.glob(f"**/seed*/{RunLayout.STATE}")
+                   if "upper_bound" not in p.parts})
 
 
 def run_rows(folder: Path) -> tuple[list[dict], list[str]]:
     """The `estimate_rows` of every run under ``folder`` (with its run, strategy and seed), and the runs that lack the
     probe records the estimate needs."""
     rows, lacking = [], []
-    for path in state_files(folder):
-        rounds = json.loads(path.read_text())["rounds"]
-        run = str(path.parent.relative_to(folder))
+    runs = sorted(((got.layout.run_dir(name, seed), got.rounds(name, seed))
+                   for got in map(read_run, run_folders(folder)) for name, seed in got.runs()), key=lambda t: t[0])
+    for run_dir, rounds in runs:
+        run = str(run_dir.relative_to(folder))
         if rounds and not any(r.get("probe") for r in rounds):
             lacking.append(run)
             continue
@@ -104,13 +104,14 @@ def section(title: str, folder: Path, command: str, note: str = "") -> str:
         lines += [note]
     lines.append("")
     if lacking:
-        lines += [(f"{len(lacking)} run(s) have no probe records (written before `asfda.stopping` existed, or by a copy "
-                  f"of the code without it), so no estimate can be computed for them: {', '.join(lacking)}. "
+        lines += [(f"{len(lacking)} run(s) have no probe records (written before `asfda.stopping` existed, or by a "
+                  f"copy of the code without it), so no estimate can be computed for them: {', '.join(lacking)}. "
                   "A run of the current `asfda simulate` records them."), ""]
     if not rows:
         return "\n".join(lines + ["No round with probe records.", ""])
     lines += [("Error of the estimate against the true next-round gain (mean Dice; each round's estimate against the "
-              "test Dice of the round after it):"), "", *summary_lines(rows), "", "Per round:", "", *round_lines(rows), ""]
+              "test Dice of the round after it):"), "", *summary_lines(rows), "", "Per round:", "",
+              *round_lines(rows), ""]
     return "\n".join(lines)
 
 

@@ -41,7 +41,6 @@ def test_flags_become_the_recipe_of_every_fold(tmp_path: Path, monkeypatch: pyte
     assert summary["seeds"] == {"asfda": [0, 1], "random": [0, 1]} and summary["upper_bound_seeds"] == [0, 1]
     assert json.loads((out / FOLDS_FILE).read_text())["assignment"] == fold_assignment(
         [f"case{i:02d}" for i in range(4)], 2, 0)
-    assert callable(cv._write_dataset)  # benchmarks/single_label_utility.py builds its datasets with it
 
 
 def test_main_summarize_only_reads_disk_and_refuses_other_folds(tmp_path: Path) -> None:

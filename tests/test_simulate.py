@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_bundle, write_nnunet
 
+from asfda.adapter import Adapter
 from asfda.config import RunConfig
 from asfda.io import load_dataset
-from asfda.adapter import Adapter
-from asfda.rounds import PoolState
 from asfda.models import load_model
-from asfda.simulate import area_under_curve, run_simulation, split_pool
+from asfda.results import area_under_curve
+from asfda.rounds import PoolState
+from asfda.simulate import run_simulation, split_pool
 from asfda.training import TrainConfig
-from conftest import write_bundle, write_nnunet
 
 
 def _cfg(tmp_path: Path, bundle: Path, data: Path, out: str = "run") -> RunConfig:
@@ -124,7 +125,10 @@ def test_interrupted_simulation_resumes_without_redoing_rounds(tmp_path: Path, t
     calls["n"] = 10  # no more crashes
     resumed = run_simulation(cfg)
     assert calls["n"] == 10 + 1 + 2 + 1  # asfda's round 1 only, random's two rounds, the upper bound
-    key = lambda rows: sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
+
+    def key(rows):
+        return sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
+
     assert key(resumed.rows) == key(reference.rows)
 
 
@@ -150,7 +154,6 @@ def test_simulation_killed_with_sigkill_mid_round_resumes_to_the_same_results(tm
     import signal
 
     import yaml
-
     from conftest import run_cli_killed
 
     data = write_nnunet(tmp_path / "ds", n=7)
@@ -293,11 +296,10 @@ def test_random_without_semi_supervision_runs_no_scoring_pass(tmp_path: Path, ti
     assert calls["n"] == cfg.rounds
 
 
-def test_a_run_moved_to_another_folder_resumes_and_old_fingerprints_are_accepted(
+def test_a_run_moved_to_another_folder_resumes_and_other_settings_are_refused(
         tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fingerprint names the model and data by content (weights hash, preprocessing, case ids), not by path: a
-    run whose data and model moved (another machine, say) resumes without training; a state written with the
-    older path-based fingerprint resumes too; other settings are still refused."""
+    run whose data and model moved (another machine, say) resumes without training; other settings are refused."""
     import shutil
 
     from asfda.errors import AsfdaError
@@ -315,27 +317,69 @@ def test_a_run_moved_to_another_folder_resumes_and_old_fingerprints_are_accepted
     monkeypatch.setattr(Adapter, "finetune", no_training)
     cfg.pool, cfg.model = str(moved_data), str(moved_model)
     again = run_simulation(cfg)
-    key = lambda rows: sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
+
+    def key(rows):
+        return sorted((r["strategy"], r["n_labelled"], round(r["dice_mean"], 6)) for r in rows)
+
     assert key(again.rows) == key(first.rows)
-
-    # a state written before (path-based fingerprint) is accepted
-    from asfda import simulate
-
     state_path = tmp_path / "run" / "asfda" / "seed0" / "state.json"
     state = json.loads(state_path.read_text())
-    real = simulate._fingerprint
-    state["fingerprint"] = "0123456789abcdef"
-    state_path.write_text(json.dumps(state))
-    monkeypatch.setattr(simulate, "_fingerprint", lambda *a, legacy=False, **k: "0123456789abcdef" if legacy
-                        else real(*a, **k))
-    assert key(run_simulation(cfg).rows) == key(first.rows)
-    monkeypatch.setattr(simulate, "_fingerprint", real)
+    state_path.write_text(json.dumps({**state, "fingerprint": "0123456789abcdef"}))
     with pytest.raises(AsfdaError, match="other settings"):
-        run_simulation(cfg)  # a made-up fingerprint matches neither
+        run_simulation(cfg)  # a made-up fingerprint
     state_path.unlink()
     cfg.strategies, cfg.train = ["random"], TrainConfig(steps=4, batch_size=1)
     with pytest.raises(AsfdaError, match="other settings"):
         run_simulation(cfg)  # other training settings are refused
+
+
+@pytest.mark.parametrize("written_with", ["fingerprint", "path_fingerprint"])
+def test_a_state_of_the_previous_format_is_accepted_migrated_and_resumes(
+        tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, written_with: str) -> None:
+    """A ``state.json`` written before the format version (no ``format`` key; the fingerprint by content, or the
+    older one with the paths in it): the run resumes with its finished round untouched, the file is migrated once
+    (``format`` written, the fingerprint by content) and the rounds after it are those of an uninterrupted run."""
+    from asfda.selection import build_strategy
+    from asfda.simulate_state import STATE_FORMAT, RunKey
+
+    data = write_nnunet(tmp_path / "ds", n=7)
+    cfg = _cfg(tmp_path, tiny_bundle, data)
+    cfg.strategies, cfg.upper_bound, cfg.report = ["asfda"], False, False
+    reference = run_simulation(dataclasses.replace(cfg, out_dir=str(tmp_path / "ref")))
+    cfg.rounds = 1
+    run_simulation(cfg)
+    pool, test = split_pool([c.case_id for c in load_dataset(data).cases], cfg.test_fraction, 0)
+    strategy = build_strategy("asfda", cfg.alpha, cfg.round0_gap, cfg.diversity, cfg.representativeness)
+    run_key = RunKey.of(cfg, "asfda", strategy, 0, pool, test, load_model(str(tiny_bundle)))
+    state_path = tmp_path / "run" / "asfda" / "seed0" / "state.json"
+    written = json.loads(state_path.read_text())
+    assert written["format"] == STATE_FORMAT and written["fingerprint"] == run_key.fingerprint()
+    previous = {k: v for k, v in written.items() if k != "format"} | {"fingerprint": getattr(run_key, written_with)()}
+    state_path.write_text(json.dumps(previous))
+
+    trained = {"n": 0}
+    real = Adapter.finetune
+
+    def counted(self, *args, **kwargs):
+        trained["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Adapter, "finetune", counted)
+    run_simulation(cfg)  # nothing left to run: the file is migrated all the same
+    migrated = json.loads(state_path.read_text())
+    assert trained["n"] == 0
+    assert migrated == {"format": STATE_FORMAT, **previous, "fingerprint": run_key.fingerprint()}
+    cfg.rounds = 2
+    resumed = run_simulation(cfg)
+    assert trained["n"] == 1  # round 1 only
+    after = json.loads(state_path.read_text())
+    assert after["format"] == STATE_FORMAT and after["fingerprint"] == run_key.fingerprint()
+    assert after["rounds"][0] == previous["rounds"][0] and len(after["rounds"]) == 2
+
+    def key(rows):
+        return sorted((r["strategy"], r["n_labelled"], r.get("queried"), round(r["dice_mean"], 6)) for r in rows)
+
+    assert key(resumed.rows) == key(reference.rows)
 
 
 def test_asfda_runs_from_before_the_diversity_setting_resume_only_in_the_embedding_space(
@@ -343,26 +387,32 @@ def test_asfda_runs_from_before_the_diversity_setting_resume_only_in_the_embeddi
     """Runs written before ``diversity`` existed picked in the embedding space, and their fingerprint had no such
     key: ``diversity: embedding`` (and any value, for strategies that do not read it) gives the same fingerprint,
     so they resume; the new default refuses them with a message that names the setting."""
-    from asfda import simulate
+    from asfda import simulate_state
     from asfda.errors import RunSettingsChanged
+    from asfda.selection import build_strategy
 
     data = write_nnunet(tmp_path / "ds", n=7)
     cfg = _cfg(tmp_path, tiny_bundle, data)
     cfg.upper_bound, cfg.rounds = False, 1
-    adapter = Adapter(load_model(str(tiny_bundle)), load_dataset(data).class_names, progress=False)
-    cases = list(load_dataset(data).cases)
+    pretrained = load_model(str(tiny_bundle))
+    cases = [c.case_id for c in load_dataset(data).cases]
     pool, test = cases[:5], cases[5:]
-    real_to_dict = simulate.config_to_dict
+
+    def fingerprint(c: RunConfig, name: str) -> str:
+        strategy = build_strategy(name, c.alpha, c.round0_gap, c.diversity, c.representativeness)
+        return simulate_state.RunKey.of(c, name, strategy, 0, pool, test, pretrained).fingerprint()
+
+    real_to_dict = simulate_state.config_to_dict
 
     def before_the_setting(c):
         d = real_to_dict(c)
         d.pop("diversity")
         return d
 
-    fp = {d: {s: simulate._fingerprint(dataclasses.replace(cfg, diversity=d), adapter, s, 0, pool, test)
-              for s in ("asfda", "random")} for d in ("anatomy", "embedding")}
-    monkeypatch.setattr(simulate, "config_to_dict", before_the_setting)
-    old = {s: simulate._fingerprint(cfg, adapter, s, 0, pool, test) for s in ("asfda", "random")}
+    fp = {d: {s: fingerprint(dataclasses.replace(cfg, diversity=d), s) for s in ("asfda", "random")}
+          for d in ("anatomy", "embedding")}
+    monkeypatch.setattr(simulate_state, "config_to_dict", before_the_setting)
+    old = {s: fingerprint(cfg, s) for s in ("asfda", "random")}
     monkeypatch.undo()
     assert fp["embedding"] == old and fp["anatomy"]["random"] == old["random"]
     assert fp["anatomy"]["asfda"] != old["asfda"]

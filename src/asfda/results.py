@@ -1,6 +1,7 @@
-"""A simulation's result files, read back and summarised: the learning-curve rows and their summary (Dice per
-labelled count, spread over seeds, area under the curve, fraction of the upper bound), ``per_case.csv`` and
-``stopping.csv``. Shared by `asfda.simulate` (which writes them) and `asfda.report` (which shows them)."""
+"""A simulation's result files: where they live (`RunLayout`), read back (`read_run`) and summarised (the
+learning-curve rows and their summary: Dice per labelled count, spread over seeds, area under the curve, fraction of
+the upper bound), ``per_case.csv`` and ``stopping.csv``. Shared by `asfda.simulate` (which writes them),
+`asfda.report`, `asfda.crossval` and the benchmarks (which read them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,8 @@ from asfda import stopping
 from asfda.config import RunConfig
 from asfda.io import atomic_write_text
 
-__all__ = ["UPPER_BOUND", "area_under_curve", "csv_text", "per_case_rows", "results_table", "stopping_rows",
-           "summarise", "write_per_case", "write_stopping"]
+__all__ = ["UPPER_BOUND", "ZERO_SHOT", "RunLayout", "RunRecords", "area_under_curve", "csv_text", "per_case_rows",
+           "read_json", "read_run", "results_table", "stopping_rows", "summarise", "write_per_case", "write_stopping"]
 
 
 def area_under_curve(n_labelled: list[float], dice: list[float]) -> float:
@@ -34,6 +37,136 @@ def area_under_curve(n_labelled: list[float], dice: list[float]) -> float:
 
 UPPER_BOUND = "upper_bound"
 """The strategy name of the full-supervision upper bound's rows (every pool case labelled)."""
+ZERO_SHOT = "zero_shot"
+"""The strategy name of the pretrained model's rows (nothing labelled)."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where the files of a simulation's results folder ``out`` live (``asfda simulate --out``, a cross-validation's
+    ``fold<k>``): the one place their names are spelled.
+
+    ``out/run.json``, ``zero_shot_seedN.json``, ``upper_bound/seedN.json``, ``results.{csv,json,md}``,
+    ``learning_curve.png``, ``per_case.csv``, ``stopping.csv``, ``report.html``, ``previews/NAME/seedN/*.png``, and
+    per strategy and seed ``NAME/seedN/``: ``state.json`` (pool state + finished rounds), the weights after its last
+    finished round ``weights_roundK.safetensors`` and the adapted model's ``bundle/``."""
+
+    out: Path
+
+    STATE = "state.json"
+    WEIGHTS_GLOB = "weights_round*.safetensors"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+
+    @property
+    def run_json(self) -> Path:
+        return self.out / "run.json"
+
+    def file(self, name: str) -> Path:
+        """A file of the whole run: ``results.csv``, ``results.json``, ``results.md``, ``learning_curve.png``,
+        ``per_case.csv``, ``stopping.csv``, ``report.html``."""
+        return self.out / name
+
+    def zero_shot(self, seed: int) -> Path:
+        return self.out / f"{ZERO_SHOT}_seed{seed}.json"
+
+    def upper_bound(self, seed: int) -> Path:
+        return self.out / UPPER_BOUND / f"seed{seed}.json"
+
+    def run_dir(self, strategy: str, seed: int) -> Path:
+        return self.out / strategy / f"seed{seed}"
+
+    def state(self, strategy: str, seed: int) -> Path:
+        return self.run_dir(strategy, seed) / self.STATE
+
+    @staticmethod
+    def weights_name(round_: int) -> str:
+        return f"weights_round{round_}.safetensors"
+
+    def weights(self, strategy: str, seed: int, round_: int) -> Path:
+        return self.run_dir(strategy, seed) / self.weights_name(round_)
+
+    def bundle(self, strategy: str, seed: int) -> Path:
+        return self.run_dir(strategy, seed) / "bundle"
+
+    def preview(self, strategy: str, seed: int, case_id: str, tag: str) -> Path:
+        return self.out / "previews" / strategy / f"seed{seed}" / f"{case_id}-{tag}.png"
+
+    def strategies(self) -> list[str]:
+        """The strategies with at least one ``NAME/seedN/state.json`` on disk."""
+        return sorted({p.parent.parent.name for p in self.out.glob(f"*/seed*/{self.STATE}")
+                       if _seed_of(p.parent.name, "seed") is not None} - {UPPER_BOUND, "previews"})
+
+    def seeds(self, strategy: str) -> list[int]:
+        """The seeds of ``strategy`` with a ``state.json`` on disk."""
+        found = (_seed_of(p.parent.name, "seed") for p in (self.out / strategy).glob(f"seed*/{self.STATE}"))
+        return sorted(s for s in found if s is not None)
+
+    def zero_shot_seeds(self) -> list[int]:
+        found = (_seed_of(p.stem, f"{ZERO_SHOT}_seed") for p in self.out.glob(f"{ZERO_SHOT}_seed*.json"))
+        return sorted(s for s in found if s is not None)
+
+    def upper_bound_seeds(self) -> list[int]:
+        found = (_seed_of(p.stem, "seed") for p in (self.out / UPPER_BOUND).glob("seed*.json"))
+        return sorted(s for s in found if s is not None)
+
+
+def _seed_of(name: str, prefix: str) -> int | None:
+    rest = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+def read_json(path: Path) -> dict | None:
+    """``path``'s JSON, or None when it is missing or unreadable (a part not run yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class RunRecords:
+    """What a results folder holds (`read_run`); a file that is missing or unreadable is left out."""
+
+    layout: RunLayout
+    run: dict = field(default_factory=dict)  # run.json: config, versions, model hash, class map, start
+    zero_shot: dict[int, dict] = field(default_factory=dict)  # seed -> zero_shot_seedN.json (key, per_case)
+    upper_bound: dict[int, dict] = field(default_factory=dict)  # seed -> upper_bound/seedN.json (key, per_case, ...)
+    states: dict[str, dict[int, dict]] = field(default_factory=dict)  # strategy -> seed -> state.json
+
+    @property
+    def config(self) -> dict:
+        return self.run.get("config", {})
+
+    def rounds(self, strategy: str, seed: int) -> list[dict]:
+        """The finished rounds' records of one run (none when it has no ``state.json``)."""
+        return self.states.get(strategy, {}).get(seed, {}).get("rounds", [])
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(strategy, seed) of every state read."""
+        return [(name, seed) for name, by_seed in self.states.items() for seed in by_seed]
+
+
+def read_run(out: str | Path, strategies: Iterable[str] | None = None, seeds: Iterable[int] | None = None
+             ) -> RunRecords:
+    """Reads a results folder's records: ``run.json``, the zero-shot and upper-bound files and every
+    ``NAME/seedN/state.json`` of ``strategies`` x ``seeds`` (None: every one on disk; the zero-shot and upper bound
+    are read for ``seeds``, or every seed on disk)."""
+    layout = RunLayout(Path(out))
+    rec = RunRecords(layout, read_json(layout.run_json) or {})
+    wanted = None if seeds is None else sorted(set(seeds))
+    for seed in layout.zero_shot_seeds() if wanted is None else wanted:
+        if (zero := read_json(layout.zero_shot(seed))) is not None:
+            rec.zero_shot[seed] = zero
+    for seed in layout.upper_bound_seeds() if wanted is None else wanted:
+        if (upper := read_json(layout.upper_bound(seed))) is not None:
+            rec.upper_bound[seed] = upper
+    for name in layout.strategies() if strategies is None else strategies:
+        for seed in layout.seeds(name) if wanted is None else wanted:
+            if (state := read_json(layout.state(name, seed))) is not None:
+                rec.states.setdefault(name, {})[seed] = state
+    return rec
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
@@ -90,23 +223,21 @@ def results_table(summary: dict[str, dict]) -> str:
 def per_case_rows(out: Path, cfg: RunConfig) -> list[dict]:
     """Every test case's Dice (mean and per class) for every evaluated model of the run: zero-shot, each
     strategy x seed x round, the upper bound; read back from what the run wrote."""
+    got = read_run(out, cfg.strategies, cfg.seeds)
     rows: list[dict] = []
     for seed in cfg.seeds:
-        zero = out / f"zero_shot_seed{seed}.json"
-        if zero.exists():
-            rows += [{"strategy": "zero_shot", "seed": seed, "round": -1, "n_labelled": 0, **pc}
-                     for pc in json.loads(zero.read_text())["per_case"]]
+        if seed in got.zero_shot:
+            rows += [{"strategy": ZERO_SHOT, "seed": seed, "round": -1, "n_labelled": 0, **pc}
+                     for pc in got.zero_shot[seed]["per_case"]]
         for name in cfg.strategies:
-            state = out / name / f"seed{seed}" / "state.json"
-            if state.exists():
-                for rec in json.loads(state.read_text())["rounds"]:
-                    rows += [{"strategy": name, "seed": seed, "round": rec["round"], "n_labelled": rec["n_labelled"],
-                              **pc} for pc in rec["per_case"]]
-        upper = out / UPPER_BOUND / f"seed{seed}.json"
-        if cfg.upper_bound and upper.exists():
-            n_pool = len(json.loads(upper.read_text())["key"]["pool"])
+            for rec in got.rounds(name, seed):
+                rows += [{"strategy": name, "seed": seed, "round": rec["round"], "n_labelled": rec["n_labelled"],
+                          **pc} for pc in rec["per_case"]]
+        upper = got.upper_bound.get(seed)
+        if cfg.upper_bound and upper is not None:
+            n_pool = len(upper["key"]["pool"])
             rows += [{"strategy": UPPER_BOUND, "seed": seed, "round": -1, "n_labelled": n_pool, **pc}
-                     for pc in json.loads(upper.read_text())["per_case"]]
+                     for pc in upper["per_case"]]
     return rows
 
 
@@ -123,24 +254,19 @@ def csv_text(rows: list[dict]) -> str:
 
 def write_per_case(out: Path, cfg: RunConfig) -> None:
     """``per_case.csv``: see `per_case_rows`."""
-    atomic_write_text(out / "per_case.csv", csv_text(per_case_rows(out, cfg)))
+    atomic_write_text(RunLayout(out).file("per_case.csv"), csv_text(per_case_rows(out, cfg)))
 
 
 def stopping_rows(out: Path, cfg: RunConfig) -> list[dict]:
     """Per strategy, seed and round: the when-to-stop estimate made after the round beside the true next-round gain
     (`asfda.stopping.estimate_rows`), read back from what the run wrote."""
-    rows: list[dict] = []
-    for name in cfg.strategies:
-        for seed in cfg.seeds:
-            state = out / name / f"seed{seed}" / "state.json"
-            if state.exists():
-                rows += [{"strategy": name, "seed": seed, **r}
-                         for r in stopping.estimate_rows(json.loads(state.read_text())["rounds"])]
-    return rows
+    got = read_run(out, cfg.strategies, cfg.seeds)
+    return [{"strategy": name, "seed": seed, **r} for name in cfg.strategies for seed in cfg.seeds
+            if seed in got.states.get(name, {}) for r in stopping.estimate_rows(got.rounds(name, seed))]
 
 
 def write_stopping(out: Path, cfg: RunConfig) -> None:
     """``stopping.csv``: see `stopping_rows`."""
     rows = stopping_rows(out, cfg)
     if rows:
-        atomic_write_text(out / "stopping.csv", csv_text(rows))
+        atomic_write_text(RunLayout(out).file("stopping.csv"), csv_text(rows))

@@ -4,7 +4,6 @@ predicted by the pretrained model and by the run's adapted weights. This module 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from asfda.adapter import Adapter
 from asfda.report.html import QueriedPreview
 from asfda.report.previews import preview_png
+from asfda.results import read_run
 
 __all__ = ["write_previews"]
 
@@ -26,18 +26,18 @@ def write_previews(out: Path, adapter: Adapter, pool_ds, strategies: list[str], 
     by_id = pool_ds.by_id()
     before_state = adapter.current_state()
     previews = []
+    got = read_run(out, strategies, [seed])
     try:
         for name in strategies:
-            path = out / name / f"seed{seed}" / "state.json"
-            state = json.loads(path.read_text()) if path.exists() else {"rounds": []}
+            state = got.states.get(name, {}).get(seed, {"rounds": []})
             if not state["rounds"]:
                 continue
             ids = [i for r in state["rounds"] for i in r["queried"]][:per_strategy]
-            weights = out / name / f"seed{seed}" / state["weights"]
+            weights = got.layout.run_dir(name, seed) / state["weights"]
             tag = f"r{len(state['rounds'])}"
             loaded = False
             for cid in ids:
-                png = out / "previews" / name / f"seed{seed}" / f"{cid}-{tag}.png"
+                png = got.layout.preview(name, seed, cid, tag)
                 if not png.exists():
                     vol = adapter.prepare(by_id[cid])
                     if not loaded:

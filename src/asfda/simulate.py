@@ -1,13 +1,13 @@
 """Simulated active adaptation: every strategy x seed through the same rounds, labels from the dataset.
 
 Resumable: each (strategy, seed) run keeps ``state.json`` (pool state + finished rounds) and the
-weights after its last finished round, both written atomically; a restarted run skips finished rounds.
+weights after its last finished round, both written atomically (`asfda.simulate_state`); a restarted run skips
+finished rounds. Where the files live: `asfda.results.RunLayout`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -22,8 +22,8 @@ from asfda.adapter import Adapter, mean_of
 from asfda.config import RunConfig, config_to_dict
 from asfda.distributed import rank_context
 from asfda.engine import describe_device
-from asfda.errors import AsfdaError, RunSettingsChanged
-from asfda.io import atomic_write, atomic_write_json, atomic_write_text, load_dataset
+from asfda.errors import AsfdaError
+from asfda.io import atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import Case
 from asfda.io.outputs import (
     CACHE_FLAG,
@@ -37,6 +37,7 @@ from asfda.report.curves import plot_learning_curves
 from asfda.report.html import write_run_report
 from asfda.results import (
     UPPER_BOUND,
+    RunLayout,
     area_under_curve,
     csv_text,
     results_table,
@@ -47,8 +48,8 @@ from asfda.results import (
 from asfda.rounds import PoolState, select_batch, train_on_labels
 from asfda.run_previews import write_previews
 from asfda.selection import build_strategy
-
-log = logging.getLogger(__name__)
+from asfda.selection.strategies import Strategy
+from asfda.simulate_state import RoundRecord, RunKey, checkpoint, resume, saved_json, without_later_defaults
 
 __all__ = ["SimulationResult", "area_under_curve", "run_simulation", "split_pool"]
 
@@ -151,7 +152,7 @@ def _run_all(adapter: Adapter, cfg: RunConfig, out: Path, splits: dict[int, tupl
     pretrained_state = adapter.current_state()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "run.json", {
+        atomic_write_json(RunLayout(out).run_json, {
             "config": config_to_dict(cfg), "versions": _versions(),
             "model_weights_sha256_16": adapter.pretrained.weights_hash, "class_map": adapter.class_map.to_dict(),
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -163,23 +164,16 @@ def _run_all(adapter: Adapter, cfg: RunConfig, out: Path, splits: dict[int, tupl
                    disable=not (cfg.progress and main), dynamic_ncols=True)
     for seed in cfg.seeds:
         pool_cases, test_cases = splits[seed]
-        zero = _zero_shot(adapter, test_cases, out / f"zero_shot_seed{seed}.json", cfg.evaluate_tta)
+        zero = _zero_shot(adapter, test_cases, RunLayout(out).zero_shot(seed), cfg.evaluate_tta)
         for name in cfg.strategies:
             adapter.load_current_state(pretrained_state)
-            rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, pretrained_state, overall)
+            rows += _run_strategy(adapter, cfg, name, seed, pool_cases, test_cases, zero, overall)
         if cfg.upper_bound:
             adapter.load_current_state(pretrained_state)
             rows.append(_upper_bound(adapter, cfg, seed, pool_cases, test_cases))
         adapter.load_current_state(pretrained_state)
     overall.close()
     return rows
-
-
-def _saved_json(adapter: Adapter, path: Path) -> dict | None:
-    """``path``'s JSON (None when it is missing), as rank 0 reads it: inside `Adapter.all_ranks` rank 0 reads it and
-    sends it to the other ranks, so every rank takes the same resume decision."""
-    data = json.loads(path.read_text()) if adapter.dist.is_main and path.exists() else None
-    return adapter.dist.broadcast_from_main(data) if adapter.spmd else data
 
 
 def _split(cfg: RunConfig, pool_ds, test_ds, seed: int) -> tuple[list[Case], list[Case]]:
@@ -206,13 +200,13 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
     """Fine-tunes the pretrained model on the whole pool (all labelled) and evaluates it; cached per seed."""
     steps = cfg.upper_bound_steps or cfg.train.steps * cfg.rounds
     train = replace(cfg.train, steps=steps, seed=seed * 1000 + 999)
-    path = Path(cfg.out_dir) / UPPER_BOUND / f"seed{seed}.json"
+    path = RunLayout(Path(cfg.out_dir)).upper_bound(seed)
     key = {"model": adapter.pretrained.weights_hash, "pool": [c.case_id for c in pool],
            "test": [c.case_id for c in test],
-           "train": {k: v for k, v in _without_later_defaults(config_to_dict(train), ("train",)).items()
+           "train": {k: v for k, v in without_later_defaults(config_to_dict(train), ("train",)).items()
                      if k not in ("guard", "guard_volumes")}, **({"evaluate_tta": True} if cfg.evaluate_tta else {})}
     per_case = None
-    saved = _saved_json(adapter, path)
+    saved = saved_json(adapter, path)
     if saved is not None and saved.get("key") == key:
         per_case, seconds = saved["per_case"], saved["seconds_train"]
     if per_case is None:
@@ -231,7 +225,7 @@ def _upper_bound(adapter: Adapter, cfg: RunConfig, seed: int, pool: list[Case], 
 def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path, tta: bool = False) -> list[dict]:
     key = {"model": adapter.pretrained.weights_hash, "test": [c.case_id for c in test_cases],
            **({"evaluate_tta": True} if tta else {})}
-    saved = _saved_json(adapter, path)
+    saved = saved_json(adapter, path)
     if saved is not None and saved.get("key") == key:
         return saved["per_case"]
     per_case = adapter.evaluate(test_cases, pretrained=True, tta=tta)
@@ -241,108 +235,30 @@ def _zero_shot(adapter: Adapter, test_cases: list[Case], path: Path, tta: bool =
 
 
 def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: list[Case], test: list[Case],
-                  zero: list[dict], pretrained_state: dict, overall=None) -> list[dict]:
-    from safetensors.torch import load_file, save_file
-
-    run_dir = Path(cfg.out_dir) / name / f"seed{seed}"
-    state_path = run_dir / "state.json"
+                  zero: list[dict], overall=None) -> list[dict]:
+    """One strategy and seed: resumes its finished rounds, runs the others (a checkpoint after each), exports the
+    adapted model; its rows of the results table (zero-shot first)."""
+    layout = RunLayout(Path(cfg.out_dir))
     strategy = build_strategy(name, cfg.alpha, cfg.round0_gap, cfg.diversity, cfg.representativeness)
-    state = PoolState()
-    rounds: list[dict] = []
-    fingerprint = _fingerprint(cfg, adapter, name, seed, pool, test)
-    saved = _saved_json(adapter, state_path)
-    if saved is not None:  # resume
-        legacy = _fingerprint(cfg, adapter, name, seed, pool, test, legacy=True)  # written before paths left it
-        if saved.get("fingerprint") not in (fingerprint, legacy):
-            as_embedding = replace(cfg, diversity="embedding")
-            if strategy.name == "asfda" and cfg.diversity != "embedding" and saved.get("fingerprint") in tuple(
-                    _fingerprint(as_embedding, adapter, name, seed, pool, test, legacy=old) for old in (False, True)):
-                raise RunSettingsChanged("this asfda run picked its batches with diversity: embedding, and this "
-                                         f"config asks for diversity: {cfg.diversity}", state_path.parent,
-                                         "set diversity: embedding in the run config (--config) to resume it, or use "
-                                         "another output folder")
-            raise RunSettingsChanged("this results folder holds a run with other settings (config, model, pool or test "
-                                     "set)", state_path.parent, "use another --out folder, or delete it to start again")
-        state.load_state_dict(saved["pool_state"])
-        rounds = saved["rounds"]
-        weights = run_dir / saved.get("weights", "")
-        # written before the state that names it, so always complete; under torchrun rank 0 reads it for every rank
-        found = load_file(str(weights)) if adapter.dist.is_main and rounds and weights.is_file() else None
-        if adapter.spmd:
-            found = adapter.dist.broadcast_from_main(found)
-        if found is not None:
-            adapter.load_current_state(found)
-        elif rounds and len(rounds) < cfg.rounds:
-            raise AsfdaError(f"the weights of round {len(rounds) - 1} are missing, so the run cannot go on",
-                             weights, f"restore the file, or delete {run_dir} to run this strategy and seed again")
-        elif rounds:  # a finished run copied without its weights (they are not committed): rows only
-            log.warning("%s: finished rounds kept, but their weights %s are missing; no bundle is exported",
-                        run_dir, weights.name)
+    key = RunKey.of(cfg, name, strategy, seed, [c.case_id for c in pool], [c.case_id for c in test],
+                    adapter.pretrained)
+    state, rounds = resume(adapter, layout, key, cfg.rounds)
     by_id = {c.case_id: c for c in pool}
-    base = {"strategy": name, "seed": seed}
     # when to stop (asfda.stopping): the same seeded unlabeled volumes are predicted before and after every round
     probe_before: dict = {}  # the probe's outputs under the model as the next round starts (none after a restart)
-    rows = [{**base, "round": -1, "n_labelled": 0, "dice_mean": mean_of(zero, "dice_mean"),
-             **{k: mean_of(zero, k) for k in zero[0] if k.startswith("dice_")}}]
     if overall is not None and rounds:
         overall.update(len(rounds))  # finished before a restart
     for r in range(len(rounds), cfg.rounds):
-        passes_before = adapter.forward_passes()
-        labelled = [by_id[i] for i in state.labelled_ids()]
-        unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
-        batch = select_batch(adapter, strategy, labelled, unlabelled, cfg.budget, r, seed * 1000 + r,
-                             t0=cfg.temperature0, grow_voxels=cfg.grow_voxels, always_score=cfg.semi.enabled)
-        query, temp = batch.query, batch.temperature
-        state.add(query.ids, r)
-        # the learning curve where labels exist: the model that made this query on the volumes it queried (what
-        # correcting its pre-segmentations would start from); the pool's labels, never the test set's
-        t_queried = time.perf_counter()
-        queried_before = adapter.evaluate([by_id[i] for i in query.ids])
-        t_queried = time.perf_counter() - t_queried
-        trained = train_on_labels(
-            adapter, [by_id[i] for i in state.labelled_ids()], [by_id[i] for i in state.unlabelled(sorted(by_id))],
-            rounds, replace(cfg.train, seed=seed * 1000 + r), cfg.semi, temp.temperature,
-            probe_ids=stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, seed, exclude=state.labelled),
-            probe_before=probe_before, scores=batch.scores, queried=query.ids, desc=f"{name} seed{seed} round{r}")
-        hist, reliable = trained.training.history, trained.training.reliable
-        probe_before = trained.probe_after
-        per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
-        guard = trained.training.guard
-        record = {"round": r, "n_labelled": len(state.labelled), "queried": query.ids,
-                  "trained_ids": trained.trained_ids, "held_back": trained.held_back,
-                  "query_scores": query.scores, "query_components": query.components,
-                  "reliable": reliable, "guard": guard.to_dict() if guard else None,
-                  "temperature": temp.temperature, "ece_before": temp.ece_before,
-                  "ece_after": temp.ece_after,
-                  "seconds_score": round(batch.seconds, 2), "seconds_train": round(trained.seconds_train, 2),
-                  "device": describe_device(adapter.device),
-                  "loss_final": float(np.mean(hist["loss"][-10:])), "per_case": per_case,
-                  "dice_mean": mean_of(per_case, "dice_mean"), "probe": trained.probe,
-                  "queried_dice_before": {row["case_id"]: row["dice_mean"] for row in queried_before},
-                  "seconds_stopping": round(t_queried + trained.seconds_probe, 2),
-                  "forward_passes": {k: n - passes_before[k] for k, n in adapter.forward_passes().items()}}
-        # the estimate reads no test Dice; stopping.csv sets it beside the true gain once the next round is done
-        record["stopping"] = stopping.estimate_from_records([*rounds, record],
-                                                            _queried_curve([*rounds, record])).to_dict()
-        rounds.append(record)
-        # weights first (a new file per round), then the state that names them: a kill between the two
-        # leaves the previous state pointing at the previous round's weights
-        weights_name = f"weights_round{r}.safetensors"
-        if adapter.dist.is_main:  # under torchrun every rank holds the same weights and record; rank 0 writes them
-            atomic_write(run_dir / weights_name, lambda p: save_file(adapter.current_state(), str(p)))
-            atomic_write_json(state_path, {"pool_state": state.state_dict(), "rounds": rounds, "weights": weights_name,
-                                           "fingerprint": fingerprint})
-            for old in run_dir.glob("weights_round*.safetensors"):
-                if old.name != weights_name:
-                    old.unlink(missing_ok=True)
+        record, probe_before = _one_round(adapter, cfg, strategy, key, by_id, test, state, rounds, r, probe_before)
+        rounds.append(record.to_dict())
+        checkpoint(adapter, layout, key, state, rounds)
         if overall is not None:
             overall.update(1)
-            overall.set_postfix(strategy=name, seed=seed, dice=f"{record['dice_mean']:.3f}")
-    if adapter.dist.is_main and rounds and _bundle_rounds(run_dir) != len(rounds) \
-            and (run_dir / f"weights_round{len(rounds) - 1}.safetensors").is_file():  # the adapted model, as a bundle
-        adapter.export_bundle(run_dir / "bundle", {
-            "strategy": name, "seed": seed, "rounds": len(rounds), "labelled": state.labelled_ids(),
-            "rounds_discarded_by_guard": [r["round"] for r in rounds if (r.get("guard") or {}).get("reverted")]})
+            overall.set_postfix(strategy=name, seed=seed, dice=f"{record.dice_mean:.3f}")
+    _export_bundle(adapter, layout, key, state, rounds)
+    base = {"strategy": name, "seed": seed}
+    rows = [{**base, "round": -1, "n_labelled": 0, "dice_mean": mean_of(zero, "dice_mean"),
+             **{k: mean_of(zero, k) for k in zero[0] if k.startswith("dice_")}}]
     for rec in rounds:
         pc = rec["per_case"]
         rows.append({**base, "round": rec["round"], "n_labelled": rec["n_labelled"], "dice_mean": rec["dice_mean"],
@@ -351,70 +267,75 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     return rows
 
 
+def _one_round(adapter: Adapter, cfg: RunConfig, strategy: Strategy, key: RunKey, by_id: dict[str, Case],
+               test: list[Case], state: PoolState, rounds: list[dict], r: int, probe_before: dict
+               ) -> tuple[RoundRecord, dict]:
+    """Round ``r``: the query (added to ``state``), fine-tuning on every label so far, the test Dice and the
+    when-to-stop estimate. Returns its record and the probe's outputs under the new model (the next round's
+    ``probe_before``)."""
+    passes_before = adapter.forward_passes()
+    labelled = [by_id[i] for i in state.labelled_ids()]
+    unlabelled = [by_id[i] for i in state.unlabelled(sorted(by_id))]
+    batch = select_batch(adapter, strategy, labelled, unlabelled, cfg.budget, r, key.seed * 1000 + r,
+                         t0=cfg.temperature0, grow_voxels=cfg.grow_voxels, always_score=cfg.semi.enabled)
+    query, temp = batch.query, batch.temperature
+    state.add(query.ids, r)
+    # the learning curve where labels exist: the model that made this query on the volumes it queried (what
+    # correcting its pre-segmentations would start from); the pool's labels, never the test set's
+    t_queried = time.perf_counter()
+    queried_before = adapter.evaluate([by_id[i] for i in query.ids])
+    t_queried = time.perf_counter() - t_queried
+    trained = train_on_labels(
+        adapter, [by_id[i] for i in state.labelled_ids()], [by_id[i] for i in state.unlabelled(sorted(by_id))],
+        rounds, replace(cfg.train, seed=key.seed * 1000 + r), cfg.semi, temp.temperature,
+        probe_ids=stopping.probe_ids(by_id, stopping.PROBE_VOLUMES, key.seed, exclude=state.labelled),
+        probe_before=probe_before, scores=batch.scores, queried=query.ids, desc=f"{key.name} seed{key.seed} round{r}")
+    per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
+    guard = trained.training.guard
+    record = RoundRecord(
+        round=r, n_labelled=len(state.labelled), queried=query.ids, trained_ids=trained.trained_ids,
+        held_back=trained.held_back, query_scores=query.scores, query_components=query.components,
+        reliable=trained.training.reliable, guard=guard.to_dict() if guard else None,
+        temperature=temp.temperature, ece_before=temp.ece_before, ece_after=temp.ece_after,
+        seconds_score=round(batch.seconds, 2), seconds_train=round(trained.seconds_train, 2),
+        device=describe_device(adapter.device), loss_final=float(np.mean(trained.training.history["loss"][-10:])),
+        per_case=per_case, dice_mean=mean_of(per_case, "dice_mean"), probe=trained.probe,
+        queried_dice_before={row["case_id"]: row["dice_mean"] for row in queried_before},
+        seconds_stopping=round(t_queried + trained.seconds_probe, 2),
+        forward_passes={k: n - passes_before[k] for k, n in adapter.forward_passes().items()})
+    # the estimate reads no test Dice; stopping.csv sets it beside the true gain once the next round is done
+    so_far = [*rounds, record.to_dict()]
+    record.stopping = stopping.estimate_from_records(so_far, _queried_curve(so_far)).to_dict()
+    return record, trained.probe_after
+
+
+def _export_bundle(adapter: Adapter, layout: RunLayout, key: RunKey, state: PoolState, rounds: list[dict]) -> None:
+    """The adapted model of a run, as a bundle (again when it has seen fewer rounds than the run has finished)."""
+    bundle = layout.bundle(key.name, key.seed)
+    if adapter.dist.is_main and rounds and _bundle_rounds(bundle) != len(rounds) \
+            and layout.weights(key.name, key.seed, len(rounds) - 1).is_file():
+        adapter.export_bundle(bundle, {
+            "strategy": key.name, "seed": key.seed, "rounds": len(rounds), "labelled": state.labelled_ids(),
+            "rounds_discarded_by_guard": [r["round"] for r in rounds if (r.get("guard") or {}).get("reverted")]})
+
+
 def _queried_curve(records: list[dict]) -> dict[int, list[float]]:
     """Per round, the Dice of the model that made its query on the volumes it queried (``queried_dice_before``)."""
     return {rec["round"]: list(rec["queried_dice_before"].values()) for rec in records
             if rec.get("queried_dice_before")}
 
 
-def _bundle_rounds(run_dir: Path) -> int:
+def _bundle_rounds(bundle: Path) -> int:
     """How many rounds the exported bundle of a run has seen (0: none exported)."""
-    meta = run_dir / "bundle" / "configs" / "metadata.json"
+    meta = bundle / "configs" / "metadata.json"
     if not meta.exists():
         return 0
     return int(json.loads(meta.read_text()).get("asfda", {}).get("rounds", 0))
 
 
-# settings added after runs were written, with the value those runs had: at that value they leave the fingerprint
-_LATER_SETTINGS = {("train", "augmentation"): "intensity", ("train", "restart"): False,
-                   ("train", "hold_back_discarded"): False, ("train", "channels_last"): False,
-                   ("representativeness",): "none", ("evaluate_tta",): False, ("output_activation",): None}
-
-
-def _without_later_defaults(cfg_dict: dict, prefix: tuple[str, ...] = ()) -> dict:
-    """``cfg_dict`` (a `config_to_dict`, or its section ``prefix``) without the `_LATER_SETTINGS` at their old
-    values: what a run written before those settings existed recorded."""
-    out = json.loads(json.dumps(cfg_dict))
-    for path, value in _LATER_SETTINGS.items():
-        if path[:len(prefix)] != prefix:
-            continue
-        *parents, key = path[len(prefix):]
-        where = out
-        for p in parents:
-            where = where.get(p, {})
-        if where.get(key, value) == value:
-            where.pop(key, None)
-    return out
-
-
-def _fingerprint(cfg: RunConfig, adapter: Adapter, name: str, seed: int, pool: list[Case], test: list[Case],
-                 legacy: bool = False) -> str:
-    """What a finished round depends on; a resumed run must match it.
-
-    The model and data enter by content (weights hash, the model's preprocessing key, case ids), not by path, so a
-    run moved to another folder or machine resumes. ``legacy=True`` gives the fingerprint of runs written before
-    that (with the paths in it), which a resume still accepts.
-    """
-    import hashlib
-
-    keep = config_to_dict(cfg)
-    for key in ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds",
-                "upper_bound", "upper_bound_steps", "report", "previews", "trust_model_code",
-                *(() if legacy else ("model", "pool", "test"))):
-        keep.pop(key, None)  # more rounds, strategies or seeds extend a run; they do not change finished rounds
-    keep = _without_later_defaults(keep)  # at the values runs had before those settings existed: they resume
-    if name.strip().lower() != "asfda" or keep.get("diversity") == "embedding":
-        # only asfda reads it, and runs written before the setting existed picked in the embedding space
-        keep.pop("diversity", None)
-    content = {} if legacy else {"preprocessing": adapter.pretrained.preprocessing.cache_key()}
-    blob = json.dumps({"cfg": keep, "model": adapter.pretrained.weights_hash, "strategy": name, "seed": seed,
-                       "pool": [c.case_id for c in pool], "test": [c.case_id for c in test], **content},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def write_results(out: Path, rows: list[dict], summary: dict) -> None:
-    atomic_write_text(out / "results.csv", csv_text(rows))
-    atomic_write_json(out / "results.json", {"rows": rows, "summary": summary})
-    atomic_write_text(out / "results.md", results_table(summary) + "\n")
-    plot_learning_curves(rows, out / "learning_curve.png")
+    layout = RunLayout(out)
+    atomic_write_text(layout.file("results.csv"), csv_text(rows))
+    atomic_write_json(layout.file("results.json"), {"rows": rows, "summary": summary})
+    atomic_write_text(layout.file("results.md"), results_table(summary) + "\n")
+    plot_learning_curves(rows, layout.file("learning_curve.png"))

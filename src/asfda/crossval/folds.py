@@ -14,20 +14,19 @@ import numpy as np
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
 from asfda.io.datasets import LINKED_FROM_KEY
+from asfda.results import read_json
 
-__all__ = ["FOLDS_FILE", "assignment_for", "fold_assignment", "fold_datasets_root", "make_fold_datasets",
+__all__ = ["FOLDS_FILE", "assignment_for", "fold_assignment", "fold_datasets_root", "fold_dir", "make_fold_datasets",
            "read_json", "write_linked_dataset"]
 
 FOLDS_FILE = "folds.json"
 """OUT/folds.json: the data folder, K, the fold seed and the assignment a cross-validation folder holds."""
 
 
-def read_json(path: Path) -> dict | None:
-    """``path``'s JSON, or None when it is missing or unreadable (a part not run yet)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def fold_dir(out: str | Path, k: int) -> Path:
+    """Fold ``k``'s results folder under a cross-validation's ``out``: a simulation's folder
+    (`asfda.results.RunLayout`)."""
+    return Path(out) / f"fold{k}"
 
 
 def fold_assignment(ids: Iterable[str], folds: int, seed: int = 0) -> list[list[str]]:

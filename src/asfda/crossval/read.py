@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from asfda.crossval.folds import read_json
-from asfda.results import UPPER_BOUND
+from asfda.crossval.folds import fold_dir
+from asfda.results import UPPER_BOUND, ZERO_SHOT, read_run
 
 __all__ = ["METRICS", "POSTPROCESSING", "PROVENANCE", "ZERO_SHOT", "case_dice", "choose_postprocessing", "done_items",
            "provenance_lines", "ranges", "read_fold"]
 
-ZERO_SHOT = "zero_shot"
 METRICS = ("dice_mean", "lcc_dice_mean", "pp_dice_mean")
 """Case Dice read from the per-case rows: as predicted, after cutting each organ to its largest component, or after
 cutting only the organs the cross-validation chose (`choose_postprocessing`: nnU-Net's rule)."""
@@ -48,9 +47,10 @@ def _dice_by_case(per_case: list[dict], metric: str, pp: Sequence[str]) -> dict[
 
 def _states(out: Path, folds: int, seeds: Seeds):
     for k in range(folds):
+        got = read_run(fold_dir(out, k), list(seeds))
         for name, ss in seeds.items():
             for seed in ss:
-                yield read_json(out / f"fold{k}" / name / f"seed{seed}" / "state.json") or {}
+                yield got.states.get(name, {}).get(seed, {})
 
 
 def choose_postprocessing(out: str | Path, folds: int, seeds: Seeds) -> dict:
@@ -85,23 +85,20 @@ def read_fold(out: str | Path, seeds: Seeds, metric: str = "dice_mean", pp: Sequ
     "config": run.json's config or {}}``. Case Dice under ``metric`` (`case_dice`). Zero-shot is read for
     ``zero_seeds`` (default: every strategy's seeds), the upper bound for ``upper_seeds``.
     """
-    out = Path(out)
-    res: dict = {"zero": {}, "upper": {}, "runs": {n: {} for n in seeds}, "config": {}}
-    run = read_json(out / "run.json")
-    if run:
-        res["config"] = run.get("config", {})
+    got = read_run(out, list(seeds))
+    res: dict = {"zero": {}, "upper": {}, "runs": {n: {} for n in seeds}, "config": got.config}
     for seed in sorted({s for ss in seeds.values() for s in ss} if zero_seeds is None else set(zero_seeds)):
-        zs = read_json(out / f"{ZERO_SHOT}_seed{seed}.json")
+        zs = got.zero_shot.get(seed)
         if zs and zs.get("per_case"):
             res["zero"][seed] = _dice_by_case(zs["per_case"], metric, pp)
     for seed in upper_seeds:
-        ub = read_json(out / UPPER_BOUND / f"seed{seed}.json")
+        ub = got.upper_bound.get(seed)
         if ub and ub.get("per_case"):
             res["upper"][seed] = {"dice": _dice_by_case(ub["per_case"], metric, pp), "steps": ub.get("steps"),
                                   "pool": (ub.get("key") or {}).get("pool", [])}
     for name, ss in seeds.items():
         for seed in ss:
-            st = read_json(out / name / f"seed{seed}" / "state.json")
+            st = got.states.get(name, {}).get(seed)
             if st:
                 res["runs"][name][seed] = {
                     int(r["n_labelled"]): {"dice": _dice_by_case(r["per_case"], metric, pp), "device": r.get("device"),

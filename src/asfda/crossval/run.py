@@ -18,7 +18,7 @@ import torch
 
 from asfda import __version__
 from asfda.config import RunConfig
-from asfda.crossval.folds import assignment_for, fold_datasets_root, make_fold_datasets, read_json
+from asfda.crossval.folds import assignment_for, fold_datasets_root, fold_dir, make_fold_datasets, read_json
 from asfda.crossval.read import METRICS, POSTPROCESSING, PROVENANCE, Seeds, choose_postprocessing, done_items
 from asfda.crossval.report import write_summary
 from asfda.crossval.summary import RANDOM, pp_strategies, summarize
@@ -165,6 +165,6 @@ def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, 
         dirs = make_fold_datasets(data, assignment, root, todo)
         for k in todo:
             print(f"fold {k}/{folds}: test {', '.join(assignment[k])}", file=sys.stderr, flush=True)
-            run_fold(k, base, *dirs[k], out / f"fold{k}", seeds=seeds, upper_seeds=upper_seeds, command=command,
+            run_fold(k, base, *dirs[k], fold_dir(out, k), seeds=seeds, upper_seeds=upper_seeds, command=command,
                      machine=where, commit=version)
     return summarize_folder(out, assignment, base, seeds, upper_seeds, utility, command, where, version)

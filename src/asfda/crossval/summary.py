@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asfda.crossval.folds import read_json
+from asfda.crossval.folds import fold_dir, read_json
 from asfda.crossval.read import PROVENANCE, ZERO_SHOT, Seeds, provenance_lines, ranges, read_fold
 from asfda.crossval.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_mean, curve_auc, paired_difference
 from asfda.results import UPPER_BOUND
@@ -63,7 +63,7 @@ def _fold(out: Path, k: int, test_ids: Sequence[str], ns: list[int], seeds: Seed
           vols: dict, missing: list[str], checks: dict, metric: str, pp: Sequence[str]) -> dict:
     """Reads fold ``k`` into ``vols`` (per volume: zero/upper per seed, runs per strategy, n and seed), adds what it
     lacks to ``missing``; returns the fold's entry of the summary (before its curves)."""
-    fdir = out / f"fold{k}"
+    fdir = fold_dir(out, k)
     zero_seeds = sorted({s for ss in seeds.values() for s in ss})
     got = read_fold(fdir, seeds, metric, pp, zero_seeds=zero_seeds, upper_seeds=upper_seeds)
     test_set = set(test_ids)

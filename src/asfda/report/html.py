@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from asfda.io.atomic import atomic_write_text
-from asfda.results import UPPER_BOUND, stopping_rows
+from asfda.results import UPPER_BOUND, RunRecords, read_run, stopping_rows
 from asfda.stopping import STOP_BELOW, estimate_error
 
 __all__ = ["QueriedPreview", "write_run_report"]
@@ -83,14 +82,13 @@ def _guard_cell(guard: dict | None) -> str:
     return f"{verdict} ({guard['plausibility_adapted']:.3f} / {guard['plausibility_pretrained']:.3f})"
 
 
-def _rounds_section(out: Path, strategies: list[str], seeds: list[int]) -> tuple[str, dict]:
+def _rounds_section(got: RunRecords, strategies: list[str], seeds: list[int]) -> tuple[str, dict]:
     parts, states = [], {}
     for name in strategies:
         for seed in seeds:
-            path = out / name / f"seed{seed}" / "state.json"
-            if not path.exists():
+            state = got.states.get(name, {}).get(seed)
+            if state is None:
                 continue
-            state = json.loads(path.read_text())
             states[(name, seed)] = state
             rows = [[r["round"], r["n_labelled"], r["dice_mean"], r["temperature"],
                      "" if r["ece_before"] is None else r["ece_before"],
@@ -170,9 +168,10 @@ def write_run_report(out: str | Path, cfg, summary: dict, rows: list[dict],
     """Writes ``out/report.html`` from what the run wrote (``run.json``, per-run ``state.json``, the curve) and the
     ``previews`` of queried volumes (made by the caller: the report runs no model)."""
     out = Path(out)
-    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     seeds = list(cfg.seeds)
-    rounds_html, states = _rounds_section(out, list(cfg.strategies), seeds)
+    got = read_run(out, cfg.strategies, seeds)
+    run, curve_png = got.run, got.layout.file("learning_curve.png")
+    rounds_html, states = _rounds_section(got, list(cfg.strategies), seeds)
     meta_rows = [["model", cfg.model], ["model weights sha256/16", run.get("model_weights_sha256_16", "")],
                  ["pool", cfg.pool], ["test", cfg.test or f"seeded {cfg.test_fraction:.0%} split of the pool"],
                  ["strategies", ", ".join(cfg.strategies)], ["budget x rounds", f"{cfg.budget} x {cfg.rounds}"],
@@ -184,7 +183,7 @@ def write_run_report(out: str | Path, cfg, summary: dict, rows: list[dict],
         "<table class=\"meta\">" + "".join(f"<tr><th class=\"l\">{html.escape(str(k))}</th><td>{html.escape(str(v))}"
                                          f"</td></tr>" for k, v in meta_rows) + "</table>",
         "<h2>Learning curves</h2>",
-        _img(out / "learning_curve.png", "learning curves") if (out / "learning_curve.png").exists() else "",
+        _img(curve_png, "learning curves") if curve_png.exists() else "",
         "<h2>Results</h2>", _results_section(summary),
         "<h2>Rounds</h2>", rounds_html,
         "<h2>When to stop</h2>", _stopping_section(out, cfg),
@@ -195,4 +194,4 @@ def write_run_report(out: str | Path, cfg, summary: dict, rows: list[dict],
     ]
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>asfda report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
-    return atomic_write_text(out / "report.html", page)
+    return atomic_write_text(got.layout.file("report.html"), page)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_volume, write_bundle, write_nifti, write_nnunet
 
 from asfda.annotation import PALETTE, itksnap_label_description, slicer_color_table
 from asfda.errors import AsfdaError
 from asfda.project import ProjectSettings, init_project, next_query
 from asfda.training import TrainConfig
-from conftest import make_volume, write_bundle, write_nifti, write_nnunet
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
@@ -140,3 +140,27 @@ def test_the_palette_gives_every_label_value_its_own_colour_in_both_label_files(
     first = np.array(PALETTE[:256], float)
     gaps = np.sqrt(((first[:, None] - first[None]) ** 2).sum(-1)) + np.eye(256) * 1e9
     assert gaps.min() > 20
+
+
+def test_a_dicom_series_is_copied_whole_under_its_case_id_and_the_readme_says_it_is_a_folder(tmp_path: Path) -> None:
+    """Two series folders of the same name (``PAT1/CT``, ``PAT2/CT``) land as ``images/PAT1_CT/`` and
+    ``images/PAT2_CT/``, each a whole copy of its slices; README.txt names them as folders."""
+    pydicom = pytest.importorskip("pydicom")
+    del pydicom
+    from test_dicom import _ct, oblique_affine, write_series
+
+    from asfda.io import load_dataset
+    from asfda.project.annotate import _image_name, place_image, round_readme
+
+    pool = tmp_path / "pool"
+    for k, pat in enumerate(("PAT1", "PAT2")):
+        write_series(pool / pat / "CT", _ct(k), oblique_affine())
+    ds = load_dataset(pool)
+    images = tmp_path / "round0" / "images"
+    images.mkdir(parents=True)
+    for case in ds.cases:
+        out = place_image(case.image_path, images, name=_image_name(case))
+        assert out.name == case.case_id and out.is_dir() and not out.is_symlink()
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in case.image_path.iterdir())
+    text = round_readme(0, [(c.case_id, _image_name(c)) for c in ds.cases], {"background": 0, "organ": 1}, tmp_path)
+    assert "images/PAT1_CT/ (a DICOM series folder" in text

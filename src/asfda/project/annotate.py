@@ -13,7 +13,7 @@ import numpy as np
 from asfda.annotation import edit_summary, itksnap_label_description, slicer_color_table
 from asfda.distributed import DistContext, rank_context
 from asfda.errors import AsfdaError
-from asfda.io import atomic_write, atomic_write_json, atomic_write_text
+from asfda.io import atomic_write, atomic_write_folder, atomic_write_json, atomic_write_text
 from asfda.io.datasets import Case
 from asfda.io.labels import check_label, label_case_id, label_files
 from asfda.io.nifti import read_nifti, write_label_map
@@ -112,7 +112,7 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     for cid in query.ids:
-        place_image(by_id[cid].image_path, images, images_mode)
+        place_image(by_id[cid].image_path, images, images_mode, name=_image_name(by_id[cid]))
     _write_annotation_aids(adapter, [by_id[i] for i in query.ids], folder, ds.class_names, project.state["labels"])
     record = {"round": r, "strategy": query.strategy, "ids": query.ids, "scores": query.scores,
               "components": query.components, "strategy_settings": strategy.settings(),
@@ -124,18 +124,25 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
               **({"precision": precision} if precision != "fp32" else {})}
     atomic_write_json(folder / "query.json", record)
     atomic_write_text(folder / "cases.txt", "\n".join(query.ids) + "\n")
-    atomic_write_text(folder / "README.txt", round_readme(r, [(cid, by_id[cid].image_path.name) for cid in query.ids],
+    atomic_write_text(folder / "README.txt", round_readme(r, [(cid, _image_name(by_id[cid])) for cid in query.ids],
                                                           project.state["labels"], project.root, replaces))
     project.state["query"] = record
     project.save(f"round {r}: queried {', '.join(query.ids)}")
     return record
 
 
-def place_image(src: Path, images: Path, mode: str = "copy") -> Path:
-    """Puts the pool image ``src`` into a round's ``images/`` folder under its own name: a copy (``copy``), or a
-    link relative to that folder (``link``; a copy where the file system has no links). Never an absolute link: the
-    round folder stays usable when the project (``link``: with the pool beside it) is moved or sent."""
-    dest = images / src.name
+def _image_name(case: Case) -> str:
+    """The name of a case's image in a round's ``images/``: its file's name; a DICOM series folder (whose own name,
+    e.g. ``CT``, several series may share) by its case id."""
+    return case.case_id if case.image_path.is_dir() else case.image_path.name
+
+
+def place_image(src: Path, images: Path, mode: str = "copy", name: str | None = None) -> Path:
+    """Puts the pool image ``src`` into a round's ``images/`` folder under ``name`` (default: its own name): a copy
+    (``copy``; a DICOM series folder: the whole folder), or a link relative to that folder (``link``; a copy where
+    the file system has no links). Never an absolute link: the round folder stays usable when the project
+    (``link``: with the pool beside it) is moved or sent."""
+    dest = images / (name or src.name)
     if os.path.lexists(dest):
         if dest.exists() and not (dest.is_symlink() and os.path.isabs(os.readlink(dest))):
             return dest  # already there (a query shown again)
@@ -146,8 +153,16 @@ def place_image(src: Path, images: Path, mode: str = "copy") -> Path:
             return dest
         except (OSError, ValueError):  # no links on this file system, or another drive (Windows): a copy
             pass
-    atomic_write(dest, functools.partial(shutil.copyfile, src))
+    if src.is_dir():  # a DICOM series folder: copied whole
+        atomic_write_folder(dest, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+    else:
+        atomic_write(dest, functools.partial(shutil.copyfile, src))
     return dest
+
+
+def _series(name: str) -> str:
+    """A DICOM series folder is named without a file ending: say what it is."""
+    return "" if name.endswith((".nii", ".nii.gz")) else "/ (a DICOM series folder: load the folder)"
 
 
 def round_readme(r: int, cases: list[tuple[str, str]], labels: dict[str, int], root: Path,
@@ -159,8 +174,8 @@ def round_readme(r: int, cases: list[tuple[str, str]], labels: dict[str, int], r
     why = (f"Round {replaces['round']}'s fine-tuning was discarded by the guard (its model segmented unlabeled volumes "
            f"worse than the pretrained model); this query replaces {', '.join(replaces['ids'])} "
            f"({'its label is' if len(replaces['ids']) == 1 else 'their labels are'} kept).\n" if replaces else "")
-    listing = "".join(f"  {cid}: open images/{name}, pre-segmentation presegmentations/{cid}.nii.gz, save the label "
-                      f"as {cid}.nii.gz\n" for cid, name in cases)
+    listing = "".join(f"  {cid}: open images/{name}{_series(name)}, pre-segmentation presegmentations/{cid}.nii.gz, "
+                      f"save the label as {cid}.nii.gz\n" for cid, name in cases)
     cid, name = cases[0]
     return why + (
         f"Round {r}: please annotate {'this case' if len(cases) == 1 else f'these {len(cases)} cases'} "

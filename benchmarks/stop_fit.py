@@ -1,0 +1,131 @@
+"""When to stop, fitted on real rounds: leave-one-fold-out error of label-free estimates of the next round's gain.
+
+Reads the rounds of cross-validated runs (``asfda crossval`` output folders: ``FOLDER/fold<k>/<strategy>/seed<s>/
+state.json``), and for every round r with a round r+1 the true next gain (test Dice of r+1 minus r's) and the
+label-free signals recorded after round r (``stopping`` in the round record: the prediction change on the probe
+volumes, the one before it, the change of their mean entropy; the round index; the number of labels). Each candidate
+estimate is fitted on the other folds' rounds and scored on the held-out fold's (never on the rounds it was fitted on),
+pair by pair. Prints a markdown table per pair: MAE of each estimate, MAE of predicting 0, and the mean next gain of
+the rounds each estimate flags "consider stopping" (predicted gain below ``--threshold``) against those it flags
+"continue".
+
+    python benchmarks/stop_fit.py benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Row = dict[str, float]
+
+
+def rounds_of(folder: Path) -> list[Row]:
+    """One row per round with a next round and the stopping record: fold, signals, true next gain."""
+    rows: list[Row] = []
+    for state in sorted(folder.glob("fold*/*/seed*/state.json")):
+        fold = int(state.parts[-4].removeprefix("fold"))
+        recs = json.loads(state.read_text())["rounds"]
+        for rec, nxt in zip(recs, recs[1:]):
+            st = rec.get("stopping")
+            if not st or st.get("change") is None or rec.get("dice_mean") is None or nxt.get("dice_mean") is None:
+                continue
+            rows.append({"fold": fold, "round": rec["round"], "n": rec["n_labelled"], "change": st["change"],
+                         "change_before": st.get("change_before") if st.get("change_before") is not None
+                         else float("nan"), "entropy_change": st.get("entropy_change") or 0.0,
+                         "rule": st["predicted_gain"], "gain": nxt["dice_mean"] - rec["dice_mean"],
+                         "reverted": float(bool((nxt.get("guard") or {}).get("reverted")))})
+    return rows
+
+
+Fit = Callable[[list[Row]], Callable[[Row], float]]
+
+
+def _lsq(features: Callable[[Row], list[float]]) -> Fit:
+    def fit(train: list[Row]) -> Callable[[Row], float]:
+        x = np.array([features(r) for r in train])
+        y = np.array([r["gain"] for r in train])
+        w = np.linalg.lstsq(x, y, rcond=None)[0]
+        return lambda r: float(np.dot(features(r), w))
+    return fit
+
+
+def _per_round(train: list[Row]) -> Callable[[Row], float]:
+    by: dict[int, list[float]] = {}
+    for r in train:
+        by.setdefault(int(r["round"]), []).append(r["gain"])
+    every = float(np.median([r["gain"] for r in train]))
+    return lambda r: float(np.median(by[int(r["round"])])) if int(r["round"]) in by else every
+
+
+def _constant(value: float) -> Callable[[Row], float]:
+    return lambda r: value
+
+
+CANDIDATES: dict[str, Fit] = {
+    "predict 0": lambda train: (lambda r: 0.0),
+    "today's rule (0.1 x change)": lambda train: (lambda r: r["rule"]),
+    "median gain (a constant)": lambda train: _constant(float(np.median([t["gain"] for t in train]))),
+    "median gain per round index": _per_round,
+    "a / labels": _lsq(lambda r: [1.0 / r["n"]]),
+    "a x change": _lsq(lambda r: [r["change"]]),
+    "a + b x change": _lsq(lambda r: [1.0, r["change"]]),
+    "a / labels + b x change": _lsq(lambda r: [1.0 / r["n"], r["change"]]),
+}
+
+
+def leave_one_fold_out(rows: list[Row], fit: Fit) -> np.ndarray:
+    pred = np.full(len(rows), np.nan)
+    for k in sorted({r["fold"] for r in rows}):
+        train = [r for r in rows if r["fold"] != k]
+        if not train:
+            continue
+        f = fit(train)
+        for i, r in enumerate(rows):
+            if r["fold"] == k:
+                pred[i] = f(r)
+    return pred
+
+
+def _cell(gain: np.ndarray, mask: np.ndarray) -> str:
+    return f"{int(mask.sum())}, {gain[mask].mean():+.4f}" if mask.any() else "0, -"
+
+
+def table(rows: list[Row], threshold: float) -> str:
+    gain = np.array([r["gain"] for r in rows])
+    out = ["| estimate | MAE (held-out folds) | vs predicting 0 | flagged stop: n, mean next gain | flagged "
+           "continue: n, mean next gain |", "|---|---|---|---|---|"]
+    zero = float(np.mean(np.abs(gain)))
+    for name, fit in CANDIDATES.items():
+        pred = leave_one_fold_out(rows, fit)
+        ok = ~np.isnan(pred)
+        mae = float(np.mean(np.abs(pred[ok] - gain[ok])))
+        stop, go = ok & (pred < threshold), ok & (pred >= threshold)
+        out.append(f"| {name} | {mae:.4f} | {mae - zero:+.4f} | {_cell(gain, stop)} | {_cell(gain, go)} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="asfda crossval output folders (one per pair)")
+    ap.add_argument("--threshold", type=float, default=0.01, help="stop below this predicted gain (mean Dice)")
+    args = ap.parse_args()
+    for folder in args.folders:
+        rows = rounds_of(folder)
+        folds = sorted({int(r['fold']) for r in rows})
+        print(f"\n## {folder} ({len(rows)} rounds with a next round, folds {folds})\n")
+        if len({r["fold"] for r in rows}) < 2:
+            print("fewer than 2 folds with rounds: nothing to leave out yet")
+            continue
+        by_round = {k: [r["gain"] for r in rows if r["round"] == k] for k in sorted({r["round"] for r in rows})}
+        print("true next gain by round: " + ", ".join(f"after round {k}: mean {np.mean(v):+.4f} (n={len(v)})"
+                                                     for k, v in by_round.items()) + "\n")
+        print(table(rows, args.threshold))
+
+
+if __name__ == "__main__":
+    main()

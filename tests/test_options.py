@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asfda.config import PSEUDO_SOURCES, load_config
+from asfda.config import load_config
 from asfda.engine import INFERENCE_PRECISIONS
 from asfda.errors import AsfdaError
 from asfda.models.loading import OUTPUT_ACTIVATIONS
-from asfda.options import check_option, closest_option
+from asfda.options import PRECISIONS as OPTION_PRECISIONS
+from asfda.options import PSEUDO_SOURCES, check_option, closest_option
 from asfda.selection import DIVERSITY_SPACES, REPRESENTATIVENESS, ROUND0_GAPS
 from asfda.selection.strategies import ASFDAStrategy
 from asfda.training import TrainConfig
@@ -26,6 +27,7 @@ def test_the_option_tuples_are_unchanged() -> None:
     assert PSEUDO_SOURCES == ("previous", "warmup")
     assert AUGMENTATIONS == ("none", "intensity", "spatial_mr")
     assert PRECISIONS == INFERENCE_PRECISIONS == ("fp32", "bf16")
+    assert INFERENCE_PRECISIONS is OPTION_PRECISIONS  # one list: inference and fine-tuning take the same values
     assert OUTPUT_ACTIVATIONS == ("softmax", "sigmoid", "none")
 
 
@@ -105,15 +107,25 @@ def test_strategy_trainer_augmenter_and_engine_use_the_same_check() -> None:
     assert info.value.fix == "use --precision fp32 or bf16"
 
 
-def test_check_option_returns_the_value_and_ties_go_to_the_first_listed() -> None:
+def test_check_option_returns_the_value_and_ties_go_to_the_longest_shared_beginning_then_the_first_listed() -> None:
     assert check_option("bf16", PRECISIONS, "precision") == "bf16"
-    # 'bf32' is 2 edits from both: the first listed wins (look_up_option's own guess here follows the set's
-    # iteration order, which PYTHONHASHSEED changes from one process to the next)
-    assert closest_option("bf32", ("fp32", "bf16")) == "fp32"
+    # 'bf32' is 2 edits from both: the one sharing the longer beginning wins, whatever the order
+    assert closest_option("bf32", ("fp32", "bf16")) == "bf16"
     assert closest_option("bf32", ("bf16", "fp32")) == "bf16"
+    # a full tie goes to the first listed (look_up_option's own guess here follows the set's iteration order, which
+    # PYTHONHASHSEED changes from one process to the next)
+    assert closest_option("ab", ("ax", "ay")) == "ax"
+    assert closest_option("ab", ("ay", "ax")) == "ay"
     assert closest_option("abcdefgh", ("fp32", "bf16")) is None
     assert closest_option(3, ("fp32", "bf16")) is None
     with pytest.raises(AsfdaError, match=r"got 3$"):
         check_option(3, ("fp32", "bf16"), "precision")
     with pytest.raises(AsfdaError, match=r"got None$"):
         check_option(None, ("a-long-name", "another"), "x")
+
+
+def test_a_short_option_is_not_offered_for_any_short_word() -> None:
+    # at most half the option's length in edits: 'lr' is 2 edits from 'xy' and 3 from 'foo', no misspelling of it
+    assert closest_option("xy", ("lr", "seed")) is None
+    assert closest_option("foo", ("lr",)) is None
+    assert closest_option("l", ("lr",)) == "lr"

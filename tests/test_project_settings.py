@@ -55,7 +55,7 @@ def test_set_changes_settings_with_the_checks_of_init(pool: dict, tmp_path: Path
     (f"budget={N_POOL + 1}", f"budget {N_POOL + 1} is larger than the pool ({N_POOL} cases)"),
     ("budget=two", "must be an integer"),
     ("steps=0", "train.steps must be >= 1"),
-    ("precision=fp8", "train.precision must be one of fp32, bf16"),
+    ("precision=fp8", "train.precision must be one of ['fp32', 'bf16'], got 'fp8' (did you mean 'fp32'?)"),
     ("strategy=best", "strategy"),
     ("alpha=2", "alpha must be in [0, 1]"),
     ("class_map=liver=spleen", "class_map cannot be changed"),

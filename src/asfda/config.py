@@ -1,55 +1,160 @@
-"""Typed run configuration: dataclasses read from YAML, overridden by CLI flags; unknown keys are errors. The
-bounded reader of every YAML/JSON settings file (`read_config_file`) is `asfda.config_files`, re-exported here."""
+"""Typed settings: composed dataclasses, each field declared once with its default and its check, read from YAML and
+overridden by CLI flags; unknown keys are errors. `StrategySettings` (what asfda's query reads) and `AdaptSettings`
+(what a simulated run and an annotation project share) are the common part of `RunConfig` and a project's
+``ProjectSettings``, so each default and each range check exists once (`Settings.problems`); `defaults` and
+`default_of` give them to the command line. The bounded reader of every YAML/JSON settings file
+(`read_config_file`) is `asfda.config_files`, re-exported here."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, NamedTuple, get_type_hints
 
+from asfda import options
 from asfda.config_files import MAX_CONFIG_BYTES, check_config_data, read_config_file
 from asfda.errors import AsfdaError
-from asfda.options import (
-    AUGMENTATIONS,
-    DEFAULT_DIVERSITY,
-    DIVERSITY_SPACES,
-    OUTPUT_ACTIVATIONS,
-    PRECISIONS,
-    PSEUDO_SOURCES,
-    REPRESENTATIVENESS,
-    ROUND0_GAPS,
-    check_option,
-)
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_TRAIN_VOXELS", "SEED_MAX", "RunConfig", "SemiConfig", "TrainConfig",
-           "check_config_data", "config_from_dict", "config_to_dict", "load_config", "read_config_file",
-           "recipe_problems", "seed_ok", "train_voxels_ok"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_TRAIN_VOXELS", "SEED", "SEED_MAX", "AdaptSettings", "Problem", "RunConfig",
+           "SemiConfig", "SettingError", "Settings", "StrategySettings", "TrainConfig", "check_config_data",
+           "config_from_dict", "config_to_dict", "default_of", "defaults", "load_config", "read_config_file", "seed_ok",
+           "setting", "train_voxels_ok"]
 
 # RunConfig fields that a config file may not set: given on the command line only (`load_config`)
 COMMAND_LINE_ONLY = "command_line_only"
+_CHECK, _CHOICES = "check", "choices"  # a field's metadata: (test, what the value must be); its valid strings
+
+SEED_MAX = 2 ** 32 - 1
+"""The largest seed asfda takes (numpy refuses negative seeds, torch ones past 2^64; MONAI's below 2^32)."""
+
+MAX_TRAIN_VOXELS = 1 << 24
+"""The most voxels one training step may hold (patch voxels x batch size): 16.8M, 19 times the benchmark's recipe
+(96 x 96 x 48 x 2), about 20 GB of activations for MONAI's UNet; a larger one would exhaust a machine's memory."""
 
 
+def train_voxels_ok(patch: tuple[int, ...], batch_size: int) -> bool:
+    """Whether a training step of ``batch_size`` patches of ``patch`` stays within `MAX_TRAIN_VOXELS`."""
+    n = batch_size
+    for side in patch:
+        n *= side
+    return n <= MAX_TRAIN_VOXELS
+
+
+def seed_ok(value: object) -> bool:
+    """Whether ``value`` is a seed asfda takes: a whole number in [0, `SEED_MAX`]."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
+
+
+# ---------------------------------------------------------------------------------------------- checks
+Check = tuple[Callable[[Any], bool], str]
+AT_LEAST_1: Check = (lambda v: v >= 1, ">= 1")
+AT_LEAST_0: Check = (lambda v: v >= 0, ">= 0")
+FRACTION: Check = (lambda v: math.isfinite(v) and 0 <= v <= 1, "a number in [0, 1]")
+FINITE_AT_LEAST_0: Check = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+SEED: Check = (seed_ok, f"a whole number in [0, {SEED_MAX}]")
+
+
+def setting(default: Any = dataclasses.MISSING, check: Check | None = None, *, choices: Sequence[str] | None = None,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A settings field: its one default (``default``, or ``factory`` for a mutable one) and its one check (``check``:
+    a test and what the value must be; ``choices``: the strings it may be, None allowed when the default is None)."""
+    metadata: dict[str, Any] = {}
+    if check is not None:
+        metadata[_CHECK] = check
+    if choices is not None:
+        metadata[_CHOICES] = tuple(choices)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Problem(NamedTuple):
+    """A setting out of range: its dotted name, its value, what it must be, and its valid strings (a choice)."""
+
+    name: str
+    value: Any
+    want: str
+    choices: tuple[str, ...] | None = None
+
+    def message(self) -> str:
+        if self.choices is not None:
+            return options.option_problem(self.value, self.choices, self.name) or ""
+        return f"{self.name} must be {self.want}, got {self.value!r}"
+
+
+class SettingError(AsfdaError, ValueError):
+    """A setting out of range (`Settings.check`): one line for a user, a ValueError for a library caller."""
+
+
+class Settings:
+    """Base of every settings dataclass: the checks declared with its fields (`setting`), run once for all of them,
+    nested settings included."""
+
+    def problems(self, prefix: str = "") -> list[Problem]:
+        """Every value out of range, in field order (``prefix``: the dotted path of this part)."""
+        out: list[Problem] = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, name = getattr(self, f.name), prefix + f.name
+            if isinstance(value, Settings):
+                out += value.problems(f"{name}.")
+            elif _CHOICES in f.metadata and (value is not None or f.default is not None):
+                if options.option_problem(value, f.metadata[_CHOICES], name) is not None:
+                    out.append(Problem(name, value, f"one of {list(f.metadata[_CHOICES])}", f.metadata[_CHOICES]))
+            elif _CHECK in f.metadata and not _passes(f.metadata[_CHECK][0], value):
+                out.append(Problem(name, value, f.metadata[_CHECK][1]))
+        return out + self._cross_problems(prefix)
+
+    def _cross_problems(self, prefix: str) -> list[Problem]:  # checks of several fields together
+        return []
+
+    def check(self, path: str | Path | None = None, fix: Callable[[Problem], str] | None = None) -> None:
+        """Raises `SettingError` for the first problem, if any: "NAME must be WANT, got VALUE" (``fix``: its fix)."""
+        bad = self.problems()
+        if bad:
+            raise SettingError(bad[0].message(), path, fix(bad[0]) if fix else None)
+
+    def validate(self, path: str | Path | None = None) -> None:
+        """A config file's check: every value out of range in one error, then the first wrong choice."""
+        bad = self.problems()
+        ranges = [p for p in bad if p.choices is None]
+        if ranges:
+            raise SettingError(f"out-of-range config values: {', '.join(p.name for p in ranges)}", path,
+                               "; ".join(f"{p.name} must be {p.want}" for p in ranges))
+        if bad:
+            raise SettingError(bad[0].message(), path)
+
+
+def _passes(test: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(test(value))
+    except (TypeError, ValueError):  # a value of the wrong type (a library caller's): refused, not a traceback
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- the settings
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """The training recipe of one round (every field is configurable from the run config)."""
 
-    steps: int = 100
-    batch_size: int = 2
-    patch_size: tuple[int, int, int] | None = None  # None: the model's sliding-window roi
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    warmup_fraction: float = 0.05
-    fg_oversample: float = 0.67
-    lambda_u: float = 1.0
-    rampup_fraction: float = 0.3
+    steps: int = setting(100, AT_LEAST_1)  # a project's rounds: asfda.project.state.PROJECT_STEPS
+    batch_size: int = setting(2, AT_LEAST_1)
+    # None: the model's sliding-window roi
+    patch_size: tuple[int, int, int] | None = setting(None, (lambda p: p is None or all(s >= 1 for s in p),
+                                                             "three sides >= 1"))
+    lr: float = setting(1e-3, (lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]"))
+    weight_decay: float = setting(1e-5, FINITE_AT_LEAST_0)
+    warmup_fraction: float = setting(0.05, FRACTION)
+    fg_oversample: float = setting(0.67, FRACTION)
+    lambda_u: float = setting(1.0, FINITE_AT_LEAST_0)
+    rampup_fraction: float = setting(0.3, FRACTION)
     augment: bool = True  # false: no augmentation at all, whatever `augmentation` says
     # "intensity": light global intensity changes (the original recipe); "spatial_mr": MONAI's RandAffined
     # (rotation, scaling) and MR-typical intensity transforms (bias field, gamma, noise): asfda.training.augment
-    augmentation: str = "intensity"
+    augmentation: str = setting("intensity", choices=options.AUGMENTATIONS)
     # true: every round trains from the pretrained weights on every label so far; false: it continues from the
     # previous round's weights (METHOD.md). A round the guard discards leaves the previous round's model either way
     restart: bool = False
@@ -59,7 +164,7 @@ class TrainConfig:
     freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
     # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
     # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
-    precision: str = "fp32"
+    precision: str = setting("fp32", choices=options.PRECISIONS)
     # true: the network trains in the channels_last_3d memory layout (put back after the round); under bf16 on a
     # CPU, oneDNN's convolutions with a channel count that is not a multiple of 8 (a 14- or 5-class head) run several
     # times faster in it (asfda.training.trainer._memory_format)
@@ -67,67 +172,113 @@ class TrainConfig:
     # keep a round's weights only if the adapted model's organs on up to guard_volumes unlabeled volumes are
     # at least as connected as the pretrained model's (asfda.training.guard); otherwise revert the round
     guard: bool = True
-    guard_volumes: int = 8
-    seed: int = 0
+    guard_volumes: int = setting(8, AT_LEAST_1)
+    seed: int = setting(0, SEED)
+
+    def _cross_problems(self, prefix: str) -> list[Problem]:
+        patch = self.patch_size
+        if patch is None or not _passes(lambda p: all(s >= 1 for s in p), patch):
+            return []  # no patch (the model's roi: checked once known), or refused by its own check
+        if _passes(lambda p: train_voxels_ok(p, max(self.batch_size, 1)), patch):
+            return []
+        return [Problem(f"{prefix}patch_size", patch,
+                        f"small enough that patch voxels x train.batch_size <= {MAX_TRAIN_VOXELS:,}")]
 
 
 @dataclass
-class SemiConfig:
+class SemiConfig(Settings):
     """Selective semi-supervision (reliable unlabeled volumes with masked pseudo-labels)."""
 
     enabled: bool = False
-    confident_fraction: float = 0.5
-    close_fraction: float = 0.5
-    prob_threshold: float = 0.9
+    confident_fraction: float = setting(0.5, FRACTION)
+    close_fraction: float = setting(0.5, FRACTION)
+    prob_threshold: float = setting(0.9, FRACTION)
     flip_average: bool = False  # pseudo-labels from logits averaged over flips (never left-right)
     # "previous": pseudo-labels and reliability from the model as the round starts (METHOD.md's text);
     # "warmup": first train on the labelled volumes alone for warmup_fraction of the steps, then take
     # reliability and pseudo-labels from that model (round 0 otherwise pseudo-labels with the zero-shot model)
-    pseudo_from: str = "warmup"
-    warmup_fraction: float = 0.5
+    pseudo_from: str = setting("warmup", choices=options.PSEUDO_SOURCES)
+    warmup_fraction: float = setting(0.5, FRACTION)
 
 
-@dataclass
-class RunConfig:
-    """One simulation: which model, which data, which strategies, how many labels, how to train."""
+@dataclass(kw_only=True)
+class StrategySettings(Settings):
+    """What asfda's query reads besides the pool's numbers (`asfda.selection.build_strategy`); other strategies read
+    none of it."""
+
+    alpha: float = setting(0.5, (lambda v: 0 <= v <= 1, "in [0, 1]"))  # weight of DKD against ASD
+    round0_gap: str = setting("feature_gap", choices=options.ROUND0_GAPS)  # round 0 without BatchNorm statistics
+    # the greedy batch pick's space: "embedding" (METHOD.md's), "anatomy" (predicted composition) or "none"
+    diversity: str = setting(options.DEFAULT_DIVERSITY, choices=options.DIVERSITY_SPACES)
+    # "density" adds TypiClust typicality, weighted down as labels accrue; "typical" also leaves the least typical
+    # volumes out and caps the diversity factor (see selection.strategies)
+    representativeness: str = setting("none", choices=options.REPRESENTATIVENESS)
+
+
+@dataclass(kw_only=True)
+class AdaptSettings(StrategySettings):
+    """What a simulated run (`RunConfig`) and an annotation project (``ProjectSettings``) share: the query, the model's
+    output, the device and the training recipe."""
+
+    budget: int = setting(2, AT_LEAST_1)  # volumes labelled per round
+    temperature0: float = setting(1.0, (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"))
+    grow_voxels: int = setting(2, AT_LEAST_0)
+    class_map: str | None = None
+    device: str = "auto"
+    # what turns the network's output into probabilities: softmax, sigmoid, or none (it already outputs
+    # probabilities); None: what the model declares (asfda.models.load_model)
+    output_activation: str | None = setting(None, choices=options.OUTPUT_ACTIVATIONS)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+
+
+@dataclass(kw_only=True)
+class RunConfig(AdaptSettings):
+    """One simulation: which model, which data, which strategies, how many labels, how to train (the fields it shares
+    with a project: `AdaptSettings`)."""
 
     model: str = ""
     pool: str = ""
     test: str | None = None  # a separate labelled test dataset; None: a seeded split of the pool
-    test_fraction: float = 0.25
+    test_fraction: float = setting(0.25, (lambda v: 0 < v < 1, "in (0, 1)"))
     strategies: list[str] = field(default_factory=lambda: ["asfda", "random"])
-    budget: int = 2  # volumes labelled per round
-    rounds: int = 3
-    seeds: list[int] = field(default_factory=lambda: [0])
-    alpha: float = 0.5  # weight of DKD against ASD
-    round0_gap: str = "feature_gap"  # asfda at round 0 without BatchNorm statistics: "feature_gap" or "norm_kl"
-    # asfda's batch diversity space: "anatomy" (predicted composition) or "embedding"
-    diversity: str = DEFAULT_DIVERSITY
-    representativeness: str = "none"  # asfda: "density" adds TypiClust typicality, weighted down as labels accrue;
-    # "typical" also leaves the least typical volumes out and caps the diversity factor (see selection.strategies)
+    rounds: int = setting(3, AT_LEAST_1)
+    seeds: list[int] = setting(factory=lambda: [0], check=(lambda v: len(v) >= 1 and all(seed_ok(s) for s in v),
+                                                           f"one or more whole numbers in [0, {SEED_MAX}]"))
     evaluate_tta: bool = False  # test Dice from logits averaged over flips (never left-right), as `predict --tta`
-    temperature0: float = 1.0
-    grow_voxels: int = 2
-    class_map: str | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    semi: SemiConfig = field(default_factory=SemiConfig)
     # the full-supervision upper bound: fine-tune the pretrained model on the whole pool, every case labelled,
     # for upper_bound_steps (0: train.steps x rounds, the steps a strategy's model has seen at its last round)
     upper_bound: bool = True
-    upper_bound_steps: int = 0
+    upper_bound_steps: int = setting(0, AT_LEAST_0)
     report: bool = True  # report.html: curves, tables, queries and why, overlay previews
-    previews: int = 4  # overlay previews per strategy in the report (first seed's queried volumes)
+    previews: int = setting(4, AT_LEAST_0)  # overlay previews per strategy in the report (first seed's queried volumes)
     cache_dir: str = ".cache"
     out_dir: str = "runs/simulate"
-    device: str = "auto"
     threads: int = 0  # 0: torch default
     progress: bool = True
     # build the model config with MONAI's full ConfigParser ($ expressions, any _target_) and load TorchScript
     # models: trusted models only. Given on the command line (--trust-model-code) only: a config file may not set it
     trust_model_code: bool = field(default=False, metadata={COMMAND_LINE_ONLY: True})
-    # what turns the network's output into probabilities: softmax, sigmoid, or none (it already outputs
-    # probabilities); None: what the model declares (asfda.models.load_model)
-    output_activation: str | None = None
+
+
+def defaults(cls: type = RunConfig) -> dict[str, Any]:
+    """Every setting of the settings dataclass ``cls`` (`RunConfig`, or a project's ``ProjectSettings``) at its default,
+    by dotted name (``"train.steps"``): what the command line shows and passes when a flag is not given."""
+    return _flat(config_to_dict(cls()))
+
+
+def default_of(name: str, cls: type = RunConfig) -> Any:
+    """The default of one setting of ``cls`` by dotted name (``default_of("train.steps")``); unknown names raise
+    `AsfdaError` with a "did you mean"."""
+    known = defaults(cls)
+    if name not in known:
+        raise AsfdaError(f"{cls.__name__} has no setting {name!r}{options.did_you_mean(name, list(known))}")
+    return known[name]
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    return {k: v for key, value in data.items()
+            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}).items()}
 
 
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
@@ -141,9 +292,8 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> 
         if not isinstance(key, str):
             raise AsfdaError(f"key {_shown(key)} in {where} is not a name; valid keys: {sorted(names)}")
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise AsfdaError(f"unknown key {key!r} in {where}{hint}; valid keys: {sorted(names)}")
+            raise AsfdaError(f"unknown key {key!r} in {where}{options.did_you_mean(key, sorted(names))}; valid keys: "
+                             f"{sorted(names)}")
         hint_t = hints[key]
         if isinstance(hint_t, type) and dataclasses.is_dataclass(hint_t):  # a nested config class
             kwargs[key] = config_from_dict(hint_t, value, f"{where}.{key}")
@@ -231,52 +381,6 @@ def _grants(value: Any) -> bool:
         return True
 
 
-SEED_MAX = 2 ** 32 - 1
-"""The largest seed asfda takes (numpy refuses negative seeds, torch ones past 2^64; MONAI's below 2^32)."""
-
-
-MAX_TRAIN_VOXELS = 1 << 24
-"""The most voxels one training step may hold (patch voxels x batch size): 16.8M, 19 times the benchmark's recipe
-(96 x 96 x 48 x 2), about 20 GB of activations for MONAI's UNet; a larger one would exhaust a machine's memory."""
-
-
-def train_voxels_ok(patch: tuple[int, ...], batch_size: int) -> bool:
-    """Whether a training step of ``batch_size`` patches of ``patch`` stays within `MAX_TRAIN_VOXELS`."""
-    n = batch_size
-    for side in patch:
-        n *= side
-    return n <= MAX_TRAIN_VOXELS
-
-
-def seed_ok(value: object) -> bool:
-    """Whether ``value`` is a seed asfda takes: a whole number in [0, `SEED_MAX`]."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
-
-
-def recipe_problems(train: TrainConfig, semi: SemiConfig) -> list[tuple[str, str]]:
-    """``(setting, what it must be)`` of each training or semi-supervision value out of range: what the run config
-    (`load_config`) and a project's settings share. A negative weight decay, a non-finite fraction or a learning
-    rate past float32 would stop the round with a traceback (or train on NaN)."""
-    def fraction(v: float) -> bool:
-        return math.isfinite(v) and 0 <= v <= 1
-
-    t, patch = train, train.patch_size
-    checks = [("train.steps", t.steps >= 1, ">= 1"), ("train.batch_size", t.batch_size >= 1, ">= 1"),
-              ("train.lr", math.isfinite(t.lr) and 0 < t.lr <= 1, "a number in (0, 1]"),
-              ("train.weight_decay", math.isfinite(t.weight_decay) and t.weight_decay >= 0, "a finite number >= 0"),
-              ("train.lambda_u", math.isfinite(t.lambda_u) and t.lambda_u >= 0, "a finite number >= 0"),
-              ("train.patch_size", patch is None or all(p >= 1 for p in patch), "three sides >= 1"),
-              ("train.patch_size", patch is None or train_voxels_ok(patch, max(t.batch_size, 1)),
-               f"small enough that patch voxels x train.batch_size <= {MAX_TRAIN_VOXELS:,}"),
-              ("train.guard_volumes", t.guard_volumes >= 1, ">= 1"),
-              ("train.seed", seed_ok(t.seed), f"a whole number in [0, {SEED_MAX}]")]
-    checks += [(f"train.{n}", fraction(getattr(t, n)), "a number in [0, 1]")
-               for n in ("warmup_fraction", "fg_oversample", "rampup_fraction")]
-    checks += [(f"semi.{n}", fraction(getattr(semi, n)), "a number in [0, 1]")
-               for n in ("confident_fraction", "close_fraction", "prob_threshold", "warmup_fraction")]
-    return [(name, want) for name, ok, want in checks if not ok]
-
-
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
@@ -311,23 +415,5 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if path is None or exc.path is not None:
             raise
         raise AsfdaError(exc.problem, path, exc.fix) from None  # name the file the bad value came from
-    checks = [("budget", cfg.budget >= 1, ">= 1"), ("rounds", cfg.rounds >= 1, ">= 1"),
-              ("test_fraction", 0 < cfg.test_fraction < 1, "in (0, 1)"), ("alpha", 0 <= cfg.alpha <= 1, "in [0, 1]"),
-              ("temperature0", math.isfinite(cfg.temperature0) and cfg.temperature0 > 0, "finite and > 0"),
-              ("seeds", len(cfg.seeds) >= 1 and all(seed_ok(s) for s in cfg.seeds),
-               f"one or more whole numbers in [0, {SEED_MAX}]"),
-              ("upper_bound_steps", cfg.upper_bound_steps >= 0, ">= 0"), ("previews", cfg.previews >= 0, ">= 0")]
-    bad = recipe_problems(cfg.train, cfg.semi) + [(name, want) for name, ok, want in checks if not ok]
-    if bad:
-        raise AsfdaError(f"out-of-range config values: {', '.join(name for name, _ in bad)}", path,
-                         "; ".join(f"{name} must be {want}" for name, want in bad))
-    for name, value, options in (("train.precision", cfg.train.precision, PRECISIONS),
-                                 ("train.augmentation", cfg.train.augmentation, AUGMENTATIONS),
-                                 ("round0_gap", cfg.round0_gap, ROUND0_GAPS),
-                                 ("diversity", cfg.diversity, DIVERSITY_SPACES),
-                                 ("representativeness", cfg.representativeness, REPRESENTATIVENESS),
-                                 ("output_activation", cfg.output_activation, OUTPUT_ACTIVATIONS),
-                                 ("semi.pseudo_from", cfg.semi.pseudo_from, PSEUDO_SOURCES)):
-        if value is not None:  # only output_activation may be None: what the model declares
-            check_option(value, options, name, path=path)
+    cfg.validate(path)
     return cfg

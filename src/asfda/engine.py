@@ -24,7 +24,7 @@ from torch import nn
 
 from asfda.errors import AsfdaError
 from asfda.models.probe import probe_network
-from asfda.options import check_option
+from asfda.options import PRECISIONS, check_option
 
 __all__ = ["DEFAULT_TTA_AXES", "INFERENCE_PRECISIONS", "OUTPUT_EMBEDDING", "InferenceEngine", "find_embedding_layer",
            "describe_device", "probe_network", "select_device"]
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TTA_AXES: tuple[int, ...] = (1, 2)
 """Model-grid spatial axes flipped by TTA: anterior-posterior and superior-inferior in RAS, never left-right."""
 
-INFERENCE_PRECISIONS = ("fp32", "bf16")
-"""``fp32``, or ``bf16``: the network's forward under bfloat16 autocast (windows blended and returned in float32)."""
+INFERENCE_PRECISIONS = PRECISIONS
+"""``fp32``, or ``bf16``: the network's forward under bfloat16 autocast (windows blended and returned in float32);
+the one list `asfda.options.PRECISIONS`, which fine-tuning takes too."""
 
 OUTPUT_EMBEDDING = "output"
 """``embedding_layer`` value meaning "no hook: the embedding is the network output (logits) averaged over the

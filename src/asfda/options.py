@@ -1,16 +1,19 @@
 """The one check of a setting that takes one of a few strings (diversity space, round-0 gap, representativeness,
 pseudo-label source, augmentation, precision, output activation): the value must be one of them exactly, and the
-error names the valid ones and, when one is close, "did you mean"."""
+error names the valid ones and, when one is close, "did you mean" (`closest_option`: the one guess asfda makes,
+for option values, config keys, project settings and strategy names alike)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from asfda.errors import AsfdaError
 
 __all__ = ["AUGMENTATIONS", "DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "OUTPUT_ACTIVATIONS", "PRECISIONS",
-           "PSEUDO_SOURCES", "REPRESENTATIVENESS", "ROUND0_GAPS", "check_option", "closest_option"]
+           "PSEUDO_SOURCES", "REPRESENTATIVENESS", "ROUND0_GAPS", "check_option", "closest_option", "did_you_mean",
+           "option_problem"]
 
 PRECISIONS = ("fp32", "bf16")
 """Fine-tuning (and inference) precision: fp32, or bfloat16 autocast."""
@@ -35,38 +38,59 @@ is drawn to an outlier by distance alone)."""
 
 
 def closest_option(value: object, options: Sequence[str]) -> str | None:
-    """The option a mistyped string ``value`` most likely meant, by MONAI's `look_up_option` rule: the smallest
-    Damerau-Levenshtein distance to the value (surrounding spaces stripped), if at most 3; None otherwise.
+    """The option a mistyped string ``value`` most likely meant: the one "did you mean" of asfda (option values,
+    config keys, project settings, strategy names). MONAI's `look_up_option` rule: the smallest Damerau-Levenshtein
+    distance to the value (surrounding spaces stripped), if at most 3, and (so that a short option is not offered
+    for any short word) at most half the option's length; None otherwise.
 
-    Unlike `look_up_option`, which breaks a tie by the iteration order of a set of strings (it changes from one
-    Python process to the next), a tie goes to the option listed first, so the message is the same every run."""
+    A tie goes to the option sharing the longest beginning with the value (``asfd``: ``asfda`` before ``asd``),
+    then to the option listed first, so the message is the same every run (`look_up_option` breaks a tie by the
+    iteration order of a set of strings, which changes from one Python process to the next)."""
     from monai.utils import damerau_levenshtein_distance
 
     if not isinstance(value, str) or not options:  # a number or None is no misspelling
         return None
     text = value.strip()
-    distance, best = min((damerau_levenshtein_distance(f"{o}", text), k) for k, o in enumerate(options))
-    return options[best] if distance <= 3 else None
+    ranked = []
+    for k, option in enumerate(options):
+        distance = damerau_levenshtein_distance(f"{option}", text)
+        if distance <= min(3, max(1, len(option) // 2)):
+            ranked.append((distance, -len(os.path.commonprefix([option, text])), k))
+    return options[min(ranked)[2]] if ranked else None
+
+
+def option_problem(value: object, options: Sequence[str], name: str, listed: str | None = None) -> str | None:
+    """None when ``value`` is exactly one of ``options`` (no case folding, no stripping); otherwise "``name`` must be
+    one of ``listed``, got ``value``", and " (did you mean 'x'?)" when `closest_option` finds one (``listed``: how
+    the options are shown, default ``list(options)``'s repr)."""
+    if isinstance(value, str) and value in options:
+        return None
+    problem = f"{name} must be one of {list(options) if listed is None else listed}, got {value!r}"
+    guess = closest_option(value, options)
+    return problem if guess is None else f"{problem} (did you mean {guess!r}?)"
+
+
+def did_you_mean(value: object, options: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` when `closest_option` finds one, else ``""``: the hint of a message asfda writes."""
+    guess = closest_option(value, options)
+    return "" if guess is None else f" (did you mean {guess!r}?)"
 
 
 def check_option(value: object, options: Sequence[str], name: str, *, listed: str | None = None,
                  path: str | Path | None = None, fix: str | None = None,
                  error: type[Exception] = AsfdaError) -> str:
-    """Returns ``value`` when it is exactly one of ``options`` (no case folding, no stripping); otherwise raises
-    ``error`` with "``name`` must be one of ``listed``, got ``value``", and " (did you mean 'x'?)" when
-    `closest_option` finds one.
+    """Returns ``value`` when it is exactly one of ``options``; otherwise raises ``error`` with `option_problem`'s
+    message.
 
     Args:
         listed: how the options are shown (default: ``list(options)``'s repr).
         path, fix: the `AsfdaError`'s file and fix (ignored for other error types).
         error: `AsfdaError` (or a subclass), or an exception type taking one message (``ValueError``).
     """
-    if isinstance(value, str) and value in options:
+    problem = option_problem(value, options, name, listed)
+    if problem is None:
+        assert isinstance(value, str)
         return value
-    problem = f"{name} must be one of {list(options) if listed is None else listed}, got {value!r}"
-    guess = closest_option(value, options)
-    if guess is not None:
-        problem += f" (did you mean {guess!r}?)"
     if issubclass(error, AsfdaError):
         raise error(problem, path, fix)
     raise error(problem)

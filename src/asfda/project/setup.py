@@ -15,6 +15,7 @@ from asfda.io.datasets import model_labels, parse_labels
 from asfda.io.outputs import check_writable_folder, dataset_folders, dataset_input_folders, refuse_output_inside_inputs
 from asfda.models import load_model, parse_class_map_override
 from asfda.models.classmap import build_class_map
+from asfda.options import did_you_mean
 
 from .state import (
     BACKUP_FILE,
@@ -146,8 +147,6 @@ def update_settings(root: str | Path, changes: dict[str, str]) -> list[tuple[str
     """Changes settings of a project (``{"budget": "3", "train.steps": "100"}``, values as text as on the command
     line, or typed), with the checks of `init`; returns ``[(name, old, new)]`` of the settings whose value changed
     (none: nothing written). Unknown names are refused with a "did you mean"."""
-    import difflib
-
     project = Project(root)
     with project_lock(project.root, "set"):
         project = Project(root)  # the state as the lock holder sees it
@@ -160,10 +159,9 @@ def update_settings(root: str | Path, changes: dict[str, str]) -> list[tuple[str
                 raise AsfdaError(f"{name} is not a project setting", project.root / PROJECT_FILE,
                                  COMMAND_LINE_ONLY[name])
             if name not in valid:
-                close = difflib.get_close_matches(name, valid + list(SETTING_ALIASES), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 top = sorted({n.split(".")[0] + (".NAME" if "." in n else "") for n in valid})
-                raise AsfdaError(f"unknown setting {key!r}{hint}", project.root / PROJECT_FILE,
+                raise AsfdaError(f"unknown setting {key!r}{did_you_mean(name, valid + list(SETTING_ALIASES))}",
+                                 project.root / PROJECT_FILE,
                                  f"use one of {', '.join(top)} (project.json's settings list every NAME), or the "
                                  f"short names {', '.join(sorted(SETTING_ALIASES))}")
             if name in FIXED_SETTINGS:

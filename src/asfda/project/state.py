@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -17,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from asfda.adapter import Adapter
-from asfda.config import PSEUDO_SOURCES, SEED_MAX, SemiConfig, config_from_dict, recipe_problems, seed_ok
+from asfda.config import SEED, AdaptSettings, Problem, SettingError, TrainConfig, config_from_dict, setting
 from asfda.engine import DEVICE_FORMS, check_device_name
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write, atomic_write_json, load_dataset
@@ -25,10 +24,6 @@ from asfda.io.datasets import Case, Dataset, parse_labels
 from asfda.models import load_model, parse_class_map_override
 from asfda.rounds import PoolState
 from asfda.selection import build_strategy
-from asfda.selection.strategies import DEFAULT_DIVERSITY
-from asfda.training import TrainConfig
-from asfda.training.augment import AUGMENTATIONS
-from asfda.training.trainer import PRECISIONS
 
 from .validation import check_ids_and_paths, check_setting_types, check_state_types
 
@@ -43,26 +38,26 @@ COMMAND_LINE_ONLY = {"trust_model_code": "trust in a model's code is given on th
 """What a project never stores, and why: project.json cannot grant it, `asfda set` refuses it."""
 
 
-@dataclasses.dataclass
-class ProjectSettings:
-    """A project's settings: `asfda init` sets them, `asfda set` (`update_settings`) changes them."""
+PROJECT_STEPS = 200
+"""Fine-tuning steps of a project's round when `asfda init` is not told (``--steps``): a run config's round trains
+`asfda.config.TrainConfig.steps` (100). The one place a project's steps default is set."""
+
+
+def _project_train() -> TrainConfig:
+    return TrainConfig(steps=PROJECT_STEPS)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ProjectSettings(AdaptSettings):
+    """A project's settings: `asfda init` sets them, `asfda set` (`update_settings`) changes them. What a simulated
+    run has too (budget, the query's settings, the recipe, the device...) is `asfda.config.AdaptSettings`, declared and
+    checked there once; a project adds its strategy, its seed and whether empty labels are accepted, and trains
+    `PROJECT_STEPS` per round by default."""
 
     strategy: str = "asfda"
-    budget: int = 2
-    seed: int = 0
-    alpha: float = 0.5
-    round0_gap: str = "feature_gap"
-    diversity: str = DEFAULT_DIVERSITY
-    representativeness: str = "none"
-    temperature0: float = 1.0
-    grow_voxels: int = 2
-    class_map: str | None = None
+    seed: int = setting(0, SEED)
     allow_empty_labels: bool = False
-    device: str = "auto"
-    # softmax, sigmoid or none (the network already outputs probabilities); None: what the model declares
-    output_activation: str | None = None
-    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(steps=200))
-    semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
+    train: TrainConfig = dataclasses.field(default_factory=_project_train)
 
 
 def _now() -> str:
@@ -275,41 +270,22 @@ def _is_device_name(name: object) -> bool:
 
 
 def _check_settings(settings: ProjectSettings, path: Path | None = None) -> None:
-    """Refuses settings out of range (``path``: the project.json they came from; None: from the command line). `init`,
-    `set` and every read of project.json run these same checks."""
+    """Refuses settings out of range (``path``: the project.json they came from; None: from the command line) with
+    the checks every settings dataclass declares (`asfda.config.Settings.check`), then the device and strategy names.
+    `init`, `set` and every read of project.json run these same checks."""
+
+    def fix(problem: Problem) -> str:
+        return f"set settings.{problem.name} in project.json" if path else f"set {problem.name} to {problem.want}"
+
+    settings.check(path, fix)
+    if not _is_device_name(settings.device):
+        device = Problem("device", settings.device, f"one of {DEVICE_FORMS}")
+        raise SettingError(device.message(), path, fix(device))
     try:
-        build_strategy(settings.strategy, settings.alpha, settings.round0_gap, settings.diversity,
-                       settings.representativeness)
-    except (AsfdaError, ValueError) as exc:
-        problem = exc.problem if isinstance(exc, AsfdaError) else str(exc)
-        raise AsfdaError(f"settings: {problem}", path,
-                         "fix settings.strategy / alpha / round0_gap / diversity / representativeness"
-                         + (" in project.json" if path else "")) from None
-    if settings.budget < 1:
-        raise AsfdaError(f"budget must be >= 1, got {settings.budget}", path,
-                         "set settings.budget to 1 or more" if path else "pass --budget 1 or more")
-    if settings.train.guard_volumes < 1:
-        raise AsfdaError(f"train.guard_volumes must be >= 1, got {settings.train.guard_volumes}", path,
-                         "set settings.train.guard_volumes to 1 or more (settings.train.guard: false turns the "
-                         "guard off)")
-    t = settings.train
-    ranges = [(name, False, want) for name, want in recipe_problems(t, settings.semi)]
-    ranges += [("seed", seed_ok(settings.seed), f"a whole number in [0, {SEED_MAX}]"),
-               ("alpha", 0 <= settings.alpha <= 1, "in [0, 1]"),
-               ("temperature0", math.isfinite(settings.temperature0) and settings.temperature0 > 0,
-                "a finite number > 0"),
-               ("grow_voxels", settings.grow_voxels >= 0, ">= 0"),
-               ("train.precision", t.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-               ("train.augmentation", t.augmentation in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
-               ("semi.pseudo_from", settings.semi.pseudo_from in PSEUDO_SOURCES, f"one of {', '.join(PSEUDO_SOURCES)}"),
-               ("device", _is_device_name(settings.device), f"one of {DEVICE_FORMS}")]
-    for name, ok, want in ranges:
-        if not ok:
-            value = dataclasses.asdict(settings)
-            for part in name.split("."):
-                value = value[part]
-            raise AsfdaError(f"{name} must be {want}, got {value!r}", path,
-                             f"set settings.{name} in project.json" if path else f"set {name} to a value {want}")
+        build_strategy(settings.strategy, settings=settings)
+    except AsfdaError as exc:
+        raise AsfdaError(f"settings: {exc.problem}", path,
+                         "fix settings.strategy" + (" in project.json" if path else "")) from None
 
 
 def _check_budget(settings: ProjectSettings, pool_cases: int, pool: str | Path, how: str = "pass --budget {n}") -> None:

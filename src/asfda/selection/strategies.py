@@ -7,13 +7,14 @@ and the components that explain each pick.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 
+from asfda.config import StrategySettings
 from asfda.errors import AsfdaError
-from asfda.options import DEFAULT_DIVERSITY, DIVERSITY_SPACES, REPRESENTATIVENESS, ROUND0_GAPS, check_option
+from asfda.options import DEFAULT_DIVERSITY, DIVERSITY_SPACES, REPRESENTATIVENESS, ROUND0_GAPS, did_you_mean
 from asfda.scoring.metrics import cosine_distance
 from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
 from asfda.selection.diversity import (
@@ -27,8 +28,8 @@ from asfda.selection.diversity import (
     typicality,
 )
 
-__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "ROUND0_GAPS", "STRATEGIES", "PoolScores", "Query", "ScoringNeeds",
-           "Strategy", "build_strategy", "get_strategy", "needs_of"]
+__all__ = ["DEFAULT_DIVERSITY", "DIVERSITY_SPACES", "REPRESENTATIVENESS", "ROUND0_GAPS", "STRATEGIES", "PoolScores",
+           "Query", "ScoringNeeds", "Strategy", "StrategySettings", "build_strategy", "get_strategy", "needs_of"]
 
 
 @dataclass
@@ -216,6 +217,7 @@ class CoresetStrategy(Strategy):
 
 TYPICALITY_WEIGHT0 = 0.5
 OUTLIER_FRACTION0 = 0.2
+_DEFAULTS = StrategySettings()  # asfda's settings at their one default (`asfda.config.StrategySettings`)
 
 
 class ASFDAStrategy(Strategy):
@@ -246,17 +248,15 @@ class ASFDAStrategy(Strategy):
     needs = ScoringNeeds(metrics=frozenset({"asd"}), feature_stats=True, divergence=True)
     cold_start_ok = True
 
-    def __init__(self, alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY,
-                 representativeness: str = "none") -> None:
-        check_option(representativeness, REPRESENTATIVENESS, "representativeness")
-        self.representativeness = representativeness
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        check_option(round0_gap, ROUND0_GAPS, "round0_gap")
-        check_option(diversity, DIVERSITY_SPACES, "diversity")
+    def __init__(self, alpha: float = _DEFAULTS.alpha, round0_gap: str = _DEFAULTS.round0_gap,
+                 diversity: str = _DEFAULTS.diversity, representativeness: str = _DEFAULTS.representativeness) -> None:
+        chosen = StrategySettings(alpha=alpha, round0_gap=round0_gap, diversity=diversity,
+                                  representativeness=representativeness)
+        chosen.check()  # `asfda.config.SettingError` (a ValueError) naming the first value out of range
         self.alpha = alpha
         self.round0_gap = round0_gap
         self.diversity = diversity
+        self.representativeness = representativeness
         needs = ASFDAStrategy.needs
         if round0_gap == "norm_kl":  # the statistics hooks run only when they are read
             needs = replace(needs, norm_stats=True)
@@ -265,8 +265,8 @@ class ASFDAStrategy(Strategy):
         self.needs = needs
 
     def settings(self) -> dict:
-        return {"alpha": self.alpha, "round0_gap": self.round0_gap, "diversity": self.diversity,
-                "representativeness": self.representativeness}
+        return asdict(StrategySettings(alpha=self.alpha, round0_gap=self.round0_gap, diversity=self.diversity,
+                                       representativeness=self.representativeness))
 
     def diversity_vectors(self, pool: PoolScores) -> tuple[np.ndarray, np.ndarray | None]:
         """The pool's ``[N, K]`` vectors and the labelled anchors' ``[L, K]`` in the diversity space.
@@ -366,13 +366,19 @@ def needs_of(names: list[str] | tuple[str, ...]) -> ScoringNeeds:
     return ScoringNeeds.union([get_strategy(n).needs for n in names])
 
 
-def build_strategy(name: str, alpha: float = 0.5, round0_gap: str = "feature_gap",
-                   diversity: str = DEFAULT_DIVERSITY, representativeness: str = "none") -> Strategy:
-    """`get_strategy` with the run settings that only asfda reads (``alpha``, ``round0_gap``, ``diversity``,
-    ``representativeness``) passed to it."""
+def build_strategy(name: str, alpha: float | None = None, round0_gap: str | None = None, diversity: str | None = None,
+                   representativeness: str | None = None, *, settings: StrategySettings | None = None) -> Strategy:
+    """`get_strategy` with the settings that only asfda reads: ``build_strategy(name, settings=cfg)``, where ``cfg``
+    is a `StrategySettings` (a `RunConfig` or a project's ``ProjectSettings`` is one); a setting given by name
+    (``diversity="anatomy"``) replaces the one in ``settings``, and what neither gives is its default.
+
+    The four settings may still come by position (``build_strategy(name, alpha, round0_gap, diversity,
+    representativeness)``), the form callers used before ``settings=``."""
+    base = {f.name: getattr(settings if settings is not None else _DEFAULTS, f.name) for f in fields(StrategySettings)}
+    given = {"alpha": alpha, "round0_gap": round0_gap, "diversity": diversity, "representativeness": representativeness}
+    chosen = {**base, **{k: v for k, v in given.items() if v is not None}}
     if name.strip().lower() == ASFDAStrategy.name:
-        return get_strategy(name, alpha=alpha, round0_gap=round0_gap, diversity=diversity,
-                            representativeness=representativeness)
+        return get_strategy(name, **chosen)
     return get_strategy(name)
 
 
@@ -380,10 +386,7 @@ def get_strategy(name: str, **kwargs: object) -> Strategy:
     """Builds a strategy by name; unknown names get an error listing the valid ones."""
     key = name.strip().lower()
     if key not in STRATEGIES:
-        import difflib
-
-        close = difflib.get_close_matches(key, STRATEGIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise AsfdaError(f"unknown strategy {name!r}{hint}; choose from {sorted(STRATEGIES)}")
+        raise AsfdaError(f"unknown strategy {name!r}{did_you_mean(key, list(STRATEGIES))}; choose from "
+                         f"{sorted(STRATEGIES)}")
     cls = STRATEGIES[key]
     return cls(**kwargs) if kwargs else cls()

@@ -180,3 +180,20 @@ def test_estimate_from_records_reads_probe_and_guard() -> None:
             {"round": 1, "probe": {"change": 0.0}, "guard": {"reverted": True}}]
     est = stopping.estimate_from_records(recs, {0: [0.3, 0.5]})
     assert est.change == pytest.approx(0.4) and est.entropy_change == pytest.approx(0.3) and est.after_round == 1
+
+
+def test_status_shows_no_gain_number_while_the_estimate_is_unreliable_on_real_rounds() -> None:
+    """`GAIN_ESTIMATE_RELIABLE` is False (the real cross-validated rounds: the estimate erred more than predicting 0):
+    the status line says so instead of a number; a reliable estimate shows its number; an older status dict without
+    the field reads as unreliable."""
+    import dataclasses
+
+    from asfda.stopping import GAIN_ESTIMATE_RELIABLE, UNRELIABLE_NOTE, StopEstimate
+
+    assert GAIN_ESTIMATE_RELIABLE is False
+    est = estimate_next_gain([_r(0.4)])
+    assert est.predicted_gain == pytest.approx(0.04)
+    assert UNRELIABLE_NOTE in est.message() and "+0.040" not in est.message()
+    assert "+0.040 mean Dice" in dataclasses.replace(est, reliable=True).message()
+    old = {k: v for k, v in est.to_dict().items() if k != "reliable"}
+    assert UNRELIABLE_NOTE in StopEstimate(**old).message()

@@ -110,3 +110,30 @@ def test_a_one_shot_query_without_cache_keeps_no_outputs(tmp_path: Path, tiny_bu
     assert without is not None and with_cache is not None
     assert without.ids == with_cache.ids and without.scores == with_cache.scores
     assert (tmp_path / "cache" / "outputs").is_dir()  # with a cache folder the pretrained outputs are kept
+
+
+def test_a_discarded_round_records_what_its_weights_would_have_scored(tmp_path: Path, tiny_bundle: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's recall and precision need the test Dice of the weights it discarded: ``guard.dice_discarded``
+    equals the test Dice the same round reaches when the guard keeps it; the kept weights (and so the later rounds)
+    are those of the round before, bit for bit."""
+    import asfda.adapter.training as training
+
+    data = write_nnunet(tmp_path / "ds", n=6)
+
+    def run(keep: bool, out: str) -> list[dict]:
+        monkeypatch.setattr(training, "discards", lambda before, after: not keep)
+        cfg = RunConfig(model=str(tiny_bundle), pool=str(data), test_fraction=0.34, strategies=["random"], budget=1,
+                        rounds=1, seeds=[0], train=TrainConfig(steps=3, batch_size=1, guard=True, guard_volumes=2),
+                        cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / out), progress=False, report=False,
+                        upper_bound=False)
+        run_simulation(cfg)
+        return json.loads((tmp_path / out / "random" / "seed0" / "state.json").read_text())["rounds"]
+
+    kept, discarded = run(True, "kept"), run(False, "discarded")
+    assert "dice_discarded" not in kept[0]["guard"]
+    assert discarded[0]["guard"]["reverted"] is True
+    assert discarded[0]["guard"]["dice_discarded"] == pytest.approx(kept[0]["dice_mean"], abs=1e-9)
+    zero_shot = json.loads((tmp_path / "discarded" / "zero_shot_seed0.json").read_text())["per_case"]
+    zero_shot_mean = sum(c["dice_mean"] for c in zero_shot) / len(zero_shot)
+    assert discarded[0]["dice_mean"] == pytest.approx(zero_shot_mean, abs=1e-9)  # the kept (pretrained) weights

@@ -292,10 +292,14 @@ def _one_round(adapter: Adapter, cfg: RunConfig, strategy: Strategy, key: RunKey
         probe_before=probe_before, scores=batch.scores, queried=query.ids, desc=f"{key.name} seed{key.seed} round{r}")
     per_case = adapter.evaluate(test, tta=cfg.evaluate_tta)
     guard = trained.training.guard
+    guard_record = guard.to_dict() if guard else None
+    if guard_record is not None and trained.training.discarded_state is not None:
+        # what the discarded weights would have scored: the guard's recall and precision are measured on it
+        guard_record["dice_discarded"] = _discarded_dice(adapter, trained.training.discarded_state, test, cfg)
     record = RoundRecord(
         round=r, n_labelled=len(state.labelled), queried=query.ids, trained_ids=trained.trained_ids,
         held_back=trained.held_back, query_scores=query.scores, query_components=query.components,
-        reliable=trained.training.reliable, guard=guard.to_dict() if guard else None,
+        reliable=trained.training.reliable, guard=guard_record,
         temperature=temp.temperature, ece_before=temp.ece_before, ece_after=temp.ece_after,
         seconds_score=round(batch.seconds, 2), seconds_train=round(trained.seconds_train, 2),
         device=describe_device(adapter.device), loss_final=float(np.mean(trained.training.history["loss"][-10:])),
@@ -307,6 +311,16 @@ def _one_round(adapter: Adapter, cfg: RunConfig, strategy: Strategy, key: RunKey
     so_far = [*rounds, record.to_dict()]
     record.stopping = stopping.estimate_from_records(so_far, _queried_curve(so_far)).to_dict()
     return record, trained.probe_after
+
+
+def _discarded_dice(adapter: Adapter, discarded: dict, test: list[Case], cfg: RunConfig) -> float:
+    """The test Dice of the weights the guard discarded (the kept weights are put back, bit for bit)."""
+    kept = adapter.current_state()
+    adapter.load_current_state(discarded)
+    try:
+        return mean_of(adapter.evaluate(test, tta=cfg.evaluate_tta), "dice_mean")
+    finally:
+        adapter.load_current_state(kept)
 
 
 def _export_bundle(adapter: Adapter, layout: RunLayout, key: RunKey, state: PoolState, rounds: list[dict]) -> None:

@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class RoundTraining:
     """What a round's fine-tuning gives: the loss history, the reliable unlabeled volumes used (id ->
-    confidence, distance) and the guard's decision (None when the guard did not run)."""
+    confidence, distance), the guard's decision (None when the guard did not run) and, when the guard discarded the
+    round, the weights it discarded (so that a simulation can measure what they would have scored)."""
 
     history: dict[str, list[float]]
     reliable: dict[str, dict[str, float]]
     guard: GuardResult | None = None
+    discarded_state: dict[str, torch.Tensor] | None = None
 
 
 class TrainingMixin(ScoringMixin):
@@ -125,6 +127,7 @@ class TrainingMixin(ScoringMixin):
         the unlabeled volumes, the round's weights are discarded (the model is the one the round started from).
         """
         guard_cases = []
+        discarded: dict[str, torch.Tensor] | None = None
         start_state = self.current_state() if (train.guard and unlabelled) or train.restart else None
         if train.guard and unlabelled:
             keep = set(guard_sample([c.case_id for c in unlabelled], train.guard_volumes, train.seed))
@@ -139,9 +142,10 @@ class TrainingMixin(ScoringMixin):
             guard = GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted))
             if guard.reverted:
                 assert start_state is not None  # kept whenever the guard runs
+                discarded = self.current_state()
                 self.load_current_state(start_state)  # is_adapted follows the weights
             (log.warning if guard.reverted else log.info)(guard.message())
-        return RoundTraining(hist, reliable, guard)
+        return RoundTraining(hist, reliable, guard, discarded if guard and guard.reverted else None)
 
     def plausibility(self, cases: list[Case], *, pretrained: bool = False) -> float:
         """`anatomical_plausibility` of the current (or pretrained) model's label maps on ``cases``, one

@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("results", "report"),
     ("adapter",),
     ("rounds",),
-    ("simulate", "simulate_state", "crossval", "project", "query", "predict", "evaluate", "run_previews", "phantom",
-     "demo", "cli", "__init__", "__main__"),
+    ("simulate", "simulate_state", "crossval", "project", "monailabel", "query", "predict", "evaluate",
+     "run_previews", "phantom", "demo", "cli", "__init__", "__main__"),
 ]
 MAX_LINES = 420
 # function-level imports of asfda modules that are not there to dodge a cycle: the CLI keeps `asfda --help` free of

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from asfda.cli import main
+from asfda.cli.commands import format_query, score_lines
 from asfda.errors import AsfdaError
 from asfda.query import query_dataset, read_ids_file, score_dataset
 from asfda.selection import STRATEGIES
@@ -77,11 +78,10 @@ def test_score_runs_only_what_the_named_strategies_need(tiny: dict, tmp_path: Pa
     assert not (tmp_path / "s.badge.npy").exists()
 
 
-def test_score_without_dropout_skips_mc_by_default_and_names_tta_when_asked(tiny: dict, tmp_path: Path,
-                                                                           capsys: pytest.CaptureFixture) -> None:
+def test_score_without_dropout_skips_mc_by_default_and_names_tta_when_asked(tiny: dict, tmp_path: Path) -> None:
     meta = score_dataset(tiny["model_nodrop"], tiny["data"], tmp_path / "a.csv", cache_dir=None, progress=False)
     assert set(meta["skipped_strategies"]) == {"bald", "mc_entropy"}
-    assert "tta" in capsys.readouterr().out
+    assert "'tta'" in score_lines(meta, 1.0, tmp_path / "a.json")  # what `asfda score` prints names the way out
     with pytest.raises(AsfdaError, match="tta"):
         score_dataset(tiny["model_nodrop"], tiny["data"], tmp_path / "b.csv", strategies=["bald"], cache_dir=None,
                       progress=False)
@@ -120,14 +120,13 @@ def test_query_random_runs_no_forward_pass(tiny: dict, tmp_path: Path, monkeypat
     assert json.loads((tmp_path / "q.json").read_text())["scoring"]["forward_passes_per_volume"] == 0
 
 
-def test_query_fits_temperature_on_labelled_cases_and_chains_rounds(tiny: dict, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_query_fits_temperature_on_labelled_cases_and_chains_rounds(tiny: dict, tmp_path: Path) -> None:
     first = tmp_path / "round0.json"
     q0 = query_dataset(tiny["model"], tiny["data"], "asfda", 2, first, cache_dir=None, progress=False)
     rec0 = json.loads(first.read_text())
     assert rec0["temperature"] == 1.0 and rec0["ece_before"] is None  # nothing labelled: T0
     assert all("feature_gap" in c and "min_distance" in c for c in rec0["components"].values())
-    printed = capsys.readouterr().out
+    printed = format_query(q0)  # what `asfda query` prints
     assert all(i in printed for i in q0.ids) and "feature_gap=" in printed
     q_norm = query_dataset(tiny["model"], tiny["data"], "asfda", 2, tmp_path / "n.json", cache_dir=None,
                            progress=False, round0_gap="norm_kl")

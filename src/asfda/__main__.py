@@ -4,4 +4,5 @@ import sys
 
 from asfda.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (pkgutil, documentation builders) starts nothing
+    sys.exit(main())

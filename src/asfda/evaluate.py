@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from asfda.adapter import Adapter
-from asfda.evaluation import compute_dice, compute_hd95, mean_ignoring_nan
+from asfda.evaluation import compute_dice, compute_hd95, mean_ignoring_nan, per_class_scores
 from asfda.io import atomic_write_json, load_dataset, read_nifti
 from asfda.io.atomic import staged_write, write_failures_as_errors
+from asfda.io.datasets import Case
 from asfda.io.labels import check_label_values
 from asfda.io.outputs import (
     OutputFiles,
@@ -27,7 +29,7 @@ from asfda.io.outputs import (
 from asfda.models import load_model, parse_class_map_override
 from asfda.models.native_grid import label_map_on_native_grid
 
-__all__ = ["evaluate_model"]
+__all__ = ["Evaluation", "evaluate_model"]
 
 
 def _model_inputs(model: str | Path, model_config: str | Path | None) -> dict[str, object]:
@@ -40,11 +42,24 @@ def _own_outputs(out: Path) -> OutputFiles:
             (out / "summary.json", lambda p: json_object_with(p, ("mean", "n_cases", "empty_label_rule")))]
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate_model` measured and wrote: ``record`` is summary.json's content (``mean``: the mean of each
+    column over the cases), ``rows`` per_case.csv's rows, ``class_names`` the foreground classes in label order."""
+
+    record: dict
+    rows: list[dict]
+    class_names: list[str]
+    per_case: Path
+    summary: Path
+
+
 def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, model_config: str | None = None,
                    class_map: str | None = None, progress: bool = True, cache_dir: str | None = ".cache",
                    trust_model_code: bool = False, device: str = "auto", output_activation: str | None = None,
-                   precision: str = "fp32") -> dict:
-    """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json.
+                   precision: str = "fp32") -> Evaluation:
+    """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json and
+    returns them as an `Evaluation` (`asfda evaluate` prints its table).
 
     Labels are checked as `asfda ingest` checks them (integer values among the dataset's label values).
     ``trust_model_code``: build the model config with MONAI's full parser (`load_model`'s ``allow_code``);
@@ -64,27 +79,10 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
     ds = load_dataset(data, require_labels=True)
     refuse_output_inside_inputs(out, {"the dataset": dataset_input_folders(ds)})
-    allowed = set(ds.labels.values())
+    # one shot: no pass is read again, so none is kept (`Adapter.forward` runs the engine)
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
-                      cache_dir=cache_dir, progress=progress, device=device, precision=precision)
-    names = ds.class_names
-    rows = []
-    for case in adapter._bar(list(ds.cases), "evaluate"):
-        label_arr = read_nifti(case.label_path, dtype=np.float64)[0]
-        check_label_values(label_arr, allowed, case.label_path)  # before the model runs on it
-        label = torch.from_numpy(label_arr).long()
-        vol = adapter.prepare(case, with_label=False)
-        logits, _ = adapter.engine_current.run(vol.image)
-        fg = tuple(range(1, len(names)))
-        pred = torch.from_numpy(label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine,
-                                                         vol.native_shape, loaded.preprocessing).astype(np.int64))
-        dice = compute_dice(pred, label, len(names))
-        hd = compute_hd95(pred, label, len(names), case.spacing_mm)
-        row = {"case_id": case.case_id}
-        row.update({f"dice_{n}": float(d) for n, d in zip(names[1:], dice)})
-        row["dice_mean"] = mean_ignoring_nan(dice)
-        row.update({f"hd95_mm_{n}": float(h) for n, h in zip(names[1:], hd)})
-        rows.append(row)
+                      cache_dir=cache_dir, progress=progress, device=device, precision=precision, keep_outputs=False)
+    rows = [_evaluate_case(adapter, case, set(ds.labels.values())) for case in adapter._bar(list(ds.cases), "evaluate")]
     summary = {k: mean_ignoring_nan([r[k] for r in rows]) for k in rows[0] if k != "case_id"}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -97,9 +95,24 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     with write_failures_as_errors(out, "the evaluation"), \
             staged_write(out / "per_case.csv", lambda p: p.write_text(buf.getvalue(), encoding="utf-8")):
         atomic_write_json(out / "summary.json", result)
-    print("| class | Dice | HD95 (mm) |\n|---|---|---|")
-    for n in names[1:]:
-        print(f"| {n} | {summary[f'dice_{n}']:.3f} | {summary[f'hd95_mm_{n}']:.1f} |")
-    print(f"| mean | {summary['dice_mean']:.3f} | |")
-    print(f"per case: {out / 'per_case.csv'}; summary: {out / 'summary.json'}")
-    return result
+    return Evaluation(result, rows, ds.class_names[1:], out / "per_case.csv", out / "summary.json")
+
+
+def _evaluate_case(adapter: Adapter, case: Case, allowed: set[int]) -> dict:
+    """One per_case.csv row: the Dice and HD95 of each class, the case's prediction taken at its native grid as
+    `Adapter.evaluate` takes it (the same Dice); its label checked before the model runs on it."""
+    assert case.label_path is not None  # the dataset was loaded with require_labels
+    label_arr = read_nifti(case.label_path, dtype=np.float64)[0]
+    check_label_values(label_arr, allowed, case.label_path)
+    label = torch.from_numpy(label_arr).long()
+    vol = adapter.prepare(case, with_label=False)
+    logits, _ = adapter.forward(case, vol)
+    names = adapter.target_names
+    fg = tuple(range(1, len(names)))
+    pred = torch.from_numpy(label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine,
+                                                     vol.native_shape, adapter.pretrained.preprocessing)
+                            .astype(np.int64))
+    dice = compute_dice(pred, label, len(names))
+    hd = compute_hd95(pred, label, len(names), case.spacing_mm)
+    return {"case_id": case.case_id, **per_class_scores(dice, names),
+            **{f"hd95_mm_{n}": float(h) for n, h in zip(names[1:], hd)}}

@@ -9,14 +9,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from asfda.engine import OUTPUT_EMBEDDING, InferenceEngine, select_device
 from asfda.errors import AsfdaError
 from asfda.evaluation import largest_component_per_class
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
-from asfda.io.atomic import write_failures_as_errors
+from asfda.io.atomic import PartialOutputs, write_failures_as_errors
 from asfda.io.datasets import (
+    Case,
     Dataset,
     check_nnunet_links,
     check_nnunet_meta,
@@ -214,11 +216,9 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
     one-line error: the case being written is removed, the finished ones are kept (the next run skips them).
 
     Returns:
-        ``{"out", "written", "skipped", "labels", "model_weights_sha256_16"}``.
+        ``{"out", "written", "skipped", "labels", "model_weights_sha256_16"}`` (what `asfda predict` reports; nothing
+        is printed here).
     """
-    from tqdm.auto import tqdm
-
-
     out = Path(out)
     inputs: dict[str, object] = {"the images folder": dataset_folders(images),
                                  **_model_inputs(model, model_config)}
@@ -242,56 +242,89 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
     engine = InferenceEngine(network, loaded.roi_size, sw_batch_size=loaded.sw_batch_size, overlap=loaded.overlap,
                              embedding_layer=OUTPUT_EMBEDDING, device=dev, mode=loaded.sw_mode,
                              tta_axes=loaded.tta_axes, precision=precision)
-    weights = loaded.weights_hash
-    settings = {"model_weights_sha256_16": weights, "activation": loaded.activation, "labels": classes.labels,
-                "channels": list(classes.channels), "values": list(classes.values),
+    lcc_values = _largest_component_values(largest_component, classes.labels, Path(images))
+    predictor = _Predictor(engine, loaded, classes, bool(tta), lcc_values, str(model),
+                           _recorded_settings(loaded, classes, engine, tta, precision, lcc_values))
+    written, skipped = _write_cases(predictor, list(ds.cases), out, overwrite=overwrite, progress=progress)
+    return {"out": out, "written": written, "skipped": skipped, "labels": classes.labels,
+            "model_weights_sha256_16": loaded.weights_hash}
+
+
+def _recorded_settings(loaded: LoadedModel, classes: _OutputClasses, engine: InferenceEngine, tta: bool,
+                       precision: str, lcc_values: tuple[int, ...]) -> dict:
+    """What makes a label map: the settings each sidecar records (a case whose sidecar records others is redone)."""
+    settings = {"model_weights_sha256_16": loaded.weights_hash, "activation": loaded.activation,
+                "labels": classes.labels, "channels": list(classes.channels), "values": list(classes.values),
                 "preprocessing": loaded.preprocessing.cache_key(), "roi_size": list(loaded.roi_size),
                 "overlap": loaded.overlap, "tta": bool(tta), "tta_axes": list(engine.tta_axes) if tta else []}
     if loaded.probabilities:  # the same weights read as probabilities give other label maps
         settings["output_activation"] = "none"
     if precision != "fp32":  # (fp32 outputs of earlier versions stay up to date)
         settings["precision"] = precision
-    lcc_values = _largest_component_values(largest_component, classes.labels, Path(images))
     if lcc_values:
         settings["largest_component"] = list(lcc_values)
+    return settings
 
-    def write_labels_json() -> None:
-        if _read_json(out / LABELS_FILE) != classes.labels:
+
+@dataclass(frozen=True)
+class _Predictor:
+    """How predict segments a case (``label_map``) and what its sidecar records."""
+
+    engine: InferenceEngine
+    loaded: LoadedModel
+    classes: _OutputClasses
+    tta: bool
+    lcc_values: tuple[int, ...]
+    model: str
+    settings: dict
+
+    def label_map(self, case: Case) -> np.ndarray:
+        """The case's label map on its image's own grid."""
+        vol = prepare_case(case, self.loaded.preprocessing, with_label=False, cache_dir=None)
+        logits, _ = self.engine.run(vol.image, tta=self.tta)
+        label = label_map_on_native_grid(logits, self.loaded.activation, self.classes.channels, self.classes.values,
+                                         vol.affine, vol.native_affine, vol.native_shape, self.loaded.preprocessing)
+        del logits
+        if self.lcc_values:
+            label = largest_component_per_class(label, self.lcc_values)
+        return label
+
+
+def _write_cases(predictor: _Predictor, cases: list[Case], out: Path, *, overwrite: bool,
+                 progress: bool) -> tuple[list[str], list[str]]:
+    """Segments and writes every case not up to date (see `predict_model`); returns (written, skipped) ids."""
+    from tqdm.auto import tqdm
+
+    labels = predictor.classes.labels
+    settings = predictor.settings
+
+    def write_labels_json(partial: PartialOutputs) -> None:
+        if _read_json(out / LABELS_FILE) != labels:
             if not (out / LABELS_FILE).exists():
                 partial.add(out / LABELS_FILE)
-            atomic_write_json(out / LABELS_FILE, classes.labels)
+            atomic_write_json(out / LABELS_FILE, labels)
             partial.done()
 
     written: list[str] = []
     skipped: list[str] = []
     with write_failures_as_errors(out, "the label maps") as partial:
-        for case in tqdm(list(ds.cases), desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
+        for case in tqdm(cases, desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
             out_path = out / f"{case.case_id}.nii.gz"
             sidecar = out / f"{case.case_id}{SIDECAR_SUFFIX}"
             if not overwrite and _up_to_date(out_path, sidecar, case.image_path, settings):
                 skipped.append(case.case_id)
                 continue
-            vol = prepare_case(case, loaded.preprocessing, with_label=False, cache_dir=None)
-            logits, _ = engine.run(vol.image, tta=tta)
-            label = label_map_on_native_grid(logits, loaded.activation, classes.channels, classes.values,
-                                             vol.affine, vol.native_affine, vol.native_shape, loaded.preprocessing)
-            del logits
-            if lcc_values:
-                label = largest_component_per_class(label, lcc_values)
-            record = {"case_id": case.case_id, "image": str(case.image_path), "model": str(model)}
+            label = predictor.label_map(case)
+            record = {"case_id": case.case_id, "image": str(case.image_path), "model": predictor.model}
             partial.add(*(p for p in (out_path, sidecar) if not p.exists()))
             if not sidecar.exists():  # the claim: this name is predict's from now on (see the docstring)
                 atomic_write_text(sidecar, json.dumps({**record, "settings": None}, indent=2) + "\n")
             write_label_map(out_path, label, case.image_path)
-            atomic_write_json(sidecar, {**record, "n_passes": engine.n_passes if tta else 1, "settings": settings})
+            n_passes = predictor.engine.n_passes if predictor.tta else 1
+            atomic_write_json(sidecar, {**record, "n_passes": n_passes, "settings": settings})
             partial.done()
             if not written:
-                write_labels_json()  # once a case is done: a run that fails before any leaves no debris
+                write_labels_json(partial)  # once a case is done: a run that fails before any leaves no debris
             written.append(case.case_id)
-        write_labels_json()
-    msg = f"predict: {len(written)} case{'' if len(written) == 1 else 's'} segmented"
-    if skipped:
-        msg += f", {len(skipped)} skipped (outputs already up to date for weights {weights} and these settings)"
-    print(f"{msg}; label maps in {out} (values named in {out / LABELS_FILE})")
-    return {"out": out, "written": written, "skipped": skipped, "labels": classes.labels,
-            "model_weights_sha256_16": weights}
+        write_labels_json(partial)
+    return written, skipped

@@ -4,7 +4,8 @@
   strategies need; write a per-case CSV with every metric and score component, the embeddings as
   ``.npy`` beside it (rows in the CSV's order) and a JSON sidecar saying how the numbers were made.
 - `query_dataset`: pick the next batch of ``budget`` volumes to annotate with one strategy, given the
-  ids labelled so far; write ``query.json`` and print the chosen ids with their score components.
+  ids labelled so far; write ``query.json`` and return the chosen ids with their score components (`QueryRun`:
+  `asfda query` prints them).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``, `asfda.distributed.rank_context`) both shard the pool's scoring: each rank
 scores its share of the volumes (every pass the strategies need), rank 0 gathers the per-volume records, puts them
@@ -21,6 +22,7 @@ import functools
 import io
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ from asfda.scoring.needs import MC_METRICS, ScoringNeeds
 from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
 from asfda.selection.strategies import DEFAULT_DIVERSITY, ASFDAStrategy
 
-__all__ = ["has_dropout", "query_dataset", "read_ids_file", "score_dataset"]
+__all__ = ["QueryRun", "has_dropout", "query_dataset", "read_ids_file", "score_dataset", "score_sidecar"]
 
 _METRIC_ORDER = ["asd", "enpy", "confidence", "kd", "bn_kl", "norm_kl", "mc_entropy", "bald", "tta_variance"]
 
@@ -222,49 +224,92 @@ def score_dataset(model: str | Path, data: str | Path, out: str | Path, *, strat
         with adapter.sharded_scoring(dist):
             scored = adapter.score_pool(cases, t, needs=needs, seed=seed)
         ids = [c.case_id for c in cases]
-        columns: dict[str, np.ndarray] = {m: scored.metrics[m] for m in _METRIC_ORDER if m in scored.metrics}
-        columns.update({m: v for m, v in scored.metrics.items() if m not in columns})
-        divergence = None
-        if "asfda" in names:
-            pool = PoolScores(ids, scored.metrics, scored.embeddings, embeddings0=scored.embeddings0,
-                              vectors=scored.vectors)
-            divergence, comps = ASFDAStrategy().pool_components(pool)
-            columns.update({f"asfda_{k}": v for k, v in comps.items() if k not in columns})
-        if "badge" in scored.vectors:
-            columns["badge_gradient_norm"] = np.linalg.norm(scored.vectors["badge"], axis=1)
-        if "anatomy" in scored.vectors:  # asfda's diversity space: the predicted foreground composition
-            for k, name in enumerate(adapter.target_names[1:]):
-                columns[f"anatomy_{name}"] = scored.vectors["anatomy"][:, k]
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["case_id", *columns])
-        for i, cid in enumerate(ids):
-            w.writerow([cid, *(f"{float(v[i]):.8g}" for v in columns.values())])
-        emb_path = _sidecar(out, ".embeddings.npy")
-        arrays = {emb_path: scored.embeddings}
-        files = {"csv": str(out), "embeddings": str(emb_path)}
-        if "badge" in scored.vectors:
-            badge_path = _sidecar(out, ".badge.npy")
-            arrays[badge_path] = scored.vectors["badge"]
-            files["badge"] = str(badge_path)
+        columns, divergence = _score_columns(scored, ids, names, adapter.target_names)
+        arrays, files = _score_arrays(out, scored)
         meta = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
                 "class_map": adapter.class_map.to_dict(), "strategies": names, "skipped_strategies": skipped,
                 "needs": needs.describe(), "scoring": scored.info, "asfda_divergence": divergence, "seed": seed,
                 "precision": precision,
                 "ids": ids, "columns": list(columns), "files": files}
-        meta_path = _sidecar(out, ".json")
-        # one set: every file complete before any replaces an earlier one (a full disk leaves the earlier set)
-        with write_failures_as_errors(out.parent, "the scores"), contextlib.ExitStack() as stack:
-            stack.enter_context(staged_write(out, lambda p: p.write_text(buf.getvalue(), encoding="utf-8")))
-            for path, array in arrays.items():
-                stack.enter_context(staged_write(path, functools.partial(_write_npy, array=array)))
-            atomic_write_json(meta_path, meta)
-        if skipped:
-            print(f"note: the network has no dropout, so {skipped} were skipped (use 'tta' for a stochastic-free "
-                  "uncertainty)")
-        print(f"scored {len(ids)} cases for {names} ({scored.info['forward_passes_per_volume']} forward passes per "
-              f"volume, T={t:g}); per case: {out}; embeddings: {emb_path}; how: {meta_path}")
+        _write_scores(out, ids, columns, arrays, meta)
         return meta
+
+
+def _score_columns(scored, ids: list[str], names: list[str],
+                   target_names: list[str]) -> tuple[dict[str, np.ndarray], str | None]:
+    """score's CSV columns (every metric, asfda's components, the BADGE gradient norm, the anatomy fractions) and
+    asfda's divergence (None when asfda is not asked for)."""
+    columns: dict[str, np.ndarray] = {m: scored.metrics[m] for m in _METRIC_ORDER if m in scored.metrics}
+    columns.update({m: v for m, v in scored.metrics.items() if m not in columns})
+    divergence = None
+    if "asfda" in names:
+        pool = PoolScores(ids, scored.metrics, scored.embeddings, embeddings0=scored.embeddings0,
+                          vectors=scored.vectors)
+        divergence, comps = ASFDAStrategy().pool_components(pool)
+        columns.update({f"asfda_{k}": v for k, v in comps.items() if k not in columns})
+    if "badge" in scored.vectors:
+        columns["badge_gradient_norm"] = np.linalg.norm(scored.vectors["badge"], axis=1)
+    if "anatomy" in scored.vectors:  # asfda's diversity space: the predicted foreground composition
+        for k, name in enumerate(target_names[1:]):
+            columns[f"anatomy_{name}"] = scored.vectors["anatomy"][:, k]
+    return columns, divergence
+
+
+def _score_arrays(out: Path, scored) -> tuple[dict[Path, np.ndarray], dict[str, str]]:
+    """The .npy files beside score's CSV (embeddings, and BADGE's vectors when asked for), and every file's path."""
+    emb_path = _sidecar(out, ".embeddings.npy")
+    arrays = {emb_path: scored.embeddings}
+    files = {"csv": str(out), "embeddings": str(emb_path)}
+    if "badge" in scored.vectors:
+        badge_path = _sidecar(out, ".badge.npy")
+        arrays[badge_path] = scored.vectors["badge"]
+        files["badge"] = str(badge_path)
+    return arrays, files
+
+
+def _write_scores(out: Path, ids: list[str], columns: dict[str, np.ndarray], arrays: dict[Path, np.ndarray],
+                  meta: dict) -> None:
+    """Writes score's CSV, its .npy files and its JSON sidecar as one set: every file complete before any replaces
+    an earlier one (a full disk leaves the earlier set)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case_id", *columns])
+    for i, cid in enumerate(ids):
+        w.writerow([cid, *(f"{float(v[i]):.8g}" for v in columns.values())])
+    with write_failures_as_errors(out.parent, "the scores"), contextlib.ExitStack() as stack:
+        stack.enter_context(staged_write(out, lambda p: p.write_text(buf.getvalue(), encoding="utf-8")))
+        for path, array in arrays.items():
+            stack.enter_context(staged_write(path, functools.partial(_write_npy, array=array)))
+        atomic_write_json(_sidecar(out, ".json"), meta)
+
+
+def _temperature_source(reads_pool: bool, cold: bool, fitted: bool, given: bool) -> str:
+    """Where a query's temperature came from (query.json's ``temperature_source``)."""
+    if not reads_pool:
+        return "unused (the strategy reads no scores)"
+    if cold:  # METHOD.md's cold start: no head for any target class, only the pretrained embeddings count
+        return "unused (cold start: the model has no output for the dataset's classes)"
+    if fitted:
+        return "fitted"
+    return "given" if given else "default (nothing labelled with label files)"
+
+
+def score_sidecar(out: str | Path) -> Path:
+    """The JSON sidecar `score_dataset` writes beside its CSV ``out`` (``OUT-stem.json``: how the numbers were
+    made)."""
+    return _sidecar(Path(out), ".json")
+
+
+@dataclass
+class QueryRun(Query):
+    """The `Query` `query_dataset` made, with ``record`` (what it wrote to ``out``: temperature and its source,
+    pool size, labelled ids, cold start, ...) and the model's classes and the dataset's foreground classes (a cold
+    start matches none of them)."""
+
+    record: dict
+    out: str | Path
+    model_classes: list[str]
+    target_classes: list[str]
 
 
 def _write_npy(tmp: Path, array: np.ndarray) -> None:
@@ -278,9 +323,10 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
                   representativeness: str = "none",
                   model_config: str | None = None, class_map: str | None = None, cache_dir: str | None = ".cache",
                   device: str = "auto", progress: bool = True, trust_model_code: bool = False,
-                  output_activation: str | None = None, precision: str = "fp32") -> Query | None:
+                  output_activation: str | None = None, precision: str = "fp32") -> QueryRun | None:
     """Picks the next ``budget`` cases of ``data`` to annotate with ``strategy`` and the zero-shot ``model``
-    (the `Query`; None on the ranks other than 0 of a torchrun job: see the module docstring).
+    (the `Query`, as a `QueryRun` with what was written; None on the ranks other than 0 of a torchrun job: see the
+    module docstring).
 
     Args:
         labelled: ids already labelled (an ids file, see `read_ids_file`, or a list); they leave the pool
@@ -296,10 +342,10 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
         precision: inference precision, ``fp32`` or ``bf16`` (`InferenceEngine`).
 
     ``data`` may be an nnU-Net raw dataset or a plain folder of NIfTI images (the model's classes, see `_adapter`).
-    Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed)
-    and prints the chosen ids with their components. ``out`` may not be, or lie inside, the pool or the model, nor
-    any dataset, project or model folder; its folder must be writable, and an existing ``out`` must be a query
-    record (`_query_outputs`): all checked before the model is loaded.
+    Writes ``out`` (JSON: ids in pick order, scores, components, temperature and ECE, what was computed): the
+    returned `QueryRun`'s ``record`` (`asfda query` prints the chosen ids with their components). ``out`` may not
+    be, or lie inside, the pool or the model, nor any dataset, project or model folder; its folder must be writable,
+    and an existing ``out`` must be a query record (`_query_outputs`): all checked before the model is loaded.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
@@ -335,14 +381,7 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
                                  t0=1.0, temperature=t_given)
         query, t, info = batch.query, batch.temperature.temperature, batch.scoring
         ece_before, ece_after = batch.temperature.ece_before, batch.temperature.ece_after
-        if not strat.reads_pool:
-            t_source = "unused (the strategy reads no scores)"
-        elif cold:  # METHOD.md's cold start: no head for any target class, only the pretrained embeddings count
-            t_source = "unused (cold start: the model has no output for the dataset's classes)"
-        elif ece_before is not None:
-            t_source = "fitted"
-        else:
-            t_source = "given" if temperature is not None else "default (nothing labelled with label files)"
+        t_source = _temperature_source(strat.reads_pool, cold, ece_before is not None, temperature is not None)
         record = {"strategy": query.strategy, "budget": budget, "seed": seed, "ids": query.ids,
                   "scores": query.scores, "components": query.components, "labelled": labelled_ids,
                   "pool_size": len(pool_cases), "temperature": t, "temperature_source": t_source,
@@ -352,21 +391,5 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
                   "scoring": info, "precision": precision}
         with write_failures_as_errors(Path(out).parent, "the query"):
             atomic_write_json(Path(out), record)
-        if cold:
-            print(f"note: cold start: no model class {list(loaded.class_names)} matches a dataset label "
-                  f"{ds.class_names[1:]}, so every one gets a new output channel and the {query.strategy!r} pick "
-                  "reads the model's embeddings alone (fine-tuning such a model is not yet supported from the CLI: "
-                  "`init` and `simulate` need at least one matching class)")
-        print(format_query(query))
-        print(f"T={t:.3g} ({t_source}); pool {len(pool_cases)}, labelled {len(lab_cases)}; written: {out}")
-        return query
-
-
-def format_query(query: Query) -> str:
-    """The chosen ids, in pick order, with their score and components (one line each)."""
-    n = len(query.ids)
-    lines = [f"{query.strategy}: {n} {'case' if n == 1 else 'cases'} to annotate next"]
-    for rank, (cid, score) in enumerate(zip(query.ids, query.scores), 1):
-        comps = ", ".join(f"{k}={v:.4g}" for k, v in query.components.get(cid, {}).items())
-        lines.append(f"{rank:3d}. {cid}  score={score:.4g}" + (f"  ({comps})" if comps else ""))
-    return "\n".join(lines)
+        return QueryRun(query.strategy, query.ids, query.scores, query.components, record=record, out=out,
+                        model_classes=list(loaded.class_names), target_classes=ds.class_names[1:])

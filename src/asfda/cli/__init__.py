@@ -1,7 +1,9 @@
-"""Command line: parses, checks paths, calls one library function. Heavy imports are lazy.
+"""Command line: parses, calls one library function per command and prints the record it returns. Heavy imports are
+lazy (`asfda --help` imports no torch).
 
-`asfda.cli.parser` defines the arguments (`build_parser`), `asfda.cli.commands` and `asfda.cli.project_commands` run
-the commands; `main` is the ``asfda`` script."""
+`asfda.cli.parser` defines the arguments (`build_parser`; the shared flags and their defaults: `asfda.cli.flags`),
+each command naming its handler in `asfda.cli.commands` or `asfda.cli.project_commands`; `main` is the ``asfda``
+script."""
 
 from __future__ import annotations
 

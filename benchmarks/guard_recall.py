@@ -1,0 +1,73 @@
+"""Does the guard catch the harmful rounds? Recall and precision over every round of cross-validated runs.
+
+A round is *harmful* when the weights it trained lowered the test Dice by more than ``--drop`` (default 0.02) from
+the Dice the round started at (the zero-shot Dice for round 0, else the previous round's): for a kept round its own
+test Dice, for a round the guard discarded the test Dice of the discarded weights (``guard.dice_discarded``, recorded
+since the guard's recall was asked for; older discarded rounds without it are counted apart as "unknown").
+Recall = harmful rounds discarded / harmful rounds; precision = discarded rounds that were harmful / discarded rounds
+with a known outcome. Reads ``asfda crossval`` folders (``FOLDER/fold<k>/``), every strategy and seed.
+
+    python benchmarks/guard_recall.py benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from asfda.results import read_run
+
+
+def round_outcomes(fold: Path) -> list[dict]:
+    """Per round of every run in one fold folder: start Dice, the trained weights' Dice (None: unknown), discarded?"""
+    run = read_run(fold)
+    out = []
+    for name, by_seed in run.states.items():
+        for seed, state in by_seed.items():
+            zero = run.zero_shot.get(seed)
+            start = float(np.mean([c["dice_mean"] for c in zero["per_case"]])) if zero else None
+            for rec in state["rounds"]:
+                guard = rec.get("guard") or {}
+                reverted = bool(guard.get("reverted"))
+                trained = guard.get("dice_discarded") if reverted else rec["dice_mean"]
+                if start is not None:
+                    out.append({"fold": fold.name, "strategy": name, "seed": seed, "round": rec["round"],
+                                "start": start, "trained": trained, "reverted": reverted,
+                                "guarded": guard != {}})
+                start = rec["dice_mean"]
+    return out
+
+
+def table(rows: list[dict], drop: float) -> list[str]:
+    known = [r for r in rows if r["trained"] is not None and r["guarded"]]
+    harmful = [r for r in known if r["trained"] - r["start"] < -drop]
+    reverted = [r for r in known if r["reverted"]]
+    caught = [r for r in harmful if r["reverted"]]
+    unknown = [r for r in rows if r["trained"] is None]
+    lines = [f"rounds with the guard on: {len(known) + len(unknown)}; harmful (test Dice down by more than {drop}): "
+             f"{len(harmful)}; discarded: {len(reverted)} (+{len(unknown)} discarded before dice_discarded was "
+             "recorded: outcome unknown)",
+             f"recall: {len(caught)}/{len(harmful)}" + (f" = {len(caught) / len(harmful):.2f}" if harmful else ""),
+             f"precision: {len(caught)}/{len(reverted)}" + (f" = {len(caught) / len(reverted):.2f}" if reverted
+                                                          else "")]
+    for r in harmful + [r for r in reverted if r not in harmful]:
+        lines.append(f"- {r['fold']} {r['strategy']} seed {r['seed']} round {r['round']}: {r['start']:.3f} -> "
+                     f"{r['trained']:.3f} ({'discarded' if r['reverted'] else 'kept'})")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="asfda crossval output folders (one per pair)")
+    ap.add_argument("--drop", type=float, default=0.02, help="a harmful round lowers the test Dice by more than this")
+    args = ap.parse_args()
+    for folder in args.folders:
+        rows = [r for fold in sorted(folder.glob("fold*")) if fold.is_dir() for r in round_outcomes(fold)]
+        print(f"\n## {folder}\n")
+        print("\n".join(table(rows, args.drop)))
+
+
+if __name__ == "__main__":
+    main()

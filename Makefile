@@ -31,9 +31,10 @@ test: setup-test
 test-slow: setup-test
 	$(PY) -m pytest -m slow
 
-# ruff (pyflakes, pycodestyle, bugbear, pyupgrade, import order) and mypy on src/, configured in pyproject.toml
+# ruff (pyflakes, pycodestyle, bugbear, pyupgrade, import order) and mypy on src/ and benchmarks/, configured in
+# pyproject.toml (mypy's files list names the two trees)
 lint: setup-test
-	$(VENV)/bin/ruff check src
+	$(VENV)/bin/ruff check src benchmarks
 	$(VENV)/bin/mypy
 
 clean:

@@ -16,20 +16,20 @@ import argparse
 import dataclasses
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-
+from _machine import code_version, machine
 from asfda.config import RunConfig, SemiConfig
 from asfda.io import atomic_write_text
 from asfda.selection import DEFAULT_DIVERSITY, DIVERSITY_SPACES
 from asfda.simulate import results_table, run_simulation
 from asfda.training import TrainConfig
-from _machine import code_version, machine
 from ct_to_mr_analysis import analyse
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILES = {
+PROFILES: dict[str, dict[str, Any]] = {
     # the upper bound (whole pool labelled, 1,000 steps: the guide's full-pool reference) costs ~15 min per seed
     # on 2 cores, so only the full profile runs it
     "quick": dict(strategies=["asfda", "random"], seeds=[0, 1], budget=1, rounds=3, upper_bound=False, previews=2),
@@ -58,7 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or REPO / "benchmarks/results" / f"ct_to_mr_{args.profile}")
     cfg = RunConfig(model=args.model, pool=args.data, test_fraction=args.test_fraction,
-                    train=TrainConfig(steps=args.steps, batch_size=2, precision=args.precision), semi=SemiConfig(enabled=args.semi == "on"),
+                    train=TrainConfig(steps=args.steps, batch_size=2, precision=args.precision),
+                    semi=SemiConfig(enabled=args.semi == "on"),
                     cache_dir=str(REPO / ".cache"), out_dir=str(out), progress=sys.stderr.isatty(),
                     diversity=args.diversity,
                     **{**PROFILES[args.profile],
@@ -75,7 +76,7 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"Machine: {machine()}  ",
         f"Code: asfda commit {version}  ",
-        f"Date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
+        f"Date: {datetime.now(UTC).isoformat(timespec='minutes')}; wall time {minutes:.1f} min  ",
         f"Config: {dataclasses.asdict(cfg)}", "",
         "Mean Dice on the held-out test split (mean over seeds; n=0 is zero-shot):", "",
         results_table(result.summary), "", "![learning curve](learning_curve.png)", "",

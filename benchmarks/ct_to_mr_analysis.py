@@ -8,7 +8,7 @@ has at all on this pool), and the cost per round. It trains nothing: every figur
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 from statistics import mean, median
 
@@ -153,7 +153,10 @@ def analyse(out: Path) -> str:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "benchmarks/results/ct_to_mr_full"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", type=Path, default=REPO / "benchmarks/results/ct_to_mr_full",
+                    help="a ct_to_mr.py results folder (default: benchmarks/results/ct_to_mr_full)")
+    out = ap.parse_args().out
     text = analyse(out.resolve())
     atomic_write_text(out / "ANALYSIS.md", text)
     print(text)

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from _machine import code_version, machine
-
 from asfda.config import RunConfig
 from asfda.crossval import crossval
 from asfda.errors import AsfdaError

@@ -22,10 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _machine import code_version, cpu_model
-
 from asfda.demo import phantom_model_path
 from asfda.phantom import generate_benchmark
 

@@ -19,15 +19,16 @@ import datetime
 import shlex
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
 
+from _machine import cpu_model
 from asfda.engine import InferenceEngine, select_device
 from asfda.io import load_dataset
 from asfda.models import load_model, prepare_case
-from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "ct_abdomen_unet"),
                     help="model bundle (default: ../shared/models/ct_abdomen_unet)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mr_chaos_t2"),
@@ -52,20 +53,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of each method (default 2)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
     ap.add_argument("--out", help="also write the results as markdown to this file")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def _model_and_data(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """The model and the dataset timed: the shipped phantom model on generated phantoms (--phantom), or the shared
+    ones (None, said on stderr, when they are not there)."""
     if args.phantom:
         from asfda.demo import phantom_model_path
         from asfda.phantom import generate_benchmark
 
-        model_path = phantom_model_path()
         n_target = max(args.n, 1)
         data_path = generate_benchmark(Path(args.phantom_dir) / f"n{n_target}", n_source=1, n_target=n_target)["target"]
-    else:
-        model_path, data_path = Path(args.model), Path(args.data)
-        if not model_path.exists() or not data_path.exists():
-            print(f"shared model or data not found ({model_path}, {data_path}); use --phantom", file=sys.stderr)
-            return 2
+        return phantom_model_path(), data_path
+    model_path, data_path = Path(args.model), Path(args.data)
+    if not model_path.exists() or not data_path.exists():
+        print(f"shared model or data not found ({model_path}, {data_path}); use --phantom", file=sys.stderr)
+        return None
+    return model_path, data_path
+
+
+def _time_interleaved(methods: Mapping[str, Callable[[torch.Tensor], None]], images: list[torch.Tensor], repeats: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds per repeat of each method over all images, after one warm-up each; interleaved volume by volume,
+    alternating which method goes first."""
+    for fn in methods.values():  # warm-up
+        fn(images[0])
+    _sync(device)
+    times: dict[str, list[float]] = {k: [0.0] * repeats for k in methods}
+    order = list(methods)
+    for r in range(repeats):
+        for i, image in enumerate(images):  # interleaved per volume, alternating which method goes first
+            for name in (order if (r * len(images) + i) % 2 == 0 else order[::-1]):
+                _sync(device)
+                t = time.perf_counter()
+                methods[name](image)
+                _sync(device)
+                times[name][r] += time.perf_counter() - t
+        print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[r]:.2f} s" for k, v in times.items()),
+              file=sys.stderr, flush=True)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    found = _model_and_data(args)
+    if found is None:
+        return 2
+    model_path, data_path = found
     device = select_device(args.device)
     loaded = load_model(model_path)
     cases = list(load_dataset(data_path).cases)[: args.n]
@@ -87,21 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             out[0].float().cpu()
 
     methods = {"engine": run_engine, "bare": run_bare}
-    for fn in methods.values():  # warm-up
-        fn(images[0])
-    _sync(device)
-    times: dict[str, list[float]] = {k: [0.0] * args.repeats for k in methods}
-    order = list(methods)
-    for r in range(args.repeats):
-        for i, image in enumerate(images):  # interleaved per volume, alternating which method goes first
-            for name in (order if (r * len(images) + i) % 2 == 0 else order[::-1]):
-                _sync(device)
-                t = time.perf_counter()
-                methods[name](image)
-                _sync(device)
-                times[name][r] += time.perf_counter() - t
-        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[r]:.2f} s" for k, v in times.items()),
-              file=sys.stderr, flush=True)
+    times = _time_interleaved(methods, images, args.repeats, device)
 
     best = {k: min(v) for k, v in times.items()}
     ratio = best["engine"] / best["bare"]
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cpu_model()}, {torch.get_num_threads()} torch threads")
     lines = [
         f"- command: `python {shlex.join(['benchmarks/engine_speed.py', *(sys.argv[1:] if argv is None else argv)])}`",
-        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}",
+        f"- date (UTC): {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M')}",
         f"- device: {device.type} ({dev_name}); torch {torch.__version__}",
         f"- model: {model_path} ({type(network).__name__}, {len(loaded.class_names)} classes, roi {list(roi)}, "
         f"sw_batch_size {swb}, overlap {overlap}); embedding layer `{engine.embedding_layer}`",

@@ -16,18 +16,17 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-
+from _machine import code_version, machine
+from asfda.adapter import Adapter, mean_of
 from asfda.config import SemiConfig
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
-from asfda.adapter import Adapter, mean_of
 from asfda.models import load_model
 from asfda.simulate import split_pool
 from asfda.training import TrainConfig
 from asfda.training.guard import discards, guard_sample
-from _machine import code_version, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +54,7 @@ def main() -> None:
     start = adapter.current_state()
     zero = mean_of(adapter.evaluate(test, pretrained=True), "dice_mean")
     labels = args.labels.split(",") if args.labels else pool_ids
-    rows = []
+    rows: list[dict] = []
     for cid in labels:
         adapter.load_current_state(start)
         adapter.is_adapted = False
@@ -79,7 +78,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         atomic_write_json(out / "results.json", {"args": vars(args), "zero_shot": zero, "rows": rows})
     meta = {"command": "python " + " ".join(sys.argv), "code": code_version(), "machine": machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+            "date": datetime.now(UTC).isoformat(timespec="minutes"),
             "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)}
     atomic_write_json(out / "results.json", {"args": vars(args), "meta": meta, "zero_shot": zero, "rows": rows})
     below = [r for r in rows if r["dice_adapted"] < zero]
@@ -88,7 +87,8 @@ def main() -> None:
     lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Code: asfda commit {meta['code']}  ",
              f"Date: {meta['date']}; wall time {meta['wall_minutes']} min  ",
              f"Split seed {args.seed}: test {', '.join(test_ids)}; zero-shot mean Dice {zero:.3f}", "",
-             "| labelled volume | Dice adapted | plausibility pretrained | plausibility adapted | guard | Dice guarded |",
+             "| labelled volume | Dice adapted | plausibility pretrained | plausibility adapted | guard "
+             "| Dice guarded |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['labelled']} | {r['dice_adapted']:.3f} | {r['plausibility_pretrained']:.3f} | "

@@ -9,7 +9,6 @@ machine load for both), on the model grid (one sliding-window pass each).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,10 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _machine import code_version, machine
-
 from asfda.adapter import Adapter
 from asfda.evaluation import compute_dice, mean_ignoring_nan
 from asfda.io import load_dataset
@@ -44,16 +40,18 @@ def main(argv: list[str] | None = None) -> int:
                            precision=p) for p in ("fp32", "bf16")}
     engines = {p: a.engine_current for p, a in adapters.items()}
     n = len(ds.class_names)
-    rows = []
+    rows: list[dict] = []
     for case in list(ds.cases)[: args.cases]:
         vol = adapters["fp32"].prepare(case)  # model grid, label included
-        seconds, maps = {}, {}
+        seconds: dict[str, list[float]] = {}
+        maps: dict[str, torch.Tensor] = {}
         for p in ("fp32", "bf16", "fp32", "bf16"):  # alternately, twice: the same load for both
             t0 = time.perf_counter()
             logits, _ = engines[p].run(vol.image)
             seconds.setdefault(p, []).append(time.perf_counter() - t0)
             maps[p] = logits.argmax(0)
         agree = mean_ignoring_nan(compute_dice(maps["bf16"], maps["fp32"], n))
+        assert vol.label is not None, "a dataset loaded with require_labels=True has a label for every case"
         truth = vol.label.long()
         rows.append({"case": case.case_id, "fp32_s": float(np.mean(seconds["fp32"])),
                      "bf16_s": float(np.mean(seconds["bf16"])), "agreement": agree,

@@ -29,22 +29,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(REPO / "tests"))
+from _data import write_bundle, write_nifti
+from _machine import code_version, machine
 
-from _machine import code_version, machine  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 LABELS = {"background": 0, "liver": 1, "spleen": 2}
 
 
-def phantom_volume(seed: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def phantom_volume(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """A small phantom-like volume: two box organs of seeded size and place in noise, and its label map."""
     rng = np.random.default_rng(seed)
     x, y, z = shape
@@ -59,10 +58,8 @@ def phantom_volume(seed: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, 
     return image, label
 
 
-def write_pool(root: Path, n: int, shape: tuple[int, int, int]) -> Path:
+def write_pool(root: Path, n: int, shape: tuple[int, ...]) -> Path:
     """An nnU-Net raw folder of ``n`` images (no labels: score and predict need none)."""
-    from conftest import write_nifti
-
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         image, _ = phantom_volume(i, shape)
@@ -141,15 +138,14 @@ def main() -> None:
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     try:
-        from conftest import write_bundle
-
         bundle = write_bundle(work / "bundle")
         t = time.perf_counter()
         pool = write_pool(work / "pool", args.n, shape)
         write_s = time.perf_counter() - t
         small = subset(pool, work / f"pool{args.small}", args.small)
         results = {args.small: measure(small, bundle, work, args.small), args.n: measure(pool, bundle, work, args.n)}
-        scored_line = next((ln for ln in results[args.n]["score"]["stdout"].splitlines() if ln.startswith("scored")), "")
+        scored_line = next((ln for ln in results[args.n]["score"]["stdout"].splitlines()
+                            if ln.startswith("scored")), "")
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -157,7 +153,7 @@ def main() -> None:
     load_after = os.getloadavg()
     lines = ["# Load: `asfda score` and `asfda predict` on 1,000 volumes", "",
              f"- command: `nice -n 19 .venv/bin/python {shlex.join(['benchmarks/load_1000.py', *sys.argv[1:]])}`",
-             f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}; code {code_version()}; "
+             f"- date (UTC): {datetime.now(UTC).strftime('%Y-%m-%d %H:%M')}; code {code_version()}; "
              f"total {total:.0f} s",
              f"- machine: {machine()}; each command in its own process with `OMP_NUM_THREADS=1` (1 torch thread); "
              f"2 cores shared with two long benchmark runs (load average {load_before[0]:.1f} before, "
@@ -184,7 +180,8 @@ def main() -> None:
     for name in ("score", "predict"):
         big, little = results[args.n][name], results[args.small][name]
         marginal = (big["seconds"] - little["seconds"]) / (args.n - args.small)
-        lines.append(f"- `asfda {name}`: peak {args.n} / {args.small} volumes = **{big['peak_mb'] / little['peak_mb']:.2f}**"
+        lines.append(f"- `asfda {name}`: peak {args.n} / {args.small} volumes = "
+                     f"**{big['peak_mb'] / little['peak_mb']:.2f}**"
                      f"; marginal {marginal:.3f} s a volume")
     ok = all(r[k]["bar"] == (n, n) and r[k]["rows"] == n for n, r in results.items() for k in ("score", "predict"))
     lines += [f"- every bar counted to its pool size and every output holds one row / map per volume: "

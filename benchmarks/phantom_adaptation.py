@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from _machine import machine
 
+from _machine import machine
 from asfda.config import RunConfig
 from asfda.demo import phantom_model_path
 from asfda.io import atomic_write_text

@@ -24,20 +24,21 @@ import json
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from _machine import cpu_model
+from asfda.adapter import Adapter
 from asfda.demo import phantom_model_path
 from asfda.io import load_dataset
-from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.phantom import generate_benchmark
 from asfda.selection import DIVERSITY_SPACES, ROUND0_GAPS, PoolScores, ScoringNeeds, build_strategy
 from asfda.training import TrainConfig
-from _machine import cpu_model
 
 # one forward pass each (two once adapted); "asfda" is the package default (diversity in METHOD.md's pooled
 # bottleneck embedding space), "asfda[anatomy]" picks in the anatomy-composition space, "asfda[none]" has no
@@ -52,7 +53,7 @@ ROUND1_TRAIN = TrainConfig(steps=60, batch_size=2, lr=1e-3)  # the demo's recipe
 def strategy_of(label: str):
     """``name`` or ``name[option,...]``: options are a round-0 gap or a diversity space (asfda only)."""
     name, _, opts = label.partition("[")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for opt in filter(None, opts.rstrip("]").split(",")):
         if opt in ROUND0_GAPS:
             kwargs["round0_gap"] = opt
@@ -106,8 +107,9 @@ def coverage_table(pool: PoolScores, subgroup: dict[str, str], strategies: list[
     """strategy -> budget -> seed ("full" or int) -> (n subgroups covered, picked subgroups)."""
     out: dict = {s: {b: {} for b in budgets} for s in strategies}
     n = len(pool.ids)
-    for seed in ["full", *seeds]:
-        if seed == "full":
+    every: list[str | int] = ["full", *seeds]
+    for seed in every:
+        if isinstance(seed, str):  # "full": the whole pool
             sub, sel_seed = pool, 0
         else:
             keep = sorted(np.random.default_rng(1000 + seed).permutation(n)[: int(round(subpool * n))].tolist())
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Phantom coverage: sub-populations covered by {what}",
         "",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S')}",
+        f"- date (UTC): {datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S')}",
         f"- machine: {_machine()}; total {time.perf_counter() - t0:.0f} s",
         f"- pools: phantom target, n_target={args.n_target}, data seeds {args.data_seeds}; 5 subgroups "
         "(common 60%, rare_protocol 15%, enlarged_liver 10%, missing_kidney 8%, lesions 7%)",

@@ -62,7 +62,7 @@ class _RoundClock:
             clock.passes["pretrained" if weights == clock.pretrained_hash else "adapted"] += 1
             return window(engine, x)
 
-        InferenceEngine._window = counted
+        InferenceEngine._window = counted  # type: ignore[method-assign]  # counting the passes
         select = simulate.select_batch
 
         def timed_select(*args, **kwargs):
@@ -77,7 +77,7 @@ class _RoundClock:
                 clock.marks.append((time.perf_counter(), dict(clock.passes)))
             return write(path, data, *args, **kwargs)
 
-        simulate_state.atomic_write_json = timed_write
+        simulate_state.atomic_write_json = timed_write  # type: ignore[assignment]  # marking the round's end
 
     def rounds(self) -> list[dict]:
         """Per round: seconds and passes from its start to its record (the marks alternate start, end)."""

@@ -14,19 +14,19 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _machine import machine
+from asfda.adapter import Adapter, mean_of
 from asfda.config import SemiConfig
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
-from asfda.adapter import Adapter, mean_of
 from asfda.models import load_model
 from asfda.simulate import split_pool
 from asfda.training import TrainConfig
-from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def main() -> None:
             print(json.dumps({x: y for x, y in row.items() if x != "per_case"}), flush=True)
             atomic_write_json(out / "results.json", {"args": vars(args), "rows": rows})
     meta = {"command": "python " + " ".join(sys.argv), "machine": machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "test": test_ids, "pool": pool_ids}
+            "date": datetime.now(UTC).isoformat(timespec="minutes"), "test": test_ids, "pool": pool_ids}
     atomic_write_json(out / "results.json", {"args": vars(args), "meta": meta, "rows": rows})
     classes = [c for c in rows[0] if c.startswith("dice_") and c != "dice_mean"]
     lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Date: {meta['date']}  ",

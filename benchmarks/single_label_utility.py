@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from _machine import code_version, machine
 from scipy.stats import spearmanr
 
+from _machine import code_version, machine
 from asfda.crossval.folds import write_linked_dataset as _write_dataset
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
 from asfda.results import RunLayout, read_run

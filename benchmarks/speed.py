@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -49,8 +49,8 @@ def _best_interleaved(methods: dict, items: list, repeats: int) -> dict[str, flo
 
 
 def scoring_part(args) -> list[str]:
-    from asfda.io import load_dataset
     from asfda.adapter import Adapter
+    from asfda.io import load_dataset
     from asfda.models import load_model
     from asfda.scoring.pool import score_volumes
     from asfda.selection import get_strategy
@@ -86,8 +86,8 @@ def scoring_part(args) -> list[str]:
                                args.repeats)
     rows.append(("round 0 with `round0_gap: norm_kl` (normalisation-statistics hooks)", 1, best0n))
     print("scoring, later round (adapted + frozen: two passes):", file=sys.stderr)
-    best1 = _best_interleaved({"scoring": scoring(adapter.engine_frozen), "bare": bare([adapter.current, adapter.frozen])},
-                              vols, args.repeats)
+    best1 = _best_interleaved({"scoring": scoring(adapter.engine_frozen),
+                               "bare": bare([adapter.current, adapter.frozen])}, vols, args.repeats)
     rows.append(("later round: adapted + frozen model, kd", 2, best1))
     shapes = sorted({tuple(v.image.shape[1:]) for v in vols})
     out = ["## 1. Scoring throughput (goal: scoring / bare <= 1.3)", "",
@@ -95,7 +95,8 @@ def scoring_part(args) -> list[str]:
            f"{args.data}, model-grid shapes {shapes}; preprocessing {prep:.1f} s (cached, not timed)",
            f"- best of {args.repeats} interleaved repeats after a warm-up; bare = `sliding_window_inference` of the "
            "same (class-mapped) networks under `torch.inference_mode()`, nothing else", "",
-           "| pass(es) | forward passes / volume | scoring s / volume | bare s / volume | ratio |", "|---|---|---|---|---|"]
+           "| pass(es) | forward passes / volume | scoring s / volume | bare s / volume | ratio |",
+           "|---|---|---|---|---|"]
     for name, passes, best in rows:
         out.append(f"| {name} | {passes} | {best['scoring'] / len(vols):.2f} | {best['bare'] / len(vols):.2f} | "
                    f"{best['scoring'] / best['bare']:.2f} |")
@@ -104,9 +105,9 @@ def scoring_part(args) -> list[str]:
 
 def _memory_child(n: int, pool: str) -> None:
     """Scores the first n cases of ``pool`` (no caches) and prints JSON with the peak resident set."""
+    from asfda.adapter import Adapter
     from asfda.demo import phantom_model_path
     from asfda.io import load_dataset
-    from asfda.adapter import Adapter
     from asfda.models import load_model
     from asfda.selection import get_strategy
 
@@ -188,14 +189,15 @@ def main() -> None:
     if "memory" in parts:
         body += memory_part(args)
     if "train" in parts:
-        body += _quoted("3. Fine-tuning step time (profile of the slowest stage: fp32 vs bf16 autocast vs channels-last)",
+        body += _quoted("3. Fine-tuning step time (profile of the slowest stage: fp32 vs bf16 autocast vs "
+                        "channels-last)",
                         [sys.executable, "benchmarks/train_step.py", "--steps", "8", "--variants",
                          "fp32,bf16,channels_last"])
     if "selection" in parts:
         body += _quoted("4. Selection time", [sys.executable, "benchmarks/selection_speed.py", "--out", "/dev/null"])
     head = ["# Speed and memory", "",
             f"- command: `python {shlex.join(['benchmarks/speed.py', *sys.argv[1:]])}`",
-            f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}; total "
+            f"- date (UTC): {datetime.now(UTC).strftime('%Y-%m-%d %H:%M')}; total "
             f"{time.perf_counter() - t0:.0f} s",
             f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads (scoring and training), torch "
             f"{torch.__version__}", ""]

@@ -15,11 +15,12 @@ the rounds each estimate flags "consider stopping" (predicted gain below ``--thr
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from asfda.results import read_run
 
 Row = dict[str, float]
 
@@ -27,18 +28,25 @@ Row = dict[str, float]
 def rounds_of(folder: Path) -> list[Row]:
     """One row per round with a next round and the stopping record: fold, signals, true next gain."""
     rows: list[Row] = []
-    for state in sorted(folder.glob("fold*/*/seed*/state.json")):
-        fold = int(state.parts[-4].removeprefix("fold"))
-        recs = json.loads(state.read_text())["rounds"]
-        for rec, nxt in zip(recs, recs[1:]):
-            st = rec.get("stopping")
-            if not st or st.get("change") is None or rec.get("dice_mean") is None or nxt.get("dice_mean") is None:
-                continue
-            rows.append({"fold": fold, "round": rec["round"], "n": rec["n_labelled"], "change": st["change"],
-                         "change_before": st.get("change_before") if st.get("change_before") is not None
-                         else float("nan"), "entropy_change": st.get("entropy_change") or 0.0,
-                         "rule": st["predicted_gain"], "gain": nxt["dice_mean"] - rec["dice_mean"],
-                         "reverted": float(bool((nxt.get("guard") or {}).get("reverted")))})
+    for fold_dir in sorted(p for p in folder.glob("fold*") if p.is_dir()):
+        got = read_run(fold_dir)
+        # in the order of their paths (FOLDER/fold<k>/<strategy>/seed<s>/state.json sorted), as before read_run
+        for name, seed in sorted(got.runs(), key=lambda run: (run[0], f"seed{run[1]}")):
+            rows += _round_rows(int(fold_dir.name.removeprefix("fold")), got.rounds(name, seed))
+    return rows
+
+
+def _round_rows(fold: int, recs: list[dict]) -> list[Row]:
+    rows: list[Row] = []
+    for rec, nxt in zip(recs, recs[1:]):
+        st = rec.get("stopping")
+        if not st or st.get("change") is None or rec.get("dice_mean") is None or nxt.get("dice_mean") is None:
+            continue
+        rows.append({"fold": fold, "round": rec["round"], "n": rec["n_labelled"], "change": st["change"],
+                     "change_before": st.get("change_before") if st.get("change_before") is not None
+                     else float("nan"), "entropy_change": st.get("entropy_change") or 0.0,
+                     "rule": st["predicted_gain"], "gain": nxt["dice_mean"] - rec["dice_mean"],
+                     "reverted": float(bool((nxt.get("guard") or {}).get("reverted")))})
     return rows
 
 

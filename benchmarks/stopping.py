@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from _machine import code_version, machine
 
+from _machine import code_version, machine
 from asfda.results import RunLayout, read_run
 from asfda.stopping import (
     CONTINUE,

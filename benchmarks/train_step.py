@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from asfda.io import load_dataset
+from _machine import cpu_model
 from asfda.adapter import Adapter
+from asfda.io import load_dataset
 from asfda.models import load_model
 from asfda.training import TrainVolume
-from asfda.training.losses import masked_dice_ce
 from asfda.training.augment import PatchAugmenter
+from asfda.training.losses import masked_dice_ce
 from asfda.training.trainer import sample_patch
-from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,20 +44,23 @@ def main() -> None:
     ds = load_dataset(args.data, require_labels=True)
     adapter = Adapter(model, ds.class_names, cache_dir=str(REPO / ".cache"), progress=False)
     vols = [adapter.prepare(c) for c in ds.cases[:2]]
-    train = [TrainVolume(v.image, v.label.long()) for v in vols]
+    train = []
+    for v in vols:
+        assert v.label is not None, "a dataset loaded with require_labels=True has a label for every case"
+        train.append(TrainVolume(v.image, v.label.long()))
     import copy
 
     nets = {v: copy.deepcopy(adapter.current).train() for v in variants}
     for v, net in nets.items():
         if v == "channels_last":
-            net.to(memory_format=torch.channels_last_3d)
+            net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stub lacks it
     opts = {v: torch.optim.AdamW(nets[v].parameters(), lr=1e-4) for v in variants}
     rng = np.random.default_rng(0)
     augmenter = PatchAugmenter(args.augmentation, model.roi_size, 0)
     t_data = {v: 0.0 for v in variants}
     t_compute = {v: 0.0 for v in variants}
     for step in range(args.steps + 1):
-        for k, v in enumerate(variants if step % 2 == 0 else variants[::-1]):
+        for v in (variants if step % 2 == 0 else variants[::-1]):
             t0 = time.perf_counter()
             xs, ys, ms = [], [], []
             for _ in range(args.batch_size):
@@ -79,7 +82,7 @@ def main() -> None:
             if step:  # the first step of each variant warms up
                 t_data[v] += t1 - t0
                 t_compute[v] += t2 - t1
-    print(f"date {datetime.now(timezone.utc).isoformat(timespec='minutes')}; machine {cpu_model()}, "
+    print(f"date {datetime.now(UTC).isoformat(timespec='minutes')}; machine {cpu_model()}, "
           f"{torch.get_num_threads()} torch threads; patch {model.roi_size}, batch {args.batch_size}, "
           f"{args.steps} timed steps per variant")
     for v in variants:

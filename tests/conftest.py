@@ -1,4 +1,5 @@
-"""Tiny synthetic fixtures written to temporary folders: NIfTI datasets and MONAI bundles."""
+"""Tiny synthetic fixtures written to temporary folders: NIfTI datasets and MONAI bundles (the writers of a NIfTI file
+and of a bundle live in benchmarks/_data.py, which the load benchmark uses too)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,15 @@ import sys
 import textwrap
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+# benchmarks/_data.py, on the path through pytest's pythonpath (pyproject.toml); the tests import these from here
+from _data import TINY_NET as TINY_NET
+from _data import write_bundle, write_nifti
+
 TINY_LABELS = {"background": 0, "liver": 1, "spleen": 2}
-
-
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
-    return path
 
 
 def make_volume(seed: int, shape=(20, 18, 12)) -> tuple[np.ndarray, np.ndarray]:
@@ -43,46 +41,6 @@ def write_nnunet(root: Path, n: int = 3, labels: dict | None = None, affine: np.
         write_nifti(root / "labelsTr" / f"case{i:02d}.nii.gz", label, aff)
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "MR"}, "labels": labels or TINY_LABELS, "numTraining": n, "file_ending": ".nii.gz"}))
-    return root
-
-
-TINY_NET = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16],
-            "strides": [2, 2], "num_res_units": 0, "norm": "instance", "dropout": 0.1}
-
-
-def write_bundle(root: Path, class_names=("background", "liver", "spleen"), pixdim=(2.0, 2.0, 3.0),
-                 net: dict | None = None, weights: str = "model.pt", seed: int = 0) -> Path:
-    from monai.bundle import ConfigParser
-
-    net = dict(net or TINY_NET, out_channels=len(class_names))
-    cfg = {
-        "image_key": "image",
-        "network_def": net,
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "@image_key"},
-            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
-            {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
-            {"_target_": "Spacingd", "keys": "@image_key", "pixdim": list(pixdim), "mode": "bilinear"},
-            {"_target_": "ScaleIntensityRangePercentilesd", "keys": "@image_key", "lower": 0.5, "upper": 99.5,
-             "b_min": 0.0, "b_max": 1.0, "clip": True},
-        ]},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 8], "sw_batch_size": 2, "overlap": 0.25},
-    }
-    meta = {"network_data_format": {"outputs": {"pred": {"type": "image", "format": "segmentation",
-                                                         "num_channels": len(class_names),
-                                                         "channel_def": {str(i): n for i, n in enumerate(class_names)}}}}}
-    (root / "configs").mkdir(parents=True, exist_ok=True)
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    (root / "configs" / "inference.json").write_text(json.dumps(cfg))
-    (root / "configs" / "metadata.json").write_text(json.dumps(meta))
-    torch.manual_seed(seed)
-    network = ConfigParser(cfg).get_parsed_content("network_def")
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(network.state_dict(), str(root / "models" / weights))
-    else:
-        torch.save(network.state_dict(), root / "models" / weights)
     return root
 
 

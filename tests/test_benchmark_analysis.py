@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from ct_to_mr_analysis import analyse  # noqa: E402
+from ct_to_mr_analysis import analyse
 
 
 def _case(cid: str, d: float) -> dict:

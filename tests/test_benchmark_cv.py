@@ -5,16 +5,13 @@ cross-validation itself is tested in tests/test_crossval.py."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import cv  # noqa: E402
-from conftest import write_nnunet  # noqa: E402
-
-from asfda.crossval.folds import FOLDS_FILE, fold_assignment  # noqa: E402
+import cv
+from asfda.crossval.folds import FOLDS_FILE, fold_assignment
+from conftest import write_nnunet
 
 
 def test_flags_become_the_recipe_of_every_fold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,14 +4,12 @@ round-0 scores set against the utility (hand-made numbers for the correlation)."
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import single_label_utility as slu  # noqa: E402
-from conftest import write_nnunet  # noqa: E402
+import single_label_utility as slu
+from conftest import write_nnunet
 
 
 def test_utility_is_the_mean_gain_over_zero_shot() -> None:

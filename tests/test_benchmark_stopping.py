@@ -4,10 +4,8 @@ estimate with the true next-round gain, and names the runs written without probe
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import stopping as bench
 
 

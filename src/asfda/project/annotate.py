@@ -102,7 +102,7 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
                          project.root, "run `asfda finetune` if the last labels are not trained on yet, or add cases "
                          "to the pool")
     budget = min(s.budget, len(unlabelled))  # fewer left than the budget: the last round asks for all of them
-    strategy = build_strategy(s.strategy, s.alpha, s.round0_gap, s.diversity, s.representativeness)
+    strategy = build_strategy(s.strategy, settings=s)
     passes = adapter.forward_passes()
     with adapter.sharded_scoring(dist or DistContext()):  # rank 0 of a torchrun job: the ranks score the pool
         batch = select_batch(adapter, strategy, labelled, unlabelled, budget, r, s.seed * 1000 + r,
@@ -131,6 +131,10 @@ def _new_query(project: Project, progress: bool, device: str | None = None, prec
     return record
 
 
+def _copy_tree(src: Path, tmp: Path) -> None:
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
 def _image_name(case: Case) -> str:
     """The name of a case's image in a round's ``images/``: its file's name; a DICOM series folder (whose own name,
     e.g. ``CT``, several series may share) by its case id."""
@@ -154,7 +158,7 @@ def place_image(src: Path, images: Path, mode: str = "copy", name: str | None = 
         except (OSError, ValueError):  # no links on this file system, or another drive (Windows): a copy
             pass
     if src.is_dir():  # a DICOM series folder: copied whole
-        atomic_write_folder(dest, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+        atomic_write_folder(dest, functools.partial(_copy_tree, src))
     else:
         atomic_write(dest, functools.partial(shutil.copyfile, src))
     return dest

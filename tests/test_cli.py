@@ -9,7 +9,7 @@ import pytest
 from asfda.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "phantom", "simulate", "evaluate", "predict", "score", "query", "init", "next", "ingest",
-               "finetune", "status", "set"]
+               "finetune", "status", "set", "monailabel-app"]
 
 
 def test_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:

@@ -23,6 +23,7 @@ MINIMAL_ARGV = {
     "evaluate": ["--model", "m", "--data", "d"], "predict": ["--model", "m", "--data", "d", "--out", "o"],
     "score": ["--model", "m", "--data", "d"], "query": ["--model", "m", "--data", "d", "--budget", "1"],
     "init": ["o", "--model", "m", "--pool", "p"], "next": [], "finetune": [],
+    "monailabel-app": ["o", "--model", "m"],
 }
 # the flags whose value is a setting of a run or a project (dest -> the settings field)
 SETTING_FLAGS = {"strategy": "strategy", "strategies": "strategies", "budget": "budget", "rounds": "rounds",

@@ -19,7 +19,7 @@ MINIMAL_ARGV = {
     "evaluate": ["--model", "m", "--data", "d"], "predict": ["--model", "m", "--data", "d", "--out", "o"],
     "score": ["--model", "m", "--data", "d"], "query": ["--model", "m", "--data", "d", "--budget", "1"],
     "init": ["o", "--model", "m", "--pool", "p"], "next": [], "ingest": ["labels"], "finetune": [], "status": [],
-    "set": ["p", "budget=3"],
+    "set": ["p", "budget=3"], "monailabel-app": ["o", "--model", "m"],
 }
 HANDLERS = {"demo": commands.demo_command, "phantom": commands.phantom_command,
             "simulate": commands.simulate_command, "crossval": commands.crossval_command,
@@ -27,7 +27,8 @@ HANDLERS = {"demo": commands.demo_command, "phantom": commands.phantom_command,
             "score": commands.score_command, "query": commands.query_command,
             "init": project_commands.init_command, "next": project_commands.next_command,
             "ingest": project_commands.ingest_command, "finetune": project_commands.finetune_command,
-            "status": project_commands.status_command, "set": project_commands.set_command}
+            "status": project_commands.status_command, "set": project_commands.set_command,
+            "monailabel-app": project_commands.monailabel_app_command}
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from asfda.io.datasets import (
     parse_labels,
     read_dataset_json,
 )
+from asfda.io.dicom import DICOM_INSTALL_FIX, is_series_folder, write_dicom_seg, written_seg
 from asfda.io.nifti import write_label_map
 from asfda.io.outputs import (
     OutputFiles,
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.json"
 SIDECAR_SUFFIX = ".asfda.json"
+SEG_SUFFIX = ".seg.dcm"
+"""``OUT/CASE.seg.dcm``: the DICOM SEG `predict_model` writes beside the label map of a DICOM series (``dicom_seg``)."""
 
 
 def _model_inputs(model: str | Path, model_config: str | Path | None) -> dict[str, object]:
@@ -142,14 +146,18 @@ def _has_sidecar(sidecar: Path, case_id: str, label_map: Path) -> bool:
     return sidecar.is_file() and not sidecar.is_symlink() and _is_sidecar(sidecar, case_id)
 
 
-def _own_outputs(out: Path, ds: Dataset, labels: dict[str, int]) -> OutputFiles:
+def _own_outputs(out: Path, ds: Dataset, labels: dict[str, int], seg_cases: frozenset[str] = frozenset()
+                 ) -> OutputFiles:
     """Every file this run may write, with how predict recognises its own earlier one: a sidecar by its content, a
-    label map by its sidecar, labels.json as a name -> value map in a folder holding predict's sidecars."""
+    label map by its sidecar, a DICOM SEG (the cases of ``seg_cases``) as one asfda wrote (`written_seg`),
+    labels.json as a name -> value map in a folder holding predict's sidecars."""
     files: OutputFiles = []
     for case in ds.cases:
         sidecar = out / f"{case.case_id}{SIDECAR_SUFFIX}"
         files.append((sidecar, functools.partial(_is_sidecar, case_id=case.case_id)))
         files.append((out / f"{case.case_id}.nii.gz", functools.partial(_has_sidecar, sidecar, case.case_id)))
+        if case.case_id in seg_cases:
+            files.append((out / f"{case.case_id}{SEG_SUFFIX}", written_seg))
 
     def labels_json(p: Path) -> bool:
         if _read_json(p) == labels:
@@ -180,7 +188,7 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
                   class_map: str | None = None, tta: bool = False, overwrite: bool = False, device: str = "auto",
                   progress: bool = True, trust_model_code: bool = False,
                   largest_component: str | None = None, output_activation: str | None = None,
-                  precision: str = "fp32") -> dict:
+                  precision: str = "fp32", dicom_seg: bool = False) -> dict:
     """Segments every image of a dataset folder and writes ``out/<case_id>.nii.gz`` on the image's own grid.
 
     Each label map has the input image's shape and affine (and header), so it overlays in any viewer.
@@ -206,6 +214,9 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         largest_component: ``"all"`` or comma-separated class names whose label is cut to its largest connected
             component (nnU-Net's post-processing; `asfda.evaluation.largest_component_per_class`); None: none.
         precision: ``fp32`` or ``bf16`` (each window's forward under bfloat16 autocast: `InferenceEngine`).
+        dicom_seg: for a case whose image is a DICOM series folder, also write ``out/<case_id>.seg.dcm``, the label
+            map as a DICOM SEG referencing the series' slices (`asfda.io.dicom.write_dicom_seg`; needs highdicom); a
+            case that is not a DICOM series gets its NIfTI label map only, and is listed under ``not_dicom``.
 
     ``out`` may not be, or lie inside, the images' dataset or the model, nor any dataset, project or model folder
     (`refuse_output_inside_inputs`), and must be writable; both are checked before the model is loaded. An existing
@@ -216,8 +227,9 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
     one-line error: the case being written is removed, the finished ones are kept (the next run skips them).
 
     Returns:
-        ``{"out", "written", "skipped", "labels", "model_weights_sha256_16"}`` (what `asfda predict` reports; nothing
-        is printed here).
+        ``{"out", "written", "skipped", "labels", "model_weights_sha256_16"}``, with ``dicom_seg``: also
+        ``"dicom_seg"`` (the cases with a DICOM SEG) and ``"not_dicom"`` (the cases without: not DICOM series) (what
+        `asfda predict` reports; nothing is printed here).
     """
     out = Path(out)
     inputs: dict[str, object] = {"the images folder": dataset_folders(images),
@@ -233,7 +245,8 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
         raise AsfdaError("--class-map needs a dataset with dataset.json (its label names are the targets)",
                          Path(images), "leave --class-map out to write the model's own class indices")
     network, classes = _output_classes(loaded, ds.class_names if from_dataset else None, override)
-    refuse_foreign_files(_own_outputs(out, ds, classes.labels), "predict")
+    seg_cases = _seg_cases(ds, Path(images)) if dicom_seg else frozenset()
+    refuse_foreign_files(_own_outputs(out, ds, classes.labels, seg_cases), "predict")
     unknown = sorted(n for n, v in classes.labels.items() if v and v not in classes.values)
     if unknown:
         log.warning("dataset classes %s are not model classes: they are never predicted", unknown)
@@ -244,10 +257,21 @@ def predict_model(model: str | Path, images: str | Path, out: str | Path, *, mod
                              tta_axes=loaded.tta_axes, precision=precision)
     lcc_values = _largest_component_values(largest_component, classes.labels, Path(images))
     predictor = _Predictor(engine, loaded, classes, bool(tta), lcc_values, str(model),
-                           _recorded_settings(loaded, classes, engine, tta, precision, lcc_values))
+                           _recorded_settings(loaded, classes, engine, tta, precision, lcc_values), seg_cases)
     written, skipped = _write_cases(predictor, list(ds.cases), out, overwrite=overwrite, progress=progress)
+    segs = {"dicom_seg": [c.case_id for c in ds.cases if c.case_id in seg_cases],
+            "not_dicom": [c.case_id for c in ds.cases if c.case_id not in seg_cases]}
     return {"out": out, "written": written, "skipped": skipped, "labels": classes.labels,
-            "model_weights_sha256_16": loaded.weights_hash}
+            "model_weights_sha256_16": loaded.weights_hash, **(segs if dicom_seg else {})}
+
+
+def _seg_cases(ds: Dataset, where: Path) -> frozenset[str]:
+    """The cases that get a DICOM SEG (``dicom_seg``): those whose image is a DICOM series folder. Without highdicom
+    they are refused here, before any case is segmented."""
+    cases = frozenset(c.case_id for c in ds.cases if is_series_folder(c.image_path))
+    if cases and importlib.util.find_spec("highdicom") is None:
+        raise AsfdaError("--dicom-seg needs highdicom, which is not installed", where, DICOM_INSTALL_FIX)
+    return cases
 
 
 def _recorded_settings(loaded: LoadedModel, classes: _OutputClasses, engine: InferenceEngine, tta: bool,
@@ -277,6 +301,7 @@ class _Predictor:
     lcc_values: tuple[int, ...]
     model: str
     settings: dict
+    seg_cases: frozenset[str] = frozenset()  # the cases that get a DICOM SEG too
 
     def label_map(self, case: Case) -> np.ndarray:
         """The case's label map on its image's own grid."""
@@ -311,15 +336,20 @@ def _write_cases(predictor: _Predictor, cases: list[Case], out: Path, *, overwri
         for case in tqdm(cases, desc="predict", unit="case", disable=not progress, dynamic_ncols=True):
             out_path = out / f"{case.case_id}.nii.gz"
             sidecar = out / f"{case.case_id}{SIDECAR_SUFFIX}"
-            if not overwrite and _up_to_date(out_path, sidecar, case.image_path, settings):
+            seg = out / f"{case.case_id}{SEG_SUFFIX}" if case.case_id in predictor.seg_cases else None
+            if (not overwrite and _up_to_date(out_path, sidecar, case.image_path, settings)
+                    and (seg is None or _up_to_date(seg, sidecar, case.image_path, settings))):
                 skipped.append(case.case_id)
                 continue
             label = predictor.label_map(case)
             record = {"case_id": case.case_id, "image": str(case.image_path), "model": predictor.model}
-            partial.add(*(p for p in (out_path, sidecar) if not p.exists()))
+            partial.add(*(p for p in (out_path, sidecar, seg) if p is not None and not p.exists()))
             if not sidecar.exists():  # the claim: this name is predict's from now on (see the docstring)
                 atomic_write_text(sidecar, json.dumps({**record, "settings": None}, indent=2) + "\n")
             write_label_map(out_path, label, case.image_path)
+            if seg is not None:
+                write_dicom_seg(seg, label, case.image_path, _value_names(labels))
+                record["dicom_seg"] = seg.name
             n_passes = predictor.engine.n_passes if predictor.tta else 1
             atomic_write_json(sidecar, {**record, "n_passes": n_passes, "settings": settings})
             partial.done()
@@ -328,3 +358,9 @@ def _write_cases(predictor: _Predictor, cases: list[Case], out: Path, *, overwri
             written.append(case.case_id)
         write_labels_json(partial)
     return written, skipped
+
+
+def _value_names(labels: dict[str, int]) -> list[str]:
+    """The class names of label values 0..max (a value no class has: ``label N``), as `write_dicom_seg` takes them."""
+    names = {v: n for n, v in labels.items()}
+    return [names.get(v, f"label {v}") for v in range(max(labels.values(), default=0) + 1)]

@@ -147,9 +147,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def evaluation_table(result) -> str:
     """`asfda evaluate`'s table: the mean Dice and HD95 of each class (an `asfda.evaluate.Evaluation`), and where the
-    files are."""
+    files are; first, the note on the dataset classes the model does not segment, if any."""
     mean = result.record["mean"]
-    lines = ["| class | Dice | HD95 (mm) |", "|---|---|---|"]
+    lines = [f"note: {result.record['note']}"] if result.record.get("note") else []
+    lines += ["| class | Dice | HD95 (mm) |", "|---|---|---|"]
     lines += [f"| {n} | {mean[f'dice_{n}']:.3f} | {mean[f'hd95_mm_{n}']:.1f} |" for n in result.class_names]
     lines.append(f"| mean | {mean['dice_mean']:.3f} | |")
     lines.append(f"per case: {result.per_case}; summary: {result.summary}")
@@ -160,20 +161,30 @@ def predict_command(args: argparse.Namespace) -> int:
     from asfda.predict import predict_model
 
     print(predict_summary(predict_model(args.model, args.images, args.out, tta=args.tta, overwrite=args.overwrite,
-                                        largest_component=args.largest_component, **_model_kwargs(args))))
+                                        largest_component=args.largest_component, dicom_seg=args.dicom_seg,
+                                        **_model_kwargs(args))))
     return 0
 
 
 def predict_summary(result: dict) -> str:
-    """What `asfda predict` did (`asfda.predict.predict_model`'s record): cases segmented and skipped, and where."""
-    from asfda.predict import LABELS_FILE
+    """What `asfda predict` did (`asfda.predict.predict_model`'s record): cases segmented and skipped, and where; with
+    --dicom-seg, the DICOM SEG files and a note on the cases that are not DICOM series."""
+    from asfda.predict import LABELS_FILE, SEG_SUFFIX
 
     written, skipped, out = result["written"], result["skipped"], result["out"]
     msg = f"predict: {len(written)} case{'' if len(written) == 1 else 's'} segmented"
     if skipped:
         msg += (f", {len(skipped)} skipped (outputs already up to date for weights "
                 f"{result['model_weights_sha256_16']} and these settings)")
-    return f"{msg}; label maps in {out} (values named in {out / LABELS_FILE})"
+    msg += f"; label maps in {out} (values named in {out / LABELS_FILE})"
+    segs, not_dicom = result.get("dicom_seg"), result.get("not_dicom")
+    if segs:
+        msg += f"; DICOM SEG of {len(segs)} series beside them (CASE{SEG_SUFFIX})"
+    if not_dicom:
+        ids = ", ".join(not_dicom[:5]) + (", ..." if len(not_dicom) > 5 else "")
+        msg += (f"\nnote: --dicom-seg writes a DICOM SEG for DICOM series only: {len(not_dicom)} "
+                f"case{'' if len(not_dicom) == 1 else 's'} ({ids}) got the NIfTI label map only")
+    return msg
 
 
 def score_command(args: argparse.Namespace) -> int:

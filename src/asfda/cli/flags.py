@@ -15,9 +15,10 @@ from typing import Any
 
 from asfda.options import OUTPUT_ACTIVATIONS, PRECISIONS
 
-__all__ = ["HelpFormatter", "STRATEGY_NAMES", "add_common", "add_device", "add_inference_precision",
-           "add_model_flags", "add_precision", "add_strategies", "add_strategy", "add_trust", "alpha", "from_settings",
-           "int_list", "project_default", "run_default", "seed", "seed_list", "setting", "settings_default"]
+__all__ = ["HelpFormatter", "IMAGE_MODES", "STRATEGY_NAMES", "add_common", "add_device", "add_inference_precision",
+           "add_model_flags", "add_precision", "add_strategies", "add_strategy", "add_trust", "alpha", "device_type",
+           "from_settings", "int_list", "project_default", "run_default", "seed", "seed_list", "setting",
+           "settings_default"]
 
 
 def settings_default(cls: type, name: str) -> Any:
@@ -120,15 +121,17 @@ def setting(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-class _StrategyNames:
-    """The strategy registry (`asfda.selection.STRATEGIES`) as argparse ``choices``, imported only when a strategy
-    is given or help is printed (the registry pulls in torch). A list of names is "in" it when every name is."""
+class _LazyChoices:
+    """A list of names as argparse ``choices``, read from ``module.attr`` only when a value is given or help is
+    printed (the module pulls in torch). A list of names is "in" it when every name is."""
 
-    @staticmethod
-    def _names() -> list[str]:
-        from asfda.selection import STRATEGIES
+    def __init__(self, module: str, attr: str) -> None:
+        self.module, self.attr = module, attr
 
-        return sorted(STRATEGIES)
+    def _names(self) -> list[str]:
+        import importlib
+
+        return list(getattr(importlib.import_module(self.module), self.attr))
 
     def __iter__(self):
         return iter(self._names())
@@ -141,7 +144,19 @@ class _StrategyNames:
         return all(v in self._names() for v in values)
 
 
+class _StrategyNames(_LazyChoices):
+    """The strategy registry (`asfda.selection.STRATEGIES`), sorted."""
+
+    def __init__(self) -> None:
+        super().__init__("asfda.selection", "STRATEGIES")
+
+    def _names(self) -> list[str]:
+        return sorted(super()._names())
+
+
 STRATEGY_NAMES = _StrategyNames()
+IMAGE_MODES = _LazyChoices("asfda.project.annotate", "IMAGE_MODES")
+"""How a round folder holds the pool's images (`asfda.project.annotate.IMAGE_MODES`): copy, link."""
 
 
 def _strategy_name(text: str) -> str:

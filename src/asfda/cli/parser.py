@@ -10,6 +10,7 @@ import argparse
 from asfda.cli import commands
 from asfda.cli import project_commands as project
 from asfda.cli.flags import (
+    IMAGE_MODES,
     HelpFormatter,
     add_common,
     add_device,
@@ -20,6 +21,7 @@ from asfda.cli.flags import (
     add_strategy,
     add_trust,
     alpha,
+    device_type,
     from_settings,
     int_list,
     run_default,
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"asfda {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_demo, _phantom, _simulate, _crossval, _evaluate, _predict, _score, _query, _init, _project_steps,
-                _set):
+                _set, _monailabel_app):
         add(sub)
     return parser
 
@@ -181,6 +183,9 @@ def _predict(sub: _Sub) -> None:
     p.add_argument("--tta", action="store_true", help="average over flips along the model grid's A-P and S-I "
                    "axes (3 passes; never left-right)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs are up to date")
+    p.add_argument("--dicom-seg", action="store_true", help="for an image that is a DICOM series folder, also write "
+                   "OUT/CASE.seg.dcm: the label map as a DICOM SEG referencing the series' slices (needs highdicom: "
+                   "pip install 'asfda[dicom]'); other images get their NIfTI label map only")
     add_model_flags(p)
 
 
@@ -268,6 +273,8 @@ def _project_steps(sub: _Sub) -> None:
         p.add_argument("project", nargs="?", default=".", help="project folder (default: .)")
         for flag, flag_help in flags:
             p.add_argument(flag, action="store_true", help=flag_help)
+        if name == "next":
+            _next_images(p)
         if name in ("next", "finetune"):  # they run the model: the project's device, unless told otherwise
             add_device(p, None, "the project's")
             # finetune trains (the project's precision); next scores the pool (the inference precision)
@@ -282,4 +289,40 @@ def _set(sub: _Sub) -> None:
     p.add_argument("project", help="project folder")
     p.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="e.g. budget=3 strategy=random steps=100 "
                    "train.guard=false (asfda status --json shows the project; project.json holds every setting)")
+    add_common(p)
+
+
+def _next_images(p: argparse.ArgumentParser) -> None:
+    """next --images: how the round folder holds the pool's images (default: `asfda.project.next_query`'s)."""
+
+    def default() -> str:
+        import inspect
+
+        from asfda.project import next_query
+
+        return str(inspect.signature(next_query).parameters["images"].default)
+
+    action = p.add_argument("--images", choices=IMAGE_MODES, metavar="MODE",
+                            help="how the round folder holds the images to annotate: %(choices)s (copy: a folder "
+                            "that can be moved or sent to the annotator's machine as it is; link: links relative to "
+                            "the round folder, no copy, for an annotator on this machine)")
+    action.default_source = default  # type: ignore[attr-defined]
+
+
+def _monailabel_app(sub: _Sub) -> None:
+    p = _command(sub, "monailabel-app", "write a MONAI Label app (3D Slicer, OHIF) whose Next Sample is asfda's query, "
+                 "Train an asfda round and Infer the adapted model (asfda.monailabel)",
+                 project.monailabel_app_command)
+    p.add_argument("out", help="app folder to write: new, empty, or an app written before (its settings are replaced; "
+                   "a started project keeps its own)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    add_strategy(p, "the project's query strategy")
+    p.add_argument("--budget", type=int, help=f"cases per round (default: {project.APP_BUDGET}: MONAI Label's Next "
+                   "Sample asks for one image at a time)")
+    from_settings(p.add_argument("--steps", type=int, help="fine-tuning steps per round (one Train)"), "train.steps")
+    from_settings(p.add_argument("--seed", type=seed, help="seeds the project's rounds"), "seed")
+    from_settings(p.add_argument("--device", type=device_type, help="auto (CUDA when available), cpu, cuda, cuda:N, "
+                                 "mps; the server's --conf device overrides it"), "device")
+    p.add_argument("--no-guard", action="store_true", help="keep every round's weights, even when the adapted "
+                   "model's organs are more fragmented than the pretrained model's")
     add_common(p)

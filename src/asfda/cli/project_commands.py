@@ -1,6 +1,7 @@
-"""The annotation project's commands (init, next, ingest, finetune, status, set; `asfda.project`): one handler each,
-which calls the project function and prints where the project stands and what to do next (`status_lines`,
-`next_lines`, ...: the text, from the records the project functions return)."""
+"""The annotation project's commands (init, next, ingest, finetune, status, set; `asfda.project`) and
+monailabel-app (a project kept by a MONAI Label app, `asfda.monailabel`): one handler each, which calls the library
+function and prints where the project stands and what to do next (`status_lines`, `next_lines`, ...: the text, from
+the records the project functions return)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from typing import Any
 
 from asfda.errors import AsfdaError
 
-__all__ = ["finetune_command", "ingest_command", "init_command", "next_command", "parse_settings", "set_command",
-           "status_command", "status_lines"]
+__all__ = ["APP_BUDGET", "finetune_command", "ingest_command", "init_command", "monailabel_app_command", "next_command",
+           "parse_settings", "project_settings", "set_command", "status_command", "status_lines"]
+
+APP_BUDGET = 1
+"""The budget of a MONAI Label app's project unless --budget is given: Next Sample asks for one image at a time (the
+budget `asfda.monailabel.write_app` gives when it is given no settings)."""
 
 
 def _n(count: int, word: str, plural: str | None = None) -> str:
@@ -26,16 +31,22 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def project_settings(args: argparse.Namespace, defaults: Any) -> Any:
+    """``defaults`` (an `asfda.project.ProjectSettings`) with the settings flags that were given: --strategy, --budget,
+    --steps, --seed, --device, --no-guard, and where the command has them --precision, --class-map,
+    --allow-empty-labels and --output-activation (`asfda init`, `asfda monailabel-app`)."""
+    train = dataclasses.replace(defaults.train, **_given(steps=args.steps, precision=getattr(args, "precision", None),
+                                                         guard=False if args.no_guard else None))
+    return dataclasses.replace(defaults, train=train, **_given(
+        strategy=args.strategy, budget=args.budget, seed=args.seed, device=args.device,
+        class_map=getattr(args, "class_map", None), output_activation=getattr(args, "output_activation", None),
+        allow_empty_labels=getattr(args, "allow_empty_labels", None) or None))
+
+
 def init_command(args: argparse.Namespace) -> int:
     from asfda import project as prj
 
-    defaults = prj.ProjectSettings()
-    train = dataclasses.replace(defaults.train, **_given(steps=args.steps, precision=args.precision,
-                                                         guard=False if args.no_guard else None))
-    settings = dataclasses.replace(defaults, train=train, class_map=args.class_map,
-                                   allow_empty_labels=args.allow_empty_labels, output_activation=args.output_activation,
-                                   **_given(strategy=args.strategy, budget=args.budget, seed=args.seed,
-                                            device=args.device))
+    settings = project_settings(args, prj.ProjectSettings())
     p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels,
                          trust_model_code=args.trust_model_code)
     print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
@@ -43,11 +54,27 @@ def init_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def monailabel_app_command(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from asfda import project as prj
+    from asfda.monailabel import write_app
+
+    settings = project_settings(args, dataclasses.replace(prj.ProjectSettings(), budget=APP_BUDGET))
+    out = write_app(Path(args.out), args.model, settings=settings)
+    print(f"MONAI Label app written: {out} (model {args.model}; its project starts on the first server start)")
+    print(f"next: monailabel start_server --app {shlex.quote(str(out))} --studies STUDIES --conf device "
+          f"{shlex.quote(args.device or 'cpu')}")
+    return 0
+
+
 def next_command(args: argparse.Namespace) -> int:
     from asfda import project as prj
 
     q = prj.next_query(args.project, progress=not args.no_progress, force=args.force, device=args.device,
-                       precision=args.precision, trust_model_code=args.trust_model_code)
+                       precision=args.precision, trust_model_code=args.trust_model_code,
+                       **_given(images=args.images))
     if q:  # empty on another rank of a torchrun job: rank 0 prints
         print("\n".join(next_lines(q, prj.Project(args.project).root)))
     return 0

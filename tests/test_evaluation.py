@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from asfda.evaluation import (compute_dice, compute_hd95, largest_component_per_class, mean_ignoring_nan,
-                              per_class_scores)
+from asfda.evaluation import (
+    compute_dice,
+    compute_hd95,
+    largest_component_per_class,
+    mean_ignoring_nan,
+    per_class_scores,
+)
 
 
 def test_largest_component_keeps_each_class_biggest_piece() -> None:
@@ -31,8 +36,8 @@ def test_largest_component_keeps_each_class_biggest_piece() -> None:
 
 def test_adapter_evaluate_reports_tta_and_largest_component_dice(tmp_path, tiny_bundle) -> None:
     """Adapter.evaluate: plain and TTA rows differ only through the logits; lcc columns are present."""
-    from asfda.io import load_dataset
     from asfda.adapter import Adapter
+    from asfda.io import load_dataset
     from asfda.models import load_model
     from conftest import write_nnunet
 
@@ -133,13 +138,12 @@ def _check_pinned(rows: list[dict], pinned: dict, classes: list[str]) -> None:
 def test_adapter_evaluate_per_case_dice_unchanged(tmp_path) -> None:
     """The per-case Dice of two small evaluations, as recorded before the one Dice (`asfda.metrics`) replaced the
     three: moving the implementation changed no number."""
-    from conftest import write_bundle, write_nnunet
-
     from asfda.adapter import Adapter
     from asfda.demo import phantom_model_path
     from asfda.io import load_dataset
     from asfda.models import load_model
     from asfda.phantom import generate_benchmark
+    from conftest import write_bundle, write_nnunet
 
     bench = generate_benchmark(tmp_path / "b", seed=99, n_source=1, n_target=2)
     rows = []

@@ -200,46 +200,6 @@ def test_predict_never_writes_into_input_folders(tmp_path: Path, tiny_bundle: Pa
     assert {p: p.read_bytes() for p in (data / where).iterdir()} == before
 
 
-@pytest.mark.parametrize(("value", "expected"), [(0.5, "non-integer"), (7, "values [7]")], ids=["fractional", "seven"])
-def test_evaluate_refuses_labels_that_ingest_refuses(tmp_path: Path, tiny_bundle: Path, value: float, expected: str,
-                                                     capsys: pytest.CaptureFixture) -> None:
-    from asfda.io.labels import check_label
-    from asfda.io.datasets import load_dataset
-
-    ds = write_nnunet(tmp_path / "ds", n=2)
-    bad = ds / "labelsTr" / "case01.nii.gz"
-    img = nib.load(str(bad))
-    label = np.asarray(img.dataobj).astype(np.float32)
-    label[0, 0, 0] = value
-    nib.save(nib.Nifti1Image(label, img.affine), str(bad))
-    # ingest's own verdict, for the message style
-    case = load_dataset(ds).by_id()["case01"]
-    assert expected in check_label(bad, case, set(TINY_LABELS.values()))
-    out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(tiny_bundle), "--data", str(ds), "--out", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and str(bad) in lines[0] and expected in lines[0] and "fix:" in lines[0]
-    assert not (out / "summary.json").exists()
-
-
-def test_simulate_evaluation_refuses_bad_test_labels(tmp_path: Path, tiny_bundle: Path) -> None:
-    from asfda.errors import AsfdaError
-    from asfda.io.datasets import load_dataset
-    from asfda.adapter import Adapter
-
-    ds = write_nnunet(tmp_path / "ds", n=1)
-    bad = ds / "labelsTr" / "case00.nii.gz"
-    img = nib.load(str(bad))
-    label = np.asarray(img.dataobj).astype(np.int16)
-    label[0, 0, 0] = 7
-    nib.save(nib.Nifti1Image(label, img.affine), str(bad))
-    data = load_dataset(ds, require_labels=True)
-    adapter = Adapter(load_model(tiny_bundle), data.class_names, device="cpu", progress=False)
-    with pytest.raises(AsfdaError, match=r"values \[7\] that are not label values"):
-        adapter.evaluate(list(data.cases))
-
-
 def test_torchscript_saved_as_model_pt_is_recognised_by_content(tmp_path: Path) -> None:
     """A TorchScript archive named model.pt (as bundles ship it) is loaded as TorchScript, not taken for a state
     dict; a state dict named model.pt is not taken for TorchScript."""

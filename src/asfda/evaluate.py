@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from asfda.adapter import Adapter
-from asfda.evaluation import compute_dice, compute_hd95, mean_ignoring_nan, per_class_scores
+from asfda.evaluation import mean_ignoring_nan
 from asfda.io import atomic_write_json, load_dataset, read_nifti
 from asfda.io.atomic import staged_write, write_failures_as_errors
-from asfda.io.datasets import Case
+from asfda.io.datasets import Dataset
 from asfda.io.labels import check_label_values
 from asfda.io.outputs import (
     OutputFiles,
@@ -27,7 +26,6 @@ from asfda.io.outputs import (
     refuse_output_inside_inputs,
 )
 from asfda.models import load_model, parse_class_map_override
-from asfda.models.native_grid import label_map_on_native_grid
 
 __all__ = ["Evaluation", "evaluate_model"]
 
@@ -61,7 +59,10 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     """Evaluates a model on a labelled dataset at each case's native grid; writes per_case.csv + summary.json and
     returns them as an `Evaluation` (`asfda evaluate` prints its table).
 
-    Labels are checked as `asfda ingest` checks them (integer values among the dataset's label values).
+    The rows are `Adapter.evaluate`'s (with HD95). Every label is checked as `asfda ingest` checks it (integer values
+    among the dataset's label values) before the model runs on any case. A model with fewer organs than the dataset
+    (`ClassMap.uncovered`) is scored on its own organs: the others are folded into background in the labels (their
+    Dice NaN, left out of the means), and summary.json names them (``uncovered_classes``) and says so (``note``).
     ``trust_model_code``: build the model config with MONAI's full parser (`load_model`'s ``allow_code``);
     ``output_activation``: overrides what the model declares (`load_model`); ``precision``: inference precision
     (`InferenceEngine`).
@@ -79,17 +80,24 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     loaded = load_model(model, config=model_config, allow_code=trust_model_code, output_activation=output_activation)
     ds = load_dataset(data, require_labels=True)
     refuse_output_inside_inputs(out, {"the dataset": dataset_input_folders(ds)})
-    # one shot: no pass is read again, so none is kept (`Adapter.forward` runs the engine)
+    _check_labels(ds)  # every label, before the model runs on any case
+    # one shot: no pass is read again, so none is kept (`Adapter.forward` runs the engine); the dataset's classes the
+    # model lacks are folded into background (their Dice NaN: the means cover the model's organs)
     adapter = Adapter(loaded, ds.class_names, class_map_override=parse_class_map_override(class_map),
-                      cache_dir=cache_dir, progress=progress, device=device, precision=precision, keep_outputs=False)
-    rows = [_evaluate_case(adapter, case, set(ds.labels.values())) for case in adapter._bar(list(ds.cases), "evaluate")]
+                      cache_dir=cache_dir, progress=progress, device=device, precision=precision, keep_outputs=False,
+                      fold_uncovered=True)
+    rows = adapter.evaluate(list(ds.cases), hd95=True, largest_component=False)
     summary = {k: mean_ignoring_nan([r[k] for r in rows]) for k in rows[0] if k != "case_id"}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
+    cmap = adapter.class_map
+    uncovered = {"uncovered_classes": [cmap.target_names[t] for t in cmap.uncovered],
+                 "note": cmap.uncovered_note()} if cmap.uncovered else {}
     result = {"model": str(model), "data": str(data), "model_weights_sha256_16": loaded.weights_hash,
-              "class_map": adapter.class_map.to_dict(), "precision": precision, "n_cases": len(rows), "mean": summary,
+              "class_map": cmap.to_dict(), **uncovered, "precision": precision, "n_cases": len(rows),
+              "mean": summary,
               "empty_label_rule": "Dice is NaN (left out of means) for a class absent from both label and "
                                   "prediction, 0 when absent from the label but predicted; HD95 NaN if either is empty"}
     with write_failures_as_errors(out, "the evaluation"), \
@@ -98,21 +106,10 @@ def evaluate_model(model: str | Path, data: str | Path, out: str | Path, *, mode
     return Evaluation(result, rows, ds.class_names[1:], out / "per_case.csv", out / "summary.json")
 
 
-def _evaluate_case(adapter: Adapter, case: Case, allowed: set[int]) -> dict:
-    """One per_case.csv row: the Dice and HD95 of each class, the case's prediction taken at its native grid as
-    `Adapter.evaluate` takes it (the same Dice); its label checked before the model runs on it."""
-    assert case.label_path is not None  # the dataset was loaded with require_labels
-    label_arr = read_nifti(case.label_path, dtype=np.float64)[0]
-    check_label_values(label_arr, allowed, case.label_path)
-    label = torch.from_numpy(label_arr).long()
-    vol = adapter.prepare(case, with_label=False)
-    logits, _ = adapter.forward(case, vol)
-    names = adapter.target_names
-    fg = tuple(range(1, len(names)))
-    pred = torch.from_numpy(label_map_on_native_grid(logits, "softmax", fg, fg, vol.affine, vol.native_affine,
-                                                     vol.native_shape, adapter.pretrained.preprocessing)
-                            .astype(np.int64))
-    dice = compute_dice(pred, label, len(names))
-    hd = compute_hd95(pred, label, len(names), case.spacing_mm)
-    return {"case_id": case.case_id, **per_class_scores(dice, names),
-            **{f"hd95_mm_{n}": float(h) for n, h in zip(names[1:], hd)}}
+def _check_labels(ds: Dataset) -> None:
+    """Each case's label checked as `asfda ingest` checks it (integer values among the dataset's label values), all
+    before the model runs: a bad label is a one-line error naming it, not one met after the cases before it ran."""
+    allowed = set(ds.labels.values())
+    for case in ds.cases:
+        assert case.label_path is not None  # the dataset was loaded with require_labels
+        check_label_values(read_nifti(case.label_path, dtype=np.float64)[0], allowed, case.label_path)

@@ -503,7 +503,8 @@ def test_asfda_divergence_preference_kd_then_bn_kl_then_norm_kl_then_feature_gap
         ASFDAStrategy(round0_gap="typo")
     from asfda.selection import build_strategy
 
-    assert build_strategy("asfda", 0.3, "norm_kl").round0_gap == "norm_kl" and build_strategy("ENPY").name == "enpy"
+    assert build_strategy("asfda", alpha=0.3, round0_gap="norm_kl").round0_gap == "norm_kl"
+    assert build_strategy("ENPY").name == "enpy"
 
 
 def test_asfda_cold_start_is_the_diversity_pick_on_the_pretrained_embeddings() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import asfda.query
 from asfda.config import (
     AdaptSettings,
     RunConfig,
@@ -136,14 +137,45 @@ def test_asfda_strategy_takes_the_same_checks_and_defaults() -> None:
 def test_build_strategy_takes_one_settings_object() -> None:
     project = ProjectSettings(alpha=0.3, round0_gap="norm_kl", diversity="anatomy", representativeness="density")
     by_object = build_strategy("asfda", settings=project)
-    by_position = build_strategy("asfda", 0.3, "norm_kl", "anatomy", "density")  # the old form still works
-    assert by_object.settings() == by_position.settings() == dataclasses.asdict(StrategySettings(
+    by_name = build_strategy("asfda", alpha=0.3, round0_gap="norm_kl", diversity="anatomy",
+                             representativeness="density")
+    assert by_object.settings() == by_name.settings() == dataclasses.asdict(StrategySettings(
         alpha=0.3, round0_gap="norm_kl", diversity="anatomy", representativeness="density"))
+    with pytest.raises(TypeError):  # the settings by position, the form of five call sites before: gone
+        build_strategy("asfda", 0.3, "norm_kl", "anatomy", "density")
     assert build_strategy("asfda", settings=RunConfig(diversity="none")).settings()["diversity"] == "none"
     # a setting given by name replaces the object's; what neither gives is the one default
     assert build_strategy("asfda", settings=project, alpha=0.9).settings()["alpha"] == 0.9
     assert build_strategy("asfda").settings() == dataclasses.asdict(StrategySettings())
     assert build_strategy("random", settings=project).name == "random"
+
+
+class _Built(Exception):
+    """Stops `query_dataset` once its strategy is built (before any file or model is read)."""
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, StrategySettings()),
+    ({"settings": ProjectSettings(alpha=0.3, round0_gap="norm_kl", diversity="anatomy", representativeness="density")},
+     StrategySettings(alpha=0.3, round0_gap="norm_kl", diversity="anatomy", representativeness="density")),
+    ({"settings": RunConfig(alpha=0.3, diversity="anatomy"), "diversity": "none", "representativeness": "typical"},
+     StrategySettings(alpha=0.3, diversity="none", representativeness="typical")),
+    ({"alpha": 0.7, "round0_gap": None}, StrategySettings(alpha=0.7)),
+], ids=["defaults", "settings", "settings-and-names", "names"])
+def test_query_dataset_takes_the_settings_object(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                 given: dict, expected: StrategySettings) -> None:
+    """`query_dataset` reads asfda's settings from one object (the CLI still passes them by name, each replacing the
+    object's); what neither gives is the dataclass's default, not a copy of it."""
+    built = []
+
+    def build(name: str, **kwargs: object):
+        built.append(build_strategy(name, **kwargs))
+        raise _Built
+
+    monkeypatch.setattr(asfda.query, "build_strategy", build)
+    with pytest.raises(_Built):
+        asfda.query.query_dataset(tmp_path / "model", tmp_path / "data", "asfda", 1, tmp_path / "q.json", **given)
+    assert built[0].settings() == dataclasses.asdict(expected)
 
 
 # ---------------------------------------------------------------------------------------------- did you mean
@@ -163,29 +195,22 @@ GENERIC = {"seed", "device", "progress", "precision", "trust_model_code", "cache
            "test", "threads", "report", "enabled"}
 """Settings names that are also every command's plumbing (a device, a seed, the inference precision, a cache
 folder): a function's default for them is its own, not a copy of a setting's."""
-PENDING = {
-    ("cli/parser.py", "add_argument", "alpha"), ("cli/parser.py", "add_argument", "budget"),
-    ("cli/parser.py", "add_argument", "representativeness"), ("cli/parser.py", "add_argument", "round0_gap"),
-    ("cli/parser.py", "add_argument", "steps"), ("cli/parser.py", "add_argument", "strategy"),
-    ("query.py", "query_dataset", "alpha"), ("query.py", "query_dataset", "representativeness"),
-    ("query.py", "query_dataset", "round0_gap"),
-    ("rounds.py", "select_batch", "grow_voxels"),
-    ("adapter/scoring.py", "score_pool", "grow_voxels"), ("adapter/scoring.py", "pool_scores", "grow_voxels"),
-    ("adapter/scoring.py", "round_scores", "grow_voxels"),
-    ("adapter/training.py", "pseudo_volumes", "flip_average"),
-    ("scoring/metrics.py", "anatomical_segmentation_difficulty", "grow_voxels"),
-    ("scoring/pool.py", "score_records", "grow_voxels"), ("scoring/pool.py", "score_volumes", "grow_voxels"),
-    ("training/reliable.py", "select_reliable", "confident_fraction"),
-    ("training/reliable.py", "select_reliable", "close_fraction"),
-    ("crossval/summary.py", "summarize", "budget"),
-    ("demo.py", "annotation_round", "steps"),
-}
-"""Literal copies of a setting's default in modules that read them from elsewhere: each is to read `default_of` (or
-take the settings object) instead, and leave this list. No new one may appear."""
+# No module but the settings' own holds a literal copy of a setting's default: a function's default for a setting
+# is `default_of(...)` (grow_voxels in rounds / adapter.scoring / scoring, semi's fractions in training.reliable), the
+# settings object itself (`query_dataset(settings=...)`, `build_strategy(settings=...)`), or none where every caller
+# passes the setting (`summarize`'s budget, `pseudo_volumes`' flip_average). The demo's 60 steps are the demo's own
+# choice, not a copy of train.steps: `asfda.demo.DEMO_STEPS`.
 
 
 def _literal(node: ast.expr | None) -> bool:
     return isinstance(node, ast.Constant) and node.value is not None
+
+
+def _parameter_defaults(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[tuple[ast.arg, ast.expr | None]]:
+    """(parameter, default) of ``node``'s parameters with a default, and of its keyword-only ones (None: none)."""
+    a = node.args
+    positional = a.posonlyargs + a.args
+    return [*zip(positional[len(positional) - len(a.defaults):], a.defaults), *zip(a.kwonlyargs, a.kw_defaults)]
 
 
 def _redeclared(path: Path, names: set[str]) -> set[tuple[str, str, str]]:
@@ -194,11 +219,8 @@ def _redeclared(path: Path, names: set[str]) -> set[tuple[str, str, str]]:
     where, out = str(path.relative_to(SRC)), set[tuple[str, str, str]]()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            a = node.args
-            positional = a.posonlyargs + a.args
-            pairs = [*zip(positional[len(positional) - len(a.defaults):], a.defaults),
-                     *zip(a.kwonlyargs, a.kw_defaults)]
-            out |= {(where, node.name, arg.arg) for arg, d in pairs if arg.arg in names and _literal(d)}
+            out |= {(where, node.name, arg.arg) for arg, d in _parameter_defaults(node)
+                    if arg.arg in names and _literal(d)}
         elif isinstance(node, ast.ClassDef):
             out |= {(where, node.name, s.target.id) for s in node.body if isinstance(s, ast.AnnAssign)
                     and isinstance(s.target, ast.Name) and s.target.id in names and _literal(s.value)}
@@ -210,6 +232,18 @@ def _redeclared(path: Path, names: set[str]) -> set[tuple[str, str, str]]:
     return out
 
 
+def _read_defaults(path: Path) -> set[tuple[str, str, str, str]]:
+    """(module, function, parameter, setting) of every parameter whose default is ``default_of("setting")``."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for arg, d in _parameter_defaults(node):
+                if (isinstance(d, ast.Call) and getattr(d.func, "id", "") == "default_of" and d.args
+                        and isinstance(d.args[0], ast.Constant) and isinstance(d.args[0].value, str)):
+                    out.add((str(path.relative_to(SRC)), node.name, arg.arg, d.args[0].value))
+    return out
+
+
 def test_no_module_redeclares_a_settings_default_as_a_literal() -> None:
     names = {f.name for cls in SETTINGS for f in dataclasses.fields(cls)} - GENERIC
     assert {"alpha", "budget", "steps", "grow_voxels", "strategy", "confident_fraction"} <= names
@@ -217,7 +251,16 @@ def test_no_module_redeclares_a_settings_default_as_a_literal() -> None:
     for path in sorted(SRC.rglob("*.py")):
         if str(path.relative_to(SRC)) not in OWN_HOMES:
             found |= _redeclared(path, names)
-    assert found <= PENDING, sorted(found - PENDING)
+    assert not found, sorted(found)
+    read = set().union(*(_read_defaults(path) for path in SRC.rglob("*.py")))
+    assert {("scoring/metrics.py", "anatomical_segmentation_difficulty", "grow_voxels", "grow_voxels"),
+            ("rounds.py", "select_batch", "t0", "temperature0"),
+            ("training/reliable.py", "select_reliable", "close_fraction", "semi.close_fraction")} <= read
+    known = set(defaults())
+    for where, function, parameter, name in sorted(read):  # each names a setting, the parameter's own
+        short = name.rsplit(".", 1)[-1]
+        assert name in known and (short == parameter or (parameter, short) == ("t0", "temperature0")), (
+            where, function, parameter, name)
     # the settings' own modules hold one literal per default: the dataclasses'
     homes = set().union(*(_redeclared(SRC / home, names) for home in OWN_HOMES))
     assert {(w, c) for w, c, _ in homes} <= {("config.py", c.__name__) for c in SETTINGS} | {

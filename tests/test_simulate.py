@@ -349,7 +349,7 @@ def test_a_state_of_the_previous_format_is_accepted_migrated_and_resumes(
     cfg.rounds = 1
     run_simulation(cfg)
     pool, test = split_pool([c.case_id for c in load_dataset(data).cases], cfg.test_fraction, 0)
-    strategy = build_strategy("asfda", cfg.alpha, cfg.round0_gap, cfg.diversity, cfg.representativeness)
+    strategy = build_strategy("asfda", settings=cfg)
     run_key = RunKey.of(cfg, "asfda", strategy, 0, pool, test, load_model(str(tiny_bundle)))
     state_path = tmp_path / "run" / "asfda" / "seed0" / "state.json"
     written = json.loads(state_path.read_text())
@@ -399,7 +399,7 @@ def test_asfda_runs_from_before_the_diversity_setting_resume_only_in_the_embeddi
     pool, test = cases[:5], cases[5:]
 
     def fingerprint(c: RunConfig, name: str) -> str:
-        strategy = build_strategy(name, c.alpha, c.round0_gap, c.diversity, c.representativeness)
+        strategy = build_strategy(name, settings=c)
         return simulate_state.RunKey.of(c, name, strategy, 0, pool, test, pretrained).fingerprint()
 
     real_to_dict = simulate_state.config_to_dict

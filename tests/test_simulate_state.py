@@ -50,7 +50,7 @@ _PINNED = {
 
 def _key(name: str = "asfda", seed: int = 0, diversity: str = "embedding") -> RunKey:
     cfg = dataclasses.replace(config_from_dict(RunConfig, _CONFIG), diversity=diversity)
-    strategy = build_strategy(name, cfg.alpha, cfg.round0_gap, cfg.diversity, cfg.representativeness)
+    strategy = build_strategy(name, settings=cfg)
     return RunKey(cfg, name, seed, _POOL, _TEST, _WEIGHTS, _PREPROCESSING, frozenset(strategy.settings()))
 
 

@@ -15,7 +15,11 @@ from asfda.project import ProjectSettings, finetune_project, ingest_labels, init
 from asfda.simulate import SimulationResult, results_table, run_simulation
 from asfda.training import TrainConfig
 
-__all__ = ["demo_config", "phantom_model_path", "run_demo"]
+__all__ = ["DEMO_STEPS", "demo_config", "phantom_model_path", "run_demo"]
+
+DEMO_STEPS = 60
+"""Fine-tuning steps of each demo round, the simulation's and the annotation project's: the demo's own choice (a
+short run on the small phantom), not the settings' default (`asfda.config.TrainConfig.steps`)."""
 
 
 def phantom_model_path() -> Path:
@@ -27,11 +31,11 @@ def demo_config(out_dir: str | Path, data_dir: str | Path, seed: int = 0) -> Run
     return RunConfig(
         model=str(phantom_model_path()), pool=str(Path(data_dir) / "target"), test_fraction=0.25,
         strategies=["asfda", "random"], budget=2, rounds=3, seeds=[seed],
-        train=TrainConfig(steps=60, batch_size=2, lr=1e-3), cache_dir=str(Path(data_dir) / "cache"),
+        train=TrainConfig(steps=DEMO_STEPS, batch_size=2, lr=1e-3), cache_dir=str(Path(data_dir) / "cache"),
         out_dir=str(out_dir))
 
 
-def annotation_round(project_dir: Path, pool: Path, seed: int, progress: bool, steps: int = 60) -> dict:
+def annotation_round(project_dir: Path, pool: Path, seed: int, progress: bool, steps: int = DEMO_STEPS) -> dict:
     """One round of the hospital workflow on a demo project (re-running it continues where it stopped)."""
     if not (project_dir / "project.json").exists():
         init_project(project_dir, str(phantom_model_path()), str(pool),

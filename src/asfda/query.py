@@ -29,7 +29,7 @@ import numpy as np
 from torch import nn
 
 from asfda.adapter import Adapter
-from asfda.config import read_config_file
+from asfda.config import StrategySettings, read_config_file
 from asfda.distributed import rank_context
 from asfda.errors import AsfdaError
 from asfda.io import atomic_write_json, load_dataset
@@ -50,7 +50,7 @@ from asfda.models import load_model, parse_class_map_override
 from asfda.rounds import PoolState, select_batch
 from asfda.scoring.needs import MC_METRICS, ScoringNeeds
 from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
-from asfda.selection.strategies import DEFAULT_DIVERSITY, ASFDAStrategy
+from asfda.selection.strategies import ASFDAStrategy
 
 __all__ = ["QueryRun", "has_dropout", "query_dataset", "read_ids_file", "score_dataset", "score_sidecar"]
 
@@ -319,8 +319,8 @@ def _write_npy(tmp: Path, array: np.ndarray) -> None:
 
 def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: int, out: str | Path, *,
                   labelled: str | Path | list[str] | None = None, seed: int = 0, temperature: float | None = None,
-                  alpha: float = 0.5, round0_gap: str = "feature_gap", diversity: str = DEFAULT_DIVERSITY,
-                  representativeness: str = "none",
+                  settings: StrategySettings | None = None, alpha: float | None = None,
+                  round0_gap: str | None = None, diversity: str | None = None, representativeness: str | None = None,
                   model_config: str | None = None, class_map: str | None = None, cache_dir: str | None = ".cache",
                   device: str = "auto", progress: bool = True, trust_model_code: bool = False,
                   output_activation: str | None = None, precision: str = "fp32") -> QueryRun | None:
@@ -333,10 +333,13 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
             and anchor the diversity term.
         temperature: T; None = fit it on the labelled cases when they all have label files (dynamic
             temperature scaling), else 1.0.
-        alpha: asfda's weight of the divergence rank against the ASD rank.
-        round0_gap: asfda's round-0 divergence without BatchNorm statistics (``feature_gap`` or ``norm_kl``).
-        diversity: where asfda's batch pick measures diversity (``anatomy`` or ``embedding``).
-        representativeness: asfda's typicality term (``none``: METHOD.md's rule; ``density``).
+        settings: what asfda's query reads (`asfda.config.StrategySettings`; a `RunConfig` or a project's
+            ``ProjectSettings`` is one); None: their defaults. Other strategies read none of it.
+        alpha, round0_gap, diversity, representativeness: one of those settings given by name, in place of the
+            one in ``settings`` (None: the one in ``settings``; see `asfda.selection.build_strategy`): asfda's
+            weight of the divergence rank against the ASD rank; its round-0 divergence without BatchNorm statistics
+            (``feature_gap`` or ``norm_kl``); where its batch pick measures diversity (``anatomy``, ``embedding``
+            or ``none``); its typicality term (``none``: METHOD.md's rule; ``density``; ``typical``).
         trust_model_code: build the model config with MONAI's full parser (`load_model`'s ``allow_code``).
         output_activation: overrides what the model declares (`load_model`).
         precision: inference precision, ``fp32`` or ``bf16`` (`InferenceEngine`).
@@ -349,7 +352,8 @@ def query_dataset(model: str | Path, data: str | Path, strategy: str, budget: in
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise AsfdaError(f"budget must be a positive integer, got {budget!r}", fix="pass --budget 1 or more")
-    strat = build_strategy(strategy, alpha, round0_gap, diversity, representativeness)
+    strat = build_strategy(strategy, settings=settings, alpha=alpha, round0_gap=round0_gap, diversity=diversity,
+                           representativeness=representativeness)
     labelled_ids = read_ids_file(labelled) if isinstance(labelled, (str, Path)) else list(labelled or [])
     with rank_context(device) as dist:  # torchrun's ranks, or this one process
         loaded, ds, adapter = _adapter(model, data, model_config=model_config, class_map=class_map,

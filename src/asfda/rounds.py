@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from asfda import stopping
 from asfda.adapter import Adapter, RoundTemperature, RoundTraining
-from asfda.config import SemiConfig
+from asfda.config import SemiConfig, default_of
 from asfda.io.datasets import Case
 from asfda.selection import PoolScores, Query
 from asfda.training import TrainConfig
@@ -84,7 +84,8 @@ class BatchSelection:
 
 
 def select_batch(adapter: Adapter, strategy, labelled: list[Case], unlabelled: list[Case], budget: int,
-                 round_index: int, seed: int, *, t0: float = 1.0, grow_voxels: int = 2, always_score: bool = False,
+                 round_index: int, seed: int, *, t0: float = default_of("temperature0"),
+                 grow_voxels: int = default_of("grow_voxels"), always_score: bool = False,
                  temperature: float | None = None) -> BatchSelection:
     """Scores ``unlabelled`` for ``strategy`` with T fitted on ``labelled`` (``t0`` when none; ``temperature``: a
     given T, no fit; a strategy that reads no scores gets the ids alone, unless ``always_score``; see

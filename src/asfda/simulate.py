@@ -94,7 +94,7 @@ def run_simulation(cfg: RunConfig) -> SimulationResult:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     for name in cfg.strategies:
-        build_strategy(name, cfg.alpha, cfg.round0_gap, cfg.diversity, cfg.representativeness)  # fail early on a typo
+        build_strategy(name, settings=cfg)  # fail early on a typo
     if cfg.budget <= 0:
         raise AsfdaError(f"budget must be >= 1, got {cfg.budget}")
     # the results folder: never inside the pool, the test set or the model, and writable (before any work)
@@ -239,7 +239,7 @@ def _run_strategy(adapter: Adapter, cfg: RunConfig, name: str, seed: int, pool: 
     """One strategy and seed: resumes its finished rounds, runs the others (a checkpoint after each), exports the
     adapted model; its rows of the results table (zero-shot first)."""
     layout = RunLayout(Path(cfg.out_dir))
-    strategy = build_strategy(name, cfg.alpha, cfg.round0_gap, cfg.diversity, cfg.representativeness)
+    strategy = build_strategy(name, settings=cfg)
     key = RunKey.of(cfg, name, strategy, seed, [c.case_id for c in pool], [c.case_id for c in test],
                     adapter.pretrained)
     state, rounds = resume(adapter, layout, key, cfg.rounds)

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from asfda.cache import EngineOutputCache
+from asfda.config import default_of
 from asfda.distributed import DistContext
 from asfda.engine import InferenceEngine
 from asfda.io.datasets import Case
@@ -131,8 +132,8 @@ class ScoringMixin(AdaptedModels):
             del logits
         return Anchors(np.stack(embs), {"anatomy": np.stack(anatomy)})
 
-    def score_pool(self, cases: list[Case], temperature: float, *, grow_voxels: int = 2, divergence: bool = True,
-                   needs: ScoringNeeds | None = None, seed: int = 0) -> ScoredPool:
+    def score_pool(self, cases: list[Case], temperature: float, *, grow_voxels: int = default_of("grow_voxels"),
+                   divergence: bool = True, needs: ScoringNeeds | None = None, seed: int = 0) -> ScoredPool:
         """Streams the unlabeled pool through `asfda.scoring.pool.score_volumes` (see there); ``needs``
         (a strategy's ``needs``, or `asfda.selection.needs_of` of several) decides the extra passes. Inside
         `sharded_scoring` (rank 0 of a torchrun job) every rank scores its shard and rank 0 gets the whole pool;
@@ -229,8 +230,8 @@ class ScoringMixin(AdaptedModels):
         return pools
 
     def pool_scores(self, cases: list[Case], labelled: list[Case], temperature: float, round_index: int,
-                    anchors: Anchors | None = None, grow_voxels: int = 2, *, needs: ScoringNeeds | None = None,
-                    seed: int = 0) -> PoolScores:
+                    anchors: Anchors | None = None, grow_voxels: int = default_of("grow_voxels"), *,
+                    needs: ScoringNeeds | None = None, seed: int = 0) -> PoolScores:
         """`PoolScores` of the unlabeled ``cases``; pass ``needs=strategy.needs`` so that strategies reading
         MC-dropout, TTA, BADGE or anatomy numbers get them (the default computes only the one-pass metrics).
         ``anchors``: the labelled volumes' (from `fit_temperature` or `anchors`; None when nothing is labelled)."""
@@ -244,8 +245,8 @@ class ScoringMixin(AdaptedModels):
                           scored.embeddings0, round_index, scored.vectors, dict(anchors.vectors), self.cold_start)
 
     def round_scores(self, strategy, labelled: list[Case], unlabelled: list[Case], t0: float, round_index: int,
-                     seed: int, grow_voxels: int = 2, *, always: bool = False, temperature: float | None = None
-                     ) -> tuple[RoundTemperature, PoolScores, dict]:
+                     seed: int, grow_voxels: int = default_of("grow_voxels"), *, always: bool = False,
+                     temperature: float | None = None) -> tuple[RoundTemperature, PoolScores, dict]:
         """A round's temperature, pool scores for ``strategy`` and what the scoring ran (``info``): T fitted on
         ``labelled`` (``t0`` when none), the labelled anchors and the unlabeled pool scored with its needs. No fit
         with a given ``temperature``, with labelled volumes that have no label files, or in a cold start (the

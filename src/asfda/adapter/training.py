@@ -41,10 +41,10 @@ class TrainingMixin(ScoringMixin):
     """Training jobs of `asfda.adapter.Adapter` (the semi-supervised round scores the pool: `ScoringMixin`)."""
 
     # ------------------------------------------------------------------------------------
-    def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float, flip_average: bool = False
+    def pseudo_volumes(self, cases: list[Case], temperature: float, threshold: float, flip_average: bool
                        ) -> list[TrainVolume]:
         """Masked pseudo-labels of the current model for ``cases`` (one forward pass each, or the engine's
-        flip passes with ``flip_average``)."""
+        flip passes with ``flip_average``: the round's ``semi.prob_threshold`` and ``semi.flip_average``)."""
         out = []
         for case in self._bar(cases, "pseudo-label"):
             vol = self.prepare(case, with_label=False)

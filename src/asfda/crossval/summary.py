@@ -154,7 +154,7 @@ def _strategy(name: str, seeds: Seeds, vols: dict, ns: list[int], per_vol: dict,
     return entry
 
 
-def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, seeds: Seeds, rounds: int, budget: int = 1,
+def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, seeds: Seeds, rounds: int, budget: int,
               upper_seeds: Sequence[int] = (), upper_bound_steps: int | None = None, steps: int | None = None,
               precision: str | None = None, metric: str = "dice_mean", pp: Sequence[str] = (),
               utility: str | Path | None = None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,

@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from asfda.config import default_of
+
 __all__ = [
     "anatomical_segmentation_difficulty",
     "anatomy_composition",
@@ -73,9 +75,9 @@ def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def anatomical_segmentation_difficulty(prob: torch.Tensor, grow_voxels: int = 2, fallback_fraction: float = 0.01,
-                                       *, entropy: torch.Tensor | None = None, argmax: torch.Tensor | None = None
-                                       ) -> float:
+def anatomical_segmentation_difficulty(prob: torch.Tensor, grow_voxels: int = default_of("grow_voxels"),
+                                       fallback_fraction: float = 0.01, *, entropy: torch.Tensor | None = None,
+                                       argmax: torch.Tensor | None = None) -> float:
     """ASD: entropy inside the predicted anatomy, each predicted foreground class counting equally.
 
     For each foreground class predicted somewhere (argmax), take the mean normalised entropy over its

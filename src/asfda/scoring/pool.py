@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from asfda.cache import EngineOutputCache
+from asfda.config import default_of
 from asfda.engine import InferenceEngine
 from asfda.memory import release_freed_memory
 from asfda.scoring.metrics import (
@@ -334,7 +335,7 @@ def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, f
 
 
 def score_records(volumes: Iterable, plan: ScoringPlan, current: InferenceEngine, temperature: float, *,
-                  frozen: InferenceEngine | None = None, grow_voxels: int = 2, seed: int = 0,
+                  frozen: InferenceEngine | None = None, grow_voxels: int = default_of("grow_voxels"), seed: int = 0,
                   progress: Callable[[Iterable], Iterable] = lambda x: x,
                   cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None,
                   forward: Forward | None = None) -> list[VolumeRecord]:
@@ -380,10 +381,10 @@ def finish_pool(records: Sequence[VolumeRecord], plan: ScoringPlan, temperature:
 
 
 def score_volumes(volumes: Iterable, current: InferenceEngine, temperature: float, *,
-                  frozen: InferenceEngine | None = None, grow_voxels: int = 2, needs: ScoringNeeds | None = None,
-                  seed: int = 0, progress: Callable[[Iterable], Iterable] = lambda x: x,
-                  cache: EngineOutputCache | None = None, cache_key: Callable[[str], str] | None = None,
-                  forward: Forward | None = None) -> ScoredPool:
+                  frozen: InferenceEngine | None = None, grow_voxels: int = default_of("grow_voxels"),
+                  needs: ScoringNeeds | None = None, seed: int = 0,
+                  progress: Callable[[Iterable], Iterable] = lambda x: x, cache: EngineOutputCache | None = None,
+                  cache_key: Callable[[str], str] | None = None, forward: Forward | None = None) -> ScoredPool:
     """Per-volume metrics for prepared volumes (objects with ``image`` and ideally ``case_id``): `score_records`
     then `finish_pool`.
 

@@ -366,14 +366,13 @@ def needs_of(names: list[str] | tuple[str, ...]) -> ScoringNeeds:
     return ScoringNeeds.union([get_strategy(n).needs for n in names])
 
 
-def build_strategy(name: str, alpha: float | None = None, round0_gap: str | None = None, diversity: str | None = None,
-                   representativeness: str | None = None, *, settings: StrategySettings | None = None) -> Strategy:
+def build_strategy(name: str, *, settings: StrategySettings | None = None, alpha: float | None = None,
+                   round0_gap: str | None = None, diversity: str | None = None,
+                   representativeness: str | None = None) -> Strategy:
     """`get_strategy` with the settings that only asfda reads: ``build_strategy(name, settings=cfg)``, where ``cfg``
     is a `StrategySettings` (a `RunConfig` or a project's ``ProjectSettings`` is one); a setting given by name
-    (``diversity="anatomy"``) replaces the one in ``settings``, and what neither gives is its default.
-
-    The four settings may still come by position (``build_strategy(name, alpha, round0_gap, diversity,
-    representativeness)``), the form callers used before ``settings=``."""
+    (``diversity="anatomy"``) replaces the one in ``settings`` (None: not given), and what neither gives is its
+    default. Everything after ``name`` is by keyword."""
     base = {f.name: getattr(settings if settings is not None else _DEFAULTS, f.name) for f in fields(StrategySettings)}
     given = {"alpha": alpha, "round0_gap": round0_gap, "diversity": diversity, "representativeness": representativeness}
     chosen = {**base, **{k: v for k, v in given.items() if v is not None}}

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from asfda.config import default_of
+
 __all__ = ["pseudo_label", "select_reliable"]
 
 
 def select_reliable(ids: list[str], confidence: np.ndarray, distance: np.ndarray, *,
-                    confident_fraction: float = 0.5, close_fraction: float = 0.5) -> list[str]:
+                    confident_fraction: float = default_of("semi.confident_fraction"),
+                    close_fraction: float = default_of("semi.close_fraction")) -> list[str]:
     """Keeps the volumes that are both among the most confident and among the closest to the labelled set.
 
     Args:
@@ -17,7 +20,7 @@ def select_reliable(ids: list[str], confidence: np.ndarray, distance: np.ndarray
         confidence: ``[N]`` mean max-probability over predicted foreground (higher = more confident).
         distance: ``[N]`` min cosine distance to the labelled embeddings (lower = closer).
         confident_fraction, close_fraction: fractions kept by each criterion (rounded up, at least one
-            volume each when ``N > 0`` and the fraction is > 0).
+            volume each when ``N > 0`` and the fraction is > 0); by default the settings' (`asfda.config.SemiConfig`).
 
     Returns:
         the ids in both sets, sorted by id. Ties at a cut-off are broken by id, so the rule is

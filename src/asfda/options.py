@@ -94,3 +94,8 @@ def check_option(value: object, options: Sequence[str], name: str, *, listed: st
     if issubclass(error, AsfdaError):
         raise error(problem, path, fix)
     raise error(problem)
+
+
+IMAGE_MODES = ("copy", "link")
+"""How a project's round folder holds the queried images (``asfda next --images``): ``copy`` (the default: the folder
+can be sent as it is) or ``link`` (links relative to the round folder; a copy where links are impossible)."""

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from asfda.options import OUTPUT_ACTIVATIONS, PRECISIONS
+from asfda.options import IMAGE_MODES, OUTPUT_ACTIVATIONS, PRECISIONS
 
 __all__ = ["HelpFormatter", "IMAGE_MODES", "STRATEGY_NAMES", "add_common", "add_device", "add_inference_precision",
            "add_model_flags", "add_precision", "add_strategies", "add_strategy", "add_trust", "alpha", "device_type",
@@ -155,8 +155,6 @@ class _StrategyNames(_LazyChoices):
 
 
 STRATEGY_NAMES = _StrategyNames()
-IMAGE_MODES = _LazyChoices("asfda.project.annotate", "IMAGE_MODES")
-"""How a round folder holds the pool's images (`asfda.project.annotate.IMAGE_MODES`): copy, link."""
 
 
 def _strategy_name(text: str) -> str:

@@ -19,17 +19,13 @@ from asfda.io.labels import check_label, label_case_id, label_files
 from asfda.io.nifti import read_nifti, write_label_map
 from asfda.models.native_grid import label_map_on_native_grid
 from asfda.models.preprocessing import check_grids
+from asfda.options import IMAGE_MODES
 from asfda.report.previews import preview_png
 from asfda.rounds import select_batch, trained_history
 from asfda.selection import build_strategy
 from asfda.training.guard import blamed
 
 from .state import Project, _now, _sha256, project_lock
-
-IMAGE_MODES = ("copy", "link")
-"""How ``annotate/roundR/images/`` holds the queried images: ``copy`` (the default: the round folder works on the
-annotator's machine alone) or ``link`` (links relative to the round folder: the project and the pool move together;
-a copy where the file system has no links). Never an absolute link."""
 
 
 def next_query(root: str | Path, *, progress: bool = True, force: bool = False, device: str | None = None,

@@ -31,10 +31,10 @@ test: setup-test
 test-slow: setup-test
 	$(PY) -m pytest -m slow
 
-# ruff (pyflakes, pycodestyle, bugbear, pyupgrade, import order) and mypy on src/ and benchmarks/, configured in
-# pyproject.toml (mypy's files list names the two trees)
+# ruff (pyflakes, pycodestyle, bugbear, pyupgrade, import order) on src/, benchmarks/ and tests/, and mypy on the
+# trees its files list in pyproject.toml names; both configured there
 lint: setup-test
-	$(VENV)/bin/ruff check src benchmarks
+	$(VENV)/bin/ruff check src benchmarks tests
 	$(VENV)/bin/mypy
 
 clean:

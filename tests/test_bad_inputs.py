@@ -4,7 +4,6 @@ written. Also the cold start (a model none of whose classes is a dataset label) 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -321,8 +320,8 @@ def test_query_with_a_model_matching_no_class_is_the_cold_start(inputs: dict, fo
 
 def test_cold_start_query_matches_the_python_api(inputs: dict, foreign_model: Path) -> None:
     """The CLI's cold-start pick is the strategy's `_cold_start` on the pretrained embeddings of the pool."""
-    from asfda.io import load_dataset
     from asfda.adapter import Adapter
+    from asfda.io import load_dataset
     from asfda.models import load_model
     from asfda.selection import get_strategy
 

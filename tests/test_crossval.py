@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_nnunet
 
 from asfda.cli import main
 from asfda.crossval import (
@@ -23,6 +22,7 @@ from asfda.crossval import (
 )
 from asfda.crossval.read import case_dice, choose_postprocessing
 from asfda.results import summarise
+from conftest import write_nnunet
 
 
 def test_fold_assignment_covers_every_id_once_and_is_deterministic() -> None:

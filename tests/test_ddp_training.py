@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_losses import _case
 from torch.nn.parallel import DistributedDataParallel
 
 from asfda.distributed import DistContext, rank_context
 from asfda.training import TrainConfig, TrainVolume, finetune, masked_dice_ce
 from asfda.training.losses import dice_ce_from_stats, dice_ce_stats
 from asfda.training.trainer import _global_batch_loss
+from test_losses import _case
 
 PATCH = (8, 8, 8)
 CASES = {  # name -> (TrainConfig, with a pseudo-labelled volume?)

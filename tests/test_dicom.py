@@ -16,7 +16,6 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from conftest import make_volume, write_bundle, write_nifti  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pydicom.valuerep import format_number_as_ds  # noqa: E402
@@ -25,6 +24,7 @@ from asfda.errors import AsfdaError  # noqa: E402
 from asfda.io import load_dataset, read_nifti  # noqa: E402
 from asfda.io.dicom import scan_series, series_stamp, write_dicom_seg, written_seg  # noqa: E402
 from asfda.io.nifti import read_header, write_label_map  # noqa: E402
+from conftest import make_volume, write_bundle, write_nifti  # noqa: E402
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

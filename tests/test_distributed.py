@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import write_bundle, write_nnunet
 
 import asfda.scoring.pool as pool_module
 from asfda.adapter import Adapter
@@ -28,6 +27,7 @@ from asfda.query import query_dataset, score_dataset
 from asfda.scoring.needs import ScoringNeeds
 from asfda.scoring.pool import finish_pool
 from asfda.selection import STRATEGIES, get_strategy, needs_of
+from conftest import write_bundle, write_nnunet
 
 N_CASES = 5  # odd: the two shards differ in size (3 and 2)
 QUERIES = {  # name -> query_dataset keywords (asfda: T fitted on labelled cases; the pool-referenced norm_kl gap)

@@ -4,6 +4,7 @@ rank 0 writes) and `asfda next` (rank 0 picks, both score), and give what one pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,14 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import write_bundle, write_nnunet
-
-import dataclasses
 
 from asfda.config import RunConfig, SemiConfig
 from asfda.project import ProjectSettings, finetune_project, ingest_labels, init_project, next_query
 from asfda.simulate import run_simulation
 from asfda.training import TrainConfig
+from conftest import write_bundle, write_nnunet
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # no dropout: a dropout mask is drawn per rank, so only a network without it can train to the same weights

@@ -8,13 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import write_nnunet
 
 from asfda.config import RunConfig
 from asfda.engine import InferenceEngine
 from asfda.models import state_dict_hash
 from asfda.simulate import run_simulation
 from asfda.training import TrainConfig
+from conftest import write_nnunet
 
 
 def _counting_engine(monkeypatch: pytest.MonkeyPatch) -> Counter:

@@ -86,7 +86,7 @@ def _loads_or_asfda_error(call) -> object:
 def test_any_dataset_json_loads_or_is_an_asfda_error(dataset_root: Path, meta: object) -> None:
     (dataset_root / "dataset.json").write_text(json.dumps(meta, allow_nan=True), encoding="utf-8")
     for require_labels in (False, True):
-        result = _loads_or_asfda_error(lambda: load_dataset(dataset_root, require_labels=require_labels))
+        result = _loads_or_asfda_error(lambda rl=require_labels: load_dataset(dataset_root, require_labels=rl))
         if not isinstance(result, AsfdaError):  # loaded: the labels are what parse_labels accepts
             assert result.labels == parse_labels(meta["labels"], dataset_root / "dataset.json")
             assert [c.case_id for c in result.cases] == ["case00", "case01"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from asfda.adapter import Adapter
 from asfda.config import SemiConfig
 from asfda.io import load_dataset
-from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.training import TrainConfig
 from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample
@@ -76,7 +76,8 @@ def test_train_round_reverts_a_less_plausible_model_and_keeps_a_better_one(
     assert ("discarded" in out.guard.message()) is (not adapted_better)
 
 
-def test_guard_off_or_without_unlabeled_volumes_does_not_run(tiny_bundle: Path, tiny_dataset: Path, monkeypatch) -> None:
+def test_guard_off_or_without_unlabeled_volumes_does_not_run(tiny_bundle: Path, tiny_dataset: Path,
+                                                              monkeypatch) -> None:
     adapter, cases = _adapter(tiny_bundle, tiny_dataset)
     calls = []
     monkeypatch.setattr(Adapter, "plausibility", lambda self, *a, **k: calls.append(1) or 0.0)

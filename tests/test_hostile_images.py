@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_bad_inputs import AFFINE, SHAPE, _argv, _one_line_error, inputs  # noqa: F401  (inputs: the fixture)
 
 from asfda.cli import main
 from asfda.errors import AsfdaError
@@ -22,6 +21,7 @@ from asfda.io import load_dataset, load_folder, read_nifti
 from asfda.io.nifti import read_header
 from asfda.models.preprocessing import Preprocessing, prepare_case
 from conftest import write_nifti, write_nnunet
+from test_bad_inputs import AFFINE, SHAPE, _argv, _one_line_error, inputs  # noqa: F401  (inputs: the fixture)
 
 
 def _patch_header(path: Path, *, pixdim: tuple[float, float, float] | None = None, sform: np.ndarray | None = None,

@@ -488,8 +488,8 @@ def test_hostile_config_and_metadata_files_are_refused_cleanly(tmp_path: Path, c
             path.write_text("x: !!python/object/apply:os.system ['touch pwned']\n")
             if target == "metadata":
                 continue
-        _refused_fast(capsys, b, data, tmp_path / "out", r"\b(invalid (JSON|YAML)|larger than 16 MiB|not UTF-8|levels deep)",
-                      seconds=3.0)
+        _refused_fast(capsys, b, data, tmp_path / "out",
+                      r"\b(invalid (JSON|YAML)|larger than 16 MiB|not UTF-8|levels deep)", seconds=3.0)
     assert _markers(tmp_path) == []
 
 

@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import write_bundle, write_nnunet
 
 from asfda.cli import main
 from asfda.errors import AsfdaError
+from conftest import write_bundle, write_nnunet
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ def test_different_seed_differs(tmp_path: Path, bench: dict[str, Path]) -> None:
 
 def test_laterality_and_position_in_ras(bench: dict[str, Path]) -> None:
     """In RAS+ world space +x is the patient's RIGHT: liver/right kidney have larger x."""
-    for folder, cid, subgroup in _all_cases(bench):
+    for folder, cid, _ in _all_cases(bench):
         c = _centroids_mm(_load(folder, cid, canonical=True)[1])
         assert c["liver"][0] > c["spleen"][0], cid
         # Same physical place in both domains (catches a wrong flip/affine pair).

@@ -5,14 +5,13 @@ METHOD.md's rule takes one (benchmarks/results/phantom_misleading records the Di
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from asfda.adapter import Adapter
 from asfda.demo import phantom_model_path
 from asfda.io.datasets import load_dataset
-from asfda.adapter import Adapter
 from asfda.models import load_model
 from asfda.phantom import MISLEADING, generate_benchmark
 from asfda.selection import PoolScores, build_strategy

@@ -15,8 +15,16 @@ import pytest
 
 from asfda.cli import main
 from asfda.errors import AsfdaError
-from asfda.project import (Project, ProjectSettings, finetune_project, ingest_labels, init_project, next_query,
-                           project_lock, project_status)
+from asfda.project import (
+    Project,
+    ProjectSettings,
+    finetune_project,
+    ingest_labels,
+    init_project,
+    next_query,
+    project_lock,
+    project_status,
+)
 from asfda.training import TrainConfig
 from conftest import run_cli_killed, write_bundle, write_nifti, write_nnunet
 
@@ -256,7 +264,8 @@ def test_plain_folder_pool_uses_the_labels_json_or_the_model_classes(pool: dict,
     p = init_project(tmp_path / "a", str(pool["model"]), str(images), _settings())
     assert p.state["labels"] == {"background": 0, "liver": 1, "spleen": 2}  # the model's classes
     (tmp_path / "labels.json").write_text(json.dumps({"background": 0, "liver": 1}))
-    p = init_project(tmp_path / "b", str(pool["model"]), str(images), _settings(), labels_json=str(tmp_path / "labels.json"))
+    p = init_project(tmp_path / "b", str(pool["model"]), str(images), _settings(),
+                     labels_json=str(tmp_path / "labels.json"))
     assert p.state["labels"] == {"background": 0, "liver": 1}
     q = next_query(p.root, progress=False)
     # a label with the spleen value is refused here: only background and liver are label values

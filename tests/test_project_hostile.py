@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_project import _settings
 
 from asfda.cli import build_parser, main
 from asfda.errors import AsfdaError
 from asfda.project import Project, init_project
 from conftest import write_bundle, write_nnunet
+from test_project import _settings
 
 
 @pytest.fixture(scope="module")

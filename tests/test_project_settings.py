@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from test_project import N_POOL, _answer, _settings, pool  # noqa: F401  (pool: the fixture)
 
 from asfda.cli import main
 from asfda.errors import AsfdaError
@@ -22,6 +21,7 @@ from asfda.project import (
     update_settings,
 )
 from asfda.training import TrainConfig
+from test_project import N_POOL, _answer, _settings, pool  # noqa: F401  (pool: the fixture)
 
 
 def _project(pool: dict, tmp_path: Path, **kw) -> Path:  # noqa: F811

@@ -205,9 +205,9 @@ PHANTOM_SEEDS = tuple(range(9))
 def phantom_pools(tmp_path_factory: pytest.TempPathFactory) -> list:
     """Nine phantom pools of 120 volumes (data seeds 0-8: the pools of benchmarks/phantom_coverage.py), each
     scored once zero-shot with the shipped model (~40 s a pool on one core, generation included)."""
+    from asfda.adapter import Adapter
     from asfda.demo import phantom_model_path
     from asfda.io import load_dataset
-    from asfda.adapter import Adapter
     from asfda.models import load_model
     from asfda.phantom import generate_benchmark
     from asfda.selection import build_strategy
@@ -218,7 +218,8 @@ def phantom_pools(tmp_path_factory: pytest.TempPathFactory) -> list:
     for data_seed in PHANTOM_SEEDS:
         root = tmp_path_factory.mktemp(f"phantom{data_seed}")
         paths = generate_benchmark(root / "data", seed=data_seed, n_source=1, n_target=120)
-        subgroup = {k: v["subgroup"] for k, v in json.loads((paths["target"] / "phantom_meta.json").read_text()).items()}
+        meta = json.loads((paths["target"] / "phantom_meta.json").read_text())
+        subgroup = {k: v["subgroup"] for k, v in meta.items()}
         assert len(set(subgroup.values())) == 5
         ds = load_dataset(paths["target"])
         adapter = Adapter(model, ds.class_names, cache_dir=None, device="cpu", progress=False)

@@ -273,7 +273,8 @@ def test_a_roi_the_network_cannot_take_is_refused_with_a_size_it_takes(zoo: dict
 
 
 @pytest.mark.parametrize("roi, problem", [([32, 32], "has 2 sides"), ([32, 0, 32], "not positive whole numbers"),
-                                          ("$[32] * 3", "not a literal value"), ([32, "a", 32], "not a list of numbers")])
+                                          ("$[32] * 3", "not a literal value"),
+                                          ([32, "a", 32], "not a list of numbers")])
 def test_unusable_roi_settings_are_refused_at_load(zoo: dict[str, Path], tmp_path: Path, roi: object,
                                                    problem: str) -> None:
     bundle = _variant(zoo, tmp_path, lambda cfg: cfg["inferer"].update(roi_size=roi))
@@ -289,7 +290,8 @@ def test_inferer_references_resolve_as_monai_resolves_them(zoo: dict[str, Path],
         cfg["inferer"] = {"_target_": "SlidingWindowInferer", "roi_size": "@displayable_configs::roi",
                           "sw_batch_size": "@displayable_configs#sw_batch_size",
                           "overlap": "@displayable_configs#sw_overlap", "padding_mode": "replicate",
-                          "mode": "gaussian", "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"}
+                          "mode": "gaussian",
+                          "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"}
 
     bundle = _variant(zoo, tmp_path, edit)
     m = load_model(bundle)
@@ -326,7 +328,8 @@ def test_a_missing_optional_package_is_named_with_its_install_command(zoo: dict[
     from monai.utils import OptionalImportError
 
     def needs_einops(self, x):
-        raise OptionalImportError("required package `einops` is not installed or the version doesn't match requirement.")
+        raise OptionalImportError("required package `einops` is not installed or the version doesn't match "
+                                  "requirement.")
 
     monkeypatch.setattr(UNet, "forward", needs_einops)
     assert _run("predict", "--model", zoo["spleen"], "--images", zoo["data"], "--out", tmp_path / "out") == 2
@@ -396,9 +399,9 @@ def test_torchscript_model_pt_that_outputs_probabilities_runs_predict_score_and_
         zoo: dict[str, Path], tmp_path: Path) -> None:
     """A TorchScript model.pt whose graph already applies the softmax: with output_activation none (config or CLI)
     asfda reads its probabilities as they are (no second softmax), and predict, score and query run."""
+    from asfda.adapter import Adapter
     from asfda.engine import OUTPUT_EMBEDDING
     from asfda.io import load_dataset
-    from asfda.adapter import Adapter
     from asfda.models.loading import is_torchscript
 
     bundle = _torchscript_bundle(tmp_path / "ts", declared=True)
@@ -433,8 +436,8 @@ def test_torchscript_model_pt_that_outputs_probabilities_runs_predict_score_and_
 def test_torchscript_fine_tunes_and_exports_as_torchscript(zoo: dict[str, Path], tmp_path: Path) -> None:
     """A scripted module keeps its parameters: it fine-tunes (its copies are leaves, so they can be frozen and
     trained) and the adapted bundle holds models/model.ts, which loads back with the same weights."""
-    from asfda.io import load_dataset
     from asfda.adapter import Adapter
+    from asfda.io import load_dataset
     from asfda.models import state_dict_hash
     from asfda.training import TrainConfig
 
@@ -455,8 +458,8 @@ def test_torchscript_fine_tunes_and_exports_as_torchscript(zoo: dict[str, Path],
 
 def test_a_frozen_torchscript_model_scores_but_refuses_fine_tuning(zoo: dict[str, Path], tmp_path: Path) -> None:
     """torch.jit.freeze turns the weights into constants: nothing to train, said before any step."""
-    from asfda.io import load_dataset
     from asfda.adapter import Adapter
+    from asfda.io import load_dataset
     from asfda.training import TrainConfig
 
     model = load_model(_torchscript_bundle(tmp_path / "ts", declared=True, frozen=True), allow_code=True)

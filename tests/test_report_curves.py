@@ -21,7 +21,8 @@ UPPER = [0.85, 0.90, 0.86]  # the upper bound of each seed, all 12 volumes label
 def _rows() -> list[dict]:
     rows = [{"strategy": s, "seed": k, "n_labelled": n, "dice_mean": d}
             for s, curve in DICE.items() for n, seeds in curve.items() for k, d in enumerate(seeds)]
-    return rows + [{"strategy": "upper_bound", "seed": k, "n_labelled": 12, "dice_mean": d} for k, d in enumerate(UPPER)]
+    return rows + [{"strategy": "upper_bound", "seed": k, "n_labelled": 12, "dice_mean": d}
+                   for k, d in enumerate(UPPER)]
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_volume, write_bundle, write_nifti, write_nnunet
 
 from asfda.annotation import PALETTE, itksnap_label_description, slicer_color_table
 from asfda.errors import AsfdaError
 from asfda.project import ProjectSettings, init_project, next_query
 from asfda.training import TrainConfig
+from conftest import make_volume, write_bundle, write_nifti, write_nnunet
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
@@ -147,10 +147,9 @@ def test_a_dicom_series_is_copied_whole_under_its_case_id_and_the_readme_says_it
     ``images/PAT2_CT/``, each a whole copy of its slices; README.txt names them as folders."""
     pydicom = pytest.importorskip("pydicom")
     del pydicom
-    from test_dicom import _ct, oblique_affine, write_series
-
     from asfda.io import load_dataset
     from asfda.project.annotate import _image_name, place_image, round_readme
+    from test_dicom import _ct, oblique_affine, write_series
 
     pool = tmp_path / "pool"
     for k, pat in enumerate(("PAT1", "PAT2")):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -360,7 +359,8 @@ def test_ece_calibrated_near_zero_and_overconfident_larger() -> None:
         pytest.param(lambda: foreground_kl_divergence(torch.rand(2, 2, 2, 2), torch.rand(3, 2, 2, 2)),
                      id="kl-shape-mismatch"),
         pytest.param(lambda: fit_temperature(torch.randn(10), torch.zeros(10, dtype=torch.long)), id="temp-1d-logits"),
-        pytest.param(lambda: fit_temperature(torch.randn(10, 3), torch.zeros(9, dtype=torch.long)), id="temp-n-mismatch"),
+        pytest.param(lambda: fit_temperature(torch.randn(10, 3), torch.zeros(9, dtype=torch.long)),
+                     id="temp-n-mismatch"),
         pytest.param(lambda: fit_temperature(torch.randn(10, 3), torch.zeros(10, 1, dtype=torch.long)),
                      id="temp-2d-labels"),
         pytest.param(lambda: expected_calibration_error(torch.rand(4, 2), torch.zeros(4, 1, dtype=torch.long)),
@@ -376,7 +376,7 @@ def test_input_validation_raises_value_error(call) -> None:
         call()
 
 
-# ---------------------------------------------------------------------------------------------- MC dropout: entropy, BALD
+# ------------------------------------------------------------------------------------------ MC dropout: entropy, BALD
 def _stack(*passes: list[tuple[float, ...]]) -> torch.Tensor:
     """``[K, C, N, 1, 1]`` from K passes, each a list of per-voxel distributions."""
     return torch.stack([_prob(p) for p in passes])

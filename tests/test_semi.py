@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from asfda.io import load_dataset
 from asfda.adapter import Adapter, reliable_from_scores
+from asfda.io import load_dataset
 from asfda.models import load_model
 from asfda.selection import PoolScores
 from asfda.training import TrainConfig, pseudo_label, select_reliable

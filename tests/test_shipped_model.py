@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from asfda.adapter import Adapter, mean_of
 from asfda.demo import phantom_model_path
 from asfda.io import load_dataset
-from asfda.adapter import Adapter, mean_of
 from asfda.models import load_model
 from asfda.phantom import generate_benchmark
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_bundle, write_nnunet
 
 from asfda.adapter import Adapter
 from asfda.config import RunConfig
@@ -16,6 +15,7 @@ from asfda.results import area_under_curve
 from asfda.rounds import PoolState
 from asfda.simulate import run_simulation, split_pool
 from asfda.training import TrainConfig
+from conftest import write_bundle, write_nnunet
 
 
 def _cfg(tmp_path: Path, bundle: Path, data: Path, out: str = "run") -> RunConfig:
@@ -154,6 +154,7 @@ def test_simulation_killed_with_sigkill_mid_round_resumes_to_the_same_results(tm
     import signal
 
     import yaml
+
     from conftest import run_cli_killed
 
     data = write_nnunet(tmp_path / "ds", n=7)

@@ -122,10 +122,10 @@ def test_restart_trains_each_round_from_the_pretrained_weights(tmp_path, tiny_bu
 
     import torch
 
-    from asfda.io import load_dataset
     from asfda.adapter import Adapter
-    from asfda.models import load_model
     from asfda.config import SemiConfig
+    from asfda.io import load_dataset
+    from asfda.models import load_model
     from asfda.training import TrainConfig
     from conftest import write_nnunet
 

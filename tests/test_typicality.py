@@ -70,7 +70,8 @@ def test_distance_cap_stops_the_pick_seeking_an_outlier() -> None:
     scores = np.array([1.0, 0.9, 0.9, 0.5])
     # uncapped: after c0 the outlier's distance (about 2) beats the nearer, better-scored volumes
     assert greedy_diverse_pick(scores, emb, 2)[0] == [0, 3]
-    # capped at 0.3: distances to c0 are c1 0.2, c2 0.4 -> 0.3, outlier 2 -> 0.3; 0.9 x 0.3 beats 0.9 x 0.2 and 0.5 x 0.3
+    # capped at 0.3: distances to c0 are c1 0.2, c2 0.4 -> 0.3, outlier 2 -> 0.3;
+    # 0.9 x 0.3 beats 0.9 x 0.2 and 0.5 x 0.3
     assert greedy_diverse_pick(scores, emb, 2, distance_cap=0.3)[0] == [0, 2]
 
 

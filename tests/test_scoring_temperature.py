@@ -1,4 +1,5 @@
-"""`fit_temperature` (SciPy's bounded Brent search on log T) against a brute-force grid minimum of the same NLL."""
+"""Temperature scaling (asfda.scoring.temperature): `fit_temperature` (SciPy's bounded Brent search on log T) recovers
+a known temperature and is the brute-force grid minimum of the same NLL; the expected calibration error."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asfda.scoring import fit_temperature
+from asfda.scoring import expected_calibration_error, fit_temperature
 
 T_MIN, T_MAX = 0.05, 20.0
 
@@ -82,3 +83,39 @@ def test_nothing_to_fit_is_refused() -> None:
     z[0, 0] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         fit_temperature(z, torch.zeros(10, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------- a known T, calibration error
+def _synthetic(t_true: float, n: int = 50_000, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random logits z ~ 3*N(0, 1) and labels drawn from softmax(z / t_true)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g) * 3.0
+    y = torch.multinomial(torch.softmax(z / t_true, 1), 1, generator=g)[:, 0]
+    return z, y
+
+
+@pytest.mark.parametrize("t_true", [0.5, 2.0, 4.0])
+def test_fit_temperature_recovers_known_temperature(t_true: float) -> None:
+    z, y = _synthetic(t_true)
+    t = fit_temperature(z, y)
+    assert t == pytest.approx(t_true, rel=0.10)
+
+
+def test_ece_hand_value() -> None:
+    # two samples at confidence 0.9 (one right, one wrong): |0.9 - 0.5| * 2/4 = 0.2
+    # two samples at confidence 0.6 (both right):            |0.6 - 1.0| * 2/4 = 0.2  -> ECE 0.4
+    prob = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 0])
+    assert expected_calibration_error(prob, labels) == pytest.approx(0.4, abs=1e-9)
+
+
+def test_ece_calibrated_near_zero_and_overconfident_larger() -> None:
+    z, y = _synthetic(1.0)  # labels drawn from softmax(z): perfectly calibrated by construction
+    calibrated = expected_calibration_error(torch.softmax(z, 1), y)
+    overconfident = expected_calibration_error(torch.softmax(z * 3.0, 1), y)
+    assert calibrated < 0.02
+    assert overconfident > 0.1
+    # and temperature scaling repairs the over-confident logits
+    t = fit_temperature(z * 3.0, y)
+    assert t == pytest.approx(3.0, rel=0.10)
+    assert expected_calibration_error(torch.softmax(z * 3.0 / t, 1), y) < 0.02

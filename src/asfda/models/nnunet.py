@@ -14,11 +14,11 @@ else (a pickle that calls code) is refused. The network is built from ``plans.js
 ``dynamic-network-architectures`` (nnU-Net's own network package; nnunetv2 itself is not imported), from an allow-list
 of network classes and ``torch.nn`` building blocks: plans.json never names code that runs.
 
-The preprocessing and its inverse are `asfda.models.nnunet_preprocessing.NnUNetPreprocessing`; the sliding window is
-the configuration's patch size with nnU-Net's 50 % overlap and Gaussian blending (sigma 1/8 of the patch). What still
-differs from ``nnUNetPredictor``: MONAI places the windows at multiples of half a patch (nnU-Net spreads them evenly),
-nnU-Net accumulates logits in float16, and asfda's TTA flips two model-grid axes where nnU-Net mirrors every allowed
-axis; labels can differ at a few voxels (the tests compare without mirroring: Dice >= 0.99 per class).
+The preprocessing and its inverse are `asfda.models.nnunet_preprocessing.NnUNetPreprocessing` (equal to nnU-Net's,
+value for value, anisotropic resampling included); the sliding window is the configuration's patch size with nnU-Net's
+step of half a patch. nnU-Net's own tiling (window positions, Gaussian weight, per-window mirroring) is
+`asfda.models.nnunet_window` (mode `NNUNET_MODE`); test-time augmentation mirrors the axes nnU-Net's trainer allowed
+(``inference_allowed_mirroring_axes``, usually all three, left-right included: nnU-Net trains with those mirrorings).
 
 `save_results_folder` writes the adapted model back as a results folder that ``nnUNetv2_predict`` runs: ``plans.json``
 and ``dataset.json`` copied, each fold's checkpoint with the same keys as the source's (``network_weights`` replaced,
@@ -56,6 +56,9 @@ FORMAT = "nnunet_v2"
 INSTALL = (f"pip install 'asfda[nnunet]' torch=={torch.__version__.split('+')[0]} "
            "(dynamic-network-architectures; the torch "
            "pin stops pip from replacing torch for timm's torchvision)")
+SW_MODE = "gaussian"
+"""The sliding-window mode nnU-Net models run with: MONAI's Gaussian blending, until `asfda.engine` tiles
+`asfda.models.nnunet_window.NNUNET_MODE` with nnU-Net's window positions, weight and per-window mirroring."""
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 _MAX_JSON_BYTES = 64 << 20
 
@@ -378,15 +381,15 @@ def load_nnunet(source: str | Path, *, strict: bool = True, embedding_layer: str
     roi = (int(patch[0]), int(patch[1]), int(patch[2]))  # 3 sides, checked above
     return LoadedModel(network, class_names, prep, roi, sw_batch_size=2, overlap=0.5, activation="softmax",
                        source=source, config={"nnunet": info}, metadata=metadata, embedding_layer=embedding_layer,
-                       sw_mode="gaussian", tta_axes=_tta_axes(prep, first.get("inference_allowed_mirroring_axes")))
+                       sw_mode=SW_MODE, tta_axes=_tta_axes(first.get("inference_allowed_mirroring_axes")))
 
 
-def _tta_axes(prep: NnUNetPreprocessing, allowed: object) -> tuple[int, ...]:
-    """Model-grid axes asfda's TTA may flip: those nnU-Net's trainer allowed to mirror (``None``: none, as for
-    nnU-Net's predictor), less the one holding the images' first voxel axis (left-right in axial scans): asfda never
-    flips left and right."""
+def _tta_axes(allowed: object) -> tuple[int, ...]:
+    """Model-grid axes asfda's TTA mirrors: those nnU-Net's trainer allowed (``inference_allowed_mirroring_axes``;
+    ``None``: none), as nnU-Net's predictor mirrors by default, left-right included (the network was trained with
+    those mirrorings)."""
     axes = allowed if isinstance(allowed, (list, tuple)) else ()
-    return tuple(int(m) for m in axes if int(m) in (0, 1, 2) and prep.axes[int(m)] != 0)
+    return tuple(dict.fromkeys(int(m) for m in axes if int(m) in (0, 1, 2)))
 
 
 def _jsonable(value: object) -> object:

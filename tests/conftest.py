@@ -54,6 +54,27 @@ def tiny_bundle(tmp_path: Path) -> Path:
     return write_bundle(tmp_path / "bundle")
 
 
+@pytest.fixture
+def world(tmp_path: Path) -> dict[str, Path]:
+    """The command's inputs, and what the user owns beside them: another dataset, a project, another model
+    (test_output_ownership.py, test_full_disk.py)."""
+    project = tmp_path / "project"
+    (project / "labels").mkdir(parents=True)
+    (project / "annotate" / "round0").mkdir(parents=True)
+    (project / "project.json").write_text(json.dumps({"format": 1, "pool": "somewhere", "labelled": {"case00": 0}}))
+    (project / "labels" / "case00.nii.gz").write_bytes(b"an accepted label")
+    return {"data": write_nnunet(tmp_path / "ds", n=2), "model": write_bundle(tmp_path / "bundle"),
+            "other": write_nnunet(tmp_path / "other", n=1), "other_model": write_bundle(tmp_path / "other_model"),
+            "project": project, "root": tmp_path}
+
+
+@pytest.fixture
+def cwd_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's prepared-volume cache (./.cache) goes to a folder of its own, outside what the tests compare."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tiny test tensors run faster on one thread, and two test processes never oversubscribe 2 cores."""

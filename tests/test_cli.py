@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from asfda.cli import build_parser, main
+from asfda.errors import AsfdaError
 
 SUBCOMMANDS = ["demo", "phantom", "simulate", "evaluate", "predict", "score", "query", "init", "next", "ingest",
                "finetune", "status", "set", "monailabel-app"]
@@ -281,3 +282,44 @@ def test_evaluate_in_bf16_runs_end_to_end_and_records_its_precision(tmp_path: Pa
     fp32, bf16 = (json.loads((tmp_path / p / "summary.json").read_text()) for p in ("fp32", "bf16"))
     assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
     assert abs(fp32["mean"]["dice_mean"] - bf16["mean"]["dice_mean"]) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- parse-time checks
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-0.1", "1.5", "half"])
+def test_query_alpha_outside_0_1_is_refused_when_parsed(value: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["query", "--model", "m", "--data", "d", "--budget", "1", f"--alpha={value}"])
+    assert exc.value.code == 2 and "--alpha" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["evil", "gpu", "cuda:", "cuda:x", "CPU", "cpu:0", ""])
+def test_a_device_name_that_is_none_of_the_forms_is_refused_when_parsed(value: str,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--model", "m", "--data", "d", "--out", "o", f"--device={value}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "auto, cpu, cuda, cuda:N" in err and "mps" in err and "Traceback" not in err
+
+
+def test_the_device_forms_parse_and_select_device_names_what_is_missing() -> None:
+    import torch
+
+    from asfda.cli import build_parser
+    from asfda.engine import select_device
+
+    parser = build_parser()
+    for value in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert parser.parse_args(["query", "--model", "m", "--data", "d", "--budget", "1", "--device", value,
+                                  "--alpha", "1"]).device == value
+    assert select_device("cpu") == torch.device("cpu") and select_device(None).type in ("cpu", "cuda")
+    with pytest.raises(AsfdaError, match="auto, cpu, cuda"):
+        select_device("evil")
+    if not torch.cuda.is_available():
+        with pytest.raises(AsfdaError, match="CUDA is not available"):
+            select_device("cuda:0")
+    else:
+        with pytest.raises(AsfdaError, match="CUDA device"):
+            select_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(AsfdaError, match="MPS"):
+            select_device("mps")

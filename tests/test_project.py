@@ -1,5 +1,6 @@
 """The annotation workflow (asfda.project): init / next / ingest / finetune / status, label checks, the lock,
-and kill -9 in the middle of a step."""
+kill -9 in the middle of a step, pre-segmentations and the edits measured. (Settings: test_project_settings.py;
+damaged and hostile project.json files: test_project_hostile.py.)"""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _project_helpers import N_POOL, _answer, _settings, make_pool
 from asfda.cli import main
 from asfda.errors import AsfdaError
 from asfda.project import (
@@ -28,28 +30,12 @@ from asfda.project import (
 from asfda.training import TrainConfig
 from conftest import run_cli_killed, write_bundle, write_nifti, write_nnunet
 
-N_POOL = 6
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> dict[str, Path]:
-    """A pool without labels (moved to 'truth/', the annotators' answers) and a tiny bundle."""
-    ds = write_nnunet(tmp_path / "pool", n=N_POOL)
-    truth = tmp_path / "truth"
-    shutil.move(ds / "labelsTr", truth)
-    return {"pool": ds, "truth": truth, "model": write_bundle(tmp_path / "bundle"), "root": tmp_path}
-
-
-def _settings(**kw) -> ProjectSettings:
-    return ProjectSettings(budget=2, device="cpu", train=TrainConfig(steps=4, batch_size=1), **kw)
-
-
-def _answer(truth: Path, ids: list[str], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    for cid in ids:
-        shutil.copyfile(truth / f"{cid}.nii.gz", out / f"{cid}.nii.gz")
-    return out
+    return make_pool(tmp_path)
 
 
 def test_full_workflow_two_rounds(pool: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -273,131 +259,6 @@ def test_plain_folder_pool_uses_the_labels_json_or_the_model_classes(pool: dict,
     assert res["accepted"] == [] and all("values [2]" in r["reason"] for r in res["refused"])
 
 
-def test_project_json_with_a_bad_guard_setting_is_refused(pool: dict, tmp_path: Path) -> None:
-    proj = tmp_path / "proj"
-    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
-    state = json.loads((proj / "project.json").read_text())
-    state["settings"]["train"]["guard_volumes"] = 0
-    (proj / "project.json").write_text(json.dumps(state))
-    with pytest.raises(AsfdaError, match="guard_volumes"):
-        Project(proj)
-
-
-def test_project_json_with_a_bad_diversity_setting_is_refused(pool: dict, tmp_path: Path) -> None:
-    proj = tmp_path / "proj"
-    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
-    state = json.loads((proj / "project.json").read_text())
-    assert state["settings"]["diversity"] == "embedding"
-    state["settings"]["diversity"] = "pixels"
-    (proj / "project.json").write_text(json.dumps(state))
-    with pytest.raises(AsfdaError, match="diversity"):
-        Project(proj)
-
-
-def test_next_with_random_runs_no_scoring_pass(pool: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asfda.adapter import Adapter
-
-    def boom(*args, **kwargs):
-        raise AssertionError("random scored the pool")
-
-    proj = tmp_path / "proj"
-    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings(strategy="random"))
-    monkeypatch.setattr(Adapter, "score_pool", boom)
-    monkeypatch.setattr(Adapter, "fit_temperature", boom)
-    record = next_query(proj, progress=False)
-    assert len(record["ids"]) == 2 and record["strategy"] == "random"
-
-
-def test_a_project_from_before_the_diversity_setting_keeps_the_embedding_space(pool: dict, tmp_path: Path) -> None:
-    proj = tmp_path / "proj"
-    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
-    state = json.loads((proj / "project.json").read_text())
-    del state["settings"]["diversity"]
-    (proj / "project.json").write_text(json.dumps(state))
-    assert Project(proj).settings.diversity == "embedding"
-    record = next_query(proj, progress=False)
-    assert record["strategy_settings"] == {"alpha": 0.5, "round0_gap": "feature_gap", "diversity": "embedding",
-                                           "representativeness": "none"}
-
-
-# ---------------------------------------------------------------------------------------------- project.json damage
-def _damage(proj: Path, how: str) -> None:
-    path = proj / "project.json"
-    if how == "not_json":
-        path.write_text(path.read_text()[:-20])
-    elif how == "not_utf8":
-        path.write_bytes(path.read_bytes().replace(b'"asfda"', b'"\xff\xfe"', 1))
-    else:
-        state = json.loads(path.read_text())
-        if how == "budget_text":
-            state["settings"]["budget"] = "two"
-        elif how == "labelled_number":
-            state["labelled"] = 5
-        elif how == "rounds_text":
-            state["rounds"] = "none"
-        elif how == "strategy_number":
-            state["settings"]["strategy"] = [1]
-        elif how == "labels_list":
-            state["labels"] = ["background"]
-        elif how == "array":
-            state = [state]
-        path.write_text(json.dumps(state))
-
-
-DAMAGE = ["not_json", "not_utf8", "budget_text", "labelled_number", "rounds_text", "strategy_number", "labels_list",
-          "array"]
-
-
-@pytest.mark.parametrize("how", DAMAGE)
-def test_a_damaged_project_json_is_one_line_naming_the_bak(pool: dict, tmp_path: Path, how: str,
-                                                           capsys: pytest.CaptureFixture) -> None:
-    proj = tmp_path / "proj"
-    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
-    _damage(proj, how)
-    capsys.readouterr()
-    for command in (["status", str(proj)], ["next", str(proj), "--no-progress"]):
-        assert main(command) == 2
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert len(lines) == 1 and "Traceback" not in err, err
-        assert str(proj / "project.json") in lines[0]
-        assert f"cp {proj.resolve() / 'project.json.bak'} {proj.resolve() / 'project.json'}" in lines[0]
-    # the advice works: the .bak is a valid copy of the last state asfda wrote
-    shutil.copyfile(proj / "project.json.bak", proj / "project.json")
-    assert project_status(proj)["pool_cases"] == N_POOL
-
-
-def test_a_deleted_project_json_names_its_bak(pool: dict, tmp_path: Path) -> None:
-    proj = tmp_path / "proj"
-    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
-    (proj / "project.json").unlink()
-    with pytest.raises(AsfdaError) as e:
-        project_status(proj)
-    assert "project.json.bak" in str(e.value) and "cp " in str(e.value)
-    assert "not an asfda project" not in str(e.value)
-    with pytest.raises(AsfdaError, match="already"):  # init does not start over on top of it
-        init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
-
-
-def test_restoring_the_bak_after_finetune_keeps_the_round(pool: dict, tmp_path: Path) -> None:
-    proj = tmp_path / "proj"
-    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
-    q = next_query(proj, progress=False)
-    ingest_labels(proj, _answer(pool["truth"], q["ids"], tmp_path / "ann"))
-    finetune_project(proj, progress=False)
-    assert project_status(proj)["rounds_finished"] == 1
-    _damage(proj, "not_json")  # a hand edit gone wrong
-    with pytest.raises(AsfdaError, match=r"project\.json\.bak"):
-        project_status(proj)
-    shutil.copyfile(proj / "project.json.bak", proj / "project.json")  # as the message advises
-    st = project_status(proj)
-    assert st["rounds_finished"] == 1 and st["labelled"] == 2 and st["labelled_not_trained"] == []
-    (proj / "project.json").unlink()  # deleted: the same
-    shutil.copyfile(proj / "project.json.bak", proj / "project.json")
-    assert project_status(proj)["rounds_finished"] == 1
-    assert Project(proj).state["weights"] == "weights/round0.safetensors"
-
-
 def test_next_writes_presegmentations_and_ingest_measures_the_edits(pool: dict, tmp_path: Path) -> None:
     """A pre-segmentation per queried case on the image's own grid (shape and affine) with the dataset's values,
     ITK-SNAP and Slicer label files naming every label; ingest records the edit Dice; a replaced label is kept."""
@@ -459,7 +320,6 @@ def test_edit_summary_by_hand() -> None:
 def test_init_refuses_a_dataset_class_the_model_lacks(tmp_path: Path) -> None:
     from asfda.errors import AsfdaError
     from asfda.project import init_project
-    from conftest import write_bundle, write_nnunet
 
     bundle = write_bundle(tmp_path / "b", class_names=("background", "liver"))
     data = write_nnunet(tmp_path / "ds", n=3, labels={"background": 0, "liver": 1, "spleen": 2})

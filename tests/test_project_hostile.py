@@ -1,7 +1,8 @@
 """Hostile project.json files and project trust (issue 30): every setting of the JSON type asfda writes, case ids
 that are plain names, file names that stay inside the project, and trust in a model's code given on the command
 line each time, never read from project.json nor stored by `asfda set`. Each refusal is one line, exit 2, nothing
-written."""
+written. A damaged project.json (not JSON, not UTF-8, entries of the wrong kind) or a deleted one names its .bak.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from _project_helpers import N_POOL, _answer, _settings, make_pool
 from asfda.cli import build_parser, main
 from asfda.errors import AsfdaError
-from asfda.project import Project, init_project
+from asfda.project import Project, finetune_project, ingest_labels, init_project, next_query, project_status
 from conftest import write_bundle, write_nnunet
-from test_project import _settings
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> dict[str, Path]:
+    return make_pool(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +250,81 @@ def test_next_hands_the_flag_to_the_model_loader(proj: Path, monkeypatch: pytest
         with pytest.raises(AsfdaError, match="stop here"):
             next_query(proj, progress=False, trust_model_code=trust)
     assert seen == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------- project.json damage
+def _damage(proj: Path, how: str) -> None:
+    path = proj / "project.json"
+    if how == "not_json":
+        path.write_text(path.read_text()[:-20])
+    elif how == "not_utf8":
+        path.write_bytes(path.read_bytes().replace(b'"asfda"', b'"\xff\xfe"', 1))
+    else:
+        state = json.loads(path.read_text())
+        if how == "budget_text":
+            state["settings"]["budget"] = "two"
+        elif how == "labelled_number":
+            state["labelled"] = 5
+        elif how == "rounds_text":
+            state["rounds"] = "none"
+        elif how == "strategy_number":
+            state["settings"]["strategy"] = [1]
+        elif how == "labels_list":
+            state["labels"] = ["background"]
+        elif how == "array":
+            state = [state]
+        path.write_text(json.dumps(state))
+
+
+DAMAGE = ["not_json", "not_utf8", "budget_text", "labelled_number", "rounds_text", "strategy_number", "labels_list",
+          "array"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_project_json_is_one_line_naming_the_bak(pool: dict, tmp_path: Path, how: str,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    _damage(proj, how)
+    capsys.readouterr()
+    for command in (["status", str(proj)], ["next", str(proj), "--no-progress"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert str(proj / "project.json") in lines[0]
+        assert f"cp {proj.resolve() / 'project.json.bak'} {proj.resolve() / 'project.json'}" in lines[0]
+    # the advice works: the .bak is a valid copy of the last state asfda wrote
+    shutil.copyfile(proj / "project.json.bak", proj / "project.json")
+    assert project_status(proj)["pool_cases"] == N_POOL
+
+
+def test_a_deleted_project_json_names_its_bak(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    (proj / "project.json").unlink()
+    with pytest.raises(AsfdaError) as e:
+        project_status(proj)
+    assert "project.json.bak" in str(e.value) and "cp " in str(e.value)
+    assert "not an asfda project" not in str(e.value)
+    with pytest.raises(AsfdaError, match="already"):  # init does not start over on top of it
+        init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+
+
+def test_restoring_the_bak_after_finetune_keeps_the_round(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    q = next_query(proj, progress=False)
+    ingest_labels(proj, _answer(pool["truth"], q["ids"], tmp_path / "ann"))
+    finetune_project(proj, progress=False)
+    assert project_status(proj)["rounds_finished"] == 1
+    _damage(proj, "not_json")  # a hand edit gone wrong
+    with pytest.raises(AsfdaError, match=r"project\.json\.bak"):
+        project_status(proj)
+    shutil.copyfile(proj / "project.json.bak", proj / "project.json")  # as the message advises
+    st = project_status(proj)
+    assert st["rounds_finished"] == 1 and st["labelled"] == 2 and st["labelled_not_trained"] == []
+    (proj / "project.json").unlink()  # deleted: the same
+    shutil.copyfile(proj / "project.json.bak", proj / "project.json")
+    assert project_status(proj)["rounds_finished"] == 1
+    assert Project(proj).state["weights"] == "weights/round0.safetensors"

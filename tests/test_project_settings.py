@@ -1,5 +1,7 @@
 """A project's life after init: `asfda set`, the rest of the pool when it is smaller than the budget, the round the
-guard discards (which volume, why, a replacement query, the label kept), and the when-to-stop line of `status`."""
+guard discards (which volume, why, a replacement query, the label kept), the when-to-stop line of `status`, and
+the settings project.json holds (a bad guard or diversity setting refused, random runs no scoring pass, a project
+from before the diversity setting)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from _project_helpers import N_POOL, _answer, _settings, make_pool
 from asfda.cli import main
 from asfda.errors import AsfdaError
 from asfda.project import (
@@ -21,16 +24,20 @@ from asfda.project import (
     update_settings,
 )
 from asfda.training import TrainConfig
-from test_project import N_POOL, _answer, _settings, pool  # noqa: F401  (pool: the fixture)
 
 
-def _project(pool: dict, tmp_path: Path, **kw) -> Path:  # noqa: F811
+@pytest.fixture
+def pool(tmp_path: Path) -> dict[str, Path]:
+    return make_pool(tmp_path)
+
+
+def _project(pool: dict, tmp_path: Path, **kw) -> Path:
     proj = tmp_path / "proj"
     init_project(proj, str(pool["model"]), str(pool["pool"]), _settings(**kw))
     return proj
 
 
-def test_set_changes_settings_with_the_checks_of_init(pool: dict, tmp_path: Path,  # noqa: F811
+def test_set_changes_settings_with_the_checks_of_init(pool: dict, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     proj = _project(pool, tmp_path)
     capsys.readouterr()
@@ -61,7 +68,7 @@ def test_set_changes_settings_with_the_checks_of_init(pool: dict, tmp_path: Path
     ("class_map=liver=spleen", "class_map cannot be changed"),
     ("budget", "is not KEY=VALUE"),
 ])
-def test_set_refuses_what_init_refuses_in_one_line(pool: dict, tmp_path: Path, item: str, match: str,  # noqa: F811
+def test_set_refuses_what_init_refuses_in_one_line(pool: dict, tmp_path: Path, item: str, match: str,
                                                     capsys: pytest.CaptureFixture) -> None:
     proj = _project(pool, tmp_path)
     before = (proj / "project.json").read_text()
@@ -72,7 +79,7 @@ def test_set_refuses_what_init_refuses_in_one_line(pool: dict, tmp_path: Path, i
     assert (proj / "project.json").read_text() == before
 
 
-def test_next_offers_the_rest_of_the_pool_when_it_is_smaller_than_the_budget(pool: dict, tmp_path: Path,  # noqa: F811
+def test_next_offers_the_rest_of_the_pool_when_it_is_smaller_than_the_budget(pool: dict, tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture) -> None:
     proj = _project(pool, tmp_path)
     update_settings(proj, {"budget": "4", "guard": "false"})
@@ -92,7 +99,7 @@ def test_next_offers_the_rest_of_the_pool_when_it_is_smaller_than_the_budget(poo
     assert "still waiting for labels (shown again" in capsys.readouterr().out
 
 
-def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: dict, tmp_path: Path,  # noqa: F811
+def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: dict, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture) -> None:
     import asfda.adapter.training
@@ -141,7 +148,7 @@ def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: d
     assert est["recommendation"] in ("continue", "diminishing returns: consider stopping")
 
 
-def test_status_shows_the_when_to_stop_estimate_after_a_round(pool: dict, tmp_path: Path,  # noqa: F811
+def test_status_shows_the_when_to_stop_estimate_after_a_round(pool: dict, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     from asfda.stopping import PROBE_VOLUMES
 
@@ -166,7 +173,7 @@ def test_status_shows_the_when_to_stop_estimate_after_a_round(pool: dict, tmp_pa
         finetune_project(proj, progress=False, force=True, precision="fp8")
 
 
-def test_ingest_of_labels_already_in_says_so(pool: dict, tmp_path: Path,  # noqa: F811
+def test_ingest_of_labels_already_in_says_so(pool: dict, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     proj = _project(pool, tmp_path)
     q = next_query(proj, progress=False)
@@ -183,3 +190,51 @@ def test_set_refuses_a_device_name_that_is_not_one(tmp_path) -> None:
     _check_settings(ProjectSettings(device="cuda:1"))
     with pytest.raises(AsfdaError, match="device must be one of"):
         _check_settings(ProjectSettings(device="evil"))
+
+
+# ---------------------------------------------------------------------------------------------- project.json settings
+def test_project_json_with_a_bad_guard_setting_is_refused(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    state = json.loads((proj / "project.json").read_text())
+    state["settings"]["train"]["guard_volumes"] = 0
+    (proj / "project.json").write_text(json.dumps(state))
+    with pytest.raises(AsfdaError, match="guard_volumes"):
+        Project(proj)
+
+
+def test_project_json_with_a_bad_diversity_setting_is_refused(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    state = json.loads((proj / "project.json").read_text())
+    assert state["settings"]["diversity"] == "embedding"
+    state["settings"]["diversity"] = "pixels"
+    (proj / "project.json").write_text(json.dumps(state))
+    with pytest.raises(AsfdaError, match="diversity"):
+        Project(proj)
+
+
+def test_next_with_random_runs_no_scoring_pass(pool: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asfda.adapter import Adapter
+
+    def boom(*args, **kwargs):
+        raise AssertionError("random scored the pool")
+
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings(strategy="random"))
+    monkeypatch.setattr(Adapter, "score_pool", boom)
+    monkeypatch.setattr(Adapter, "fit_temperature", boom)
+    record = next_query(proj, progress=False)
+    assert len(record["ids"]) == 2 and record["strategy"] == "random"
+
+
+def test_a_project_from_before_the_diversity_setting_keeps_the_embedding_space(pool: dict, tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
+    state = json.loads((proj / "project.json").read_text())
+    del state["settings"]["diversity"]
+    (proj / "project.json").write_text(json.dumps(state))
+    assert Project(proj).settings.diversity == "embedding"
+    record = next_query(proj, progress=False)
+    assert record["strategy_settings"] == {"alpha": 0.5, "round0_gap": "feature_gap", "diversity": "embedding",
+                                           "representativeness": "none"}

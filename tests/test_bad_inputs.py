@@ -1,5 +1,5 @@
 """Bad inputs through the CLI: each is one line naming the file, the problem and the fix, exit code 2, and nothing
-written. Also the cold start (a model none of whose classes is a dataset label) reached from `asfda query`."""
+written. (The cold start: test_cold_start.py.)"""
 
 from __future__ import annotations
 
@@ -10,47 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _bad_inputs_helpers import AFFINE, SHAPE, N, _argv, _one_line_error, _tree, make_inputs
 from asfda.cli import main
 from asfda.project import Project, init_project, next_query
-from conftest import write_bundle, write_nifti, write_nnunet
-
-AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
-SHAPE = (20, 18, 12)
-N = 4
+from conftest import write_nifti, write_nnunet
 
 
 @pytest.fixture
 def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    monkeypatch.chdir(tmp_path)  # the CLI's prepared-volume cache goes to ./.cache
-    return {"data": write_nnunet(tmp_path / "ds", n=N), "model": write_bundle(tmp_path / "bundle"), "root": tmp_path}
-
-
-def _one_line_error(capsys: pytest.CaptureFixture) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("asfda: WARNING")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert "fix:" in lines[0], lines[0]
-    return lines[0]
-
-
-def _tree(*folders: Path) -> dict[str, bytes]:
-    """Every file under ``folders`` (hidden ones included), by path: what a command wrote or left. A project's
-    prepared-volume cache and its lock file (the pid of the last command) are not its state, and left out."""
-    return {str(p): p.read_bytes() for f in folders if Path(f).exists() for p in sorted(Path(f).rglob("*"))
-            if p.is_file() and p.name != ".asfda.lock" and "cache" not in p.relative_to(f).parts}
-
-
-def _argv(command: str, model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    m, d, o = str(model), str(data), str(out)
-    return {
-        "score": ["score", "--model", m, "--data", d, "--strategies", "asfda", "--out", str(out / "s.csv")],
-        "query": ["query", "--model", m, "--data", d, "--budget", "1", "--out", str(out / "q.json")],
-        "predict": ["predict", "--model", m, "--images", d, "--out", o],
-        "evaluate": ["evaluate", "--model", m, "--data", d, "--out", o],
-        "simulate": ["simulate", "--model", m, "--pool", d, "--out", o, "--strategies", "random", "--budget", "1",
-                     "--rounds", "1", "--steps", "1", "--no-upper-bound", "--no-guard"],
-        "init": ["init", o, "--model", m, "--pool", d, "--steps", "1"],
-    }[command] + list(extra) + ["--no-progress"]
+    return make_inputs(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------- constant image
@@ -295,83 +263,6 @@ def test_next_offers_what_is_left_when_fewer_than_the_budget(inputs: dict, capsy
     assert main(["next", str(proj), "--no-progress"]) == 2  # nothing left
     line = _one_line_error(capsys)
     assert "every one of the 4 pool cases is labelled" in line
-
-
-# ---------------------------------------------------------------------------------------------- cold start
-@pytest.fixture
-def foreign_model(tmp_path: Path) -> Path:
-    """A model none of whose classes is a label of the tiny dataset (liver, spleen)."""
-    return write_bundle(tmp_path / "foreign", class_names=("background", "kidney", "lung"))
-
-
-@pytest.mark.parametrize("strategy", ["asfda", "coreset", "random"])
-def test_query_with_a_model_matching_no_class_is_the_cold_start(inputs: dict, foreign_model: Path, strategy: str,
-                                                                capsys: pytest.CaptureFixture) -> None:
-    out = inputs["root"] / "q.json"
-    assert main(["query", "--model", str(foreign_model), "--data", str(inputs["data"]), "--strategy", strategy,
-                 "--budget", "2", "--out", str(out), "--no-progress"]) == 0
-    rec = json.loads(out.read_text())
-    assert len(rec["ids"]) == 2 and rec["cold_start"] is True
-    assert rec["class_map"] == {"background": "background", "liver": None, "spleen": None}
-    if strategy == "asfda":
-        assert all(c["cold_start"] == 1.0 and "asd" not in c for c in rec["components"].values())
-    assert "cold start" in capsys.readouterr().out  # said, not silent
-
-
-def test_cold_start_query_matches_the_python_api(inputs: dict, foreign_model: Path) -> None:
-    """The CLI's cold-start pick is the strategy's `_cold_start` on the pretrained embeddings of the pool."""
-    from asfda.adapter import Adapter
-    from asfda.io import load_dataset
-    from asfda.models import load_model
-    from asfda.selection import get_strategy
-
-    out = inputs["root"] / "q.json"
-    assert main(["query", "--model", str(foreign_model), "--data", str(inputs["data"]), "--budget", "3",
-                 "--out", str(out), "--no-progress"]) == 0
-    ds = load_dataset(inputs["data"])
-    adapter = Adapter(load_model(foreign_model), ds.class_names, cache_dir=None, progress=False, cold_start_ok=True)
-    assert adapter.cold_start
-    pool = adapter.pool_scores(list(ds.cases), [], 1.0, 0)
-    assert json.loads(out.read_text())["ids"] == get_strategy("asfda").select(pool, 3, 0).ids
-
-
-@pytest.mark.parametrize("strategy", ["enpy", "asd", "bald", "tta", "badge", "mc_entropy"])
-def test_strategies_that_read_predictions_refuse_the_cold_start_before_scoring(
-        inputs: dict, foreign_model: Path, strategy: str, capsys: pytest.CaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from asfda.adapter import Adapter
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the pool was scored before the strategy was refused")
-
-    monkeypatch.setattr(Adapter, "score_pool", boom)
-    out = inputs["root"] / "q.json"
-    assert main(["query", "--model", str(foreign_model), "--data", str(inputs["data"]), "--strategy", strategy,
-                 "--budget", "1", "--out", str(out), "--no-progress"]) == 2
-    line = _one_line_error(capsys)
-    assert strategy in line and "no output for any" in line and "asfda" in line
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("command", ["score", "predict", "evaluate", "simulate", "init"])
-def test_other_commands_refuse_a_model_matching_no_class(inputs: dict, foreign_model: Path, command: str,
-                                                         capsys: pytest.CaptureFixture) -> None:
-    out = inputs["root"] / "out"
-    assert main(_argv(command, foreign_model, inputs["data"], out)) == 2
-    line = _one_line_error(capsys)
-    assert "no dataset label" in line and "--class-map" in line and "asfda query" in line
-    assert not out.exists()
-
-
-def test_one_matching_class_keeps_the_name_match(inputs: dict, tmp_path: Path) -> None:
-    """At least one class matches: as before, the others get new output channels, and no cold start."""
-    partial = write_bundle(tmp_path / "partial", class_names=("background", "liver", "lung"))
-    out = inputs["root"] / "q.json"
-    assert main(["query", "--model", str(partial), "--data", str(inputs["data"]), "--strategy", "enpy",
-                 "--budget", "1", "--out", str(out), "--no-progress"]) == 0
-    rec = json.loads(out.read_text())
-    assert rec["cold_start"] is False and rec["class_map"] == {"background": "background", "liver": "liver",
-                                                               "spleen": None}
 
 
 # ---------------------------------------------------------------------------------------------- odd values (issue 30)

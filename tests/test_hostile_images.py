@@ -15,13 +15,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from _bad_inputs_helpers import AFFINE, SHAPE, _argv, _one_line_error, make_inputs
 from asfda.cli import main
 from asfda.errors import AsfdaError
 from asfda.io import load_dataset, load_folder, read_nifti
 from asfda.io.nifti import read_header
 from asfda.models.preprocessing import Preprocessing, prepare_case
 from conftest import write_nifti, write_nnunet
-from test_bad_inputs import AFFINE, SHAPE, _argv, _one_line_error, inputs  # noqa: F401  (inputs: the fixture)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    return make_inputs(tmp_path, monkeypatch)
 
 
 def _patch_header(path: Path, *, pixdim: tuple[float, float, float] | None = None, sform: np.ndarray | None = None,
@@ -70,7 +75,7 @@ def test_a_grid_that_cannot_be_resampled_is_refused_on_the_header(tmp_path: Path
     assert str(e.value.path) == str(image) and "voxel spacing" in (e.value.fix or "")
 
 
-def test_a_singular_affine_is_one_line_through_the_cli(inputs: dict,  # noqa: F811
+def test_a_singular_affine_is_one_line_through_the_cli(inputs: dict,
                                                        capsys: pytest.CaptureFixture) -> None:
     image = _both(inputs["data"], sform=PARALLEL_AXES)
     out = inputs["root"] / "out"

@@ -1,3 +1,7 @@
+"""Selective semi-supervision: which unlabeled volumes `select_reliable` keeps (hand-computed, at fractions of 1/2
+and others), pseudo-labels, the reliable volumes from pool scores, the unlabeled loss `finetune` records with and
+without pseudo-labelled volumes, the frozen encoder, and a round that continues from the previous one's weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +14,13 @@ from asfda.adapter import Adapter, reliable_from_scores
 from asfda.io import load_dataset
 from asfda.models import load_model
 from asfda.selection import PoolScores
-from asfda.training import TrainConfig, pseudo_label, select_reliable
+from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, select_reliable
+
+IDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+CONFIDENCE = np.array([0.95, 0.60, 0.90, 0.90, 0.40, 0.85, 0.70, 0.90, 0.20, 0.50])
+DISTANCE = np.array([0.10, 0.05, 0.10, 0.50, 0.20, 0.15, 0.10, 0.10, 0.90, 0.60])
+# most confident first (ties by id): a .95, c .90, d .90, h .90, f .85, g .70, b .60, j .50, e .40, i .20
+# closest first (ties by id):        b .05, a .10, c .10, g .10, h .10, f .15, e .20, d .50, j .60, i .90
 
 
 def test_reliable_is_the_intersection_of_confident_and_close() -> None:
@@ -47,6 +57,70 @@ def test_reliable_from_scores_counts_just_queried_volumes_as_labelled() -> None:
     kept = reliable_from_scores(scores, ["p"], confident_fraction=1.0, close_fraction=0.33)
     assert list(kept) == ["q"]  # closest to the just-queried p
     assert kept["q"]["distance"] < 0.01
+
+
+@pytest.mark.parametrize(("confident", "close", "expected"), [
+    # ceil(0.3 * 10) = 3 confident: a, c, d (h is cut by the id tie-break at .90); ceil(0.5 * 10) = 5 closest:
+    # b, a, c, g, h -> both: a, c
+    (0.3, 0.5, ["a", "c"]),
+    # ceil(3.5) = 4 confident: a, c, d, h -> h is in now
+    (0.35, 0.5, ["a", "c", "h"]),
+    # 3 confident; ceil(0.2 * 10) = 2 closest: b, a -> a
+    (0.3, 0.2, ["a"]),
+    # 7 confident: a, c, d, h, f, g, b; 6 closest: b, a, c, g, h, f -> a, b, c, f, g, h
+    (0.7, 0.6, ["a", "b", "c", "f", "g", "h"]),
+    # one of each (ceil(0.01 * 10) = 1): a is the most confident, b the closest -> none
+    (0.01, 0.01, []),
+    (1.0, 0.3, ["a", "b", "c"]),
+])
+def test_reliable_is_the_intersection_at_non_trivial_fractions(confident: float, close: float,
+                                                               expected: list[str]) -> None:
+    assert select_reliable(IDS, CONFIDENCE, DISTANCE, confident_fraction=confident, close_fraction=close) == expected
+    perm = np.random.default_rng(5).permutation(len(IDS))  # the pool's order changes nothing
+    assert select_reliable([IDS[i] for i in perm], CONFIDENCE[perm], DISTANCE[perm], confident_fraction=confident,
+                           close_fraction=close) == expected
+
+
+def _net() -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(3, 1, 3, (4, 8), (2,), num_res_units=0)
+
+
+def _volume(seed: int) -> TrainVolume:
+    g = torch.Generator().manual_seed(seed)
+    label = torch.zeros(12, 12, 8, dtype=torch.long)
+    label[2:6, 2:6, 2:5] = 1
+    label[7:11, 6:10, 3:7] = 2
+    return TrainVolume((label.float() * 0.5 + torch.randn(12, 12, 8, generator=g) * 0.05)[None], label)
+
+
+def _train(pseudo: list[TrainVolume] | None, **cfg: object) -> dict[str, list[float]]:
+    config = TrainConfig(**{"steps": 8, "batch_size": 1, "seed": 0, "rampup_fraction": 0.5, "lambda_u": 1.0, **cfg})
+    return finetune(_net(), [_volume(1)], config, patch_size=(8, 8, 8), pseudo=pseudo, progress=False)
+
+
+def test_no_pseudo_volumes_means_an_unlabeled_loss_of_exactly_zero() -> None:
+    for pseudo in (None, []):
+        h = _train(pseudo)
+        assert set(h) == {"loss", "loss_l", "loss_u"} and all(len(v) == 8 for v in h.values())
+        assert h["loss_u"] == [0.0] * 8
+        assert h["loss"] == h["loss_l"]  # nothing added to the labelled loss
+
+
+def test_pseudo_volumes_add_a_positive_unlabeled_loss_after_step_0() -> None:
+    vol = _volume(2)
+    pseudo = [TrainVolume(vol.image, vol.label, torch.rand(vol.label.shape, generator=torch.Generator().manual_seed(0))
+                          < 0.7)]
+    h = _train(pseudo)
+    ramp = 4  # rampup_fraction 0.5 of 8 steps: lambda_u * min(1, step / 4)
+    assert h["loss_u"][0] == 0.0  # lambda is 0 at step 0: the pseudo volume is not even drawn
+    assert all(u > 0.0 for u in h["loss_u"][1:])
+    for step, (total, lab, unl) in enumerate(zip(h["loss"], h["loss_l"], h["loss_u"])):
+        assert total == pytest.approx(lab + min(1.0, step / ramp) * unl, rel=1e-6)
+    # lambda_u 0: the pseudo volumes are given but never enter
+    assert _train(pseudo, lambda_u=0.0)["loss_u"] == [0.0] * 8
 
 
 def _adapter(tiny_bundle: Path, data: Path) -> tuple[Adapter, list]:

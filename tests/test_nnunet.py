@@ -22,15 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
-                                reason="nnunetv2 is not installed (pip install 'asfda[test]')")
-
 from asfda.cli import main
 from asfda.errors import AsfdaError
 from asfda.io.nifti import read_nifti
 from asfda.models import load_model, nnunet
 from asfda.models.nnunet import NnUNetEnsemble, is_nnunet_source, load_checkpoint
-from asfda.models.nnunet_window import NNUNET_MODE
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
+                                reason="nnunetv2 is not installed (pip install 'asfda[test]')")
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "_nnunet_fixture.py"
@@ -368,8 +367,6 @@ def test_nnunet_tiling_on_an_anisotropic_volume_is_nnunets(nn: dict, tmp_path: P
         assert _fraction_differing(ours, theirs) <= 0.001, (mirroring, _fraction_differing(ours, theirs))
 
 
-@pytest.mark.xfail(nnunet.SW_MODE != NNUNET_MODE, strict=True,
-                   reason="asfda.engine does not tile nnU-Net models with asfda.models.nnunet_window yet (issue 35)")
 def test_predict_on_an_anisotropic_volume_is_nnunets(nn: dict, tmp_path: Path) -> None:
     """`asfda predict` (and `--tta`) on the anisotropic volume writes nnUNetPredictor's labels without (and with)
     mirroring, within 0.1 % of the voxels."""

@@ -23,6 +23,8 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from asfda.errors import AsfdaError
+from asfda.models.nnunet_window import NNUNET_MODE, mirror_combinations
+from asfda.models.nnunet_window import sliding_window as nnunet_sliding_window
 from asfda.models.probe import probe_network
 from asfda.options import PRECISIONS, check_option
 
@@ -178,7 +180,10 @@ class InferenceEngine:
 
     @property
     def n_passes(self) -> int:
-        """Sliding-window passes of ``run(..., tta=True)``: the identity plus one per flipped axis."""
+        """Sliding-window passes of ``run(..., tta=True)``: the identity plus one per flipped axis (an nnU-Net model,
+        mode ``nnunet``: every combination of its mirror axes, 2^k, as nnU-Net's predictor)."""
+        if self.mode == NNUNET_MODE:  # nnU-Net mirrors each window over every combination of the axes
+            return len(mirror_combinations(self.tta_axes))
         return 1 + len(self.tta_axes)
 
     def _hook(self, module: nn.Module, inp: object, out: torch.Tensor) -> None:
@@ -206,6 +211,9 @@ class InferenceEngine:
 
     def _window(self, x: torch.Tensor) -> torch.Tensor:
         self.sweeps += 1
+        if self.mode == NNUNET_MODE:  # nnU-Net's window positions and Gaussian (asfda.models.nnunet_window)
+            return nnunet_sliding_window(x, self._forward, self.roi_size, step=1 - self.overlap,
+                                         sw_batch_size=self.sw_batch_size)
         out = sliding_window_inference(x, self.roi_size, self.sw_batch_size, self._forward, overlap=self.overlap,
                                        mode=self.mode, sigma_scale=0.125)
         assert isinstance(out, torch.Tensor)  # _forward returns one tensor, so one (Meta)Tensor comes back
@@ -236,7 +244,14 @@ class InferenceEngine:
                         embedding = self._sum / max(self._count, 1)
                 if embedding is None:
                     embedding = logits[0].float().flatten(1).mean(dim=1)
-                if tta and self.tta_axes:
+                if tta and self.tta_axes and self.mode == NNUNET_MODE:
+                    self.sweeps += 1  # the mirrored windows, averaged inside each window as nnU-Net does
+                    more = self.n_passes - 1
+                    mirrored = nnunet_sliding_window(x, self._forward, self.roi_size, step=1 - self.overlap,
+                                                     sw_batch_size=self.sw_batch_size, mirror_axes=self.tta_axes,
+                                                     include_identity=False)
+                    logits = (logits.float() + more * mirrored) / self.n_passes
+                elif tta and self.tta_axes:
                     logits = logits.float()
                     for axis in self.tta_axes:
                         dims = (axis + 2,)

@@ -47,6 +47,7 @@ from asfda.models.loaded import (
     torchscript_refusal,
 )
 from asfda.models.nnunet_preprocessing import NnUNetPreprocessing
+from asfda.models.nnunet_window import NNUNET_MODE
 
 __all__ = ["CHECKPOINT_NAMES", "NnUNetEnsemble", "build_network", "is_nnunet_source", "load_checkpoint",
            "load_nnunet"]
@@ -56,9 +57,9 @@ FORMAT = "nnunet_v2"
 INSTALL = (f"pip install 'asfda[nnunet]' torch=={torch.__version__.split('+')[0]} "
            "(dynamic-network-architectures; the torch "
            "pin stops pip from replacing torch for timm's torchvision)")
-SW_MODE = "gaussian"
-"""The sliding-window mode nnU-Net models run with: MONAI's Gaussian blending, until `asfda.engine` tiles
-`asfda.models.nnunet_window.NNUNET_MODE` with nnU-Net's window positions, weight and per-window mirroring."""
+SW_MODE = NNUNET_MODE
+"""The sliding-window mode nnU-Net models run with: nnU-Net's own tiling (`asfda.models.nnunet_window`: window
+positions, Gaussian, padding, per-window mirroring), which `asfda.engine` runs for this mode."""
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 _MAX_JSON_BYTES = 64 << 20
 

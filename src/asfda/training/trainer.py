@@ -116,70 +116,111 @@ def finetune(network: nn.Module, labelled: list[TrainVolume], cfg: TrainConfig, 
     torch.manual_seed(cfg.seed)
     layout = _memory_format(cfg)
     network.to(memory_format=layout)  # type: ignore[call-overload]  # before the optimiser: it holds the parameters
-    params = [p for p in network.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup_fraction * cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    opt, sched = _optimiser(network, cfg)
     history: dict[str, list[float]] = {"loss": [], "loss_l": [], "loss_u": []}
-    network.train()
-    for mod in network.modules():  # a frozen BatchNorm keeps its running statistics too
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in mod.parameters(False)):
-            mod.eval()
+    _train_modes(network)
     if shard is not None:  # after the train/eval modes are set: the wrapper keeps them
-        # find_unused_parameters: a network may compute outputs the loss never reads (deep-supervision heads)
-        model = DistributedDataParallel(network, device_ids=None if device.type != "cuda" else
-                                        [device.index if device.index is not None else torch.cuda.current_device()],
-                                        find_unused_parameters=True)
+        model = _ddp(network, device)
     shown = progress and (dist is None or dist.is_main)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not shown, leave=False, dynamic_ncols=True)
     for step in bar:
-        imgs, labs, masks = [], [], []
-        for _ in range(cfg.batch_size):
-            x, y, m = draw(labelled[int(rng.integers(len(labelled)))])
-            imgs.append(x)
-            labs.append(y)
-            masks.append(m)
-        lam = 0.0
-        if pseudo and cfg.lambda_u > 0:
-            ramp = max(1, int(cfg.rampup_fraction * cfg.steps))
-            lam = cfg.lambda_u * min(1.0, step / ramp)
+        drawn = [draw(labelled[int(rng.integers(len(labelled)))]) for _ in range(cfg.batch_size)]
+        batch = ([d[0] for d in drawn], [d[1] for d in drawn], [d[2] for d in drawn])  # images, labels, masks
+        lam = _pseudo_weight(cfg, step) if pseudo else 0.0
         if shard is not None:
             # the same draws on every rank (the streams stay in step); this rank keeps its share
             unl = draw(pseudo[int(rng.integers(len(pseudo)))]) if pseudo and lam > 0 else None
-            k, w = shard.rank, shard.world_size
-            xs = torch.stack(imgs[k::w]).to(device).contiguous(memory_format=layout)
-            part = (torch.stack(labs[k::w]).to(device), torch.stack(masks[k::w]).to(device))
-            upart = None
-            if unl is not None and step % w == k:
-                xs = torch.cat([xs, unl[0][None].to(device, xs.dtype)])  # one forward per backward
-                upart = (unl[1][None].to(device), unl[2][None].to(device))
-            loss, loss_l, loss_u = _global_batch_loss(forward(xs), part, upart, lam)
-        else:
-            x = torch.stack(imgs).to(device).contiguous(memory_format=layout)
-            loss_l = masked_dice_ce(forward(x), torch.stack(labs).to(device), torch.stack(masks).to(device))
-            loss_u = torch.zeros((), device=device)
-            if lam > 0:
-                xu, yu, mu = draw(pseudo[int(rng.integers(len(pseudo)))])
-                loss_u = masked_dice_ce(forward(xu[None].to(device).contiguous(memory_format=layout)),
-                                        yu[None].to(device), mu[None].to(device))
-            loss = loss_l + lam * loss_u
+            loss, loss_l, loss_u = _sharded_loss(forward, batch, unl, lam, step, shard, device, layout)
+        else:  # the pseudo-labelled patch is drawn after the labelled batch's forward, as it always was
+            loss, loss_l, loss_u = _local_loss(forward, batch, lambda: draw(pseudo[int(rng.integers(len(pseudo)))]),
+                                               lam, device, layout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        history["loss"].append(float(loss.detach()))
-        history["loss_l"].append(float(loss_l.detach()))
-        history["loss_u"].append(float(loss_u.detach()))
-        if step % 5 == 0:
-            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", l=f"{history['loss_l'][-1]:.3f}",
-                            u=f"{history['loss_u'][-1]:.3f}")
+        _record(history, bar if step % 5 == 0 else None, loss=loss, loss_l=loss_l, loss_u=loss_u)
     if shard is not None:  # BatchNorm's running statistics moved with each rank's share: rank 0's for every rank
         for buf in network.buffers():
             torch_dist.broadcast(buf, src=0)
     network.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # inference: as it always ran
     network.eval()
     return history
+
+
+def _ddp(network: nn.Module, device: torch.device) -> nn.Module:
+    """The DistributedDataParallel wrapper (find_unused_parameters: a network may compute outputs the loss never
+    reads, deep-supervision heads)."""
+    ids = None if device.type != "cuda" else [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(network, device_ids=ids, find_unused_parameters=True)
+
+
+def _local_loss(forward, batch: tuple[list, list, list], draw_pseudo, lam: float, device: torch.device,
+                layout: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss_l + lam * loss_u, loss_l, loss_u)`` in one process: the labelled batch's masked Dice+CE, then (with
+    ``lam > 0``) a patch from ``draw_pseudo()`` forwarded on its own."""
+    imgs, labs, masks = batch
+    x = torch.stack(imgs).to(device).contiguous(memory_format=layout)
+    loss_l = masked_dice_ce(forward(x), torch.stack(labs).to(device), torch.stack(masks).to(device))
+    loss_u = torch.zeros((), device=device)
+    if lam > 0:
+        xu, yu, mu = draw_pseudo()
+        loss_u = masked_dice_ce(forward(xu[None].to(device).contiguous(memory_format=layout)),
+                                yu[None].to(device), mu[None].to(device))
+    return loss_l + lam * loss_u, loss_l, loss_u
+
+
+def _record(history: dict[str, list[float]], bar, **losses: torch.Tensor) -> None:
+    """Appends the step's losses to ``history``; shows them on the progress ``bar`` when given."""
+    for key, value in losses.items():
+        history[key].append(float(value.detach()))
+    if bar is not None:
+        bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", l=f"{history['loss_l'][-1]:.3f}",
+                        u=f"{history['loss_u'][-1]:.3f}")
+
+
+def _optimiser(network: nn.Module, cfg: TrainConfig
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters, with a linear warm-up then a cosine decay over ``cfg.steps``."""
+    params = [p for p in network.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_fraction * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    return opt, sched
+
+
+def _train_modes(network: nn.Module) -> None:
+    """Training mode, except a frozen BatchNorm, which keeps its running statistics."""
+    network.train()
+    for mod in network.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in mod.parameters(False)):
+            mod.eval()
+
+
+def _pseudo_weight(cfg: TrainConfig, step: int) -> float:
+    """The unlabeled loss's weight at ``step``: ``lambda_u`` ramped up linearly over ``rampup_fraction`` of the steps
+    (0 when ``lambda_u`` is 0)."""
+    if cfg.lambda_u <= 0:
+        return 0.0
+    ramp = max(1, int(cfg.rampup_fraction * cfg.steps))
+    return cfg.lambda_u * min(1.0, step / ramp)
+
+
+def _sharded_loss(forward, batch: tuple[list, list, list], unl: tuple | None, lam: float, step: int,
+                  shard: DistContext, device: torch.device, layout: torch.memory_format
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's share of the global batch (``batch``: images, labels, masks), forwarded once with the step's
+    pseudo-labelled patch when it is this rank's (rank ``step % world_size``), and the global batch's loss
+    (`_global_batch_loss`)."""
+    imgs, labs, masks = batch
+    k, w = shard.rank, shard.world_size
+    xs = torch.stack(imgs[k::w]).to(device).contiguous(memory_format=layout)
+    part = (torch.stack(labs[k::w]).to(device), torch.stack(masks[k::w]).to(device))
+    upart = None
+    if unl is not None and step % w == k:
+        xs = torch.cat([xs, unl[0][None].to(device, xs.dtype)])  # one forward per backward
+        upart = (unl[1][None].to(device), unl[2][None].to(device))
+    return _global_batch_loss(forward(xs), part, upart, lam)
 
 
 def _memory_format(cfg: TrainConfig) -> torch.memory_format:

@@ -21,7 +21,8 @@ __all__ = ["save_bundle", "torchscript_inference_config"]
 def save_bundle(model: LoadedModel, out_dir: str | Path, *, extra_metadata: dict | None = None) -> Path:
     """Writes ``model`` as a MONAI bundle that ``python -m monai.bundle run`` runs as is.
 
-    Configs are copied from the source bundle when there is one (so its own pipeline keeps working);
+    Configs (and the ``scripts/`` package a trusted config may import) are copied from the source bundle when there
+    is one (so its own pipeline keeps working);
     weights go to ``models/model.pt`` (plain state dict, what MONAI's CheckpointLoader reads) and
     ``models/model.safetensors`` (a TorchScript model: ``models/model.ts``, written with ``torch.jit.save``, and a
     ``configs/inference.json`` that loads it: `torchscript_inference_config`). The class map in ``extra_metadata``
@@ -58,6 +59,10 @@ def save_bundle(model: LoadedModel, out_dir: str | Path, *, extra_metadata: dict
                     for f in (src / sub).iterdir():
                         if f.is_file() and f.name != "metadata.json" and not (scripted and f.stem == "inference"):
                             atomic_write(folder / sub / f.name, functools.partial(shutil.copyfile, f))
+        if src is not None and not scripted and (src / "scripts").is_dir():  # code the config imports (a trusted
+            # bundle's network_def: scripts.networks.unest.UNesT), as `monai.bundle run` finds it beside configs/
+            shutil.copytree(src / "scripts", folder / "scripts", symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
         if scripted:  # the source's config cannot load model.ts: one that `monai.bundle run` runs
             atomic_write_json(folder / "configs" / "inference.json", torchscript_inference_config(model))
         elif src is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -39,12 +40,26 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+_EXPRESSION_REF = re.compile(r"@[\w#:]+")  # an @ reference inside a $ expression, as MONAI finds them
+
+
 def _parse_trusted(cfg: dict, key: str, path: Path | None) -> object:
-    """MONAI's full ConfigParser semantics (``$`` expressions, any ``_target_``): only for trusted bundles."""
+    """MONAI's full ConfigParser semantics (``$`` expressions, any ``_target_``): only for trusted bundles. As
+    ``monai.bundle run`` does, the bundle's root (the folder above ``configs/``) is on the import path while the
+    config is parsed, so that code the bundle ships (``scripts.networks.unest.UNesT``) is found; a ``scripts``
+    package imported from another bundle is forgotten first."""
+    import os
+    import sys
     import warnings
 
     from monai.bundle import ConfigParser
 
+    root = None if path is None else str(path.parent.parent if path.parent.name == "configs" else path.parent)
+    if root is not None:
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            if not str(getattr(sys.modules[name], "__file__", "") or "").startswith(root + os.sep):
+                del sys.modules[name]
+        sys.path.insert(1, root)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # MONAI's deprecation notes on default arguments
@@ -55,19 +70,71 @@ def _parse_trusted(cfg: dict, key: str, path: Path | None) -> object:
             raise err from None
         raise AsfdaError(f"cannot build '{key}' from the config ({exc.__class__.__name__}: {str(exc)[:200]})",
                          path, "check the _target_ names and arguments") from None
+    finally:
+        if root is not None:
+            sys.path.remove(root)
 
 
 def _build_network(cfg: dict, path: Path | None, allow_code: bool, max_values: int | None = None) -> nn.Module:
     """The config's ``network_def``; untrusted, with at most ``max_values`` weights (`_check_network_size`)."""
+    arch = _architecture_file(cfg)
     if allow_code:
-        network = _parse_trusted(cfg, "network_def", path)
+        try:
+            network = _parse_trusted(cfg, "network_def", path)
+        except AsfdaError as exc:
+            raise exc if arch is None else _architecture_file_error(arch, path, exc.problem) from None
     else:
+        if arch is not None:
+            raise _architecture_file_error(arch, path)
         if max_values is not None:
             _check_network_size(cfg, path, max_values)
         network = build_network(cfg, path)
     if not isinstance(network, nn.Module):
         raise AsfdaError("'network_def' did not build a torch module", path)
     return network
+
+
+_FILE_LOAD = re.compile(r"\b(torch|np|numpy|pickle)\.load\s*\(")
+
+
+def _architecture_file(cfg: dict) -> tuple[str, str] | None:
+    """The ``(id, expression)`` of a ``$`` expression that loads a file and that ``network_def`` depends on through
+    its ``@`` references and theirs (DiNTS: ``arch_ckpt: "$torch.load(@arch_ckpt_path, ...)"``, the searched
+    architecture saved beside the weights); None when there is none."""
+    seen: set[str] = set()
+    todo: list[tuple[str, Any]] = [("network_def", cfg.get("network_def"))]
+    for _ in range(MAX_RESOLVED_VALUES):  # bounded: past it, building the network meets resolve_literal's bound
+        if not todo:
+            break
+        key, node = todo.pop()
+        if isinstance(node, dict):
+            todo += [(key, v) for v in node.values()]
+        elif isinstance(node, list):
+            todo += [(key, v) for v in node]
+        elif isinstance(node, str) and node.startswith(("@", "$")):
+            if node.startswith("$") and _FILE_LOAD.search(node):
+                return key, node
+            for ref in _EXPRESSION_REF.findall(node):
+                ref_id = ref[1:].replace("::", "#")
+                target: Any = cfg
+                for part in ref_id.split("#"):
+                    target = target.get(part) if isinstance(target, dict) else None
+                if ref_id not in seen:
+                    seen.add(ref_id)
+                    todo.append((ref_id, target))
+    return None
+
+
+def _architecture_file_error(arch: tuple[str, str], path: Path | None, cause: str = "") -> AsfdaError:
+    """The refusal of a network whose architecture is loaded from a file (`_architecture_file`): asfda builds a
+    network from its config alone (untrusted), and such a file is a pickle of numpy arrays, which ``torch.load``
+    refuses by default (trusted: MONAI's parser fails on it)."""
+    because = f"; trusted, MONAI's parser fails on it too ({cause[:140]})" if cause else (
+        "; asfda builds a network from its config alone")
+    return AsfdaError(f"'network_def' reads its architecture from a file of the bundle ({arch[0]}: {arch[1][:80]!r}), "
+                      f"as a DiNTS searched network does{because}", path,
+                      "save the network as TorchScript in the bundle (torch.jit.save(torch.jit.script(network), "
+                      "'models/model.ts'), without models/model.pt) and pass --trust-model-code")
 
 
 def _check_network_size(cfg: dict, path: Path | None, max_values: int) -> None:

@@ -21,8 +21,12 @@ saving an adapted model is `asfda.models.bundle.save_bundle`; their public names
 
 from __future__ import annotations
 
+import ast
+import inspect
+import logging
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +36,7 @@ from asfda.models import nnunet
 from asfda.models.bundle import save_bundle
 from asfda.models.classmap import names_from_recorded_class_map
 from asfda.models.declared import (
+    _EXPRESSION_REF,
     _build_network,
     _build_preprocessing,
     _classes_and_activation,
@@ -48,10 +53,12 @@ from asfda.models.loaded import (
     torchscript_refusal,
 )
 from asfda.models.preprocessing import Preprocessing
+from asfda.models.safe_config import MAX_RESOLVED_VALUES, ConfigTooLarge, resolve_literal, too_large_error
 
 __all__ = ["OUTPUT_ACTIVATIONS", "LoadedModel", "clone_module", "is_torchscript", "load_model", "load_state_dict_file",
            "save_bundle", "state_dict_hash", "torchscript_refusal", "unwrap_state_dict"]
 
+log = logging.getLogger(__name__)
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 
 
@@ -161,7 +168,8 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     elif cfg_path is None and not scripted:
         raise AsfdaError("a bare checkpoint needs a network config", weights,
                          "pass --model-config NET.yaml with a 'network_def' (MONAI bundle syntax)")
-    cfg = _read_config(cfg_path) if cfg_path else {}
+    raw_cfg = _read_config(cfg_path) if cfg_path else {}
+    cfg = prepared_config(raw_cfg, cfg_path, allow_code)  # what asfda builds from; the model keeps the file's own
     if scripted:
         try:
             network = torch.jit.load(str(weights), map_location="cpu")
@@ -191,8 +199,99 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     class_names, activation, probabilities = _classes_and_activation(metadata, cfg, network, roi, output_activation,
                                                                       cfg_path or weights, meta_path)
     return _with_recorded_class_map(LoadedModel(network, class_names, prep, roi, swb, overlap, activation, source,
-                                                cfg, metadata, embedding_layer or cfg.get("asfda_embedding_layer"),
+                                                raw_cfg, metadata, embedding_layer or cfg.get("asfda_embedding_layer"),
                                                 probabilities))
+
+
+# arguments MONAI deprecated as unused and then removed (a bundle written for an older MONAI still passes them):
+# SwinUNETR's img_size (deprecated in 1.3, "not required anymore", removed in 1.5; swin_unetr_btcv_segmentation)
+_REMOVED_UNUSED_ARGS = {"SwinUNETR": ("img_size",)}
+
+
+def prepared_config(cfg: dict, path: Path | None, allow_code: bool) -> dict:
+    """``cfg`` as asfda builds from it: the arguments of ``network_def`` that the installed MONAI removed after
+    deprecating them as unused are dropped (`_REMOVED_UNUSED_ARGS`), and, for an untrusted bundle, each ``$``
+    expression made only of literals and ``@`` references is replaced by its value (`fold_literal_expressions`)."""
+    net = cfg.get("network_def")
+    name = str(net.get("_target_", "")) if isinstance(net, dict) else ""
+    removed = _REMOVED_UNUSED_ARGS.get(name.rpartition(".")[2], ())
+    if removed and name.rpartition(".")[0] in ("", "monai.networks.nets") and isinstance(net, dict):
+        import monai.networks.nets as nets
+
+        params = inspect.signature(getattr(nets, name.rpartition(".")[2])).parameters
+        gone = [a for a in removed if a in net and a not in params]
+        if gone:
+            log.info("%s: network_def's %s dropped (unused, removed from this MONAI's %s)", path, gone, name)
+            cfg = dict(cfg, network_def={k: v for k, v in net.items() if k not in gone})
+    return cfg if allow_code else fold_literal_expressions(cfg, path)
+
+
+def fold_literal_expressions(cfg: dict, path: Path | None = None) -> dict:
+    """``cfg`` with each ``$`` expression of other config values that is only literals, ``@`` references to
+    literals, ``x if c else y``, ``==`` / ``!=``, ``and`` / ``or`` / ``not`` and signs replaced by the value MONAI
+    would give it, computed here on the literals, without running code (wholeBody_ct_segmentation's ``"pixdim":
+    "$[1.5, 1.5, 1.5] if @displayable_configs#highres else [3.0, 3.0, 3.0]"``). Any other expression stays as it is
+    (and is refused where asfda builds from it). The references of all the expressions share one
+    `MAX_RESOLVED_VALUES` bound."""
+    budget = [MAX_RESOLVED_VALUES]
+
+    def walk(node: Any, at: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, (*at, str(k))) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, (*at, str(i))) for i, v in enumerate(node)]
+        if not (isinstance(node, str) and node.startswith("$") and len(node) <= 1000):
+            return node
+        refs: dict[str, str] = {}
+        source = _EXPRESSION_REF.sub(lambda m: refs.setdefault(m.group(0), f"_ref{len(refs)}"), node[1:])
+        if not refs:  # a value that depends on nothing in the config is written as a literal, not as an expression
+            return node
+        try:
+            tree = ast.parse(source.strip(), mode="eval").body
+            env = {name: resolve_literal(cfg, ref, at=at, budget=budget) for ref, name in refs.items()}
+            return _literal_value(tree, env)
+        except ConfigTooLarge as exc:
+            raise too_large_error("/".join(at), exc, path) from None
+        except Exception:  # not literals only (a call, an attribute, a name), or a reference to an expression
+            return node
+
+    for _ in range(50):  # an expression that refers to one folded in this pass folds in the next
+        folded = walk(cfg, ())
+        if folded == cfg:
+            return cfg
+        cfg = folded
+    return cfg
+
+
+def _literal_value(node: ast.AST, env: dict[str, Any]) -> Any:
+    """The value of an expression of literals and names bound in ``env``; ValueError for any other construct."""
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, str) and any(name in node.value for name in env):  # an @ inside a quoted string
+            raise ValueError("a reference inside a string")
+        return node.value
+    if isinstance(node, ast.Name) and node.id in env:
+        return env[node.id]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal_value(e, env) for e in node.elts]
+    if isinstance(node, ast.IfExp):
+        return _literal_value(node.body if _literal_value(node.test, env) else node.orelse, env)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
+        value = _literal_value(node.operand, env)
+        if isinstance(node.op, ast.Not):
+            return not value
+        if not isinstance(value, (int, float)):
+            raise ValueError("a sign on a value that is not a number")
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BoolOp):  # Python's: the first value that decides, else the last
+        for v in node.values:
+            value = _literal_value(v, env)
+            if bool(value) != isinstance(node.op, ast.And):
+                break
+        return value
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.Eq, ast.NotEq)):
+        equal = _literal_value(node.left, env) == _literal_value(node.comparators[0], env)
+        return equal if isinstance(node.ops[0], ast.Eq) else not equal
+    raise ValueError(f"{type(node).__name__} is not a literal expression")
 
 
 def _with_recorded_class_map(model: LoadedModel) -> LoadedModel:

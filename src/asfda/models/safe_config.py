@@ -42,9 +42,9 @@ from asfda.errors import AsfdaError, missing_package, missing_package_error
 __all__ = ["DECLARED_ONLY", "MAX_RESOLVED_VALUES", "ConfigTooLarge", "DeclaredTransform", "build_network",
            "build_transforms", "resolve_literal", "too_large_error"]
 
-TRUST_HINT = ("if you trust this bundle, pass --trust-model-code (predict, evaluate, score, query, simulate, or init, "
-              "whose project keeps it; Python: load_model(..., allow_code=True)); otherwise rewrite the config with "
-              "literal values")
+TRUST_HINT = ("if you trust this bundle, pass --trust-model-code to each command that loads it (predict, evaluate, "
+              "score, query, simulate; init, next, finetune; Python: load_model(..., allow_code=True)); otherwise "
+              "rewrite the config with literal values")
 
 # MONAI's image readers, by the names LoadImage accepts (case-insensitive); any other reader string is refused
 _READERS = {"nibabelreader", "itkreader", "pydicomreader", "numpyreader", "pilreader", "nrrdreader",

@@ -107,11 +107,21 @@ class LoadedModel:
     def check_input_channels(self, have: int = 1, where: str | Path | None = None) -> None:
         """Refuses, before any inference, a network that expects another number of input channels."""
         want = self.in_channels
-        if want is not None and want != have:
+        if want is not None and want != have and not self._runs_with(have):
             raise AsfdaError(f"the model expects {want} input channels, the dataset has {have} (a model of several "
                              "stacked sequences or modalities)", where or self.source,
                              "use a model trained on single-channel images; asfda reads one channel per case "
                              "(nnU-Net's _0000 file)")
+
+    def _runs_with(self, channels: int) -> bool:
+        """Whether the network runs on a window of ``channels`` input channels: the first convolution found is a
+        guess (in a TorchScript module the layers come in no reliable order: a scripted DiNTS names an inner
+        16-channel layer first), so a disagreeing guess is checked by running it once."""
+        try:
+            probe_network(self.network, self.roi_size, channels, where=self.source)
+        except (AsfdaError, RuntimeError, ValueError):
+            return False
+        return True
 
     @property
     def weights_hash(self) -> str:

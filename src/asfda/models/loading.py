@@ -138,27 +138,12 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     if config is None and nnunet.is_nnunet_source(source):  # an nnU-Net v2 results folder, fold folder or checkpoint
         return _with_recorded_class_map(nnunet.load_nnunet(source, strict=strict, embedding_layer=embedding_layer,
                                                            activation=output_activation))
-    metadata: dict = {}
-    meta_path: Path | None = None
-    if source.is_dir():
-        cfg_path = next((source / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")
-                         if (source / "configs" / n).exists()), None)
-        if cfg_path is None:
-            raise AsfdaError("not a MONAI bundle: configs/inference.json is missing", source,
-                             "point at the bundle root (the folder holding configs/ and models/)")
-        weights = next((source / "models" / n for n in ("model.safetensors", "model.pt", "model.pth", "model.ts")
-                        if (source / "models" / n).exists()), None)
-        if weights is None:
-            raise AsfdaError("bundle has no weights (models/model.safetensors, model.pt or model.ts)",
-                             source / "models")
-    else:
-        weights = source
-        cfg_path = Path(config) if config else None
-    if not weights.is_file():  # a FIFO or a device in an unpacked archive would block or never end
-        raise AsfdaError("the model's weights are not a regular file", weights, "give the weights file itself")
+    cfg_path, weights = _model_files(source, config)
     scripted = is_torchscript(weights)
     if scripted and not allow_code:  # before anything of the file is opened by torch: loading it runs its code
         raise torchscript_refusal(weights)
+    metadata: dict = {}
+    meta_path: Path | None = None
     if source.is_dir():
         meta_path = source / "configs" / "metadata.json"
         if meta_path.exists():
@@ -171,13 +156,7 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     raw_cfg = _read_config(cfg_path) if cfg_path else {}
     cfg = prepared_config(raw_cfg, cfg_path, allow_code)  # what asfda builds from; the model keeps the file's own
     if scripted:
-        try:
-            network = torch.jit.load(str(weights), map_location="cpu")
-        except Exception as exc:
-            err = missing_package_error(exc, "the TorchScript model", weights)
-            if err is not None:
-                raise err from None
-            raise AsfdaError(f"cannot load TorchScript ({exc.__class__.__name__}: {str(exc)[:160]})", weights) from None
+        network = _load_torchscript(weights)
     else:
         if "network_def" not in cfg:
             raise AsfdaError("config has no 'network_def'", cfg_path,
@@ -201,6 +180,39 @@ def load_model(source: str | Path, *, config: str | Path | None = None, strict: 
     return _with_recorded_class_map(LoadedModel(network, class_names, prep, roi, swb, overlap, activation, source,
                                                 raw_cfg, metadata, embedding_layer or cfg.get("asfda_embedding_layer"),
                                                 probabilities))
+
+
+def _model_files(source: Path, config: str | Path | None) -> tuple[Path | None, Path]:
+    """(config file, weights file) of a bundle folder (``configs/inference.*``, ``models/model.*``) or of a bare
+    weights file with its ``config``; refuses a folder that is not a bundle and weights that are not a regular file."""
+    if source.is_dir():
+        cfg_path = next((source / "configs" / n for n in ("inference.json", "inference.yaml", "inference.yml")
+                         if (source / "configs" / n).exists()), None)
+        if cfg_path is None:
+            raise AsfdaError("not a MONAI bundle: configs/inference.json is missing", source,
+                             "point at the bundle root (the folder holding configs/ and models/)")
+        weights = next((source / "models" / n for n in ("model.safetensors", "model.pt", "model.pth", "model.ts")
+                        if (source / "models" / n).exists()), None)
+        if weights is None:
+            raise AsfdaError("bundle has no weights (models/model.safetensors, model.pt or model.ts)",
+                             source / "models")
+    else:
+        weights, cfg_path = source, Path(config) if config else None
+    if not weights.is_file():  # a FIFO or a device in an unpacked archive would block or never end
+        raise AsfdaError("the model's weights are not a regular file", weights, "give the weights file itself")
+    return cfg_path, weights
+
+
+def _load_torchscript(weights: Path) -> nn.Module:
+    """A TorchScript file, on the CPU (its code runs: the caller has checked that it may); a missing package or a
+    file torch cannot read is one line."""
+    try:
+        return torch.jit.load(str(weights), map_location="cpu")
+    except Exception as exc:
+        err = missing_package_error(exc, "the TorchScript model", weights)
+        if err is not None:
+            raise err from None
+        raise AsfdaError(f"cannot load TorchScript ({exc.__class__.__name__}: {str(exc)[:160]})", weights) from None
 
 
 # arguments MONAI deprecated as unused and then removed (a bundle written for an older MONAI still passes them):

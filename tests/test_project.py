@@ -317,12 +317,12 @@ def test_edit_summary_by_hand() -> None:
     assert e["edit_dice_mean"] == pytest.approx((12 / 14 + 0.0) / 2)
 
 
-def test_init_refuses_a_dataset_class_the_model_lacks(tmp_path: Path) -> None:
-    from asfda.errors import AsfdaError
+def test_init_folds_a_dataset_class_the_model_lacks_into_background(tmp_path: Path) -> None:
+    """Issue 35: a model with fewer organs than the dataset starts a project (before: refused); the class it lacks
+    is folded into background and recorded as such (tests/test_project_fewer_organs.py runs a round)."""
     from asfda.project import init_project
 
     bundle = write_bundle(tmp_path / "b", class_names=("background", "liver"))
     data = write_nnunet(tmp_path / "ds", n=3, labels={"background": 0, "liver": 1, "spleen": 2})
-    with pytest.raises(AsfdaError, match="--class-map target=source"):
-        init_project(tmp_path / "p", str(bundle), str(data))
-    assert not (tmp_path / "p").exists()
+    p = init_project(tmp_path / "p", str(bundle), str(data))
+    assert p.uncovered_classes() == ["spleen"] and p.state["class_map"]["spleen"] is None

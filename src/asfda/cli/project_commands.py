@@ -50,6 +50,9 @@ def init_command(args: argparse.Namespace) -> int:
     p = prj.init_project(args.out, args.model, args.pool, settings, labels_json=args.labels,
                          trust_model_code=args.trust_model_code)
     print(f"project created: {p.root} ({p.state['pool_cases']} pool cases, labels {p.state['labels']})")
+    if p.uncovered_classes():
+        print(f"note: dataset classes {p.uncovered_classes()} are not classes of the model: folded into background "
+              "(never predicted, their label voxels count as background in training and evaluation)")
     print(f"next: asfda next {p.root}")
     return 0
 

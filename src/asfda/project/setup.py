@@ -71,7 +71,9 @@ def init_project(out: str | Path, model: str, pool: str, settings: ProjectSettin
 
         labels = model_labels(loaded.label_names)  # a sigmoid head: background first, then its channels
     names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    cmap = build_class_map(loaded.label_names, names, parse_class_map_override(settings.class_map))
+    # a dataset class the model has no channel for (a one-organ model on a four-organ pool) is folded into background
+    cmap = build_class_map(loaded.label_names, names, parse_class_map_override(settings.class_map),
+                           fold_uncovered=True)
     cmap.refuse_new_classes(Path(pool) / "dataset.json" if (Path(pool) / "dataset.json").exists() else pool)
     project_state = {
         "format": FORMAT, "created": _now(),

@@ -151,6 +151,11 @@ class Project:
             state.labelled[cid] = int(q) if q is not None else self.round
         return state
 
+    def uncovered_classes(self) -> list[str]:
+        """The dataset classes the model has no output channel for (folded into background: never predicted, their
+        label voxels count as background), from the class map ``init`` recorded."""
+        return [t for t, src in (self.state.get("class_map") or {}).items() if src is None and t != "background"]
+
     @property
     def round(self) -> int:
         return len(self.state["rounds"])
@@ -169,7 +174,7 @@ class Project:
         adapter = Adapter(model, self.dataset().class_names,
                           class_map_override=parse_class_map_override(self.settings.class_map),
                           cache_dir=str(self.root / "cache"), device=device or self.settings.device, progress=progress,
-                          precision=precision)
+                          precision=precision, fold_uncovered=True)  # as init built its class map
         if self.state.get("weights"):
             adapter.load_current_state(self._weights(self.state["weights"]))
         return adapter

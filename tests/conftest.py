@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import cast
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -42,6 +44,11 @@ def write_nnunet(root: Path, n: int = 3, labels: dict | None = None, affine: np.
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "MR"}, "labels": labels or TINY_LABELS, "numTraining": n, "file_ending": ".nii.gz"}))
     return root
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """``nib.load`` typed as what it returns for a .nii / .nii.gz (nibabel annotates the base image class)."""
+    return cast(nib.Nifti1Image, nib.load(str(path)))
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from conftest import write_nnunet
 def test_flags_become_the_recipe_of_every_fold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asfda.crossval.run as run
 
-    calls = []
+    calls: list[Any] = []
     monkeypatch.setattr(run, "run_simulation", calls.append)
     data = write_nnunet(tmp_path / "ds", n=4)
     out, cache = tmp_path / "out", tmp_path / "cache"

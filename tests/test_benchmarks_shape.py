@@ -34,7 +34,7 @@ def _rel(path: Path) -> str:
 def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
     """``name (n lines)`` of every function or method in ``path`` longer than ``limit`` lines (def to last line)."""
     tree = ast.parse(path.read_text())
-    return [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+    return [f"{node.name} ({(node.end_lineno or node.lineno) - node.lineno + 1} lines)" for node in ast.walk(tree)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and (node.end_lineno or node.lineno) - node.lineno + 1 > limit]
 

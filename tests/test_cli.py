@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_query_help_names_the_package_default_diversity(capsys: pytest.CaptureFi
 def test_parser_knows_every_subcommand() -> None:
     parser = build_parser()
     actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-    assert set(SUBCOMMANDS) <= set(actions[0].choices)
+    assert set(SUBCOMMANDS) <= set(actions[0].choices or ())
 
 
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path: Path) -> None:
@@ -191,12 +192,12 @@ def test_ingest_of_an_empty_folder_says_so(tmp_path, tiny_bundle, tiny_dataset, 
     assert "nothing ingested" in capsys.readouterr().err
 
 
-MODEL_COMMANDS = ("evaluate", "predict", "score", "query", "simulate", "init", "next", "finetune")
+ALL_MODEL_COMMANDS = ("evaluate", "predict", "score", "query", "simulate", "init", "next", "finetune")
 TAKES_DATA = ("evaluate", "predict", "score", "query", "simulate", "init")  # next and finetune: the project's pool
 FINE_TUNES = ("simulate", "init", "finetune")  # --precision is the fine-tuning precision (init keeps it)
 
 
-@pytest.mark.parametrize("command", MODEL_COMMANDS)
+@pytest.mark.parametrize("command", ALL_MODEL_COMMANDS)
 def test_every_model_running_command_takes_data_device_and_precision(command: str) -> None:
     """One name per concept: --data (simulate and init: also --pool; predict: also --images) wherever a command reads
     a dataset, --device and --precision wherever a model runs (the fine-tuning precision where one is fine-tuned, else
@@ -228,7 +229,7 @@ def test_the_flags_parse_where_they_are_offered(argv: list[str], dest: str, valu
 def test_project_commands_pass_device_and_precision_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asfda.project as prj
 
-    seen = {}
+    seen: dict[str, Any] = {}
     monkeypatch.setattr(prj, "next_query", lambda root, **kw: seen.setdefault("next", kw) and 1 / 0)
     monkeypatch.setattr(prj, "finetune_project", lambda root, **kw: seen.setdefault("finetune", kw) and 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -242,7 +243,7 @@ def test_project_commands_pass_device_and_precision_on(tmp_path: Path, monkeypat
 def test_simulate_device_and_precision_reach_the_run_config(monkeypatch, tmp_path) -> None:
     import asfda.simulate
 
-    seen = {}
+    seen: dict[str, Any] = {}
     monkeypatch.setattr(asfda.simulate, "run_simulation", lambda cfg: seen.setdefault("cfg", cfg) and 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["simulate", "--model", "m", "--pool", "p", "--device", "cpu", "--precision", "bf16", "--debug"])
@@ -261,7 +262,7 @@ def test_inference_commands_pass_precision_and_device_on(argv: list[str], target
     import importlib
 
     module, name = target.rsplit(".", 1)
-    seen = {}
+    seen: dict[str, Any] = {}
     monkeypatch.setattr(importlib.import_module(module), name, lambda *a, **kw: seen.update(kw) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main([*argv, "--device", "cpu", "--precision", "bf16", "--debug"])

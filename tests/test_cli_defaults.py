@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,7 +138,7 @@ def test_the_help_follows_the_settings(other_defaults: None, capsys: pytest.Capt
 
 def test_init_without_flags_keeps_every_project_default(other_defaults: None, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = {}
+    seen: dict[str, Any] = {}
 
     def fake_init(out, model, pool, settings, **kwargs):
         seen["settings"] = settings
@@ -157,7 +158,7 @@ def test_query_without_strategy_or_seed_uses_the_project_defaults(other_defaults
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import asfda.query
 
-    seen = {}
+    seen: dict[str, Any] = {}
     monkeypatch.setattr(asfda.query, "query_dataset", lambda *a, **kw: seen.update(strategy=a[2], **kw) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["query", *MINIMAL_ARGV["query"], "--debug"])

@@ -67,6 +67,7 @@ def test_the_library_functions_print_nothing(tiny: dict, tmp_path: Path, capsys:
     assert score_dataset(tiny["nodrop"], tiny["data"], tmp_path / "s.csv", cache_dir=None, progress=False)
     run = query_dataset(tiny["cold"], tiny["data"], "random", 1, tmp_path / "q.json", cache_dir=None,
                         progress=False)
+    assert run is not None
     assert run.record == json.loads((tmp_path / "q.json").read_text()) and run.record["cold_start"]
     assert capsys.readouterr().out == ""
 

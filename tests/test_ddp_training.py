@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     labelled, pseudo = _volumes()
     with rank_context("cpu") as ctx:
-        result = {}
+        result: dict[str, Any] = {}
         for name, (cfg, with_pseudo) in CASES.items():
             net = _case_net(name)
             history = finetune(net, labelled, cfg, patch_size=PATCH, pseudo=pseudo if with_pseudo else None,
@@ -98,7 +99,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         loss, loss_l, loss_u = _global_batch_loss(ddp(torch.cat([x, b["xu"]]) if rank == 1 else x), part, upart, LAM)
         loss.backward()
         result["grad"] = {"loss": [float(v.detach()) for v in (loss, loss_l, loss_u)],
-                          "grads": {n: p.grad.clone() for n, p in net.named_parameters()}}
+                          "grads": {n: cast(torch.Tensor, p.grad).clone() for n, p in net.named_parameters()}}
         torch.save(result, Path(out) / f"rank{rank}.pt")
 
 

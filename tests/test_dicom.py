@@ -10,7 +10,6 @@ import csv
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -24,7 +23,7 @@ from asfda.errors import AsfdaError  # noqa: E402
 from asfda.io import load_dataset, read_nifti  # noqa: E402
 from asfda.io.dicom import scan_series, series_stamp, write_dicom_seg, written_seg  # noqa: E402
 from asfda.io.nifti import read_header, write_label_map  # noqa: E402
-from conftest import make_volume, write_bundle, write_nifti  # noqa: E402
+from conftest import load_nifti, make_volume, write_bundle, write_nifti  # noqa: E402
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -80,8 +79,8 @@ def write_series(folder: Path, raw: np.ndarray, affine_ras: np.ndarray, *, inter
         ds.InstanceNumber = int(nz - k if reverse_numbers else k + 1)
         ds.ImagePositionPatient = [_ds(v) for v in lps[:3, 3] + (k if z is None else z[k]) * lps[:3, 2]]
         ds.ImageOrientationPatient = [_ds(v) for v in (*(row_dir / col_spacing), *(col_dir / row_spacing))]
-        ds.PixelSpacing = [_ds(row_spacing), _ds(col_spacing)]
-        ds.SliceThickness = _ds(np.linalg.norm(lps[:3, 2]))
+        ds.PixelSpacing = [_ds(float(row_spacing)), _ds(float(col_spacing))]
+        ds.SliceThickness = _ds(float(np.linalg.norm(lps[:3, 2])))
         ds.Rows, ds.Columns = raw.shape[1], raw.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -120,7 +119,8 @@ def test_monai_folder_reader_agrees_on_an_ordered_series(tmp_path: Path) -> None
 
     raw, affine = _ct(1), oblique_affine(angles=(-20.0, 5.0, 40.0))
     folder = write_series(tmp_path / "s", raw, affine, reverse_numbers=False)
-    monai = LoadImage(reader=PydicomReader(fname_regex=None), image_only=True)(str(folder))
+    reader = PydicomReader(fname_regex=None)  # type: ignore[arg-type]  # None: every file of the folder
+    monai = LoadImage(reader=reader, image_only=True)(str(folder))
     data, aff = read_nifti(folder)
     np.testing.assert_array_equal(data, np.asarray(monai))
     np.testing.assert_allclose(aff, np.asarray(monai.affine), atol=1e-4)
@@ -238,7 +238,7 @@ def test_presegmentation_nifti_is_written_on_the_series_grid(tmp_path: Path) -> 
     out = tmp_path / "pred" / "CT.nii.gz"
     out.parent.mkdir()
     write_label_map(out, label, folder)
-    img = nib.load(str(out))
+    img = load_nifti(str(out))
     np.testing.assert_array_equal(np.asarray(img.dataobj), label)
     np.testing.assert_allclose(img.affine, affine, atol=1e-4)
     assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
@@ -295,14 +295,15 @@ def test_score_query_and_predict_on_a_dicom_pool_match_the_nifti_pool(tmp_path: 
         for key in a:
             if key != "case_id":
                 assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
-    picks = [query_dataset(bundle, pool, "asfda", 2, tmp_path / f"q_{n}.json", seed=1, temperature=1.0,
-                           cache_dir=None, progress=False).ids for n, pool in (("d", dicom), ("n", nifti))]
-    assert picks[0] == picks[1] and len(picks[0]) == 2
+    runs = [query_dataset(bundle, pool, "asfda", 2, tmp_path / f"q_{n}.json", seed=1, temperature=1.0,
+                          cache_dir=None, progress=False) for n, pool in (("d", dicom), ("n", nifti))]
+    picks = [run.ids if run is not None else None for run in runs]
+    assert picks[0] is not None and picks[0] == picks[1] and len(picks[0]) == 2
     predict_model(bundle, dicom, tmp_path / "pred", progress=False)
     ref = tmp_path / "pred_nifti"
     predict_model(bundle, nifti, ref, progress=False)
     for cid in ("A_CT", "B", "C"):
-        got, want = nib.load(str(tmp_path / "pred" / f"{cid}.nii.gz")), nib.load(str(ref / f"{cid}.nii.gz"))
+        got, want = load_nifti(str(tmp_path / "pred" / f"{cid}.nii.gz")), load_nifti(str(ref / f"{cid}.nii.gz"))
         np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
         np.testing.assert_allclose(got.affine, want.affine, atol=1e-4)
 

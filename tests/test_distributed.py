@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ from asfda.selection import STRATEGIES, get_strategy, needs_of
 from conftest import write_bundle, write_nnunet
 
 N_CASES = 5  # odd: the two shards differ in size (3 and 2)
-QUERIES = {  # name -> query_dataset keywords (asfda: T fitted on labelled cases; the pool-referenced norm_kl gap)
+# name -> query_dataset keywords (asfda: T fitted on labelled cases; the pool-referenced norm_kl gap)
+QUERIES: dict[str, dict[str, Any]] = {
     "fitted": {"labelled": ["case01"], "seed": 3},
     "norm_kl": {"round0_gap": "norm_kl", "seed": 0},
 }

@@ -38,7 +38,8 @@ def _cfg(bundle: Path, data: Path, out: Path) -> RunConfig:
     # asfda scores the pool (sharded), the guard runs on the unlabelled volumes (sharded), batch 2 is one patch a rank
     return RunConfig(model=str(bundle), pool=str(data), test_fraction=0.3, strategies=["asfda", "random"],
                      budget=1, rounds=2, seeds=[0], train=TrainConfig(steps=3, batch_size=2),
-                     cache_dir=None, out_dir=str(out), progress=False, report=False, device="cpu")
+                     cache_dir=None,  # type: ignore[arg-type]  # None: no cache (RunConfig.cache_dir says str)
+                     out_dir=str(out), progress=False, report=False, device="cpu")
 
 
 def _env(rank: int, world: int, port: int) -> None:

@@ -21,7 +21,7 @@ def _net(dropout: float = 0.1) -> torch.nn.Module:
 def test_embedding_layer_is_the_deepest_block() -> None:
     net = _net()
     name = find_embedding_layer(net, (16, 16, 8))
-    out = {}
+    out: dict[str, torch.Size] = {}
     h = dict(net.named_modules())[name].register_forward_hook(lambda m, i, o: out.update(shape=o.shape))
     net(torch.zeros(1, 1, 16, 16, 8))
     h.remove()
@@ -99,6 +99,11 @@ def test_torchscript_network_falls_back_to_pooled_logits() -> None:
 
 
 # -- cache of the small outputs ---------------------------------------------------------------------
+def _get(cache: EngineOutputCache, key: str) -> dict[str, np.ndarray]:
+    entry = cache.get(key)
+    assert entry is not None, key
+    return entry
+
 
 def test_cache_miss_put_hit_and_keys(tmp_path: Path) -> None:
     cache = EngineOutputCache(tmp_path / "c")
@@ -107,6 +112,7 @@ def test_cache_miss_put_hit_and_keys(tmp_path: Path) -> None:
     emb = torch.arange(8, dtype=torch.float32)
     cache.put(key, {"embedding": emb, "asd": 0.25, "n": np.int64(3)})
     hit = cache.get(key)
+    assert hit is not None
     assert set(hit) == {"embedding", "asd", "n"}
     np.testing.assert_array_equal(hit["embedding"], emb.numpy())
     assert float(hit["asd"]) == 0.25 and int(hit["n"]) == 3
@@ -122,7 +128,7 @@ def test_cache_put_is_atomic_and_replaces(tmp_path: Path, monkeypatch: pytest.Mo
     key = cache.key("a", "w", "p", tta=False)
     cache.put(key, {"x": np.ones(3)})
     cache.put(key, {"x": np.zeros(3)})
-    np.testing.assert_array_equal(cache.get(key)["x"], np.zeros(3))
+    np.testing.assert_array_equal(_get(cache, key)["x"], np.zeros(3))
 
     def broken_savez(fh, **arrays):
         fh.write(b"PK\x03\x04 half a file")
@@ -132,7 +138,7 @@ def test_cache_put_is_atomic_and_replaces(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(OSError, match="disk full"):
         cache.put(key, {"x": np.full(3, 7.0)})
     monkeypatch.undo()
-    np.testing.assert_array_equal(cache.get(key)["x"], np.zeros(3))  # old entry intact
+    np.testing.assert_array_equal(_get(cache, key)["x"], np.zeros(3))  # old entry intact
     assert [p.name for p in tmp_path.iterdir()] == [f"{key}.npz"]  # no temporary left behind
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from asfda.cli import main
-from conftest import write_bundle, write_nnunet
+from conftest import load_nifti, write_bundle, write_nnunet
 
 # `asfda evaluate` of the tiny bundle (seed 0) on write_nnunet(n=2), as written before evaluate became a wrapper of
 # Adapter.evaluate (the same text: every number, column and key)
@@ -94,7 +94,7 @@ def test_adapter_evaluate_hd95_columns_are_off_by_default(tmp_path: Path) -> Non
 
 def _spoil(label_path: Path, value: float) -> Path:
     """Sets one voxel of a label file to ``value`` (a fraction, or a value that is no label)."""
-    img = nib.load(str(label_path))
+    img = load_nifti(str(label_path))
     label = np.asarray(img.dataobj).astype(np.float32)
     label[0, 0, 0] = value
     nib.save(nib.Nifti1Image(label, img.affine), str(label_path))
@@ -114,10 +114,15 @@ def test_a_label_ingest_refuses_is_refused_before_the_model_runs(tmp_path: Path,
 
     data = write_nnunet(tmp_path / "ds", n=2)
     bad = _spoil(data / "labelsTr" / "case01.nii.gz", value)
-    assert expected in check_label(bad, load_dataset(data).by_id()["case01"], {0, 1, 2})  # ingest's own verdict
-    runs = []
+    assert expected in str(check_label(bad, load_dataset(data).by_id()["case01"], {0, 1, 2}))  # ingest's own verdict
+    runs: list[int] = []
     original = InferenceEngine.run
-    monkeypatch.setattr(InferenceEngine, "run", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+
+    def counted(self, *a, **k):
+        runs.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(InferenceEngine, "run", counted)
     out = tmp_path / "ev"
     assert main(["evaluate", "--model", str(write_bundle(tmp_path / "bundle")), "--data", str(data), "--out",
                  str(out), "--no-progress"]) == 2
@@ -148,7 +153,7 @@ def _liver_only_dataset(src: Path, root: Path) -> Path:
     for p in (src / "imagesTr").iterdir():
         (root / "imagesTr" / p.name).write_bytes(p.read_bytes())
     for p in (src / "labelsTr").iterdir():
-        img = nib.load(str(p))
+        img = load_nifti(str(p))
         label = np.asarray(img.dataobj).copy()
         label[label == 2] = 0
         nib.save(nib.Nifti1Image(label, img.affine, img.header), str(root / "labelsTr" / p.name))

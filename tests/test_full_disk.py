@@ -22,21 +22,21 @@ pytestmark = pytest.mark.usefixtures("cwd_apart")
 def test_write_failure_recognises_what_the_writers_raise() -> None:
     from asfda.io.atomic import write_failure
 
-    assert "full" in write_failure(OSError(errno.ENOSPC, "No space left on device"))
-    assert "quota" in write_failure(OSError(errno.EDQUOT, "Disk quota exceeded"))
-    assert "input/output" in write_failure(OSError(errno.EIO, "Input/output error"))
-    assert "full" in write_failure(OSError("1000000 requested and 131056 written"))  # np.save
-    assert "full" in write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 "
-                                                "vs 534"))  # torch.save
-    assert "full" in write_failure(Exception("Error while serializing: I/O error: No space left on device (os "
-                                             "error 28)"))  # safetensors
+    assert "full" in str(write_failure(OSError(errno.ENOSPC, "No space left on device")))
+    assert "quota" in str(write_failure(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    assert "input/output" in str(write_failure(OSError(errno.EIO, "Input/output error")))
+    assert "full" in str(write_failure(OSError("1000000 requested and 131056 written")))  # np.save
+    assert "full" in str(write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 "
+                                                    "vs 534")))  # torch.save
+    assert "full" in str(write_failure(Exception("Error while serializing: I/O error: No space left on device (os "
+                                                 "error 28)")))  # safetensors
     try:
         try:
             raise OSError(errno.ENOSPC, "No space left on device")
         except OSError as inner:
             raise RuntimeError("wrapped") from inner
     except RuntimeError as outer:
-        assert "full" in write_failure(outer)
+        assert "full" in str(write_failure(outer))
     assert write_failure(OSError(errno.ENOENT, "No such file")) is None
     assert write_failure(ValueError("bad")) is None
 

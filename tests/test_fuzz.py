@@ -4,9 +4,12 @@ exception. No model is loaded; each example takes milliseconds."""
 
 from __future__ import annotations
 
+import functools
 import json
 import string
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pytest
@@ -72,7 +75,10 @@ def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_nnunet(tmp_path_factory.mktemp("fuzz") / "ds", n=2, shape=(6, 5, 4))
 
 
-def _loads_or_asfda_error(call) -> object:
+T = TypeVar("T")
+
+
+def _loads_or_asfda_error(call: Callable[[], T]) -> T | AsfdaError:
     try:
         return call()
     except AsfdaError as exc:
@@ -86,8 +92,9 @@ def _loads_or_asfda_error(call) -> object:
 def test_any_dataset_json_loads_or_is_an_asfda_error(dataset_root: Path, meta: object) -> None:
     (dataset_root / "dataset.json").write_text(json.dumps(meta, allow_nan=True), encoding="utf-8")
     for require_labels in (False, True):
-        result = _loads_or_asfda_error(lambda rl=require_labels: load_dataset(dataset_root, require_labels=rl))
+        result = _loads_or_asfda_error(functools.partial(load_dataset, dataset_root, require_labels=require_labels))
         if not isinstance(result, AsfdaError):  # loaded: the labels are what parse_labels accepts
+            assert isinstance(meta, dict)
             assert result.labels == parse_labels(meta["labels"], dataset_root / "dataset.json")
             assert [c.case_id for c in result.cases] == ["case00", "case01"]
 
@@ -157,7 +164,7 @@ overrides = st.dictionaries(st.sampled_from(["model", "pool", "budget", "train.s
 @FUZZ
 @given(data=run_config)
 def test_config_from_dict_builds_or_refuses(data: object) -> None:
-    result = _loads_or_asfda_error(lambda: config_from_dict(RunConfig, data))
+    result = _loads_or_asfda_error(lambda: config_from_dict(RunConfig, cast(Any, data)))
     if isinstance(result, RunConfig):
         assert isinstance(result.train, TrainConfig) and isinstance(result.semi, SemiConfig)
 

@@ -79,8 +79,13 @@ def test_train_round_reverts_a_less_plausible_model_and_keeps_a_better_one(
 def test_guard_off_or_without_unlabeled_volumes_does_not_run(tiny_bundle: Path, tiny_dataset: Path,
                                                               monkeypatch) -> None:
     adapter, cases = _adapter(tiny_bundle, tiny_dataset)
-    calls = []
-    monkeypatch.setattr(Adapter, "plausibility", lambda self, *a, **k: calls.append(1) or 0.0)
+    calls: list[int] = []
+
+    def plausibility(self, *a, **k) -> float:
+        calls.append(1)
+        return 0.0
+
+    monkeypatch.setattr(Adapter, "plausibility", plausibility)
     out = adapter.train_round(cases[:1], cases[1:], TrainConfig(steps=1, guard=False), SemiConfig(), 1.0)
     assert out.guard is None
     out = adapter.train_round(cases, [], TrainConfig(steps=1), SemiConfig(), 1.0)

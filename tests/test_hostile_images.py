@@ -10,6 +10,7 @@ import struct
 import tracemalloc
 import zlib
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +54,7 @@ def _both(data: Path, **patch) -> Path:
 
 
 PARALLEL_AXES = np.array([[2.0, 2.0, 0, 0], [2.0, 2.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
-GRIDS = {
+GRIDS: dict[str, tuple[dict[str, Any], str]] = {
     "zero pixdim": ({"pixdim": (2.0, 0.0, 3.0)}, "not positive and finite"),
     "negative pixdim": ({"pixdim": (2.0, -2.0, 3.0)}, "not positive and finite"),
     "infinite pixdim": ({"pixdim": (2.0, np.inf, 3.0)}, "not positive and finite"),
@@ -86,7 +87,7 @@ def test_a_singular_affine_is_one_line_through_the_cli(inputs: dict,
 
 @pytest.mark.parametrize("dtype, words", [(np.complex64, "complex"), (np.complex128, "complex"),
                                           ("rgb", "not plain numbers")])
-def test_voxels_that_are_not_real_numbers_are_refused(tmp_path: Path, dtype: object, words: str) -> None:
+def test_voxels_that_are_not_real_numbers_are_refused(tmp_path: Path, dtype: Any, words: str) -> None:
     """Before: complex voxels were read as their real part without a word."""
     path = tmp_path / "x.nii.gz"
     if dtype == "rgb":

@@ -12,13 +12,12 @@ import shutil
 import signal
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from asfda.project import Project, ProjectSettings, finetune_project, ingest_labels, init_project, next_query
 from asfda.training import TrainConfig
-from conftest import run_cli_killed_at, write_bundle, write_nnunet
+from conftest import load_nifti, run_cli_killed_at, write_bundle, write_nnunet
 
 N = 4
 RUN = "asfda.engine:InferenceEngine.run"  # one sliding-window pass of one volume
@@ -151,7 +150,7 @@ def test_kill_9_in_evaluate_then_evaluate_again_gives_the_same_numbers(tiny: dic
 def _maps(folder: Path) -> dict[str, tuple]:
     out = {}
     for p in sorted(folder.glob("[!.]*.nii.gz")):  # hidden temporary files are not outputs
-        img = nib.load(str(p))
+        img = load_nifti(str(p))
         out[p.name] = (np.asarray(img.dataobj).tobytes(), img.affine.tobytes(), str(img.get_data_dtype()))
     return out
 

@@ -62,7 +62,7 @@ def test_fully_masked_batch_and_single_class_give_zero_loss() -> None:
     loss = masked_dice_ce(x, target, torch.zeros_like(target, dtype=torch.bool))
     assert loss.item() == 0.0 == _reference(logits, target, torch.zeros_like(target)).item()
     loss.backward()
-    assert torch.all(x.grad == 0)
+    assert x.grad is not None and torch.all(x.grad == 0)
     one = torch.randn(2, 1, 4, 4, 4, requires_grad=True)  # one class: softmax 1 everywhere, Dice 1, CE 0
     zero = torch.zeros(2, 4, 4, 4, dtype=torch.long)
     loss = masked_dice_ce(one, zero)

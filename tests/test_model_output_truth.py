@@ -15,14 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from asfda.cli import main
 from asfda.models import build_class_map, load_model
-from conftest import write_bundle, write_nnunet
+from conftest import load_nifti, write_bundle, write_nnunet
 
 
 def _run(*args: object) -> int:
@@ -94,7 +93,7 @@ def test_a_network_ending_in_softmax_is_taken_as_probabilities_and_said_so(
             scores[name] = list(csv.DictReader(f))
         assert _run("predict", "--model", bundle, "--images", ds, "--out", tmp_path / f"pred_{name}", "--device",
                     "cpu", "--trust-model-code") == 0
-        labels[name] = {p.name: np.asarray(nib.load(str(p)).dataobj)
+        labels[name] = {p.name: np.asarray(load_nifti(str(p)).dataobj)
                         for p in sorted((tmp_path / f"pred_{name}").glob("*.nii.gz"))}
     assert len(labels["plain"]) == 3
     for name in ("logits_ts", "ending"):
@@ -172,7 +171,7 @@ def test_an_adapted_bundle_runs_on_its_dataset_without_class_map_again(tmp_path:
                     "cpu", *extra) == 0
         summary = json.loads((tmp_path / f"eval_{how}" / "summary.json").read_text())
         out[how] = (summary["class_map"], summary["mean"],
-                    {p.name: np.asarray(nib.load(str(p)).dataobj) for p in (tmp_path / f"pred_{how}").glob("*.nii.gz")})
+                    {p.name: np.asarray(load_nifti(p).dataobj) for p in (tmp_path / f"pred_{how}").glob("*.nii.gz")})
         assert json.loads((tmp_path / f"pred_{how}" / "labels.json").read_text()) == PROJECT_LABELS
     assert out["recorded"][0] == {"background": "background", "organ_a": "organ_a", "organ_b": "organ_b"}
     assert out["recorded"][1] == out["given"][1]
@@ -245,8 +244,8 @@ def test_a_torchscript_export_runs_under_monai_bundle_run(softmax: bool, tiny_pl
     written = sorted((tmp_path / "monai").glob("*_seg.nii.gz"))
     assert [p.name for p in written] == [f"case{i:02d}_seg.nii.gz" for i in range(3)]
     for p in written:
-        theirs = np.asarray(nib.load(str(p)).dataobj).squeeze()
-        ours = np.asarray(nib.load(str(tmp_path / "asfda" / p.name.replace("_seg", ""))).dataobj)
+        theirs = np.asarray(load_nifti(str(p)).dataobj).squeeze()
+        ours = np.asarray(load_nifti(str(tmp_path / "asfda" / p.name.replace("_seg", ""))).dataobj)
         assert theirs.shape == ours.shape
         differ = float(np.mean(theirs != ours))
         assert differ < 0.02 if softmax else differ == 0, (p.name, differ)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def _write_cmd(marker: Path) -> str:
     return f"touch {marker}"
 
 
-def _payloads(marker: Path) -> dict[str, tuple[str, object]]:
+def _payloads(marker: Path) -> dict[str, Callable[[dict], None]]:
     """name -> (which config key it poisons, how): a callable(cfg) that plants the payload."""
     m = str(marker)
     open_call = {"_target_": "open", "file": m, "mode": "w"}
@@ -357,11 +358,12 @@ def test_pretrained_by_default_networks_build_without_the_network(monkeypatch: p
     text = {"_target_": "monai.networks.blocks.text_embedding.TextEncoder", "out_channels": 2}
     for node in (effnet, text):
         assert build_network({"network_def": node}, None) is not None
-    for node, match in (({**effnet, "pretrained": True}, "pretrained=True"),
-                        ({"_target_": "Transchex", "in_channels": 1, "img_size": 32, "patch_size": 16,
-                          "num_classes": 2, "num_language_layers": 1, "num_vision_layers": 1, "num_mixed_layers": 1},
-                         "path_or_repo_id"),
-                        ({"_target_": "monai.networks.nets.TorchVisionFCModel", "weights": "DEFAULT"}, "weights"),
-                        ({**_tiny_net(), "path_or_repo_id": "someone/model"}, "path_or_repo_id")):
+    refused: list[tuple[dict[str, object], str]] = [
+        ({**effnet, "pretrained": True}, "pretrained=True"),
+        ({"_target_": "Transchex", "in_channels": 1, "img_size": 32, "patch_size": 16, "num_classes": 2,
+          "num_language_layers": 1, "num_vision_layers": 1, "num_mixed_layers": 1}, "path_or_repo_id"),
+        ({"_target_": "monai.networks.nets.TorchVisionFCModel", "weights": "DEFAULT"}, "weights"),
+        ({**_tiny_net(), "path_or_repo_id": "someone/model"}, "path_or_repo_id")]
+    for node, match in refused:
         with pytest.raises(AsfdaError, match=match):
             build_network({"network_def": node}, None)

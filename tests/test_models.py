@@ -18,7 +18,7 @@ from asfda.models import (
     save_bundle,
 )
 from asfda.models.loading import load_state_dict_file, unwrap_state_dict
-from conftest import write_bundle, write_nnunet
+from conftest import load_nifti, write_bundle, write_nnunet
 
 
 def test_bundle_loads_with_declared_preprocessing(tiny_bundle: Path) -> None:
@@ -72,6 +72,8 @@ def test_unwrap_rejects_non_state_dict(tmp_path: Path) -> None:
 
 
 class _Evil:
+    target = ""
+
     def __reduce__(self):
         import pathlib
 
@@ -157,9 +159,8 @@ def test_inverse_puts_prediction_back_on_the_input_grid(tmp_path: Path, tiny_bun
     back = resample_to_native(onehot, vol.affine, vol.native_affine, vol.native_shape)
     assert tuple(back.shape[1:]) == case.shape
     assert np.allclose(vol.native_affine, case.affine)
-    import nibabel as nib
 
-    original = np.asarray(nib.load(str(case.label_path)).dataobj)
+    original = np.asarray(load_nifti(str(case.label_path)).dataobj)
     agree = (back.argmax(0).numpy() == original).mean()
     assert agree > 0.95
 

@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -18,7 +17,7 @@ from asfda.predict import predict_model
 from asfda.project import Project, ProjectSettings, project_lock
 from asfda.query import query_dataset
 from asfda.training import TrainConfig
-from conftest import make_volume, write_bundle, write_nifti
+from conftest import load_nifti, make_volume, write_bundle, write_nifti
 
 N_STUDIES = 5
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
@@ -72,12 +71,14 @@ def test_next_sample_is_asfda_querys_pick(app: dict, strategy: str) -> None:
     backend = AppBackend(app["app"], app["studies"])
     backend.open_project()
     pick = backend.next_sample(strategy)
+    assert pick is not None
     expected = query_dataset(app["model"], app["studies"], strategy, 1, app["root"] / f"q_{strategy}.json",
                              device="cpu", progress=False, cache_dir=None)
+    assert expected is not None
     assert pick is not None and pick["id"] == expected.ids[0]
     assert pick["asfda"]["strategy"] == strategy and pick["asfda"]["round"] == 0
     others = [f"case{i:02d}" for i in range(N_STUDIES) if f"case{i:02d}" != pick["id"]]
-    assert backend.next_sample(strategy, others)["id"] in others  # only MONAI Label's unlabeled images
+    assert (backend.next_sample(strategy, others) or {})["id"] in others  # only MONAI Label's unlabeled images
     assert backend.next_sample(strategy, []) is None
 
 
@@ -98,17 +99,18 @@ def test_saved_labels_are_checked_and_ingested_then_a_round_and_inference(app: d
     truth = app["truth"]
     assert backend.check_label("case01", truth / "case01.nii.gz") is None
     bad = write_nifti(app["root"] / "bad" / "case02.nii.gz", np.zeros((4, 4, 4), np.uint8), AFFINE)
-    assert "differs from the image's" in backend.check_label("case02", bad)
-    wrong_values = nib.load(truth / "case03.nii.gz").get_fdata().astype(np.uint8) * 3
+    assert "differs from the image's" in (backend.check_label("case02", bad) or "")
+    wrong_values = load_nifti(truth / "case03.nii.gz").get_fdata().astype(np.uint8) * 3
     assert "not label values [0, 1, 2]" in (backend.check_label(
         "case03", write_nifti(app["root"] / "bad" / "case03.nii.gz", wrong_values, AFFINE)) or "")
-    assert "not an image of the asfda pool" in backend.check_label("nope", truth / "case01.nii.gz")
+    assert "not an image of the asfda pool" in (backend.check_label("nope", truth / "case01.nii.gz") or "")
 
     final = backend.labels_dir
     final.mkdir(parents=True)
     shutil.copyfile(truth / "case01.nii.gz", final / "case01.nii.gz")
     shutil.copyfile(bad, final / "case02.nii.gz")  # put there by hand: ingest refuses it
     pick = backend.next_sample("asfda")
+    assert pick is not None
     assert pick["asfda"]["labels"]["accepted"] == ["case01"]
     assert [r["file"] for r in pick["asfda"]["labels"]["refused"]] == ["case02.nii.gz"]
     assert pick["id"] != "case01" and sorted(Project(backend.root).state["labelled"]) == ["case01"]
@@ -116,15 +118,15 @@ def test_saved_labels_are_checked_and_ingested_then_a_round_and_inference(app: d
     before = backend.infer(app["studies"] / "case04.nii.gz", app["root"] / "pred0.nii.gz")
     assert before["rounds_trained"] == 0 and before["weights"] is None
     predict_model(app["model"], app["studies"], app["root"] / "predicted", device="cpu", progress=False)
-    assert np.array_equal(nib.load(app["root"] / "pred0.nii.gz").get_fdata(),
-                          nib.load(app["root"] / "predicted" / "case04.nii.gz").get_fdata())
+    assert np.array_equal(load_nifti(app["root"] / "pred0.nii.gz").get_fdata(),
+                          load_nifti(app["root"] / "predicted" / "case04.nii.gz").get_fdata())
     result = backend.train()
     assert result["round"] == 0 and result["labelled"] == ["case01"] and result["weights"].endswith(".safetensors")
     assert (backend.root / "model" / "configs" / "metadata.json").exists()  # the round's export
     assert backend.stats()["rounds"] == 1
     after = backend.infer(app["studies"] / "case04.nii.gz", app["root"] / "pred1.nii.gz")
-    img = nib.load(app["studies"] / "case04.nii.gz")
-    lab = nib.load(app["root"] / "pred1.nii.gz")
+    img = load_nifti(app["studies"] / "case04.nii.gz")
+    lab = load_nifti(app["root"] / "pred1.nii.gz")
     assert after["weights"] == result["weights"] and lab.shape == img.shape
     assert np.allclose(lab.affine, img.affine) and set(np.unique(lab.get_fdata())) <= {0, 1, 2}
     with pytest.raises(AsfdaError, match="not an image of the app's pool"):
@@ -143,12 +145,15 @@ def test_image_ids_are_monai_labels_and_a_busy_project_is_not_ingested(tmp_path:
     backend.open_project()
     assert backend.check_label("case01_0000", truth / "case01.nii.gz") is None
     pick = backend.next_sample("enpy", ["case00_0000", "case02_0000"])
+    assert pick is not None
     assert pick["id"] in ("case00_0000", "case02_0000") and pick["id"] == pick["asfda"]["case_id"] + "_0000"
     backend.labels_dir.mkdir(parents=True)
     shutil.copyfile(truth / "case01.nii.gz", backend.labels_dir / "case01_0000.nii.gz")  # as MONAI Label names it
     with project_lock(backend.root, "finetune"):
         busy = backend.next_sample("enpy", ["case00_0000", "case02_0000"])
+        assert busy is not None
     assert "another asfda process" in busy["asfda"]["labels"]["skipped"] and busy["id"] == pick["id"]
-    assert backend.next_sample("enpy")["asfda"]["labels"]["accepted"] == ["case01"]
+    after = backend.next_sample("enpy")
+    assert after is not None and after["asfda"]["labels"]["accepted"] == ["case01"]
     info = backend.infer(studies / "case02_0000.nii.gz", tmp_path / "p.nii.gz")
-    assert info["case_id"] == "case02" and nib.load(tmp_path / "p.nii.gz").shape == (20, 18, 12)
+    assert info["case_id"] == "case02" and load_nifti(tmp_path / "p.nii.gz").shape == (20, 18, 12)

@@ -19,16 +19,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote_plus
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from asfda.monailabel import STRATEGY_NAMES, AppBackend, write_app
 from asfda.project import Project
 from asfda.query import query_dataset
-from conftest import write_bundle, write_nifti
+from conftest import load_nifti, write_bundle, write_nifti
 from test_monailabel_app import AFFINE, app_settings, write_studies
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ class Client:
             name = part.get_param("name", header="content-disposition")
             payload = part.get_payload(decode=True)
             out[name] = {"file": part.get_filename(), "bytes": payload} if part.get_filename() else \
-                json.loads(payload)
+                json.loads(cast(bytes, payload))
         return out
 
 
@@ -176,6 +176,7 @@ def test_slicer_rest_calls_against_a_real_monailabel_server(server: dict) -> Non
         assert status == 200, answer
         expected = query_dataset(server["model"], studies, strategy, 1, root / f"query_{strategy}.json",
                                  device="cpu", progress=False, cache_dir=None)
+        assert expected is not None
         assert answer["id"] == expected.ids[0], (strategy, answer, expected)
         assert answer["asfda"]["strategy"] == strategy and answer["path"].endswith(f"{answer['id']}.nii.gz")
         picks[strategy] = answer["id"]
@@ -218,10 +219,10 @@ def test_slicer_rest_calls_against_a_real_monailabel_server(server: dict) -> Non
     status, answer = c.call("POST", f"/infer/asfda?image={quote_plus(second)}", fields={"params": "{}"})
     assert status == 200 and answer["params"]["weights"] == state["weights"], answer
     (root / "served.nii.gz").write_bytes(answer["image"]["bytes"])
-    served = nib.load(root / "served.nii.gz")
-    image = nib.load(studies / f"{second}.nii.gz")
+    served = load_nifti(root / "served.nii.gz")
+    image = load_nifti(studies / f"{second}.nii.gz")
     assert served.shape == image.shape and np.allclose(served.affine, image.affine)
     AppBackend(server["app"], studies).infer(studies / f"{second}.nii.gz", root / "here.nii.gz")
-    assert np.array_equal(served.get_fdata(), nib.load(root / "here.nii.gz").get_fdata())
+    assert np.array_equal(served.get_fdata(), load_nifti(root / "here.nii.gz").get_fdata())
     status, info = c.call("GET", "/info/")
     assert info["train_stats"]["asfda"]["rounds"] == 1

@@ -132,6 +132,11 @@ def test_what_counts_as_a_dataset_project_or_model(tmp_path: Path) -> None:
     from asfda.io.outputs import PROJECT_MARKERS, owned_place
     from asfda.project.state import BACKUP_FILE, PROJECT_FILE
 
+    def owner(path: Path) -> tuple[Path, str]:
+        found = owned_place(path)
+        assert found is not None, path
+        return found
+
     assert PROJECT_MARKERS == (PROJECT_FILE, BACKUP_FILE)
     (tmp_path / "plain").mkdir()
     assert owned_place(tmp_path / "plain" / "x") is None
@@ -140,20 +145,20 @@ def test_what_counts_as_a_dataset_project_or_model(tmp_path: Path) -> None:
     assert owned_place(tmp_path / "nx" / "out") is None
     (tmp_path / "bak").mkdir()  # an asfda project whose project.json is lost: its .bak still marks it
     (tmp_path / "bak" / "project.json.bak").write_text('{"format": 1, "pool": "p"}')
-    assert owned_place(tmp_path / "bak" / "o")[0] == tmp_path / "bak"
+    assert owner(tmp_path / "bak" / "o")[0] == tmp_path / "bak"
     (tmp_path / "broken").mkdir()  # a damaged project.json: counted as asfda's
     (tmp_path / "broken" / "project.json").write_text("{not json")
-    assert owned_place(tmp_path / "broken")[0] == tmp_path / "broken"
+    assert owner(tmp_path / "broken")[0] == tmp_path / "broken"
     (tmp_path / "raw" / "imagesTr").mkdir(parents=True)  # a dataset without its dataset.json yet
-    assert "dataset" in owned_place(tmp_path / "raw" / "out")[1]
+    assert "dataset" in owner(tmp_path / "raw" / "out")[1]
     res = tmp_path / "nnUNet_results" / "Dataset001_X" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     (res / "fold_0").mkdir(parents=True)
     (res / "plans.json").write_text("{}")
     (res / "dataset.json").write_text("{}")
-    assert "model" in owned_place(res / "fold_0" / "preds")[1]
+    assert "model" in owner(res / "fold_0" / "preds")[1]
     (tmp_path / "yaml_bundle" / "configs").mkdir(parents=True)
     (tmp_path / "yaml_bundle" / "configs" / "inference.yaml").write_text("network_def: {}\n")
-    assert "MONAI bundle" in owned_place(tmp_path / "yaml_bundle" / "eval")[1]
+    assert "MONAI bundle" in owner(tmp_path / "yaml_bundle" / "eval")[1]
 
 
 # ---------------------------------------------------------------------------------------------- existing files

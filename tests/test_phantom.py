@@ -19,6 +19,7 @@ from _phantom_helpers import _meta
 from asfda import phantom
 from asfda.errors import AsfdaError
 from asfda.phantom import LABELS, SUBGROUPS_TARGET, assign_subgroups, generate_benchmark, make_case
+from conftest import load_nifti
 
 N_SOURCE = 3
 N_TARGET = len(SUBGROUPS_TARGET) + 1  # >= number of subgroups: each one guaranteed
@@ -32,8 +33,8 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _load(folder: Path, case_id: str,
           canonical: bool = False) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    img = nib.load(folder / "imagesTr" / f"{case_id}_0000.nii.gz")
-    lbl = nib.load(folder / "labelsTr" / f"{case_id}.nii.gz")
+    img = load_nifti(folder / "imagesTr" / f"{case_id}_0000.nii.gz")
+    lbl = load_nifti(folder / "labelsTr" / f"{case_id}.nii.gz")
     if canonical:
         img, lbl = nib.as_closest_canonical(img), nib.as_closest_canonical(lbl)
     return img, lbl
@@ -249,8 +250,8 @@ def test_misleading_cases_are_appended_and_leave_the_rest_identical(tmp_path: Pa
     for cid in _meta(bench["target"]):  # the regular cases are byte-identical to a benchmark without them
         for sub in ("imagesTr", "labelsTr"):
             name = f"{cid}_0000.nii.gz" if sub == "imagesTr" else f"{cid}.nii.gz"
-            a = nib.load(str(bench["target"] / sub / name)).get_fdata()
-            b = nib.load(str(more["target"] / sub / name)).get_fdata()
+            a = load_nifti(str(bench["target"] / sub / name)).get_fdata()
+            b = load_nifti(str(more["target"] / sub / name)).get_fdata()
             np.testing.assert_array_equal(a, b)
     root = json.loads((tmp_path / "mis" / "phantom_meta.json").read_text())
     assert root["n_misleading"] == 2 and root["subgroup_counts"][phantom.MISLEADING] == 2

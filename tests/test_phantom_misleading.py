@@ -15,6 +15,7 @@ from asfda.io.datasets import load_dataset
 from asfda.models import load_model
 from asfda.phantom import MISLEADING, generate_benchmark
 from asfda.selection import PoolScores, build_strategy
+from asfda.selection.strategies import ASFDAStrategy
 
 pytestmark = pytest.mark.slow  # 43 phantom volumes generated and scored: about a minute on 2 cores
 
@@ -50,5 +51,7 @@ def test_methods_rule_takes_one_into_a_batch_of_four(scored) -> None:
     """The contrast that makes the test above mean something: the same scores, METHOD.md's rule."""
     pool, group = scored
     assert group & set(build_strategy("asfda").select(pool, 4, 0).ids)
-    comps = build_strategy("asfda", representativeness="typical").pool_components(pool)[1]
+    typical = build_strategy("asfda", representativeness="typical")
+    assert isinstance(typical, ASFDAStrategy)
+    comps = typical.pool_components(pool)[1]
     assert np.isclose(comps["outlier"].sum(), int(0.2 * len(pool.ids)))

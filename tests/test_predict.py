@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +16,7 @@ from asfda.cli.commands import predict_summary
 from asfda.errors import AsfdaError
 from asfda.models import LoadedModel, Preprocessing, load_model
 from asfda.predict import label_map_on_native_grid, predict_model
-from conftest import TINY_LABELS, TINY_NET, make_volume, write_bundle, write_nifti, write_nnunet
+from conftest import TINY_LABELS, TINY_NET, load_nifti, make_volume, write_bundle, write_nifti, write_nnunet
 
 # LPS, anisotropic, and one with permuted axes (the fake models below run on a RAS grid at 0.5 x 0.5 x 1 mm)
 LPS_ANISO = np.array([[-0.8, 0, 0, 10], [0, -0.9, 0, 20], [0, 0, 2.5, -30], [0, 0, 0, 1.0]])
@@ -28,6 +29,8 @@ class NearestIntensity(nn.Module):
     The conftest volumes are about 0 (background), 0.4 (label 1) and 0.8 (label 2), so with centers
     (0, 0.4, 0.8) the prediction is the true label: a geometry check of predict end to end.
     """
+
+    centers: torch.Tensor
 
     def __init__(self, centers: tuple[float, ...], sigmoid: bool = False) -> None:
         super().__init__()
@@ -46,7 +49,7 @@ def _fake_model(class_names: list[str], centers: tuple[float, ...], activation: 
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
-    img = nib.load(str(path))
+    img = load_nifti(str(path))
     return np.asarray(img.dataobj), img.affine, img
 
 
@@ -61,7 +64,7 @@ def test_predict_bundle_writes_uint8_maps_on_the_input_grid(tmp_path: Path, tiny
     assert result["written"] == ["case00", "case01"] and result["skipped"] == []
     assert json.loads((tmp_path / "out" / "labels.json").read_text()) == TINY_LABELS
     for cid in ("case00", "case01"):
-        src = nib.load(str(ds / "imagesTr" / f"{cid}_0000.nii.gz"))
+        src = load_nifti(str(ds / "imagesTr" / f"{cid}_0000.nii.gz"))
         data, affine, img = _read(tmp_path / "out" / f"{cid}.nii.gz")
         assert data.dtype == np.uint8 and img.get_data_dtype() == np.uint8
         assert data.shape == src.shape and np.allclose(affine, src.affine)
@@ -158,7 +161,7 @@ def test_torchscript_model_loads_with_config_and_predicts(tmp_path: Path) -> Non
     from monai.networks.nets import UNet
 
     torch.manual_seed(0)
-    net = UNet(**{k: v for k, v in TINY_NET.items() if k != "_target_"}).eval()
+    net = UNet(**cast(dict[str, Any], {k: v for k, v in TINY_NET.items() if k != "_target_"})).eval()
     ts = tmp_path / "tiny.ts"
     torch.jit.save(torch.jit.script(net), str(ts))
     bundle = write_bundle(tmp_path / "b")
@@ -207,7 +210,7 @@ def test_torchscript_saved_as_model_pt_is_recognised_by_content(tmp_path: Path) 
 
     from asfda.models.loading import is_torchscript
 
-    net = UNet(**{k: v for k, v in TINY_NET.items() if k != "_target_"}).eval()
+    net = UNet(**cast(dict[str, Any], {k: v for k, v in TINY_NET.items() if k != "_target_"})).eval()
     bundle = write_bundle(tmp_path / "b")
     assert not is_torchscript(bundle / "models" / "model.pt")
     cfg = json.loads((bundle / "configs" / "inference.json").read_text())

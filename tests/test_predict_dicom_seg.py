@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -15,7 +14,7 @@ hd = pytest.importorskip("highdicom")
 
 from asfda.cli import main  # noqa: E402
 from asfda.io.dicom import scan_series  # noqa: E402
-from conftest import make_volume, write_bundle, write_nifti  # noqa: E402
+from conftest import load_nifti, make_volume, write_bundle, write_nifti  # noqa: E402
 from test_dicom import oblique_affine, write_series  # noqa: E402
 
 CASES = ("A_CT", "B")
@@ -47,7 +46,7 @@ def test_dicom_seg_holds_the_label_map_on_the_series_slices(world: dict, tmp_pat
     code, printed, _ = _predict(capsys, world, "dicom", out, "--dicom-seg")
     assert code == 0 and "DICOM SEG of 2 series" in printed[0] and len(printed) == 1
     for cid in CASES:
-        label = np.asarray(nib.load(str(out / f"{cid}.nii.gz")).dataobj)
+        label = np.asarray(load_nifti(str(out / f"{cid}.nii.gz")).dataobj)
         assert 0 < np.count_nonzero(label) < label.size  # something to compare
         seg = hd.seg.segread(out / f"{cid}.seg.dcm")
         geo = scan_series(world["dicom"] / cid.replace("_", "/"))

@@ -28,7 +28,7 @@ from asfda.project import (
     project_status,
 )
 from asfda.training import TrainConfig
-from conftest import run_cli_killed, write_bundle, write_nifti, write_nnunet
+from conftest import load_nifti, run_cli_killed, write_bundle, write_nifti, write_nnunet
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
@@ -195,7 +195,7 @@ def test_lock_stops_a_second_process(pool: dict, tmp_path: Path) -> None:
              f"    print('locked', flush=True); time.sleep(30)\n"
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(AsfdaError, match=r"another asfda process is working on this project \(pid"):
             ingest_labels(proj, pool["truth"])
         # killed with -9 the holder leaves no stale lock behind
@@ -272,8 +272,8 @@ def test_next_writes_presegmentations_and_ingest_measures_the_edits(pool: dict, 
     folder = proj / q["folder"]
     labels = Project(proj).state["labels"]
     for cid in q["ids"]:
-        pre = nib.load(str(folder / "presegmentations" / f"{cid}.nii.gz"))
-        img = nib.load(str(pool["pool"] / "imagesTr" / f"{cid}_0000.nii.gz"))
+        pre = load_nifti(str(folder / "presegmentations" / f"{cid}.nii.gz"))
+        img = load_nifti(str(pool["pool"] / "imagesTr" / f"{cid}_0000.nii.gz"))
         assert pre.shape == img.shape and np.allclose(pre.affine, img.affine)
         assert set(np.unique(np.asarray(pre.dataobj)).tolist()) <= set(labels.values())
     itk = (folder / "labels.itksnap.txt").read_text()
@@ -285,9 +285,9 @@ def test_next_writes_presegmentations_and_ingest_measures_the_edits(pool: dict, 
     answers = _answer(pool["truth"], q["ids"], tmp_path / "ann0")
     ingest_labels(proj, answers)
     rec = Project(proj).state["labelled"][q["ids"][0]]
-    pre = np.asarray(nib.load(str(folder / "presegmentations" / f"{q['ids'][0]}.nii.gz")).dataobj).astype(np.int64)
-    truth = np.asarray(nib.load(str(answers / f"{q['ids'][0]}.nii.gz")).dataobj).astype(np.int64)
-    assert rec["edit"] == pytest.approx(edit_summary(pre, truth, labels), nan_ok=True)
+    offered = np.asarray(load_nifti(folder / "presegmentations" / f"{q['ids'][0]}.nii.gz").dataobj).astype(np.int64)
+    truth = np.asarray(load_nifti(answers / f"{q['ids'][0]}.nii.gz").dataobj).astype(np.int64)
+    assert rec["edit"] == pytest.approx(edit_summary(offered, truth, labels), nan_ok=True)
     effort = project_status(proj)["annotation_effort"]
     assert effort[0]["round"] == 0 and effort[0]["cases"] == 2
     # a corrected label replaces the first one, which is kept as CASE.v1.nii.gz
@@ -295,7 +295,7 @@ def test_next_writes_presegmentations_and_ingest_measures_the_edits(pool: dict, 
     fixed.flat[0] = 1 if fixed.flat[0] != 1 else 0  # one voxel corrected
     again = tmp_path / "ann0b"
     again.mkdir()
-    src = nib.load(str(answers / f"{q['ids'][0]}.nii.gz"))
+    src = load_nifti(str(answers / f"{q['ids'][0]}.nii.gz"))
     nib.save(nib.Nifti1Image(fixed, src.affine, src.header), str(again / f"{q['ids'][0]}.nii.gz"))
     assert ingest_labels(proj, again)["replaced"] == [q["ids"][0]]
     rec = Project(proj).state["labelled"][q["ids"][0]]

@@ -52,7 +52,7 @@ def test_set_changes_settings_with_the_checks_of_init(pool: dict, tmp_path: Path
     # the same value again: nothing written, and it says so
     assert main(["set", str(proj), "budget=3"]) == 0
     assert "nothing changed: budget is already 3" in capsys.readouterr().out
-    assert update_settings(proj, {"budget": 3}) == []
+    assert update_settings(proj, {"budget": "3"}) == []
 
 
 @pytest.mark.parametrize("item, match", [
@@ -153,7 +153,7 @@ def test_status_shows_the_when_to_stop_estimate_after_a_round(pool: dict, tmp_pa
     from asfda.stopping import PROBE_VOLUMES
 
     proj = _project(pool, tmp_path, strategy="random")
-    update_settings(proj, {"guard": False})  # the tiny test model's rounds would be discarded
+    update_settings(proj, {"guard": "false"})  # the tiny test model's rounds would be discarded
     assert project_status(proj)["when_to_stop"]["recommendation"] == "no estimate yet"
     q = next_query(proj, progress=False)
     ingest_labels(proj, _answer(pool["truth"], q["ids"], tmp_path / "a0"))

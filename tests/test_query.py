@@ -45,6 +45,7 @@ def _rows(path: Path) -> list[dict]:
 def test_score_all_strategies_writes_every_metric_component_and_embeddings(tiny: dict, tmp_path: Path) -> None:
     out = tmp_path / "scores.csv"
     meta = score_dataset(tiny["model"], tiny["data"], out, cache_dir=None, progress=False)
+    assert meta is not None
     rows = _rows(out)
     assert [r["case_id"] for r in rows] == [f"case{i:02d}" for i in range(N_CASES)]
     cols = set(rows[0])
@@ -73,6 +74,7 @@ def test_score_all_strategies_writes_every_metric_component_and_embeddings(tiny:
 def test_score_runs_only_what_the_named_strategies_need(tiny: dict, tmp_path: Path) -> None:
     out = tmp_path / "s.csv"
     meta = score_dataset(tiny["model"], tiny["data"], out, strategies=["enpy"], cache_dir=None, progress=False)
+    assert meta is not None
     assert set(_rows(out)[0]) == {"case_id", "asd", "enpy", "confidence"}
     assert meta["scoring"]["forward_passes_per_volume"] == 1
     assert not (tmp_path / "s.badge.npy").exists()
@@ -80,6 +82,7 @@ def test_score_runs_only_what_the_named_strategies_need(tiny: dict, tmp_path: Pa
 
 def test_score_without_dropout_skips_mc_by_default_and_names_tta_when_asked(tiny: dict, tmp_path: Path) -> None:
     meta = score_dataset(tiny["model_nodrop"], tiny["data"], tmp_path / "a.csv", cache_dir=None, progress=False)
+    assert meta is not None
     assert set(meta["skipped_strategies"]) == {"bald", "mc_entropy"}
     assert "'tta'" in score_lines(meta, 1.0, tmp_path / "a.json")  # what `asfda score` prints names the way out
     with pytest.raises(AsfdaError, match="tta"):
@@ -92,6 +95,7 @@ def test_query_every_strategy_end_to_end(tiny: dict, tmp_path: Path, name: str) 
     out = tmp_path / "q.json"
     q = query_dataset(tiny["model"], tiny["data"], name, 2, out, labelled=["case01"], seed=3, temperature=1.0,
                       cache_dir=None, progress=False)
+    assert q is not None
     assert len(q.ids) == 2 and len(set(q.ids)) == 2 and "case01" not in q.ids
     rec = json.loads(out.read_text())
     assert rec["ids"] == q.ids and rec["strategy"] == name and rec["labelled"] == ["case01"]
@@ -101,6 +105,7 @@ def test_query_every_strategy_end_to_end(tiny: dict, tmp_path: Path, name: str) 
     assert len(rec["scoring"]["tta_flips"]) == (3 if name == "tta" else 0)
     again = query_dataset(tiny["model"], tiny["data"], name, 2, tmp_path / "q2.json", labelled=["case01"], seed=3,
                           temperature=1.0, cache_dir=None, progress=False)
+    assert again is not None
     assert again.ids == q.ids  # deterministic per seed (MC passes included)
 
 
@@ -115,6 +120,7 @@ def test_query_random_runs_no_forward_pass(tiny: dict, tmp_path: Path, monkeypat
         monkeypatch.setattr(Adapter, name, boom)
     q = query_dataset(tiny["model"], tiny["data"], "random", 2, tmp_path / "q.json", labelled=["case01"], seed=5,
                       cache_dir=None, progress=False)
+    assert q is not None
     left = [f"case{i:02d}" for i in range(N_CASES) if i != 1]
     assert q.ids == get_strategy("random").select(PoolScores(left, {}, np.zeros((len(left), 0))), 2, 5).ids
     assert json.loads((tmp_path / "q.json").read_text())["scoring"]["forward_passes_per_volume"] == 0
@@ -123,6 +129,7 @@ def test_query_random_runs_no_forward_pass(tiny: dict, tmp_path: Path, monkeypat
 def test_query_fits_temperature_on_labelled_cases_and_chains_rounds(tiny: dict, tmp_path: Path) -> None:
     first = tmp_path / "round0.json"
     q0 = query_dataset(tiny["model"], tiny["data"], "asfda", 2, first, cache_dir=None, progress=False)
+    assert q0 is not None
     rec0 = json.loads(first.read_text())
     assert rec0["temperature"] == 1.0 and rec0["ece_before"] is None  # nothing labelled: T0
     assert all("feature_gap" in c and "min_distance" in c for c in rec0["components"].values())
@@ -130,11 +137,13 @@ def test_query_fits_temperature_on_labelled_cases_and_chains_rounds(tiny: dict, 
     assert all(i in printed for i in q0.ids) and "feature_gap=" in printed
     q_norm = query_dataset(tiny["model"], tiny["data"], "asfda", 2, tmp_path / "n.json", cache_dir=None,
                            progress=False, round0_gap="norm_kl")
+    assert q_norm is not None
     assert all("norm_kl" in c for c in q_norm.components.values())
     # the previous query.json as the labelled file: its ids are labelled now (the dataset has their labels)
     second = tmp_path / "round1.json"
     q1 = query_dataset(tiny["model"], tiny["data"], "asfda", 2, second, labelled=first, cache_dir=None,
                        progress=False)
+    assert q1 is not None
     rec1 = json.loads(second.read_text())
     assert not set(q1.ids) & set(q0.ids) and rec1["labelled"] == q0.ids
     assert rec1["temperature_source"] == "fitted" and rec1["temperature"] > 0
@@ -146,6 +155,7 @@ def test_query_fits_temperature_on_labelled_cases_and_chains_rounds(tiny: dict, 
     for temperature in (None, 1.3):
         qa = query_dataset(tiny["model"], tiny["data"], "asfda", 2, tmp_path / "a.json", labelled=first,
                            temperature=temperature, cache_dir=None, progress=False, diversity="anatomy")
+        assert qa is not None
         assert len(set(qa.ids)) == 2 and not set(qa.ids) & set(q0.ids)
         assert json.loads((tmp_path / "a.json").read_text())["strategy_settings"]["diversity"] == "anatomy"
 

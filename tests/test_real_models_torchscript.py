@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def _torchscript_bundle(root: Path, *, declared: bool, frozen: bool = False) -> 
     ``asfda_output_activation: none``."""
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
-    cfg = {k: SPLEEN_INFERENCE[k] for k in ("preprocessing", "inferer")}
+    cfg: dict[str, Any] = {k: SPLEEN_INFERENCE[k] for k in ("preprocessing", "inferer")}
     cfg["inferer"] = dict(cfg["inferer"], roi_size=[16, 16, 16])
     if declared:
         cfg["asfda_output_activation"] = "none"
@@ -200,8 +201,9 @@ def test_deep_supervision_outputs_train_on_the_full_resolution_head() -> None:
     cmap = build_class_map(["background", "liver", "spleen"], ["background", "liver", "spleen"])
     x = torch.randn(2, 1, 4, 4, 4)
     for as_list in (False, True):
-        net = ClassMappedNetwork(Stacked(as_list), cmap).train()
-        torch.testing.assert_close(net(x), net.network.conv(x))
+        stacked = Stacked(as_list)
+        net = ClassMappedNetwork(stacked, cmap).train()
+        torch.testing.assert_close(net(x), stacked.conv(x))
 
 
 def test_a_preprocessing_step_that_fails_is_named_with_the_image(zoo: dict[str, Path], tmp_path: Path,

@@ -159,6 +159,7 @@ def test_report_html_is_self_contained_with_spread_over_seeds(run_dir: Path) -> 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package `chromium`) is not installed")
 def test_report_html_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
+    assert CHROMIUM is not None
     proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                            "--window-size=1200,3000", f"--screenshot={shot}", (run_dir / "report.html").as_uri()],
                           capture_output=True, text=True, timeout=120)

@@ -27,7 +27,7 @@ def _folder(out: Path) -> RunLayout:
 
 
 def test_the_layout_spells_every_file_of_a_run(tmp_path: Path) -> None:
-    layout = RunLayout(str(tmp_path))
+    layout = RunLayout(tmp_path)
     assert layout.state("asfda", 3) == tmp_path / "asfda" / "seed3" / "state.json"
     assert layout.weights("asfda", 3, 2) == tmp_path / "asfda" / "seed3" / "weights_round2.safetensors"
     assert layout.weights("asfda", 3, 2).match(RunLayout.WEIGHTS_GLOB)

@@ -136,15 +136,15 @@ def test_normalisation_stat_divergence_layers_count_equally() -> None:
 # ---------------------------------------------------------------------------------------------- needs
 def test_scoring_needs_validation_and_union() -> None:
     with pytest.raises(ValueError, match="unknown metrics"):
-        ScoringNeeds(metrics={"entropy_typo"})
+        ScoringNeeds(metrics=frozenset({"entropy_typo"}))
     with pytest.raises(ValueError, match="mc_dropout"):
-        ScoringNeeds(metrics={"bald"})
+        ScoringNeeds(metrics=frozenset({"bald"}))
     with pytest.raises(ValueError, match="axis 0"):
         ScoringNeeds(tta_flips=((0,),))
     with pytest.raises(ValueError, match="at least 2"):
-        ScoringNeeds(metrics={"tta_variance"}, tta_flips=((),))
-    a = ScoringNeeds(metrics={"bald"}, mc_dropout=5, tta_flips=((), (2, 1)))
-    b = ScoringNeeds(metrics={"mc_entropy"}, mc_dropout=3, tta_flips=((1, 2), (1,)), feature_stats=True)
+        ScoringNeeds(metrics=frozenset({"tta_variance"}), tta_flips=((),))
+    a = ScoringNeeds(metrics=frozenset({"bald"}), mc_dropout=5, tta_flips=((), (2, 1)))
+    b = ScoringNeeds(metrics=frozenset({"mc_entropy"}), mc_dropout=3, tta_flips=((1, 2), (1,)), feature_stats=True)
     u = a | b
     assert u.metrics == {"bald", "mc_entropy"} and u.mc_dropout == 5 and u.feature_stats and not u.divergence
     assert (a | ScoringNeeds(divergence=True)).divergence and (ScoringNeeds(divergence=True) | a).divergence

@@ -26,7 +26,7 @@ from asfda.scoring.pool import score_volumes
 
 
 # ---------------------------------------------------------------------------------------------- the scoring stage
-class _FakeEngine:
+class _FakeEngine(InferenceEngine):
     """Records every call; logits depend on the image (not flip-symmetric) and, with mc_dropout, on the
     global torch RNG (which the scoring stage seeds per volume and pass)."""
 
@@ -36,7 +36,8 @@ class _FakeEngine:
         self.calls: list[tuple[torch.Tensor, bool]] = []
         self.c = n_classes
 
-    def run(self, image: torch.Tensor, *, mc_dropout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, image: torch.Tensor, *, mc_dropout: bool = False, tta: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls.append((image.clone(), mc_dropout))
         x = image[0]
         ramp = torch.arange(x.numel(), dtype=torch.float32).reshape(x.shape) / x.numel()
@@ -55,13 +56,14 @@ def _volumes(n: int = 3, shape=(4, 5, 3)) -> list[SimpleNamespace]:
     ("needs", "extra_calls", "metrics"),
     [
         (None, 0, {"asd", "enpy", "confidence"}),
-        (ScoringNeeds(metrics={"enpy"}), 0, {"asd", "enpy", "confidence"}),
-        (ScoringNeeds(metrics={"bald"}, mc_dropout=5), 5, {"asd", "enpy", "confidence", "mc_entropy", "bald"}),
-        (ScoringNeeds(metrics={"tta_variance"}, tta_flips=((), (1,), (2,), (1, 2))), 3,
+        (ScoringNeeds(metrics=frozenset({"enpy"})), 0, {"asd", "enpy", "confidence"}),
+        (ScoringNeeds(metrics=frozenset({"bald"}), mc_dropout=5), 5,
+         {"asd", "enpy", "confidence", "mc_entropy", "bald"}),
+        (ScoringNeeds(metrics=frozenset({"tta_variance"}), tta_flips=((), (1,), (2,), (1, 2))), 3,
          {"asd", "enpy", "confidence", "tta_variance"}),
-        (ScoringNeeds(metrics={"bald", "tta_variance"}, mc_dropout=2, tta_flips=((), (2,))), 2 + 1,
+        (ScoringNeeds(metrics=frozenset({"bald", "tta_variance"}), mc_dropout=2, tta_flips=((), (2,))), 2 + 1,
          {"asd", "enpy", "confidence", "mc_entropy", "bald", "tta_variance"}),
-        (ScoringNeeds(vectors={"badge"}), 0, {"asd", "enpy", "confidence"}),
+        (ScoringNeeds(vectors=frozenset({"badge"})), 0, {"asd", "enpy", "confidence"}),
         (ScoringNeeds(feature_stats=True), 0, {"asd", "enpy", "confidence"}),  # no BatchNorm here
     ],
 )
@@ -84,13 +86,14 @@ def test_score_volumes_runs_only_the_passes_the_needs_declare(needs, extra_calls
 def test_score_volumes_frozen_adds_kd_from_one_more_pass() -> None:
     cur, frz = _FakeEngine(), _FakeEngine()
     out = score_volumes(_volumes(2), cur, 1.0, frozen=frz, needs=ScoringNeeds(feature_stats=True))
+    assert out.embeddings0 is not None
     assert len(frz.calls) == 2 and "kd" in out.metrics and out.embeddings0.shape == (2, 3)
     assert np.allclose(out.metrics["kd"], 0.0)  # same fake model -> KL 0
     assert out.info["divergence_available"] == "kd"
 
 
 def test_score_volumes_mc_passes_are_seeded_order_free_and_match_the_pure_functions() -> None:
-    needs = ScoringNeeds(metrics={"bald"}, mc_dropout=4)
+    needs = ScoringNeeds(metrics=frozenset({"bald"}), mc_dropout=4)
     vols = _volumes(3)
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -119,7 +122,7 @@ def test_score_volumes_tta_flips_axes_1_2_only_and_flips_logits_back() -> None:
     eng = _FakeEngine()
     flips = ((), (1,), (2,), (1, 2))
     vol = _volumes(1)[0]
-    out = score_volumes([vol], eng, 2.0, needs=ScoringNeeds(metrics={"tta_variance"}, tta_flips=flips))
+    out = score_volumes([vol], eng, 2.0, needs=ScoringNeeds(metrics=frozenset({"tta_variance"}), tta_flips=flips))
     images = [img for img, _ in eng.calls]
     # main pass, then y-flip, z-flip, yz-flip of the [1, X, Y, Z] image (tensor dims 2, 3); never x (dim 1)
     assert torch.equal(images[0], vol.image)
@@ -138,7 +141,7 @@ def test_score_volumes_tta_flips_axes_1_2_only_and_flips_logits_back() -> None:
 
 def test_score_volumes_badge_vector_matches_pure_function() -> None:
     vol = _volumes(1)[0]
-    out = score_volumes([vol], _FakeEngine(), 0.7, needs=ScoringNeeds(vectors={"badge"}))
+    out = score_volumes([vol], _FakeEngine(), 0.7, needs=ScoringNeeds(vectors=frozenset({"badge"})))
     logits, emb = _FakeEngine().run(vol.image)
     expected = badge_embedding(torch.softmax(logits / 0.7, 0), emb)
     assert np.allclose(out.vectors["badge"][0], expected.numpy(), atol=1e-6)
@@ -172,13 +175,14 @@ def test_score_volumes_anatomy_vector_only_when_asked_and_cached(tmp_path) -> No
     cache = EngineOutputCache(tmp_path / "scores")
     key = lambda cid: cache.key(cid, "w", "p", False, "x")  # noqa: E731
     eng = _FakeEngine()
-    out = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors={"anatomy"}), cache=cache, cache_key=key)
+    out = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors=frozenset({"anatomy"})), cache=cache, cache_key=key)
     assert len(eng.calls) == 2  # no pass of its own
     for i, vol in enumerate(vols):
         logits, _ = _FakeEngine().run(vol.image)
         expected = anatomy_composition(torch.softmax(logits / 0.7, 0))
         assert np.allclose(out.vectors["anatomy"][i], expected.numpy(), atol=1e-7)
-    again = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors={"anatomy"}), cache=cache, cache_key=key)
+    again = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors=frozenset({"anatomy"})), cache=cache,
+                          cache_key=key)
     assert len(eng.calls) == 2 and np.array_equal(again.vectors["anatomy"], out.vectors["anatomy"])
 
 
@@ -186,16 +190,14 @@ def test_mc_dropout_without_dropout_layers_names_the_tta_alternative() -> None:
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.Conv3d(4, 2, 1))
     eng = InferenceEngine(net, (4, 4, 4), device=torch.device("cpu"), embedding_layer="output")
     with pytest.raises(AsfdaError, match="tta"):
-        score_volumes(_volumes(1, (4, 4, 4)), eng, 1.0, needs=ScoringNeeds(metrics={"bald"}, mc_dropout=5))
+        score_volumes(_volumes(1, (4, 4, 4)), eng, 1.0, needs=ScoringNeeds(metrics=frozenset({"bald"}), mc_dropout=5))
 
 
 def _bn_network() -> nn.Module:
     """BatchNorm first (input = the image, 1 channel) with stored source statistics mean 0, var 1."""
-    net = nn.Sequential(nn.BatchNorm3d(1, eps=1e-5), nn.Conv3d(1, 2, 1))
-    with torch.no_grad():
-        net[0].running_mean.fill_(0.0)
-        net[0].running_var.fill_(1.0)
-    return net.eval()
+    bn = nn.BatchNorm3d(1, eps=1e-5)
+    bn.reset_running_stats()  # running mean 0, running variance 1
+    return nn.Sequential(bn, nn.Conv3d(1, 2, 1)).eval()
 
 
 def test_batchnorm_statistics_gap_on_a_tiny_network() -> None:

@@ -189,7 +189,7 @@ def test_greedy_diverse_pick_min_distances_match_brute_force(n_anchors: int, see
     scores = rng.random(12)
     picked, values, dists = greedy_diverse_pick(scores, emb, 6, anchors=anchors)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    unit_a = anchors / np.linalg.norm(anchors, axis=1, keepdims=True) if n_anchors else np.zeros((0, 5))
+    unit_a = anchors / np.linalg.norm(anchors, axis=1, keepdims=True) if anchors is not None else np.zeros((0, 5))
     for k, i in enumerate(picked):
         ref = np.vstack([unit_a, unit[picked[:k]]])
         expected = float(np.min(1.0 - ref @ unit[i])) if len(ref) else 1.0

@@ -315,7 +315,8 @@ def test_asfda_divergence_preference_kd_then_bn_kl_then_norm_kl_then_feature_gap
         ASFDAStrategy(round0_gap="typo")
     from asfda.selection import build_strategy
 
-    assert build_strategy("asfda", alpha=0.3, round0_gap="norm_kl").round0_gap == "norm_kl"
+    built = build_strategy("asfda", alpha=0.3, round0_gap="norm_kl")
+    assert isinstance(built, ASFDAStrategy) and built.round0_gap == "norm_kl"
     assert build_strategy("ENPY").name == "enpy"
 
 

@@ -5,6 +5,7 @@ without pseudo-labelled volumes, the frozen encoder, and a round that continues 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -96,13 +97,13 @@ def _volume(seed: int) -> TrainVolume:
     return TrainVolume((label.float() * 0.5 + torch.randn(12, 12, 8, generator=g) * 0.05)[None], label)
 
 
-def _train(pseudo: list[TrainVolume] | None, **cfg: object) -> dict[str, list[float]]:
+def _train(pseudo: list[TrainVolume] | None, **cfg: Any) -> dict[str, list[float]]:
     config = TrainConfig(**{"steps": 8, "batch_size": 1, "seed": 0, "rampup_fraction": 0.5, "lambda_u": 1.0, **cfg})
     return finetune(_net(), [_volume(1)], config, patch_size=(8, 8, 8), pseudo=pseudo, progress=False)
 
 
 def test_no_pseudo_volumes_means_an_unlabeled_loss_of_exactly_zero() -> None:
-    for pseudo in (None, []):
+    for pseudo in (None, cast(list[TrainVolume], [])):
         h = _train(pseudo)
         assert set(h) == {"loss", "loss_l", "loss_u"} and all(len(v) == 8 for v in h.values())
         assert h["loss_u"] == [0.0] * 8

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,7 +109,7 @@ SHARED_BAD = [("budget", 0, "budget must be >= 1"), ("alpha", 2.0, "alpha must b
               ("semi.pseudo_from", "warm", "semi.pseudo_from must be one of ['previous', 'warmup'], got 'warm'")]
 
 
-def _with(settings: ProjectSettings, name: str, value: object) -> ProjectSettings:
+def _with(settings: ProjectSettings, name: str, value: Any) -> ProjectSettings:
     *parents, last = name.split(".")
     if parents:
         part = getattr(settings, parents[0])
@@ -142,7 +143,7 @@ def test_build_strategy_takes_one_settings_object() -> None:
     assert by_object.settings() == by_name.settings() == dataclasses.asdict(StrategySettings(
         alpha=0.3, round0_gap="norm_kl", diversity="anatomy", representativeness="density"))
     with pytest.raises(TypeError):  # the settings by position, the form of five call sites before: gone
-        build_strategy("asfda", 0.3, "norm_kl", "anatomy", "density")
+        build_strategy("asfda", 0.3, "norm_kl", "anatomy", "density")  # type: ignore[call-arg, arg-type]
     assert build_strategy("asfda", settings=RunConfig(diversity="none")).settings()["diversity"] == "none"
     # a setting given by name replaces the object's; what neither gives is the one default
     assert build_strategy("asfda", settings=project, alpha=0.9).settings()["alpha"] == 0.9
@@ -168,7 +169,7 @@ def test_query_dataset_takes_the_settings_object(monkeypatch: pytest.MonkeyPatch
     object's); what neither gives is the dataclass's default, not a copy of it."""
     built = []
 
-    def build(name: str, **kwargs: object):
+    def build(name: str, **kwargs: Any):
         built.append(build_strategy(name, **kwargs))
         raise _Built
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -105,5 +106,5 @@ def test_the_round_record_keeps_state_json_keys_in_their_order() -> None:
             "reliable", "guard", "temperature", "ece_before", "ece_after", "seconds_score", "seconds_train", "device",
             "loss_final", "per_case", "dice_mean", "probe", "queried_dice_before", "seconds_stopping",
             "forward_passes", "stopping"]
-    record = RoundRecord(**{k: k for k in keys})
+    record = RoundRecord(**cast(dict[str, Any], {k: k for k in keys}))
     assert list(record.to_dict()) == keys and record.to_dict()["per_case"] == "per_case"

@@ -131,7 +131,8 @@ def test_estimate_is_a_fixed_fraction_of_the_last_change_and_says_stop_below_the
     assert est.change_before is None and "40.0%" in est.reason
     est = estimate_next_gain([_r(0.4), _r(0.05)])
     assert est.predicted_gain == pytest.approx(0.05 * GAIN_PER_CHANGE) and est.change_before == pytest.approx(0.4)
-    assert est.recommendation == STOP and est.predicted_gain < STOP_BELOW and "consider stopping" in est.message()
+    assert est.predicted_gain is not None and est.predicted_gain < STOP_BELOW
+    assert est.recommendation == STOP and "consider stopping" in est.message()
     assert "round 0 40.0%" in est.reason  # the trend, beside it
     assert estimate_next_gain([_r(0.4), _r(0.05)], threshold=0.0).recommendation == CONTINUE
     assert estimate_next_gain([_r(0.4)], gain_per_change=0.5).predicted_gain == pytest.approx(0.2)

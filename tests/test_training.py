@@ -17,8 +17,10 @@ def test_masked_voxels_contribute_zero_gradient() -> None:
     mask = torch.zeros(1, 4, 4, 4)
     mask[..., :2] = 1
     masked_dice_ce(logits, target, mask).backward()
-    assert torch.all(logits.grad[..., 2:] == 0)
-    assert logits.grad[..., :2].abs().sum() > 0
+    grad = logits.grad
+    assert grad is not None
+    assert torch.all(grad[..., 2:] == 0)
+    assert grad[..., :2].abs().sum() > 0
 
 
 def test_masked_loss_ignores_what_is_masked() -> None:
@@ -132,11 +134,11 @@ def test_restart_trains_each_round_from_the_pretrained_weights(tmp_path, tiny_bu
     ds = load_dataset(write_nnunet(tmp_path / "d", n=3))
     adapter = Adapter(load_model(tiny_bundle), ds.class_names, progress=False)
     cfg = TrainConfig(steps=2, guard=False, restart=True)
-    first = adapter.train_round(ds.cases[:1], [], cfg, SemiConfig(), 1.0)
+    first = adapter.train_round(list(ds.cases[:1]), [], cfg, SemiConfig(), 1.0)
     after_one = adapter.current_state()
-    adapter.train_round(ds.cases[:1], [], cfg, SemiConfig(), 1.0)
+    adapter.train_round(list(ds.cases[:1]), [], cfg, SemiConfig(), 1.0)
     again = adapter.current_state()
     assert first.history["loss"] and all(torch.equal(after_one[k], again[k]) for k in after_one)  # same start, seed
-    adapter.train_round(ds.cases[:1], [], dataclasses.replace(cfg, restart=False), SemiConfig(), 1.0)
+    adapter.train_round(list(ds.cases[:1]), [], dataclasses.replace(cfg, restart=False), SemiConfig(), 1.0)
     continued = adapter.current_state()
     assert any(not torch.equal(after_one[k], continued[k]) for k in after_one)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from asfda.errors import AsfdaError
 from asfda.selection import PoolScores, build_strategy, typicality
 from asfda.selection.diversity import greedy_diverse_pick, least_typical, median_neighbour_distance
+from asfda.selection.strategies import ASFDAStrategy
+
+
+def _asfda(**settings: Any) -> ASFDAStrategy:
+    strategy = build_strategy("asfda", **settings)
+    assert isinstance(strategy, ASFDAStrategy)
+    return strategy
 
 
 def test_typicality_is_high_in_dense_regions_and_low_for_outliers() -> None:
@@ -37,11 +46,11 @@ def test_density_keeps_the_outlier_out_of_the_first_pick_and_fades_with_labels()
     dense = build_strategy("asfda", representativeness="density").select(_pool(0), 1, seed=0)
     assert method.ids == ["c9"]  # METHOD.md's rule: the most divergent, most uncertain volume first
     assert dense.ids != ["c9"]
-    comps = build_strategy("asfda", representativeness="density").pool_components(_pool(0))[1]
+    comps = _asfda(representativeness="density").pool_components(_pool(0))[1]
     assert comps["rank_typicality"][9] == pytest.approx(0.1)  # the least typical of ten
     # the weight 0.5 / (1 + labelled): with 3 labelled volumes the score is 7/8 METHOD.md's rank score
-    c3 = build_strategy("asfda", representativeness="density").pool_components(_pool(3))[1]
-    plain = build_strategy("asfda").pool_components(_pool(3))[1]
+    c3 = _asfda(representativeness="density").pool_components(_pool(3))[1]
+    plain = _asfda().pool_components(_pool(3))[1]
     assert np.allclose(c3["rank_score"], 0.875 * plain["rank_score"] + 0.125 * c3["rank_typicality"])
 
 
@@ -95,7 +104,7 @@ def test_typical_keeps_an_atypical_group_out_of_the_first_batch() -> None:
         assert not group & set(typical.ids), budget
         assert len(typical.ids) == budget
     # the left-out share shrinks as labels accrue: 0.2 of 14 -> 2 volumes at round 0, floor(1.4) = 1 with one label
-    comps0 = build_strategy("asfda", representativeness="typical").pool_components(_pool_with_outlier_group())[1]
-    comps1 = build_strategy("asfda", representativeness="typical").pool_components(_pool_with_outlier_group(1))[1]
+    comps0 = _asfda(representativeness="typical").pool_components(_pool_with_outlier_group())[1]
+    comps1 = _asfda(representativeness="typical").pool_components(_pool_with_outlier_group(1))[1]
     assert comps0["outlier"].sum() == 2 and comps1["outlier"].sum() == 1
     assert set(np.flatnonzero(comps0["outlier"])) == {12, 13}

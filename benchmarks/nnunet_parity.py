@@ -33,6 +33,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -40,6 +41,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_FEATURES = 8
+
+
+def _nifti(path: Path) -> nib.Nifti1Image:
+    """``nib.load`` typed as what it returns for a .nii.gz (nibabel annotates the base image class)."""
+    return cast(nib.Nifti1Image, nib.load(str(path)))
 
 
 def plans_for(spacing: list[float], patch: list[int], median_shape: list[int]) -> dict:
@@ -112,8 +118,8 @@ def build_model(data: Path, out: Path, *, spacing: list[float], patch: list[int]
     prep = NnUNetPreprocessing.from_plans(plans, config, dataset)
     volumes = []
     for cid in train:
-        img = nib.load(str(data / "imagesTr" / f"{cid}_0000.nii.gz"))
-        lab = np.asarray(nib.load(str(data / "labelsTr" / f"{cid}.nii.gz")).dataobj)
+        img = _nifti(data / "imagesTr" / f"{cid}_0000.nii.gz")
+        lab = np.asarray(_nifti(data / "labelsTr" / f"{cid}.nii.gz").dataobj)
         x, y, _ = prep(np.asarray(img.dataobj, dtype=np.float32), img.affine, lab.astype(np.float32))
         assert y is not None
         pad = [max(p - s, 0) for p, s in zip(crop, x.shape[1:])]
@@ -125,11 +131,11 @@ def build_model(data: Path, out: Path, *, spacing: list[float], patch: list[int]
     for step in range(steps):
         xs, ys = [], []
         for _ in range(2):
-            x, y = volumes[int(rng.integers(len(volumes)))]
-            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(y.shape, crop)]
+            xv, yv = volumes[int(rng.integers(len(volumes)))]
+            start = [int(rng.integers(0, s - p + 1)) for s, p in zip(yv.shape, crop)]
             box = tuple(slice(s, s + p) for s, p in zip(start, crop))
-            xs.append(torch.from_numpy(x[(slice(None), *box)].copy()))
-            ys.append(torch.from_numpy(y[box].astype(np.int64)))
+            xs.append(torch.from_numpy(xv[(slice(None), *box)].copy()))
+            ys.append(torch.from_numpy(yv[box].astype(np.int64)))
         loss = _dice_ce(net(torch.stack(xs)), torch.stack(ys))
         opt.zero_grad()
         loss.backward()
@@ -177,7 +183,7 @@ def asfda_predictions(model: Path, images: list[Path], tta: bool) -> dict[str, n
             (src / img.name).symlink_to(img.resolve())
         out = Path(tmp) / "out"
         predict_model(model, src, out, tta=tta, device="cpu", progress=False)
-        return {p.name[:-7]: np.asarray(nib.load(str(p)).dataobj) for p in out.glob("*.nii.gz")}
+        return {p.name[:-7]: np.asarray(_nifti(p).dataobj) for p in out.glob("*.nii.gz")}
 
 
 def compare(ours: np.ndarray, theirs: np.ndarray, prob: np.ndarray, labels: dict[str, int]) -> dict:

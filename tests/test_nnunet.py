@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +28,7 @@ from asfda.errors import AsfdaError
 from asfda.io.nifti import read_nifti
 from asfda.models import load_model, nnunet
 from asfda.models.nnunet import NnUNetEnsemble, is_nnunet_source, load_checkpoint
+from conftest import load_nifti
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
                                 reason="nnunetv2 is not installed (pip install 'asfda[test]')")
@@ -90,7 +92,7 @@ def _assert_same_labels(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarra
 
 
 def _read_labels(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name[:-7]: np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+    return {p.name[:-7]: np.asarray(load_nifti(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
 
 
 # -- loading ---------------------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_results_folder_fold_folder_and_checkpoint_are_recognised(nn: dict, tmp_
     assert isinstance(ens.network, NnUNetEnsemble) and len(ens.network.folds) == 2
     assert ens.class_names == ["background", "liver", "spleen"] and ens.sw_mode == nnunet.SW_MODE
     # TTA mirrors the axes nnU-Net's trainer allowed (all three for 3D, left-right included), as nnU-Net's predictor
-    assert ens.preprocessing.axes == (0, 2, 1) and ens.tta_axes == (0, 1, 2)
+    assert cast(Any, ens.preprocessing).axes == (0, 2, 1) and ens.tta_axes == (0, 1, 2)
     plans = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]
     assert list(ens.roi_size) == plans["patch_size"] and ens.overlap == 0.5
     one = load_model(model / "fold_1")
@@ -141,7 +143,7 @@ def test_preprocessing_is_nnunets(nn: dict) -> None:
             data, seg, _ = DefaultPreprocessor(verbose=False).run_case([str(img)], str(lab), pm, cm, dataset)
             image, affine = read_nifti(img)
             x, y, _ = ours(image, affine, read_nifti(lab)[0])
-            assert tuple(x.shape) == data.shape, img.name
+            assert tuple(x.shape) == data.shape and y is not None, img.name
             np.testing.assert_allclose(x.numpy(), data, atol=1e-5, err_msg=f"{img.name} {p['image_reader_writer']}")
             assert np.array_equal(y.numpy(), np.maximum(seg[0], 0)), img.name
 
@@ -156,7 +158,7 @@ def test_predict_gives_nnunets_labels_one_fold_and_ensemble(nn: dict, tmp_path: 
                      "--device", "cpu", "--no-progress"]) == 0
         ours = _read_labels(out)
         for img in images:  # written on each image's own grid
-            assert ours[img.name[:-12]].shape == nib.load(str(img)).shape
+            assert ours[img.name[:-12]].shape == load_nifti(img).shape
         _assert_same_labels(ours, _nnunet_labels(nn["model"], images, folds))
 
 
@@ -285,8 +287,8 @@ def test_adapted_model_is_a_results_folder_nnunet_runs(nn: dict, tmp_path: Path)
     (tmp_path / "ann").mkdir()
     for cid in query["ids"]:
         shutil.copy(nn["raw"] / "labelsTr" / f"{cid}.nii.gz", tmp_path / "ann" / f"{cid}.nii.gz")
-        pre = nib.load(str(proj / query["folder"] / "presegmentations" / f"{cid}.nii.gz"))
-        assert pre.shape == nib.load(str(pool / "imagesTr" / f"{cid}_0000.nii.gz")).shape
+        pre = load_nifti(proj / query["folder"] / "presegmentations" / f"{cid}.nii.gz")
+        assert pre.shape == load_nifti(pool / "imagesTr" / f"{cid}_0000.nii.gz").shape
     assert main(["ingest", str(tmp_path / "ann"), str(proj), "--no-progress"]) == 0
     assert main(["finetune", str(proj), "--no-progress"]) == 0
 
@@ -362,7 +364,8 @@ def test_nnunet_tiling_on_an_anisotropic_volume_is_nnunets(nn: dict, tmp_path: P
         with torch.inference_mode():
             logits = sliding_window(x[None], loaded.network, patch, sw_batch_size=loaded.sw_batch_size,
                                     mirror_axes=loaded.tta_axes if mirroring else ())[0]
-        ours = loaded.preprocessing.label_map_on_native_grid(logits, CLASSES, CLASSES, grid_affine, affine, image.shape)
+        ours = cast(Any, loaded.preprocessing).label_map_on_native_grid(logits, CLASSES, CLASSES, grid_affine, affine,
+                                                                        image.shape)
         assert ours is not None
         assert _fraction_differing(ours, theirs) <= 0.001, (mirroring, _fraction_differing(ours, theirs))
 

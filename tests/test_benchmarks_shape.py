@@ -61,10 +61,17 @@ def test_no_benchmark_function_is_longer_than_a_screen(path: Path) -> None:
                                       f"(at most {MAX_FUNCTION_LINES} lines a function)")
 
 
-@pytest.mark.parametrize("path", _scripts(), ids=_rel)
-def test_no_benchmark_module_is_longer_than_one_sitting(path: Path) -> None:
+@pytest.mark.parametrize("path", _scripts() + sorted((ROOT / "tests").rglob("*.py")), ids=_rel)
+def test_no_benchmark_or_test_module_is_longer_than_one_sitting(path: Path) -> None:
+    """Issue 36: no module over 420 lines in benchmarks/ and tests/ (src/: tests/test_architecture.py)."""
     n = len(path.read_text().splitlines())
     assert n <= MAX_MODULE_LINES, f"{_rel(path)} has {n} lines (split it by job: at most {MAX_MODULE_LINES})"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "src" / "asfda").rglob("*.py")), ids=_rel)
+def test_no_src_function_is_longer_than_a_screen(path: Path) -> None:
+    """Issue 36: no function over 80 lines in src/ either."""
+    assert not long_functions(path), f"{_rel(path)}: {', '.join(long_functions(path))} (at most {MAX_FUNCTION_LINES})"
 
 
 # this file spells the edits it looks for, in its pattern and its own check of it

@@ -227,7 +227,7 @@ def _rounds(out: Path) -> dict:
 
 
 @pytest.mark.parametrize(("target", "kill_at", "when", "match"), [
-    ("asfda.simulate:atomic_write_json", 1, "after", "state.json"),  # asfda's round 0 recorded, round 1 not begun
+    ("asfda.simulate_state:atomic_write_json", 1, "after", "state.json"),  # asfda's round 0 recorded, round 1 not begun
     ("asfda.models.bundle:atomic_write", 1, "after", "model.pt"),  # inside asfda's bundle export, after 2 rounds
 ], ids=["between-rounds", "mid-bundle-export"])
 def test_kill_9_in_simulate_then_simulate_again_gives_the_same_results(tiny: dict, target: str, kill_at: int,

@@ -157,3 +157,19 @@ def test_image_ids_are_monai_labels_and_a_busy_project_is_not_ingested(tmp_path:
     assert after is not None and after["asfda"]["labels"]["accepted"] == ["case01"]
     info = backend.infer(studies / "case02_0000.nii.gz", tmp_path / "p.nii.gz")
     assert info["case_id"] == "case02" and load_nifti(tmp_path / "p.nii.gz").shape == (20, 18, 12)
+
+
+def test_the_app_folder_never_lands_inside_a_dataset_or_a_project(app: dict, tmp_path: Path) -> None:
+    """Hostile outputs: an app folder inside a dataset (nnU-Net raw) or inside an asfda project is refused."""
+    from asfda.errors import AsfdaError
+    from asfda.monailabel import write_app
+    from asfda.project import init_project
+    from conftest import write_bundle, write_nnunet
+
+    data = write_nnunet(tmp_path / "ds", n=3)
+    with pytest.raises(AsfdaError):
+        write_app(data / "app", str(app["model"]))
+    proj = init_project(tmp_path / "proj", str(write_bundle(tmp_path / "b")), str(data))
+    with pytest.raises(AsfdaError):
+        write_app(proj.root / "app", str(app["model"]))
+    assert not (data / "app").exists() and not (proj.root / "app").exists()

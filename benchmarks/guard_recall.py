@@ -7,6 +7,10 @@ since the guard's recall was asked for; older discarded rounds without it are co
 Recall = harmful rounds discarded / harmful rounds; precision = discarded rounds that were harmful / discarded rounds
 with a known outcome. Reads ``asfda crossval`` folders (``FOLDER/fold<k>/``), every strategy and seed.
 
+Also, for the rounds that recorded it (``guard.volume_ratio_adapted``: each organ's predicted volume on the guard's
+unlabeled volumes over the labelled volumes' annotated volume), what a floor on the smallest ratio would add to the
+guard: the rule "discard also when an organ's ratio is below F", its recall and precision beside today's.
+
     python benchmarks/guard_recall.py benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
 """
 
@@ -31,11 +35,12 @@ def round_outcomes(fold: Path) -> list[dict]:
             for rec in state["rounds"]:
                 guard = rec.get("guard") or {}
                 reverted = bool(guard.get("reverted"))
+                ratios = [r for r in guard.get("volume_ratio_adapted") or [] if r == r]  # NaN: organ never labelled
                 trained = guard.get("dice_discarded") if reverted else rec["dice_mean"]
                 if start is not None:
                     out.append({"fold": fold.name, "strategy": name, "seed": seed, "round": rec["round"],
                                 "start": start, "trained": trained, "reverted": reverted,
-                                "guarded": guard != {}})
+                                "guarded": guard != {}, "min_ratio": min(ratios) if ratios else None})
                 start = rec["dice_mean"]
     return out
 
@@ -58,15 +63,35 @@ def table(rows: list[dict], drop: float) -> list[str]:
     return lines
 
 
+def floor_table(rows: list[dict], drop: float, floors: list[float]) -> list[str]:
+    """Recall and precision of "the guard, or an organ's volume ratio below F" for each F in ``floors``, over the
+    guarded rounds of known outcome that recorded the ratios."""
+    known = [r for r in rows if r["trained"] is not None and r["guarded"] and r.get("min_ratio") is not None]
+    if not known:
+        return ["no round recorded guard.volume_ratio_adapted yet"]
+    harmful = [r for r in known if r["trained"] - r["start"] < -drop]
+    lines = [f"rounds with the ratios recorded: {len(known)}, harmful: {len(harmful)}",
+             "| floor F | discarded | harmful caught (recall) | discarded that were harmful (precision) |",
+             "|---|---|---|---|"]
+    for f in floors:
+        flagged = [r for r in known if r["reverted"] or r["min_ratio"] < f]
+        caught = [r for r in harmful if r in flagged]
+        lines.append(f"| {f:g} | {len(flagged)} | {len(caught)}/{len(harmful)} | {len(caught)}/{len(flagged)} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path, help="asfda crossval output folders (one per pair)")
     ap.add_argument("--drop", type=float, default=0.02, help="a harmful round lowers the test Dice by more than this")
+    ap.add_argument("--floors", default="0,0.3,0.5,0.7", help="organ volume-ratio floors to try (0: today's guard)")
     args = ap.parse_args()
     for folder in args.folders:
         rows = [r for fold in sorted(folder.glob("fold*")) if fold.is_dir() for r in round_outcomes(fold)]
         print(f"\n## {folder}\n")
         print("\n".join(table(rows, args.drop)))
+        print()
+        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")])))
 
 
 if __name__ == "__main__":

@@ -169,3 +169,11 @@ def run_cli_killed_at(target: str, kill_at: int, when: str, *args: str, match: s
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", _KILL_AT, target, str(kill_at), when, match, *args, "--no-progress"],
                           env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The model-zoo bundles of tests/support/_zoo_bundles.py (tests/models/test_real_models*.py), once per module."""
+    from _zoo_bundles import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))

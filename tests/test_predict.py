@@ -109,7 +109,7 @@ def test_predict_skips_up_to_date_cases(tmp_path: Path, tiny_bundle: Path) -> No
     side = json.loads((out / "case00.asfda.json").read_text())
     (out / "case00.asfda.json").write_text(json.dumps({**side, "settings": None}))
     assert predict_model(other, ds, out, tta=True, progress=False)["written"] == ["case00"]
-    # a label map with no sidecar at all is not predict's to replace (tests/test_outputs.py has more of these)
+    # a label map with no sidecar at all is not predict's to replace (tests/io/test_outputs.py has more of these)
     (out / "case00.asfda.json").unlink()
     with pytest.raises(AsfdaError, match="case00.nii.gz exists and was not written by asfda predict"):
         predict_model(other, ds, out, tta=True, overwrite=True, progress=False)

@@ -12,10 +12,10 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
 
+from _dicom_helpers import oblique_affine, write_series  # noqa: E402
 from asfda.cli import main  # noqa: E402
 from asfda.io.dicom import scan_series  # noqa: E402
 from conftest import load_nifti, make_volume, write_bundle, write_nifti  # noqa: E402
-from test_dicom import oblique_affine, write_series  # noqa: E402
 
 CASES = ("A_CT", "B")
 

@@ -147,13 +147,13 @@ def test_a_dicom_series_is_copied_whole_under_its_case_id_and_the_readme_says_it
     ``images/PAT2_CT/``, each a whole copy of its slices; README.txt names them as folders."""
     pydicom = pytest.importorskip("pydicom")
     del pydicom
+    from _dicom_helpers import ct_volume, oblique_affine, write_series
     from asfda.io import load_dataset
     from asfda.project.annotate import _image_name, place_image, round_readme
-    from test_dicom import _ct, oblique_affine, write_series
 
     pool = tmp_path / "pool"
     for k, pat in enumerate(("PAT1", "PAT2")):
-        write_series(pool / pat / "CT", _ct(k), oblique_affine())
+        write_series(pool / pat / "CT", ct_volume(k), oblique_affine())
     ds = load_dataset(pool)
     images = tmp_path / "round0" / "images"
     images.mkdir(parents=True)

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -77,7 +78,7 @@ class AdaptedModels:
         self.engine_current = InferenceEngine(self.current, pretrained.roi_size,
                                               embedding_layer=self.engine_frozen.embedding_layer, **kw)
         self._is_adapted = False
-        self._plausibility0: dict[str, float] = {}
+        self._plausibility0: dict[str, tuple[float, np.ndarray]] = {}  # guard_measures of the pretrained
         # every forward pass once (asfda.adapter.outputs): outputs kept by weights hash, passes counted by model
         self.outputs = ForwardStore(cache_dir, keep=keep_outputs)
         self._frozen_hash = state_dict_hash(self.frozen.state_dict())

@@ -15,8 +15,15 @@ from asfda.errors import AsfdaError
 from asfda.io.datasets import Case
 from asfda.scoring.metrics import cosine_distance
 from asfda.selection import PoolScores
-from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, select_reliable
-from asfda.training.guard import GuardResult, anatomical_plausibility, discards, guard_sample
+from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, pseudo_label_quality, select_reliable
+from asfda.training.guard import (
+    GuardResult,
+    anatomical_plausibility,
+    discards,
+    guard_sample,
+    organ_voxels,
+    volume_ratios,
+)
 
 from .scoring import ScoringMixin
 
@@ -132,14 +139,17 @@ class TrainingMixin(ScoringMixin):
         if train.guard and unlabelled:
             keep = set(guard_sample([c.case_id for c in unlabelled], train.guard_volumes, train.seed))
             guard_cases = [c for c in unlabelled if c.case_id in keep]
-            reference = self.plausibility(guard_cases, pretrained=True)
+            reference, voxels0 = self.guard_measures(guard_cases, pretrained=True)
+            annotated = self._annotated_voxels(labelled)
         if train.restart:  # train from the pretrained weights (the frozen copy holds them, class map included)
             self.current.load_state_dict(self.frozen.state_dict())
         hist, reliable = self._train_round(labelled, unlabelled, train, semi, temperature, scores, queried, desc)
         guard = None
         if guard_cases:
-            adapted = self.plausibility(guard_cases)
-            guard = GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted))
+            adapted, voxels1 = self.guard_measures(guard_cases)
+            guard = GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted),
+                                [self.target_names[k] for k in self._guard_classes()],
+                                volume_ratios(voxels0, annotated), volume_ratios(voxels1, annotated))
             if guard.reverted:
                 assert start_state is not None  # kept whenever the guard runs
                 discarded = self.current_state()
@@ -148,27 +158,56 @@ class TrainingMixin(ScoringMixin):
         return RoundTraining(hist, reliable, guard, discarded if guard and guard.reverted else None)
 
     def plausibility(self, cases: list[Case], *, pretrained: bool = False) -> float:
-        """`anatomical_plausibility` of the current (or pretrained) model's label maps on ``cases``, one
-        forward pass each (sharded over the ranks inside `all_ranks`); the pretrained model's per-case values are kept
-        (its weights never change)."""
-        n = len(self.target_names)
+        """`anatomical_plausibility` of the current (or pretrained) model's label maps on ``cases``
+        (`guard_measures`)."""
+        return self.guard_measures(cases, pretrained=pretrained)[0]
 
-        def one(case: Case) -> float:
+    def guard_measures(self, cases: list[Case], *, pretrained: bool = False) -> tuple[float, list[np.ndarray]]:
+        """The guard's reading of the current (or pretrained) model on ``cases``, one forward pass each (sharded over
+        the ranks inside `all_ranks`): the mean `anatomical_plausibility` of its label maps, and per case the voxels
+        of each guarded class (`organ_voxels`). The pretrained model's per-case values are kept (its weights never
+        change)."""
+        n, classes = len(self.target_names), self._guard_classes()
+        cols = np.asarray(classes, dtype=np.int64) - 1
+
+        def one(case: Case) -> tuple[float, np.ndarray]:
             if pretrained and case.case_id in self._plausibility0:
                 return self._plausibility0[case.case_id]
             logits, _ = self.forward(case, pretrained=pretrained)
-            return anatomical_plausibility([logits.argmax(0)], n, self._guard_classes())
+            label_map = logits.argmax(0)
+            return anatomical_plausibility([label_map], n, classes), organ_voxels(label_map, n)[cols]
 
         values = self.map_cases(cases, one, "guard")  # sharded over the ranks inside all_ranks
         if pretrained:
             self._plausibility0.update({c.case_id: v for c, v in zip(cases, values, strict=True)})
-        return float(np.mean(values)) if values else float("nan")
+        mean = float(np.mean([v[0] for v in values])) if values else float("nan")
+        return mean, [v[1] for v in values]
+
+    def _annotated_voxels(self, labelled: list[Case]) -> list[np.ndarray]:
+        """Voxels of each guarded class in the labels of ``labelled`` on the model's grid (prepared as training
+        prepares them; the preparation cache makes this a read)."""
+        n, cols = len(self.target_names), np.asarray(self._guard_classes(), dtype=np.int64) - 1
+        out = []
+        for case in labelled:
+            label = self.prepare(case, with_label=True).label
+            if label is not None:
+                out.append(organ_voxels(label, n)[cols])
+        return out
 
     def _guard_classes(self) -> list[int]:
         """The target classes the guard compares: those the pretrained model can predict (a new class, which
         it never predicts, would otherwise count for any adapted model)."""
         new = set(self.class_map.new_classes)
         return [i for i, name in enumerate(self.target_names) if i > 0 and name not in new]
+
+    def _note_pseudo_quality(self, cases: list[Case], pseudo: list[TrainVolume],
+                             reliable: dict[str, dict[str, float]]) -> None:
+        """Adds `pseudo_label_quality` to the record of each reliable volume whose true label exists (a simulation's
+        pool; a project's unlabeled volumes have none): recorded, never trained on."""
+        for case, vol in zip(cases, pseudo, strict=True):
+            truth = self.prepare(case, with_label=True).label if case.has_label and vol.mask is not None else None
+            if truth is not None and vol.mask is not None and case.case_id in reliable:
+                reliable[case.case_id].update(pseudo_label_quality(vol.label, vol.mask, truth, self.target_names))
 
     def _train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
                      temperature: float, scores: PoolScores | None, queried: list[str] | None, desc: str
@@ -179,8 +218,9 @@ class TrainingMixin(ScoringMixin):
             return self.finetune(labelled, train, desc=desc), {}
         if semi.pseudo_from == "previous" and scores is not None:
             reliable = reliable_from_scores(scores, queried or [], semi.confident_fraction, semi.close_fraction)
-            pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
-                                         semi.prob_threshold, semi.flip_average)
+            chosen = [c for c in unlabelled if c.case_id in reliable]
+            pseudo = self.pseudo_volumes(chosen, temperature, semi.prob_threshold, semi.flip_average)
+            self._note_pseudo_quality(chosen, pseudo, reliable)
             return self.finetune(labelled, train, pseudo=pseudo or None, desc=desc), reliable
         warm = max(1, int(round(train.steps * semi.warmup_fraction)))
         hist = self.finetune(labelled, dataclasses.replace(train, steps=warm), desc=f"{desc} (labelled)")
@@ -190,8 +230,9 @@ class TrainingMixin(ScoringMixin):
         reliable = reliable_from_scores(fresh, [], semi.confident_fraction, semi.close_fraction)
         if self.spmd:  # torchrun: rank 0's choice (each rank embedded the labelled volumes itself)
             reliable = self.dist.broadcast_from_main(reliable)
-        pseudo = self.pseudo_volumes([c for c in unlabelled if c.case_id in reliable], temperature,
-                                     semi.prob_threshold, semi.flip_average)
+        chosen = [c for c in unlabelled if c.case_id in reliable]
+        pseudo = self.pseudo_volumes(chosen, temperature, semi.prob_threshold, semi.flip_average)
+        self._note_pseudo_quality(chosen, pseudo, reliable)
         rest = dataclasses.replace(train, steps=max(1, train.steps - warm), seed=train.seed + 7919, warmup_fraction=0.0)
         hist2 = self.finetune(labelled, rest, pseudo=pseudo or None, desc=f"{desc} (+pseudo)")
         return {k: hist[k] + hist2[k] for k in hist}, reliable

@@ -101,7 +101,7 @@ def refuse_output_inside_inputs(out_path: PathLike, inputs: Mapping[str, object]
 # ---------------------------------------------------------------------------------------------- owned places
 PROJECT_MARKERS = ("project.json", "project.json.bak")
 """The files that make a folder an asfda project (`asfda.project.state`'s PROJECT_FILE and BACKUP_FILE: the io layer
-cannot import the project package; tests/test_output_ownership.py checks that the names agree)."""
+cannot import the project package; tests/io/test_output_ownership.py checks that the names agree)."""
 _PROJECT_KEYS = ("format", "pool", "labelled", "settings")
 BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 MARKER_NAMES = ("dataset.json", "imagesTr", *PROJECT_MARKERS, "plans.json")

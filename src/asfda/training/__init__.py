@@ -7,6 +7,6 @@ from asfda.training.trainer import TrainConfig, TrainVolume, finetune
 
 __all__ = ["TrainConfig", "TrainVolume", "finetune", "masked_dice_ce"]
 
-from asfda.training.reliable import pseudo_label, select_reliable  # noqa: E402
+from asfda.training.reliable import pseudo_label, pseudo_label_quality, select_reliable  # noqa: E402
 
-__all__ += ["pseudo_label", "select_reliable"]
+__all__ += ["pseudo_label", "pseudo_label_quality", "select_reliable"]

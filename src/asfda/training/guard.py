@@ -17,7 +17,7 @@ On the phantom pool: pretrained 0.54-0.56, adapted 0.64-0.95.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch
 from asfda.metrics import largest_component_fractions
 
 __all__ = ["HOLD_BACK_MIN_OTHERS", "GuardResult", "anatomical_plausibility", "blamed", "discards", "guard_sample",
-           "held_back"]
+           "held_back", "organ_voxels", "volume_ratios"]
 
 
 def anatomical_plausibility(label_maps: list[torch.Tensor | np.ndarray], n_classes: int,
@@ -38,6 +38,29 @@ def anatomical_plausibility(label_maps: list[torch.Tensor | np.ndarray], n_class
     if keep.size == 0:
         return float("nan")
     return float(np.mean([largest_component_fractions(m, n_classes)[keep] for m in label_maps]))
+
+
+def organ_voxels(label_map: torch.Tensor | np.ndarray, n_classes: int) -> np.ndarray:
+    """Voxels of each foreground class (1 .. ``n_classes`` - 1) in a label map (float64, length ``n_classes`` - 1)."""
+    flat = np.asarray(label_map.cpu() if isinstance(label_map, torch.Tensor) else label_map).ravel().astype(np.int64)
+    return np.bincount(flat, minlength=n_classes)[1:n_classes].astype(np.float64)
+
+
+def volume_ratios(predicted: list[np.ndarray], annotated: list[np.ndarray]) -> list[float]:
+    """Per foreground class: the mean predicted voxels over the guard's unlabeled volumes divided by the median
+    annotated voxels over the labelled volumes (both on the model's grid; NaN where no labelled volume has the class).
+
+    Recorded with every guarded round (`GuardResult.volume_ratio_adapted`): on pair 2 a harmful first round left both
+    kidneys at 0.17-0.41 of the annotated volume where a good round predicts every organ at 1.1-1.3x
+    (benchmarks/results/guard/kidney_miss.md); whether a floor on it separates harmful rounds is measured on the
+    cross-validated rounds (benchmarks/guard_recall.py) before the guard decides on it."""
+    if not predicted or not annotated:
+        return []
+    pred = np.mean(np.stack(predicted), axis=0)
+    ann = np.median(np.stack(annotated), axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(ann > 0, pred / np.where(ann > 0, ann, 1.0), np.nan)
+    return [round(float(r), 4) for r in ratio]
 
 
 def discards(plausibility_pretrained: float, plausibility_adapted: float) -> bool:
@@ -63,6 +86,11 @@ class GuardResult:
     plausibility_pretrained: float
     plausibility_adapted: float
     reverted: bool
+    # per guarded class (`organs`), predicted / annotated organ volume (`volume_ratios`) of either model: recorded,
+    # not yet part of the decision
+    organs: list[str] = field(default_factory=list)
+    volume_ratio_pretrained: list[float] = field(default_factory=list)
+    volume_ratio_adapted: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from asfda.config import default_of
+from asfda.metrics import dice_per_class, mean_ignoring_nan
 
-__all__ = ["pseudo_label", "select_reliable"]
+__all__ = ["pseudo_label", "pseudo_label_quality", "select_reliable"]
 
 
 def select_reliable(ids: list[str], confidence: np.ndarray, distance: np.ndarray, *,
@@ -55,3 +56,21 @@ def pseudo_label(logits: torch.Tensor, temperature: float = 1.0, threshold: floa
     prob = torch.softmax(logits / temperature, 0)
     conf, label = prob.max(0)
     return label.to(torch.uint8), conf >= threshold
+
+
+def pseudo_label_quality(label: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor | np.ndarray,
+                         names: list[str]) -> dict[str, float]:
+    """How good a masked pseudo-label is against the volume's true label (simulation only: the pool's labels exist
+    there and are never trained on): ``pseudo_dice`` (the mean foreground Dice of the whole pseudo-label),
+    ``pseudo_dice_masked`` (the same over the voxels it trains on, the mask), ``kept_fraction`` (of the volume's
+    voxels) and ``pseudo_dice:<organ>`` per foreground class (``names``: the class names, background first; NaN
+    where the organ is in neither map). The semi-supervision issue's quality table reads these."""
+    truth_t = torch.as_tensor(np.asarray(truth)).to(label.device)
+    classes = range(1, len(names))
+    per = dice_per_class(label, truth_t, classes)
+    keep = mask.bool()
+    masked = dice_per_class(label[keep], truth_t[keep], classes) if bool(keep.any()) else np.full(len(per), np.nan)
+    out = {"pseudo_dice": mean_ignoring_nan(per), "pseudo_dice_masked": mean_ignoring_nan(masked),
+           "kept_fraction": float(keep.float().mean())}
+    out.update({f"pseudo_dice:{name}": float(v) for name, v in zip(names[1:], per, strict=True)})
+    return out

@@ -15,88 +15,18 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
-from pydicom.valuerep import format_number_as_ds  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
 
+from _dicom_helpers import ct_volume, oblique_affine, write_series  # noqa: E402
 from asfda.errors import AsfdaError  # noqa: E402
 from asfda.io import load_dataset, read_nifti  # noqa: E402
 from asfda.io.dicom import scan_series, series_stamp, write_dicom_seg, written_seg  # noqa: E402
 from asfda.io.nifti import read_header, write_label_map  # noqa: E402
 from conftest import load_nifti, make_volume, write_bundle, write_nifti  # noqa: E402
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _rotation(angles_deg: tuple[float, float, float]) -> np.ndarray:
-    a, b, c = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def oblique_affine(spacing=(0.7, 0.9, 2.5), angles=(15.0, -10.0, 25.0), origin=(-31.5, 12.25, -80.0)) -> np.ndarray:
-    """A RAS affine with anisotropic spacing and a non-identity orientation (det > 0: slices ascend the normal)."""
-    affine = np.eye(4)
-    affine[:3, :3] = _rotation(angles) @ np.diag(spacing)
-    affine[:3, 3] = origin
-    return affine
-
-
-def _ds(value: float) -> str:
-    return format_number_as_ds(float(value))
-
-
-def write_series(folder: Path, raw: np.ndarray, affine_ras: np.ndarray, *, intercept: float = 0.0, slope: float = 1.0,
-                 series_uid: str | None = None, skip: tuple[int, ...] = (), names: str = "IM{:04d}",
-                 reverse_numbers: bool = True, z: list[float] | None = None) -> Path:
-    """One CT series of ``raw`` ([X, Y, Z] = [column, row, slice], int16) placed by ``affine_ras``: slice k at
-    affine @ (0, 0, z[k]) (z[k] = k by default), slices in ``skip`` left out. Files are named in a shuffled order
-    and InstanceNumber runs against the position (both happen in real exports), so a reader has to place slices by
-    their position."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lps = RAS_TO_LPS @ affine_ras
-    row_dir, col_dir = lps[:3, 0], lps[:3, 1]
-    col_spacing, row_spacing = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
-    study, series, frame = generate_uid(), series_uid or generate_uid(), generate_uid()
-    nz = raw.shape[2]
-    for k in np.random.default_rng(nz).permutation(nz):
-        if k in skip:
-            continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "P1", "19700101", "O"
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", "A1"
-        ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber = "", "CT", 3
-        ds.Manufacturer, ds.PositionReferenceIndicator = "test", ""
-        ds.InstanceNumber = int(nz - k if reverse_numbers else k + 1)
-        ds.ImagePositionPatient = [_ds(v) for v in lps[:3, 3] + (k if z is None else z[k]) * lps[:3, 2]]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*(row_dir / col_spacing), *(col_dir / row_spacing))]
-        ds.PixelSpacing = [_ds(float(row_spacing)), _ds(float(col_spacing))]
-        ds.SliceThickness = _ds(float(np.linalg.norm(lps[:3, 2])))
-        ds.Rows, ds.Columns = raw.shape[1], raw.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = _ds(intercept), _ds(slope)
-        ds.PixelData = np.ascontiguousarray(raw[:, :, k].T.astype("<i2")).tobytes()  # [row, column]
-        ds.save_as(folder / names.format(int(k * 7919 % 10007)), enforce_file_format=True)
-    return folder
-
-
-def _ct(seed: int, shape=(24, 20, 10)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 2000, size=shape).astype(np.int16)
-
 
 def test_series_reads_like_the_nifti_of_the_same_array(tmp_path: Path) -> None:
-    raw, affine = _ct(0), oblique_affine()
+    raw, affine = ct_volume(0), oblique_affine()
     folder = write_series(tmp_path / "pool" / "ct", raw, affine, intercept=-1024.0)
     nifti = write_nifti(tmp_path / "ct.nii.gz", raw.astype(np.float32) - 1024.0, affine)
     data, aff = read_nifti(folder)
@@ -117,7 +47,7 @@ def test_monai_folder_reader_agrees_on_an_ordered_series(tmp_path: Path) -> None
     from monai.data import PydicomReader
     from monai.transforms import LoadImage
 
-    raw, affine = _ct(1), oblique_affine(angles=(-20.0, 5.0, 40.0))
+    raw, affine = ct_volume(1), oblique_affine(angles=(-20.0, 5.0, 40.0))
     folder = write_series(tmp_path / "s", raw, affine, reverse_numbers=False)
     reader = PydicomReader(fname_regex=None)  # type: ignore[arg-type]  # None: every file of the folder
     monai = LoadImage(reader=reader, image_only=True)(str(folder))
@@ -129,7 +59,7 @@ def test_monai_folder_reader_agrees_on_an_ordered_series(tmp_path: Path) -> None
 def test_descending_slices_give_the_same_image_in_the_world(tmp_path: Path) -> None:
     """Slices stacked against the normal (an affine of negative determinant) are read ascending: the array flips
     along z and the affine with it, so every voxel keeps its value at its world position."""
-    raw = _ct(2)
+    raw = ct_volume(2)
     affine = oblique_affine() @ np.diag([1.0, 1.0, -1.0, 1.0])
     folder = write_series(tmp_path / "s", raw, affine)
     data, aff = read_nifti(folder)
@@ -140,7 +70,7 @@ def test_descending_slices_give_the_same_image_in_the_world(tmp_path: Path) -> N
 
 
 def _broken(kind: str, folder: Path) -> None:
-    raw, affine = _ct(3), oblique_affine()
+    raw, affine = ct_volume(3), oblique_affine()
     if kind == "missing slice":
         write_series(folder, raw, affine, skip=(4,))
     elif kind == "mixed series":
@@ -183,7 +113,7 @@ def test_a_broken_series_is_refused_in_one_line_naming_its_folder(tmp_path: Path
 
 
 def test_a_truncated_slice_is_refused_when_its_voxels_are_read(tmp_path: Path) -> None:
-    folder = write_series(tmp_path / "pool" / "CT", _ct(4), oblique_affine())
+    folder = write_series(tmp_path / "pool" / "CT", ct_volume(4), oblique_affine())
     victim = sorted(folder.iterdir())[3]
     victim.write_bytes(victim.read_bytes()[:-200])
     case = load_dataset(tmp_path / "pool").cases[0]  # headers only: the pixel data is not read yet
@@ -195,8 +125,8 @@ def test_a_truncated_slice_is_refused_when_its_voxels_are_read(tmp_path: Path) -
 def test_pool_of_series_at_any_depth_with_labels(tmp_path: Path) -> None:
     pool, labels = tmp_path / "pool", tmp_path / "labels"
     affine = oblique_affine(spacing=(1.0, 1.2, 3.0))
-    write_series(pool / "PAT2" / "study" / "CT", _ct(5), affine)
-    write_series(pool / "PAT1", _ct(6, (20, 16, 8)), np.diag([1.5, 1.5, 4.0, 1.0]))
+    write_series(pool / "PAT2" / "study" / "CT", ct_volume(5), affine)
+    write_series(pool / "PAT1", ct_volume(6, (20, 16, 8)), np.diag([1.5, 1.5, 4.0, 1.0]))
     (pool / "notes.txt").write_text("not an image")
     write_nifti(labels / "PAT2_study_CT.nii.gz", np.zeros((24, 20, 10), np.uint8), affine)
     ds = load_dataset(pool, labels_dir=labels)
@@ -213,7 +143,7 @@ def test_series_stamp_changes_when_a_slice_is_rewritten_in_place(tmp_path: Path)
     """A folder's own mtime does not change when a file in it is rewritten; the series' stamp does."""
     import os
 
-    folder = write_series(tmp_path / "CT", _ct(10), oblique_affine())
+    folder = write_series(tmp_path / "CT", ct_volume(10), oblique_affine())
     before, slice_file = series_stamp(folder), sorted(folder.iterdir())[0]
     folder_mtime = folder.stat().st_mtime_ns
     ds = pydicom.dcmread(slice_file)
@@ -225,14 +155,14 @@ def test_series_stamp_changes_when_a_slice_is_rewritten_in_place(tmp_path: Path)
 
 def test_without_pydicom_a_dicom_pool_is_one_line_naming_the_extra(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    write_series(tmp_path / "pool" / "CT", _ct(7), oblique_affine())
+    write_series(tmp_path / "pool" / "CT", ct_volume(7), oblique_affine())
     monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom now raises ImportError
     with pytest.raises(AsfdaError, match=r"pydicom is not installed.*asfda\[dicom\]"):
         load_dataset(tmp_path / "pool")
 
 
 def test_presegmentation_nifti_is_written_on_the_series_grid(tmp_path: Path) -> None:
-    raw, affine = _ct(8), oblique_affine()
+    raw, affine = ct_volume(8), oblique_affine()
     folder = write_series(tmp_path / "pool" / "CT", raw, affine)
     label = (raw > 1000).astype(np.uint8)
     out = tmp_path / "pred" / "CT.nii.gz"
@@ -248,7 +178,7 @@ def test_presegmentation_nifti_is_written_on_the_series_grid(tmp_path: Path) -> 
 
 def test_presegmentation_as_dicom_seg_references_the_series(tmp_path: Path) -> None:
     hd = pytest.importorskip("highdicom")
-    raw, affine = _ct(9), oblique_affine()
+    raw, affine = ct_volume(9), oblique_affine()
     folder = write_series(tmp_path / "CT", raw, affine)
     label = np.zeros(raw.shape, np.uint8)
     label[3:10, 4:12, 2:6], label[14:20, 6:15, 5:9] = 1, 2
@@ -316,7 +246,7 @@ def test_the_caches_see_a_slice_rewritten_in_place(tmp_path: Path) -> None:
     from asfda.adapter.outputs import volume_stamp
     from asfda.io.dicom import volume_file_stamp
 
-    folder = write_series(tmp_path / "CT", _ct(10), oblique_affine())
+    folder = write_series(tmp_path / "CT", ct_volume(10), oblique_affine())
     before, slice_file, folder_mtime = volume_stamp(folder), sorted(folder.iterdir())[0], folder.stat().st_mtime_ns
     ds = pydicom.dcmread(slice_file)
     ds.RescaleIntercept = "-1000"

@@ -158,7 +158,7 @@ def test_trust_model_code_reaches_load_model(name: str, trust: bool, tmp_path: P
     assert TRUST_HELP in " ".join(capsys.readouterr().out.split())
 
 
-# a project does not remember --trust-model-code (issue 30): tests/test_project_hostile.py
+# a project does not remember --trust-model-code (issue 30): tests/project/test_project_hostile.py
 
 
 def test_python_dash_m_asfda_runs_the_cli() -> None:

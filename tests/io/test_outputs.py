@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _output_helpers import _argv as command_line
 from asfda.cli import main
 from conftest import write_bundle, write_nnunet
 
@@ -27,16 +28,7 @@ def _files(*folders: Path) -> dict[Path, bytes]:
 
 def _argv(command: str, data: Path, model: Path, out: Path) -> list[str]:
     """A command line of ``command`` that writes to ``out`` (small settings: it must never get that far)."""
-    m, d, o = str(model), str(data), str(out)
-    return {
-        "query": ["query", "--model", m, "--data", d, "--budget", "1", "--out", o],
-        "score": ["score", "--model", m, "--data", d, "--strategies", "enpy", "--out", o],
-        "predict": ["predict", "--model", m, "--images", d, "--out", o],
-        "evaluate": ["evaluate", "--model", m, "--data", d, "--out", o],
-        "simulate": ["simulate", "--model", m, "--pool", d, "--out", o, "--strategies", "random", "--budget", "1",
-                     "--rounds", "1", "--steps", "1", "--no-upper-bound", "--no-guard"],
-        "init": ["init", o, "--model", m, "--pool", d, "--steps", "1"],
-    }[command] + ["--no-progress"]
+    return command_line(command, {"model": model, "data": data}, out)
 
 
 def _one_line_error(capsys: pytest.CaptureFixture) -> str:

@@ -15,7 +15,7 @@ from asfda.adapter import Adapter, reliable_from_scores
 from asfda.io import load_dataset
 from asfda.models import load_model
 from asfda.selection import PoolScores
-from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, select_reliable
+from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, pseudo_label_quality, select_reliable
 
 IDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
 CONFIDENCE = np.array([0.95, 0.60, 0.90, 0.90, 0.40, 0.85, 0.70, 0.90, 0.20, 0.50])
@@ -154,3 +154,33 @@ def test_a_round_continues_from_the_previous_rounds_weights(tiny_bundle: Path, t
     sa, sb = a.current_state(), b.current_state()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], after_round0[k]) for k in sa)
+
+
+def test_pseudo_label_quality_against_the_true_label() -> None:
+    truth = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    truth[0, :, :2] = 1  # 8 voxels of organ 1
+    label = truth.clone()
+    label[0, :, 2] = 1  # 4 more predicted: Dice 16/20 on organ 1
+    label[3, 3, 3] = 2  # organ 2 predicted where it is not: Dice 0
+    mask = torch.zeros(4, 4, 4, dtype=torch.bool)
+    mask[0] = True  # only slice 0 kept: organ 1 there has Dice 16/20, organ 2 in neither map there
+    q = pseudo_label_quality(label, mask, truth.numpy(), ["background", "liver", "spleen"])
+    assert q["pseudo_dice:liver"] == pytest.approx(0.8) and q["pseudo_dice:spleen"] == 0.0
+    assert q["pseudo_dice"] == pytest.approx(0.4) and q["pseudo_dice_masked"] == pytest.approx(0.8)
+    assert q["kept_fraction"] == pytest.approx(16 / 64)
+    assert np.isnan(pseudo_label_quality(label, torch.zeros_like(mask), truth, ["background", "liver"])[
+        "pseudo_dice_masked"])
+
+
+def test_a_semi_round_records_the_pseudo_labels_quality_of_labelled_pool_volumes(tiny_bundle: Path,
+                                                                                   tiny_dataset: Path) -> None:
+    """In a simulation the pool's true labels exist: each reliable volume's record gets its pseudo-label's Dice."""
+    from asfda.config import SemiConfig
+
+    a, cases = _adapter(tiny_bundle, tiny_dataset)
+    semi = SemiConfig(enabled=True, confident_fraction=1.0, close_fraction=1.0, prob_threshold=0.0)
+    out = a.train_round(cases[:1], cases[1:], TrainConfig(steps=2, batch_size=1, guard=False), semi, 1.0)
+    assert out.reliable and all(0.0 <= rec["pseudo_dice"] <= 1.0 and rec["kept_fraction"] == 1.0
+                                for rec in out.reliable.values())
+    one = next(iter(out.reliable))
+    assert {"pseudo_dice:liver", "pseudo_dice:spleen", "pseudo_dice_masked", "confidence"} <= set(out.reliable[one])

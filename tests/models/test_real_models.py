@@ -20,14 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from _zoo_bundles import _every_command, _metadata, _one_line_error, _run, _variant, build_zoo
+from _zoo_bundles import _every_command, _metadata, _one_line_error, _run, _variant
 from asfda.errors import AsfdaError
 from asfda.models import load_model
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_zoo(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """asfda's MONAI Label app without MONAI Label: the app folder `write_app` writes, and the backend its tasks call
 (next sample = asfda query's pick, labels checked as ingest checks them, a round, inference with the current model).
-The same app behind a real ``monailabel start_server`` is tested in tests/test_monailabel_server.py (slow)."""
+The same app behind a real ``monailabel start_server`` is tested in test_monailabel_server.py beside it (slow)."""
 
 from __future__ import annotations
 
@@ -11,30 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _monailabel_helpers import AFFINE, N_STUDIES, app_settings, write_studies
 from asfda.errors import AsfdaError
 from asfda.monailabel import APP_CONFIG, STRATEGY_NAMES, AppBackend, read_app_config, write_app
 from asfda.predict import predict_model
 from asfda.project import Project, ProjectSettings, project_lock
 from asfda.query import query_dataset
-from asfda.training import TrainConfig
-from conftest import load_nifti, make_volume, write_bundle, write_nifti
-
-N_STUDIES = 5
-AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
-
-
-def write_studies(root: Path, n: int = N_STUDIES) -> tuple[Path, Path]:
-    """A MONAI Label studies folder of phantom images (``caseNN.nii.gz``) and, apart, their true labels."""
-    studies, truth = root / "studies", root / "truth"
-    for i in range(n):
-        image, label = make_volume(i)
-        write_nifti(studies / f"case{i:02d}.nii.gz", image, AFFINE)
-        write_nifti(truth / f"case{i:02d}.nii.gz", label, AFFINE)
-    return studies, truth
-
-
-def app_settings() -> ProjectSettings:
-    return ProjectSettings(budget=1, device="cpu", train=TrainConfig(steps=4, batch_size=1))
+from conftest import load_nifti, write_bundle, write_nifti
 
 
 @pytest.fixture

@@ -201,7 +201,7 @@ def test_a_bare_torchscript_model_pt_ending_in_softmax_runs_every_command_withou
     """deepbet's model.pt as shipped (a bare TorchScript file; its architecture is not published, so the test scripts
     a UNet with the same contract): with --trust-model-code the five commands run, the start-up probe takes its
     output as probabilities and says so, and its labels equal those of the same network without the softmax
-    (scored as logits): no second softmax. (Bundles: tests/test_model_output_truth.py.)"""
+    (scored as logits): no second softmax. (Bundles: tests/models/test_model_output_truth.py.)"""
     torch.manual_seed(1)
     net = nets.UNet(3, 1, 2, channels=(4, 8, 8), strides=(2, 2), num_res_units=1).eval()
     ending, logits = tmp_path / "deepbet" / "model.pt", tmp_path / "logits" / "model.pt"

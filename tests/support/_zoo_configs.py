@@ -1,4 +1,5 @@
-"""The model-zoo bundles of tests/test_model_zoo_configs.py: their configs as shipped (only what a CPU needs shrunk),
+"""The model-zoo bundles of tests/models/test_model_zoo_configs.py: their configs as shipped (only what a CPU needs
+shrunk),
 metadata, and the writers of a bundle and of a tiny dataset named by its channel_def."""
 
 from __future__ import annotations

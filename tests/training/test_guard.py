@@ -13,7 +13,7 @@ from asfda.config import SemiConfig
 from asfda.io import load_dataset
 from asfda.models import load_model
 from asfda.training import TrainConfig
-from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample
+from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample, organ_voxels, volume_ratios
 
 
 def test_anatomical_plausibility_averages_classes_and_volumes() -> None:
@@ -59,12 +59,12 @@ def test_train_round_reverts_a_less_plausible_model_and_keeps_a_better_one(
         _shift_weights(self)
         return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}
 
-    def fake_plausibility(self, cases, *, pretrained=False):
+    def fake_measures(self, cases, *, pretrained=False):
         assert [c.case_id for c in cases] == [c.case_id for c in unlabelled]
-        return 0.7 if pretrained else (0.9 if adapted_better else 0.6)
+        return 0.7 if pretrained else (0.9 if adapted_better else 0.6), [np.array([4.0, 2.0]) for _ in cases]
 
     monkeypatch.setattr(Adapter, "_train_round", fake_train)
-    monkeypatch.setattr(Adapter, "plausibility", fake_plausibility)
+    monkeypatch.setattr(Adapter, "guard_measures", fake_measures)
     labelled, unlabelled = cases[:1], cases[1:]
     out = adapter.train_round(labelled, unlabelled, TrainConfig(steps=1), SemiConfig(), 1.0)
     assert isinstance(out.guard, GuardResult)
@@ -81,11 +81,11 @@ def test_guard_off_or_without_unlabeled_volumes_does_not_run(tiny_bundle: Path, 
     adapter, cases = _adapter(tiny_bundle, tiny_dataset)
     calls: list[int] = []
 
-    def plausibility(self, *a, **k) -> float:
+    def measures(self, *a, **k) -> tuple[float, list]:
         calls.append(1)
-        return 0.0
+        return 0.0, []
 
-    monkeypatch.setattr(Adapter, "plausibility", plausibility)
+    monkeypatch.setattr(Adapter, "guard_measures", measures)
     out = adapter.train_round(cases[:1], cases[1:], TrainConfig(steps=1, guard=False), SemiConfig(), 1.0)
     assert out.guard is None
     out = adapter.train_round(cases, [], TrainConfig(steps=1), SemiConfig(), 1.0)
@@ -152,3 +152,34 @@ def test_held_back_blames_the_volumes_a_discarded_round_added() -> None:
     # only volumes new to training since the last kept round are blamed
     assert held_back(["a", "b"], [(["a"], False), (["a", "b"], True)]) == ["b"]
     assert held_back(["a", "b"], []) == []
+
+
+def test_organ_voxels_count_each_foreground_class() -> None:
+    lab = np.zeros((4, 4, 4), dtype=np.uint8)
+    lab[0, 0, :3] = 1
+    lab[3, 3, 3] = 3  # class 2 absent
+    assert organ_voxels(lab, 4).tolist() == [3.0, 0.0, 1.0]
+    assert organ_voxels(torch.from_numpy(lab), 4).tolist() == [3.0, 0.0, 1.0]
+
+
+def test_volume_ratios_are_mean_predicted_over_median_annotated() -> None:
+    predicted = [np.array([10.0, 0.0, 4.0]), np.array([30.0, 2.0, 4.0])]  # means 20, 1, 4
+    annotated = [np.array([20.0, 4.0, 0.0]), np.array([40.0, 4.0, 0.0]), np.array([10.0, 4.0, 0.0])]  # medians 20, 4, 0
+    ratios = volume_ratios(predicted, annotated)
+    assert ratios[:2] == [1.0, 0.25] and np.isnan(ratios[2])  # no labelled volume has class 3: no ratio
+    assert volume_ratios([], annotated) == [] and volume_ratios(predicted, []) == []
+
+
+def test_a_guarded_round_records_each_organs_volume_ratio(tiny_bundle: Path, tiny_dataset: Path) -> None:
+    """The real guard on the tiny bundle: the ratios of both models are the predicted voxels on the guard's volumes
+    over the labelled volumes' annotated voxels, organ for organ (recorded for benchmarks/guard_recall.py)."""
+    adapter, cases = _adapter(tiny_bundle, tiny_dataset)
+    labelled, unlabelled = cases[:1], cases[1:]
+    out = adapter.train_round(labelled, unlabelled, TrainConfig(steps=1, batch_size=1), SemiConfig(), 1.0)
+    assert out.guard is not None and out.guard.organs == ["liver", "spleen"]
+    label = adapter.prepare(labelled[0]).label
+    assert label is not None
+    ann = organ_voxels(label, 3)
+    pred0 = np.mean([organ_voxels(adapter.forward(c, pretrained=True)[0].argmax(0), 3) for c in unlabelled], axis=0)
+    assert out.guard.volume_ratio_pretrained == pytest.approx((pred0 / ann).tolist(), abs=1e-4)
+    assert len(out.guard.volume_ratio_adapted) == 2 and GuardResult(**out.guard.to_dict()) == out.guard

@@ -1,6 +1,7 @@
-"""Builds a tiny nnU-Net v2 model with nnunetv2's own planner, preprocessor and trainer, on CPU (tests/test_nnunet.py).
+"""Builds a tiny nnU-Net v2 model with nnunetv2's own planner, preprocessor and trainer, on CPU
+(tests/models/test_nnunet.py).
 
-Run as a script in a subprocess (``python tests/_nnunet_fixture.py OUT``): nnunetv2 reads its ``nnUNet_raw`` /
+Run as a script in a subprocess (``python tests/support/_nnunet_fixture.py OUT``): nnunetv2 reads its ``nnUNet_raw`` /
 ``nnUNet_preprocessed`` / ``nnUNet_results`` paths when it is imported, so they are set here, inside ``OUT``, before
 any nnunetv2 import. Writes into ``OUT``:
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _loss_helpers import loss_case
 from asfda.training import masked_dice_ce
 
 
@@ -28,21 +29,11 @@ def _reference(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | 
     return (1.0 - dice[1:].mean() if c > 1 else 1.0 - dice.mean()) + ce
 
 
-def _case(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    g = torch.Generator().manual_seed(seed)
-    b, c, shape = 1 + seed % 3, 2 + seed % 5, (6 + seed % 5, 7, 5 + seed % 3)
-    logits = torch.randn(b, c, *shape, generator=g, dtype=dtype) * (0.5 + seed % 4)
-    target = torch.randint(0, c, (b, *shape), generator=g)
-    kept = (0.0, 0.1, 0.5, 0.9, 1.0, None)[seed % 6]  # fraction of voxels kept by the mask (None: no mask)
-    mask = None if kept is None else torch.rand(b, *shape, generator=g) < kept
-    return logits, target, mask
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_monai_masked_dice_equals_the_hand_written_loss(dtype: torch.dtype) -> None:
     loss_diff, grad_diff = 0.0, 0.0
     for seed in range(36):
-        logits, target, mask = _case(seed, dtype)
+        logits, target, mask = loss_case(seed, dtype)
         x = logits.clone().requires_grad_()
         ours = masked_dice_ce(x, target, mask)
         (g_ours,) = torch.autograd.grad(ours, x)
@@ -57,7 +48,7 @@ def test_monai_masked_dice_equals_the_hand_written_loss(dtype: torch.dtype) -> N
 
 
 def test_fully_masked_batch_and_single_class_give_zero_loss() -> None:
-    logits, target, _ = _case(1, torch.float32)
+    logits, target, _ = loss_case(1, torch.float32)
     x = logits.clone().requires_grad_()
     loss = masked_dice_ce(x, target, torch.zeros_like(target, dtype=torch.bool))
     assert loss.item() == 0.0 == _reference(logits, target, torch.zeros_like(target)).item()
@@ -72,6 +63,6 @@ def test_fully_masked_batch_and_single_class_give_zero_loss() -> None:
 
 
 def test_no_mask_is_an_all_ones_mask_and_warns_nothing(recwarn: pytest.WarningsRecorder) -> None:
-    logits, target, _ = _case(3, torch.float32)
+    logits, target, _ = loss_case(3, torch.float32)
     assert float(masked_dice_ce(logits, target)) == float(masked_dice_ce(logits, target, torch.ones_like(target)))
     assert not [w for w in recwarn if "mask" in str(w.message).lower()]

@@ -33,9 +33,10 @@ from conftest import load_nifti
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nnunetv2") is None,
                                 reason="nnunetv2 is not installed (pip install 'asfda[test]')")
 
-HERE = Path(__file__).resolve().parent
-SCRIPT = HERE / "_nnunet_fixture.py"
-CACHE = HERE.parent / ".cache" / "nnunet_fixture"
+from _repo import REPO  # noqa: E402
+
+SCRIPT = REPO / "tests" / "support" / "_nnunet_fixture.py"
+CACHE = REPO / ".cache" / "nnunet_fixture"
 CLASSES = (1, 2)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "asfda"
+from _repo import SRC
 
 # low -> high; a module may import its own layer or a lower one (docs/architecture.md, "Layers")
 LAYERS: list[tuple[str, ...]] = [
@@ -44,7 +44,8 @@ def _layer(module: str) -> int:
     for i, names in enumerate(LAYERS):
         if top in names:
             return i
-    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: add it (and to docs/architecture.md)")
+    raise AssertionError(f"{module} is in no layer of tests/system/test_architecture.py: add it (and to "
+                         "docs/architecture.md)")
 
 
 def _asfda_imports(path: Path) -> list[tuple[str, bool]]:

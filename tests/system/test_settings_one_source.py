@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import asfda.query
+from _repo import SRC
 from asfda.config import (
     AdaptSettings,
     RunConfig,
@@ -29,7 +30,6 @@ from asfda.project.state import PROJECT_STEPS, ProjectSettings, _check_settings
 from asfda.selection import build_strategy, get_strategy
 from asfda.selection.strategies import ASFDAStrategy
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "asfda"
 SETTINGS = (TrainConfig, SemiConfig, StrategySettings, AdaptSettings, RunConfig, ProjectSettings)
 OWN_HOMES = {"config.py", "project/state.py"}  # where the settings dataclasses are declared
 

@@ -319,7 +319,7 @@ def test_edit_summary_by_hand() -> None:
 
 def test_init_folds_a_dataset_class_the_model_lacks_into_background(tmp_path: Path) -> None:
     """Issue 35: a model with fewer organs than the dataset starts a project (before: refused); the class it lacks
-    is folded into background and recorded as such (tests/test_project_fewer_organs.py runs a round)."""
+    is folded into background and recorded as such (tests/project/test_project_fewer_organs.py runs a round)."""
     from asfda.project import init_project
 
     bundle = write_bundle(tmp_path / "b", class_names=("background", "liver"))

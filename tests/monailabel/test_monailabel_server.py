@@ -25,11 +25,11 @@ from urllib.parse import quote_plus
 import numpy as np
 import pytest
 
+from _monailabel_helpers import AFFINE, app_settings, write_studies
 from asfda.monailabel import STRATEGY_NAMES, AppBackend, write_app
 from asfda.project import Project
 from asfda.query import query_dataset
 from conftest import load_nifti, write_bundle, write_nifti
-from test_monailabel_app import AFFINE, app_settings, write_studies
 
 pytestmark = pytest.mark.slow
 

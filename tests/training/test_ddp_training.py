@@ -14,11 +14,11 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from _loss_helpers import loss_case
 from asfda.distributed import DistContext, rank_context
 from asfda.training import TrainConfig, TrainVolume, finetune, masked_dice_ce
 from asfda.training.losses import dice_ce_from_stats, dice_ce_stats
 from asfda.training.trainer import _global_batch_loss
-from test_losses import _case
 
 PATCH = (8, 8, 8)
 CASES = {  # name -> (TrainConfig, with a pseudo-labelled volume?)
@@ -181,7 +181,7 @@ def test_a_batch_smaller_than_the_ranks_is_refused() -> None:
 def test_the_loss_from_the_sums_is_masked_dice_ce(dtype: torch.dtype) -> None:
     loss_diff, grad_diff = 0.0, 0.0
     for seed in range(36):
-        logits, target, mask = _case(seed, dtype)
+        logits, target, mask = loss_case(seed, dtype)
         x = logits.clone().requires_grad_()
         ref = masked_dice_ce(x, target, mask)
         (g_ref,) = torch.autograd.grad(ref, x)
@@ -197,7 +197,7 @@ def test_the_loss_from_the_sums_is_masked_dice_ce(dtype: torch.dtype) -> None:
 def test_the_sums_of_two_halves_give_the_loss_of_the_whole_batch() -> None:
     checked = 0
     for seed in range(36):
-        logits, target, mask = _case(seed, torch.float32)
+        logits, target, mask = loss_case(seed, torch.float32)
         if logits.shape[0] < 2:
             continue
         h = logits.shape[0] // 2

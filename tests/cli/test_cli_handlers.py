@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from _repo import SRC
 from asfda.cli import build_parser, commands, project_commands
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "asfda"
 MINIMAL_ARGV = {
     "demo": [], "phantom": ["o"], "simulate": [], "crossval": ["--data", "d", "--out", "o"],
     "evaluate": ["--model", "m", "--data", "d"], "predict": ["--model", "m", "--data", "d", "--out", "o"],

@@ -1,5 +1,5 @@
 """docs/architecture.md against the tree: every module under src/asfda has a line in its "Modules" section, and its
-"Layers" diagram lists the layers of tests/test_architecture.py, in the same order, name for name."""
+"Layers" diagram lists the layers of tests/system/test_architecture.py, in the same order, name for name."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
-SRC = ROOT / "src" / "asfda"
+from _repo import REPO as ROOT
+from _repo import SRC
+
 DOC = ROOT / "docs" / "architecture.md"
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*/?")
 
@@ -91,7 +92,7 @@ def doc_layers(doc: str) -> list[list[str]]:
 
 
 def code_layers() -> list[list[str]]:
-    """tests/test_architecture.py's LAYERS (low -> high), each package named with a trailing ``/``."""
+    """tests/system/test_architecture.py's LAYERS (low -> high), each package named with a trailing ``/``."""
     checked = next((ROOT / "tests").rglob("test_architecture.py"))  # wherever tests/ keeps it
     tree = ast.parse(checked.read_text())
     value = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "LAYERS")

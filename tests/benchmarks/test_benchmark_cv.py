@@ -1,6 +1,6 @@
 """benchmarks/cv.py, the thin caller of `asfda.crossval` kept for its flags and the runs made with them: the flags
 become every fold's recipe, --summarize-only reads what is on disk and refuses a folder of other folds. The
-cross-validation itself is tested in tests/test_crossval.py."""
+cross-validation itself is tested in tests/crossval/test_crossval.py."""
 
 from __future__ import annotations
 

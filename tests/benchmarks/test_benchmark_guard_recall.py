@@ -1,0 +1,31 @@
+"""benchmarks/guard_recall.py's tables on hand-made rounds: recall and precision of today's guard, and of the guard
+with a floor on the organ volume ratio."""
+
+from __future__ import annotations
+
+from guard_recall import floor_table, table
+
+
+def _row(start: float, trained: float, reverted: bool, min_ratio: float | None) -> dict:
+    return {"fold": "fold0", "strategy": "asfda", "seed": 0, "round": 0, "start": start, "trained": trained,
+            "reverted": reverted, "guarded": True, "min_ratio": min_ratio}
+
+
+ROWS = [_row(0.40, 0.37, False, 0.17),  # harmful, kept by the guard, a collapsed kidney
+        _row(0.40, 0.30, True, 0.60),  # harmful, discarded
+        _row(0.60, 0.70, False, 0.45),  # good round with a small organ ratio: a floor at 0.5 flags it
+        _row(0.70, 0.72, False, 1.10)]
+
+
+def test_table_counts_recall_and_precision_of_the_guard() -> None:
+    lines = table(ROWS, 0.02)
+    assert "harmful (test Dice down by more than 0.02): 2; discarded: 1" in lines[0]
+    assert lines[1] == "recall: 1/2 = 0.50" and lines[2] == "precision: 1/1 = 1.00"
+
+
+def test_floor_table_adds_the_rounds_below_the_floor() -> None:
+    lines = floor_table(ROWS, 0.02, [0.0, 0.3, 0.5])
+    assert lines[0] == "rounds with the ratios recorded: 4, harmful: 2"
+    assert lines[3:] == ["| 0 | 1 | 1/2 | 1/1 |", "| 0.3 | 2 | 2/2 | 2/2 |", "| 0.5 | 3 | 2/2 | 2/3 |"]
+    assert floor_table([{**r, "min_ratio": None} for r in ROWS], 0.02, [0.5]) == [
+        "no round recorded guard.volume_ratio_adapted yet"]

@@ -21,6 +21,7 @@ from asfda.crossval import (
     plan_seeds,
 )
 from asfda.crossval.read import case_dice, choose_postprocessing
+from asfda.crossval.summary import first_picks
 from asfda.results import summarise
 from conftest import write_nnunet
 
@@ -195,6 +196,14 @@ def test_two_fold_crossval_split_over_two_processes_merges_and_resumes(tmp_path:
     assert {c: v["random"]["1"] for c, v in s["per_volume"].items()} == pytest.approx(theirs)
     assert s["oracle_1"]["best"] == pytest.approx(0.3) and s["oracle_1"]["best_volume"] == "case00"
     assert s["oracle_1"]["expected_random"] == pytest.approx(0.2)
+    # each run's first pick against the table (case03 has no utility: runs that picked it are left out)
+    util = {"case00": 0.3, "case01": 0.1, "case02": 0.2}
+    for name, fp in s["first_picks"].items():
+        for r in fp["runs"]:
+            state = json.loads((here / f"fold{r['fold']}" / name / f"seed{r['seed']}" / "state.json").read_text())
+            assert r["pick"] == state["rounds"][0]["queried"][0] and r["utility"] == pytest.approx(util[r["pick"]])
+        assert fp["below_zero"] == 0 and fp["at_or_above_median"] == sum(r["utility"] >= r["pool_median"]
+                                                                         for r in fp["runs"])
     assert set(s["largest_component"]) >= {"classes", "strategies"}
     readme = (here / "README.md").read_text()
     assert all(i in readme for i in ids) and "Nothing: every fold" in readme and "bootstrap" in readme
@@ -227,3 +236,23 @@ def test_crossval_refuses_an_output_inside_the_dataset_before_writing(tmp_path: 
     assert main(["crossval", "--model", str(tiny_bundle), "--data", str(data), "--folds", "2",
                  "--out", str(data / "cv")]) == 2
     assert sorted(p.name for p in data.rglob("*")) == before
+
+
+def test_first_picks_rank_each_runs_first_label_in_its_folds_pool(tmp_path: Path) -> None:
+    utility = tmp_path / "utility.json"
+    utility.write_text(json.dumps({"utility": {"a": 0.4, "b": -0.1, "c": 0.2, "d": 0.3}}))
+    assignment = [["a"], ["b"], ["c", "d"]]
+    for k, name, seed, pick in ((0, "asfda", 0, "b"), (1, "asfda", 0, "a"), (2, "asfda", 0, "a"),
+                                (0, "random", 0, "c")):
+        state = tmp_path / f"fold{k}" / name / f"seed{seed}" / "state.json"
+        state.parent.mkdir(parents=True)
+        state.write_text(json.dumps({"rounds": [{"round": 0, "queried": [pick]}, {"round": 1, "queried": ["x"]}]}))
+    fp = first_picks(tmp_path, assignment, {"asfda": [0], "random": [0, 1]}, utility)
+    assert fp is not None
+    runs = fp["asfda"]["runs"]
+    assert [(r["fold"], r["pick"], r["rank"], r["pool"]) for r in runs] == [(0, "b", 3, 3), (1, "a", 1, 3),
+                                                                              (2, "a", 1, 2)]
+    assert runs[0]["pool_median"] == pytest.approx(0.2) and runs[2]["pool_median"] == pytest.approx(0.15)
+    assert fp["asfda"]["below_zero"] == 1 and fp["asfda"]["at_or_above_median"] == 2
+    assert len(fp["random"]["runs"]) == 1 and fp["random"]["at_or_above_median"] == 1  # c: 0.2, the median of b c d
+    assert first_picks(tmp_path, assignment, {"asfda": [0]}, None) is None

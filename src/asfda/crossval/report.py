@@ -126,6 +126,12 @@ def _texts(summary: dict) -> dict[str, str]:
         texts["oracle"] = (f"One label, measured on every volume ({o['source']}): the best single volume raises the "
                            f"mean Dice of the others by {o['best']:+.3f} ({o['best_volume']}), a random one by "
                            f"{o['expected_random']:+.3f} on average. Here at n=1 over zero-shot: {gains or '–'}.")
+    fp = summary.get("first_picks")
+    if fp and any(v["runs"] for v in fp.values()):
+        texts["oracle"] = texts.get("oracle", "") + " First picks against that table (runs, fold x seed): " + "; ".join(
+            f"{name} {len(v['runs'])} runs, {v['below_zero']} below zero, {v['at_or_above_median']} at or above their "
+            f"pool's median ({', '.join(sorted({r['pick'] for r in v['runs']}))})" for name, v in fp.items()
+            if v["runs"]) + "."
     lc = summary.get("largest_component")
     if lc:
         texts["lcc"] = (f"Post-processing chosen by this cross-validation: {', '.join(lc['classes']) or 'none'} "

@@ -17,7 +17,7 @@ from asfda.crossval.read import PROVENANCE, ZERO_SHOT, Seeds, provenance_lines, 
 from asfda.crossval.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_mean, curve_auc, paired_difference
 from asfda.results import UPPER_BOUND
 
-__all__ = ["RANDOM", "clean", "oracle_1", "pp_strategies", "summarize"]
+__all__ = ["RANDOM", "clean", "first_picks", "oracle_1", "pp_strategies", "summarize"]
 
 RANDOM = "random"
 """The strategy every other one is compared with."""
@@ -39,6 +39,12 @@ def clean(obj):
     return obj
 
 
+def _utility_table(path: str | Path | None) -> dict[str, float]:
+    table = read_json(Path(path)) if path else None
+    return {v: float(u) for v, u in ((table or {}).get("utility") or {}).items()
+            if u is not None and not math.isnan(float(u))}
+
+
 def oracle_1(path: str | Path | None, volumes: Sequence[str] = ()) -> dict | None:
     """What one label can do at best and on average, from a single-label utility table
     (``benchmarks/single_label_utility.py``'s ``utility.json``: per volume v, the mean Dice over the other volumes of
@@ -46,9 +52,7 @@ def oracle_1(path: str | Path | None, volumes: Sequence[str] = ()) -> dict | Non
     their mean (what a uniformly random first label gains on average). None without a table."""
     if not path:
         return None
-    table = read_json(Path(path))
-    util = {v: float(u) for v, u in ((table or {}).get("utility") or {}).items()
-            if u is not None and not math.isnan(float(u))}
+    util = _utility_table(path)
     if not util:
         return {"best": None, "expected_random": None, "source": str(path), "problem": "no utility table there"}
     best = max(util, key=lambda v: util[v])
@@ -57,6 +61,34 @@ def oracle_1(path: str | Path | None, volumes: Sequence[str] = ()) -> dict | Non
             "source": str(path),
             "what": "gain of the mean Dice over zero-shot from 1 label, measured on every volume as that label "
                     "(tested on all the others): the best volume, and the mean over volumes (a random first label)"}
+
+
+def first_picks(out: str | Path, assignment: Sequence[Sequence[str]], seeds: Seeds,
+                utility: str | Path | None) -> dict | None:
+    """Per strategy, each run's first labelled volume set against the single-label utility table (`oracle_1`'s): its
+    utility, its rank in the fold's pool (1: the best) and the pool's median utility; and the counts the selection
+    issue asks for: first picks below zero (harmful), and at or above the pool's median. None without a table."""
+    util = _utility_table(utility)
+    if not util:
+        return None
+    cases = sorted({c for test in assignment for c in test})
+    out_rows: dict[str, dict] = {}
+    for name, ss in seeds.items():
+        rows = []
+        for k, test in enumerate(assignment):
+            pool = sorted((set(cases) - set(test)) & set(util))
+            for s in ss:
+                state = read_json(fold_dir(Path(out), k) / name / f"seed{s}" / "state.json") or {}
+                first = next((r.get("queried") or [] for r in state.get("rounds", []) if r.get("round") == 0), [])
+                if not first or first[0] not in util or not pool:
+                    continue
+                ranked = sorted(pool, key=lambda v: -util[v])
+                rows.append({"fold": k, "seed": s, "pick": first[0], "utility": util[first[0]],
+                             "rank": ranked.index(first[0]) + 1 if first[0] in ranked else None,
+                             "pool": len(pool), "pool_median": float(np.median([util[v] for v in pool]))})
+        out_rows[name] = {"runs": rows, "below_zero": sum(r["utility"] < 0 for r in rows),
+                          "at_or_above_median": sum(r["utility"] >= r["pool_median"] for r in rows)}
+    return out_rows
 
 
 def _fold(out: Path, k: int, test_ids: Sequence[str], ns: list[int], seeds: Seeds, upper_seeds: Sequence[int],
@@ -203,7 +235,7 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, seeds: Se
         "strategies": strategies,
         "auc": "trapezoid area under mean Dice vs n over n = 0..N, divided by N (asfda.results.area_under_curve)",
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "test volume", "interval": "percentile 95%"},
-        "oracle_1": oracle_1(utility, cases),
+        "oracle_1": oracle_1(utility, cases), "first_picks": first_picks(out, assignment, seeds, utility),
         "per_fold": per_fold, "per_volume": per_volume,
         "machine": machine_line, "commit": commit, "command": command,
         "date": datetime.now(UTC).isoformat(timespec="minutes"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +105,11 @@ def main() -> None:
     record = {"rules": rows, "folds": assignment, "utility": str(args.utility) if args.utility else None,
               "command": "python benchmarks/first_picks.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                           vars(args).items() if v is not None),
-              "machine": machine(), "commit": code_version()}
+              "machine": machine(), "commit": code_version(),
+              "date": datetime.now(UTC).isoformat(timespec="minutes")}
     atomic_write_json(args.out, record)
-    md = "\n".join([f"Command: `{record['command']}`  ", f"Machine: {record['machine']}, commit {record['commit']}",
-                    "", *table(rows), ""])
+    md = "\n".join([f"Command: `{record['command']}`  ",
+                    f"Machine: {record['machine']}, commit {record['commit']}, {record['date']}", "", *table(rows), ""])
     args.out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
 

@@ -17,13 +17,13 @@ table (``--utility``: printed).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from asfda.adapter import Adapter
+from asfda.crossval.summary import read_utility_table
 from asfda.io import atomic_write_text, load_dataset
 from asfda.metrics import largest_component
 from asfda.models import load_model
@@ -89,7 +89,7 @@ def main() -> None:
     write_csv(args.out, pool_columns(raw, names))
     print(args.out.read_text())
     if args.utility:
-        util = {k: float(v) for k, v in json.loads(args.utility.read_text())["utility"].items() if v == v}
+        util = read_utility_table(args.utility)
         for col, r in correlations(util, score_table(args.out)).items():
             print(f"{col}: rho {r['spearman']:+.2f}, first pick {r['first_pick']} (utility "
                   f"{r['first_pick_utility']:+.3f}, rank {r['first_pick_rank']})")

@@ -17,7 +17,6 @@ baselines that need no extra passes (ENPY, coreset, BADGE).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,23 +25,30 @@ import numpy as np
 
 from _machine import code_version, machine
 from asfda.crossval.folds import fold_assignment, fold_datasets_root, make_fold_datasets
+from asfda.crossval.summary import read_utility_table
 from asfda.io import atomic_write_json, load_dataset
 
 RULES = ["asfda-density=asfda:representativeness=density", "asfda-typical=asfda:representativeness=typical",
          "asfda-method=asfda:representativeness=none", "enpy=enpy", "coreset=coreset", "badge=badge"]
 
 
-def parse_rule(text: str) -> tuple[str, str, dict[str, str]]:
+def parse_rule(text: str) -> tuple[str, str, dict[str, object]]:
     """``name=strategy[:key=value,...]`` -> (name, strategy, settings)."""
     name, _, rest = text.partition("=")
     strategy, _, opts = rest.partition(":")
-    settings = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+    settings: dict[str, object] = {}
+    for kv in (kv for kv in opts.split(",") if kv):
+        key, _, value = kv.partition("=")
+        try:
+            settings[key] = float(value)  # alpha
+        except ValueError:
+            settings[key] = value
     if not name or not strategy:
         raise SystemExit(f"a rule is name=strategy[:key=value,...], got {text!r}")
     return name, strategy, settings
 
 
-def first_pick(model: str, pool: Path, strategy: str, settings: dict[str, str], *, cache_dir: str, device: str,
+def first_pick(model: str, pool: Path, strategy: str, settings: dict[str, object], *, cache_dir: str, device: str,
                precision: str) -> str:
     from asfda.query import query_dataset
 
@@ -92,8 +98,7 @@ def main() -> None:
     assignment = fold_assignment(ids, args.folds, args.fold_seed)
     dirs = make_fold_datasets(args.data, assignment, fold_datasets_root(args.cache_dir, args.data, args.folds,
                                                                          args.fold_seed))
-    util = {k: float(v) for k, v in (json.loads(args.utility.read_text())["utility"] if args.utility else {}).items()
-            if v is not None and v == v}
+    util = read_utility_table(args.utility)
     rows: dict[str, list[dict]] = {}
     for name, strategy, settings in (parse_rule(r) for r in args.rules.split(";") if r):
         for k, test in enumerate(assignment):

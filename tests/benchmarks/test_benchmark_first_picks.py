@@ -16,7 +16,7 @@ from first_picks import annotate, main, parse_rule, table
 
 def test_rules_are_name_strategy_and_settings() -> None:
     assert parse_rule("d=asfda:representativeness=density,alpha=0.3") == (
-        "d", "asfda", {"representativeness": "density", "alpha": "0.3"})
+        "d", "asfda", {"representativeness": "density", "alpha": 0.3})
     assert parse_rule("enpy=enpy") == ("enpy", "enpy", {})
     with pytest.raises(SystemExit):
         parse_rule("asfda")

@@ -17,7 +17,7 @@ from asfda.crossval.read import PROVENANCE, ZERO_SHOT, Seeds, provenance_lines, 
 from asfda.crossval.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_mean, curve_auc, paired_difference
 from asfda.results import UPPER_BOUND
 
-__all__ = ["RANDOM", "clean", "first_picks", "oracle_1", "pp_strategies", "summarize"]
+__all__ = ["RANDOM", "clean", "first_picks", "oracle_1", "pp_strategies", "read_utility_table", "summarize"]
 
 RANDOM = "random"
 """The strategy every other one is compared with."""
@@ -39,7 +39,9 @@ def clean(obj):
     return obj
 
 
-def _utility_table(path: str | Path | None) -> dict[str, float]:
+def read_utility_table(path: str | Path | None) -> dict[str, float]:
+    """``single_label_utility.py``'s ``utility.json`` as ``{volume: utility}`` (NaN and missing left out; {} without a
+    file)."""
     table = read_json(Path(path)) if path else None
     return {v: float(u) for v, u in ((table or {}).get("utility") or {}).items()
             if u is not None and not math.isnan(float(u))}
@@ -52,7 +54,7 @@ def oracle_1(path: str | Path | None, volumes: Sequence[str] = ()) -> dict | Non
     their mean (what a uniformly random first label gains on average). None without a table."""
     if not path:
         return None
-    util = _utility_table(path)
+    util = read_utility_table(path)
     if not util:
         return {"best": None, "expected_random": None, "source": str(path), "problem": "no utility table there"}
     best = max(util, key=lambda v: util[v])
@@ -68,7 +70,7 @@ def first_picks(out: str | Path, assignment: Sequence[Sequence[str]], seeds: See
     """Per strategy, each run's first labelled volume set against the single-label utility table (`oracle_1`'s): its
     utility, its rank in the fold's pool (1: the best) and the pool's median utility; and the counts the selection
     issue asks for: first picks below zero (harmful), and at or above the pool's median. None without a table."""
-    util = _utility_table(utility)
+    util = read_utility_table(utility)
     if not util:
         return None
     cases = sorted({c for test in assignment for c in test})

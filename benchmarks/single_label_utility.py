@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache-dir", default=str(REPO / ".cache"))
     ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--no-scores", action="store_true",
+                    help="do not score the pool (round0_scores.csv) here: a partial run's fine-tunings come first")
     args = ap.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {held: r for held, r in runs.items() if r is not None}
     util = {h: utility(r) for h, r in results.items()}
     scores = out / "round0_scores.csv"
-    if not scores.is_file() and not args.summarize_only:
+    if not scores.is_file() and not (args.summarize_only or args.no_scores):
         from asfda.query import score_dataset
 
         score_dataset(args.model, str(data), scores, cache_dir=args.cache_dir, device=args.device, progress=False)

@@ -336,3 +336,19 @@ def test_asfda_cold_start_is_the_diversity_pick_on_the_pretrained_embeddings() -
         assert len(get_strategy(name).select(pool, 2, 0).ids) == 2
     with pytest.raises(AsfdaError, match="no segmentation head"):
         get_strategy("enpy").select(pool, 2, 0)
+
+
+# ------------------------------------------------------------------------------------------------------ random
+def test_random_draws_independently_for_overlapping_pools() -> None:
+    """The folds of a cross-validation share most of their pool: one seed must not take the same volume first in
+    every fold (a draw from the seed alone takes the same index into nearly the same sorted list), or random's mean
+    over folds rests on one draw per seed."""
+    ids = [f"case{i:02d}" for i in range(14)]
+    pools = [[i for i in ids if i not in (ids[2 * k], ids[2 * k + 1])] for k in range(7)]  # 7 folds of 2
+    for seed in (0, 1, 2):
+        firsts = [get_strategy("random").select(PoolScores.ids_only(p), 1, seed * 1000).ids[0] for p in pools]
+        # 7 independent draws from 12 give 4 or more distinct volumes 99% of the time (these seeds do)
+        assert len(set(firsts)) >= 4, firsts
+    # still a seeded draw: the same pool and seed give the same volumes, another seed other ones
+    draw = [get_strategy("random").select(PoolScores.ids_only(pools[0]), 3, s).ids for s in (5, 5, 6)]
+    assert draw[0] == draw[1] != draw[2]

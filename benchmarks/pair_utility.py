@@ -12,6 +12,10 @@ is expected to add (the mean over B), against which a rule's second pick (its ro
     python benchmarks/pair_utility.py --model ../shared/models/ct_abdomen_unet --data ../shared/data/mr_chaos_t2 \\
         --first chaos_031 --out benchmarks/results/pair_utility/ct_to_mr_031 --threads 1
 
+With ``--rules`` (``name=strategy[:setting=value,...]``, as `first_picks.py` takes them) each rule's second pick is
+made as the cross-validated run makes round 1's query (the first model's scores of every volume but A, A labelled,
+query seed 1) and rated against the table (``second_picks`` in the summary): its pair utility and rank.
+
 Resumable: the first model is saved (``OUT/first.safetensors``, with its test Dice in ``OUT/first.json``) and each
 pair's test Dice in ``OUT/pairs/<B>.json``; ``--only`` fine-tunes just those B. Writes ``OUT/pair_utility.json``
 and ``OUT/README.md`` with the command, machine, commit and date.
@@ -63,23 +67,56 @@ def _dice_rows(rows: list[dict]) -> dict[str, float]:
     return {r["case_id"]: float(r["dice_mean"]) for r in rows}
 
 
-def run_pairs(args: argparse.Namespace) -> None:
-    """Fine-tunes (or reads back) the first model and every requested pair model; writes their test Dice."""
+def rate_picks(picks: dict[str, str], summary: dict) -> dict[str, dict]:
+    """Per rule: its second pick with the pick's pair utility and rank in ``summary``'s table (None: unmeasured)."""
+    return {rule: {"pick": b, "utility": summary["utility"].get(b), "rank": summary["rank"].get(b)}
+            for rule, b in picks.items()}
+
+
+def _adapter(args: argparse.Namespace):
     import torch
-    from safetensors.torch import load_file, save_file
 
     from asfda.adapter import Adapter
-    from asfda.config import SemiConfig
     from asfda.models import load_model
-    from asfda.training import TrainConfig
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     ds = load_dataset(args.data, require_labels=True)
+    return ds, Adapter(load_model(args.model), ds.class_names, cache_dir=args.cache_dir, device=args.device,
+                       progress=False)
+
+
+def second_picks(args: argparse.Namespace, rules: list[str]) -> dict[str, str]:
+    """Each rule's round-1 pick after the first label: the first model's scores of every other volume (A labelled;
+    temperature fitted on A, as a round does), query seed 1 (the cross-validated run's round 1 of seed 0)."""
+    from safetensors.torch import load_file
+
+    from asfda.rounds import select_batch
+    from asfda.selection import build_strategy
+    from first_picks import parse_rule
+
+    ds, adapter = _adapter(args)
+    adapter.load_current_state(load_file(str(args.out / "first.safetensors")))
+    by_id = ds.by_id()
+    pool = [c for c in ds.cases if c.case_id != args.first]
+    picks = {}
+    for text in rules:
+        name, strategy, settings = parse_rule(text)
+        strat = build_strategy(strategy, **settings)  # type: ignore[arg-type]
+        picks[name] = select_batch(adapter, strat, [by_id[args.first]], pool, 1, 1, 1).query.ids[0]
+    return picks
+
+
+def run_pairs(args: argparse.Namespace) -> None:
+    """Fine-tunes (or reads back) the first model and every requested pair model; writes their test Dice."""
+    from safetensors.torch import load_file, save_file
+
+    from asfda.config import SemiConfig
+    from asfda.training import TrainConfig
+
+    ds, adapter = _adapter(args)
     by_id = ds.by_id()
     out: Path = args.out
-    adapter = Adapter(load_model(args.model), ds.class_names, cache_dir=args.cache_dir, device=args.device,
-                      progress=False)
     train = TrainConfig(steps=args.steps, batch_size=2, precision=args.precision, guard=False)
     semi = SemiConfig()
     first_w, first_json = out / "first.safetensors", out / "first.json"
@@ -118,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache-dir", default=str(REPO / ".cache"))
     ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--rules", nargs="*", default=[],
+                    help="rate these rules' second picks (name=strategy[:key=value,...]; first_picks.py's form)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
@@ -130,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
                "command": "python " + " ".join(["benchmarks/pair_utility.py",
                                                 *(sys.argv[1:] if argv is None else argv)]),
                "machine": machine(), "commit": code_version(), "date": datetime.now(UTC).isoformat(timespec="minutes")}
+    if args.rules:
+        summary["second_picks"] = rate_picks(second_picks(args, args.rules), summary)
     atomic_write_json(args.out / "pair_utility.json", summary)
     atomic_write_text(args.out / "README.md", readme(summary))
     print((args.out / "README.md").read_text())
@@ -150,6 +191,12 @@ def readme(s: dict) -> str:
     for b in sorted(s["utility"], key=lambda v: s["rank"].get(v, 10**6)):
         u = s["utility"][b]
         lines.append(f"| {b} | {u:+.4f} | {s['rank'].get(b, '-')} |")
+    if s.get("second_picks"):
+        lines += ["", f"Second picks after {s['first']} (round 1's query with the first model, seed 1):", "",
+                  "| rule | second pick | its pair utility | its rank |", "|---|---|---|---|"]
+        for rule, r in s["second_picks"].items():
+            u = "-" if r["utility"] is None else f"{r['utility']:+.4f}"
+            lines.append(f"| {rule} | {r['pick']} | {u} | {r['rank'] or '-'} |")
     return "\n".join(lines) + "\n"
 
 

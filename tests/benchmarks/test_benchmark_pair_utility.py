@@ -45,3 +45,14 @@ def test_first_model_then_each_pair_tested_on_the_rest(tmp_path: Path, tiny_bund
     assert (out / "first.safetensors").stat().st_mtime_ns == before
     assert set(s["utility"]) == {"case01", "case02", "case03"} and not any(math.isnan(u) for u in s["utility"].values())
     assert "| second volume | pair utility | rank |" in (out / "README.md").read_text()
+    s = pu.main([*args, "--summarize-only", "--rules", "random=random", "enpy=enpy"])  # second picks, rated
+    assert set(s["second_picks"]) == {"random", "enpy"}
+    for r in s["second_picks"].values():
+        assert r["pick"] in {"case01", "case02", "case03"} and r["rank"] == s["rank"][r["pick"]]
+    assert "| rule | second pick |" in (out / "README.md").read_text()
+
+
+def test_rate_picks_reads_the_table() -> None:
+    s = {"utility": {"b": 0.1, "c": -0.2}, "rank": {"b": 1, "c": 2}}
+    assert pu.rate_picks({"x": "c", "y": "z"}, s) == {"x": {"pick": "c", "utility": -0.2, "rank": 2},
+                                                      "y": {"pick": "z", "utility": None, "rank": None}}

@@ -108,3 +108,12 @@ def test_the_round_record_keeps_state_json_keys_in_their_order() -> None:
             "forward_passes", "stopping"]
     record = RoundRecord(**cast(dict[str, Any], {k: k for k in keys}))
     assert list(record.to_dict()) == keys and record.to_dict()["per_case"] == "per_case"
+
+
+def test_the_stop_threshold_is_not_part_of_what_a_round_depends_on() -> None:
+    """``stop_gain`` changes the recommendation shown after a round, never its pick or weights: a run resumes under
+    another threshold (while a setting a round does depend on still changes the fingerprint)."""
+    key = _key()
+    other = dataclasses.replace(key, cfg=dataclasses.replace(key.cfg, stop_gain=0.05))
+    assert other.fingerprint() == key.fingerprint()
+    assert dataclasses.replace(key, cfg=dataclasses.replace(key.cfg, budget=3)).fingerprint() != key.fingerprint()

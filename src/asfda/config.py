@@ -230,6 +230,9 @@ class AdaptSettings(StrategySettings):
     output_activation: str | None = setting(None, choices=options.OUTPUT_ACTIVATIONS)
     train: TrainConfig = field(default_factory=TrainConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    # the when-to-stop threshold: "consider stopping" once the next round is expected to add less than this (mean
+    # Dice); it changes what status and the report recommend, never a pick or a weight
+    stop_gain: float = setting(0.01, (lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"))
 
 
 @dataclass(kw_only=True)

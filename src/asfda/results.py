@@ -262,7 +262,8 @@ def stopping_rows(out: Path, cfg: RunConfig) -> list[dict]:
     (`asfda.stopping.estimate_rows`), read back from what the run wrote."""
     got = read_run(out, cfg.strategies, cfg.seeds)
     return [{"strategy": name, "seed": seed, **r} for name in cfg.strategies for seed in cfg.seeds
-            if seed in got.states.get(name, {}) for r in stopping.estimate_rows(got.rounds(name, seed))]
+            if seed in got.states.get(name, {})
+            for r in stopping.estimate_rows(got.rounds(name, seed), threshold=cfg.stop_gain)]
 
 
 def write_stopping(out: Path, cfg: RunConfig) -> None:

@@ -309,7 +309,7 @@ def _one_round(adapter: Adapter, cfg: RunConfig, strategy: Strategy, key: RunKey
         forward_passes={k: n - passes_before[k] for k, n in adapter.forward_passes().items()})
     # the estimate reads no test Dice; stopping.csv sets it beside the true gain once the next round is done
     so_far = [*rounds, record.to_dict()]
-    record.stopping = stopping.estimate_from_records(so_far, _queried_curve(so_far)).to_dict()
+    record.stopping = stopping.estimate_from_records(so_far, _queried_curve(so_far), cfg.stop_gain).to_dict()
     return record, trained.probe_after
 
 

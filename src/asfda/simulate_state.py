@@ -49,7 +49,7 @@ _LATER_SETTINGS: dict[tuple[str, ...], object] = {
 _READ_BY_DECLARING_STRATEGY = ("diversity",)
 # what extends a run (more rounds, strategies, seeds) or does not change a finished round: never in the fingerprint
 _NOT_IN_FINGERPRINT = ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds",
-                       "upper_bound", "upper_bound_steps", "report", "previews", "trust_model_code")
+                       "upper_bound", "upper_bound_steps", "report", "previews", "trust_model_code", "stop_gain")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from asfda.config import default_of
 from asfda.metrics import mean_dice, mean_ignoring_nan
 from asfda.scoring.metrics import mean_entropy
 
@@ -66,8 +67,9 @@ __all__ = [
 PROBE_VOLUMES = 4
 """Unlabeled volumes whose predictions are compared between rounds (one forward pass each per model)."""
 
-STOP_BELOW = 0.01
-"""A predicted next-round gain below this (mean Dice, one point) recommends considering to stop."""
+STOP_BELOW: float = default_of("stop_gain")
+"""A predicted next-round gain below this (mean Dice, one point) recommends considering to stop: the default of the
+``stop_gain`` setting (`asfda set PROJECT stop_gain=0.02`, ``--set stop_gain=...`` in a simulation)."""
 
 GAIN_PER_CHANGE = 0.1
 """The predicted next-round gain (mean Dice) per unit of the last round's prediction change (module docstring)."""

@@ -150,7 +150,7 @@ def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: d
 
 def test_status_shows_the_when_to_stop_estimate_after_a_round(pool: dict, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
-    from asfda.stopping import PROBE_VOLUMES
+    from asfda.stopping import CONTINUE, PROBE_VOLUMES, STOP
 
     proj = _project(pool, tmp_path, strategy="random")
     update_settings(proj, {"guard": "false"})  # the tiny test model's rounds would be discarded
@@ -169,6 +169,14 @@ def test_status_shows_the_when_to_stop_estimate_after_a_round(pool: dict, tmp_pa
     assert est["after_round"] == 0 and est["predicted_gain"] is not None
     assert main(["status", str(proj)]) == 0
     assert f"when to stop: {est['recommendation']}" in capsys.readouterr().out
+    # the user's threshold decides the recommendation: a gain of at most 0.1 is below 0.2, and never below 0
+    assert main(["set", str(proj), "stop_gain=0.2"]) == 0
+    est = project_status(proj)["when_to_stop"]
+    assert est["threshold"] == 0.2 and est["recommendation"] == STOP
+    update_settings(proj, {"stop_gain": "0"})
+    assert project_status(proj)["when_to_stop"]["recommendation"] == CONTINUE
+    with pytest.raises(AsfdaError, match="stop_gain must be a number in"):
+        update_settings(proj, {"stop_gain": "1.5"})
     with pytest.raises(AsfdaError, match="train.precision must be one of"):
         finetune_project(proj, progress=False, force=True, precision="fp8")
 

@@ -54,7 +54,8 @@ def project_status(root: str | Path) -> dict:
     # when to stop: the estimate after the last round (label-free), beside the curve of the edit Dice (the Dice of
     # each query's pre-segmentations against the annotators' labels)
     curve = {r: [e["edit_dice_mean"] for e in edits] for r, edits in effort.items()}
-    out["when_to_stop"] = stopping.estimate_from_records(st["rounds"], curve).to_dict()
+    out["when_to_stop"] = stopping.estimate_from_records(st["rounds"], curve,
+                                                        project.settings.stop_gain).to_dict()
     if q and out["pending_query"]["missing_labels"]:
         out["next"] = f"annotate {q['folder']}, then `asfda ingest LABELS_DIR {project.root}`"
     elif out["labelled_not_trained"]:

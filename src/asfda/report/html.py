@@ -14,7 +14,7 @@ import numpy as np
 
 from asfda.io.atomic import atomic_write_text
 from asfda.results import UPPER_BOUND, RunRecords, read_run, stopping_rows
-from asfda.stopping import STOP_BELOW, estimate_error
+from asfda.stopping import estimate_error
 
 __all__ = ["QueriedPreview", "write_run_report"]
 
@@ -123,7 +123,7 @@ def _stopping_section(out: Path, cfg) -> str:
     return (table + f'<p class="small">After each round asfda estimates what the next round will add from signals that '
             "need no test labels: how much the round changed the predictions on a few unlabeled pool volumes "
             f"(prediction change = 1 - their Dice agreement), scaled by how fast that change shrinks "
-            f"(asfda.stopping). Below {STOP_BELOW:.2f} it recommends considering to stop. {summary}</p>")
+            f"(asfda.stopping). Below {cfg.stop_gain:.2f} (stop_gain) it recommends considering to stop. {summary}</p>")
 
 
 def _why_section(states: dict, seed: int) -> str:

@@ -29,12 +29,14 @@ DIVERSITY_SPACES = ("anatomy", "embedding", "none")
 """Where asfda's greedy batch pick measures the cosine distance between volumes (`asfda.selection.ASFDAStrategy`)."""
 DEFAULT_DIVERSITY = "embedding"
 """The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
-REPRESENTATIVENESS = ("none", "density", "typical")
+REPRESENTATIVENESS = ("none", "density", "typical", "complete")
 """asfda's representativeness term: ``none`` (METHOD.md's rule); ``density`` (TypiClust's typicality in the
 diversity space, its rank added with weight ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while
 labels are few); ``typical`` (``density``, and the least typical ``OUTLIER_FRACTION0 / (1 + labelled)`` of the pool
 are no candidates, and the diversity factor saturates at the pool's median nearest-neighbour distance, so no pick
-is drawn to an outlier by distance alone)."""
+is drawn to an outlier by distance alone); ``complete`` (the first query, nothing labelled yet, ranks the pool by the
+completeness of its predicted anatomy, `asfda.selection.diversity.anatomy_completeness`: every organ whole in the
+field of view and of typical size first; once labels exist, ``density``)."""
 
 
 def closest_option(value: object, options: Sequence[str]) -> str | None:

@@ -20,6 +20,7 @@ from asfda.scoring import (
     bald,
     cosine_distance,
     mc_entropy,
+    organ_extent,
     tta_variance,
 )
 from asfda.scoring.pool import score_volumes
@@ -291,3 +292,32 @@ def test_instance_norm_gap_is_computed_on_the_one_pass_and_cached(tmp_path) -> N
     assert "norm_kl" not in score_volumes(vols, eng, 1.0, needs=ScoringNeeds(feature_stats=True)).metrics
     adapted = score_volumes(vols, eng, 1.0, frozen=eng, needs=needs)
     assert "norm_kl" not in adapted.metrics and "kd" in adapted.metrics
+
+
+def test_organ_extent_hand_values() -> None:
+    lab = np.zeros((6, 6, 8), dtype=np.int64)
+    lab[1:3, 1:3, 0:3] = 1  # organ 1: 12 voxels reaching the first slice: cut by the field of view
+    lab[3:5, 3:5, 3:6] = 2  # organ 2: 12 voxels inside
+    lab[0, 5, 7] = 2  # a stray voxel of organ 2 on the last slice: not its largest component, not a cut
+    ext = organ_extent(torch.from_numpy(lab), 4)  # organ 3 predicted nowhere
+    assert ext.tolist() == [[12.0, 1.0], [12.0, 0.0], [0.0, 0.0]] and ext.dtype == np.float64
+    with pytest.raises(ValueError, match=r"\[X, Y, Z\]"):
+        organ_extent(lab[0], 4)
+
+
+def test_score_volumes_extent_vector_only_when_asked_and_cached(tmp_path) -> None:
+    from asfda.cache import EngineOutputCache
+
+    vols = _volumes(2)
+    assert "extent" not in score_volumes(vols, _FakeEngine(), 0.7).vectors
+    cache = EngineOutputCache(tmp_path / "scores")
+    key = lambda cid: cache.key(cid, "w", "p", False, "x")  # noqa: E731
+    eng = _FakeEngine()
+    needs = ScoringNeeds(vectors=frozenset({"extent"}))
+    out = score_volumes(vols, eng, 0.7, needs=needs, cache=cache, cache_key=key)
+    assert len(eng.calls) == 2 and out.vectors["extent"].shape == (2, 2, 2)  # no pass of its own; 2 organs
+    for i, vol in enumerate(vols):
+        logits, _ = _FakeEngine().run(vol.image)
+        assert np.array_equal(out.vectors["extent"][i], organ_extent(logits.argmax(0), 3))
+    again = score_volumes(vols, eng, 0.7, needs=needs, cache=cache, cache_key=key)
+    assert len(eng.calls) == 2 and np.array_equal(again.vectors["extent"], out.vectors["extent"])

@@ -108,3 +108,47 @@ def test_typical_keeps_an_atypical_group_out_of_the_first_batch() -> None:
     comps1 = _asfda(representativeness="typical").pool_components(_pool_with_outlier_group(1))[1]
     assert comps0["outlier"].sum() == 2 and comps1["outlier"].sum() == 1
     assert set(np.flatnonzero(comps0["outlier"])) == {12, 13}
+
+
+# ------------------------------------------------------------------------------------------- complete anatomy
+def test_anatomy_completeness_hand_values() -> None:
+    from asfda.selection.diversity import anatomy_completeness
+
+    # [N, organs, (voxels, cut)]: pool medians 100 and 10
+    ext = np.array([[[100, 0], [10, 0]],    # every organ whole and of median size: 1
+                    [[200, 0], [10, 0]],    # organ 1 twice the median: 0.5
+                    [[100, 0], [5, 0]],     # organ 2 half the median: 0.5
+                    [[100, 1], [10, 0]],    # organ 1 reaches an end slice: 0
+                    [[100, 0], [0, 0]],     # organ 2 predicted nowhere: 0
+                    [[50, 0], [40, 0]]],    # the worse organ counts: min(0.5, 0.25)
+                   dtype=np.float64)
+    assert anatomy_completeness(ext).tolist() == pytest.approx([1.0, 0.5, 0.5, 0.0, 0.0, 0.25])
+    with pytest.raises(ValueError, match="organs, 2"):
+        anatomy_completeness(ext[..., 0])
+
+
+def _pool_with_extent(n_labelled: int) -> PoolScores:
+    """`_pool` (the outlier c9 is METHOD.md's first pick) with organ extents: organ 1 at 100 voxels in c4 and c9 (the
+    pool's median), 80 or 125 elsewhere; organ 2 at 10 everywhere, cut by the field of view in c9. So c4 is the one
+    whole, median-sized anatomy (completeness 1), c9 the cut one (0)."""
+    pool = _pool(n_labelled)
+    ext = np.array([[[80.0 if i % 2 else 125.0, 0], [10, 0]] for i in range(10)], dtype=np.float64)
+    ext[4, 0, 0] = ext[9, 0, 0] = 100.0
+    ext[9, 1, 1] = 1.0
+    pool.vectors = {"extent": ext}
+    return pool
+
+
+def test_complete_first_pick_is_the_most_complete_anatomy_then_density() -> None:
+    strategy = _asfda(representativeness="complete")
+    assert "extent" in strategy.needs.vectors and "extent" not in _asfda(representativeness="density").needs.vectors
+    pool = _pool_with_extent(0)
+    comps = strategy.pool_components(pool)[1]
+    assert comps["completeness"][4] == 1.0 and comps["completeness"][9] == 0.0
+    assert strategy.select(pool, 1, seed=0).ids == ["c4"]
+    assert build_strategy("asfda").select(pool, 1, seed=0).ids == ["c9"]  # METHOD.md's rule: the cut outlier
+    # once labels exist it is `density`: the same scores and picks
+    later = _pool_with_extent(3)
+    dense = _asfda(representativeness="density")
+    assert np.allclose(strategy.pool_components(later)[1]["rank_score"], dense.pool_components(later)[1]["rank_score"])
+    assert strategy.select(later, 2, seed=1).ids == dense.select(later, 2, seed=1).ids

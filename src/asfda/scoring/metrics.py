@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from asfda.config import default_of
+from asfda.metrics import largest_component
 
 __all__ = [
     "anatomical_segmentation_difficulty",
@@ -25,6 +27,7 @@ __all__ = [
     "mc_scores_from_moments",
     "mean_entropy",
     "normalisation_stat_divergence",
+    "organ_extent",
     "pool_normalisation_divergence",
     "tta_variance",
     "voxel_entropy",
@@ -141,6 +144,28 @@ def anatomy_composition(prob: torch.Tensor) -> torch.Tensor:
     if prob.ndim < 2 or prob.shape[0] < 2:
         raise ValueError(f"prob must be [C >= 2, ...], got shape {tuple(prob.shape)}")
     return prob[1:].reshape(prob.shape[0] - 1, -1).double().mean(1)
+
+
+def organ_extent(label_map: torch.Tensor | np.ndarray, n_classes: int) -> np.ndarray:
+    """Per foreground class 1 .. ``n_classes`` - 1 of a predicted label map ``[X, Y, Z]``: ``[voxels of its largest
+    connected component, 1.0 if that component reaches the first or last slice along Z else 0.0]`` -> ``[C - 1, 2]``
+    (float64; a class predicted nowhere: ``[0, 0]``).
+
+    Z is the grid's third axis, the scan's slice axis for a volume read as acquired (and superior-inferior after a
+    bundle's RAS orientation). An organ whose component reaches an end slice is cut by the field of view: a label of
+    that volume shows it truncated. The largest component leaves stray fragments out. Read off the argmax of the pass
+    that gives the other metrics, so it costs no forward pass (`asfda.selection.diversity.anatomy_completeness`)."""
+    lab = np.asarray(label_map.cpu() if isinstance(label_map, torch.Tensor) else label_map)
+    if lab.ndim != 3:
+        raise ValueError(f"label_map must be [X, Y, Z], got shape {lab.shape}")
+    out = np.zeros((n_classes - 1, 2), dtype=np.float64)
+    for k in range(1, n_classes):
+        mask = largest_component(lab == k)
+        n = int(mask.sum())
+        if n:
+            zs = np.flatnonzero(mask.any(axis=(0, 1)))
+            out[k - 1] = (n, float(zs[0] == 0 or zs[-1] == lab.shape[2] - 1))
+    return out
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ MC_METRICS = frozenset({"mc_entropy", "bald"})
 TTA_METRICS = frozenset({"tta_variance"})
 FEATURE_STAT_METRICS = frozenset({"bn_kl", "norm_kl"})
 KNOWN_METRICS = BASE_METRICS | MC_METRICS | TTA_METRICS | FEATURE_STAT_METRICS
-KNOWN_VECTORS = frozenset({"badge", "anatomy"})
+KNOWN_VECTORS = frozenset({"badge", "anatomy", "extent"})
 
 DEFAULT_MC_PASSES = 5
 """MONAI Label's default number of stochastic (dropout) passes for epistemic scoring."""

@@ -45,6 +45,7 @@ from asfda.scoring.metrics import (
     mc_scores_from_moments,
     mean_entropy,
     normalisation_stat_divergence,
+    organ_extent,
     pool_normalisation_divergence,
     voxel_entropy,
 )
@@ -238,11 +239,12 @@ class ScoringPlan:
     frozen: bool
     head_gradient: bool
     anatomy: bool
+    extent: bool = False
 
     def complete(self, values: Mapping[str, object]) -> bool:
         """Whether a cached entry holds every per-volume value of this plan."""
         return all(f"m_{n}" in values for n in self.names) and (not self.inorm or "norm_stats" in values) \
-            and (not self.anatomy or "anatomy" in values)
+            and (not self.anatomy or "anatomy" in values) and (not self.extent or "extent" in values)
 
     def info(self, temperature: float) -> dict:
         divergence = "kd" if self.frozen else ("bn_kl" if self.bn else ("norm_kl" if self.inorm else "feature_gap"))
@@ -265,7 +267,7 @@ def scoring_plan(current: InferenceEngine, needs: ScoringNeeds | None = None, fr
     names += (["mc_entropy", "bald"] if mc_passes else []) + (["tta_variance"] if len(flips) > 1 else [])
     names += ["bn_kl"] if bn else []
     return ScoringPlan(tuple(names), mc_passes, tuple(flips), tuple(bn), tuple(inorm), bool(frozen),
-                       needs.head_gradient, "anatomy" in needs.vectors)
+                       needs.head_gradient, "anatomy" in needs.vectors, "extent" in needs.vectors)
 
 
 @dataclass
@@ -309,6 +311,8 @@ def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, f
     out["m_confidence"] = np.float64(foreground_confidence(prob))
     if plan.anatomy:
         out["anatomy"] = anatomy_composition(prob).numpy()
+    if plan.extent:
+        out["extent"] = organ_extent(pred, prob.shape[0])
     del ent
     out["emb"] = emb.numpy()
     if plan.bn:
@@ -330,7 +334,7 @@ def _score_one(vol, case_id: str, plan: ScoringPlan, current: InferenceEngine, f
     if len(plan.flips) > 1:
         out["m_tta_variance"] = np.float64(_tta_variance(current, vol.image, prob, temperature, plan.flips))
     del prob, pred
-    order = [f"m_{n}" for n in plan.names] + ["emb", "emb0", "badge", "anatomy", "norm_stats"]
+    order = [f"m_{n}" for n in plan.names] + ["emb", "emb0", "badge", "anatomy", "norm_stats", "extent"]
     return {k: out[k] for k in order if k in out}  # the cache entry's order as it always was
 
 
@@ -369,6 +373,8 @@ def finish_pool(records: Sequence[VolumeRecord], plan: ScoringPlan, temperature:
         if plan.head_gradient else {}
     if plan.anatomy:
         vectors["anatomy"] = np.stack([v["anatomy"] for v in values]) if values else np.zeros((0, 0))
+    if plan.extent:
+        vectors["extent"] = np.stack([v["extent"] for v in values]) if values else np.zeros((0, 0, 2))
     if plan.inorm and values:
         # pool-referenced: needs every volume's statistics (a sharded run computes it after gathering)
         vectors["norm_stats"] = np.stack([v["norm_stats"] for v in values])

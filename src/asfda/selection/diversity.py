@@ -7,9 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp_pick", "least_typical",
-           "median_neighbour_distance",
-           "rank_normalise", "typicality"]
+__all__ = ["anatomy_completeness", "greedy_diverse_pick", "k_center_greedy", "k_center_pick", "kmeans_pp_pick",
+           "least_typical", "median_neighbour_distance", "rank_normalise", "typicality"]
 
 
 def rank_normalise(values: np.ndarray) -> np.ndarray:
@@ -73,6 +72,33 @@ def typicality(vectors: np.ndarray, others: np.ndarray | None = None, k: int = 5
         return np.ones(n)
     nearest = torch.topk(d, k, dim=1, largest=False).values
     return (1.0 / (nearest.mean(dim=1) + 1e-12)).numpy()
+
+
+def anatomy_completeness(extent: np.ndarray) -> np.ndarray:
+    """Per volume of a pool, how complete and typical its predicted anatomy is, from `organ_extent` vectors
+    ``[N, C - 1, 2]`` (each organ's largest-component voxels, whether it reaches an end slice) -> ``[N]`` in [0, 1].
+
+    0 when any organ reaches an end slice (cut by the field of view: a label of it teaches a truncated organ) or is
+    predicted nowhere; otherwise the worst organ's size against the pool's median size of that organ, symmetric
+    (``min over organs of min(r, 1 / r)``, r = voxels / pool median): 1 for a volume whose every organ is whole and
+    of the pool's median size. Medians are over the volumes that predict the organ; an organ no volume predicts is
+    left out. Label-free: it reads the pretrained model's prediction of each volume."""
+    ext = np.asarray(extent, dtype=np.float64)
+    if ext.ndim != 3 or ext.shape[2] != 2:
+        raise ValueError(f"extent must be [N, organs, 2], got shape {ext.shape}")
+    voxels, cut = ext[..., 0], ext[..., 1] > 0
+    present = voxels > 0
+    out = np.ones(len(ext), dtype=np.float64)
+    for o in range(ext.shape[1]):
+        if not present[:, o].any():
+            continue
+        median = float(np.median(voxels[present[:, o], o]))
+        r = np.where(present[:, o], voxels[:, o] / median, 0.0)
+        with np.errstate(divide="ignore"):
+            sym = np.where(r > 0, np.minimum(r, 1.0 / np.where(r > 0, r, 1.0)), 0.0)
+        out = np.minimum(out, sym)
+    out[cut.any(axis=1)] = 0.0
+    return out
 
 
 def least_typical(typ: np.ndarray, fraction: float, keep: int = 1) -> np.ndarray:

@@ -19,6 +19,7 @@ from asfda.options import DEFAULT_DIVERSITY, DIVERSITY_SPACES, REPRESENTATIVENES
 from asfda.scoring.metrics import cosine_distance
 from asfda.scoring.needs import DEFAULT_MC_PASSES, DEFAULT_TTA_FLIPS, ScoringNeeds
 from asfda.selection.diversity import (
+    anatomy_completeness,
     greedy_diverse_pick,
     k_center_greedy,
     k_center_pick,
@@ -222,6 +223,9 @@ class CoresetStrategy(Strategy):
 
 TYPICALITY_WEIGHT0 = 0.5
 OUTLIER_FRACTION0 = 0.2
+COMPLETENESS_TIE_WEIGHT = 1e-6
+"""``representativeness="complete"``'s first query: the weight of METHOD.md's rank score added to the completeness
+rank, below any step between distinct ranks of a pool under a million volumes (it orders the tied volumes only)."""
 _DEFAULTS = StrategySettings()  # asfda's settings at their one default (`asfda.config.StrategySettings`)
 
 
@@ -267,6 +271,8 @@ class ASFDAStrategy(Strategy):
             needs = replace(needs, norm_stats=True)
         if diversity == "anatomy":
             needs = replace(needs, vectors=needs.vectors | {"anatomy"})
+        if representativeness == "complete":  # each organ's extent, read off the scoring pass's argmax
+            needs = replace(needs, vectors=needs.vectors | {"extent"})
         self.needs = needs
 
     def settings(self) -> dict:
@@ -307,7 +313,13 @@ class ASFDAStrategy(Strategy):
         r_kd, r_asd = rank_normalise(kd), rank_normalise(asd)
         cols = {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
                 "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
-        if self.representativeness in ("density", "typical") and len(pool.ids) > 1:
+        first_query = not np.asarray(pool.labelled_embeddings).size
+        if self.representativeness == "complete" and first_query and "extent" in pool.vectors:
+            # nothing labelled: the most complete predicted anatomy first (the rank score breaks its ties only)
+            comp = anatomy_completeness(pool.vectors["extent"])
+            cols.update({"completeness": comp, "rank_completeness": rank_normalise(comp),
+                         "rank_score": rank_normalise(comp) + COMPLETENESS_TIE_WEIGHT * cols["rank_score"]})
+        elif self.representativeness in ("density", "typical", "complete") and len(pool.ids) > 1:
             space, anchors = self.diversity_vectors(pool)
             typ = typicality(space, anchors)
             n_labelled = 0 if anchors is None else len(np.asarray(anchors))

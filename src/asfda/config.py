@@ -210,8 +210,7 @@ class StrategySettings(Settings):
     round0_gap: str = setting("feature_gap", choices=options.ROUND0_GAPS)  # round 0 without BatchNorm statistics
     # the greedy batch pick's space: "embedding" (METHOD.md's), "anatomy" (predicted composition) or "none"
     diversity: str = setting(options.DEFAULT_DIVERSITY, choices=options.DIVERSITY_SPACES)
-    # "density" adds TypiClust typicality, weighted down as labels accrue; "typical" also leaves the least typical
-    # volumes out and caps the diversity factor (see selection.strategies)
+    # "density", "typical", "complete": see options.REPRESENTATIVENESS
     representativeness: str = setting("none", choices=options.REPRESENTATIVENESS)
 
 
@@ -230,8 +229,7 @@ class AdaptSettings(StrategySettings):
     output_activation: str | None = setting(None, choices=options.OUTPUT_ACTIVATIONS)
     train: TrainConfig = field(default_factory=TrainConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
-    # the when-to-stop threshold: "consider stopping" once the next round is expected to add less than this (mean
-    # Dice); it changes what status and the report recommend, never a pick or a weight
+    # "consider stopping" below this expected next-round gain (mean Dice): what status shows, never a pick or weight
     stop_gain: float = setting(0.01, (lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"))
 
 

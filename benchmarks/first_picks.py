@@ -10,8 +10,8 @@ selection issue's "first pick never below zero, at or above the median", for any
         --folds 6 --utility benchmarks/results/single_label_utility/mr_to_ct/utility.json \\
         --out benchmarks/results/selection/first_picks_mr_to_ct.json
 
-Rules: ``name=strategy[:setting=value,...]``; the default set is asfda with each typicality term, and the paper's
-baselines that need no extra passes (ENPY, coreset, BADGE).
+Rules: ``name=strategy[:setting=value,...]``; the default set is asfda with each representativeness term, and the
+paper's baselines that need no extra passes (ENPY, coreset, BADGE).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from asfda.crossval.summary import read_utility_table
 from asfda.io import atomic_write_json, load_dataset
 
 RULES = ["asfda-density=asfda:representativeness=density", "asfda-typical=asfda:representativeness=typical",
-         "asfda-method=asfda:representativeness=none", "enpy=enpy", "coreset=coreset", "badge=badge"]
+         "asfda-complete=asfda:representativeness=complete", "asfda-method=asfda:representativeness=none",
+         "enpy=enpy", "coreset=coreset", "badge=badge"]
 
 
 def parse_rule(text: str) -> tuple[str, str, dict[str, object]]:

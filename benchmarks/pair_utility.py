@@ -35,8 +35,7 @@ import numpy as np
 
 from _machine import code_version, machine
 from asfda.io import atomic_write_json, atomic_write_text, load_dataset
-
-REPO = Path(__file__).resolve().parents[1]
+from single_label_utility import add_fine_tune_args
 
 
 def pair_utility(first: dict[str, float], pair: dict[str, float]) -> float:
@@ -149,12 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--first", required=True, help="the first label's volume id (a rule's first pick)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", help="comma-separated second volumes to fine-tune on here (the rest read from disk)")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--cache-dir", default=str(REPO / ".cache"))
-    ap.add_argument("--summarize-only", action="store_true")
+    add_fine_tune_args(ap)
     ap.add_argument("--rules", nargs="*", default=[],
                     help="rate these rules' second picks (name=strategy[:key=value,...]; first_picks.py's form)")
     args = ap.parse_args(argv)

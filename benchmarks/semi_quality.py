@@ -1,14 +1,14 @@
 """Does selective semi-supervision pay, and how good is what it trains on? Semi on against off, picks fixed.
 
 Reads two ``asfda crossval`` folders made with the same folds, strategy and seeds (random's picks depend on the seed
-and the pool alone, so both arms label the same volumes round for round): ``--off`` (the decisive run) and ``--on`` (the same
-command with ``--set semi.enabled=true``). Per number of labels: the mean test Dice of either arm, their paired
-difference per test volume and seed with its bootstrap 95% interval (`asfda.crossval.stats.paired_difference`), and
-what the semi arm trained on (its reliable volumes: how many, their pseudo-labels' Dice against the true labels, whole
-and over the voxels kept by the confidence mask, per organ; `asfda.training.pseudo_label_quality`, recorded in each
-round's ``reliable``).
+and the pool alone, so both arms label the same volumes round for round): ``--off`` (the decisive run) and ``--on``
+(the same command with ``--set semi.enabled=true``). Per number of labels: the mean test Dice of either arm, their
+paired difference per test volume and seed with its bootstrap 95% interval (`asfda.crossval.stats.paired_difference`),
+and what the semi arm trained on (its reliable volumes: how many, their pseudo-labels' Dice against the true labels,
+whole and over the voxels kept by the confidence mask, per organ; `asfda.training.pseudo_label_quality`, recorded in
+each round's ``reliable``).
 
-    python benchmarks/semi_quality.py --off benchmarks/results/crossval/ct_to_mr \\
+    python benchmarks/semi_quality.py --off benchmarks/results/semi/ct_to_mr_off \\
         --on benchmarks/results/semi/ct_to_mr --strategy random
 """
 

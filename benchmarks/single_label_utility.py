@@ -134,18 +134,24 @@ def correlations(util: dict[str, float], table: dict[str, dict[str, float]]) -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(REPO.parent / "shared/models/ct_abdomen_unet"))
-    ap.add_argument("--data", default=str(REPO.parent / "shared/data/mr_chaos_t2"))
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/single_label_utility/ct_to_mr"))
-    ap.add_argument("--only", help="comma-separated volume ids to fine-tune on here (the others are read from disk)")
+def add_fine_tune_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a script that fine-tunes with the cross-validated run's recipe and can resume or only summarise
+    (``--steps``, ``--precision``, ``--device``, ``--threads``, ``--cache-dir``, ``--summarize-only``)."""
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache-dir", default=str(REPO / ".cache"))
     ap.add_argument("--summarize-only", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO.parent / "shared/models/ct_abdomen_unet"))
+    ap.add_argument("--data", default=str(REPO.parent / "shared/data/mr_chaos_t2"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/single_label_utility/ct_to_mr"))
+    ap.add_argument("--only", help="comma-separated volume ids to fine-tune on here (the others are read from disk)")
+    add_fine_tune_args(ap)
     ap.add_argument("--no-scores", action="store_true",
                     help="do not score the pool (round0_scores.csv) here: a partial run's fine-tunings come first")
     args = ap.parse_args(argv)

@@ -168,23 +168,28 @@ def test_anatomy_composition_hand_values_and_direction() -> None:
         anatomy_composition(torch.ones(1, 2, 2))
 
 
-def test_score_volumes_anatomy_vector_only_when_asked_and_cached(tmp_path) -> None:
+@pytest.mark.parametrize(("vector", "expected"), [
+    ("anatomy", lambda logits: anatomy_composition(torch.softmax(logits / 0.7, 0)).numpy()),
+    ("extent", lambda logits: organ_extent(logits.argmax(0), 3)),
+])
+def test_score_volumes_vector_only_when_asked_and_cached(tmp_path, vector: str, expected) -> None:
+    """The anatomy composition and the organ extents come out of the scoring pass (no pass of their own), only when
+    a strategy asks for them, and are read back from the score cache."""
     from asfda.cache import EngineOutputCache
 
     vols = _volumes(2)
-    assert "anatomy" not in score_volumes(vols, _FakeEngine(), 0.7).vectors
+    assert vector not in score_volumes(vols, _FakeEngine(), 0.7).vectors
     cache = EngineOutputCache(tmp_path / "scores")
     key = lambda cid: cache.key(cid, "w", "p", False, "x")  # noqa: E731
     eng = _FakeEngine()
-    out = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors=frozenset({"anatomy"})), cache=cache, cache_key=key)
+    needs = ScoringNeeds(vectors=frozenset({vector}))
+    out = score_volumes(vols, eng, 0.7, needs=needs, cache=cache, cache_key=key)
     assert len(eng.calls) == 2  # no pass of its own
     for i, vol in enumerate(vols):
         logits, _ = _FakeEngine().run(vol.image)
-        expected = anatomy_composition(torch.softmax(logits / 0.7, 0))
-        assert np.allclose(out.vectors["anatomy"][i], expected.numpy(), atol=1e-7)
-    again = score_volumes(vols, eng, 0.7, needs=ScoringNeeds(vectors=frozenset({"anatomy"})), cache=cache,
-                          cache_key=key)
-    assert len(eng.calls) == 2 and np.array_equal(again.vectors["anatomy"], out.vectors["anatomy"])
+        assert np.allclose(out.vectors[vector][i], expected(logits), atol=1e-7)
+    again = score_volumes(vols, eng, 0.7, needs=needs, cache=cache, cache_key=key)
+    assert len(eng.calls) == 2 and np.array_equal(again.vectors[vector], out.vectors[vector])
 
 
 def test_mc_dropout_without_dropout_layers_names_the_tta_alternative() -> None:
@@ -303,21 +308,3 @@ def test_organ_extent_hand_values() -> None:
     assert ext.tolist() == [[12.0, 1.0], [12.0, 0.0], [0.0, 0.0]] and ext.dtype == np.float64
     with pytest.raises(ValueError, match=r"\[X, Y, Z\]"):
         organ_extent(lab[0], 4)
-
-
-def test_score_volumes_extent_vector_only_when_asked_and_cached(tmp_path) -> None:
-    from asfda.cache import EngineOutputCache
-
-    vols = _volumes(2)
-    assert "extent" not in score_volumes(vols, _FakeEngine(), 0.7).vectors
-    cache = EngineOutputCache(tmp_path / "scores")
-    key = lambda cid: cache.key(cid, "w", "p", False, "x")  # noqa: E731
-    eng = _FakeEngine()
-    needs = ScoringNeeds(vectors=frozenset({"extent"}))
-    out = score_volumes(vols, eng, 0.7, needs=needs, cache=cache, cache_key=key)
-    assert len(eng.calls) == 2 and out.vectors["extent"].shape == (2, 2, 2)  # no pass of its own; 2 organs
-    for i, vol in enumerate(vols):
-        logits, _ = _FakeEngine().run(vol.image)
-        assert np.array_equal(out.vectors["extent"][i], organ_extent(logits.argmax(0), 3))
-    again = score_volumes(vols, eng, 0.7, needs=needs, cache=cache, cache_key=key)
-    assert len(eng.calls) == 2 and np.array_equal(again.vectors["extent"], out.vectors["extent"])

@@ -17,6 +17,7 @@ paper's baselines that need no extra passes (ENPY, coreset, BADGE).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,7 +64,7 @@ def first_pick(model: str, pool: Path, strategy: str, settings: dict[str, object
 def annotate(pick: str, pool: list[str], util: dict[str, float]) -> dict:
     """The pick's utility, rank among the pool volumes in the table (1: best) and the pool's median utility."""
     known = sorted((v for v in pool if v in util), key=lambda v: -util[v])
-    if pick not in util or not known:
+    if pick not in known:  # not in the table, or not in this pool
         return {"pick": pick}
     return {"pick": pick, "utility": util[pick], "rank": known.index(pick) + 1, "of": len(known),
             "pool_median": float(np.median([util[v] for v in known]))}
@@ -94,13 +95,22 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32", help="inference precision of the scoring passes")
+    ap.add_argument("--rerate", type=Path, help="an earlier --out JSON: rate its picks against --utility again, no "
+                    "query (a utility table that grew since)")
     args = ap.parse_args()
     ids = sorted(c.case_id for c in load_dataset(args.data, require_labels=True).cases)
     assignment = fold_assignment(ids, args.folds, args.fold_seed)
-    dirs = make_fold_datasets(args.data, assignment, fold_datasets_root(args.cache_dir, args.data, args.folds,
-                                                                         args.fold_seed))
     util = read_utility_table(args.utility)
     rows: dict[str, list[dict]] = {}
+    if args.rerate:
+        earlier = json.loads(args.rerate.read_text(encoding="utf-8"))
+        rows = {name: [{"fold": p["fold"], **annotate(p["pick"], [i for i in ids if i not in assignment[p["fold"]]],
+                                                      util)} for p in picks]
+                for name, picks in earlier["rules"].items()}
+        args.rules = ""
+    else:
+        dirs = make_fold_datasets(args.data, assignment, fold_datasets_root(args.cache_dir, args.data, args.folds,
+                                                                             args.fold_seed))
     for name, strategy, settings in (parse_rule(r) for r in args.rules.split(";") if r):
         for k, test in enumerate(assignment):
             pool = [i for i in ids if i not in test]

@@ -27,6 +27,7 @@ def test_a_pick_is_rated_by_its_utility_rank_and_the_pools_median() -> None:
     assert annotate("b", ["a", "b", "c", "x"], util) == {"pick": "b", "utility": -0.1, "rank": 3, "of": 3,
                                                          "pool_median": 0.2}
     assert annotate("x", ["a", "x"], util) == {"pick": "x"}  # not in the table: no rating
+    assert annotate("c", ["a", "b"], util) == {"pick": "c"}  # not in this pool: no rating
     rows = {"r": [annotate("b", ["a", "b", "c"], util), annotate("a", ["a", "b", "c"], util)]}
     assert table(rows)[2] == "| r | b, a | 1/2 | 1/2 | 2.0 |"
 
@@ -48,3 +49,24 @@ def test_two_folds_on_the_tiny_dataset(tmp_path: Path, tiny_bundle: Path, monkey
                            device="cpu", progress=False)
     assert direct is not None and picks[0]["pick"] == direct.ids[0]
     assert out.with_suffix(".md").read_text().count("| enpy |") == 1
+
+
+def test_rerate_rates_earlier_picks_against_a_grown_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asfda.crossval.folds import fold_assignment
+
+    data = write_nnunet(tmp_path / "ds", n=4)
+    ids = ["case00", "case01", "case02", "case03"]
+    pools = [[c for c in ids if c not in test] for test in fold_assignment(ids, 2, 0)]
+    earlier = tmp_path / "earlier.json"
+    picks = [{"fold": 0, "pick": pools[0][0]}, {"fold": 1, "pick": pools[1][1]}]
+    earlier.write_text(json.dumps({"rules": {"r": picks}}))
+    utility = tmp_path / "utility.json"
+    utility.write_text(json.dumps({"utility": {"case00": 0.3, "case01": -0.1, "case02": 0.2, "case03": 0.1}}))
+    out = tmp_path / "rerated.json"
+    monkeypatch.setattr(sys, "argv", ["first_picks.py", "--model", "unused", "--data", str(data), "--folds", "2",
+                                      "--rerate", str(earlier), "--utility", str(utility), "--out", str(out)])
+    main()  # no model is loaded: the picks are read, not made
+    rec = json.loads(out.read_text())
+    util = json.loads(utility.read_text())["utility"]
+    assert rec["rules"]["r"] == [{"fold": k, **annotate(pools[k][k], pools[k], util)} for k in (0, 1)]
+    assert all("rank" in p for p in rec["rules"]["r"])  # rated, not just listed

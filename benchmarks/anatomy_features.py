@@ -27,6 +27,7 @@ from asfda.crossval.summary import read_utility_table
 from asfda.io import atomic_write_text, load_dataset
 from asfda.metrics import largest_component
 from asfda.models import load_model
+from asfda.scoring import organ_extent
 from single_label_utility import correlations, score_table
 
 
@@ -37,14 +38,12 @@ def volume_features(logits: torch.Tensor, names: list[str]) -> dict[str, float]:
     prob = torch.softmax(logits.float(), 0)
     top, label = prob.max(0)
     top_np, label_np = top.numpy(), label.numpy()
+    extent = organ_extent(label_np, len(names))  # the scoring stage's per-organ (voxels, cut by the z ends)
     out: dict[str, float] = {}
     for k, name in enumerate(names[1:], start=1):
-        mask = largest_component(label_np == k)
-        n = int(mask.sum())
-        zs = np.nonzero(mask.any(axis=(0, 1)))[0]
-        out[f"voxels_{name}"] = float(n)
-        out[f"z_edge_{name}"] = float(bool(n) and (int(zs.min()) == 0 or int(zs.max()) == mask.shape[2] - 1))
-        out[f"confidence_{name}"] = float(top_np[mask].mean()) if n else 0.0
+        out[f"voxels_{name}"], out[f"z_edge_{name}"] = float(extent[k - 1, 0]), float(extent[k - 1, 1])
+        mask = largest_component(label_np == k) if extent[k - 1, 0] else None
+        out[f"confidence_{name}"] = float(top_np[mask].mean()) if mask is not None else 0.0
     return out
 
 

@@ -29,3 +29,21 @@ def test_floor_table_adds_the_rounds_below_the_floor() -> None:
     assert lines[3:] == ["| 0 | 1 | 1/2 | 1/1 |", "| 0.3 | 2 | 2/2 | 2/2 |", "| 0.5 | 3 | 2/2 | 2/3 |"]
     assert floor_table([{**r, "min_ratio": None} for r in ROWS], 0.02, [0.5]) == [
         "no round recorded guard.volume_ratio_adapted yet"]
+
+
+def test_pool_identical_judges_one_model_over_the_union_of_its_folds() -> None:
+    """Two folds trained the same model (same history): fold 0's 2 test volumes saw a drop of 0.03, fold 1's 4 a
+    gain of 0.006; over the 6 volumes the model changed the Dice by -0.006, not harmful. Fold 2's model differs."""
+    from guard_recall import pool_identical
+
+    h = ((("a",), False),)
+    rows = [{**_row(0.70, 0.67, False, None), "history": h, "n_test": 2},
+            {**_row(0.60, 0.606, False, None), "fold": "fold1", "history": h, "n_test": 4},
+            {**_row(0.50, 0.40, False, None), "fold": "fold2", "history": ((("b",), False),), "n_test": 3},
+            {**_row(0.50, 0.40, False, None), "fold": "fold3", "history": None, "n_test": 3}]
+    pooled = sorted(pool_identical(rows), key=lambda r: r["fold"])
+    assert [r["fold"] for r in pooled] == ["fold0+fold1", "fold2", "fold3"]
+    assert abs(pooled[0]["start"] - (0.70 * 2 + 0.60 * 4) / 6) < 1e-12
+    assert abs(pooled[0]["trained"] - pooled[0]["start"] - (-0.03 * 2 + 0.006 * 4) / 6) < 1e-12
+    assert pooled[0]["n_test"] == 6
+    assert "harmful (test Dice down by more than 0.02): 2;" in table(pooled, 0.02)[0]

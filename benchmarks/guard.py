@@ -119,6 +119,14 @@ def main() -> None:
             "date": datetime.now(UTC).isoformat(timespec="minutes"),
             "wall_minutes": round((time.perf_counter() - t_start) / 60, 1)}
     atomic_write_json(out / "results.json", {"args": vars(args), "meta": meta, "zero_shot": zero, "rows": rows})
+    lines = report_lines(rows, meta, args, test_ids, zero, len(guard_cases))
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def report_lines(rows: list[dict], meta: dict, args: argparse.Namespace, test_ids: list[str], zero: float,
+                 n_guard: int) -> list[str]:
+    """results.md: the table of every labelled volume and the summary line."""
     below = [r for r in rows if r["dice_adapted"] < zero]
     caught = [r for r in below if r["reverted"]]
     false = [r for r in rows if r["reverted"] and r["dice_adapted"] >= zero]
@@ -138,13 +146,12 @@ def main() -> None:
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     lines += ["", f"Adaptations below zero-shot: {len(below)}, discarded by the guard: {len(caught)}; good adaptations "
               f"discarded: {len(false)}. Mean Dice over the single-label choices: {mean('dice_adapted'):.3f} "
-              f"unguarded, {mean('dice_guarded'):.3f} guarded. Training and guard ({len(guard_cases)} volumes, two "
+              f"unguarded, {mean('dice_guarded'):.3f} guarded. Training and guard ({n_guard} volumes, two "
               f"models) {mean('seconds_train'):.0f} s a round; the layout columns {mean('seconds_guard'):.1f} s "
               "(they read the guard's stored passes). Layout deviation: `organ_centroids` / `layout_deviation` of "
               "this script, the labelled volume's organ offsets from the liver against the guard volumes' predicted "
               "ones."]
-    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from asfda.results import read_run
+from asfda.training.guard import organ_shrink
 
 
 def round_outcomes(fold: Path) -> list[dict]:
@@ -49,10 +50,18 @@ def round_outcomes(fold: Path) -> list[dict]:
                     out.append({"fold": fold.name, "strategy": name, "seed": seed, "round": rec["round"],
                                 "start": start, "trained": trained, "reverted": reverted,
                                 "guarded": guard != {}, "min_ratio": min(ratios) if ratios else None,
+                                "min_shrink": _min_shrink(guard),
                                 "history": history,
                                 "n_test": len(rec.get("per_case") or ())})
                 start = rec["dice_mean"]
     return out
+
+
+def _min_shrink(guard: dict) -> float | None:
+    """The smallest `organ_shrink` of a guarded round (from its two recorded volume ratios), None when not recorded."""
+    p, a = guard.get("volume_ratio_pretrained") or [], guard.get("volume_ratio_adapted") or []
+    shrink = [v for v in organ_shrink(p, a) if v == v] if p and len(p) == len(a) else []
+    return min(shrink) if shrink else None
 
 
 def pool_identical(rows: list[dict]) -> list[dict]:
@@ -94,10 +103,12 @@ def table(rows: list[dict], drop: float) -> list[str]:
     return lines
 
 
-def floor_table(rows: list[dict], drop: float, floors: list[float]) -> list[str]:
-    """Recall and precision of "the guard, or an organ's volume ratio below F" for each F in ``floors``, over the
-    guarded rounds of known outcome that recorded the ratios."""
-    known = [r for r in rows if r["trained"] is not None and r["guarded"] and r.get("min_ratio") is not None]
+def floor_table(rows: list[dict], drop: float, floors: list[float], key: str = "min_ratio") -> list[str]:
+    """Recall and precision of "the guard, or an organ's ``key`` below F" for each F in ``floors``, over the
+    guarded rounds of known outcome that recorded the ratios. ``key``: ``min_ratio`` (predicted over annotated
+    volume) or ``min_shrink`` (adapted over pretrained predicted volume: the guard's organ collapse rule, F =
+    `COLLAPSE_FLOOR`, decides rounds since it exists)."""
+    known = [r for r in rows if r["trained"] is not None and r["guarded"] and r.get(key) is not None]
     if not known:
         return ["no round recorded guard.volume_ratio_adapted yet"]
     harmful = [r for r in known if r["trained"] - r["start"] < -drop]
@@ -105,7 +116,7 @@ def floor_table(rows: list[dict], drop: float, floors: list[float]) -> list[str]
              "| floor F | discarded | harmful caught (recall) | discarded that were harmful (precision) |",
              "|---|---|---|---|"]
     for f in floors:
-        flagged = [r for r in known if r["reverted"] or r["min_ratio"] < f]
+        flagged = [r for r in known if r["reverted"] or r[key] < f]
         caught = [r for r in harmful if r in flagged]
         lines.append(f"| {f:g} | {len(flagged)} | {len(caught)}/{len(harmful)} | {len(caught)}/{len(flagged)} |")
     return lines
@@ -127,6 +138,8 @@ def main() -> None:
         print("\n".join(table(rows, args.drop)))
         print()
         print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")])))
+        print("\nOrgan collapse (adapted over pretrained predicted volume, the smallest organ's) below F:\n")
+        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")], "min_shrink")))
 
 
 if __name__ == "__main__":

@@ -228,4 +228,4 @@ def test_the_score_cache_key_does_not_depend_on_the_string_hash_seed() -> None:
         assert _needs_key(get_strategy(name).needs) == repr(get_strategy(name).needs)
     union = _needs_key(needs_of(sorted(STRATEGIES)) | ScoringNeeds(vectors=frozenset({"anatomy"})))
     assert "metrics=frozenset({'asd', 'bald', 'enpy', 'mc_entropy', 'tta_variance'})" in union
-    assert "vectors=frozenset({'anatomy', 'badge'})" in union
+    assert "vectors=frozenset({'anatomy', 'badge', 'extent'})" in union

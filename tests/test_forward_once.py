@@ -42,7 +42,7 @@ def test_no_volume_goes_through_the_same_weights_twice(tmp_path: Path, tiny_bund
     records the passes per round by model."""
     import asfda.adapter.training as training
 
-    monkeypatch.setattr(training, "discards", lambda before, after: not guard_keeps)
+    monkeypatch.setattr(training, "discards", lambda before, after, *collapse: not guard_keeps)
     seen = _counting_engine(monkeypatch)
     data = write_nnunet(tmp_path / "ds", n=7)
     cfg = RunConfig(model=str(tiny_bundle), pool=str(data), test_fraction=0.3, strategies=[strategy], budget=1,
@@ -122,7 +122,7 @@ def test_a_discarded_round_records_what_its_weights_would_have_scored(tmp_path: 
     data = write_nnunet(tmp_path / "ds", n=6)
 
     def run(keep: bool, out: str) -> list[dict]:
-        monkeypatch.setattr(training, "discards", lambda before, after: not keep)
+        monkeypatch.setattr(training, "discards", lambda before, after, *collapse: not keep)
         cfg = RunConfig(model=str(tiny_bundle), pool=str(data), test_fraction=0.34, strategies=["random"], budget=1,
                         rounds=1, seeds=[0], train=TrainConfig(steps=3, batch_size=1, guard=True, guard_volumes=2),
                         cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / out), progress=False, report=False,

@@ -150,7 +150,7 @@ def test_query_fits_temperature_on_labelled_cases_and_chains_rounds(tiny: dict, 
     assert rec1["ece_before"] is not None and rec1["ece_after"] is not None
     assert read_ids_file(second) == [*q0.ids, *q1.ids]
     assert rec1["strategy_settings"] == {"alpha": 0.5, "round0_gap": "feature_gap", "diversity": "embedding",
-                                         "representativeness": "none"}
+                                         "representativeness": "complete"}
     # the anatomy space, with the labelled anchors from the temperature fit and from their own pass (T given)
     for temperature in (None, 1.3):
         qa = query_dataset(tiny["model"], tiny["data"], "asfda", 2, tmp_path / "a.json", labelled=first,

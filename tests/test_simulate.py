@@ -198,7 +198,7 @@ def test_hold_back_leaves_a_discarded_rounds_volume_out_of_the_next_rounds(tmp_p
     import asfda.adapter.training
 
     verdicts = iter([True, False, False])
-    monkeypatch.setattr(asfda.adapter.training, "discards", lambda p0, p1: next(verdicts))
+    monkeypatch.setattr(asfda.adapter.training, "discards", lambda p0, p1, *collapse: next(verdicts))
     trained_on: list[list[str]] = []
     real = Adapter.finetune
 

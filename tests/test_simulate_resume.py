@@ -82,7 +82,7 @@ def test_rounds_the_guard_discards_keep_the_pretrained_model_through_a_resume(tm
     bundle says so, and a second run resumes (nothing retrained) to the same rows."""
     import asfda.adapter.training
 
-    monkeypatch.setattr(asfda.adapter.training, "discards", lambda p0, p1: True)
+    monkeypatch.setattr(asfda.adapter.training, "discards", lambda p0, p1, *collapse: True)
     data = write_nnunet(tmp_path / "ds", n=7)
     cfg = _cfg(tmp_path, tiny_bundle, data)
     cfg.upper_bound = False

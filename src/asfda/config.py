@@ -160,7 +160,7 @@ class TrainConfig(Settings):
     restart: bool = False
     # true: a labelled volume whose round the guard discarded is left out of training (its label kept) until
     # enough other labels exist (asfda.training.guard.held_back); false: every label trains every round
-    hold_back_discarded: bool = False
+    hold_back_discarded: bool = True
     freeze_encoder: bool = False  # train only what runs after the bottleneck (decoder + head)
     # "bf16": forward and loss under torch.autocast(bfloat16) (weights, gradients, optimiser stay fp32);
     # faster on CPUs with bf16 instructions (benchmarks/train_step.py --variants fp32,bf16)
@@ -210,8 +210,8 @@ class StrategySettings(Settings):
     round0_gap: str = setting("feature_gap", choices=options.ROUND0_GAPS)  # round 0 without BatchNorm statistics
     # the greedy batch pick's space: "embedding" (METHOD.md's), "anatomy" (predicted composition) or "none"
     diversity: str = setting(options.DEFAULT_DIVERSITY, choices=options.DIVERSITY_SPACES)
-    # "density", "typical", "complete": see options.REPRESENTATIVENESS
-    representativeness: str = setting("none", choices=options.REPRESENTATIVENESS)
+    # "none" (METHOD.md's rule), "density", "typical", "complete" (the default): options.REPRESENTATIVENESS
+    representativeness: str = setting("complete", choices=options.REPRESENTATIVENESS)
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,8 @@ with a floor on the organ volume ratio."""
 
 from __future__ import annotations
 
+import pytest
+
 from guard_recall import floor_table, table
 
 
@@ -47,3 +49,13 @@ def test_pool_identical_judges_one_model_over_the_union_of_its_folds() -> None:
     assert abs(pooled[0]["trained"] - pooled[0]["start"] - (-0.03 * 2 + 0.006 * 4) / 6) < 1e-12
     assert pooled[0]["n_test"] == 6
     assert "harmful (test Dice down by more than 0.02): 2;" in table(pooled, 0.02)[0]
+
+
+def test_collapse_table_reads_the_smallest_organ_shrink_of_each_round() -> None:
+    from guard_recall import _min_shrink
+
+    assert _min_shrink({"volume_ratio_pretrained": [1.48, 3.17, 0.01], "volume_ratio_adapted": [1.45, 0.13, 0.0]}) == \
+        pytest.approx(0.13 / 3.17, abs=1e-4)  # the third organ: too small in the pretrained prediction to divide by
+    assert _min_shrink({}) is None
+    rows = [{**r, "min_shrink": s} for r, s in zip(ROWS, [0.04, 0.9, 0.45, 1.2], strict=True)]
+    assert floor_table(rows, 0.02, [0.5], "min_shrink")[3] == "| 0.5 | 3 | 2/2 | 2/3 |"

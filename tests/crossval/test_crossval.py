@@ -256,3 +256,14 @@ def test_first_picks_rank_each_runs_first_label_in_its_folds_pool(tmp_path: Path
     assert fp["asfda"]["below_zero"] == 1 and fp["asfda"]["at_or_above_median"] == 2
     assert len(fp["random"]["runs"]) == 1 and fp["random"]["at_or_above_median"] == 1  # c: 0.2, the median of b c d
     assert first_picks(tmp_path, assignment, {"asfda": [0]}, None) is None
+
+
+def test_zero_shot_is_averaged_over_the_same_volumes_for_every_seed() -> None:
+    """A partial run: seed 0's zero-shot exists for all three volumes, seed 1's for one fold only. The pretrained
+    model's Dice does not depend on the seed, so seed 1 counts the missing volumes at their seed-0 value (before,
+    seed 1's mean was over its one fold and dragged the summary's zero-shot to 0.35)."""
+    from asfda.crossval.summary import zero_shot_by_seed
+
+    vols = {"a": {"zero": {0: 0.2, 1: 0.2}}, "b": {"zero": {0: 0.5}}, "c": {"zero": {0: 0.5}}, "d": {"zero": {}}}
+    assert zero_shot_by_seed(vols, [0, 1]) == {0: pytest.approx(0.4), 1: pytest.approx(0.4)}
+    assert zero_shot_by_seed({}, [0]) == {0: None}

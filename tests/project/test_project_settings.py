@@ -111,7 +111,7 @@ def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: d
     q0 = next_query(proj, progress=False)
     ingest_labels(proj, _answer(pool["truth"], q0["ids"], tmp_path / "a0"))
     with monkeypatch.context() as m:  # the guard finds the round's model worse than the pretrained one
-        m.setattr(asfda.adapter.training, "discards", lambda pretrained, adapted: True)
+        m.setattr(asfda.adapter.training, "discards", lambda pretrained, adapted, *collapse: True)
         rec = finetune_project(proj, progress=False)
     assert rec["guard"]["reverted"] and rec["probe"]["change"] == 0.0  # the weights are those it started from
     st = project_status(proj)
@@ -138,7 +138,7 @@ def test_a_discarded_round_names_the_harmful_volume_and_next_replaces_it(pool: d
     # the next round trains without it (train.hold_back_discarded) and is kept: the estimate appears
     ingest_labels(proj, _answer(pool["truth"], q1["ids"], tmp_path / "a1"))
     with monkeypatch.context() as m:
-        m.setattr(asfda.adapter.training, "discards", lambda pretrained, adapted: False)
+        m.setattr(asfda.adapter.training, "discards", lambda pretrained, adapted, *collapse: False)
         rec1 = finetune_project(proj, progress=False)
     assert rec1["held_back"] == q0["ids"] and q0["ids"][0] not in rec1["trained_ids"]
     st = project_status(proj)
@@ -236,13 +236,15 @@ def test_next_with_random_runs_no_scoring_pass(pool: dict, tmp_path: Path, monke
     assert len(record["ids"]) == 2 and record["strategy"] == "random"
 
 
-def test_a_project_from_before_the_diversity_setting_keeps_the_embedding_space(pool: dict, tmp_path: Path) -> None:
+def test_a_project_from_before_a_setting_keeps_the_default_of_its_day(pool: dict, tmp_path: Path) -> None:
     proj = tmp_path / "proj"
     init_project(proj, str(pool["model"]), str(pool["pool"]), _settings())
     state = json.loads((proj / "project.json").read_text())
-    del state["settings"]["diversity"]
+    del state["settings"]["diversity"], state["settings"]["representativeness"]
+    del state["settings"]["train"]["hold_back_discarded"]
     (proj / "project.json").write_text(json.dumps(state))
     assert Project(proj).settings.diversity == "embedding"
+    assert not Project(proj).settings.train.hold_back_discarded  # the defaults of its day, not today's
     record = next_query(proj, progress=False)
     assert record["strategy_settings"] == {"alpha": 0.5, "round0_gap": "feature_gap", "diversity": "embedding",
                                            "representativeness": "none"}

@@ -29,10 +29,12 @@ def _pool(n: int, seed: int = 0, dim: int = 4, n_labelled: int = 3, ties: bool =
         metrics = {k: np.round(v, 1) for k, v in metrics.items()}
         badge = np.round(badge)
     anatomy = rng.random((n, 3))  # foreground fractions of C = 3 + 1 classes
+    extent = np.stack([rng.integers(1, 1000, (n, 3)), rng.random((n, 3)) < 0.3], axis=2).astype(float)  # organ_extent
     if zero:  # an all-background prediction: every metric 0, no head gradient, no foreground
         metrics = {k: np.zeros(n) for k in metrics}
         badge = np.zeros_like(badge)
         anatomy = np.zeros_like(anatomy)
+        extent = np.zeros_like(extent)
     return PoolScores(
         ids=[f"case{i:03d}" for i in range(n)],
         metrics=metrics,
@@ -40,7 +42,7 @@ def _pool(n: int, seed: int = 0, dim: int = 4, n_labelled: int = 3, ties: bool =
         labelled_embeddings=rng.normal(size=(n_labelled, dim)) if n_labelled else np.zeros((0, 0)),
         embeddings0=rng.normal(size=(n, dim)),
         round_index=1,
-        vectors={"badge": badge, "anatomy": anatomy},
+        vectors={"badge": badge, "anatomy": anatomy, "extent": extent},
         labelled_vectors={"anatomy": rng.random((n_labelled, 3))} if n_labelled else {},
     )
 
@@ -208,7 +210,7 @@ def _clustered_pool(seed: int) -> tuple[PoolScores, dict[str, int]]:
 def test_asfda_covers_subpopulations_enpy_does_not(seed: int, diversity: str) -> None:
     pool, cluster_of = _clustered_pool(seed)
     enpy_pick = get_strategy("enpy").select(pool, 3, seed)
-    asfda_pick = ASFDAStrategy(diversity=diversity).select(pool, 3, seed)
+    asfda_pick = ASFDAStrategy(diversity=diversity, representativeness="none").select(pool, 3, seed)  # METHOD.md
     assert {cluster_of[i] for i in enpy_pick.ids} == {0}  # uncertainty top-k: all in the big cluster
     assert len({cluster_of[i] for i in asfda_pick.ids}) >= 2  # score x diversity leaves it
 
@@ -228,33 +230,35 @@ def test_badge_strategy_picks_largest_gradient_first_and_reports_components() ->
 
 def test_asfda_diversity_space_is_the_embedding_by_default_or_the_anatomy() -> None:
     """Two views that disagree: the embeddings put v0 and v1 together, the anatomy puts v0 and v2 together.
-    Equal scores, budget 2: the second pick is the one farthest from the first in the chosen space."""
+    Equal scores, budget 2: the second pick is the one farthest from the first in the chosen space (METHOD.md's rule:
+    no representativeness term)."""
     scores = {"asd": np.array([1.0, 0.5, 0.5]), "kd": np.array([1.0, 0.5, 0.5])}
     emb = np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]])
     anatomy = np.array([[0.04, 0.01], [0.01, 0.04], [0.04, 0.0101]])
     pool = PoolScores(["v0", "v1", "v2"], scores, emb, vectors={"anatomy": anatomy})
-    assert ASFDAStrategy().select(pool, 2, 0).ids == ["v0", "v2"]  # default: the embedding (METHOD.md)
-    assert ASFDAStrategy(diversity="anatomy").select(pool, 2, 0).ids == ["v0", "v1"]
+    # the default space: the embedding (METHOD.md)
+    assert ASFDAStrategy(representativeness="none").select(pool, 2, 0).ids == ["v0", "v2"]
+    assert ASFDAStrategy(representativeness="none", diversity="anatomy").select(pool, 2, 0).ids == ["v0", "v1"]
     # no diversity term: the top-k of the combined rank score (v1 and v2 tie; the seeded jitter decides)
-    none = ASFDAStrategy(diversity="none").select(pool, 3, 0)
+    none = ASFDAStrategy(representativeness="none", diversity="none").select(pool, 3, 0)
     assert none.ids[0] == "v0" and sorted(none.ids) == ["v0", "v1", "v2"]
-    assert ASFDAStrategy(diversity="none").needs.vectors == frozenset()
+    assert ASFDAStrategy(representativeness="none", diversity="none").needs.vectors == frozenset()
     # a labelled volume anchors the anatomy space too: v0's twin v2 is already covered by the anchor
     pool.labelled_embeddings = np.array([[0.0, 1.0]])
     pool.labelled_vectors = {"anatomy": np.array([[0.04, 0.0100]])}
-    assert ASFDAStrategy(diversity="anatomy").select(pool, 1, 0).ids == ["v1"]
+    assert ASFDAStrategy(representativeness="none", diversity="anatomy").select(pool, 1, 0).ids == ["v1"]
     pool.labelled_vectors = {}
     with pytest.raises(ValueError, match="anatomy"):
-        ASFDAStrategy(diversity="anatomy").select(pool, 1, 0)
+        ASFDAStrategy(representativeness="none", diversity="anatomy").select(pool, 1, 0)
     with pytest.raises(AsfdaError, match="diversity"):
-        ASFDAStrategy(diversity="typo")
+        ASFDAStrategy(representativeness="none", diversity="typo")
     # one foreground class: a 1-entry composition has no direction to compare, so the embedding is used
     one = PoolScores(["v0", "v1", "v2"], scores, emb, vectors={"anatomy": anatomy[:, :1]})
-    assert ASFDAStrategy(diversity="anatomy").select(one, 2, 0).ids == ["v0", "v2"]
+    assert ASFDAStrategy(representativeness="none", diversity="anatomy").select(one, 2, 0).ids == ["v0", "v2"]
     from asfda.selection import build_strategy
 
-    assert build_strategy("asfda").needs.vectors == frozenset()
-    assert build_strategy("asfda", diversity="anatomy").needs.vectors == {"anatomy"}
+    assert build_strategy("asfda", representativeness="none").needs.vectors == frozenset()
+    assert build_strategy("asfda", representativeness="none", diversity="anatomy").needs.vectors == {"anatomy"}
 
 
 # ---------------------------------------------------------------------------------------------- needs
@@ -273,7 +277,8 @@ def test_strategies_declare_what_the_scoring_stage_computes() -> None:
     assert get_strategy("badge").needs.head_gradient
     union = needs_of(["asfda", "bald", "tta", "badge", "random"])
     assert union.metrics == {"asd", "bald", "tta_variance"}
-    assert union.vectors == {"badge"} and union.mc_dropout == 5 and union.feature_stats
+    assert union.vectors == {"badge", "extent"} and union.mc_dropout == 5 and union.feature_stats  # asfda's default
+    assert ASFDAStrategy(representativeness="density").needs.vectors == set()
     assert union.divergence  # asfda's kd survives the union (it once did not)
     assert needs_of(["asfda"]).divergence and not needs_of(["enpy", "random"]).divergence
     assert union.tta_flips == tta.tta_flips

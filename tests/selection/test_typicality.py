@@ -42,7 +42,7 @@ def _pool(n_labelled: int) -> PoolScores:
 
 
 def test_density_keeps_the_outlier_out_of_the_first_pick_and_fades_with_labels() -> None:
-    method = build_strategy("asfda").select(_pool(0), 1, seed=0)
+    method = build_strategy("asfda", representativeness="none").select(_pool(0), 1, seed=0)
     dense = build_strategy("asfda", representativeness="density").select(_pool(0), 1, seed=0)
     assert method.ids == ["c9"]  # METHOD.md's rule: the most divergent, most uncertain volume first
     assert dense.ids != ["c9"]
@@ -50,7 +50,7 @@ def test_density_keeps_the_outlier_out_of_the_first_pick_and_fades_with_labels()
     assert comps["rank_typicality"][9] == pytest.approx(0.1)  # the least typical of ten
     # the weight 0.5 / (1 + labelled): with 3 labelled volumes the score is 7/8 METHOD.md's rank score
     c3 = _asfda(representativeness="density").pool_components(_pool(3))[1]
-    plain = _asfda().pool_components(_pool(3))[1]
+    plain = _asfda(representativeness="none").pool_components(_pool(3))[1]
     assert np.allclose(c3["rank_score"], 0.875 * plain["rank_score"] + 0.125 * c3["rank_typicality"])
 
 
@@ -98,7 +98,7 @@ def _pool_with_outlier_group(n_labelled: int = 0) -> PoolScores:
 def test_typical_keeps_an_atypical_group_out_of_the_first_batch() -> None:
     group = {"c12", "c13"}
     for budget in (1, 2, 4):
-        method = build_strategy("asfda").select(_pool_with_outlier_group(), budget, seed=0)
+        method = build_strategy("asfda", representativeness="none").select(_pool_with_outlier_group(), budget, seed=0)
         typical = build_strategy("asfda", representativeness="typical").select(_pool_with_outlier_group(), budget, 0)
         assert group & set(method.ids)  # METHOD.md's rule takes the group (first, by its scores and distance)
         assert not group & set(typical.ids), budget
@@ -146,7 +146,8 @@ def test_complete_first_pick_is_the_most_complete_anatomy_then_density() -> None
     comps = strategy.pool_components(pool)[1]
     assert comps["completeness"][4] == 1.0 and comps["completeness"][9] == 0.0
     assert strategy.select(pool, 1, seed=0).ids == ["c4"]
-    assert build_strategy("asfda").select(pool, 1, seed=0).ids == ["c9"]  # METHOD.md's rule: the cut outlier
+    # METHOD.md's rule: the cut outlier
+    assert build_strategy("asfda", representativeness="none").select(pool, 1, seed=0).ids == ["c9"]
     # once labels exist it is `density`: the same scores and picks
     later = _pool_with_extent(3)
     dense = _asfda(representativeness="density")

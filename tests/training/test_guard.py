@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,17 @@ from asfda.config import SemiConfig
 from asfda.io import load_dataset
 from asfda.models import load_model
 from asfda.training import TrainConfig
-from asfda.training.guard import GuardResult, anatomical_plausibility, guard_sample, organ_voxels, volume_ratios
+from asfda.training.guard import (
+    COLLAPSE_FLOOR,
+    GuardResult,
+    anatomical_plausibility,
+    collapsed,
+    discards,
+    guard_sample,
+    organ_shrink,
+    organ_voxels,
+    volume_ratios,
+)
 
 
 def test_anatomical_plausibility_averages_classes_and_volumes() -> None:
@@ -183,3 +194,51 @@ def test_a_guarded_round_records_each_organs_volume_ratio(tiny_bundle: Path, tin
     pred0 = np.mean([organ_voxels(adapter.forward(c, pretrained=True)[0].argmax(0), 3) for c in unlabelled], axis=0)
     assert out.guard.volume_ratio_pretrained == pytest.approx((pred0 / ann).tolist(), abs=1e-4)
     assert len(out.guard.volume_ratio_adapted) == 2 and GuardResult(**out.guard.to_dict()) == out.guard
+
+
+def test_organ_shrink_divides_the_ratios_and_skips_organs_the_pretrained_model_hardly_predicts() -> None:
+    shrink = organ_shrink([1.0, 3.1653, 0.02, float("nan")], [0.9, 0.1263, 0.5, 0.4])
+    assert shrink[:2] == [0.9, pytest.approx(0.0399, abs=1e-4)]
+    assert np.isnan(shrink[2]) and np.isnan(shrink[3])  # below MIN_PRETRAINED_RATIO; never labelled
+    assert collapsed(["liver", "kidney_right", "kidney_left", "spleen"], shrink) == ["kidney_right"]
+    assert collapsed(["liver"], [COLLAPSE_FLOOR]) == []  # at the floor: kept
+
+
+def test_an_organ_collapse_discards_a_round_whose_fragmentation_improved() -> None:
+    """btcv_007's round on the MR-to-CT pair: plausibility up, the right kidney at 0.04 of the pretrained volume."""
+    assert discards(0.657, 0.763, ["kidney_right"]) and not discards(0.657, 0.763, [])
+    assert discards(0.7, 0.6) and not discards(0.7, 0.8)
+    guard = GuardResult(["a"], 0.657, 0.763, True, ["liver", "kidney_right"], [1.48, 3.17], [1.45, 0.13],
+                        [0.98, 0.04], ["kidney_right"])
+    assert "kidney_right at 0.04 of the pretrained model's volume (an organ collapse" in guard.message()
+    assert "fragmented" not in guard.reason()
+    both = dataclasses.replace(guard, plausibility_adapted=0.6)
+    assert "fragmented" in both.reason() and "collapse" in both.reason()
+    assert GuardResult.from_dict({**guard.to_dict(), "dice_discarded": 0.29}) == guard  # a simulation's extra key
+    assert GuardResult.from_dict({"cases": [], "plausibility_pretrained": 0.7, "plausibility_adapted": 0.6,
+                                  "reverted": True}).collapsed == []  # a record from before the rule
+
+
+@pytest.mark.parametrize("shrink", [0.125, 1.0])
+def test_train_round_discards_a_round_that_collapses_an_organ(tiny_bundle: Path, tiny_dataset: Path, monkeypatch,
+                                                              shrink: float) -> None:
+    """Plausibility improves either way; the second organ's predicted voxels fall to 1/8 of the pretrained model's
+    (discarded) or stay (kept)."""
+    adapter, cases = _adapter(tiny_bundle, tiny_dataset)
+    ann = adapter._annotated_voxels(cases[:1])[0]  # the pretrained model predicts each organ at its annotated size
+
+    def fake_train(self, *a, **k):
+        _shift_weights(self)
+        return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}
+
+    def fake_measures(self, cases, *, pretrained=False):
+        return (0.7, [ann.copy() for _ in cases]) if pretrained else (0.9, [ann * [1.0, shrink] for _ in cases])
+
+    monkeypatch.setattr(Adapter, "_train_round", fake_train)
+    monkeypatch.setattr(Adapter, "guard_measures", fake_measures)
+    out = adapter.train_round(cases[:1], cases[1:], TrainConfig(steps=1), SemiConfig(), 1.0)
+    assert out.guard is not None
+    assert out.guard.organ_shrink == [1.0, shrink]
+    assert out.guard.collapsed == (["spleen"] if shrink < 1 else [])
+    assert out.guard.reverted is (shrink < 1)
+    assert (out.discarded_state is not None) is (shrink < 1)

@@ -19,8 +19,10 @@ from asfda.training import TrainConfig, TrainVolume, finetune, pseudo_label, pse
 from asfda.training.guard import (
     GuardResult,
     anatomical_plausibility,
+    collapsed,
     discards,
     guard_sample,
+    organ_shrink,
     organ_voxels,
     volume_ratios,
 )
@@ -147,9 +149,12 @@ class TrainingMixin(ScoringMixin):
         guard = None
         if guard_cases:
             adapted, voxels1 = self.guard_measures(guard_cases)
-            guard = GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted),
-                                [self.target_names[k] for k in self._guard_classes()],
-                                volume_ratios(voxels0, annotated), volume_ratios(voxels1, annotated))
+            organs = [self.target_names[k] for k in self._guard_classes()]
+            ratio0, ratio1 = volume_ratios(voxels0, annotated), volume_ratios(voxels1, annotated)
+            shrink = organ_shrink(ratio0, ratio1) if ratio0 else []
+            gone = collapsed(organs, shrink) if shrink else []
+            guard = GuardResult([c.case_id for c in guard_cases], reference, adapted,
+                                discards(reference, adapted, gone), organs, ratio0, ratio1, shrink, gone)
             if guard.reverted:
                 assert start_state is not None  # kept whenever the guard runs
                 discarded = self.current_state()

@@ -226,10 +226,11 @@ def _query(sub: _Sub) -> None:
                    "'embedding', the pooled bottleneck embedding (METHOD.md's h), or 'none' (no diversity term: an "
                    "ablation) (default: %(default)s)")
     p.add_argument("--representativeness", default=run_default("representativeness"), choices=REPRESENTATIVENESS,
-                   help="asfda: 'density' adds TypiClust's typicality (dense regions of the pool first), weighted "
-                   "0.5 / (1 + labelled); 'typical' also leaves the least typical 0.2 / (1 + labelled) of the pool out "
-                   "and caps the diversity factor, so no pick is an outlier; 'none' is METHOD.md's rule "
-                   "(default: %(default)s)")
+                   help="asfda: 'complete' takes the first label (nothing labelled yet) by the completeness of the "
+                   "predicted anatomy, then is 'density'; 'density' adds TypiClust's typicality (dense regions of the "
+                   "pool first), weighted 0.5 / (1 + labelled); 'typical' also leaves the least typical 0.2 / "
+                   "(1 + labelled) of the pool out and caps the diversity factor, so no pick is an outlier; 'none' is "
+                   "METHOD.md's rule (default: %(default)s)")
     p.add_argument("--out", default="query.json", help="JSON with the chosen ids and components (default: query.json)")
     p.add_argument("--class-map", help=CLASS_MAP_HELP)
     add_model_flags(p)

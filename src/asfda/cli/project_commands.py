@@ -141,7 +141,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     if rec.get("guard"):
         from asfda.training.guard import GuardResult
 
-        print(GuardResult(**rec["guard"]).message())
+        print(GuardResult.from_dict(rec["guard"]).message())
     st = prj.project_status(root)
     print(_stop_line(st["when_to_stop"]))
     print(f"next: {st['next']}")
@@ -177,16 +177,17 @@ def status_lines(st: dict) -> list[str]:
 
 def _discarded_line(d: dict, st: dict) -> str:
     """A round the guard discarded: the volumes it blames, why, and what happens to their labels."""
+    from asfda.training.guard import GuardResult
+
     harmful = d.get("harmful") or d["new_ids"]
     one = len(harmful) == 1
+    guard = GuardResult.from_dict({"cases": [], "plausibility_pretrained": float("nan"),
+                                   "plausibility_adapted": float("nan"), "reverted": True, **d})
     return (f"round {d['round']} was discarded by the guard: trained with "
             f"{', '.join(harmful) or 'no new volume'} ({'its' if one else 'their'} first round, "
-            f"so the harmful {'volume' if one else 'volumes'}), the model's organs on "
+            f"so the harmful {'volume' if one else 'volumes'}); on "
             f"{_n(len(d.get('cases', [])), 'unlabeled volume')} "
-            f"were more fragmented than the pretrained model's (plausibility "
-            f"{d.get('plausibility_adapted', float('nan')):.3f} < "
-            f"{d.get('plausibility_pretrained', float('nan')):.3f}: "
-            f"the mean fraction of each organ in its largest connected piece); "
+            f"{guard.reason() or 'its numbers were not recorded'}; "
             f"{'its label is' if one else 'the labels are'} "
             "kept" + ("" if st.get("hold_back_discarded") else
                       f" and trained on again (`asfda set {st['project']} hold_back_discarded=true` leaves "

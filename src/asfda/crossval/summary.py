@@ -166,6 +166,16 @@ def _volume_curves(vols: dict, seeds: Seeds, ns: list[int]) -> dict[str, dict[in
             for name in seeds}
 
 
+def zero_shot_by_seed(vols: dict, seeds: list[int]) -> dict[int, float | None]:
+    """Per seed, the mean zero-shot Dice over every volume. The pretrained model's Dice does not depend on the seed,
+    so a volume whose zero-shot file for a seed is missing (a partial run) counts with its value under the other
+    seeds: the mean is then over the same volumes for every seed, not over whichever folds that seed reached."""
+    def one(v: dict, s: int) -> float | None:
+        got = v["zero"].get(s)
+        return got if got is not None else _mean(v["zero"].values())
+    return {s: _mean(one(v, s) for v in vols.values()) for s in seeds}
+
+
 def _strategy(name: str, seeds: Seeds, vols: dict, ns: list[int], per_vol: dict, zero_by_seed: dict,
               resamples: int, seed: int) -> dict:
     cases = sorted(vols)
@@ -210,8 +220,7 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, seeds: Se
     vols = dict(sorted(vols.items()))
     cases = list(vols)
     per_vol = _volume_curves(vols, seeds, ns)
-    zero_seeds = sorted({s for ss in seeds.values() for s in ss})
-    zero_by_seed = {s: _mean(vols[c]["zero"].get(s) for c in cases) for s in zero_seeds}
+    zero_by_seed = zero_shot_by_seed(vols, sorted({s for ss in seeds.values() for s in ss}))
     strategies = {name: _strategy(name, seeds, vols, ns, per_vol, zero_by_seed, resamples, seed) for name in seeds}
     for f in per_fold.values():
         test = f["test"]
@@ -231,7 +240,7 @@ def summarize(out: str | Path, assignment: Sequence[Sequence[str]], *, seeds: Se
         "folds": len(assignment), "seeds": seeds, "upper_bound_seeds": list(upper_seeds), "metric": metric,
         "budget": budget, "rounds": rounds,
         **({"postprocessing": list(pp)} if metric == "pp_dice_mean" else {}),
-        "zero_shot": _mean(zero_by_seed.values()),
+        "zero_shot": _mean(_mean(v["zero"].values()) for v in vols.values()),
         "upper_bound": _mean(_mean(vols[c]["upper"].get(s) for c in cases) for s in upper_seeds) if cases else None,
         "complete": not missing, "missing": missing,
         "strategies": strategies,

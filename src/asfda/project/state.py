@@ -240,8 +240,12 @@ def _read_state(path: Path) -> tuple[dict, ProjectSettings]:
         parse_labels(state["labels"], path)
     except AsfdaError as exc:
         raise AsfdaError(f"labels: {exc.problem}", fix=exc.fix) from None
-    # projects started before the setting existed picked in the embedding space: they go on doing so
+    # projects started before a setting existed go on as they were made: the embedding space, METHOD.md's rule, every
+    # label trained on (the defaults changed later)
     state["settings"].setdefault("diversity", "embedding")
+    state["settings"].setdefault("representativeness", "none")
+    if isinstance(state["settings"].get("train"), dict):
+        state["settings"]["train"].setdefault("hold_back_discarded", False)
     try:
         settings = config_from_dict(ProjectSettings, state["settings"], "settings")
     except AsfdaError as exc:

@@ -267,3 +267,25 @@ def test_zero_shot_is_averaged_over_the_same_volumes_for_every_seed() -> None:
     vols = {"a": {"zero": {0: 0.2, 1: 0.2}}, "b": {"zero": {0: 0.5}}, "c": {"zero": {0: 0.5}}, "d": {"zero": {}}}
     assert zero_shot_by_seed(vols, [0, 1]) == {0: pytest.approx(0.4), 1: pytest.approx(0.4)}
     assert zero_shot_by_seed({}, [0]) == {0: None}
+
+
+def test_a_partial_seed_does_not_bias_the_curve_towards_its_folds() -> None:
+    """Random seed 0 ran both folds, seed 1 only the fold of the easy volume a. The curve is the mean over volumes
+    of each volume's mean over seeds (a: 0.9, b: 0.5 -> 0.7), not the mean of the seeds' means ((0.7 + 0.9) / 2 =
+    0.8, which counts a three times and b once); once both seeds cover both volumes the two are the same."""
+    from asfda.crossval.summary import _strategy, _volume_curves
+
+    def vols(b_seed1: float | None) -> dict:
+        b_runs = {0: 0.5} if b_seed1 is None else {0: 0.5, 1: b_seed1}
+        return {"a": {"zero": {0: 0.3}, "runs": {"random": {1: {0: 0.9, 1: 0.9}}}},
+                "b": {"zero": {0: 0.3}, "runs": {"random": {1: b_runs}}}}
+
+    seeds = {"random": [0, 1]}
+    partial = vols(None)
+    got = _strategy("random", seeds, partial, [1], _volume_curves(partial, seeds, [1]), {0: 0.3, 1: 0.3}, 100, 0)
+    assert got["dice_by_n"][1] == pytest.approx(0.7)
+    assert got["dice_by_n_per_seed"][1][1] == pytest.approx(0.9)  # seed 1 alone: its one volume
+    full = vols(0.7)
+    got = _strategy("random", seeds, full, [1], _volume_curves(full, seeds, [1]), {0: 0.3, 1: 0.3}, 100, 0)
+    per_seed = got["dice_by_n_per_seed"]
+    assert got["dice_by_n"][1] == pytest.approx((per_seed[0][1] + per_seed[1][1]) / 2) == pytest.approx(0.75)

@@ -181,8 +181,10 @@ def _strategy(name: str, seeds: Seeds, vols: dict, ns: list[int], per_vol: dict,
     cases = sorted(vols)
     per_seed = {s: {0: zero_by_seed.get(s), **{n: _mean(vols[c]["runs"][name][n].get(s) for c in cases) for n in ns}}
                 for s in seeds[name]}
-    dice_by_n = {n: _mean(per_seed[s][n] for s in seeds[name]) for n in [0, *ns]}
     mine = per_vol[name]
+    # the mean over test volumes of each volume's mean over seeds: the mean of the per-seed curves once every seed
+    # has run every fold, and not biased towards the folds a partial seed reached before then
+    dice_by_n = {n: _mean(mine[n].values()) for n in [0, *ns]}
     ci = {n: (bootstrap_mean(list(mine[n].values()), resamples, seed) or {}).get("ci95") for n in [0, *ns]}
     entry = {"dice_by_n": dice_by_n, "auc": curve_auc(dice_by_n), "dice_ci95_by_n": ci,
              "dice_by_n_per_seed": per_seed, "auc_per_seed": {s: curve_auc(c) for s, c in per_seed.items()},

@@ -106,8 +106,9 @@ def _texts(summary: dict) -> dict[str, str]:
         "status": f"{'complete' if summary['complete'] else 'PARTIAL, see Missing below'}; {n_vol} test volumes, "
                   "each tested once (in its fold, whose pool is every other volume); seeds "
                   + "; ".join(f"{k} {_seeds(v)}" for k, v in summary["seeds"].items()),
-        "curve": "Mean Dice over all test volumes of all folds (mean over seeds of the per-seed mean over volumes; a "
-                 "volume's Dice is its mean over foreground classes; n = labelled volumes, n=0 is zero-shot). AUC: the "
+        "curve": "Mean Dice over all test volumes of all folds (the mean over volumes of each volume's mean over "
+                 "its seeds: the mean of the seeds' curves once every seed has run every fold; a volume's Dice is "
+                 "its mean over foreground classes; n = labelled volumes, n=0 is zero-shot). AUC: the "
                  "trapezoid area under mean Dice vs n over n = 0.." + _ns(summary)[-1] + ", divided by that n range "
                  "(a mean Dice level; `asfda.results.area_under_curve`, as `asfda simulate` reports it)." + partial,
         "diff": "Paired difference against random: per test volume, the strategy's Dice (mean over its seeds) minus "

@@ -289,3 +289,25 @@ def test_a_partial_seed_does_not_bias_the_curve_towards_its_folds() -> None:
     got = _strategy("random", seeds, full, [1], _volume_curves(full, seeds, [1]), {0: 0.3, 1: 0.3}, 100, 0)
     per_seed = got["dice_by_n_per_seed"]
     assert got["dice_by_n"][1] == pytest.approx((per_seed[0][1] + per_seed[1][1]) / 2) == pytest.approx(0.75)
+
+
+def test_upper_bound_only_adds_the_upper_bound_to_a_run_made_without_it(tmp_path: Path, tiny_bundle: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--upper-bound-only trains the fold's whole-pool model on the first seed and touches no strategy round (not even
+    to read it: a round made by other code stays as it is); with --no-upper-bound it is refused."""
+    data = write_nnunet(tmp_path / "ds", n=4)
+    out = tmp_path / "out"
+    args = ["crossval", "--model", str(tiny_bundle), "--data", str(data), "--folds", "2", "--strategies", "random",
+            "--random-seeds", "0", "--budget", "1", "--rounds", "1", "--steps", "2", "--set", "train.batch_size=1",
+            "--set", "train.guard_volumes=1", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            "--device", "cpu", "--out", str(out), "--only-folds", "0"]
+    assert main([*args, "--no-upper-bound"]) == 0
+    state = out / "fold0" / "random" / "seed0" / "state.json"
+    state.write_text(state.read_text().replace('"fingerprint": "', '"fingerprint": "other'))  # made by other code
+    before = state.read_text()
+    assert not (out / "fold0" / "upper_bound").exists()
+    assert main([*args, "--upper-bound-only", "--no-upper-bound"]) == 2
+    assert main([*args, "--upper-bound-only", "--upper-bound-steps", "2"]) == 0
+    assert (out / "fold0" / "upper_bound" / "seed0.json").is_file() and state.read_text() == before
+    s = json.loads((out / "summary.json").read_text())
+    assert s["per_fold"]["0"]["upper_bound"] is not None and s["strategies"]["random"]["dice_by_n"]["1"] is not None

@@ -131,7 +131,8 @@ def crossval_command(args: argparse.Namespace) -> int:
                                     "cache_dir": args.cache_dir, "threads": args.threads, "report": False})
     summary = crossval(cfg, args.data, args.out, folds=args.folds, fold_seed=args.fold_seed,
                        seeds=plan_seeds(cfg.strategies, cfg.seeds, args.random_seeds), only_folds=args.only_folds,
-                       summarize_only=args.summarize_only, utility=args.utility,
+                       summarize_only=args.summarize_only, upper_bound_only=args.upper_bound_only,
+                       utility=args.utility,
                        command="asfda " + shlex.join(sys.argv[1:]))
     print(console_tables(summary))
     print(f"results: {args.out} (README.md, report.html, summary.json)")

@@ -144,6 +144,9 @@ def _crossval(sub: _Sub) -> None:
                    "the others into the same --out; on another machine, copy its fold<k> folders into --out and "
                    "--summarize-only)")
     p.add_argument("--summarize-only", action="store_true", help="run nothing: summarise the fold folders on disk")
+    p.add_argument("--upper-bound-only", action="store_true", help="run only each fold's whole-pool upper bound (on "
+                   "the first seed; the strategies' rounds are neither read nor resumed): adds it to a run made with "
+                   "--no-upper-bound")
     p.add_argument("--utility", help="a single-label utility table (benchmarks/single_label_utility.py's "
                    "utility.json): the best and the expected random first label, set beside n=1")
     add_model_flags(p, fine_tunes=True, device="config")

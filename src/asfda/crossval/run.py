@@ -127,7 +127,7 @@ def summarize_folder(out: str | Path, assignment: Sequence[Sequence[str]], base:
 
 def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, fold_seed: int = 0,
              seeds: Seeds | None = None, upper_seeds: Sequence[int] | None = None,
-             only_folds: Sequence[int] | None = None, summarize_only: bool = False,
+             only_folds: Sequence[int] | None = None, summarize_only: bool = False, upper_bound_only: bool = False,
              utility: str | Path | None = None, command: str = "", machine: str | None = None,
              commit: str | None = None) -> dict:
     """K-fold cross-validation of active adaptation on the labelled dataset ``data``: every volume is a test volume
@@ -136,9 +136,10 @@ def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, 
     upper bound, cache, device); ``seeds`` per strategy (its keys are the strategies run; default: ``base.seeds`` for
     each of ``base.strategies``; `plan_seeds` adds random), ``upper_seeds`` the
     upper bound's (default: the first seed; none when ``base.upper_bound`` is off). Runs the folds ``only_folds``
-    (default: all; none with ``summarize_only``), then summarises every fold folder found under ``out`` into
-    summary.json, README.md, learning_curve.png and report.html, with ``utility`` (a single-label utility table) as
-    the 1-label oracle. Returns the summary."""
+    (default: all; none with ``summarize_only``; with ``upper_bound_only`` only their upper bounds, the strategies'
+    rounds neither read nor resumed: an upper bound added to a run made without one), then summarises every fold
+    folder found under ``out`` into summary.json, README.md, learning_curve.png and report.html, with ``utility`` (a
+    single-label utility table) as the 1-label oracle. Returns the summary."""
     out, data = Path(out), Path(data)
     seeds = {name: list(ss) for name, ss in seeds.items()} if seeds else {name: list(base.seeds)
                                                                            for name in base.strategies}
@@ -147,6 +148,8 @@ def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, 
     if upper_seeds is None:
         upper_seeds = [next(iter(seeds.values()))[0]] if seeds else [0]
     upper_seeds = list(upper_seeds) if base.upper_bound else []
+    if upper_bound_only and not upper_seeds:
+        raise AsfdaError("only the upper bound was asked for, and it is off", fix="drop --no-upper-bound")
     version, where = commit or code_version(), machine or machine_line(base.device)  # the code that ran, before
     # the results folder: never inside a dataset, project or model folder, and writable (before anything is written)
     refuse_output_inside_inputs(out, {"the dataset": dataset_folders(data), "the model": base.model})
@@ -165,6 +168,7 @@ def crossval(base: RunConfig, data: str | Path, out: str | Path, *, folds: int, 
         dirs = make_fold_datasets(data, assignment, root, todo)
         for k in todo:
             print(f"fold {k}/{folds}: test {', '.join(assignment[k])}", file=sys.stderr, flush=True)
-            run_fold(k, base, *dirs[k], fold_dir(out, k), seeds=seeds, upper_seeds=upper_seeds, command=command,
+            run_fold(k, base, *dirs[k], fold_dir(out, k), seeds={} if upper_bound_only else seeds,
+                     upper_seeds=upper_seeds, command=command,
                      machine=where, commit=version)
     return summarize_folder(out, assignment, base, seeds, upper_seeds, utility, command, where, version)

@@ -50,18 +50,22 @@ def round_outcomes(fold: Path) -> list[dict]:
                     out.append({"fold": fold.name, "strategy": name, "seed": seed, "round": rec["round"],
                                 "start": start, "trained": trained, "reverted": reverted,
                                 "guarded": guard != {}, "min_ratio": min(ratios) if ratios else None,
-                                "min_shrink": _min_shrink(guard),
+                                "collapse_level": _collapse_level(guard),
                                 "history": history,
                                 "n_test": len(rec.get("per_case") or ())})
                 start = rec["dice_mean"]
     return out
 
 
-def _min_shrink(guard: dict) -> float | None:
-    """The smallest `organ_shrink` of a guarded round (from its two recorded volume ratios), None when not recorded."""
+def _collapse_level(guard: dict) -> float | None:
+    """The guard's organ-collapse rule as one number per round: over the organs, the smallest max(`organ_shrink`,
+    adapted predicted over annotated volume) (an organ collapses at floor F when both are below F, so the round has a
+    collapsed organ exactly when this is below F); None when the ratios were not recorded."""
     p, a = guard.get("volume_ratio_pretrained") or [], guard.get("volume_ratio_adapted") or []
-    shrink = [v for v in organ_shrink(p, a) if v == v] if p and len(p) == len(a) else []
-    return min(shrink) if shrink else None
+    if not p or len(p) != len(a):
+        return None
+    levels = [max(s, r) if r == r else s for s, r in zip(organ_shrink(p, a), a, strict=True) if s == s]
+    return min(levels) if levels else None
 
 
 def pool_identical(rows: list[dict]) -> list[dict]:
@@ -106,8 +110,8 @@ def table(rows: list[dict], drop: float) -> list[str]:
 def floor_table(rows: list[dict], drop: float, floors: list[float], key: str = "min_ratio") -> list[str]:
     """Recall and precision of "the guard, or an organ's ``key`` below F" for each F in ``floors``, over the
     guarded rounds of known outcome that recorded the ratios. ``key``: ``min_ratio`` (predicted over annotated
-    volume) or ``min_shrink`` (adapted over pretrained predicted volume: the guard's organ collapse rule, F =
-    `COLLAPSE_FLOOR`, decides rounds since it exists)."""
+    volume) or ``collapse_level`` (`_collapse_level`: the guard's organ-collapse rule, F = `COLLAPSE_FLOOR`, decides
+    rounds since it exists)."""
     known = [r for r in rows if r["trained"] is not None and r["guarded"] and r.get(key) is not None]
     if not known:
         return ["no round recorded guard.volume_ratio_adapted yet"]
@@ -139,7 +143,7 @@ def main() -> None:
         print()
         print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")])))
         print("\nOrgan collapse (adapted over pretrained predicted volume, the smallest organ's) below F:\n")
-        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")], "min_shrink")))
+        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")], "collapse_level")))
 
 
 if __name__ == "__main__":

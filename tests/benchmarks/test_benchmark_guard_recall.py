@@ -51,11 +51,16 @@ def test_pool_identical_judges_one_model_over_the_union_of_its_folds() -> None:
     assert "harmful (test Dice down by more than 0.02): 2;" in table(pooled, 0.02)[0]
 
 
-def test_collapse_table_reads_the_smallest_organ_shrink_of_each_round() -> None:
-    from guard_recall import _min_shrink
+def test_collapse_table_reads_the_collapse_level_of_each_round() -> None:
+    from guard_recall import _collapse_level
 
-    assert _min_shrink({"volume_ratio_pretrained": [1.48, 3.17, 0.01], "volume_ratio_adapted": [1.45, 0.13, 0.0]}) == \
-        pytest.approx(0.13 / 3.17, abs=1e-4)  # the third organ: too small in the pretrained prediction to divide by
-    assert _min_shrink({}) is None
-    rows = [{**r, "min_shrink": s} for r, s in zip(ROWS, [0.04, 0.9, 0.45, 1.2], strict=True)]
-    assert floor_table(rows, 0.02, [0.5], "min_shrink")[3] == "| 0.5 | 3 | 2/2 | 2/3 |"
+    # btcv_007's round: the right kidney at 0.04 of the pretrained volume and 0.13 of the annotated one
+    assert _collapse_level({"volume_ratio_pretrained": [1.48, 3.17, 0.01], "volume_ratio_adapted": [1.45, 0.13, 0.0]}) \
+        == pytest.approx(0.13)  # the third organ: too small in the pretrained prediction to divide by
+    # the phantom's over-segmented kidney brought down to size: shrink 0.27, and 0.53 of the annotated volume
+    assert _collapse_level({"volume_ratio_pretrained": [0.55, 1.97], "volume_ratio_adapted": [1.02, 0.53]}) == \
+        pytest.approx(0.53)
+    assert _collapse_level({"volume_ratio_pretrained": [0.5], "volume_ratio_adapted": [float("nan")]}) is None
+    assert _collapse_level({}) is None
+    rows = [{**r, "collapse_level": s} for r, s in zip(ROWS, [0.04, 0.9, 0.45, 1.2], strict=True)]
+    assert floor_table(rows, 0.02, [0.5], "collapse_level")[3] == "| 0.5 | 3 | 2/2 | 2/3 |"

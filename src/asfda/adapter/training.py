@@ -152,7 +152,7 @@ class TrainingMixin(ScoringMixin):
             organs = [self.target_names[k] for k in self._guard_classes()]
             ratio0, ratio1 = volume_ratios(voxels0, annotated), volume_ratios(voxels1, annotated)
             shrink = organ_shrink(ratio0, ratio1) if ratio0 else []
-            gone = collapsed(organs, shrink) if shrink else []
+            gone = collapsed(organs, shrink, ratio_adapted=ratio1) if shrink else []
             guard = GuardResult([c.case_id for c in guard_cases], reference, adapted,
                                 discards(reference, adapted, gone), organs, ratio0, ratio1, shrink, gone)
             if guard.reverted:

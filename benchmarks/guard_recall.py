@@ -142,7 +142,8 @@ def main() -> None:
         print("\n".join(table(rows, args.drop)))
         print()
         print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")])))
-        print("\nOrgan collapse (adapted over pretrained predicted volume, the smallest organ's) below F:\n")
+        print("\nOrgan collapse (the collapse level: over the organs, the smallest max(shrink, predicted over "
+              "annotated volume)) below F:\n")
         print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")], "collapse_level")))
 
 

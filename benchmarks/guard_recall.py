@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from asfda.results import read_run
-from asfda.training.guard import organ_shrink
+from asfda.training.guard import collapse_levels, organ_shrink
 
 
 def round_outcomes(fold: Path) -> list[dict]:
@@ -58,13 +58,12 @@ def round_outcomes(fold: Path) -> list[dict]:
 
 
 def _collapse_level(guard: dict) -> float | None:
-    """The guard's organ-collapse rule as one number per round: over the organs, the smallest max(`organ_shrink`,
-    adapted predicted over annotated volume) (an organ collapses at floor F when both are below F, so the round has a
-    collapsed organ exactly when this is below F); None when the ratios were not recorded."""
+    """The guard's organ-collapse rule as one number per round: the smallest of its organs' `collapse_levels` (the
+    round has a collapsed organ at floor F exactly when this is below F); None when the ratios were not recorded."""
     p, a = guard.get("volume_ratio_pretrained") or [], guard.get("volume_ratio_adapted") or []
     if not p or len(p) != len(a):
         return None
-    levels = [max(s, r) if r == r else s for s, r in zip(organ_shrink(p, a), a, strict=True) if s == s]
+    levels = [v for v in collapse_levels(organ_shrink(p, a), a) if v == v]
     return min(levels) if levels else None
 
 

@@ -38,7 +38,8 @@ import torch
 
 from asfda.metrics import largest_component_fractions
 
-__all__ = ["COLLAPSE_FLOOR", "HOLD_BACK_MIN_OTHERS", "GuardResult", "anatomical_plausibility", "blamed", "collapsed",
+__all__ = ["COLLAPSE_FLOOR", "HOLD_BACK_MIN_OTHERS", "GuardResult", "anatomical_plausibility", "blamed",
+           "collapse_levels", "collapsed",
            "discards", "guard_sample", "held_back", "organ_shrink", "organ_voxels", "volume_ratios"]
 
 COLLAPSE_FLOOR = 0.2
@@ -95,13 +96,20 @@ def organ_shrink(ratio_pretrained: list[float], ratio_adapted: list[float]) -> l
     return out
 
 
+def collapse_levels(shrink: list[float], ratio_adapted: list[float] | None = None) -> list[float]:
+    """Per organ, how far it fell: max(`organ_shrink`, the adapted model's `volume_ratios`), or the shrink alone where
+    no ratio is given (NaN: no labelled volume has the organ); NaN where the shrink is. An organ has collapsed below
+    a floor exactly when its level is below it (`collapsed`; `benchmarks/guard_recall.py` reads it per round)."""
+    ratio = ratio_adapted if ratio_adapted else [float("nan")] * len(shrink)
+    return [max(s, r) if s == s and r == r else s for s, r in zip(shrink, ratio, strict=True)]
+
+
 def collapsed(organs: list[str], shrink: list[float], floor: float = COLLAPSE_FLOOR,
               ratio_adapted: list[float] | None = None) -> list[str]:
-    """The organs whose `organ_shrink` is below ``floor`` and, where ``ratio_adapted`` (the adapted model's
-    `volume_ratios`) gives one, whose predicted volume is also below ``floor`` times the labelled volumes' annotated
-    volume (an organ no labelled volume has, NaN there, is judged by its shrink alone)."""
-    ratio = ratio_adapted if ratio_adapted else [float("nan")] * len(organs)
-    return [o for o, s, r in zip(organs, shrink, ratio, strict=True) if s == s and s < floor and not r >= floor]
+    """The organs whose `collapse_levels` are below ``floor``: `organ_shrink` below it and, where ``ratio_adapted``
+    (the adapted model's `volume_ratios`) gives one, the predicted volume also below ``floor`` times the labelled
+    volumes' annotated volume (an organ no labelled volume has, NaN there, is judged by its shrink alone)."""
+    return [o for o, level in zip(organs, collapse_levels(shrink, ratio_adapted), strict=True) if level < floor]
 
 
 def discards(plausibility_pretrained: float, plausibility_adapted: float, collapsed_organs: list[str] | None = None,

@@ -16,6 +16,11 @@ Also, for the rounds that recorded it (``guard.volume_ratio_adapted``: each orga
 unlabeled volumes over the labelled volumes' annotated volume), what a floor on the smallest ratio would add to the
 guard: the rule "discard also when an organ's ratio is below F", its recall and precision beside today's.
 
+And a signal the guard does not read, tried as one (``--query-floors``): the Dice of the previous round's model on the
+volume this round labelled (``queried_dice_before``, the project's edit Dice; from round 1 on, where the previous
+model is an adapted one). A label the adapted model gets badly wrong is an atypical volume (chaos_036's cyst); the
+rule "discard when it is below F" is scored like the floors above.
+
     python benchmarks/guard_recall.py benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
 """
 
@@ -51,6 +56,7 @@ def round_outcomes(fold: Path) -> list[dict]:
                                 "start": start, "trained": trained, "reverted": reverted,
                                 "guarded": guard != {}, "min_ratio": min(ratios) if ratios else None,
                                 "collapse_level": _collapse_level(guard),
+                                "queried_dice": _queried_dice(rec),
                                 "history": history,
                                 "n_test": len(rec.get("per_case") or ())})
                 start = rec["dice_mean"]
@@ -65,6 +71,13 @@ def _collapse_level(guard: dict) -> float | None:
         return None
     levels = [v for v in collapse_levels(organ_shrink(p, a), a) if v == v]
     return min(levels) if levels else None
+
+
+def _queried_dice(rec: dict) -> float | None:
+    """Mean Dice of the previous round's model on this round's labels; None at round 0 (the pretrained model's) or
+    when not recorded."""
+    q = [v for v in (rec.get("queried_dice_before") or {}).values() if v is not None and v == v]
+    return float(np.mean(q)) if q and rec.get("round", 0) > 0 else None
 
 
 def pool_identical(rows: list[dict]) -> list[dict]:
@@ -113,9 +126,9 @@ def floor_table(rows: list[dict], drop: float, floors: list[float], key: str = "
     rounds since it exists)."""
     known = [r for r in rows if r["trained"] is not None and r["guarded"] and r.get(key) is not None]
     if not known:
-        return ["no round recorded guard.volume_ratio_adapted yet"]
+        return [f"no round recorded {key} yet"]
     harmful = [r for r in known if r["trained"] - r["start"] < -drop]
-    lines = [f"rounds with the ratios recorded: {len(known)}, harmful: {len(harmful)}",
+    lines = [f"rounds with {key} recorded: {len(known)}, harmful: {len(harmful)}",
              "| floor F | discarded | harmful caught (recall) | discarded that were harmful (precision) |",
              "|---|---|---|---|"]
     for f in floors:
@@ -132,6 +145,8 @@ def main() -> None:
     ap.add_argument("--pool-identical", action="store_true",
                     help="judge each distinct trained model once, over the test volumes of every fold that trained it")
     ap.add_argument("--floors", default="0,0.3,0.5,0.7", help="organ volume-ratio floors to try (0: today's guard)")
+    ap.add_argument("--query-floors", default="0.5,0.6",
+                    help="floors on the previous model's Dice on the round's labels to try as a discard rule")
     args = ap.parse_args()
     for folder in args.folders:
         rows = [r for fold in sorted(folder.glob("fold*")) if fold.is_dir() for r in round_outcomes(fold)]
@@ -144,6 +159,9 @@ def main() -> None:
         print("\nOrgan collapse (the collapse level: over the organs, the smallest max(shrink, predicted over "
               "annotated volume)) below F:\n")
         print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")], "collapse_level")))
+        print("\nThe previous model's Dice on the round's labels (rounds >= 1) below F:\n")
+        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.query_floors.split(",")],
+                                     "queried_dice")))
 
 
 if __name__ == "__main__":

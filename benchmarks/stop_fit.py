@@ -9,7 +9,13 @@ pair by pair. Prints a markdown table per pair: MAE of each estimate, MAE of pre
 the rounds each estimate flags "consider stopping" (predicted gain below ``--threshold``) against those it flags
 "continue".
 
+With ``--pooled`` every folder's rounds are one data set: each estimate is fitted on the rounds of both pairs but the
+held-out fold (a fold is a pair's fold: the folder's name, e.g. ``ct_to_mr``, and its index, so two folders of the
+same pair leave the same test volumes out together), and scored per folder. That is the fit a shipped rule would be:
+one scale for every pool.
+
     python benchmarks/stop_fit.py benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
+    python benchmarks/stop_fit.py --pooled benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from asfda.results import read_run
 
-Row = dict[str, float]
+Row = dict[str, Any]
 
 
 def rounds_of(folder: Path) -> list[Row]:
@@ -86,30 +93,38 @@ CANDIDATES: dict[str, Fit] = {
 }
 
 
-def leave_one_fold_out(rows: list[Row], fit: Fit) -> np.ndarray:
+def leave_one_fold_out(rows: list[Row], fit: Fit, train_on: list[Row] | None = None) -> np.ndarray:
+    """Each row's estimate from a fit on the rows of ``train_on`` (default: ``rows``) outside its fold.
+
+    ``fold`` identifies a fold; pooled rows carry ``pair`` too, and a fold is then (pair, fold)."""
+    pool = rows if train_on is None else train_on
     pred = np.full(len(rows), np.nan)
-    for k in sorted({r["fold"] for r in rows}):
-        train = [r for r in rows if r["fold"] != k]
+    for k in sorted({_fold_key(r) for r in rows}):
+        train = [r for r in pool if _fold_key(r) != k]
         if not train:
             continue
         f = fit(train)
         for i, r in enumerate(rows):
-            if r["fold"] == k:
+            if _fold_key(r) == k:
                 pred[i] = f(r)
     return pred
+
+
+def _fold_key(row: Row) -> tuple[str, int]:
+    return str(row.get("pair", "")), int(row["fold"])
 
 
 def _cell(gain: np.ndarray, mask: np.ndarray) -> str:
     return f"{int(mask.sum())}, {gain[mask].mean():+.4f}" if mask.any() else "0, -"
 
 
-def table(rows: list[Row], threshold: float) -> str:
+def table(rows: list[Row], threshold: float, train_on: list[Row] | None = None) -> str:
     gain = np.array([r["gain"] for r in rows])
     out = ["| estimate | MAE (held-out folds) | vs predicting 0 | flagged stop: n, mean next gain | flagged "
            "continue: n, mean next gain |", "|---|---|---|---|---|"]
     zero = float(np.mean(np.abs(gain)))
     for name, fit in CANDIDATES.items():
-        pred = leave_one_fold_out(rows, fit)
+        pred = leave_one_fold_out(rows, fit, train_on)
         ok = ~np.isnan(pred)
         mae = float(np.mean(np.abs(pred[ok] - gain[ok])))
         stop, go = ok & (pred < threshold), ok & (pred >= threshold)
@@ -117,22 +132,27 @@ def table(rows: list[Row], threshold: float) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path, help="asfda crossval output folders (one per pair)")
     ap.add_argument("--threshold", type=float, default=0.01, help="stop below this predicted gain (mean Dice)")
-    args = ap.parse_args()
-    for folder in args.folders:
-        rows = rounds_of(folder)
+    ap.add_argument("--pooled", action="store_true",
+                    help="fit on every folder's rounds (leaving the held-out pair-fold out), score per folder")
+    args = ap.parse_args(argv)
+    by_folder = {folder: [{**r, "pair": folder.name} for r in rounds_of(folder)] for folder in args.folders}
+    pooled = [r for rows in by_folder.values() for r in rows] if args.pooled else None
+    if pooled is not None:
+        print(f"pooled fit: {len(pooled)} rounds from {len(by_folder)} folders; a fold is (pair, fold)")
+    for folder, rows in by_folder.items():
         folds = sorted({int(r['fold']) for r in rows})
         print(f"\n## {folder} ({len(rows)} rounds with a next round, folds {folds})\n")
-        if len({r["fold"] for r in rows}) < 2:
+        if pooled is None and len({r["fold"] for r in rows}) < 2:
             print("fewer than 2 folds with rounds: nothing to leave out yet")
             continue
         by_round = {k: [r["gain"] for r in rows if r["round"] == k] for k in sorted({r["round"] for r in rows})}
         print("true next gain by round: " + ", ".join(f"after round {k}: mean {np.mean(v):+.4f} (n={len(v)})"
                                                      for k, v in by_round.items()) + "\n")
-        print(table(rows, args.threshold))
+        print(table(rows, args.threshold, pooled))
 
 
 if __name__ == "__main__":

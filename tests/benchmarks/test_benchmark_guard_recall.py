@@ -27,10 +27,10 @@ def test_table_counts_recall_and_precision_of_the_guard() -> None:
 
 def test_floor_table_adds_the_rounds_below_the_floor() -> None:
     lines = floor_table(ROWS, 0.02, [0.0, 0.3, 0.5])
-    assert lines[0] == "rounds with the ratios recorded: 4, harmful: 2"
+    assert lines[0] == "rounds with min_ratio recorded: 4, harmful: 2"
     assert lines[3:] == ["| 0 | 1 | 1/2 | 1/1 |", "| 0.3 | 2 | 2/2 | 2/2 |", "| 0.5 | 3 | 2/2 | 2/3 |"]
     assert floor_table([{**r, "min_ratio": None} for r in ROWS], 0.02, [0.5]) == [
-        "no round recorded guard.volume_ratio_adapted yet"]
+        "no round recorded min_ratio yet"]
 
 
 def test_pool_identical_judges_one_model_over_the_union_of_its_folds() -> None:
@@ -64,3 +64,17 @@ def test_collapse_table_reads_the_collapse_level_of_each_round() -> None:
     assert _collapse_level({}) is None
     rows = [{**r, "collapse_level": s} for r, s in zip(ROWS, [0.04, 0.9, 0.45, 1.2], strict=True)]
     assert floor_table(rows, 0.02, [0.5], "collapse_level")[3] == "| 0.5 | 3 | 2/2 | 2/3 |"
+
+
+def test_queried_dice_is_the_previous_models_dice_on_the_rounds_labels_from_round_one() -> None:
+    from guard_recall import _queried_dice
+
+    assert _queried_dice({"round": 1, "queried_dice_before": {"chaos_036": 0.47}}) == pytest.approx(0.47)
+    assert _queried_dice({"round": 2, "queried_dice_before": {"a": 0.6, "b": float("nan"), "c": 0.8}}) == \
+        pytest.approx(0.7)
+    assert _queried_dice({"round": 0, "queried_dice_before": {"a": 0.3}}) is None  # the pretrained model's
+    assert _queried_dice({"round": 1}) is None
+    rows = [{**r, "queried_dice": q} for r, q in zip(ROWS, [0.45, None, 0.3, 0.8], strict=True)]
+    # the harmful kept round is caught at 0.5, with the good round below it; the discarded one had no record
+    assert floor_table(rows, 0.02, [0.5], "queried_dice")[0] == "rounds with queried_dice recorded: 3, harmful: 1"
+    assert floor_table(rows, 0.02, [0.5], "queried_dice")[3] == "| 0.5 | 2 | 1/1 | 1/2 |"

@@ -1,0 +1,51 @@
+"""benchmarks/stop_fit.py: leave-one-fold-out fits of the next round's gain, per pair or pooled over pairs (a fold
+is then a pair's fold, so a held-out fold's own rounds are never in its fit, and another pair's fold of the same
+index is)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import stop_fit as bench
+
+
+def _row(pair: str, fold: int, gain: float, change: float = 0.5) -> dict:
+    return {"pair": pair, "fold": fold, "round": 0, "n": 1, "change": change, "gain": gain, "rule": 0.1 * change}
+
+
+def test_pooled_leave_one_fold_out_keeps_the_held_out_pair_fold_out_only() -> None:
+    a0, a1, b0 = _row("a", 0, 0.01), _row("a", 1, 0.03), _row("b", 0, 0.10)
+    mean_fit = bench.CANDIDATES["median gain (a constant)"]
+    per_pair = bench.leave_one_fold_out([a0, a1], mean_fit)
+    assert per_pair == pytest.approx([0.03, 0.01])
+    pooled = bench.leave_one_fold_out([a0, a1], mean_fit, train_on=[a0, a1, b0])
+    # a0 is fitted on a1 and b0 (b's fold 0 is another pair's fold), a1 on a0 and b0
+    assert pooled == pytest.approx([np.median([0.03, 0.10]), np.median([0.01, 0.10])])
+
+
+def test_a_times_change_is_least_squares_through_zero() -> None:
+    train = [_row("a", 0, 0.02, change=0.2), _row("a", 1, 0.04, change=0.4)]
+    f = bench.CANDIDATES["a x change"](train)
+    assert f(_row("a", 2, 0.0, change=0.3)) == pytest.approx(0.03)
+
+
+def _state(path: Path, dice: list[float], changes: list[float]) -> None:
+    rounds = [{"round": i, "n_labelled": i + 1, "dice_mean": d, "guard": None,
+               "stopping": {"change": c, "predicted_gain": 0.1 * c}} for i, (d, c) in enumerate(zip(dice, changes))]
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"rounds": rounds, "strategy": "random", "seed": 0}))
+
+
+def test_main_prints_a_table_per_folder_pooled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for pair, gains in (("ct_to_mr", [0.5, 0.52]), ("mr_to_ct", [0.4, 0.5])):
+        for k in (0, 1):
+            _state(tmp_path / pair / f"fold{k}" / "random" / "seed0", gains, [0.6, 0.1])
+    bench.main(["--pooled", str(tmp_path / "ct_to_mr"), str(tmp_path / "mr_to_ct")])
+    out = capsys.readouterr().out
+    assert "pooled fit: 4 rounds from 2 folders" in out
+    assert out.count("| predict 0 |") == 2
+    assert "| predict 0 | 0.0200 |" in out and "| predict 0 | 0.1000 |" in out

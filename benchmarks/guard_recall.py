@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--query-floors", default="0.5,0.6",
                     help="floors on the previous model's Dice on the round's labels to try as a discard rule")
     args = ap.parse_args()
+    floors, query_floors = ([float(f) for f in text.split(",")] for text in (args.floors, args.query_floors))
     for folder in args.folders:
         rows = [r for fold in sorted(folder.glob("fold*")) if fold.is_dir() for r in round_outcomes(fold)]
         if args.pool_identical:
@@ -155,13 +156,12 @@ def main() -> None:
         print(f"\n## {folder}\n")
         print("\n".join(table(rows, args.drop)))
         print()
-        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")])))
+        print("\n".join(floor_table(rows, args.drop, floors)))
         print("\nOrgan collapse (the collapse level: over the organs, the smallest max(shrink, predicted over "
               "annotated volume)) below F:\n")
-        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.floors.split(",")], "collapse_level")))
+        print("\n".join(floor_table(rows, args.drop, floors, "collapse_level")))
         print("\nThe previous model's Dice on the round's labels (rounds >= 1) below F:\n")
-        print("\n".join(floor_table(rows, args.drop, [float(f) for f in args.query_floors.split(",")],
-                                     "queried_dice")))
+        print("\n".join(floor_table(rows, args.drop, query_floors, "queried_dice")))
 
 
 if __name__ == "__main__":

@@ -183,18 +183,20 @@ def test_estimate_from_records_reads_probe_and_guard() -> None:
     assert est.change == pytest.approx(0.4) and est.entropy_change == pytest.approx(0.3) and est.after_round == 1
 
 
-def test_status_shows_no_gain_number_while_the_estimate_is_unreliable_on_real_rounds() -> None:
-    """`GAIN_ESTIMATE_RELIABLE` is False (the real cross-validated rounds: the estimate erred more than predicting 0):
-    the status line says so instead of a number; a reliable estimate shows its number; an older status dict without
-    the field reads as unreliable."""
+def test_status_shows_the_gain_number_now_reliable_and_none_for_estimates_stored_unreliable() -> None:
+    """`GAIN_ESTIMATE_RELIABLE` is True (the scale fitted on both real pairs' cross-validated rounds errs less than
+    predicting 0 with each fold left out): a new estimate shows its number; one stored as unreliable, or an older
+    status dict without the field (made with the earlier, unreliable scale), shows the recommendation without one."""
     import dataclasses
 
     from asfda.stopping import GAIN_ESTIMATE_RELIABLE, UNRELIABLE_NOTE, StopEstimate
 
-    assert GAIN_ESTIMATE_RELIABLE is False
-    est = estimate_next_gain([_r(0.4)])
-    assert est.predicted_gain == pytest.approx(0.04)
-    assert UNRELIABLE_NOTE in est.message() and "+0.040" not in est.message()
-    assert "+0.040 mean Dice" in dataclasses.replace(est, reliable=True).message()
+    assert GAIN_ESTIMATE_RELIABLE is True
+    est = estimate_next_gain([_r(0.5)])
+    assert est.reliable and est.predicted_gain == pytest.approx(0.5 * GAIN_PER_CHANGE)
+    shown = f"{0.5 * GAIN_PER_CHANGE:+.3f} mean Dice"
+    assert shown in est.message() and UNRELIABLE_NOTE not in est.message()
+    stored_unreliable = dataclasses.replace(est, reliable=False)
+    assert UNRELIABLE_NOTE in stored_unreliable.message() and shown not in stored_unreliable.message()
     old = {k: v for k, v in est.to_dict().items() if k != "reliable"}
     assert UNRELIABLE_NOTE in StopEstimate(**old).message()

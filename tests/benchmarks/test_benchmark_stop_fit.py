@@ -49,3 +49,31 @@ def test_main_prints_a_table_per_folder_pooled(tmp_path: Path, capsys: pytest.Ca
     assert "pooled fit: 4 rounds from 2 folders" in out
     assert out.count("| predict 0 |") == 2
     assert "| predict 0 | 0.0200 |" in out and "| predict 0 | 0.1000 |" in out
+
+
+def test_the_shipped_scale_is_the_pooled_fit_of_the_committed_real_rounds() -> None:
+    """`asfda.stopping.GAIN_PER_CHANGE` is the least-squares scale through 0 over the committed cross-validated rounds
+    of both real pairs, and "a x change" fitted with each pair's fold left out errs less than predicting 0 on every
+    folder and flags "consider stopping" on rounds that gained less next than those it flags "continue" (the figures
+    of benchmarks/results/stopping/README.md; this fails when new rounds move them)."""
+    from asfda.stopping import GAIN_PER_CHANGE, STOP_BELOW
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    folders = [results / "crossval_density" / "ct_to_mr", results / "crossval" / "ct_to_mr",
+               results / "crossval" / "mr_to_ct"]
+    per_folder = []
+    for folder in folders:
+        rows = bench.rounds_of(folder)
+        for r in rows:
+            r["pair"] = folder.name
+        per_folder.append(rows)
+    pooled = [r for rows in per_folder for r in rows]
+    assert len(pooled) >= 150 and {r["pair"] for r in pooled} == {"ct_to_mr", "mr_to_ct"}
+    change, gain = np.array([r["change"] for r in pooled]), np.array([r["gain"] for r in pooled])
+    assert GAIN_PER_CHANGE == pytest.approx(float(change @ gain / (change @ change)), abs=0.005)
+    for rows in per_folder:
+        pred = bench.leave_one_fold_out(rows, bench.CANDIDATES["a x change"], train_on=pooled)
+        true = np.array([r["gain"] for r in rows])
+        assert np.mean(np.abs(pred - true)) < np.mean(np.abs(true))
+        stop = pred < STOP_BELOW
+        assert stop.any() and (~stop).any() and true[stop].mean() < true[~stop].mean()

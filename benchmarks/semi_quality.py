@@ -8,6 +8,10 @@ and what the semi arm trained on (its reliable volumes: how many, their pseudo-l
 whole and over the voxels kept by the confidence mask, per organ; `asfda.training.pseudo_label_quality`, recorded in
 each round's ``reliable``).
 
+Either arm may be several folders (folds made at different commits): a round of the on arm is paired with the first
+off folder's round of the same fold, seed and number of labels that trained the same volumes (``trained_ids``); a
+round with no such partner is left out and named on stderr, so a changed draw can never pair different picks.
+
     python benchmarks/semi_quality.py --off benchmarks/results/semi/ct_to_mr_off \\
         --on benchmarks/results/semi/ct_to_mr --strategy random
 """
@@ -15,6 +19,7 @@ each round's ``reliable``).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,20 @@ def rounds_by_key(folder: Path, strategy: str) -> dict[tuple[str, int, int], dic
             for rec in state.get("rounds", []):
                 out[(fold.name, seed, rec["n_labelled"])] = rec
     return out
+
+
+def match_off(on: dict, offs: list[dict]) -> tuple[dict, list[tuple[str, int, int]]]:
+    """The off arm's round for each on round: the first of ``offs`` (folders in the order given) with the same key
+    that trained the same volumes; also the on keys with no such round."""
+    out, missing = {}, []
+    for key, rec in on.items():
+        same = [o[key] for o in offs if key in o and set(o[key].get("trained_ids") or ())
+                == set(rec.get("trained_ids") or ())]
+        if same:
+            out[key] = same[0]
+        else:
+            missing.append(key)
+    return out, missing
 
 
 def _quality(rec: dict) -> dict[str, float]:
@@ -80,11 +99,17 @@ def table(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--off", type=Path, required=True, help="crossval folder with semi-supervision off")
-    ap.add_argument("--on", type=Path, required=True, help="the same folds and seeds with semi.enabled=true")
+    ap.add_argument("--off", type=Path, nargs="+", required=True,
+                    help="crossval folder(s) with semi-supervision off (first match wins)")
+    ap.add_argument("--on", type=Path, nargs="+", required=True,
+                    help="the same folds and seeds with semi.enabled=true (folders with disjoint folds)")
     ap.add_argument("--strategy", default="random", help="the strategy both arms ran (default: random)")
     args = ap.parse_args()
-    print("\n".join(table(compare(rounds_by_key(args.off, args.strategy), rounds_by_key(args.on, args.strategy)))))
+    on = {k: v for folder in args.on for k, v in rounds_by_key(folder, args.strategy).items()}
+    off, missing = match_off(on, [rounds_by_key(folder, args.strategy) for folder in args.off])
+    for key in missing:
+        print(f"no off round trained the same volumes as on {key}: left out", file=sys.stderr)
+    print("\n".join(table(compare(off, {k: v for k, v in on.items() if k in off}))))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def _constant(value: float) -> Callable[[Row], float]:
 
 CANDIDATES: dict[str, Fit] = {
     "predict 0": lambda train: (lambda r: 0.0),
-    "today's rule (0.1 x change)": lambda train: (lambda r: r["rule"]),
+    "the rounds' recorded estimate (0.1 x change, before 9b6008a)": lambda train: (lambda r: r["rule"]),
     "median gain (a constant)": lambda train: _constant(float(np.median([t["gain"] for t in train]))),
     "median gain per round index": _per_round,
     "a / labels": _lsq(lambda r: [1.0 / r["n"]]),

@@ -28,3 +28,18 @@ def test_compare_pairs_the_arms_per_test_volume_and_averages_the_pseudo_label_qu
     assert row["pseudo_dice"] == pytest.approx(0.7) and row["pseudo_dice:liver"] == pytest.approx(0.8)
     lines = table([row])
     assert lines[0].endswith("| liver |") and lines[2].startswith("| 1 | 2 | 0.5750 | 0.5750 | +0.0000 [")
+
+
+def test_match_off_pairs_only_rounds_that_trained_the_same_volumes_first_folder_first() -> None:
+    from semi_quality import match_off
+
+    def rec(ids: list[str], dice: float) -> dict:
+        return {**_round([dice]), "trained_ids": ids}
+
+    on = {("fold0", 0, 1): rec(["a"], 0.7), ("fold1", 0, 1): rec(["b"], 0.6), ("fold2", 0, 1): rec(["c"], 0.5)}
+    old = {("fold0", 0, 1): rec(["a"], 0.1), ("fold1", 0, 1): rec(["x"], 0.2)}  # fold1: another draw
+    new = {("fold0", 0, 1): rec(["a"], 0.3), ("fold1", 0, 1): rec(["b"], 0.4)}
+    off, missing = match_off(on, [old, new])
+    assert off[("fold0", 0, 1)]["dice_mean"] == pytest.approx(0.1)  # the first folder wins
+    assert off[("fold1", 0, 1)]["dice_mean"] == pytest.approx(0.4)  # the draw that matches, not the first
+    assert missing == [("fold2", 0, 1)]

@@ -9,8 +9,10 @@ whole and over the voxels kept by the confidence mask, per organ; `asfda.trainin
 each round's ``reliable``).
 
 Either arm may be several folders (folds made at different commits): a round of the on arm is paired with the first
-off folder's round of the same fold, seed and number of labels that trained the same volumes (``trained_ids``); a
+off folder's round of the same fold, seed and number of labels that had the same labelled volumes; a
 round with no such partner is left out and named on stderr, so a changed draw can never pair different picks.
+Pairs are made on the labels (``queried``), not on what the rounds trained: a guard decision that differs between
+the arms stays in the comparison.
 
     python benchmarks/semi_quality.py --off benchmarks/results/semi/ct_to_mr_off \\
         --on benchmarks/results/semi/ct_to_mr --strategy random
@@ -34,18 +36,22 @@ def rounds_by_key(folder: Path, strategy: str) -> dict[tuple[str, int, int], dic
     for fold in sorted(p for p in folder.glob("fold*") if p.is_dir()):
         run = read_run(fold, strategies=[strategy])
         for seed, state in run.states.get(strategy, {}).items():
+            labelled: list[str] = []
             for rec in state.get("rounds", []):
-                out[(fold.name, seed, rec["n_labelled"])] = rec
+                labelled += rec.get("queried") or []
+                out[(fold.name, seed, rec["n_labelled"])] = {**rec, "labelled_ids": sorted(labelled)}
     return out
 
 
 def match_off(on: dict, offs: list[dict]) -> tuple[dict, list[tuple[str, int, int]]]:
     """The off arm's round for each on round: the first of ``offs`` (folders in the order given) with the same key
-    that trained the same volumes; also the on keys with no such round."""
+    whose labels so far (``labelled_ids``: every round's ``queried``, up to this one) are the same; also the on keys
+    with no such round. The labels, not ``trained_ids``: what each arm then trains on (the guard may discard a round
+    in one arm and hold its label back) is part of that arm's outcome, so pairing on it would leave out exactly the
+    rounds where semi-supervision changed what happened."""
     out, missing = {}, []
     for key, rec in on.items():
-        same = [o[key] for o in offs if key in o and set(o[key].get("trained_ids") or ())
-                == set(rec.get("trained_ids") or ())]
+        same = [o[key] for o in offs if key in o and o[key].get("labelled_ids") == rec.get("labelled_ids")]
         if same:
             out[key] = same[0]
         else:

@@ -30,11 +30,11 @@ def test_compare_pairs_the_arms_per_test_volume_and_averages_the_pseudo_label_qu
     assert lines[0].endswith("| liver |") and lines[2].startswith("| 1 | 2 | 0.5750 | 0.5750 | +0.0000 [")
 
 
-def test_match_off_pairs_only_rounds_that_trained_the_same_volumes_first_folder_first() -> None:
+def test_match_off_pairs_only_rounds_with_the_same_labels_first_folder_first() -> None:
     from semi_quality import match_off
 
     def rec(ids: list[str], dice: float) -> dict:
-        return {**_round([dice]), "trained_ids": ids}
+        return {**_round([dice]), "labelled_ids": ids, "trained_ids": ids[:1]}
 
     on = {("fold0", 0, 1): rec(["a"], 0.7), ("fold1", 0, 1): rec(["b"], 0.6), ("fold2", 0, 1): rec(["c"], 0.5)}
     old = {("fold0", 0, 1): rec(["a"], 0.1), ("fold1", 0, 1): rec(["x"], 0.2)}  # fold1: another draw
@@ -43,3 +43,24 @@ def test_match_off_pairs_only_rounds_that_trained_the_same_volumes_first_folder_
     assert off[("fold0", 0, 1)]["dice_mean"] == pytest.approx(0.1)  # the first folder wins
     assert off[("fold1", 0, 1)]["dice_mean"] == pytest.approx(0.4)  # the draw that matches, not the first
     assert missing == [("fold2", 0, 1)]
+
+
+def test_rounds_by_key_records_the_labels_so_far_so_a_held_back_label_still_pairs(tmp_path) -> None:
+    import json
+
+    from semi_quality import match_off, rounds_by_key
+
+    def state(trained: list[list[str]], dice: list[float]) -> dict:
+        queried = [["a"], ["b"]]
+        return {"format": 2, "rounds": [{"round": i, "n_labelled": i + 1, "queried": q, "trained_ids": t,
+                                          "dice_mean": d, "per_case": [{"case_id": "c", "dice_mean": d}]}
+                                         for i, (q, t, d) in enumerate(zip(queried, trained, dice))]}
+
+    for arm, trained, dice in (("off", [["a"], ["a", "b"]], [0.5, 0.6]), ("on", [["a"], ["b"]], [0.4, 0.3])):
+        folder = tmp_path / arm / "fold0" / "random" / "seed0"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps(state(trained, dice)))
+    on = rounds_by_key(tmp_path / "on", "random")
+    assert on[("fold0", 0, 2)]["labelled_ids"] == ["a", "b"]
+    off, missing = match_off(on, [rounds_by_key(tmp_path / "off", "random")])
+    assert missing == [] and off[("fold0", 0, 2)]["dice_mean"] == pytest.approx(0.6)  # on held "a" back: still paired

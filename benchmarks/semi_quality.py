@@ -103,6 +103,23 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def per_fold(off: dict, on: dict) -> list[str]:
+    """One line per paired round: its labels, either arm's test Dice, and the guard's decision where it discarded
+    the round in either arm (with the discarded weights' Dice, ``guard.dice_discarded``, where recorded)."""
+    lines = []
+    for key in sorted(k for k in on if k in off):
+        notes = []
+        for arm, rec in (("off", off[key]), ("on", on[key])):
+            guard = rec.get("guard") or {}
+            if guard.get("reverted"):
+                lost = guard.get("dice_discarded")
+                notes.append(f"{arm}: discarded by the guard" + (f" (its weights {lost:.3f})" if lost else ""))
+        lines.append(f"- {key[0]} seed {key[1]} n={key[2]} (+{', '.join(on[key].get('queried') or [])}): "
+                     f"{off[key]['dice_mean']:.3f} -> {on[key]['dice_mean']:.3f}" + (f"; {'; '.join(notes)}"
+                                                                                   if notes else ""))
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--off", type=Path, nargs="+", required=True,
@@ -115,7 +132,8 @@ def main() -> None:
     off, missing = match_off(on, [rounds_by_key(folder, args.strategy) for folder in args.off])
     for key in missing:
         print(f"no off round trained the same volumes as on {key}: left out", file=sys.stderr)
-    print("\n".join(table(compare(off, {k: v for k, v in on.items() if k in off}))))
+    paired = {k: v for k, v in on.items() if k in off}
+    print("\n".join(table(compare(off, paired)) + ["", "Per round (test Dice, off -> on):"] + per_fold(off, paired)))
 
 
 if __name__ == "__main__":

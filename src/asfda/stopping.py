@@ -72,7 +72,7 @@ STOP_BELOW: float = default_of("stop_gain")
 
 GAIN_PER_CHANGE = 0.08
 """The predicted next-round gain (mean Dice) per unit of the last round's prediction change: the least-squares scale
-through 0 over the cross-validated rounds of both real pairs (0.081 over 183 rounds; 0.069-0.089 with any one fold left
+through 0 over the cross-validated rounds of both real pairs (0.080 over 199 rounds; 0.069-0.088 with any one fold left
 out; ``benchmarks/results/stopping/README.md``, checked against the committed rounds by
 ``tests/benchmarks/test_benchmark_stop_fit.py``)."""
 

@@ -103,7 +103,7 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def per_fold(off: dict, on: dict) -> list[str]:
+def per_round(off: dict, on: dict) -> list[str]:
     """One line per paired round: its labels, either arm's test Dice, and the guard's decision where it discarded
     the round in either arm (with the discarded weights' Dice, ``guard.dice_discarded``, where recorded)."""
     lines = []
@@ -133,7 +133,7 @@ def main() -> None:
     for key in missing:
         print(f"no off round trained the same volumes as on {key}: left out", file=sys.stderr)
     paired = {k: v for k, v in on.items() if k in off}
-    print("\n".join(table(compare(off, paired)) + ["", "Per round (test Dice, off -> on):"] + per_fold(off, paired)))
+    print("\n".join(table(compare(off, paired)) + ["", "Per round (test Dice, off -> on):"] + per_round(off, paired)))
 
 
 if __name__ == "__main__":

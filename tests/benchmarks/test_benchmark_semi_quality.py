@@ -66,11 +66,11 @@ def test_rounds_by_key_records_the_labels_so_far_so_a_held_back_label_still_pair
     assert missing == [] and off[("fold0", 0, 2)]["dice_mean"] == pytest.approx(0.6)  # on held "a" back: still paired
 
 
-def test_per_fold_names_the_labels_and_a_guard_discard_in_either_arm() -> None:
-    from semi_quality import per_fold
+def test_per_round_names_the_labels_and_a_guard_discard_in_either_arm() -> None:
+    from semi_quality import per_round
 
     off = {("fold2", 0, 1): {**_round([0.37]), "queried": ["b12"]}}
     on = {("fold2", 0, 1): {**_round([0.33]), "queried": ["b12"],
                             "guard": {"reverted": True, "dice_discarded": 0.39}}}
-    (line,) = per_fold(off, on)
+    (line,) = per_round(off, on)
     assert line == "- fold2 seed 0 n=1 (+b12): 0.370 -> 0.330; on: discarded by the guard (its weights 0.390)"

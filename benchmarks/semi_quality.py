@@ -111,9 +111,12 @@ def per_round(off: dict, on: dict) -> list[str]:
         notes = []
         for arm, rec in (("off", off[key]), ("on", on[key])):
             guard = rec.get("guard") or {}
+            lost = guard.get("dice_discarded")
             if guard.get("reverted"):
-                lost = guard.get("dice_discarded")
                 notes.append(f"{arm}: discarded by the guard" + (f" (its weights {lost:.3f})" if lost else ""))
+            elif guard.get("semi_discarded"):
+                notes.append(f"{arm}: the guard kept the labelled half, discarded the pseudo-labelled one"
+                             + (f" (whose weights {lost:.3f})" if lost else ""))
         lines.append(f"- {key[0]} seed {key[1]} n={key[2]} (+{', '.join(on[key].get('queried') or [])}): "
                      f"{off[key]['dice_mean']:.3f} -> {on[key]['dice_mean']:.3f}" + (f"; {'; '.join(notes)}"
                                                                                    if notes else ""))

@@ -170,3 +170,14 @@ def test_report_html_renders_in_headless_chromium(run_dir: Path, tmp_path: Path)
     colourful = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
     assert colourful.sum() > 2000, colourful.sum()
     assert (rgb < 0.2).all(axis=-1).sum() > 500  # and there is text
+
+
+def test_the_guard_cell_says_which_half_of_a_semi_round_was_kept() -> None:
+    from asfda.report.html import _guard_cell
+
+    guard = {"reverted": False, "plausibility_adapted": 0.81, "plausibility_pretrained": 0.7}
+    assert _guard_cell(guard) == "kept (0.810 / 0.700)"
+    assert _guard_cell({**guard, "reverted": True}).startswith("DISCARDED")
+    assert _guard_cell({**guard, "semi_discarded": {"reverted": True}}).startswith(
+        "labelled half kept, pseudo-labelled half DISCARDED")
+    assert _guard_cell(None) != ""

@@ -68,7 +68,7 @@ def test_train_round_reverts_a_less_plausible_model_and_keeps_a_better_one(
 
     def fake_train(self, *a, **k):
         _shift_weights(self)
-        return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}
+        return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}, None
 
     def fake_measures(self, cases, *, pretrained=False):
         assert [c.case_id for c in cases] == [c.case_id for c in unlabelled]
@@ -254,7 +254,7 @@ def test_train_round_discards_a_round_that_collapses_an_organ(tiny_bundle: Path,
 
     def fake_train(self, *a, **k):
         _shift_weights(self)
-        return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}
+        return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}, None
 
     def fake_measures(self, cases, *, pretrained=False):
         pre = ann * [1.0, before]
@@ -268,3 +268,43 @@ def test_train_round_discards_a_round_that_collapses_an_organ(tiny_bundle: Path,
     assert out.guard.collapsed == (["spleen"] if collapse else [])
     assert out.guard.reverted is collapse
     assert (out.discarded_state is not None) is collapse
+
+
+@pytest.mark.parametrize("warm_passes", [True, False])
+def test_a_semi_round_that_fails_keeps_its_labelled_half_when_that_passes(tiny_bundle: Path, tiny_dataset: Path,
+                                                                          monkeypatch, warm_passes: bool) -> None:
+    """The semi-supervised weights collapse the second organ; the weights after the labelled warm-up are judged
+    again: kept when they pass (only the pseudo-labelled half discarded, the label not to blame), else the round is
+    discarded as any other."""
+    adapter, cases = _adapter(tiny_bundle, tiny_dataset)
+    start = adapter.current_state()
+    ann = adapter._annotated_voxels(cases[:1])[0]
+    warm: dict[str, torch.Tensor] = {}
+
+    def fake_train(self, *a, **k):
+        _shift_weights(self)
+        warm.update(self.current_state())
+        _shift_weights(self)  # the pseudo-labelled half moves the weights again
+        return {"loss": [1.0], "loss_l": [1.0], "loss_u": [0.0]}, {}, dict(warm)
+
+    def fake_measures(self, cases, *, pretrained=False):
+        if pretrained:
+            return 0.7, [ann.copy() for _ in cases]
+        at_warm = all(torch.equal(warm[k], v) for k, v in self.current_state().items())
+        return 0.9, [ann * [1.0, 1.0 if at_warm and warm_passes else 0.1] for _ in cases]
+
+    monkeypatch.setattr(Adapter, "_train_round", fake_train)
+    monkeypatch.setattr(Adapter, "guard_measures", fake_measures)
+    out = adapter.train_round(cases[:1], cases[1:], TrainConfig(steps=1), SemiConfig(enabled=True), 1.0)
+    assert out.guard is not None and out.discarded_state is not None  # the semi weights, whatever was kept
+    assert not any(torch.equal(out.discarded_state[k], v) for k, v in warm.items() if v.is_floating_point())
+    kept = adapter.current_state()
+    if warm_passes:
+        assert not out.guard.reverted and out.guard.collapsed == []
+        assert out.guard.semi_discarded is not None and out.guard.semi_discarded["collapsed"] == ["spleen"]
+        assert all(torch.equal(warm[k], v) for k, v in kept.items())
+        assert "pseudo-labelled half discarded" in out.guard.message()
+        assert GuardResult.from_dict(out.guard.to_dict()) == out.guard  # a round record reads back
+    else:
+        assert out.guard.reverted and out.guard.semi_discarded is None
+        assert all(torch.equal(start[k], v) for k, v in kept.items())

@@ -133,7 +133,11 @@ class TrainingMixin(ScoringMixin):
         """One round of fine-tuning (supervised, or selective semi-supervised when ``semi.enabled``), then
         the non-regression guard (`asfda.training.guard`) when ``train.guard`` and unlabeled volumes exist:
         if the new weights are anatomically less plausible than the pretrained model on a seeded sample of
-        the unlabeled volumes, the round's weights are discarded (the model is the one the round started from).
+        the unlabeled volumes, or an organ collapsed, the round's weights are discarded (the model is the one the
+        round started from). A semi-supervised round whose weights fail is judged again as they stood after its
+        labelled half (the warm-up): when those pass, they are kept and only the pseudo-labelled half is discarded
+        (``guard.semi_discarded`` holds the failed reading), since self-training on the model's own weak organs can
+        shrink them without the labels being to blame.
         """
         guard_cases = []
         discarded: dict[str, torch.Tensor] | None = None
@@ -145,22 +149,35 @@ class TrainingMixin(ScoringMixin):
             annotated = self._annotated_voxels(labelled)
         if train.restart:  # train from the pretrained weights (the frozen copy holds them, class map included)
             self.current.load_state_dict(self.frozen.state_dict())
-        hist, reliable = self._train_round(labelled, unlabelled, train, semi, temperature, scores, queried, desc)
+        hist, reliable, warm_state = self._train_round(labelled, unlabelled, train, semi, temperature, scores, queried,
+                                                       desc)
         guard = None
         if guard_cases:
-            adapted, voxels1 = self.guard_measures(guard_cases)
-            organs = [self.target_names[k] for k in self._guard_classes()]
-            ratio0, ratio1 = volume_ratios(voxels0, annotated), volume_ratios(voxels1, annotated)
-            shrink = organ_shrink(ratio0, ratio1) if ratio0 else []
-            gone = collapsed(organs, shrink, ratio_adapted=ratio1) if shrink else []
-            guard = GuardResult([c.case_id for c in guard_cases], reference, adapted,
-                                discards(reference, adapted, gone), organs, ratio0, ratio1, shrink, gone)
+            guard = self._judge(guard_cases, reference, voxels0, annotated)
             if guard.reverted:
-                assert start_state is not None  # kept whenever the guard runs
                 discarded = self.current_state()
-                self.load_current_state(start_state)  # is_adapted follows the weights
-            (log.warning if guard.reverted else log.info)(guard.message())
-        return RoundTraining(hist, reliable, guard, discarded if guard and guard.reverted else None)
+                assert start_state is not None  # kept whenever the guard runs
+                if warm_state is not None:  # the semi round's labelled half, judged alone
+                    self.load_current_state(warm_state)
+                    warm = self._judge(guard_cases, reference, voxels0, annotated)
+                    if not warm.reverted:
+                        guard = dataclasses.replace(warm, semi_discarded=guard.to_dict())
+                if guard.reverted:
+                    self.load_current_state(start_state)  # is_adapted follows the weights
+            (log.warning if guard.reverted or guard.semi_discarded else log.info)(guard.message())
+        return RoundTraining(hist, reliable, guard, discarded)
+
+    def _judge(self, guard_cases: list[Case], reference: float, voxels0: list[np.ndarray],
+               annotated: list[np.ndarray]) -> GuardResult:
+        """The guard's reading and decision for the current weights on ``guard_cases`` (one pass each), against the
+        pretrained model's plausibility ``reference`` and organ voxels ``voxels0`` and the labels' ``annotated``."""
+        adapted, voxels1 = self.guard_measures(guard_cases)
+        organs = [self.target_names[k] for k in self._guard_classes()]
+        ratio0, ratio1 = volume_ratios(voxels0, annotated), volume_ratios(voxels1, annotated)
+        shrink = organ_shrink(ratio0, ratio1) if ratio0 else []
+        gone = collapsed(organs, shrink, ratio_adapted=ratio1) if shrink else []
+        return GuardResult([c.case_id for c in guard_cases], reference, adapted, discards(reference, adapted, gone),
+                           organs, ratio0, ratio1, shrink, gone)
 
     def plausibility(self, cases: list[Case], *, pretrained: bool = False) -> float:
         """`anatomical_plausibility` of the current (or pretrained) model's label maps on ``cases``
@@ -216,19 +233,20 @@ class TrainingMixin(ScoringMixin):
 
     def _train_round(self, labelled: list[Case], unlabelled: list[Case], train: TrainConfig, semi: SemiConfig,
                      temperature: float, scores: PoolScores | None, queried: list[str] | None, desc: str
-                     ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
-        """The fine-tuning of `train_round`: the loss history and the reliable volumes used (id -> confidence,
-        distance)."""
+                     ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]], dict[str, torch.Tensor] | None]:
+        """The fine-tuning of `train_round`: the loss history, the reliable volumes used (id -> confidence,
+        distance) and, for a semi-supervised round with a labelled warm-up, the weights after that warm-up."""
         if not semi.enabled or not unlabelled:
-            return self.finetune(labelled, train, desc=desc), {}
+            return self.finetune(labelled, train, desc=desc), {}, None
         if semi.pseudo_from == "previous" and scores is not None:
             reliable = reliable_from_scores(scores, queried or [], semi.confident_fraction, semi.close_fraction)
             chosen = [c for c in unlabelled if c.case_id in reliable]
             pseudo = self.pseudo_volumes(chosen, temperature, semi.prob_threshold, semi.flip_average)
             self._note_pseudo_quality(chosen, pseudo, reliable)
-            return self.finetune(labelled, train, pseudo=pseudo or None, desc=desc), reliable
+            return self.finetune(labelled, train, pseudo=pseudo or None, desc=desc), reliable, None
         warm = max(1, int(round(train.steps * semi.warmup_fraction)))
         hist = self.finetune(labelled, dataclasses.replace(train, steps=warm), desc=f"{desc} (labelled)")
+        warm_state = self.current_state() if train.guard else None
         scored = self.score_pool(unlabelled, temperature, divergence=False)
         lab_emb = np.stack([self.forward(c)[1].numpy() for c in labelled])
         fresh = PoolScores([c.case_id for c in unlabelled], scored.metrics, scored.embeddings, lab_emb, None, 0)
@@ -240,7 +258,7 @@ class TrainingMixin(ScoringMixin):
         self._note_pseudo_quality(chosen, pseudo, reliable)
         rest = dataclasses.replace(train, steps=max(1, train.steps - warm), seed=train.seed + 7919, warmup_fraction=0.0)
         hist2 = self.finetune(labelled, rest, pseudo=pseudo or None, desc=f"{desc} (+pseudo)")
-        return {k: hist[k] + hist2[k] for k in hist}, reliable
+        return {k: hist[k] + hist2[k] for k in hist}, reliable, warm_state
 
 
 def reliable_from_scores(scores: PoolScores, queried: list[str], confident_fraction: float,

@@ -78,7 +78,8 @@ def _results_section(summary: dict) -> str:
 def _guard_cell(guard: dict | None) -> str:
     if not guard:
         return "off"
-    verdict = "DISCARDED" if guard["reverted"] else "kept"
+    verdict = "DISCARDED" if guard["reverted"] else (
+        "labelled half kept, pseudo-labelled half DISCARDED" if guard.get("semi_discarded") else "kept")
     return f"{verdict} ({guard['plausibility_adapted']:.3f} / {guard['plausibility_pretrained']:.3f})"
 
 

@@ -144,6 +144,9 @@ class GuardResult:
     volume_ratio_adapted: list[float] = field(default_factory=list)
     organ_shrink: list[float] = field(default_factory=list)  # `organ_shrink`
     collapsed: list[str] = field(default_factory=list)  # the organs that collapsed (`collapsed`: a reason to discard)
+    # a semi-supervised round whose weights failed while its labelled warm-up passed: the failed reading (`to_dict`);
+    # the warm-up's weights were kept (this result is theirs) and only the pseudo-labelled half was discarded
+    semi_discarded: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +159,11 @@ class GuardResult:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def message(self) -> str:
+        if not self.reverted and self.semi_discarded:
+            failed = GuardResult.from_dict(self.semi_discarded)
+            return (f"guard: after its pseudo-labelled half, {failed.reason()}; the weights after the round's labelled "
+                    f"half pass (plausibility {self.plausibility_adapted:.3f}, no organ collapsed), so they were kept "
+                    "and the pseudo-labelled half discarded")
         if not self.reverted:
             return (f"guard: adapted model kept (plausibility {self.plausibility_adapted:.3f} >= pretrained "
                     f"{self.plausibility_pretrained:.3f} on {len(self.cases)} unlabeled volumes, no organ collapsed)")

@@ -113,7 +113,8 @@ def per_round(off: dict, on: dict) -> list[str]:
             guard = rec.get("guard") or {}
             lost = guard.get("dice_discarded")
             if guard.get("reverted"):
-                notes.append(f"{arm}: discarded by the guard" + (f" (its weights {lost:.3f})" if lost else ""))
+                notes.append(f"{arm}: discarded by the guard" + (f" (its weights {lost:.3f})" if lost else "")
+                             + ("; its labelled half failed too" if guard.get("labelled_half") else ""))
             elif guard.get("semi_discarded"):
                 notes.append(f"{arm}: the guard kept the labelled half, discarded the pseudo-labelled one"
                              + (f" (whose weights {lost:.3f})" if lost else ""))

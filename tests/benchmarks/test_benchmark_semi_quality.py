@@ -76,4 +76,8 @@ def test_per_round_names_the_labels_and_a_guard_discard_in_either_arm() -> None:
     assert line == "- fold2 seed 0 n=1 (+b12): 0.370 -> 0.330; on: discarded by the guard (its weights 0.390)"
     on[("fold2", 0, 1)]["guard"] = {"reverted": False, "semi_discarded": {"reverted": True}, "dice_discarded": 0.39}
     (line,) = per_round(off, on)
-    assert line.endswith("on: the guard kept the labelled half, discarded the pseudo-labelled one (whose weights 0.390)")
+    assert line.endswith("on: the guard kept the labelled half, discarded the pseudo-labelled one "
+                         "(whose weights 0.390)")
+    on[("fold2", 0, 1)]["guard"] = {"reverted": True, "labelled_half": {"reverted": True}, "dice_discarded": 0.39}
+    (line,) = per_round(off, on)
+    assert line.endswith("on: discarded by the guard (its weights 0.390); its labelled half failed too")

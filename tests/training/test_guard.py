@@ -307,4 +307,5 @@ def test_a_semi_round_that_fails_keeps_its_labelled_half_when_that_passes(tiny_b
         assert GuardResult.from_dict(out.guard.to_dict()) == out.guard  # a round record reads back
     else:
         assert out.guard.reverted and out.guard.semi_discarded is None
+        assert out.guard.labelled_half is not None and out.guard.labelled_half["collapsed"] == ["spleen"]
         assert all(torch.equal(start[k], v) for k, v in kept.items())

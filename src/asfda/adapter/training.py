@@ -137,7 +137,8 @@ class TrainingMixin(ScoringMixin):
         round started from). A semi-supervised round whose weights fail is judged again as they stood after its
         labelled half (the warm-up): when those pass, they are kept and only the pseudo-labelled half is discarded
         (``guard.semi_discarded`` holds the failed reading), since self-training on the model's own weak organs can
-        shrink them without the labels being to blame.
+        shrink them without the labels being to blame; when they fail too, the round is discarded as any other
+        (``guard.labelled_half`` holds their reading).
         """
         guard_cases = []
         discarded: dict[str, torch.Tensor] | None = None
@@ -160,8 +161,8 @@ class TrainingMixin(ScoringMixin):
                 if warm_state is not None:  # the semi round's labelled half, judged alone
                     self.load_current_state(warm_state)
                     warm = self._judge(guard_cases, reference, voxels0, annotated)
-                    if not warm.reverted:
-                        guard = dataclasses.replace(warm, semi_discarded=guard.to_dict())
+                    guard = (dataclasses.replace(warm, semi_discarded=guard.to_dict()) if not warm.reverted
+                             else dataclasses.replace(guard, labelled_half=warm.to_dict()))
                 if guard.reverted:
                     self.load_current_state(start_state)  # is_adapted follows the weights
             (log.warning if guard.reverted or guard.semi_discarded else log.info)(guard.message())

@@ -147,6 +147,8 @@ class GuardResult:
     # a semi-supervised round whose weights failed while its labelled warm-up passed: the failed reading (`to_dict`);
     # the warm-up's weights were kept (this result is theirs) and only the pseudo-labelled half was discarded
     semi_discarded: dict | None = None
+    # a semi-supervised round discarded whole: the reading of its labelled warm-up's weights, which failed too
+    labelled_half: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,8 +39,24 @@ def rounds_of(folder: Path) -> list[Row]:
         got = read_run(fold_dir)
         # in the order of their paths (FOLDER/fold<k>/<strategy>/seed<s>/state.json sorted), as before read_run
         for name, seed in sorted(got.runs(), key=lambda run: (run[0], f"seed{run[1]}")):
-            rows += _round_rows(int(fold_dir.name.removeprefix("fold")), got.rounds(name, seed))
+            source = str((fold_dir / name / f"seed{seed}").resolve())
+            rows += [{**r, "source": source}
+                     for r in _round_rows(int(fold_dir.name.removeprefix("fold")), got.rounds(name, seed))]
     return rows
+
+
+def pooled_rows(per_folder: list[list[Row]]) -> list[Row]:
+    """The rows of every folder as one data set, each run's round once: a run two folders share (a folder that
+    links another's random runs, as ``crossval_density`` links ``crossval``'s) is not counted twice."""
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for rows in per_folder:
+        for r in rows:
+            key = (str(r.get("source", id(r))), int(r["round"]))
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out
 
 
 def _round_rows(fold: int, recs: list[dict]) -> list[Row]:
@@ -140,9 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="fit on every folder's rounds (leaving the held-out pair-fold out), score per folder")
     args = ap.parse_args(argv)
     by_folder = {folder: [{**r, "pair": folder.name} for r in rounds_of(folder)] for folder in args.folders}
-    pooled = [r for rows in by_folder.values() for r in rows] if args.pooled else None
+    pooled = pooled_rows(list(by_folder.values())) if args.pooled else None
     if pooled is not None:
-        print(f"pooled fit: {len(pooled)} rounds from {len(by_folder)} folders; a fold is (pair, fold)")
+        print(f"pooled fit: {len(pooled)} rounds from {len(by_folder)} folders (a run two folders share counted once); "
+              "a fold is (pair, fold)")
     for folder, rows in by_folder.items():
         folds = sorted({int(r['fold']) for r in rows})
         print(f"\n## {folder} ({len(rows)} rounds with a next round, folds {folds})\n")

@@ -47,6 +47,10 @@ def test_main_prints_a_table_per_folder_pooled(tmp_path: Path, capsys: pytest.Ca
     bench.main(["--pooled", str(tmp_path / "ct_to_mr"), str(tmp_path / "mr_to_ct")])
     out = capsys.readouterr().out
     assert "pooled fit: 4 rounds from 2 folders" in out
+    (tmp_path / "linked").mkdir()  # a third folder whose fold links ct_to_mr's: its runs are not fitted twice
+    (tmp_path / "linked" / "fold0").symlink_to(tmp_path / "ct_to_mr" / "fold0", target_is_directory=True)
+    bench.main(["--pooled", str(tmp_path / "ct_to_mr"), str(tmp_path / "mr_to_ct"), str(tmp_path / "linked")])
+    assert "pooled fit: 4 rounds from 3 folders" in capsys.readouterr().out
     assert out.count("| predict 0 |") == 2
     assert "| predict 0 | 0.0200 |" in out and "| predict 0 | 0.1000 |" in out
 
@@ -67,7 +71,7 @@ def test_the_shipped_scale_is_the_pooled_fit_of_the_committed_real_rounds() -> N
         for r in rows:
             r["pair"] = folder.name
         per_folder.append(rows)
-    pooled = [r for rows in per_folder for r in rows]
+    pooled = bench.pooled_rows(per_folder)
     assert len(pooled) >= 150 and {r["pair"] for r in pooled} == {"ct_to_mr", "mr_to_ct"}
     scale = bench.CANDIDATES["a x change"](pooled)({"change": 1.0})  # the fit's slope through 0
     assert GAIN_PER_CHANGE == pytest.approx(scale, abs=0.005)

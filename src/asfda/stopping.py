@@ -74,7 +74,7 @@ GAIN_PER_CHANGE = 0.087
 """The predicted next-round gain (mean Dice) per unit of the last round's prediction change: the least-squares scale
 through 0 over the cross-validated rounds of both real pairs (0.0865 over their 180 distinct rounds; 0.074-0.093 with
 any one fold left out; ``benchmarks/results/stopping/README.md``, checked against the committed rounds by
-``tests/benchmarks/test_benchmark_stop_fit.py``). It was 0.08 until 2026-12-07 06:30 UTC, fitted with pair 1's random
+``tests/benchmarks/test_benchmark_stop_fit.py``). It was 0.08 until 2026-12-07 06:20 UTC, fitted with pair 1's random
 rounds counted twice (once through a folder that links them)."""
 
 GAIN_ESTIMATE_RELIABLE = True

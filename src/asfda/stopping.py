@@ -70,12 +70,13 @@ STOP_BELOW: float = default_of("stop_gain")
 """A predicted next-round gain below this (mean Dice, one point) recommends considering to stop: the default of the
 ``stop_gain`` setting (`asfda set PROJECT stop_gain=0.02`, ``--set stop_gain=...`` in a simulation)."""
 
-GAIN_PER_CHANGE = 0.087
+GAIN_PER_CHANGE = 0.083
 """The predicted next-round gain (mean Dice) per unit of the last round's prediction change: the least-squares scale
-through 0 over the cross-validated rounds of both real pairs (0.0865 over their 180 distinct rounds; 0.074-0.093 with
-any one fold left out; ``benchmarks/results/stopping/README.md``, checked against the committed rounds by
-``tests/benchmarks/test_benchmark_stop_fit.py``). It was 0.08 until 2026-12-07 06:20 UTC, fitted with pair 1's random
-rounds counted twice (once through a folder that links them)."""
+through 0 over the cross-validated rounds of both real pairs (0.0828 over their 215 distinct rounds, both pairs
+complete; 0.071-0.088 with any one fold left out; ``benchmarks/results/stopping/README.md``, checked against the
+committed rounds by ``tests/benchmarks/test_benchmark_stop_fit.py``). It was 0.08 until 2026-12-07 06:20 UTC (fitted
+with pair 1's random rounds counted twice, once through a folder that links them), then 0.087 (191 rounds) until
+09:30 UTC."""
 
 GAIN_ESTIMATE_RELIABLE = True
 """Whether `asfda status` shows the predicted gain as a number: yes since the scale above, fitted with each fold left

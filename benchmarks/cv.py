@@ -10,7 +10,7 @@ OUT/fold<k>, resumable per round; the per-fold datasets are folders of symlinks 
     .venv/bin/python benchmarks/cv.py
     # MR model -> BTCV CT (24 volumes, 6 folds of 4)
     .venv/bin/python benchmarks/cv.py --model ../shared/models/mr_abdomen_unet --data ../shared/data/ct_btcv4 \\
-        --folds 6 --out benchmarks/results/mr_to_ct_cv
+        --folds 6 --out benchmarks/results/cv_first/mr_to_ct
     # parts on different machines: --only-folds 0,1,2 here, --only-folds 3,4,5,6 there (same --out, then copy the
     # fold folders together); --summarize-only re-reads what is on disk and writes the summary
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-upper-bound", action="store_true")
     ap.add_argument("--no-report", action="store_true", help="skip each fold's report.html (and its previews)")
     ap.add_argument("--only-folds", help="comma-separated folds to run here (the others are read from disk)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/ct_to_mr_cv"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/cv_first/ct_to_mr"))
     ap.add_argument("--cache-dir", default=str(REPO / ".cache"))
     ap.add_argument("--utility", help="a single-label utility table (benchmarks/single_label_utility.py's "
                     "utility.json): the 1-label oracle of the summary")

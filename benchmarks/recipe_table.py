@@ -1,7 +1,7 @@
 """The fine-tuning recipe table: cross-validated runs of `benchmarks/cv.py` with different recipes, compared on the
 folds that every variant has finished (paired: the same test volumes, seeds and picks where the strategy is random).
 
-    .venv/bin/python benchmarks/recipe_table.py --variant "baseline=benchmarks/results/ct_to_mr_cv" \\
+    .venv/bin/python benchmarks/recipe_table.py --variant "baseline=benchmarks/results/cv_first/ct_to_mr" \\
         --variant "spatial_mr=benchmarks/results/recipe/ct_to_mr_cv_spatial_mr" [--strategy random] [--rounds 4] \\
         [--out benchmarks/results/recipe/README.md]
 

@@ -6,7 +6,7 @@ volumes; never test Dice) with the true next-round gain (the next round's test D
     .venv/bin/python benchmarks/stopping.py --phantom [--n-target 60] [--data-seed 0] [--seeds 0,1,2]
         [--strategies random,asfda] [--budget 2] [--rounds 6] [--steps 60] [--threads 1]
     # existing runs (a simulate --out folder: STRATEGY/seedN/state.json; or a cross-validation folder: fold*/...):
-    .venv/bin/python benchmarks/stopping.py --runs benchmarks/results/ct_to_mr_cv [--title "real pair"]
+    .venv/bin/python benchmarks/stopping.py --runs benchmarks/results/cv_first/ct_to_mr [--title "real pair"]
 
 Writes ``--out`` (default benchmarks/results/stopping/README.md; ``--append`` adds a section to it). Runs written
 before the estimate existed have no probe records: they are counted and named, not estimated.

@@ -29,7 +29,7 @@ DIVERSITY_SPACES = ("anatomy", "embedding", "none")
 """Where asfda's greedy batch pick measures the cosine distance between volumes (`asfda.selection.ASFDAStrategy`)."""
 DEFAULT_DIVERSITY = "embedding"
 """The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
-REPRESENTATIVENESS = ("none", "density", "typical", "complete")
+REPRESENTATIVENESS = ("none", "density", "typical", "complete", "coverage")
 """asfda's representativeness term: ``none`` (METHOD.md's rule); ``density`` (TypiClust's typicality in the
 diversity space, its rank added with weight ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while
 labels are few); ``typical`` (``density``, and the least typical ``OUTLIER_FRACTION0 / (1 + labelled)`` of the pool
@@ -39,7 +39,10 @@ completeness of its predicted anatomy, `asfda.selection.diversity.anatomy_comple
 field of view and of typical size first; once labels exist, ``density``). ``complete`` is the default: the only rule
 whose first pick is never harmful and mostly above the pool's median on both real pairs (the single-label utility of
 every volume measured; benchmarks/results/selection/README.md); METHOD.md's rule takes the harmful chaos_036 first in
-3 of 7 folds of the CT -> MR pair, ``density`` the weak btcv_014 in 4 of 6 folds of the MR -> CT pair."""
+3 of 7 folds of the CT -> MR pair, ``density`` the weak btcv_014 in 4 of 6 folds of the MR -> CT pair.
+``coverage`` takes ``complete``'s first query, and once labels exist covers the diversity space (k-center greedy:
+each pick the volume farthest from the labelled volumes and the picks so far; the rank score only orders ties): the
+coreset baseline's rule from the second label on, measured against ``complete`` in the selection README."""
 
 
 def closest_option(value: object, options: Sequence[str]) -> str | None:

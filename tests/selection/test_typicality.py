@@ -153,3 +153,24 @@ def test_complete_first_pick_is_the_most_complete_anatomy_then_density() -> None
     dense = _asfda(representativeness="density")
     assert np.allclose(strategy.pool_components(later)[1]["rank_score"], dense.pool_components(later)[1]["rank_score"])
     assert strategy.select(later, 2, seed=1).ids == dense.select(later, 2, seed=1).ids
+
+
+def test_coverage_first_pick_is_complete_then_the_k_center_pick() -> None:
+    from asfda.selection.diversity import k_center_pick
+
+    strategy = _asfda(representativeness="coverage")
+    assert "extent" in strategy.needs.vectors
+    first = _pool_with_extent(0)
+    assert strategy.select(first, 1, seed=0).ids == _asfda(representativeness="complete").select(first, 1, seed=0).ids
+    # with labels: each pick the volume farthest from the labelled ones and the picks so far, whatever its ASD
+    later = _pool_with_extent(3)
+    expected, _ = k_center_pick(np.asarray(later.embeddings), 3, later.labelled_embeddings)
+    query = strategy.select(later, 3, seed=4)
+    assert query.ids == [later.ids[i] for i in expected]
+    assert query.ids[0] == "c9"  # the outlier is farthest from the three labelled cluster volumes
+    # the picks read the diversity space only: reversing the ASD changes `complete`'s picks, not coverage's
+    flipped = _pool_with_extent(3)
+    flipped.metrics = {"asd": np.asarray(later.metrics["asd"])[::-1].copy()}
+    assert strategy.select(flipped, 3, seed=4).ids == query.ids
+    complete = _asfda(representativeness="complete")
+    assert complete.select(flipped, 3, seed=4).ids != complete.select(later, 3, seed=4).ids

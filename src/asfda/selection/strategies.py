@@ -271,7 +271,7 @@ class ASFDAStrategy(Strategy):
             needs = replace(needs, norm_stats=True)
         if diversity == "anatomy":
             needs = replace(needs, vectors=needs.vectors | {"anatomy"})
-        if representativeness == "complete":  # each organ's extent, read off the scoring pass's argmax
+        if representativeness in ("complete", "coverage"):  # each organ's extent, read off the scoring pass's argmax
             needs = replace(needs, vectors=needs.vectors | {"extent"})
         self.needs = needs
 
@@ -314,7 +314,7 @@ class ASFDAStrategy(Strategy):
         cols = {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
                 "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
         first_query = not np.asarray(pool.labelled_embeddings).size
-        if self.representativeness == "complete" and first_query and "extent" in pool.vectors:
+        if self.representativeness in ("complete", "coverage") and first_query and "extent" in pool.vectors:
             # nothing labelled: the most complete predicted anatomy first (the rank score breaks its ties only)
             comp = anatomy_completeness(pool.vectors["extent"])
             cols.update({"completeness": comp, "rank_completeness": rank_normalise(comp),
@@ -349,7 +349,11 @@ class ASFDAStrategy(Strategy):
         kd_name, cols = self.pool_components(pool)
         # seeded jitter far below one rank step breaks exact ties reproducibly
         combined = cols["rank_score"] + rng.random(len(pool.ids)) * 1e-9
-        if self.diversity == "none":  # the ablation: top-k of the combined rank score
+        covering = self.representativeness == "coverage" and bool(np.asarray(pool.labelled_embeddings).size)
+        if covering and self.diversity != "none":  # k-center greedy; the rank score only orders exact ties
+            space, anchors = self.diversity_vectors(pool)
+            idx, values, dists = greedy_diverse_pick(1.0 + COMPLETENESS_TIE_WEIGHT * combined, space, budget, anchors)
+        elif self.diversity == "none":  # the ablation: top-k of the combined rank score
             idx = [int(i) for i in np.argsort(-combined, kind="stable")[:budget]]
             values, dists = [float(combined[i]) for i in idx], [1.0] * len(idx)
         else:

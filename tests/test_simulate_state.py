@@ -60,7 +60,26 @@ def test_fingerprints_are_the_ones_runs_were_written_with(name: str, seed: int, 
     """What `Strategy.settings` declares decides whether ``diversity`` enters (asfda's, not random's), and every
     fingerprint equals the one the code before the format version computed: existing runs resume."""
     key = _key(name, seed, diversity)
-    assert (key.fingerprint(), key.path_fingerprint()) == _PINNED[(name, seed, diversity)]
+    assert (key.fingerprint(2), key.path_fingerprint()) == _PINNED[(name, seed, diversity)]
+    # format 3: representativeness enters only the fingerprints of the strategies that read it (asfda's)
+    assert (key.fingerprint() == key.fingerprint(2)) == (name != "random")
+
+
+def _with(key: RunKey, **settings: Any) -> RunKey:
+    return dataclasses.replace(key, cfg=dataclasses.replace(key.cfg, **settings))
+
+
+def test_changing_asfdas_representativeness_keeps_randoms_finished_rounds() -> None:
+    random, asfda = _key("random"), _key("asfda")
+    assert _with(random, representativeness="coverage").fingerprint() == random.fingerprint()
+    assert _with(asfda, representativeness="coverage").fingerprint() != asfda.fingerprint()
+    # a format-2 random run written with representativeness: density resumes under coverage, rewritten once
+    old = _state(random.fingerprint(2), format=2)
+    migrated, changed = accept_state(old, _with(random, representativeness="coverage"), Path("run"))
+    assert changed and migrated["format"] == STATE_FORMAT and migrated["fingerprint"] == random.fingerprint()
+    with pytest.raises(RunSettingsChanged, match="representativeness: density, and this config asks for "
+                                                 "representativeness: coverage"):
+        accept_state(_state(asfda.fingerprint(2), format=2), _with(asfda, representativeness="coverage"), Path("r"))
 
 
 def _state(fingerprint: str, **extra) -> dict:
@@ -86,7 +105,7 @@ def test_after_the_migration_only_the_current_fingerprint_is_accepted() -> None:
         accept_state(_state(key.path_fingerprint(), format=STATE_FORMAT), key, Path("run"))
     with pytest.raises(RunSettingsChanged, match="other settings"):
         accept_state(_state("0123456789abcdef"), key, Path("run"))
-    with pytest.raises(AsfdaError, match="format 3"):
+    with pytest.raises(AsfdaError, match=f"format {STATE_FORMAT + 1}"):
         accept_state(_state(key.fingerprint(), format=STATE_FORMAT + 1), key, Path("run"))
 
 

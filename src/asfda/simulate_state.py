@@ -2,7 +2,7 @@
 fingerprint a resumed run must match), the file's format with the one-time migration of older files, reading it
 back to resume (`resume`) and the checkpoint after each round (`checkpoint`).
 
-The file: ``{"format": 2, "pool_state": ..., "rounds": [record per finished round], "weights": NAME,
+The file: ``{"format": 3, "pool_state": ..., "rounds": [record per finished round], "weights": NAME,
 "fingerprint": HEX}``. ``weights`` names the weights after the last finished round, written before the state that
 names them, so a kill between the two leaves the previous state pointing at the previous round's weights.
 """
@@ -24,6 +24,7 @@ from asfda.config import RunConfig, config_to_dict
 from asfda.errors import AsfdaError, RunSettingsChanged
 from asfda.io import atomic_write, atomic_write_json
 from asfda.models import LoadedModel
+from asfda.options import DIVERSITY_SPACES, REPRESENTATIVENESS
 from asfda.results import RunLayout
 from asfda.rounds import PoolState
 from asfda.selection.strategies import Strategy
@@ -33,10 +34,12 @@ log = logging.getLogger(__name__)
 __all__ = ["STATE_FORMAT", "RoundRecord", "RunKey", "accept_state", "checkpoint", "resume", "saved_json",
            "without_later_defaults"]
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 """``state.json``'s format. 1 (no ``format`` key: runs written before it existed): the fingerprint is
-`RunKey.fingerprint`, or for runs written before the model and data entered it by content,
-`RunKey.path_fingerprint`. 2: `RunKey.fingerprint` only. A format-1 file that matches is rewritten once as format 2
+`RunKey.fingerprint` at format 2, or for runs written before the model and data entered it by content,
+`RunKey.path_fingerprint`. 2: `RunKey.fingerprint` at format 2 (``representativeness`` entered every strategy's).
+3: `RunKey.fingerprint` (``representativeness`` enters only the fingerprint of the strategies that read it, so
+changing asfda's leaves random's finished rounds valid). An older file that matches is rewritten once as format 3
 (`accept_state`); nothing else about it changes."""
 
 # settings added after runs were written, with the value those runs had: at that value they leave the fingerprint
@@ -46,7 +49,11 @@ _LATER_SETTINGS: dict[tuple[str, ...], object] = {
     ("output_activation",): None, ("diversity",): "embedding"}
 # of those, the strategy settings (`Strategy.settings`) that only the strategies declaring them read: they enter
 # no other strategy's fingerprint (the older settings, e.g. ``alpha``, enter every strategy's, as they always did)
-_READ_BY_DECLARING_STRATEGY = ("diversity",)
+_READ_BY_DECLARING_STRATEGY = ("diversity", "representativeness")
+# before format 3, only these were: what an older file's fingerprint was computed with
+_READ_BY_DECLARING_BEFORE_3 = ("diversity",)
+# the values a refused run may have picked its batches with, named in the refusal when one of them matches
+_SETTING_VALUES: dict[str, tuple[str, ...]] = {"diversity": DIVERSITY_SPACES, "representativeness": REPRESENTATIVENESS}
 # what extends a run (more rounds, strategies, seeds) or does not change a finished round: never in the fingerprint
 _NOT_IN_FINGERPRINT = ("out_dir", "cache_dir", "progress", "threads", "device", "strategies", "seeds", "rounds",
                        "upper_bound", "upper_bound_steps", "report", "previews", "trust_model_code", "stop_gain")
@@ -121,21 +128,22 @@ class RunKey:
         return cls(cfg, name, seed, tuple(pool), tuple(test), pretrained.weights_hash,
                    pretrained.preprocessing.cache_key(), frozenset(strategy.settings()))
 
-    def fingerprint(self) -> str:
-        """16 hex digits of what a finished round depends on; a resumed run must match it."""
-        return self._hash(by_content=True)
+    def fingerprint(self, state_format: int = 3) -> str:
+        """16 hex digits of what a finished round depends on; a resumed run must match it (``state_format`` < 3:
+        as files of that format computed it)."""
+        return self._hash(by_content=True, declaring=_declaring(state_format))
 
     def path_fingerprint(self) -> str:
         """The fingerprint of format-1 runs written before the model and data entered it by content (the config's
         ``model``, ``pool`` and ``test`` paths in it, no preprocessing key): read by `accept_state` alone."""
-        return self._hash(by_content=False)
+        return self._hash(by_content=False, declaring=_READ_BY_DECLARING_BEFORE_3)
 
-    def _hash(self, by_content: bool) -> str:
+    def _hash(self, by_content: bool, declaring: Sequence[str]) -> str:
         keep = config_to_dict(self.cfg)
         for key in (*_NOT_IN_FINGERPRINT, *(("model", "pool", "test") if by_content else ())):
             keep.pop(key, None)
         keep = without_later_defaults(keep)  # at the values runs had before those settings existed: they resume
-        for key in _READ_BY_DECLARING_STRATEGY:
+        for key in declaring:
             if key not in self.strategy_settings:
                 keep.pop(key, None)
         content = {"preprocessing": self.preprocessing} if by_content else {}
@@ -153,7 +161,7 @@ def accept_state(saved: dict, key: RunKey, where: Path) -> tuple[dict, bool]:
         raise AsfdaError(f"this run's state.json has format {fmt!r}; this asfda reads formats 1 to {STATE_FORMAT}",
                          where / RunLayout.STATE, "update asfda, or use another --out folder")
     found, expected = saved.get("fingerprint"), key.fingerprint()
-    if found != expected and not (fmt == 1 and found == key.path_fingerprint()):
+    if found not in _accepted(key, fmt):
         raise _settings_changed(found, fmt, key, where)
     if fmt == STATE_FORMAT:
         return saved, False
@@ -161,15 +169,38 @@ def accept_state(saved: dict, key: RunKey, where: Path) -> tuple[dict, bool]:
             "fingerprint": expected}, True
 
 
+def _declaring(state_format: int) -> tuple[str, ...]:
+    return _READ_BY_DECLARING_STRATEGY if state_format >= 3 else _READ_BY_DECLARING_BEFORE_3
+
+
+def _with_setting(key: RunKey, setting: str, value: object) -> RunKey:
+    changes: dict[str, Any] = {setting: value}
+    return replace(key, cfg=replace(key.cfg, **changes))
+
+
+def _accepted(key: RunKey, fmt: int) -> tuple[str, ...]:
+    """The fingerprints a ``state.json`` of format ``fmt`` may hold for ``key``'s run."""
+    if fmt == STATE_FORMAT:
+        return (key.fingerprint(),)
+    # before format 3 a strategy that does not read representativeness had it in its fingerprint all the same: any
+    # value it was written with is what it ran with
+    unread = [s for s in _READ_BY_DECLARING_STRATEGY if s not in _READ_BY_DECLARING_BEFORE_3
+              and s not in key.strategy_settings]
+    then = [key, *(_with_setting(key, s, v) for s in unread for v in _SETTING_VALUES[s])]
+    return (key.fingerprint(), *(k.fingerprint(fmt) for k in then),
+            *((k.path_fingerprint() for k in then) if fmt == 1 else ()))
+
+
 def _settings_changed(found: object, fmt: int, key: RunKey, where: Path) -> RunSettingsChanged:
     for setting in _READ_BY_DECLARING_STRATEGY:
-        before = _LATER_SETTINGS[(setting,)]
         asked = getattr(key.cfg, setting)
-        if setting not in key.strategy_settings or asked == before:
+        if setting not in key.strategy_settings:
             continue
-        changes: dict[str, Any] = {setting: before}
-        then = replace(key, cfg=replace(key.cfg, **changes))
-        if found in (then.fingerprint(), *((then.path_fingerprint(),) if fmt == 1 else ())):
+        for before in _SETTING_VALUES[setting]:
+            if before == asked:
+                continue
+            if found not in _accepted(_with_setting(key, setting, before), fmt):
+                continue
             return RunSettingsChanged(f"this {key.name} run picked its batches with {setting}: {before}, and this "
                                       f"config asks for {setting}: {asked}", where,
                                       f"set {setting}: {before} in the run config (--config) to resume it, or use "

@@ -21,6 +21,10 @@ volume this round labelled (``queried_dice_before``, the project's edit Dice; fr
 model is an adapted one). A label the adapted model gets badly wrong is an atypical volume (chaos_036's cyst); the
 rule "discard when it is below F" is scored like the floors above.
 
+And whether any label-free reading a round records could tell harmful rounds at all (``--signals``): per signal
+(`SIGNALS`), the AUROC of "higher reads harmful" over the guarded rounds of known outcome, per folder and over all
+the folders together. 0.5 is chance; below 0.5 the signal reads the other way.
+
     python benchmarks/guard_recall.py benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
 """
 
@@ -56,7 +60,7 @@ def round_outcomes(fold: Path) -> list[dict]:
                                 "start": start, "trained": trained, "reverted": reverted,
                                 "guarded": guard != {}, "min_ratio": min(ratios) if ratios else None,
                                 "collapse_level": _collapse_level(guard),
-                                "queried_dice": _queried_dice(rec),
+                                "queried_dice": _queried_dice(rec), **_signals(rec, guard),
                                 "history": history,
                                 "n_test": len(rec.get("per_case") or ())})
                 start = rec["dice_mean"]
@@ -78,6 +82,54 @@ def _queried_dice(rec: dict) -> float | None:
     when not recorded."""
     q = [v for v in (rec.get("queried_dice_before") or {}).values() if v is not None and v == v]
     return float(np.mean(q)) if q and rec.get("round", 0) > 0 else None
+
+
+SIGNALS = {
+    "plausibility_adapted": "the guard's anatomical plausibility of the adapted model on its unlabeled volumes",
+    "plausibility_gain": "that plausibility minus the pretrained model's",
+    "collapse_level": "the guard's organ-collapse level (`_collapse_level`)",
+    "probe_change": "the stop probe's share of changed predictions on the pool since the previous round",
+    "probe_min_agreement": "its smallest per-volume agreement with the previous round's model",
+    "loss_final": "the training loss of the round's last steps",
+    "temperature": "the dynamic temperature fitted after the round",
+    "queried_dice": "the previous model's Dice on the round's labels (a label, not label-free: for comparison)",
+}
+"""The per-round readings ``--signals`` scores; each row of `round_outcomes` has them (None: not recorded)."""
+
+
+def _signals(rec: dict, guard: dict) -> dict:
+    probe = rec.get("probe") or {}
+    agree = [v for v in (probe.get("agreement_per_case") or {}).values() if v == v]
+    p0, p1 = guard.get("plausibility_pretrained"), guard.get("plausibility_adapted")
+    return {"plausibility_adapted": p1, "plausibility_gain": None if p0 is None or p1 is None else p1 - p0,
+            "probe_change": probe.get("change"), "probe_min_agreement": min(agree) if agree else None,
+            "loss_final": rec.get("loss_final"), "temperature": rec.get("temperature")}
+
+
+def auroc(scores: list[float], positive: list[bool]) -> float | None:
+    """P(a positive's score > a negative's), ties counting half; None without both classes."""
+    x, y = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
+    pos, neg = x[y], x[~y]
+    if not len(pos) or not len(neg):
+        return None
+    return float(np.mean([(p > neg).mean() + 0.5 * (p == neg).mean() for p in pos]))
+
+
+def signal_table(by_folder: dict[str, list[dict]], drop: float) -> list[str]:
+    """AUROC of each of `SIGNALS` for "harmful" (test Dice down by more than ``drop``), per folder and over all."""
+    groups = {**by_folder, "all": [r for rows in by_folder.values() for r in rows]} if len(by_folder) > 1 \
+        else dict(by_folder)
+    lines = ["| signal (higher reads harmful) | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for key, what in SIGNALS.items():
+        cells = []
+        for rows in groups.values():
+            known = [r for r in rows if r["trained"] is not None and r["guarded"] and r.get(key) is not None
+                     and r[key] == r[key]]
+            harm = [r["trained"] - r["start"] < -drop for r in known]
+            a = auroc([r[key] for r in known], harm)
+            cells.append(f"{a:.2f} ({sum(harm)}/{len(known)})" if a is not None else f"- ({sum(harm)}/{len(known)})")
+        lines.append(f"| `{key}`: {what} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def pool_identical(rows: list[dict]) -> list[dict]:
@@ -147,7 +199,17 @@ def main() -> None:
     ap.add_argument("--floors", default="0,0.3,0.5,0.7", help="organ volume-ratio floors to try (0: today's guard)")
     ap.add_argument("--query-floors", default="0.5,0.6",
                     help="floors on the previous model's Dice on the round's labels to try as a discard rule")
+    ap.add_argument("--signals", action="store_true",
+                    help="only the AUROC of each recorded label-free round signal for harmful rounds")
     args = ap.parse_args()
+    if args.signals:
+        by_folder = {}
+        for folder in args.folders:
+            rows = [r for fold in sorted(folder.glob("fold*")) if fold.is_dir() for r in round_outcomes(fold)]
+            by_folder[str(folder)] = pool_identical(rows) if args.pool_identical else rows
+        print("AUROC (harmful rounds / guarded rounds of known outcome):\n")
+        print("\n".join(signal_table(by_folder, args.drop)))
+        return
     floors, query_floors = ([float(f) for f in text.split(",")] for text in (args.floors, args.query_floors))
     for folder in args.folders:
         rows = [r for fold in sorted(folder.glob("fold*")) if fold.is_dir() for r in round_outcomes(fold)]

@@ -78,3 +78,19 @@ def test_queried_dice_is_the_previous_models_dice_on_the_rounds_labels_from_roun
     # the harmful kept round is caught at 0.5, with the good round below it; the discarded one had no record
     assert floor_table(rows, 0.02, [0.5], "queried_dice")[0] == "rounds with queried_dice recorded: 3, harmful: 1"
     assert floor_table(rows, 0.02, [0.5], "queried_dice")[3] == "| 0.5 | 2 | 1/1 | 1/2 |"
+
+
+def test_auroc_and_the_signal_table_on_hand_made_rounds() -> None:
+    from guard_recall import SIGNALS, auroc, signal_table
+
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.5, 0.5, 0.9], [True, True, False, False]) == pytest.approx((0.0 + 0.25) / 2)
+    assert auroc([0.3], [True]) is None
+    rows = [{**r, "loss_final": loss, "temperature": None} for r, loss in zip(ROWS, (0.5, 0.4, 0.1, 0.2))]
+    lines = signal_table({"a": rows[:2], "b": rows[2:]}, 0.02)
+    assert lines[0] == "| signal (higher reads harmful) | a | b | all |" and len(lines) == 2 + len(SIGNALS)
+    loss = next(line for line in lines if line.startswith("| `loss_final`"))
+    # folder a: both rounds harmful (one class only); b: none harmful; all: the two harmful ones have the higher loss
+    assert loss.endswith("| - (2/2) | - (0/2) | 1.00 (2/4) |")
+    temperature = next(line for line in lines if line.startswith("| `temperature`"))
+    assert temperature.endswith("| - (0/0) | - (0/0) | - (0/0) |")

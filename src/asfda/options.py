@@ -41,8 +41,9 @@ whose first pick is never harmful and mostly above the pool's median on both rea
 every volume measured; benchmarks/results/selection/README.md); METHOD.md's rule takes the harmful chaos_036 first in
 3 of 7 folds of the CT -> MR pair, ``density`` the weak btcv_014 in 4 of 6 folds of the MR -> CT pair.
 ``coverage`` takes ``complete``'s first query, and once labels exist covers the diversity space (k-center greedy:
-each pick the volume farthest from the labelled volumes and the picks so far; the rank score only orders ties): the
-coreset baseline's rule from the second label on, measured against ``complete`` in the selection README."""
+each pick the volume farthest from the labelled volumes and the picks so far; the rank score only orders ties; with
+``diversity: none`` there is no space to cover and it is the top of the rank score): the coreset baseline's rule from
+the second label on, measured against ``complete`` in the selection README."""
 
 
 def closest_option(value: object, options: Sequence[str]) -> str | None:

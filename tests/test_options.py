@@ -21,7 +21,7 @@ from asfda.training.trainer import PRECISIONS
 
 def test_the_option_tuples_are_unchanged() -> None:
     # the CLI's choices, YAML configs and project.json hold these strings
-    assert DIVERSITY_SPACES == ("anatomy", "embedding", "none")
+    assert DIVERSITY_SPACES == ("anatomy", "embedding", "none", "batch")
     assert ROUND0_GAPS == ("feature_gap", "norm_kl")
     assert REPRESENTATIVENESS == ("none", "density", "typical", "complete", "coverage")
     assert PSEUDO_SOURCES == ("previous", "warmup")
@@ -33,7 +33,7 @@ def test_the_option_tuples_are_unchanged() -> None:
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("diversity", "embeding",
-     "diversity must be one of ['anatomy', 'embedding', 'none'], got 'embeding' (did you mean 'embedding'?)"),
+     "diversity must be one of ['anatomy', 'embedding', 'none', 'batch'], got 'embeding' (did you mean 'embedding'?)"),
     ("round0_gap", "norm-kl",
      "round0_gap must be one of ['feature_gap', 'norm_kl'], got 'norm-kl' (did you mean 'norm_kl'?)"),
     ("representativeness", "typicl",
@@ -48,11 +48,12 @@ def test_the_option_tuples_are_unchanged() -> None:
     ("output_activation", "softmx",
      "output_activation must be one of ['softmax', 'sigmoid', 'none'], got 'softmx' (did you mean 'softmax'?)"),
     ("diversity", "cosine-distances",
-     "diversity must be one of ['anatomy', 'embedding', 'none'], got 'cosine-distances'"),  # nothing close: no guess
+     # nothing close: no guess
+     "diversity must be one of ['anatomy', 'embedding', 'none', 'batch'], got 'cosine-distances'"),
     ("train.precision", " bf16",  # exact values only (MONAI's look-up would strip the spaces and take it)
      "train.precision must be one of ['fp32', 'bf16'], got ' bf16' (did you mean 'bf16'?)"),
     ("diversity", "Embedding",  # no case folding
-     "diversity must be one of ['anatomy', 'embedding', 'none'], got 'Embedding' (did you mean 'embedding'?)"),
+     "diversity must be one of ['anatomy', 'embedding', 'none', 'batch'], got 'Embedding' (did you mean 'embedding'?)"),
 ])
 def test_run_config_refuses_with_the_valid_values_and_a_guess(key: str, value: str, message: str) -> None:
     with pytest.raises(AsfdaError) as info:
@@ -83,7 +84,7 @@ def test_the_config_file_is_named(tmp_path) -> None:
 
 
 def test_strategy_trainer_augmenter_and_engine_use_the_same_check() -> None:
-    with pytest.raises(AsfdaError, match=r"diversity must be one of \['anatomy', 'embedding', 'none'\], got "
+    with pytest.raises(AsfdaError, match=r"diversity must be one of \['anatomy', 'embedding', 'none', 'batch'\], got "
                                          r"'anatomie' \(did you mean 'anatomy'\?\)"):
         ASFDAStrategy(diversity="anatomie")
     with pytest.raises(AsfdaError, match=r"round0_gap .* \(did you mean 'feature_gap'\?\)"):

@@ -208,7 +208,7 @@ class StrategySettings(Settings):
 
     alpha: float = setting(0.5, (lambda v: 0 <= v <= 1, "in [0, 1]"))  # weight of DKD against ASD
     round0_gap: str = setting("feature_gap", choices=options.ROUND0_GAPS)  # round 0 without BatchNorm statistics
-    # the greedy batch pick's space: "embedding" (METHOD.md's), "anatomy" (predicted composition) or "none"
+    # the greedy batch pick's space: "embedding" (METHOD.md's), "anatomy" (predicted composition), "none", "batch"
     diversity: str = setting(options.DEFAULT_DIVERSITY, choices=options.DIVERSITY_SPACES)
     # "none" (METHOD.md's rule), "density", "typical", "complete" (the default), "coverage": options.REPRESENTATIVENESS
     representativeness: str = setting("complete", choices=options.REPRESENTATIVENESS)

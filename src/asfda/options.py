@@ -25,8 +25,10 @@ OUTPUT_ACTIVATIONS = ("softmax", "sigmoid", "none")
 """``output_activation`` values: what turns the network's output into probabilities (``none``: it already is)."""
 ROUND0_GAPS = ("feature_gap", "norm_kl")
 """asfda's round-0 divergence for networks without stored BatchNorm statistics (`asfda.selection.ASFDAStrategy`)."""
-DIVERSITY_SPACES = ("anatomy", "embedding", "none")
-"""Where asfda's greedy batch pick measures the cosine distance between volumes (`asfda.selection.ASFDAStrategy`)."""
+DIVERSITY_SPACES = ("anatomy", "embedding", "none", "batch")
+"""Where asfda's greedy batch pick measures the cosine distance between volumes (`asfda.selection.ASFDAStrategy`);
+``batch`` is the embedding space with the labelled volumes no anchors: diversity within the batch only (with a budget
+of 1, the top of the rank score, which is what ``none`` picks)."""
 DEFAULT_DIVERSITY = "embedding"
 """The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
 REPRESENTATIVENESS = ("none", "density", "typical", "complete", "coverage")

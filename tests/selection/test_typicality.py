@@ -174,3 +174,26 @@ def test_coverage_first_pick_is_complete_then_the_k_center_pick() -> None:
     assert strategy.select(flipped, 3, seed=4).ids == query.ids
     complete = _asfda(representativeness="complete")
     assert complete.select(flipped, 3, seed=4).ids != complete.select(later, 3, seed=4).ids
+
+
+def test_batch_diversity_ignores_the_labelled_anchors_and_keeps_the_batch_diverse() -> None:
+    """``diversity: batch``: with a budget of 1 the pick is the top of the rank score, as with ``none`` (the labelled
+    volumes do not pull the pick to the outlier, as the embedding's distance factor does); in a batch of 2 the second
+    pick is not a near-duplicate of the first, as it is with ``none``."""
+    later = _pool(3)
+    ids = later.ids
+    batch, none, embedding = (_asfda(diversity=d, representativeness="density") for d in ("batch", "none", "embedding"))
+    assert batch.select(later, 1, seed=2).ids == none.select(later, 1, seed=2).ids
+    assert embedding.select(later, 1, seed=2).ids == ["c9"]  # farthest from the three labelled cluster volumes
+    # the rank scores are the same whatever the anchors of the pick: the typicality still counts the labelled volumes
+    assert np.allclose(batch.pool_components(later)[1]["rank_score"], none.pool_components(later)[1]["rank_score"])
+    # two near-identical top volumes: none takes both, batch the top one and a volume farther away
+    dup = _pool(3)
+    emb = np.asarray(dup.embeddings).copy()
+    top = int(np.argmax(none.pool_components(dup)[1]["rank_score"]))
+    second = int(np.argsort(-none.pool_components(dup)[1]["rank_score"])[1])
+    emb[second] = emb[top] * (1 + 1e-9)
+    dup.embeddings = emb
+    assert none.select(dup, 2, seed=0).ids == [ids[top], ids[second]]
+    picked = batch.select(dup, 2, seed=0).ids
+    assert picked[0] == ids[top] and picked[1] != ids[second]

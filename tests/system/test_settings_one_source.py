@@ -102,8 +102,8 @@ SHARED_BAD = [("budget", 0, "budget must be >= 1"), ("alpha", 2.0, "alpha must b
               ("train.patch_size", (1000, 1000, 1000), "train.patch_size must be small enough"),
               ("train.lr", 0.0, "train.lr must be a number in (0, 1]"),
               ("semi.prob_threshold", 2.0, "semi.prob_threshold must be a number in [0, 1]"),
-              ("diversity", "embeding", "diversity must be one of ['anatomy', 'embedding', 'none'], got 'embeding' "
-                                        "(did you mean 'embedding'?)"),
+              ("diversity", "embeding", "diversity must be one of ['anatomy', 'embedding', 'none', 'batch'], got "
+                                        "'embeding' (did you mean 'embedding'?)"),
               ("output_activation", "softmx", "output_activation must be one of ['softmax', 'sigmoid', 'none'], got "
                                               "'softmx' (did you mean 'softmax'?)"),
               ("semi.pseudo_from", "warm", "semi.pseudo_from must be one of ['previous', 'warmup'], got 'warm'")]

@@ -247,7 +247,9 @@ class ASFDAStrategy(Strategy):
     ``diversity`` is the space of the greedy pick's cosine distance: ``"embedding"`` (default) METHOD.md's
     pooled bottleneck embedding, ``"anatomy"`` the predicted foreground composition
     (`asfda.scoring.metrics.anatomy_composition`; the embedding is used instead when there is a single
-    foreground class), ``"none"`` no diversity term at all (the top-k of the combined rank score: an ablation).
+    foreground class), ``"none"`` no diversity term at all (the top-k of the combined rank score: an ablation),
+    ``"batch"`` the embedding space within the batch only (the labelled volumes are no anchors of the pick; they still
+    count as neighbours in the typicality).
     An InstanceNorm network nearly flattens the pooled embedding, and on the phantom pools the anatomy space
     covers more sub-populations; on the real CT -> MR pair it led asfda to the one atypical volume and cost Dice,
     so it is not the default (README; benchmarks/results/phantom_coverage*.md, ct_to_mr_full/ANALYSIS.md).
@@ -365,6 +367,8 @@ class ASFDAStrategy(Strategy):
                 # are few
                 cap = median_neighbour_distance(space)
                 combined = np.where(cols["outlier"] > 0, 0.0, combined)
+            if self.diversity == "batch":  # the labelled volumes are no anchors: diverse within the batch only
+                anchors = None
             idx, values, dists = greedy_diverse_pick(combined, space, budget, anchors, distance_cap=cap)
         comps = {pool.ids[i]: {"asd": float(cols["asd"][i]), kd_name: float(cols[kd_name][i]),
                                "rank_score": float(combined[i]), "min_distance": d} for i, d in zip(idx, dists)}

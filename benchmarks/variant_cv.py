@@ -22,7 +22,8 @@ from asfda.results import read_run
 
 def fold_rows(variant: Path, reference: Path, seed: int, random_seeds: list[int]) -> tuple[list[str], dict]:
     """(per fold: a line with both runs' labels and Dice; per n: [(test volume, variant, reference, random mean)])."""
-    lines, by_n = [], {}
+    lines: list[str] = []
+    by_n: dict[int, list[tuple[str, float, float, float]]] = {}
     for fold in sorted(variant.glob("fold[0-9]*"), key=lambda p: int(p.name[4:])):
         var = read_run(fold, ["asfda"], [seed]).rounds("asfda", seed)
         ref_run = read_run(reference / fold.name, ["asfda", "random"])
@@ -33,8 +34,9 @@ def fold_rows(variant: Path, reference: Path, seed: int, random_seeds: list[int]
         for rec in var:
             n = rec["n_labelled"]
             other = _at(ref, n)
-            rnd = [_at(ref_run.rounds("random", s), n) for s in random_seeds]
-            if other is None or any(r is None for r in rnd):
+            found = [_at(ref_run.rounds("random", s), n) for s in random_seeds]
+            rnd = [r for r in found if r is not None]
+            if other is None or len(rnd) < len(found):
                 continue
             for case in rec["per_case"]:
                 v = case["case_id"]

@@ -23,7 +23,7 @@ def test_the_option_tuples_are_unchanged() -> None:
     # the CLI's choices, YAML configs and project.json hold these strings
     assert DIVERSITY_SPACES == ("anatomy", "embedding", "none", "batch")
     assert ROUND0_GAPS == ("feature_gap", "norm_kl")
-    assert REPRESENTATIVENESS == ("none", "density", "typical", "complete", "coverage")
+    assert REPRESENTATIVENESS == ("none", "density", "typical", "complete", "coverage", "trimmed")
     assert PSEUDO_SOURCES == ("previous", "warmup")
     assert AUGMENTATIONS == ("none", "intensity", "spatial_mr")
     assert PRECISIONS == INFERENCE_PRECISIONS == ("fp32", "bf16")
@@ -37,7 +37,8 @@ def test_the_option_tuples_are_unchanged() -> None:
     ("round0_gap", "norm-kl",
      "round0_gap must be one of ['feature_gap', 'norm_kl'], got 'norm-kl' (did you mean 'norm_kl'?)"),
     ("representativeness", "typicl",
-     "representativeness must be one of ['none', 'density', 'typical', 'complete', 'coverage'], got 'typicl' "
+     "representativeness must be one of ['none', 'density', 'typical', 'complete', 'coverage', 'trimmed'], "
+     "got 'typicl' "
      "(did you mean 'typical'?)"),
     ("semi.pseudo_from", "warm",
      "semi.pseudo_from must be one of ['previous', 'warmup'], got 'warm' (did you mean 'warmup'?)"),

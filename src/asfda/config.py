@@ -210,7 +210,7 @@ class StrategySettings(Settings):
     round0_gap: str = setting("feature_gap", choices=options.ROUND0_GAPS)  # round 0 without BatchNorm statistics
     # the greedy batch pick's space: "embedding" (METHOD.md's), "anatomy" (predicted composition), "none", "batch"
     diversity: str = setting(options.DEFAULT_DIVERSITY, choices=options.DIVERSITY_SPACES)
-    # "none" (METHOD.md's rule), "density", "typical", "complete" (the default), "coverage": options.REPRESENTATIVENESS
+    # "none" (METHOD.md's), "density", "typical", "complete" (default), "coverage", "trimmed": see options
     representativeness: str = setting("complete", choices=options.REPRESENTATIVENESS)
 
 

@@ -31,7 +31,7 @@ DIVERSITY_SPACES = ("anatomy", "embedding", "none", "batch")
 of 1, the top of the rank score, which is what ``none`` picks)."""
 DEFAULT_DIVERSITY = "embedding"
 """The one place the default diversity space is set (run config, project settings, CLI and API read it)."""
-REPRESENTATIVENESS = ("none", "density", "typical", "complete", "coverage")
+REPRESENTATIVENESS = ("none", "density", "typical", "complete", "coverage", "trimmed")
 """asfda's representativeness term: ``none`` (METHOD.md's rule); ``density`` (TypiClust's typicality in the
 diversity space, its rank added with weight ``TYPICALITY_WEIGHT0 / (1 + labelled)``: typical volumes first while
 labels are few); ``typical`` (``density``, and the least typical ``OUTLIER_FRACTION0 / (1 + labelled)`` of the pool
@@ -45,7 +45,10 @@ every volume measured; benchmarks/results/selection/README.md); METHOD.md's rule
 ``coverage`` takes ``complete``'s first query, and once labels exist covers the diversity space (k-center greedy:
 each pick the volume farthest from the labelled volumes and the picks so far; the rank score only orders ties; with
 ``diversity: none`` there is no space to cover and it is the top of the rank score): the coreset baseline's rule from
-the second label on, measured against ``complete`` in the selection README."""
+the second label on, measured against ``complete`` in the selection README. ``trimmed`` is ``complete`` with the
+least typical ``OUTLIER_FRACTION0`` of the pool no candidates at every query once labels exist (``typical``'s mask at a
+floor that does not shrink as labels come): meant for ``diversity: batch``, the top of the rank score kept off the
+outliers, measured against ``complete`` in the selection README."""
 
 
 def closest_option(value: object, options: Sequence[str]) -> str | None:

@@ -197,3 +197,28 @@ def test_batch_diversity_ignores_the_labelled_anchors_and_keeps_the_batch_divers
     assert none.select(dup, 2, seed=0).ids == [ids[top], ids[second]]
     picked = batch.select(dup, 2, seed=0).ids
     assert picked[0] == ids[top] and picked[1] != ids[second]
+
+
+def test_trimmed_first_pick_is_complete_then_the_rank_score_off_the_least_typical() -> None:
+    """``trimmed``: ``complete``'s first query; once labels exist ``complete``'s rank score, with the least typical 20%
+    of the pool no candidates at every query (``typical``'s share shrinks as labels come: 1/(1 + labelled))."""
+    strategy = _asfda(representativeness="trimmed", diversity="batch")
+    assert "extent" in strategy.needs.vectors
+    first = _pool_with_extent(0)
+    assert strategy.select(first, 1, seed=0).ids == _asfda(representativeness="complete").select(first, 1, seed=0).ids
+    later = _pool_with_extent(3)
+    comps = strategy.pool_components(later)[1]
+    complete = _asfda(representativeness="complete", diversity="batch")
+    assert np.allclose(comps["rank_score"], complete.pool_components(later)[1]["rank_score"])
+    typ = comps["typicality"]
+    trimmed = set(np.argsort(typ, kind="stable")[:2].tolist())  # floor(0.2 * 10) = 2 volumes, whatever the labels
+    assert 9 in trimmed and np.flatnonzero(comps["outlier"]).tolist() == sorted(trimmed)
+    assert _asfda(representativeness="typical").pool_components(later)[1]["outlier"].sum() == 0  # floor(0.05 * 10)
+    # complete's top of the rank score is the outlier; trimmed takes the top of the others, in the same order
+    assert complete.select(later, 1, seed=0).ids == ["c9"]
+    order = [i for i in np.argsort(-comps["rank_score"], kind="stable") if i not in trimmed]
+    assert strategy.select(later, 1, seed=0).ids == [later.ids[order[0]]]
+    none = _asfda(representativeness="trimmed", diversity="none").select(later, 3, seed=0)
+    assert none.ids == [later.ids[i] for i in order[:3]]
+    # the greedy embedding pick never takes a trimmed volume either, though c9 is farthest from the labelled ones
+    assert not {later.ids[i] for i in trimmed} & set(_asfda(representativeness="trimmed").select(later, 3, seed=0).ids)

@@ -273,7 +273,7 @@ class ASFDAStrategy(Strategy):
             needs = replace(needs, norm_stats=True)
         if diversity == "anatomy":
             needs = replace(needs, vectors=needs.vectors | {"anatomy"})
-        if representativeness in ("complete", "coverage"):  # each organ's extent, read off the scoring pass's argmax
+        if representativeness in ("complete", "coverage", "trimmed"):  # each organ's extent, off the scoring argmax
             needs = replace(needs, vectors=needs.vectors | {"extent"})
         self.needs = needs
 
@@ -316,20 +316,21 @@ class ASFDAStrategy(Strategy):
         cols = {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
                 "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
         first_query = not np.asarray(pool.labelled_embeddings).size
-        if self.representativeness in ("complete", "coverage") and first_query and "extent" in pool.vectors:
+        if self.representativeness in ("complete", "coverage", "trimmed") and first_query and "extent" in pool.vectors:
             # nothing labelled: the most complete predicted anatomy first (the rank score breaks its ties only)
             comp = anatomy_completeness(pool.vectors["extent"])
             cols.update({"completeness": comp, "rank_completeness": rank_normalise(comp),
                          "rank_score": rank_normalise(comp) + COMPLETENESS_TIE_WEIGHT * cols["rank_score"]})
-        elif self.representativeness in ("density", "typical", "complete") and len(pool.ids) > 1:
+        elif self.representativeness in ("density", "typical", "complete", "trimmed") and len(pool.ids) > 1:
             space, anchors = self.diversity_vectors(pool)
             typ = typicality(space, anchors)
             n_labelled = 0 if anchors is None else len(np.asarray(anchors))
             w = TYPICALITY_WEIGHT0 / (1 + n_labelled)
             cols.update({"typicality": typ, "rank_typicality": rank_normalise(typ),
                          "rank_score": (1 - w) * cols["rank_score"] + w * rank_normalise(typ)})
-            if self.representativeness == "typical":
-                cols["outlier"] = least_typical(typ, OUTLIER_FRACTION0 / (1 + n_labelled), keep=1).astype(np.float64)
+            if self.representativeness in ("typical", "trimmed"):  # typical's share shrinks with labels, trimmed's not
+                share = OUTLIER_FRACTION0 / (1 + n_labelled * (self.representativeness == "typical"))
+                cols["outlier"] = least_typical(typ, share, keep=1).astype(np.float64)
         return kd_name, cols
 
     def _cold_start(self, pool: PoolScores, budget: int) -> Query:
@@ -356,6 +357,8 @@ class ASFDAStrategy(Strategy):
             space, anchors = self.diversity_vectors(pool)
             idx, values, dists = greedy_diverse_pick(1.0 + COMPLETENESS_TIE_WEIGHT * combined, space, budget, anchors)
         elif self.diversity == "none":  # the ablation: top-k of the combined rank score
+            if "outlier" in cols:  # the least typical volumes are no candidates
+                combined = np.where(cols["outlier"] > 0, -1.0, combined)
             idx = [int(i) for i in np.argsort(-combined, kind="stable")[:budget]]
             values, dists = [float(combined[i]) for i in idx], [1.0] * len(idx)
         else:
@@ -366,6 +369,7 @@ class ASFDAStrategy(Strategy):
                 # redundancy without seeking outliers), and the least typical volumes are no candidates while labels
                 # are few
                 cap = median_neighbour_distance(space)
+            if "outlier" in cols:
                 combined = np.where(cols["outlier"] > 0, 0.0, combined)
             if self.diversity == "batch":  # the labelled volumes are no anchors: diverse within the batch only
                 anchors = None

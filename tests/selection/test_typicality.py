@@ -199,26 +199,43 @@ def test_batch_diversity_ignores_the_labelled_anchors_and_keeps_the_batch_divers
     assert picked[0] == ids[top] and picked[1] != ids[second]
 
 
-def test_trimmed_first_pick_is_complete_then_the_rank_score_off_the_least_typical() -> None:
-    """``trimmed``: ``complete``'s first query; once labels exist ``complete``'s rank score, with the least typical 20%
-    of the pool no candidates at every query (``typical``'s share shrinks as labels come: 1/(1 + labelled))."""
+def _pool_with_composition(n_labelled: int) -> PoolScores:
+    """`_pool_with_extent` with an organ composition in which c2 and c6 (ordinary in the embedding space) are the odd
+    ones: most of the pool is organ-1 heavy, c2 and c6 organ-2 heavy; the labelled volumes are organ-1 heavy too."""
+    pool = _pool_with_extent(n_labelled)
+    comp = np.array([[0.8 + 0.01 * i, 0.2] for i in range(10)])
+    comp[2] = comp[6] = [0.1, 0.9]
+    pool.vectors["anatomy"] = comp
+    pool.labelled_vectors = {"anatomy": np.tile([0.85, 0.2], (n_labelled, 1))} if n_labelled else {}
+    return pool
+
+
+def test_trimmed_first_pick_is_complete_then_the_rank_score_off_the_atypical_anatomy() -> None:
+    """``trimmed``: ``complete``'s first query; once labels exist ``complete``'s rank score, with the 20% of the pool
+    least typical in its predicted organ composition no candidates at every query (``typical``'s share, in the
+    diversity space, shrinks as labels come: 1/(1 + labelled))."""
     strategy = _asfda(representativeness="trimmed", diversity="batch")
-    assert "extent" in strategy.needs.vectors
-    first = _pool_with_extent(0)
+    assert {"extent", "anatomy"} <= strategy.needs.vectors
+    assert "anatomy" not in _asfda(representativeness="complete").needs.vectors
+    first = _pool_with_composition(0)
     assert strategy.select(first, 1, seed=0).ids == _asfda(representativeness="complete").select(first, 1, seed=0).ids
-    later = _pool_with_extent(3)
+    later = _pool_with_composition(3)
     comps = strategy.pool_components(later)[1]
     complete = _asfda(representativeness="complete", diversity="batch")
     assert np.allclose(comps["rank_score"], complete.pool_components(later)[1]["rank_score"])
-    typ = comps["typicality"]
-    trimmed = set(np.argsort(typ, kind="stable")[:2].tolist())  # floor(0.2 * 10) = 2 volumes, whatever the labels
-    assert 9 in trimmed and np.flatnonzero(comps["outlier"]).tolist() == sorted(trimmed)
+    # floor(0.2 * 10) = 2 volumes, whatever the labels: the two organ-2 heavy ones
+    assert np.flatnonzero(comps["outlier"]).tolist() == [2, 6]
+    assert comps["anatomy_typicality"][[2, 6]].max() < np.delete(comps["anatomy_typicality"], [2, 6]).min()
     assert _asfda(representativeness="typical").pool_components(later)[1]["outlier"].sum() == 0  # floor(0.05 * 10)
-    # complete's top of the rank score is the outlier; trimmed takes the top of the others, in the same order
-    assert complete.select(later, 1, seed=0).ids == ["c9"]
-    order = [i for i in np.argsort(-comps["rank_score"], kind="stable") if i not in trimmed]
+    # c2 and c6 given the top rank scores: complete takes them, trimmed the top of the others, in the same order
+    top = np.isin(np.arange(10), [2, 6])
+    later.metrics = {"asd": np.where(top, 5.0, np.asarray(later.metrics["asd"])), "kd": np.where(top, 9.0, 1.0)}
+    comps = strategy.pool_components(later)[1]
+    assert complete.select(later, 1, seed=0).ids[0] in {"c2", "c6"}
+    assert set(_asfda(representativeness="complete", diversity="none").select(later, 2, seed=0).ids) == {"c2", "c6"}
+    order = [i for i in np.argsort(-comps["rank_score"], kind="stable") if i not in (2, 6)]
     assert strategy.select(later, 1, seed=0).ids == [later.ids[order[0]]]
     none = _asfda(representativeness="trimmed", diversity="none").select(later, 3, seed=0)
     assert none.ids == [later.ids[i] for i in order[:3]]
-    # the greedy embedding pick never takes a trimmed volume either, though c9 is farthest from the labelled ones
-    assert not {later.ids[i] for i in trimmed} & set(_asfda(representativeness="trimmed").select(later, 3, seed=0).ids)
+    # nor does the greedy embedding pick take them
+    assert not {"c2", "c6"} & set(_asfda(representativeness="trimmed").select(later, 3, seed=0).ids)

@@ -234,25 +234,22 @@ class ASFDAStrategy(Strategy):
 
     The knowledge divergence is, in order of preference, and named as such in the query components:
     ``kd`` (KL of the adapted vs the pretrained model, once the model has been adapted); at round 0
-    ``bn_kl`` (Gaussian KL of the volume's channel statistics at the BatchNorm layers vs their stored
-    source running statistics, when the model has them); otherwise, as METHOD.md specifies,
-    ``feature_gap`` (cosine distance of the pretrained embedding to the mean pool embedding).
+    ``bn_kl`` (Gaussian KL of the volume's channel statistics at the BatchNorm layers vs their stored source running
+    statistics, when the model has them); otherwise, as METHOD.md specifies, ``feature_gap`` (cosine distance of the
+    pretrained embedding to the mean pool embedding).
 
-    ``round0_gap="norm_kl"`` replaces that last fallback by ``norm_kl`` (the BatchNorm gap's KL at
-    InstanceNorm / GroupNorm layers, against the pool's own statistics). It is not the default: on the
-    phantom pools it covered fewer sub-populations than the default (benchmarks/results/phantom_coverage.md),
-    and on the real CT -> MR pair (seed 0) its first pick was the volume the pretrained model already
-    segmented best.
+    ``round0_gap="norm_kl"`` replaces that last fallback by ``norm_kl`` (the BatchNorm gap's KL at InstanceNorm /
+    GroupNorm layers, against the pool's own statistics). Not the default: on the phantom pools it covered fewer
+    sub-populations (benchmarks/results/phantom_coverage.md); on CT -> MR (seed 0) it first took the best-segmented.
 
-    ``diversity`` is the space of the greedy pick's cosine distance: ``"embedding"`` (default) METHOD.md's
-    pooled bottleneck embedding, ``"anatomy"`` the predicted foreground composition
-    (`asfda.scoring.metrics.anatomy_composition`; the embedding is used instead when there is a single
-    foreground class), ``"none"`` no diversity term at all (the top-k of the combined rank score: an ablation),
+    ``diversity`` is the space of the greedy pick's cosine distance: ``"embedding"`` (default) METHOD.md's pooled
+    bottleneck embedding, ``"anatomy"`` the predicted foreground composition (`asfda.scoring.metrics.
+    anatomy_composition`; the embedding instead with a single foreground class), ``"none"`` no diversity term at all
+    (the top-k of the combined rank score: an ablation),
     ``"batch"`` the embedding space within the batch only (the labelled volumes are no anchors of the pick; they still
     count as neighbours in the typicality).
-    An InstanceNorm network nearly flattens the pooled embedding, and on the phantom pools the anatomy space
-    covers more sub-populations; on the real CT -> MR pair it led asfda to the one atypical volume and cost Dice,
-    so it is not the default (README; benchmarks/results/phantom_coverage*.md, ct_to_mr_full/ANALYSIS.md).
+    InstanceNorm nearly flattens the pooled embedding; the anatomy space covers more phantom sub-populations, but on
+    CT -> MR led asfda to the one atypical volume (README; results/phantom_coverage*.md, ct_to_mr_full/ANALYSIS.md).
     """
 
     name = "asfda"
@@ -273,8 +270,9 @@ class ASFDAStrategy(Strategy):
             needs = replace(needs, norm_stats=True)
         if diversity == "anatomy":
             needs = replace(needs, vectors=needs.vectors | {"anatomy"})
-        if representativeness in ("complete", "coverage", "trimmed"):  # each organ's extent, off the scoring argmax
-            needs = replace(needs, vectors=needs.vectors | {"extent"})
+        if representativeness in ("complete", "coverage", "trimmed"):  # each organ's extent (trimmed: composition)
+            extra = {"extent", "anatomy"} if representativeness == "trimmed" else {"extent"}
+            needs = replace(needs, vectors=needs.vectors | extra)
         self.needs = needs
 
     def settings(self) -> dict:
@@ -328,9 +326,11 @@ class ASFDAStrategy(Strategy):
             w = TYPICALITY_WEIGHT0 / (1 + n_labelled)
             cols.update({"typicality": typ, "rank_typicality": rank_normalise(typ),
                          "rank_score": (1 - w) * cols["rank_score"] + w * rank_normalise(typ)})
-            if self.representativeness in ("typical", "trimmed"):  # typical's share shrinks with labels, trimmed's not
-                share = OUTLIER_FRACTION0 / (1 + n_labelled * (self.representativeness == "typical"))
-                cols["outlier"] = least_typical(typ, share, keep=1).astype(np.float64)
+            if self.representativeness == "typical":
+                cols["outlier"] = least_typical(typ, OUTLIER_FRACTION0 / (1 + n_labelled), keep=1).astype(np.float64)
+            elif self.representativeness == "trimmed":  # the share does not shrink; the space is the organ composition
+                cols["anatomy_typicality"] = typicality(pool.vectors["anatomy"], pool.labelled_vectors.get("anatomy"))
+                cols["outlier"] = least_typical(cols["anatomy_typicality"], OUTLIER_FRACTION0, keep=1).astype(float)
         return kd_name, cols
 
     def _cold_start(self, pool: PoolScores, budget: int) -> Query:

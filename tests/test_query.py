@@ -14,7 +14,7 @@ from asfda.cli import main
 from asfda.cli.commands import format_query, score_lines
 from asfda.errors import AsfdaError
 from asfda.query import query_dataset, read_ids_file, score_dataset
-from asfda.selection import STRATEGIES
+from asfda.selection import STRATEGIES, typicality
 from conftest import TINY_NET, write_bundle, write_nnunet
 
 N_CASES = 5
@@ -58,6 +58,10 @@ def test_score_all_strategies_writes_every_metric_component_and_embeddings(tiny:
     assert len(anatomy) == 2  # one soft volume fraction per foreground class (C = 3)
     for r in rows:
         assert 0.0 <= sum(float(r[c]) for c in anatomy) <= 1.0
+    # the typicality of each volume's composition among the pool's (what representativeness=trimmed trims)
+    comp = np.array([[float(r[c]) for c in anatomy] for r in rows])
+    got = [float(r["typicality_anatomy"]) for r in rows]
+    assert np.allclose(got, typicality(comp), rtol=1e-3)  # the CSV rounds the fractions
     for r in rows:
         assert all(np.isfinite(float(r[c])) for c in cols - {"case_id"})
         assert 0.0 <= float(r["bald"]) <= float(r["mc_entropy"]) + 1e-9

@@ -49,7 +49,7 @@ from asfda.io.outputs import (
 from asfda.models import load_model, parse_class_map_override
 from asfda.rounds import PoolState, select_batch
 from asfda.scoring.needs import MC_METRICS, ScoringNeeds
-from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of
+from asfda.selection import STRATEGIES, PoolScores, Query, build_strategy, get_strategy, needs_of, typicality
 from asfda.selection.strategies import ASFDAStrategy
 
 __all__ = ["QueryRun", "has_dropout", "query_dataset", "read_ids_file", "score_dataset", "score_sidecar"]
@@ -252,6 +252,8 @@ def _score_columns(scored, ids: list[str], names: list[str],
     if "anatomy" in scored.vectors:  # asfda's diversity space: the predicted foreground composition
         for k, name in enumerate(target_names[1:]):
             columns[f"anatomy_{name}"] = scored.vectors["anatomy"][:, k]
+        # what representativeness=trimmed keeps its least typical 20% of out of the candidates (once labels exist)
+        columns["typicality_anatomy"] = typicality(scored.vectors["anatomy"])
     return columns, divergence
 
 

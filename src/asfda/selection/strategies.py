@@ -232,11 +232,10 @@ _DEFAULTS = StrategySettings()  # asfda's settings at their one default (`asfda.
 class ASFDAStrategy(Strategy):
     """The method: rank-combined knowledge divergence (DKD) and ASD, then the greedy diverse pick.
 
-    The knowledge divergence is, in order of preference, and named as such in the query components:
-    ``kd`` (KL of the adapted vs the pretrained model, once the model has been adapted); at round 0
-    ``bn_kl`` (Gaussian KL of the volume's channel statistics at the BatchNorm layers vs their stored source running
-    statistics, when the model has them); otherwise, as METHOD.md specifies, ``feature_gap`` (cosine distance of the
-    pretrained embedding to the mean pool embedding).
+    The knowledge divergence (named so in the query components) is, in order of preference: ``kd`` (KL of the adapted
+    vs the pretrained model, once adapted); at round 0 ``bn_kl`` (Gaussian KL of the volume's channel statistics at
+    the BatchNorm layers vs their stored source running statistics, when the model has them); otherwise, as METHOD.md
+    specifies, ``feature_gap`` (cosine distance of the pretrained embedding to the mean pool embedding).
 
     ``round0_gap="norm_kl"`` replaces that last fallback by ``norm_kl`` (the BatchNorm gap's KL at InstanceNorm /
     GroupNorm layers, against the pool's own statistics). Not the default: on the phantom pools it covered fewer
@@ -245,9 +244,8 @@ class ASFDAStrategy(Strategy):
     ``diversity`` is the space of the greedy pick's cosine distance: ``"embedding"`` (default) METHOD.md's pooled
     bottleneck embedding, ``"anatomy"`` the predicted foreground composition (`asfda.scoring.metrics.
     anatomy_composition`; the embedding instead with a single foreground class), ``"none"`` no diversity term at all
-    (the top-k of the combined rank score: an ablation),
-    ``"batch"`` the embedding space within the batch only (the labelled volumes are no anchors of the pick; they still
-    count as neighbours in the typicality).
+    (the top-k of the combined rank score: an ablation), ``"batch"`` the embedding space within the batch only (the
+    labelled volumes are no anchors of the pick; they still count as neighbours in the typicality).
     InstanceNorm nearly flattens the pooled embedding; the anatomy space covers more phantom sub-populations, but on
     CT -> MR led asfda to the one atypical volume (README; results/phantom_coverage*.md, ct_to_mr_full/ANALYSIS.md).
     """
@@ -329,6 +327,8 @@ class ASFDAStrategy(Strategy):
             if self.representativeness == "typical":
                 cols["outlier"] = least_typical(typ, OUTLIER_FRACTION0 / (1 + n_labelled), keep=1).astype(np.float64)
             elif self.representativeness == "trimmed":  # the share does not shrink; the space is the organ composition
+                if "anatomy" not in pool.vectors:
+                    raise ValueError("representativeness 'trimmed' needs PoolScores.vectors['anatomy'] (its needs)")
                 cols["anatomy_typicality"] = typicality(pool.vectors["anatomy"], pool.labelled_vectors.get("anatomy"))
                 cols["outlier"] = least_typical(cols["anatomy_typicality"], OUTLIER_FRACTION0, keep=1).astype(float)
         return kd_name, cols

@@ -241,5 +241,5 @@ def test_trimmed_first_pick_is_complete_then_the_rank_score_off_the_atypical_ana
     assert not {"c2", "c6"} & set(_asfda(representativeness="trimmed").select(later, 3, seed=0).ids)
     # a pool scored without the composition (not with the strategy's needs) is refused by name, not a KeyError
     bare = _pool_with_extent(3)
-    with pytest.raises(ValueError, match=r"trimmed.*vectors\['anatomy'\]"):
+    with pytest.raises(ValueError, match=r"needs \['vector anatomy'\].*score the pool with needs=strategy.needs"):
         strategy.select(bare, 1, seed=0)

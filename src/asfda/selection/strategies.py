@@ -327,8 +327,6 @@ class ASFDAStrategy(Strategy):
             if self.representativeness == "typical":
                 cols["outlier"] = least_typical(typ, OUTLIER_FRACTION0 / (1 + n_labelled), keep=1).astype(np.float64)
             elif self.representativeness == "trimmed":  # the share does not shrink; the space is the organ composition
-                if "anatomy" not in pool.vectors:
-                    raise ValueError("representativeness 'trimmed' needs PoolScores.vectors['anatomy'] (its needs)")
                 cols["anatomy_typicality"] = typicality(pool.vectors["anatomy"], pool.labelled_vectors.get("anatomy"))
                 cols["outlier"] = least_typical(cols["anatomy_typicality"], OUTLIER_FRACTION0, keep=1).astype(float)
         return kd_name, cols

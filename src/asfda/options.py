@@ -44,7 +44,8 @@ every volume measured; benchmarks/results/selection/README.md); METHOD.md's rule
 3 of 7 folds of the CT -> MR pair, ``density`` the weak btcv_014 in 4 of 6 folds of the MR -> CT pair.
 ``coverage`` takes ``complete``'s first query, and once labels exist covers the diversity space (k-center greedy:
 each pick the volume farthest from the labelled volumes and the picks so far; the rank score only orders ties; with
-``diversity: none`` there is no space to cover and it is the top of the rank score): the coreset baseline's rule from
+``diversity: none`` there is no space to cover and it is the top of the rank score; with ``diversity: batch`` the
+labelled volumes are still what it covers against): the coreset baseline's rule from
 the second label on, measured against ``complete`` in the selection README. ``trimmed`` is ``complete`` with the
 least typical ``OUTLIER_FRACTION0`` of the pool no candidates at every query once labels exist (``typical``'s mask at a
 floor that does not shrink as labels come): meant for ``diversity: batch``, the top of the rank score kept off the

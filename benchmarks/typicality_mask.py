@@ -16,7 +16,6 @@ volume of the pool), and Spearman's rho of the typicality with the utility. Seco
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from asfda.io import atomic_write_json
 from asfda.selection import typicality
 from asfda.selection.diversity import least_typical
 from asfda.selection.strategies import OUTLIER_FRACTION0
+from single_label_utility import score_table
 
 
 def mask_table(ids: list[str], space: np.ndarray, utility: dict[str, float],
@@ -55,12 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="write the tables here as JSON")
     args = ap.parse_args(argv)
     scores = Path(args.scores)
-    with scores.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    ids = [r["case_id"] for r in rows]
-    organs = [c for c in rows[0] if c.startswith("anatomy_")]
+    table = score_table(scores)  # {column: {case: value}}, the CSV's row order kept
+    ids = list(next(iter(table.values())))
+    organs = [c for c in table if c.startswith("anatomy_")]
     utility = json.loads(Path(args.utility).read_text())["utility"]
-    spaces = {"anatomy": np.array([[float(r[c]) for c in organs] for r in rows]),
+    spaces = {"anatomy": np.array([[table[c][i] for c in organs] for i in ids]),
               "embedding": np.load(scores.with_name(scores.stem + ".embeddings.npy"))}
     result = {"spaces": {name: mask_table(ids, space, utility) for name, space in spaces.items()},
               "volumes": len(ids), "fraction": OUTLIER_FRACTION0, "scores": str(scores), "utility": args.utility,

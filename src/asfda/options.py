@@ -47,9 +47,10 @@ each pick the volume farthest from the labelled volumes and the picks so far; th
 ``diversity: none`` there is no space to cover and it is the top of the rank score; with ``diversity: batch`` the
 labelled volumes are still what it covers against): the coreset baseline's rule from
 the second label on, measured against ``complete`` in the selection README. ``trimmed`` is ``complete`` with the
-least typical ``OUTLIER_FRACTION0`` of the pool no candidates at every query once labels exist (``typical``'s mask at a
-floor that does not shrink as labels come): meant for ``diversity: batch``, the top of the rank score kept off the
-outliers, measured against ``complete`` in the selection README."""
+least typical ``OUTLIER_FRACTION0`` of the pool in its predicted organ composition (not the diversity space) no
+candidates at every query once labels exist (a share that does not shrink as labels come, unlike ``typical``'s): meant
+for ``diversity: batch``, the top of the rank score kept off the outliers; cross-validated against ``complete`` in the
+selection README, not the default."""
 
 
 def closest_option(value: object, options: Sequence[str]) -> str | None:

@@ -226,6 +226,7 @@ OUTLIER_FRACTION0 = 0.2
 COMPLETENESS_TIE_WEIGHT = 1e-6
 """``representativeness="complete"``'s first query: the weight of METHOD.md's rank score added to the completeness
 rank, below any step between distinct ranks of a pool under a million volumes (it orders the tied volumes only)."""
+_COMPLETE_FIRST = ("complete", "coverage", "trimmed")  # the settings whose first query is `complete`'s
 _DEFAULTS = StrategySettings()  # asfda's settings at their one default (`asfda.config.StrategySettings`)
 
 
@@ -268,7 +269,7 @@ class ASFDAStrategy(Strategy):
             needs = replace(needs, norm_stats=True)
         if diversity == "anatomy":
             needs = replace(needs, vectors=needs.vectors | {"anatomy"})
-        if representativeness in ("complete", "coverage", "trimmed"):  # each organ's extent (trimmed: composition)
+        if representativeness in _COMPLETE_FIRST:  # each organ's extent (trimmed: its composition too)
             extra = {"extent", "anatomy"} if representativeness == "trimmed" else {"extent"}
             needs = replace(needs, vectors=needs.vectors | extra)
         self.needs = needs
@@ -312,7 +313,7 @@ class ASFDAStrategy(Strategy):
         cols = {kd_name: kd, "asd": asd, f"rank_{kd_name}": r_kd, "rank_asd": r_asd,
                 "rank_score": self.alpha * r_kd + (1 - self.alpha) * r_asd}
         first_query = not np.asarray(pool.labelled_embeddings).size
-        if self.representativeness in ("complete", "coverage", "trimmed") and first_query and "extent" in pool.vectors:
+        if self.representativeness in _COMPLETE_FIRST and first_query and "extent" in pool.vectors:
             # nothing labelled: the most complete predicted anatomy first (the rank score breaks its ties only)
             comp = anatomy_completeness(pool.vectors["extent"])
             cols.update({"completeness": comp, "rank_completeness": rank_normalise(comp),

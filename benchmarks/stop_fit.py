@@ -16,6 +16,10 @@ one scale for every pool.
 
     python benchmarks/stop_fit.py benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
     python benchmarks/stop_fit.py --pooled benchmarks/results/crossval/ct_to_mr benchmarks/results/crossval/mr_to_ct
+    python benchmarks/stop_fit.py --pooled --all    # every committed crossval*/<pair> folder (issue 34's data)
+
+In pooled mode it also prints the least-squares scale through 0 over every distinct round (what
+``asfda.stopping.GAIN_PER_CHANGE`` ships), over each pair alone, and a table per pair over that pair's distinct rounds.
 """
 
 from __future__ import annotations
@@ -43,6 +47,21 @@ def rounds_of(folder: Path) -> list[Row]:
             rows += [{**r, "source": source}
                      for r in _round_rows(int(fold_dir.name.removeprefix("fold")), got.rounds(name, seed))]
     return rows
+
+
+PAIRS = ("ct_to_mr", "mr_to_ct")
+
+
+def committed_folders(results: Path) -> list[Path]:
+    """Every cross-validated run folder under ``results`` (``crossval*/<pair>``): the decisive rows, the baselines and
+    the selection variants, all with probe-recorded rounds. Semi-supervision's runs (``semi/``) are another recipe,
+    not the default's, and stay out."""
+    return sorted(p for p in results.glob("crossval*/*") if p.is_dir() and p.name in PAIRS)
+
+
+def scale_through_zero(rows: list[Row]) -> float:
+    """The least-squares slope through 0 of the next gain on the prediction change ("a x change")."""
+    return CANDIDATES["a x change"](rows)({"change": 1.0})
 
 
 def pooled_rows(per_folder: list[list[Row]]) -> list[Row]:
@@ -150,16 +169,32 @@ def table(rows: list[Row], threshold: float, train_on: list[Row] | None = None) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folders", nargs="+", type=Path, help="asfda crossval output folders (one per pair)")
+    ap.add_argument("folders", nargs="*", type=Path, help="asfda crossval output folders (one per pair)")
+    ap.add_argument("--all", action="store_true",
+                    help="add every committed benchmarks/results/crossval*/<pair> folder (with --pooled: issue 34's "
+                         "fit)")
     ap.add_argument("--threshold", type=float, default=0.01, help="stop below this predicted gain (mean Dice)")
     ap.add_argument("--pooled", action="store_true",
                     help="fit on every folder's rounds (leaving the held-out pair-fold out), score per folder")
     args = ap.parse_args(argv)
+    if args.all:
+        results = Path(__file__).resolve().parent / "results"
+        args.folders = list(dict.fromkeys([*args.folders, *committed_folders(results)]))
+    if not args.folders:
+        ap.error("no folders: name them, or give --all")
     by_folder = {folder: [{**r, "pair": folder.name} for r in rounds_of(folder)] for folder in args.folders}
     pooled = pooled_rows(list(by_folder.values())) if args.pooled else None
     if pooled is not None:
         print(f"pooled fit: {len(pooled)} rounds from {len(by_folder)} folders (a run two folders share counted once); "
               "a fold is (pair, fold)")
+        print(f"least squares through 0 (a x change): a = {scale_through_zero(pooled):.4f} over every round; "
+              + "; ".join(f"{p} alone {scale_through_zero(sub):.4f} ({len(sub)})" for p in PAIRS
+                          if (sub := [r for r in pooled if r["pair"] == p])))
+        for pair in PAIRS:
+            rows = [r for r in pooled if r["pair"] == pair]
+            if rows:
+                print(f"\n## pair {pair}: every folder's distinct rounds ({len(rows)})\n")
+                print(table(rows, args.threshold, pooled))
     for folder, rows in by_folder.items():
         folds = sorted({int(r['fold']) for r in rows})
         print(f"\n## {folder} ({len(rows)} rounds with a next round, folds {folds})\n")

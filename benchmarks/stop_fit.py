@@ -56,7 +56,8 @@ def committed_folders(results: Path) -> list[Path]:
     """Every cross-validated run folder under ``results`` (``crossval*/<pair>``): the decisive rows, the baselines and
     the selection variants, all with probe-recorded rounds. Semi-supervision's runs (``semi/``) are another recipe,
     not the default's, and stay out."""
-    return sorted(p for p in results.glob("crossval*/*") if p.is_dir() and p.name in PAIRS)
+    return sorted(p for p in results.glob("crossval*/*")
+                  if p.is_dir() and p.name in PAIRS and any(p.glob("fold*/*/seed*/state.json")))
 
 
 def scale_through_zero(rows: list[Row]) -> float:
@@ -65,15 +66,19 @@ def scale_through_zero(rows: list[Row]) -> float:
 
 
 def pooled_rows(per_folder: list[list[Row]]) -> list[Row]:
-    """The rows of every folder as one data set, each run's round once: a run two folders share (a folder that
-    links another's random runs, as ``crossval_density`` links ``crossval``'s) is not counted twice."""
-    seen: set[tuple[str, int]] = set()
+    """The rows of every folder as one data set, each round once: a run two folders share (a folder that links
+    another's random runs, as ``crossval_density`` links ``crossval``'s) and a rerun that trained the same models
+    (a variant whose picks matched another's: the same change and the same next gain, in the same pair and fold) are
+    not counted twice."""
+    seen: set[tuple] = set()
     out = []
     for rows in per_folder:
         for r in rows:
-            key = (str(r.get("source", id(r))), int(r["round"]))
-            if key not in seen:
-                seen.add(key)
+            keys = {(str(r.get("source", id(r))), int(r["round"])),
+                    (str(r.get("pair", "")), int(r["fold"]), int(r["round"]), round(float(r["change"]), 9),
+                     round(float(r["gain"]), 9))}
+            if not keys & seen:
+                seen |= keys
                 out.append(r)
     return out
 
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.all:
         results = Path(__file__).resolve().parent / "results"
-        args.folders = list(dict.fromkeys([*args.folders, *committed_folders(results)]))
+        args.folders = list(dict.fromkeys([*(f.resolve() for f in args.folders), *committed_folders(results)]))
     if not args.folders:
         ap.error("no folders: name them, or give --all")
     by_folder = {folder: [{**r, "pair": folder.name} for r in rounds_of(folder)] for folder in args.folders}

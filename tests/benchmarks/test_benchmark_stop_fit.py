@@ -5,6 +5,7 @@ index is)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,11 @@ def test_main_prints_a_table_per_folder_pooled(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "linked").mkdir()  # a third folder whose fold links ct_to_mr's: its runs are not fitted twice
     (tmp_path / "linked" / "fold0").symlink_to(tmp_path / "ct_to_mr" / "fold0", target_is_directory=True)
     bench.main(["--pooled", str(tmp_path / "ct_to_mr"), str(tmp_path / "mr_to_ct"), str(tmp_path / "linked")])
+    assert "pooled fit: 4 rounds from 3 folders" in capsys.readouterr().out
+    # a variant's rerun that trained the same models (a copy, not a link): its rounds are the same rounds
+    shutil.copytree(tmp_path / "ct_to_mr" / "fold1", tmp_path / "variant" / "ct_to_mr" / "fold1")
+    bench.main(["--pooled", str(tmp_path / "ct_to_mr"), str(tmp_path / "mr_to_ct"),
+                str(tmp_path / "variant" / "ct_to_mr")])
     assert "pooled fit: 4 rounds from 3 folders" in capsys.readouterr().out
     assert out.count("| predict 0 |") == 4  # one table per pair (its distinct rounds), one per folder
     assert "## pair ct_to_mr: every folder's distinct rounds (2)" in out and "least squares through 0" in out

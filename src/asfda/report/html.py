@@ -123,8 +123,9 @@ def _stopping_section(out: Path, cfg) -> str:
                f"(always predicting 0: {err['mae_of_zero']:.3f})." if err["n"] else "No round has a next round yet.")
     return (table + f'<p class="small">After each round asfda estimates what the next round will add from signals that '
             "need no test labels: how much the round changed the predictions on a few unlabeled pool volumes "
-            f"(prediction change = 1 - their Dice agreement), scaled by how fast that change shrinks "
-            f"(asfda.stopping). Below {cfg.stop_gain:.2f} (stop_gain) it recommends considering to stop. {summary}</p>")
+            "(prediction change = 1 - their Dice agreement), times a scale fitted on real cross-validated rounds "
+            f"(asfda.stopping.GAIN_PER_CHANGE). Below {cfg.stop_gain:.2f} (stop_gain) it recommends considering to "
+            f"stop. {summary}</p>")
 
 
 def _why_section(states: dict, seed: int) -> str:

@@ -88,8 +88,8 @@ number (the rounds it flags "consider stopping" did gain less next than those it
 It was True from 2026-12-07 01:20 UTC, judged on the decisive rows alone, where random's rounds carried it on
 CT -> MR."""
 
-UNRELIABLE_NOTE = ("no number: on real cross-validated rounds the gain estimate erred more than assuming no further "
-                   "gain, so the recommendation is a rough guide")
+UNRELIABLE_NOTE = ("no number: on one of the two real pairs' cross-validated rounds the gain estimate erred more than "
+                   "assuming no further gain, so the recommendation is a rough guide")
 
 CONTINUE = "continue"
 STOP = "diminishing returns: consider stopping"

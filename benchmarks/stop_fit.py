@@ -60,6 +60,11 @@ def committed_folders(results: Path) -> list[Path]:
                   if p.is_dir() and p.name in PAIRS and any(p.glob("fold*/*/seed*/state.json")))
 
 
+def rounds_by_folder(folders: list[Path]) -> dict[Path, list[Row]]:
+    """Each folder's rounds (``rounds_of``), each row marked with its pair (the folder's name)."""
+    return {folder: [{**r, "pair": folder.name} for r in rounds_of(folder)] for folder in folders}
+
+
 def scale_through_zero(rows: list[Row]) -> float:
     """The least-squares slope through 0 of the next gain on the prediction change ("a x change")."""
     return CANDIDATES["a x change"](rows)({"change": 1.0})
@@ -187,19 +192,17 @@ def main(argv: list[str] | None = None) -> None:
         args.folders = list(dict.fromkeys([*(f.resolve() for f in args.folders), *committed_folders(results)]))
     if not args.folders:
         ap.error("no folders: name them, or give --all")
-    by_folder = {folder: [{**r, "pair": folder.name} for r in rounds_of(folder)] for folder in args.folders}
+    by_folder = rounds_by_folder(args.folders)
     pooled = pooled_rows(list(by_folder.values())) if args.pooled else None
     if pooled is not None:
         print(f"pooled fit: {len(pooled)} rounds from {len(by_folder)} folders (a run two folders share counted once); "
               "a fold is (pair, fold)")
+        by_pair = {p: sub for p in PAIRS if (sub := [r for r in pooled if r["pair"] == p])}
         print(f"least squares through 0 (a x change): a = {scale_through_zero(pooled):.4f} over every round; "
-              + "; ".join(f"{p} alone {scale_through_zero(sub):.4f} ({len(sub)})" for p in PAIRS
-                          if (sub := [r for r in pooled if r["pair"] == p])))
-        for pair in PAIRS:
-            rows = [r for r in pooled if r["pair"] == pair]
-            if rows:
-                print(f"\n## pair {pair}: every folder's distinct rounds ({len(rows)})\n")
-                print(table(rows, args.threshold, pooled))
+              + "; ".join(f"{p} alone {scale_through_zero(sub):.4f} ({len(sub)})" for p, sub in by_pair.items()))
+        for pair, rows in by_pair.items():
+            print(f"\n## pair {pair}: every folder's distinct rounds ({len(rows)})\n")
+            print(table(rows, args.threshold, pooled))
     for folder, rows in by_folder.items():
         folds = sorted({int(r['fold']) for r in rows})
         print(f"\n## {folder} ({len(rows)} rounds with a next round, folds {folds})\n")

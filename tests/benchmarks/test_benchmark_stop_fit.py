@@ -72,7 +72,7 @@ def test_the_shipped_scale_and_reliability_follow_every_committed_real_round() -
     from asfda.stopping import GAIN_ESTIMATE_RELIABLE, GAIN_PER_CHANGE, STOP_BELOW
 
     folders = bench.committed_folders(Path(__file__).resolve().parents[2] / "benchmarks" / "results")
-    pooled = bench.pooled_rows([[{**r, "pair": f.name} for r in bench.rounds_of(f)] for f in folders])
+    pooled = bench.pooled_rows(list(bench.rounds_by_folder(folders).values()))
     assert len(pooled) >= 300 and {r["pair"] for r in pooled} == set(bench.PAIRS)
     assert GAIN_PER_CHANGE == pytest.approx(bench.scale_through_zero(pooled), abs=0.005)
     beats_zero = []
